@@ -1,0 +1,233 @@
+"""Shared FX helpers: node predicates, literal extraction, and traced-replacement insertion.
+
+Every pattern module uses these instead of re-deriving them, so that the checks that keep a
+rewrite correct (fake values, dtypes, dependency order) live in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+class Reject(Exception):
+    """A candidate failed a check; the message is the plain-words reason shown to users."""
+
+
+def val(node: Any) -> Any:
+    """The fake value recorded on a node (None for non-nodes or nodes without one)."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return None
+
+
+def tval(node: Any) -> torch.Tensor:
+    """The fake tensor of a node, or Reject if it has none."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        raise Reject(f"{_name(node)} has no tensor metadata")
+    return v
+
+
+def _name(node: Any) -> str:
+    return node.name if isinstance(node, fx.Node) else repr(node)
+
+
+def is_op(node: Any, *targets: Any) -> bool:
+    """True if node is a call_function of one of targets (OpOverload or OpOverloadPacket)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    t = node.target
+    for target in targets:
+        if t is target:
+            return True
+        if isinstance(target, torch._ops.OpOverloadPacket) and getattr(t, "overloadpacket", None) is target:
+            return True
+    return False
+
+
+def is_convert(node: Any) -> bool:
+    return is_op(node, prims.convert_element_type.default) or (
+        is_op(node, aten._to_copy.default)
+        and set(node.kwargs) <= {"dtype"}
+        and len(node.args) == 1
+    )
+
+
+def convert_dtype(node: fx.Node) -> torch.dtype:
+    return node.args[1] if node.target is prims.convert_element_type.default else node.kwargs["dtype"]
+
+
+def literal(x: Any) -> float | None:
+    """A Python number literal (bool excluded), else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    return None
+
+
+def norm_dims(dims: Any, ndim: int) -> list[int] | None:
+    """Reduction dims as a sorted list of non-negative ints (None if not a literal list)."""
+    if isinstance(dims, int):
+        dims = [dims]
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return sorted(d % ndim for d in dims)
+
+
+def is_last_dim_reduction(node: fx.Node, ndim: int) -> bool:
+    """mean/amax/sum-style node reducing exactly the last dim with keepdim=True."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return keepdim is True and norm_dims(dims, ndim) == [ndim - 1]
+
+
+def other_arg(node: fx.Node, known: Any) -> Any:
+    """For a binary commutative node, the argument that is not `known`."""
+    a, b = node.args[0], node.args[1]
+    if a is known:
+        return b
+    if b is known:
+        return a
+    raise Reject(f"{node.name} does not read {_name(known)}")
+
+
+def users_outside(node: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
+    return [u for u in node.users if u not in region]
+
+
+def depends_on_any(node: Any, targets: set[fx.Node], limit: int = 2000) -> bool:
+    """True if `node` (transitively) reads any of `targets`. Bounded, conservative (True on limit)."""
+    if not isinstance(node, fx.Node):
+        return False
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def same_device(*tensors: torch.Tensor) -> bool:
+    devs = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    return len(devs) <= 1
+
+
+def is_row_contiguous(t: torch.Tensor) -> bool:
+    """Last dim stride 1 and the leading dims collapse to one row index (reshape to 2-D is a view)."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    if t.dim() == 0:
+        return False
+    return bool(guard_or_false(t.stride(-1) == 1)) and bool(t.is_contiguous())
+
+
+def fake_mode_of(values: Iterable[Any]) -> Any:
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+
+
+def insert_traced(
+    graph: fx.Graph,
+    fn: Callable[..., Any],
+    inputs: Sequence[fx.Node],
+    before: fx.Node,
+    *,
+    functionalize: bool,
+) -> list[fx.Node]:
+    """Trace `fn(*inputs' fake values)` to ATen and inline the nodes before `before`.
+
+    With `functionalize=True` the trace runs under FunctionalTensorMode, the way AOTAutograd
+    traces, so `torch.library.triton_op` calls decompose into `triton_kernel_wrapper_functional`
+    and Inductor compiles the Triton kernel into its output code instead of a Python fallback.
+    Returns the nodes for fn's (flattened tuple) outputs.
+    """
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.traceback import preserve_node_meta
+
+    vals = [tval(n) for n in inputs]
+    fake_mode = fake_mode_of(vals)
+    if fake_mode is None:
+        raise Reject("no fake mode on the graph's values")
+    target = dispatch_functionalize(fn, FunctionalTensorMode()) if functionalize else fn
+    with fake_mode, enable_python_dispatcher(), preserve_node_meta():
+        gm = make_fx(target, tracing_mode="real")(*vals)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    val_map: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs))
+    with graph.inserting_before(before):
+        out = graph.graph_copy(gm.graph, val_map)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return outs
+
+
+def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of `old` at `new` (metadata of `new` stays as traced)."""
+    old.replace_all_uses_with(new)
+
+
+def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
+    """Erase the given nodes once unused, consumers first."""
+    pending = [n for n in nodes if n.graph is graph]
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if not n.users:
+                graph.erase_node(n)
+                pending.remove(n)
+                changed = True
+
+
+def stable_toposort(graph: fx.Graph) -> None:
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)
+
+
+_FRAME_RE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def source_location(node: fx.Node) -> str | None:
+    """`file.py:LINE` of the user's code that produced a node: the innermost frame outside torch."""
+    st = node.meta.get("stack_trace")
+    if not st:
+        return None
+    frames = _FRAME_RE.findall(st)
+    user = [f for f in frames if "/torch/" not in f[0]] or frames
+    if not user:
+        return None
+    path, line = user[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
+
+
+def source_locations(nodes: Iterable[fx.Node]) -> list[str]:
+    """Distinct source locations of nodes, compressed per file into line ranges (`model.py:9-16`)."""
+    by_file: dict[str, set[int]] = {}
+    for n in nodes:
+        loc = source_location(n)
+        if loc:
+            f, line = loc.rsplit(":", 1)
+            by_file.setdefault(f, set()).add(int(line))
+    out = []
+    for f, lines in by_file.items():
+        lo, hi = min(lines), max(lines)
+        out.append(f"{f}:{lo}" if lo == hi else f"{f}:{lo}-{hi}")
+    return out

@@ -1,0 +1,698 @@
+"""Fused RMSNorm(+residual add) + quantization as one Triton kernel.
+
+This module knows nothing about FX.  It provides:
+
+* :func:`rms_norm_quant_reference` -- pure-torch oracle with the exact semantics
+  (also the CPU kernel of the custom op).
+* ``torch.ops.fxfuse.rms_norm_quant`` -- a ``torch.library.triton_op`` whose body
+  launches the kernel through ``wrap_triton`` so that, when traced under
+  FunctionalTensorMode, it becomes a ``triton_kernel_wrapper_functional`` HOP that
+  Inductor emits as a user-defined Triton kernel.
+* :func:`rms_norm_quant_triton` -- plain launcher (eager CUDA, or CPU tensors under
+  ``TRITON_INTERPRET=1``), optionally writing into caller-provided buffers.
+* :func:`bytes_moved` -- HBM traffic model for benchmarks.
+
+Semantics per row (fp32 unless stated)::
+
+    h = (x + residual) rounded to x.dtype    (or x)
+    v = h.f32; r = 1 / sqrt(mean(v*v) + eps); n = v * r
+    if round_before_weight: n = n.to(x.dtype).f32
+    if weight: n = n * w_eff,  w_eff = w.f32 + weight_offset  [rounded via weight_sum_dtype]
+    y = n.to(norm_dtype).f32
+    base = static scale | amax(|y|) per row | amax(|y|) per group
+    s = scale-op chain(base)
+    q = clamp(rint?(y / s  or  y * s), qmin, qmax).to(quant_dtype)
+
+All rounding steps (bf16, fp8 e4m3fn, round-half-even) are done with portable
+fp32/bit tricks so that compiled Triton and ``TRITON_INTERPRET=1`` produce the
+same bits as torch (the interpreter's own bf16/fp8 casts are not RNE).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = [
+    "SCHEME_STATIC",
+    "SCHEME_PER_TOKEN",
+    "SCHEME_PER_GROUP",
+    "SCALE_MUL",
+    "SCALE_DIV",
+    "SCALE_RDIV",
+    "SCALE_CLAMP_MIN",
+    "SCALE_CLAMP_MAX",
+    "SCALE_RECIP",
+    "SCALE_ROUND_BF16",
+    "SCALE_ROUND_F16",
+    "MAX_SCALE_OPS",
+    "rms_norm_quant",
+    "rms_norm_quant_reference",
+    "rms_norm_quant_triton",
+    "default_num_warps",
+    "bytes_moved",
+    "check_args",
+]
+
+# ----------------------------------------------------------------------------
+# Public constants
+# ----------------------------------------------------------------------------
+SCHEME_STATIC = 0
+SCHEME_PER_TOKEN = 1
+SCHEME_PER_GROUP = 2
+
+SCALE_MUL = 0  # s * c
+SCALE_DIV = 1  # s / c
+SCALE_RDIV = 2  # c / s
+SCALE_CLAMP_MIN = 3  # max(s, c)
+SCALE_CLAMP_MAX = 4  # min(s, c)
+SCALE_RECIP = 5  # 1 / s
+SCALE_ROUND_BF16 = 6  # s -> bf16 -> f32
+SCALE_ROUND_F16 = 7  # s -> f16 -> f32
+_SCALE_NOP = -1  # padding for unused slots (kernel only)
+MAX_SCALE_OPS = 4
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+# kernel dtype codes (constexpr ints: dtype objects do not survive Inductor codegen)
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# ----------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------
+
+
+def check_args(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight_sum_dtype: Optional[torch.dtype],
+    norm_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    for_triton: bool = False,
+) -> None:
+    """Raise ValueError on unsupported inputs (last line of defense; FX side pre-checks)."""
+    if x.dim() != 2:
+        raise ValueError(f"rms_norm_quant: x must be 2-D [M, H], got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise ValueError(f"rms_norm_quant: x dtype {x.dtype} unsupported (bf16/fp16/fp32)")
+    H = x.shape[1]
+    if for_triton and x.stride(1) != 1:
+        raise ValueError("rms_norm_quant: x rows must be contiguous (x.stride(1) == 1)")
+    if residual is not None:
+        if residual.dim() != 2 or residual.shape != x.shape:
+            raise ValueError(
+                f"rms_norm_quant: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+            )
+        if residual.dtype != x.dtype:
+            raise ValueError(f"rms_norm_quant: residual dtype {residual.dtype} != x dtype {x.dtype}")
+        if for_triton and residual.stride(1) != 1:
+            raise ValueError("rms_norm_quant: residual rows must be contiguous (stride(1) == 1)")
+        if residual.device != x.device:
+            raise ValueError("rms_norm_quant: residual on a different device than x")
+    if weight is not None:
+        if weight.dim() != 1 or weight.shape[0] != H:
+            raise ValueError(f"rms_norm_quant: weight must be [H={H}], got {tuple(weight.shape)}")
+        if not weight.dtype.is_floating_point or weight.dtype not in _X_DTYPES:
+            raise ValueError(f"rms_norm_quant: weight dtype {weight.dtype} unsupported")
+        if weight.device != x.device:
+            raise ValueError("rms_norm_quant: weight on a different device than x")
+    if weight_sum_dtype is not None and weight_sum_dtype not in _NORM_DTYPES:
+        raise ValueError(f"rms_norm_quant: weight_sum_dtype {weight_sum_dtype} unsupported")
+    if norm_dtype not in _NORM_DTYPES:
+        raise ValueError(f"rms_norm_quant: norm_dtype {norm_dtype} unsupported")
+    if quant_dtype not in _QUANT_DTYPES:
+        raise ValueError(f"rms_norm_quant: quant_dtype {quant_dtype} unsupported (float8_e4m3fn/int8)")
+    if scheme not in (SCHEME_STATIC, SCHEME_PER_TOKEN, SCHEME_PER_GROUP):
+        raise ValueError(f"rms_norm_quant: scheme {scheme} unknown (0 static, 1 per-token, 2 per-group)")
+    if scale is not None:
+        if scheme != SCHEME_STATIC:
+            raise ValueError("rms_norm_quant: a scale tensor is only valid with the static scheme")
+        if scale.numel() != 1:
+            raise ValueError(f"rms_norm_quant: scale must have numel 1, got {scale.numel()}")
+        if not scale.dtype.is_floating_point:
+            raise ValueError(f"rms_norm_quant: scale dtype {scale.dtype} must be floating point")
+        if scale.device != x.device:
+            raise ValueError("rms_norm_quant: scale on a different device than x")
+    if scheme == SCHEME_PER_GROUP:
+        if group_size <= 0 or H % group_size != 0:
+            raise ValueError(f"rms_norm_quant: H={H} not divisible by group_size={group_size}")
+        if for_triton and (group_size & (group_size - 1)) != 0:
+            raise ValueError(f"rms_norm_quant: group_size={group_size} must be a power of two")
+    if len(scale_ops) != len(scale_consts):
+        raise ValueError("rms_norm_quant: scale_ops and scale_consts differ in length")
+    if len(scale_ops) > MAX_SCALE_OPS:
+        raise ValueError(f"rms_norm_quant: at most {MAX_SCALE_OPS} scale ops, got {len(scale_ops)}")
+    for op in scale_ops:
+        if op not in range(SCALE_MUL, SCALE_ROUND_F16 + 1):
+            raise ValueError(f"rms_norm_quant: unknown scale op code {op}")
+
+
+# ----------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------
+
+
+def _apply_scale_op_ref(s: torch.Tensor, op: int, c: float) -> torch.Tensor:
+    """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel)."""
+    ct = torch.tensor(c, dtype=torch.float32, device=s.device)
+    if op == SCALE_MUL:
+        return s * ct
+    if op == SCALE_DIV:
+        return s / ct
+    if op == SCALE_RDIV:
+        return ct / s
+    if op == SCALE_CLAMP_MIN:
+        return torch.clamp(s, min=ct)
+    if op == SCALE_CLAMP_MAX:
+        return torch.clamp(s, max=ct)
+    if op == SCALE_RECIP:
+        return torch.ones_like(s) / s
+    if op == SCALE_ROUND_BF16:
+        return s.to(torch.bfloat16).to(torch.float32)
+    if op == SCALE_ROUND_F16:
+        return s.to(torch.float16).to(torch.float32)
+    raise ValueError(f"rms_norm_quant: unknown scale op code {op}")
+
+
+def rms_norm_quant_reference(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    weight_sum_dtype: Optional[torch.dtype],
+    round_before_weight: bool,
+    norm_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+    need_residual_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch oracle (any device); returns (q, scales, h) exactly as the op specifies."""
+    check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
+               group_size, scale_ops, scale_consts)
+    f32 = torch.float32
+    M, H = x.shape
+    if residual is not None:
+        h = (x.to(f32) + residual.to(f32)).to(x.dtype)
+    else:
+        h = x
+    v = h.to(f32)
+    ms = (v * v).mean(dim=-1, keepdim=True)
+    r = torch.reciprocal(torch.sqrt(ms + torch.tensor(eps, dtype=f32, device=x.device)))
+    n = v * r
+    if round_before_weight:
+        n = n.to(x.dtype).to(f32)
+    if weight is not None:
+        w = weight.to(f32) + torch.tensor(weight_offset, dtype=f32, device=x.device)
+        if weight_sum_dtype is not None:
+            w = w.to(weight_sum_dtype).to(f32)
+        n = n * w
+    y = n.to(norm_dtype).to(f32)
+
+    if scheme == SCHEME_STATIC:
+        if scale is not None:
+            base = scale.reshape(()).to(f32)
+        else:
+            base = torch.tensor(static_scale_value, dtype=f32, device=x.device)
+    elif scheme == SCHEME_PER_TOKEN:
+        base = y.abs().amax(dim=-1)  # [M]
+    else:
+        base = y.reshape(M, H // group_size, group_size).abs().amax(dim=-1)  # [M, G]
+    s = base
+    for op, c in zip(scale_ops, scale_consts):
+        s = _apply_scale_op_ref(s, int(op), float(c))
+
+    if scheme == SCHEME_STATIC:
+        s_b = s
+    elif scheme == SCHEME_PER_TOKEN:
+        s_b = s[:, None]
+    else:
+        s_b = s[:, :, None].expand(M, H // group_size, group_size).reshape(M, H)
+    q = y * s_b if quant_mul else y / s_b
+    if round_to_int:
+        q = torch.round(q)
+    q = torch.clamp(q, min=torch.tensor(qmin, dtype=f32, device=x.device),
+                    max=torch.tensor(qmax, dtype=f32, device=x.device)).to(quant_dtype)
+
+    if scheme == SCHEME_STATIC:
+        scales = s.reshape(1).to(f32).clone()
+    else:
+        scales = s.to(f32).contiguous()
+    if need_residual_out:
+        h_out = h.clone() if residual is not None else x.clone()
+        h_out = h_out.contiguous()
+    else:
+        h_out = torch.empty((0,), dtype=x.dtype, device=x.device)
+    return q, scales, h_out
+
+
+# ----------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to(v, DT: tl.constexpr):
+    """Round fp32 `v` to dtype code DT (0 f32, 1 bf16, 2 f16) and return fp32.
+
+    bf16 RNE is done on the bit pattern: the interpreter's fp32->bf16 cast is not RNE.
+    """
+    if DT == 1:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        r = tl.where(v != v, v, b.to(tl.float32, bitcast=True))
+    elif DT == 2:
+        r = v.to(tl.float16).to(tl.float32)
+    else:
+        r = v
+    return r
+
+
+@triton.jit
+def _round_e4m3(v):
+    """RNE of fp32 `v` (|v| <= 448) onto the float8_e4m3fn grid, result in fp32.
+
+    (a + 2^23*ulp) - 2^23*ulp rounds |v| to a multiple of its e4m3 ulp with the FPU's
+    ties-to-even; the final cast to fp8 is then exact on hardware and in the interpreter.
+    """
+    a = tl.abs(v)
+    e = ((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    e = tl.maximum(e, 121) - 3  # min normal exponent 2^-6 (biased 121); ulp = 2^(e-3)
+    ulp = (e << 23).to(tl.float32, bitcast=True)
+    magic = ulp * 8388608.0
+    r = (a + magic) - magic
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even for fp32, portable (no libdevice): exact for all |v| < 2^23."""
+    a = tl.abs(v)
+    r = (a + 8388608.0) - 8388608.0
+    r = tl.where(a < 8388608.0, r, a)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _scale_op(s, OP: tl.constexpr, c):
+    """One step of the scale chain; OP is constexpr so dead steps vanish."""
+    if OP == 0:
+        s = s * c
+    elif OP == 1:
+        s = tl.math.div_rn(s, c + tl.zeros_like(s))
+    elif OP == 2:
+        s = tl.math.div_rn(c + tl.zeros_like(s), s)
+    elif OP == 3:
+        s = tl.maximum(s, c)
+    elif OP == 4:
+        s = tl.minimum(s, c)
+    elif OP == 5:
+        s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    elif OP == 6:
+        s = _round_to(s, 1)
+    elif OP == 7:
+        s = _round_to(s, 2)
+    return s
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, scale_ptr,
+    q_ptr, s_out_ptr, h_ptr,
+    stride_x, stride_r, stride_w, stride_q, stride_h,
+    H, NG,
+    eps, weight_offset, static_scale_value,
+    c0, c1, c2, c3, qmin, qmax,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE_T: tl.constexpr,
+    NEED_H: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+    ROUND_BEFORE_W: tl.constexpr, SCHEME: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program per row; the row lives in registers as a [BLOCK_R, BLOCK_G] tile.
+
+    For the per-group scheme BLOCK_G is the group size and each tile row is a group;
+    otherwise BLOCK_R == 1 and BLOCK_G = next_pow2(H).  HBM is touched once:
+    read x (+residual, weight), write h, q, scales.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    g_idx = tl.arange(0, BLOCK_R)
+    offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+    mask = offs < H
+
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _round_to(x + r, X_DT)
+    else:
+        v = x
+    if NEED_H:
+        tl.store(h_ptr + row * stride_h + offs, v.to(h_ptr.dtype.element_ty), mask=mask)
+
+    ss = tl.sum(tl.sum(v * v, axis=1), axis=0)
+    ms = tl.math.div_rn(ss, (H + 0.0) + tl.zeros_like(ss))
+    rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+    n = v * rstd
+    if ROUND_BEFORE_W:
+        n = _round_to(n, X_DT)
+    if HAS_W:
+        w = tl.load(w_ptr + offs * stride_w, mask=mask, other=0.0).to(tl.float32)
+        w = w + weight_offset
+        if WSUM_DT >= 0:
+            w = _round_to(w, WSUM_DT)
+        n = n * w
+    y = _round_to(n, NORM_DT)
+
+    if SCHEME == 0:
+        if HAS_SCALE_T:
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = static_scale_value + 0.0
+    else:
+        s = tl.max(tl.abs(y), axis=1)  # [BLOCK_R]: one amax per group (or per row)
+    s = _scale_op(s, OP0, c0)
+    s = _scale_op(s, OP1, c1)
+    s = _scale_op(s, OP2, c2)
+    s = _scale_op(s, OP3, c3)
+
+    if SCHEME == 0:
+        sb = s + tl.zeros_like(y)
+        if tl.program_id(0) == 0:
+            tl.store(s_out_ptr, s)
+    else:
+        sb = s[:, None] + tl.zeros_like(y)
+        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
+
+    if QUANT_MUL:
+        qv = y * sb
+    else:
+        qv = tl.math.div_rn(y, sb)
+    if ROUND_INT:
+        qv = _rint(qv)
+    qv = tl.minimum(tl.maximum(qv, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                    propagate_nan=tl.PropagateNan.ALL)
+    if Q_INT8:
+        qo = qv.to(tl.int8)
+    else:
+        qo = _round_e4m3(qv).to(tl.float8e4nv)
+    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+
+
+def default_num_warps(block: int) -> int:
+    """Warps per row-program by row width (benchmarks sweep this)."""
+    if block <= 1024:
+        return 4
+    if block <= 2048:
+        return 4
+    if block <= 8192:
+        return 8
+    return 16
+
+
+def _kernel_meta(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight_sum_dtype: Optional[torch.dtype],
+    round_before_weight: bool,
+    norm_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    scale_ops: Sequence[int],
+    quant_mul: bool,
+    round_to_int: bool,
+    need_residual_out: bool,
+    num_warps: Optional[int],
+) -> dict:
+    """Constexpr kwargs + num_warps for the kernel (pure Python on shapes: fake-safe)."""
+    H = x.shape[1]
+    block = triton.next_power_of_2(H)
+    if scheme == SCHEME_PER_GROUP:
+        block_g = group_size
+        block_r = max(block // group_size, 1)
+    else:
+        block_g = block
+        block_r = 1
+    ops = [int(o) for o in scale_ops] + [_SCALE_NOP] * (MAX_SCALE_OPS - len(scale_ops))
+    return dict(
+        HAS_RES=residual is not None,
+        HAS_W=weight is not None,
+        HAS_SCALE_T=scale is not None,
+        NEED_H=bool(need_residual_out),
+        X_DT=_DT_CODE[x.dtype],
+        NORM_DT=_DT_CODE[norm_dtype],
+        WSUM_DT=-1 if weight_sum_dtype is None else _DT_CODE[weight_sum_dtype],
+        ROUND_BEFORE_W=bool(round_before_weight),
+        SCHEME=int(scheme),
+        OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
+        QUANT_MUL=bool(quant_mul),
+        ROUND_INT=bool(round_to_int),
+        Q_INT8=quant_dtype == torch.int8,
+        BLOCK_G=block_g,
+        BLOCK_R=block_r,
+        num_warps=num_warps if num_warps is not None else default_num_warps(block),
+    )
+
+
+def _pad_consts(scale_consts: Sequence[float]) -> list[float]:
+    return [float(c) for c in scale_consts] + [0.0] * (MAX_SCALE_OPS - len(scale_consts))
+
+
+def _num_scales(M: int, H: int, scheme: int, group_size: int) -> tuple[tuple, int]:
+    """(scales shape, groups per row) for a scheme."""
+    if scheme == SCHEME_STATIC:
+        return (1,), 1
+    if scheme == SCHEME_PER_TOKEN:
+        return (M,), 1
+    return (M, H // group_size), H // group_size
+
+
+def _alloc_outputs(x: torch.Tensor, quant_dtype: torch.dtype, scheme: int, group_size: int,
+                   need_residual_out: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, H = x.shape
+    q = torch.empty((M, H), dtype=quant_dtype, device=x.device)
+    s_shape, _ = _num_scales(M, H, scheme, group_size)
+    scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    h_shape = (M, H) if need_residual_out else (0,)
+    h = torch.empty(h_shape, dtype=x.dtype, device=x.device)
+    return q, scales, h
+
+
+# ----------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------
+
+
+@triton_op("fxfuse::rms_norm_quant", mutates_args=())
+def rms_norm_quant(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    weight_sum_dtype: Optional[torch.dtype],
+    round_before_weight: bool,
+    norm_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: list[int],
+    scale_consts: list[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+    need_residual_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused RMSNorm(+residual)+quant -> (q, scales, h). Body doubles as the fake impl."""
+    check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
+               group_size, scale_ops, scale_consts, for_triton=True)
+    M = x.shape[0]
+    H = x.shape[1]
+    q, scales, h = _alloc_outputs(x, quant_dtype, scheme, group_size, need_residual_out)
+    meta = _kernel_meta(x, residual, weight, scale, weight_sum_dtype, round_before_weight,
+                        norm_dtype, quant_dtype, scheme, group_size, scale_ops, quant_mul,
+                        round_to_int, need_residual_out, None)
+    c = _pad_consts(scale_consts)
+    ng = H // group_size if scheme == SCHEME_PER_GROUP else 1
+    res_arg = residual if residual is not None else x
+    w_arg = weight if weight is not None else x
+    s_arg = scale if scale is not None else x  # dummy, never read; must not alias an output
+    stride_r = residual.stride(0) if residual is not None else 0
+    stride_w = weight.stride(0) if weight is not None else 0
+    stride_h = h.stride(0) if need_residual_out else 0
+    wrap_triton(_rms_norm_quant_kernel)[(M,)](
+        x, res_arg, w_arg, s_arg,
+        q, scales, h,
+        x.stride(0), stride_r, stride_w, q.stride(0), stride_h,
+        H, ng,
+        float(eps), float(weight_offset), float(static_scale_value),
+        c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+        **meta,
+    )
+    return q, scales, h
+
+
+@rms_norm_quant.register_kernel("cpu")
+def _rms_norm_quant_cpu(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    weight_sum_dtype: Optional[torch.dtype],
+    round_before_weight: bool,
+    norm_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: list[int],
+    scale_consts: list[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+    need_residual_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
+    q, s, h = rms_norm_quant_reference(
+        x, residual, weight, scale, eps, weight_offset, weight_sum_dtype, round_before_weight,
+        norm_dtype, quant_dtype, scheme, group_size, static_scale_value, scale_ops, scale_consts,
+        quant_mul, qmin, qmax, round_to_int, need_residual_out)
+    return q.contiguous(), s.contiguous(), h.contiguous()
+
+
+# ----------------------------------------------------------------------------
+# Plain launcher
+# ----------------------------------------------------------------------------
+
+
+def rms_norm_quant_triton(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    weight_sum_dtype: Optional[torch.dtype],
+    round_before_weight: bool,
+    norm_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+    need_residual_out: bool,
+    *,
+    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the raw kernel (no dispatcher): eager CUDA, or CPU under TRITON_INTERPRET=1.
+
+    `out=(q, scales, h)` writes into caller buffers (tests poison them to catch unwritten
+    elements); `num_warps` overrides the heuristic (benchmark sweeps).
+    """
+    check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
+               group_size, scale_ops, scale_consts, for_triton=True)
+    M, H = x.shape
+    if out is None:
+        q, scales, h = _alloc_outputs(x, quant_dtype, scheme, group_size, need_residual_out)
+    else:
+        q, scales, h = out
+        s_shape, _ = _num_scales(M, H, scheme, group_size)
+        if q.shape != (M, H) or q.dtype != quant_dtype or q.stride(1) != 1:
+            raise ValueError("rms_norm_quant: out q has wrong shape/dtype/layout")
+        if tuple(scales.shape) != s_shape or scales.dtype != torch.float32 or not scales.is_contiguous():
+            raise ValueError("rms_norm_quant: out scales has wrong shape/dtype/layout")
+        if need_residual_out and (h.shape != (M, H) or h.dtype != x.dtype or h.stride(1) != 1):
+            raise ValueError("rms_norm_quant: out h has wrong shape/dtype/layout")
+    meta = _kernel_meta(x, residual, weight, scale, weight_sum_dtype, round_before_weight,
+                        norm_dtype, quant_dtype, scheme, group_size, scale_ops, quant_mul,
+                        round_to_int, need_residual_out, num_warps)
+    c = _pad_consts(scale_consts)
+    ng = H // group_size if scheme == SCHEME_PER_GROUP else 1
+    if M > 0:
+        _rms_norm_quant_kernel[(M,)](
+            x, residual if residual is not None else x, weight if weight is not None else x,
+            scale if scale is not None else x,
+            q, scales, h,
+            x.stride(0), residual.stride(0) if residual is not None else 0,
+            weight.stride(0) if weight is not None else 0, q.stride(0),
+            h.stride(0) if need_residual_out else 0,
+            H, ng,
+            float(eps), float(weight_offset), float(static_scale_value),
+            c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+            **meta,
+        )
+    return q, scales, h
+
+
+# ----------------------------------------------------------------------------
+# Traffic model
+# ----------------------------------------------------------------------------
+
+
+def bytes_moved(
+    M: int,
+    H: int,
+    x_dtype: torch.dtype = torch.bfloat16,
+    has_residual: bool = False,
+    weight_dtype: Optional[torch.dtype] = torch.bfloat16,
+    need_residual_out: bool = False,
+    quant_dtype: torch.dtype = torch.float8_e4m3fn,
+    scheme: int = SCHEME_PER_TOKEN,
+    group_size: int = 128,
+    has_scale_tensor: bool = False,
+) -> int:
+    """Minimum HBM bytes read + written by one call (weight read once)."""
+    xs = torch.empty((), dtype=x_dtype).element_size()
+    qs = torch.empty((), dtype=quant_dtype).element_size()
+    read = M * H * xs
+    if has_residual:
+        read += M * H * xs
+    if weight_dtype is not None:
+        read += H * torch.empty((), dtype=weight_dtype).element_size()
+    if scheme == SCHEME_STATIC and has_scale_tensor:
+        read += 4
+    write = M * H * qs
+    if need_residual_out:
+        write += M * H * xs
+    if scheme == SCHEME_STATIC:
+        write += 4
+    elif scheme == SCHEME_PER_TOKEN:
+        write += M * 4
+    else:
+        write += M * (H // group_size) * 4
+    return read + write

@@ -1,0 +1,559 @@
+"""RMSNorm (+ residual add) followed by fp8/int8 quantization -> one fused kernel.
+
+Written forms vary (HF Llama rounds before the weight, F.rms_norm after it, Gemma adds 1 to the
+weight, quant divides or multiplies, clamps the scale before or after dividing by 448...). So this
+is node surgery, not a fixed pattern: starting from each `rsqrt`, walk the graph and *capture*
+the parameters of what was written (eps, rounding points, weight offset, the op chain that turns
+amax into the scale, clamp bounds) instead of enumerating variants. Every capture is checked:
+dims, keepdim, dtypes, shapes (symbolic too), strides, device, and that no intermediate value
+escapes the region. The first failed check becomes the near-miss reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..fx_utils import (
+    Reject,
+    aten,
+    convert_dtype,
+    depends_on_any,
+    insert_traced,
+    is_convert,
+    is_last_dim_reduction,
+    is_op,
+    is_row_contiguous,
+    literal,
+    other_arg,
+    same_device,
+    stable_toposort,
+    tval,
+    val,
+)
+from .. import gating
+
+FAMILY = "rmsnorm_quant"
+NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+MAX_HIDDEN = 65536  # one row per program, whole row in registers
+
+# scale-chain op codes (must match fxfuse.kernels.rmsnorm_quant)
+S_MUL, S_DIV, S_RDIV, S_CLAMP_MIN, S_CLAMP_MAX, S_RECIP, S_ROUND_BF16, S_ROUND_F16 = range(8)
+MAX_SCALE_OPS = 4
+STATIC, PER_TOKEN, PER_GROUP = 0, 1, 2
+SCHEME_NAMES = {STATIC: "static", PER_TOKEN: "per-token", PER_GROUP: "per-group"}
+
+
+@dataclass
+class NormMatch:
+    x: fx.Node
+    residual: fx.Node | None
+    h: fx.Node  # the residual sum (or x)
+    eps: float
+    weight: fx.Node | None
+    weight_offset: float
+    weight_sum_dtype: torch.dtype | None
+    round_before_weight: bool
+    y: fx.Node  # normalized, weighted output
+    nodes: set[fx.Node] = field(default_factory=set)
+
+
+@dataclass
+class QuantMatch:
+    scheme: int
+    group_size: int
+    scale: fx.Node | None  # static scale tensor
+    static_value: float
+    scale_ops: list[int]
+    scale_consts: list[float]
+    quant_mul: bool
+    qmin: float
+    qmax: float
+    round_to_int: bool
+    qdtype: torch.dtype
+    sink: fx.Node  # the convert to the quant dtype
+    scale_out: fx.Node | None  # node holding the effective dynamic scale
+    nodes: set[fx.Node] = field(default_factory=set)
+
+
+# ----------------------------------------------------------------------------- RMSNorm part
+
+
+def _strip_f32_convert(node: Any) -> tuple[Any, fx.Node | None]:
+    """(source, convert node) if node is an upcast to fp32, else (node, None)."""
+    if is_convert(node) and convert_dtype(node) == torch.float32:
+        return node.args[0], node
+    return node, None
+
+
+def match_norm(rsqrt: fx.Node) -> NormMatch:
+    nodes: set[fx.Node] = {rsqrt}
+    add_eps = rsqrt.args[0]
+    if not is_op(add_eps, aten.add.Tensor, aten.add.Scalar) or len(add_eps.args) != 2 or add_eps.kwargs:
+        raise Reject("rsqrt input is not mean(x^2) + eps")
+    a, b = add_eps.args
+    mean, eps = (a, literal(b)) if literal(b) is not None else (b, literal(a))
+    if eps is None or not isinstance(mean, fx.Node):
+        raise Reject("eps is not a constant")
+    nodes.add(add_eps)
+    if not is_op(mean, aten.mean.dim):
+        raise Reject("rsqrt does not read a mean")
+    nodes.add(mean)
+    sq = mean.args[0]
+    sqv = tval(sq)
+    if not is_last_dim_reduction(mean, sqv.dim()):
+        raise Reject("mean is not over the last dim with keepdim=True")
+    if is_op(sq, aten.pow.Tensor_Scalar) and literal(sq.args[1]) == 2.0:
+        v = sq.args[0]
+    elif is_op(sq, aten.mul.Tensor) and sq.args[0] is sq.args[1]:
+        v = sq.args[0]
+    else:
+        raise Reject("mean does not read a square")
+    nodes.add(sq)
+    vv = tval(v)
+    if vv.dtype != torch.float32:
+        raise Reject(f"variance computed in {vv.dtype}, not float32")
+    h, up = _strip_f32_convert(v)
+    hv = tval(h)
+    if hv.dtype not in NORM_DTYPES:
+        raise Reject(f"input dtype {hv.dtype} not supported")
+    if up is not None:
+        nodes.add(up)
+    # n = v * rsqrt
+    if len(rsqrt.users) != 1:
+        raise Reject("rsqrt has other users")
+    (n,) = rsqrt.users
+    if not is_op(n, aten.mul.Tensor) or other_arg(n, rsqrt) is not v:
+        raise Reject("normalization does not multiply the same tensor by rsqrt")
+    nodes.add(n)
+    H = hv.shape[-1]
+
+    # residual: h = x + residual, same shape and dtype
+    x, residual = h, None
+    if is_op(h, aten.add.Tensor) and len(h.args) == 2 and not h.kwargs:
+        a, b = h.args
+        av, bv = val(a), val(b)
+        if (
+            isinstance(av, torch.Tensor)
+            and isinstance(bv, torch.Tensor)
+            and av.dtype == bv.dtype == hv.dtype
+            and av.shape == bv.shape == hv.shape
+        ):
+            x, residual = a, b
+            nodes.add(h)
+
+    # n -> y, three written orders
+    weight, offset, wsum_dtype, round_before = None, 0.0, None, False
+    cur = n
+    (u,) = cur.users if len(cur.users) == 1 else (None,)
+    if u is None:
+        raise Reject("normalized fp32 value has other users")
+    if is_convert(u) and convert_dtype(u) == hv.dtype and hv.dtype != torch.float32:
+        # HF Llama: round to input dtype first, then weight
+        nodes.add(u)
+        cur = u
+        if len(u.users) == 1 and is_op(next(iter(u.users)), aten.mul.Tensor):
+            m = next(iter(u.users))
+            weight, offset, wsum_dtype = _weight_expr(other_arg(m, u), H)
+            round_before = True
+            nodes.add(m)
+            cur = m
+    elif is_op(u, aten.mul.Tensor):
+        weight, offset, wsum_dtype = _weight_expr(other_arg(u, n), H)
+        nodes.add(u)
+        cur = u
+        if len(u.users) == 1 and is_convert(next(iter(u.users))):
+            c = next(iter(u.users))
+            if convert_dtype(c) in NORM_DTYPES:
+                nodes.add(c)
+                cur = c
+    elif is_convert(u) and convert_dtype(u) in NORM_DTYPES:
+        nodes.add(u)
+        cur = u
+    y = cur
+    if tval(y).dtype not in NORM_DTYPES:
+        raise Reject(f"normalized output dtype {tval(y).dtype} not supported")
+    for node in nodes - {h, y}:
+        if any(user not in nodes for user in node.users):
+            raise Reject(f"intermediate {node.name} is used outside the norm")
+    return NormMatch(x, residual, h, eps, weight, offset, wsum_dtype, round_before, y, nodes)
+
+
+def _weight_expr(w: Any, H: Any) -> tuple[fx.Node, float, torch.dtype | None]:
+    """Parse the weight factor: w, w.float(), w + c, w.float() + c. Returns (w, offset, sum dtype)."""
+    offset, wsum_dtype = 0.0, None
+    if is_op(w, aten.add.Tensor, aten.add.Scalar) and not w.kwargs:
+        a, b = w.args
+        c, base = (literal(b), a) if literal(b) is not None else (literal(a), b)
+        if c is not None and isinstance(base, fx.Node):
+            offset = c
+            dt = tval(w).dtype
+            wsum_dtype = None if dt == torch.float32 else dt
+            w = base
+    w, _ = _strip_f32_convert(w)
+    if not isinstance(w, fx.Node):
+        raise Reject("weight is not a tensor")
+    wv = tval(w)
+    if wv.dim() != 1 or wv.shape[0] != H:
+        raise Reject(f"weight shape {tuple(wv.shape)} is not [hidden]")
+    if not wv.is_floating_point():
+        raise Reject("weight is not floating point")
+    return w, offset, wsum_dtype
+
+
+# ----------------------------------------------------------------------------- quant part
+
+_ROUND_OPS = {torch.bfloat16: S_ROUND_BF16, torch.float16: S_ROUND_F16}
+
+
+def _find_sinks(y: fx.Node, depth: int = 8) -> list[fx.Node]:
+    """Converts to a quant dtype reachable from y through a few elementwise/reshape ops."""
+    out, frontier, seen = [], [y], {y}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if is_convert(u) and convert_dtype(u) in QUANT_DTYPES:
+                    out.append(u)
+                else:
+                    nxt.append(u)
+        frontier = nxt
+    return out
+
+
+def _value_source(a: Any, y: fx.Node, nodes: set[fx.Node]) -> tuple[str, int]:
+    """Classify the tensor being quantized: ('row', 0) for y, ('group', g) for y viewed as groups."""
+    a, up = _strip_f32_convert(a)
+    if up is not None:
+        nodes.add(up)
+    if a is y:
+        return "row", 0
+    if is_op(a, aten.reshape.default):
+        src, up2 = _strip_f32_convert(a.args[0])
+        if src is y:
+            yv, av = tval(y), tval(a)
+            if av.dim() == yv.dim() + 1 and tuple(av.shape[:-2]) == tuple(yv.shape[:-1]):
+                g = av.shape[-1]
+                if isinstance(g, int) and g * av.shape[-2] == yv.shape[-1]:
+                    nodes.add(a)
+                    if up2 is not None:
+                        nodes.add(up2)
+                    return "group", g
+            raise Reject(f"quantized tensor is y reshaped to {tuple(av.shape)}, not [..., groups, group_size]")
+    raise Reject("quantization reads a different tensor than the normalized output")
+
+
+def _scale_chain(s: Any, nodes: set[fx.Node], y: fx.Node) -> tuple[Any, list[int], list[float]]:
+    """Walk from the effective scale back to its base; return (base, ops, consts) in apply order."""
+    ops: list[tuple[int, float]] = []
+    cur = s
+    while isinstance(cur, fx.Node):
+        dt = tval(cur).dtype
+        rnd = _ROUND_OPS.get(dt)
+        step: tuple[int, float] | None = None
+        nxt: Any = None
+        if is_convert(cur):
+            src_dt = tval(cur.args[0]).dtype
+            if dt == torch.float32 and src_dt in (torch.bfloat16, torch.float16, torch.float32):
+                nxt = cur.args[0]  # exact upcast
+            elif dt in _ROUND_OPS:
+                step, nxt, rnd = (_ROUND_OPS[dt], 0.0), cur.args[0], None
+            else:
+                raise Reject(f"scale converted to {dt}")
+        elif is_op(cur, aten.mul.Tensor, aten.mul.Scalar):
+            a, b = cur.args
+            if literal(b) is not None:
+                step, nxt = (S_MUL, literal(b)), a
+            elif literal(a) is not None:
+                step, nxt = (S_MUL, literal(a)), b
+        elif is_op(cur, aten.div.Tensor, aten.div.Scalar) and not cur.kwargs:
+            a, b = cur.args
+            if literal(b) is not None:
+                step, nxt = (S_DIV, literal(b)), a
+            elif literal(a) is not None:
+                step, nxt = (S_RDIV, literal(a)), b
+        elif is_op(cur, aten.reciprocal.default):
+            step, nxt = (S_RECIP, 0.0), cur.args[0]
+        elif is_op(cur, aten.clamp_min.default) and literal(cur.args[1]) is not None:
+            step, nxt = (S_CLAMP_MIN, literal(cur.args[1])), cur.args[0]
+        elif is_op(cur, aten.clamp_max.default) and literal(cur.args[1]) is not None:
+            step, nxt = (S_CLAMP_MAX, literal(cur.args[1])), cur.args[0]
+        elif is_op(cur, aten.clamp.default):
+            lo = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("min")
+            hi = cur.args[2] if len(cur.args) > 2 else cur.kwargs.get("max")
+            if lo is not None and literal(lo) is None or hi is not None and literal(hi) is None:
+                raise Reject("scale clamp bounds are not constants")
+            pending = []
+            if lo is not None:
+                pending.append((S_CLAMP_MIN, literal(lo)))
+            if hi is not None:
+                pending.append((S_CLAMP_MAX, literal(hi)))
+            if rnd is not None:
+                ops.append((rnd, 0.0))
+            ops.extend(reversed(pending))
+            nodes.add(cur)
+            cur = cur.args[0]
+            continue
+        if nxt is None:
+            break  # reached the base
+        if rnd is not None:
+            ops.append((rnd, 0.0))
+        if step is not None:
+            ops.append(step)
+        nodes.add(cur)
+        cur = nxt
+    ops.reverse()
+    if len(ops) > MAX_SCALE_OPS:
+        raise Reject(f"scale is computed by {len(ops)} ops; at most {MAX_SCALE_OPS} supported")
+    return cur, [o for o, _ in ops], [c for _, c in ops]
+
+
+def _amax_source(base: Any, nodes: set[fx.Node]) -> Any:
+    """If base is amax(|t|) (or max(|t|, dim).values) over the last dim with keepdim, return t."""
+    if is_op(base, aten.amax.default):
+        red = base
+    elif (
+        isinstance(base, fx.Node)
+        and base.target is operator.getitem
+        and base.args[1] == 0
+        and is_op(base.args[0], aten.max.dim)
+    ):
+        red = base.args[0]
+        if len(red.users) != 1:
+            raise Reject("max() indices are used")
+        nodes.add(base)
+    else:
+        return None
+    ab = red.args[0]
+    if not is_op(ab, aten.abs.default):
+        raise Reject("scale reduces max without abs()")
+    if not is_last_dim_reduction(red, tval(ab).dim()):
+        raise Reject("amax is not over the last dim with keepdim=True")
+    nodes.update({red, ab})
+    return ab.args[0]
+
+
+def match_quant(norm: NormMatch) -> QuantMatch:
+    y = norm.y
+    sinks = _find_sinks(y)
+    if not sinks:
+        raise Reject("normalized output is not quantized to fp8/int8")
+    if len(sinks) > 1:
+        raise Reject("normalized output feeds several quantizations")
+    (sink,) = sinks
+    qdtype = convert_dtype(sink)
+    nodes: set[fx.Node] = {sink}
+    t = sink.args[0]
+    qmin, qmax = -math.inf, math.inf
+    while is_op(t, aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default):
+        if is_op(t, aten.clamp.default):
+            lo = t.args[1] if len(t.args) > 1 else t.kwargs.get("min")
+            hi = t.args[2] if len(t.args) > 2 else t.kwargs.get("max")
+        elif is_op(t, aten.clamp_min.default):
+            lo, hi = t.args[1], None
+        else:
+            lo, hi = None, t.args[1]
+        if lo is not None:
+            if literal(lo) is None:
+                raise Reject("quant clamp bound is not a constant")
+            qmin = max(qmin, literal(lo))
+        if hi is not None:
+            if literal(hi) is None:
+                raise Reject("quant clamp bound is not a constant")
+            qmax = min(qmax, literal(hi))
+        nodes.add(t)
+        t = t.args[0]
+    round_to_int = False
+    if is_op(t, aten.round.default):
+        round_to_int = True
+        nodes.add(t)
+        t = t.args[0]
+    if not is_op(t, aten.div.Tensor, aten.mul.Tensor) or t.kwargs:
+        raise Reject("quant does not divide or multiply by a scale")
+    if tval(t).dtype != torch.float32:
+        raise Reject(f"quant arithmetic in {tval(t).dtype}, not float32")
+    nodes.add(t)
+    quant_mul = is_op(t, aten.mul.Tensor)
+    a, s = t.args
+    if quant_mul and not depends_on_any(a, {y}):
+        a, s = s, a
+    if depends_on_any(s, {y}) is False and not isinstance(s, fx.Node) and literal(s) is None:
+        raise Reject("quant scale is neither a tensor nor a constant")
+    kind, g = _value_source(a, y, nodes)
+
+    scheme, static_value, scale_node, scale_out = STATIC, 1.0, None, None
+    ops: list[int] = []
+    consts: list[float] = []
+    if literal(s) is not None:
+        static_value = literal(s)
+    else:
+        if tval(s).dtype != torch.float32:
+            raise Reject(f"scale dtype {tval(s).dtype}, not float32")
+        chain_nodes: set[fx.Node] = set()
+        base, ops, consts = _scale_chain(s, chain_nodes, y)
+        if depends_on_any(base, {y}):
+            src = _amax_source(base, chain_nodes)
+            if src is None:
+                raise Reject(f"scale is derived from the tensor by an unsupported op ({getattr(base, 'name', base)})")
+            src_kind, src_g = _value_source(src, y, chain_nodes)
+            if (src_kind, src_g) != (kind, g):
+                raise Reject("scale groups differ from the quantized groups")
+            scheme = PER_GROUP if kind == "group" else PER_TOKEN
+            scale_out = s
+            nodes |= chain_nodes
+        else:
+            if kind != "row":
+                raise Reject("static scale with grouped reshape")
+            if not isinstance(base, fx.Node):
+                raise Reject("static scale base is not a tensor")
+            bv = tval(base)
+            if bv.numel() != 1 or bv.dtype != torch.float32:
+                raise Reject(f"static scale must be a one-element float32 tensor, got {tuple(bv.shape)} {bv.dtype}")
+            scale_node = base
+            # static chain nodes stay in the graph (DCE removes them if unused)
+    if scheme != PER_GROUP and kind == "group":
+        raise Reject("grouped quant without a per-group scale")
+    # intermediates must not escape
+    escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
+    region = nodes | norm.nodes
+    for node in nodes - escape_ok:
+        if any(u not in region for u in node.users):
+            raise Reject(f"intermediate {node.name} of the quant is used elsewhere")
+    if any(u not in region for u in y.users):
+        raise Reject("normalized output is also used outside the quantization")
+    return QuantMatch(
+        scheme, g, scale_node, static_value, ops, consts, quant_mul, qmin, qmax, round_to_int, qdtype, sink, scale_out, nodes
+    )
+
+
+# ----------------------------------------------------------------------------- checks + rewrite
+
+
+def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
+    xv = tval(norm.x)
+    H = xv.shape[-1]
+    if not isinstance(H, int):
+        raise Reject("hidden size is symbolic; the kernel needs a static row length")
+    if H > MAX_HIDDEN:
+        raise Reject(f"hidden size {H} above {MAX_HIDDEN}")
+    tensors = [xv] + [tval(n) for n in (norm.residual, norm.weight, q.scale) if n is not None]
+    if not same_device(*tensors):
+        raise Reject("inputs are on different devices")
+    dev = xv.device.type
+    if dev not in ("cpu", "cuda"):
+        raise Reject(f"device {dev} not supported")
+    for node in (norm.x, norm.residual):
+        if node is not None and not is_row_contiguous(tval(node)):
+            raise Reject(f"{node.name} is not contiguous")
+    if norm.weight is not None and tval(norm.weight).stride(0) != 1:
+        raise Reject("weight is not contiguous")
+    if q.scheme == PER_GROUP and (q.group_size & (q.group_size - 1) or H % q.group_size):
+        raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
+    # dependency order: inputs must not be computed from the region
+    region = norm.nodes | q.nodes
+    for inp in (norm.x, norm.residual, norm.weight, q.scale):
+        if inp is not None and depends_on_any(inp, region):
+            raise Reject(f"input {inp.name} depends on the region itself")
+    if dev == "cuda":
+        why = gating.rejects(FAMILY, scheme=SCHEME_NAMES[q.scheme], hidden=H, dtype=xv.dtype, enabled=gate)
+        if why:
+            raise Reject(why)
+
+
+def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
+    """Insert the fused op and reroute every escaping value. Returns the replaced nodes."""
+    from ..kernels import rmsnorm_quant as _k  # noqa: F401  (registers torch.ops.fxfuse.rms_norm_quant)
+
+    xv = tval(norm.x)
+    H = xv.shape[-1]
+    need_h = norm.residual is not None and any(u not in norm.nodes for u in norm.h.users)
+    inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale) if n is not None]
+    has_res, has_w, has_s = norm.residual is not None, norm.weight is not None, q.scale is not None
+    sink_group_shape = q.scheme == PER_GROUP
+    G = H // q.group_size if sink_group_shape else 0
+    params = dict(
+        eps=norm.eps,
+        weight_offset=norm.weight_offset,
+        weight_sum_dtype=norm.weight_sum_dtype,
+        round_before_weight=norm.round_before_weight,
+        norm_dtype=tval(norm.y).dtype,
+        quant_dtype=q.qdtype,
+        scheme=q.scheme,
+        group_size=q.group_size,
+        static_scale_value=q.static_value,
+        scale_ops=list(q.scale_ops),
+        scale_consts=list(q.scale_consts),
+        quant_mul=q.quant_mul,
+        qmin=q.qmin,
+        qmax=q.qmax,
+        round_to_int=q.round_to_int,
+        need_residual_out=need_h,
+    )
+    scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
+
+    def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        it = iter(args)
+        x = next(it)
+        res = next(it) if has_res else None
+        w = next(it) if has_w else None
+        sc = next(it) if has_s else None
+        lead = x.shape[:-1]
+        qo, so, ho = torch.ops.fxfuse.rms_norm_quant(
+            x.reshape(-1, H),
+            None if res is None else res.reshape(-1, H),
+            w,
+            None if sc is None else sc.reshape(1),
+            **params,
+        )
+        if sink_group_shape:
+            qo = qo.reshape(*lead, G, H // G)
+            so = so.reshape(*lead, G, 1)
+        else:
+            qo = qo.reshape(x.shape)
+            so = so.reshape(*lead, 1) if q.scheme == PER_TOKEN else so.reshape(scale_shape_static or (1,))
+        ho = ho.reshape(x.shape) if need_h else ho
+        return qo, so, ho
+
+    on_cuda = xv.device.type == "cuda"
+    q_new, s_new, h_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
+    q.sink.replace_all_uses_with(q_new)
+    if q.scale_out is not None:
+        q.scale_out.replace_all_uses_with(s_new)
+    if need_h:
+        for u in list(norm.h.users):
+            if u not in norm.nodes:
+                u.replace_input_with(norm.h, h_new)
+    stable_toposort(graph)
+    replaced = sorted(norm.nodes | q.nodes, key=lambda n: n.name)
+    return replaced
+
+
+class RMSNormQuant:
+    name = FAMILY
+
+    def __call__(self, graph: fx.Graph, ctx: Any) -> None:
+        for node in list(graph.nodes):
+            if node.graph is not graph or not is_op(node, aten.rsqrt.default):
+                continue
+            with ctx.candidate(FAMILY, node):
+                norm = match_norm(node)
+                q = match_quant(norm)
+                check(norm, q, gate=ctx.options.get("gate", True))
+                replaced = rewrite(graph, norm, q)
+                kernel = "triton:fxfuse_rms_norm_quant" if tval(norm.x).device.type == "cuda" else "fxfuse::rms_norm_quant"
+                detail = f"{SCHEME_NAMES[q.scheme]} {q.qdtype} H={tval(norm.x).shape[-1]}" + (
+                    " +residual" if norm.residual is not None else ""
+                )
+                ctx.applied(FAMILY, replaced, kernel, detail)
+
+
+PASS = RMSNormQuant()

@@ -1,0 +1,237 @@
+"""The pass pipeline Inductor calls through `post_grad_custom_pre_pass`.
+
+Stages run in order: normalize -> unwrap -> recognize/rewrite (one pass per fusion family)
+-> cleanup (DCE + lint). Each candidate runs inside `PassContext.candidate`, so a failed check
+becomes a near miss and an internal error skips only that candidate (unless strict=True).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import inspect
+import logging
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ._log import log, trace_artifact
+from .fx_utils import Reject, source_location, source_locations
+from .report import Fusion, GraphReport, NearMiss, PassTiming, report
+
+counters: collections.Counter[str] = collections.Counter()
+"""Applied rewrites by fusion name, e.g. counters["rmsnorm_quant"]. Reset with counters.clear()."""
+
+UnwrapMode = Literal["registered", "auto"] | None
+
+
+class GraphPass(Protocol):
+    """One stage of the pipeline (a module in fxfuse.patterns)."""
+
+    name: str
+
+    def __call__(self, graph: fx.Graph, ctx: "PassContext") -> None: ...
+
+
+class PassContext:
+    """Per-graph state handed to each pass: config, recording of hits and near misses."""
+
+    def __init__(self, pipeline: "FusionPasses", graph: fx.Graph, graph_report: GraphReport) -> None:
+        self.pipeline = pipeline
+        self.graph = graph
+        self.graph_report = graph_report
+        self.applied_count = 0
+
+    @property
+    def strict(self) -> bool:
+        return self.pipeline.strict
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.pipeline.options
+
+    def applied(self, name: str, replaced: Iterable[fx.Node], kernel: str, detail: str = "") -> None:
+        """Record one rewrite: bump the counter and add it to the report."""
+        replaced = list(replaced)
+        counters[name] += 1
+        self.applied_count += 1
+        self.graph_report.fusions.append(
+            Fusion(
+                name=name,
+                locations=source_locations(replaced),
+                replaced=[f"{n.name}={getattr(n.target, '__name__', n.target)}" for n in replaced],
+                kernel=kernel,
+                detail=detail,
+            )
+        )
+        log.debug("fxfuse %s: fused %d nodes into %s %s", name, len(replaced), kernel, detail)
+
+    def near_miss(self, family: str, anchor: fx.Node, reason: str) -> None:
+        """Record a candidate that looked like `family` but failed a check."""
+        m = NearMiss(family=family, location=source_location(anchor), anchor=anchor.name, reason=reason)
+        self.graph_report.near_misses.append(m)
+        log.debug("fxfuse near miss: %s (node %s)", m.line(), anchor.name)
+
+    @contextlib.contextmanager
+    def candidate(self, family: str, anchor: fx.Node) -> Iterator[None]:
+        """Guard one candidate: Reject -> near miss; any other error -> logged skip (raise if strict)."""
+        try:
+            yield
+        except Reject as r:
+            self.near_miss(family, anchor, str(r))
+        except Exception as e:  # noqa: BLE001 - a pass must never break the user's compile
+            if self.strict:
+                raise
+            msg = f"{family} at {anchor.name}: {type(e).__name__}: {e}"
+            self.graph_report.errors.append(msg)
+            log.warning("fxfuse internal error, candidate skipped: %s", msg, exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+def _default_passes() -> list[GraphPass]:
+    from .patterns import default_passes
+
+    return default_passes()
+
+
+def _source_digest() -> str:
+    """Hash of every fxfuse source file: any edit to a pass, pattern or kernel changes the uuid."""
+    root = pathlib.Path(__file__).parent
+    h = hashlib.sha256()
+    for p in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _callable_identity(fn: Any) -> str | None:
+    """Cache identity of a user pass: its uuid() if it is a CustomGraphPass, else its source."""
+    if isinstance(fn, CustomGraphPass):
+        u = fn.uuid()
+        return None if u is None else repr(u)
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+
+
+class FusionPasses(CustomGraphPass):
+    """A configured fxfuse pipeline; pass it as `post_grad_custom_pre_pass`.
+
+    Args:
+        enable: only these fusion names run (default: all).
+        disable: these fusion names do not run.
+        strict: raise on internal pass errors instead of logging and skipping the candidate.
+        unwrap: "registered" (default) unwraps ops with a registered decomposition; "auto" also
+            unwraps Python custom ops whose implementation traces to ATen; None turns unwrap off.
+        before / after: user graph passes (callables taking an fx.Graph) chained around fxfuse.
+        options: extra per-fusion options (e.g. {"gate": False} to skip benchmark gating).
+    """
+
+    def __init__(
+        self,
+        *,
+        enable: Iterable[str] | None = None,
+        disable: Iterable[str] = (),
+        strict: bool = False,
+        unwrap: UnwrapMode | bool = "registered",
+        before: Callable[[fx.Graph], Any] | None = None,
+        after: Callable[[fx.Graph], Any] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        if unwrap is True:
+            unwrap = "registered"
+        if unwrap is False:
+            unwrap = None
+        if unwrap not in ("registered", "auto", None):
+            raise ValueError(f"unwrap must be 'registered', 'auto' or None, not {unwrap!r}")
+        self.enable = None if enable is None else frozenset(enable)
+        self.disable = frozenset(disable)
+        self.strict = strict
+        self.unwrap = unwrap
+        self.before = before
+        self.after = after
+        self.options = dict(options or {})
+        known = {p.name for p in _default_passes()}
+        unknown = ((self.enable or frozenset()) | self.disable) - known
+        if unknown:
+            raise ValueError(f"unknown fusion name(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    def passes(self) -> list[GraphPass]:
+        """The stages this configuration runs, in order."""
+        out = []
+        for p in _default_passes():
+            if p.name in self.disable:
+                continue
+            if self.enable is not None and p.name not in self.enable and p.name != "normalize":
+                continue
+            if p.name == "unwrap" and self.unwrap is None:
+                continue
+            out.append(p)
+        return out
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.before is not None:
+            self.before(graph)
+        greport = report.new_graph()
+        ctx = PassContext(self, graph, greport)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fxfuse graph %d before:\n%s", greport.graph_id, graph)
+        trace_artifact("fxfuse_graph_before", lambda: str(graph))
+        changed = False
+        for p in self.passes():
+            t0 = time.perf_counter()
+            before_count = ctx.applied_count
+            try:
+                p(graph, ctx)
+            except Exception as e:  # noqa: BLE001
+                if self.strict:
+                    raise
+                greport.errors.append(f"{p.name}: {type(e).__name__}: {e}")
+                log.warning("fxfuse pass %s failed and was skipped: %s", p.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            n = ctx.applied_count - before_count
+            dt = time.perf_counter() - t0
+            greport.timings.append(PassTiming(p.name, n, dt))
+            if p.name != "normalize":
+                log.info("fxfuse graph %d: %s matched %d time(s) in %.1f ms", greport.graph_id, p.name, n, dt * 1e3)
+            if n:
+                changed = True
+                trace_artifact(f"fxfuse_after_{p.name}", lambda: str(graph))
+        if changed:
+            graph.eliminate_dead_code()
+            graph.lint()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("fxfuse graph %d after:\n%s", greport.graph_id, graph)
+        if self.after is not None:
+            self.after(graph)
+
+    def uuid(self) -> Any:
+        """Cache key of everything that decides the rewrite: sources, config, chained passes."""
+        parts = [
+            _source_digest(),
+            repr(sorted(self.enable)) if self.enable is not None else "all",
+            repr(sorted(self.disable)),
+            repr(self.strict),
+            repr(self.unwrap),
+            repr(sorted(self.options.items())),
+            torch.__version__,
+        ]
+        for user_pass in (self.before, self.after):
+            if user_pass is None:
+                parts.append("-")
+                continue
+            ident = _callable_identity(user_pass)
+            if ident is None:
+                return None  # unknown user code: let Inductor bypass the cache rather than go stale
+            parts.append(ident)
+        from .patterns.unwrap import registry_digest
+
+        parts.append(registry_digest())
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"FusionPasses(passes={[p.name for p in self.passes()]}, strict={self.strict}, unwrap={self.unwrap!r})"

@@ -1,0 +1,128 @@
+"""What fxfuse did and why: applied fusions and near misses, per compiled graph.
+
+`fxfuse.report()` returns a `Report` of every graph the passes saw since `fxfuse.report.clear()`.
+`str(report)` is a readable table; `report.to_dict()` is JSON-ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Fusion:
+    """One applied rewrite."""
+
+    name: str
+    locations: list[str]
+    replaced: list[str]
+    kernel: str
+    detail: str = ""
+
+
+@dataclass
+class NearMiss:
+    """A region that looked like a fusion family but was rejected, with the first failed check."""
+
+    family: str
+    location: str | None
+    anchor: str
+    reason: str
+
+    def line(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        return f"{self.family}{where}: {self.reason}"
+
+
+@dataclass
+class PassTiming:
+    name: str
+    applied: int
+    seconds: float
+
+
+@dataclass
+class GraphReport:
+    """Everything the pipeline recorded for one graph."""
+
+    graph_id: int
+    fusions: list[Fusion] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    timings: list[PassTiming] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    @property
+    def fusions(self) -> list[Fusion]:
+        return [f for g in self.graphs for f in g.fusions]
+
+    @property
+    def near_misses(self) -> list[NearMiss]:
+        return [m for g in self.graphs for m in g.near_misses]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"graphs": [dataclasses.asdict(g) for g in self.graphs]}
+
+    def __str__(self) -> str:
+        lines: list[str] = []
+        if not self.graphs:
+            return "fxfuse report: no graphs compiled since the last clear()"
+        for g in self.graphs:
+            lines.append(f"graph {g.graph_id}: {len(g.fusions)} fusion(s), {len(g.near_misses)} near miss(es)")
+            rows = [("fusion", "source", "kernel", "replaced")]
+            for f in g.fusions:
+                rows.append((f.name, ", ".join(f.locations) or "?", f.kernel, f"{len(f.replaced)} nodes"))
+            if len(rows) > 1:
+                lines.extend(_table(rows, indent="  "))
+            if g.near_misses:
+                rows = [("near miss", "source", "reason")]
+                for m in g.near_misses:
+                    rows.append((m.family, m.location or m.anchor, m.reason))
+                lines.extend(_table(rows, indent="  "))
+            for e in g.errors:
+                lines.append(f"  internal error (candidate skipped): {e}")
+        return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, r in enumerate(rows):
+        out.append(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if k == 0:
+            out.append(indent + "  ".join("-" * w for w in widths))
+    return out
+
+
+class _ReportRegistry:
+    """Callable that snapshots the recorded graphs; `.clear()` forgets them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._graphs: list[GraphReport] = []
+        self._next_id = 0
+
+    def new_graph(self) -> GraphReport:
+        with self._lock:
+            g = GraphReport(graph_id=self._next_id)
+            self._next_id += 1
+            self._graphs.append(g)
+            return g
+
+    def __call__(self) -> Report:
+        with self._lock:
+            return Report(graphs=list(self._graphs))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._graphs.clear()
+
+
+report = _ReportRegistry()
