@@ -339,7 +339,7 @@ def _scale_op(s, OP: tl.constexpr, c):
 def _rms_norm_quant_kernel(
     x_ptr, res_ptr, w_ptr, scale_ptr,
     q_ptr, s_out_ptr, h_ptr,
-    stride_x, stride_r, stride_w, stride_q, stride_h,
+    stride_x, stride_r, stride_q, stride_h,
     H, NG,
     eps, weight_offset, static_scale_value,
     c0, c1, c2, c3, qmin, qmax,
@@ -377,7 +377,7 @@ def _rms_norm_quant_kernel(
     if ROUND_BEFORE_W:
         n = _round_to(n, X_DT)
     if HAS_W:
-        w = tl.load(w_ptr + offs * stride_w, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = w + weight_offset
         if WSUM_DT >= 0:
             w = _round_to(w, WSUM_DT)
@@ -530,10 +530,20 @@ def rms_norm_quant(
     need_residual_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RMSNorm(+residual)+quant -> (q, scales, h). Body doubles as the fake impl."""
+    if x.device.type == "cpu":
+        # No Triton on CPU: when this body is traced (fake impl / FunctionalTensorMode
+        # decomposition under torch.compile on CPU) emit the reference's aten ops instead.
+        return _rms_norm_quant_cpu(
+            x, residual, weight, scale, eps, weight_offset, weight_sum_dtype,
+            round_before_weight, norm_dtype, quant_dtype, scheme, group_size,
+            static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax,
+            round_to_int, need_residual_out)
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
                group_size, scale_ops, scale_consts, for_triton=True)
     M = x.shape[0]
     H = x.shape[1]
+    if weight is not None:
+        weight = weight.contiguous()  # no-op for parameters; kernel assumes unit stride
     q, scales, h = _alloc_outputs(x, quant_dtype, scheme, group_size, need_residual_out)
     meta = _kernel_meta(x, residual, weight, scale, weight_sum_dtype, round_before_weight,
                         norm_dtype, quant_dtype, scheme, group_size, scale_ops, quant_mul,
@@ -544,12 +554,11 @@ def rms_norm_quant(
     w_arg = weight if weight is not None else x
     s_arg = scale if scale is not None else x  # dummy, never read; must not alias an output
     stride_r = residual.stride(0) if residual is not None else 0
-    stride_w = weight.stride(0) if weight is not None else 0
     stride_h = h.stride(0) if need_residual_out else 0
     wrap_triton(_rms_norm_quant_kernel)[(M,)](
         x, res_arg, w_arg, s_arg,
         q, scales, h,
-        x.stride(0), stride_r, stride_w, q.stride(0), stride_h,
+        x.stride(0), stride_r, q.stride(0), stride_h,
         H, ng,
         float(eps), float(weight_offset), float(static_scale_value),
         c[0], c[1], c[2], c[3], float(qmin), float(qmax),
@@ -558,7 +567,6 @@ def rms_norm_quant(
     return q, scales, h
 
 
-@rms_norm_quant.register_kernel("cpu")
 def _rms_norm_quant_cpu(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -587,6 +595,9 @@ def _rms_norm_quant_cpu(
         norm_dtype, quant_dtype, scheme, group_size, static_scale_value, scale_ops, scale_consts,
         quant_mul, qmin, qmax, round_to_int, need_residual_out)
     return q.contiguous(), s.contiguous(), h.contiguous()
+
+
+rms_norm_quant.register_kernel("cpu")(_rms_norm_quant_cpu)
 
 
 # ----------------------------------------------------------------------------
@@ -627,6 +638,8 @@ def rms_norm_quant_triton(
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
                group_size, scale_ops, scale_consts, for_triton=True)
     M, H = x.shape
+    if weight is not None:
+        weight = weight.contiguous()
     if out is None:
         q, scales, h = _alloc_outputs(x, quant_dtype, scheme, group_size, need_residual_out)
     else:
@@ -648,8 +661,7 @@ def rms_norm_quant_triton(
             x, residual if residual is not None else x, weight if weight is not None else x,
             scale if scale is not None else x,
             q, scales, h,
-            x.stride(0), residual.stride(0) if residual is not None else 0,
-            weight.stride(0) if weight is not None else 0, q.stride(0),
+            x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
             h.stride(0) if need_residual_out else 0,
             H, ng,
             float(eps), float(weight_offset), float(static_scale_value),
