@@ -180,9 +180,25 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     if tval(y).dtype not in NORM_DTYPES:
         raise Reject(f"normalized output dtype {tval(y).dtype} not supported")
     for node in nodes - {h, y}:
-        if any(user not in nodes for user in node.users):
-            raise Reject(f"intermediate {node.name} is used outside the norm")
+        outside = [user for user in node.users if user not in nodes]
+        if outside:
+            raise Reject(_escape_reason(node, outside, is_input=node is up or node is h))
     return NormMatch(x, residual, h, eps, weight, offset, wsum_dtype, round_before, y, nodes)
+
+
+def _escape_reason(node: fx.Node, outside: list[fx.Node], is_input: bool, depth: int = 8) -> str:
+    """Plain-words reason for a norm intermediate that is used outside the norm."""
+    if is_input:
+        frontier, seen = list(outside), set(outside)
+        for _ in range(depth):
+            if any(is_op(n, aten.amax.default, aten.max.dim) for n in frontier):
+                return "the quant scale is computed from the pre-norm input, not the normalized output"
+            if any(is_convert(n) and convert_dtype(n) in QUANT_DTYPES for n in frontier):
+                return "quantization reads the pre-norm input, not the normalized output"
+            frontier = [u for n in frontier for u in n.users if u not in seen]
+            seen.update(frontier)
+        return f"the fp32 copy of the input ({node.name}) is also used outside the norm"
+    return f"intermediate {node.name} ({getattr(node.target, '__name__', node.target)}) is also used outside the norm"
 
 
 def _weight_expr(w: Any, H: Any) -> tuple[fx.Node, float, torch.dtype | None]:
@@ -388,6 +404,8 @@ def match_quant(norm: NormMatch) -> QuantMatch:
         a, s = s, a
     if depends_on_any(s, {y}) is False and not isinstance(s, fx.Node) and literal(s) is None:
         raise Reject("quant scale is neither a tensor nor a constant")
+    if _strip_f32_convert(a)[0] in (norm.x, norm.h):
+        raise Reject("quantization reads the pre-norm input, not the normalized output")
     kind, g = _value_source(a, y, nodes)
 
     scheme, static_value, scale_node, scale_out = STATIC, 1.0, None, None
@@ -416,6 +434,8 @@ def match_quant(norm: NormMatch) -> QuantMatch:
             if not isinstance(base, fx.Node):
                 raise Reject("static scale base is not a tensor")
             bv = tval(base)
+            if bv.numel() != 1 and depends_on_any(base, {norm.x, norm.h}):
+                raise Reject("the quant scale is computed from the pre-norm input, not the normalized output")
             if bv.numel() != 1 or bv.dtype != torch.float32:
                 raise Reject(f"static scale must be a one-element float32 tensor, got {tuple(bv.shape)} {bv.dtype}")
             scale_node = base
