@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+from .patterns.unwrap import register_unwrap
 from .pipeline import FusionPasses, PassContext, counters
 from .report import Report, report
 
 passes: FusionPasses = FusionPasses()
 """The default pipeline (all fusions, registered unwraps, non-strict)."""
 
-__all__ = ["FusionPasses", "PassContext", "Report", "counters", "passes", "report"]
+__all__ = ["FusionPasses", "PassContext", "Report", "counters", "passes", "register_unwrap", "report"]
 __version__ = "0.1.0"

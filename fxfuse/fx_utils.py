@@ -7,7 +7,7 @@ rewrite correct (fake values, dtypes, dependency order) live in one place.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -143,6 +143,40 @@ def fake_mode_of(values: Iterable[Any]) -> Any:
     return detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
 
 
+def trace_aten(
+    fn: Callable[..., Any],
+    vals: Sequence[Any],
+    *,
+    functionalize: bool,
+    decomposition_table: Mapping[Any, Callable[..., Any]] | None = None,
+) -> fx.GraphModule:
+    """Trace `fn(*vals)` (fake tensors of one graph) to an ATen GraphModule without inlining it.
+
+    Split out of `insert_traced` so a caller can inspect the traced graph (e.g. reject one
+    that still calls non-ATen ops) before touching the target graph.
+    """
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.traceback import preserve_node_meta
+
+    fake_mode = fake_mode_of(vals)
+    if fake_mode is None:
+        raise Reject("no fake mode on the graph's values")
+    target = dispatch_functionalize(fn, FunctionalTensorMode()) if functionalize else fn
+    with fake_mode, enable_python_dispatcher(), preserve_node_meta():
+        return make_fx(target, decomposition_table=decomposition_table, tracing_mode="real")(*vals)
+
+
+def inline_graph(graph: fx.Graph, gm: fx.GraphModule, inputs: Sequence[Any], before: fx.Node) -> list[fx.Node]:
+    """Copy gm's nodes into `graph` before `before`, placeholders bound to `inputs`; returns outputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    val_map: dict[fx.Node, Any] = dict(zip(placeholders, inputs))
+    with graph.inserting_before(before):
+        out = graph.graph_copy(gm.graph, val_map)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def insert_traced(
     graph: fx.Graph,
     fn: Callable[..., Any],
@@ -158,24 +192,9 @@ def insert_traced(
     and Inductor compiles the Triton kernel into its output code instead of a Python fallback.
     Returns the nodes for fn's (flattened tuple) outputs.
     """
-    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch.fx.traceback import preserve_node_meta
-
     vals = [tval(n) for n in inputs]
-    fake_mode = fake_mode_of(vals)
-    if fake_mode is None:
-        raise Reject("no fake mode on the graph's values")
-    target = dispatch_functionalize(fn, FunctionalTensorMode()) if functionalize else fn
-    with fake_mode, enable_python_dispatcher(), preserve_node_meta():
-        gm = make_fx(target, tracing_mode="real")(*vals)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    val_map: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs))
-    with graph.inserting_before(before):
-        out = graph.graph_copy(gm.graph, val_map)
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    return outs
+    gm = trace_aten(fn, vals, functionalize=functionalize)
+    return inline_graph(graph, gm, inputs, before)
 
 
 def replace_all_uses(old: fx.Node, new: fx.Node) -> None:

