@@ -67,10 +67,28 @@ class Report:
     def near_misses(self) -> list[NearMiss]:
         return [m for g in self.graphs for m in g.near_misses]
 
+    @property
+    def errors(self) -> list[str]:
+        return [e for g in self.graphs for e in g.errors]
+
+    def near_miss_lines(self) -> list[str]:
+        """One plain-words line per near miss: `family at file.py:LINE: reason`."""
+        return [m.line() for m in self.near_misses]
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: {"graphs": [{graph_id, fusions, near_misses, errors, timings}, ...]}."""
         return {"graphs": [dataclasses.asdict(g) for g in self.graphs]}
 
+    def to_json(self, **kwargs: Any) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), **kwargs)
+
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, verbose: bool = False) -> str:
+        """The readable table; `verbose=True` also lists the replaced nodes and fusion details."""
         lines: list[str] = []
         if not self.graphs:
             return "fxfuse report: no graphs compiled since the last clear()"
@@ -81,6 +99,10 @@ class Report:
                 rows.append((f.name, ", ".join(f.locations) or "?", f.kernel, f"{len(f.replaced)} nodes"))
             if len(rows) > 1:
                 lines.extend(_table(rows, indent="  "))
+            if verbose:
+                for f in g.fusions:
+                    lines.append(f"  {f.name} at {', '.join(f.locations) or '?'}: {f.detail}".rstrip(": "))
+                    lines.append(f"    replaced: {', '.join(f.replaced)}")
             if g.near_misses:
                 rows = [("near miss", "source", "reason")]
                 for m in g.near_misses:
@@ -115,6 +137,15 @@ class _ReportRegistry:
             self._next_id += 1
             self._graphs.append(g)
             return g
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._graphs)
+
+    def since(self, start: int) -> list[GraphReport]:
+        """Graph reports recorded after the first `start` ones (pair with len() taken before)."""
+        with self._lock:
+            return list(self._graphs[start:])
 
     def __call__(self) -> Report:
         with self._lock:

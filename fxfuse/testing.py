@@ -357,9 +357,9 @@ class _CapturingPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         before = _snapshot(graph)
-        n0 = len(_report._graphs)
+        n0 = len(_report)
         self.inner(graph)
-        grs = _report._graphs[n0:]
+        grs = _report.since(n0)
         self.sink.append(CapturedGraph(before=before, after=_snapshot(graph), report=grs[-1] if grs else None))
 
     def uuid(self) -> Any:
@@ -823,9 +823,9 @@ def reapply(graph_module: fx.GraphModule, passes: Callable[[fx.Graph], Any] | No
     """
     gm = _snapshot(graph_module.graph)
     p = passes if passes is not None else _default_passes()
-    n0 = len(_report._graphs)
+    n0 = len(_report)
     with _counting() as delta:
         p(gm.graph)
     gm.recompile()
-    grs = _report._graphs[n0:]
+    grs = _report.since(n0)
     return Reapplied(graph_module=gm, report=grs[-1] if grs else None, counters=delta)
