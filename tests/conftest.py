@@ -1,0 +1,48 @@
+"""Shared pytest setup: golden graph snapshots and per-test isolation of fxfuse state.
+
+`pytest --update-graphs` (or `FXFUSE_UPDATE_GRAPHS=1 pytest`) rewrites tests/graphs/*.txt from the
+captured graphs instead of comparing against them.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.testing import UPDATE_ENV, assert_golden
+
+GRAPHS_DIR = pathlib.Path(__file__).parent / "graphs"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-graphs",
+        action="store_true",
+        default=False,
+        help=f"rewrite golden graph snapshots in tests/graphs/ (same as {UPDATE_ENV}=1)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fxfuse_isolation() -> Iterator[None]:
+    """Every test starts with empty fxfuse counters/report and no compiled frames from earlier tests."""
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """`golden(name, text)`: compare text with tests/graphs/<name>.txt (rewrite it when updating)."""
+    update = True if request.config.getoption("--update-graphs") else None  # None: read the env var
+
+    def check(name: str, text: str) -> None:
+        assert_golden(GRAPHS_DIR / f"{name}.txt", text, update=update)
+
+    return check
