@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .patterns.unwrap import register_unwrap
+from . import kernels as _kernels  # noqa: F401  registers torch.ops.fxfuse.*: cached graphs call them without running a pass
 from .pipeline import FusionPasses, PassContext, counters
 from .report import Report, report
 

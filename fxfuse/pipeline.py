@@ -98,9 +98,9 @@ def _default_passes() -> list[GraphPass]:
     return default_passes()
 
 
-def _source_digest() -> str:
+def _source_digest(root: pathlib.Path | None = None) -> str:
     """Hash of every fxfuse source file: any edit to a pass, pattern or kernel changes the uuid."""
-    root = pathlib.Path(__file__).parent
+    root = root or pathlib.Path(__file__).parent
     h = hashlib.sha256()
     for p in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
         h.update(str(p.relative_to(root)).encode())
