@@ -266,3 +266,199 @@ def test_decoder_block(v2):
     # the mutated graph input holds the eager value (x + o, rounded like eager)
     torch.testing.assert_close(args[1], eager_args[1], rtol=2e-2, atol=2e-2)
     assert not torch.equal(args[1], block_inputs(8)[1])
+
+
+def test_decoder_block_dynamic_tokens():
+    args = block_inputs(8, seed=1)
+    eager_args = clone_args(args)
+    with torch.no_grad():
+        ref = block(*eager_args)
+    out, graph = compile_run(block, args, dynamic=True)
+    assert fxfuse.counters["unwrap"] == 8, fxfuse.report()
+    assert fxfuse.counters["rmsnorm_quant"] == 2, fxfuse.report()
+    assert_block_close(out, ref)
+    torch.testing.assert_close(args[1], eager_args[1], rtol=2e-2, atol=2e-2)
+    # another token count reuses the dynamic graph and stays correct
+    compiled = torch.compile(block, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+    args = block_inputs(13, seed=2)
+    eager_args = clone_args(args)
+    with torch.no_grad():
+        ref = block(*eager_args)
+        assert_block_close(compiled(*args), ref)
+    torch.testing.assert_close(args[1], eager_args[1], rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- unknown ops, logging
+
+
+def test_unknown_opaque_op_untouched(caplog):
+    def fn(x, w, buf):
+        h = torch.empty_like(x)
+        ops.rms_norm(h, x, w, EPS)
+        ops.mystery(buf, h)  # unknown: stays opaque, writes a graph input
+        return h * 2
+
+    x, w = torch.randn(4, H, dtype=torch.bfloat16), torch.randn(H, dtype=torch.bfloat16)
+    buf, ref_buf = torch.zeros(4, H, dtype=torch.bfloat16), torch.zeros(4, H, dtype=torch.bfloat16)
+    ref = fn(x, w, ref_buf)
+    with caplog.at_level(logging.DEBUG, logger="fxfuse"):
+        out, graph = compile_run(fn, [x, w, buf])
+    assert fxfuse.counters["unwrap"] == 1
+    assert f"{NS}.mystery" in graph and f"{NS}.rms_norm" not in graph, graph
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(buf, ref_buf)
+    logs = caplog.text
+    assert f"unwrapped {NS}::rms_norm.default" in logs
+    assert f"left opaque op {NS}::mystery.default" in logs and "no decomposition registered" in logs
+    assert any("mystery" in m.reason for g in fxfuse.report().graphs for m in g.near_misses)
+
+
+def test_unwrap_off_leaves_everything():
+    def fn(x, w):
+        h = torch.empty_like(x)
+        ops.rms_norm(h, x, w, EPS)
+        return h
+
+    x, w = torch.randn(4, H, dtype=torch.bfloat16), torch.randn(H, dtype=torch.bfloat16)
+    out, graph = compile_run(fn, [x, w], passes=fxfuse.FusionPasses(unwrap=None))
+    assert fxfuse.counters["unwrap"] == 0 and f"{NS}.rms_norm" in graph
+    torch.testing.assert_close(out, _ref_rms(x, w, EPS))
+
+
+# ----------------------------------------------------------------------------- registry API
+
+
+def test_register_forms_and_digest():
+    qual = f"{NS}::mystery"
+    d0 = unwrap_mod.registry_digest()
+
+    def mystery_decomp(out, x):
+        out.copy_(x * 3)
+
+    for form in (qual, ops.mystery, ops.mystery.default):
+        fxfuse.register_unwrap(form, mystery_decomp)
+        try:
+            assert unwrap_mod.lookup(ops.mystery.default) is mystery_decomp
+            assert unwrap_mod.registry_digest() != d0  # the FX cache key sees registrations
+            assert fxfuse.passes.uuid() != d0
+        finally:
+            unwrap_mod.unregister_unwrap(form)
+        assert unwrap_mod.lookup(ops.mystery.default) is None
+    assert unwrap_mod.registry_digest() == d0
+    with pytest.raises(ValueError):
+        fxfuse.register_unwrap("no_namespace", mystery_decomp)
+
+
+def test_user_registration_and_untraceable_decomposition(caplog):
+    def fn(x):
+        a, b = torch.empty_like(x), torch.empty_like(x)
+        ops.mystery(a, x)
+        ops.mystery(b, a)
+        return a + b
+
+    x = torch.randn(4, 8)
+    calls = []
+
+    def good(out, inp):
+        out.copy_(inp * 3)
+
+    def bad(out, inp):
+        calls.append(1)
+        if inp.shape[0] == 4 and inp.sum().item() > -1e9:  # data-dependent: cannot trace to ATen
+            out.copy_(inp * 3)
+
+    fxfuse.register_unwrap(ops.mystery, good)
+    try:
+        out, graph = compile_run(fn, [x])
+        assert fxfuse.counters["unwrap"] == 2 and "mystery" not in graph
+        torch.testing.assert_close(out, x * 3 + x * 9)
+        fxfuse.register_unwrap(ops.mystery, bad)
+        with caplog.at_level(logging.DEBUG, logger="fxfuse"):
+            out, graph = compile_run(fn, [x])
+        assert calls and fxfuse.counters["unwrap"] == 0 and "mystery" in graph
+        torch.testing.assert_close(out, x * 3 + x * 9)
+        assert "decomposition did not trace" in caplog.text
+    finally:
+        unwrap_mod.unregister_unwrap(ops.mystery)
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["auto_functionalized_v2", "auto_functionalized_v1"])
+def test_view_argument(v2):
+    def fn(x, buf):
+        ops.silu_and_mul(buf[:, :8], x)  # writes a slice of a graph input
+        return buf * 1
+
+    x, buf = torch.randn(4, 16), torch.zeros(4, 16)
+    ref_buf = buf.clone()
+    ref = fn(x, ref_buf)
+    with torch._inductor.config.patch(enable_auto_functionalized_v2=v2):
+        out, graph = compile_run(fn, [x, buf])
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(buf, ref_buf)
+    misses = [m.reason for g in fxfuse.report().graphs for m in g.near_misses]
+    if v2:  # v2 encodes the slice as view metadata on a base: rejected, not guessed
+        assert fxfuse.counters["unwrap"] == 0 and any("view of a larger tensor" in r for r in misses), misses
+    else:  # v1 passes the view itself and scatters the new value back: unwrapped
+        assert fxfuse.counters["unwrap"] == 1
+
+
+# ----------------------------------------------------------------------------- "auto" mode
+
+
+@torch.library.custom_op(f"{NS}::py_rms", mutates_args=())
+def py_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return _ref_rms(x, w, eps)
+
+
+@py_rms.register_fake
+def _(x, w, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{NS}::py_token_quant", mutates_args=("out", "scale"))
+def py_token_quant(out: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> None:
+    s = (x.abs().amax(-1, keepdim=True).float() / FMAX).clamp_min(1.0 / (FMAX * 512))
+    scale.copy_(s)
+    out.copy_((x.float() / s).clamp(-FMAX, FMAX).to(out.dtype))
+
+
+@py_token_quant.register_fake
+def _(out, scale, x):
+    return None
+
+
+@torch.library.custom_op(f"{NS}::py_numpy", mutates_args=())
+def py_numpy(x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x.numpy() * 2)  # not traceable to ATen
+
+
+@py_numpy.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def py_block(x, w):
+    y = py_rms(x, w, EPS)
+    q = torch.empty(x.shape, dtype=FP8)
+    s = torch.empty(x.shape[0], 1)
+    py_token_quant(q, s, y)
+    return q, s, py_numpy(x.float())
+
+
+@pytest.mark.parametrize("mode", ["auto", "registered"])
+def test_auto_mode(mode, caplog):
+    x, w = torch.randn(6, H, dtype=torch.bfloat16), (1 + 0.1 * torch.randn(H)).to(torch.bfloat16)
+    ref = py_block(x, w)
+    with caplog.at_level(logging.DEBUG, logger="fxfuse"):
+        out, graph = compile_run(py_block, [x, w], passes=fxfuse.FusionPasses(unwrap=mode))
+    assert f"{NS}.py_numpy" in graph  # cannot be traced: left as it was
+    if mode == "auto":
+        assert fxfuse.counters["unwrap"] == 2, fxfuse.report()
+        assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report()  # unwrapped Python ops fuse too
+        assert "py_rms" not in graph and "py_token_quant" not in graph
+        assert f"left opaque op {NS}::py_numpy.default" in caplog.text and "did not trace" in caplog.text
+    else:
+        assert fxfuse.counters["unwrap"] == 0 and "py_rms" in graph
+    torch.testing.assert_close(out[0].float(), ref[0].float(), rtol=0.07, atol=1e-2)
+    torch.testing.assert_close(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2])
