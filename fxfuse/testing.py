@@ -147,7 +147,22 @@ def _val_str(v: Any, syms: _SymNames) -> str:
     return type(v).__name__
 
 
+def _alias(node: fx.Node) -> str | None:
+    """Spellings that differ between torch versions for the same value, rendered as one name."""
+    t = node.target
+    if t in (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default):
+        return "reshape"
+    if t is torch.ops.prims.convert_element_type.default or (
+        t is torch.ops.aten._to_copy.default and set(node.kwargs) == {"dtype"} and len(node.args) == 1
+    ):
+        return "convert"
+    return None
+
+
 def _target_str(node: fx.Node) -> str:
+    alias = _alias(node)
+    if alias is not None:
+        return alias
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
         name = f"{t.namespace}.{t._opname}"
@@ -168,6 +183,9 @@ def _base_name(node: fx.Node) -> str:
         return "arg"
     if node.op == "get_attr":
         return "const"
+    alias = _alias(node)
+    if alias is not None:
+        return alias
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
         return t._opname.lstrip("_")
@@ -229,8 +247,9 @@ def graph_text(graph: fx.Graph | fx.GraphModule) -> str:
 
     One line per node: `%name: dtype[shape] = op(args, kw=...)`. Node names are renamed per op in
     graph order (`%mul`, `%mul_1`, ...), shape symbols to `s0, s1, ...` in order of appearance,
-    Triton side-table indices to kernel names; non-contiguous strides and non-CPU devices are
-    shown. Stack traces, node names chosen by the tracer, and symbol hashes are left out, so the
+    Triton side-table indices to kernel names; `view`/`reshape`/`_unsafe_view` print as `reshape`
+    and `convert_element_type`/`_to_copy(dtype=)` as `convert`, spellings that vary between
+    torch versions. Non-contiguous strides and non-CPU devices are shown. Stack traces, node names chosen by the tracer, and symbol hashes are left out, so the
     text does not churn between runs or torch versions when the graph itself is the same.
     """
     g = graph.graph if isinstance(graph, fx.GraphModule) else graph
@@ -252,6 +271,9 @@ def graph_text(graph: fx.Graph | fx.GraphModule) -> str:
             rhs = "input"
         elif node.op == "get_attr":
             rhs = f"constant({node.target})"
+        elif _alias(node) == "convert":
+            dt = node.args[1] if len(node.args) > 1 else node.kwargs["dtype"]
+            rhs = f"convert({_arg_str(node.args[0], names, syms)}, {_arg_str(dt, names, syms)})"
         else:
             kwargs = _hop_kwargs(node, dict(node.kwargs))
             parts = [_arg_str(a, names, syms) for a in node.args]
