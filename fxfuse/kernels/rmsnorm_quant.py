@@ -30,6 +30,8 @@ same bits as torch (the interpreter's own bf16/fp8 casts are not RNE).
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Sequence
 
 import torch
@@ -272,12 +274,15 @@ def rms_norm_quant_reference(
 
 
 @triton.jit
-def _round_to(v, DT: tl.constexpr):
+def _round_to(v, DT: tl.constexpr, NATIVE: tl.constexpr = False):
     """Round fp32 `v` to dtype code DT (0 f32, 1 bf16, 2 f16) and return fp32.
 
-    bf16 RNE is done on the bit pattern: the interpreter's fp32->bf16 cast is not RNE.
+    Compiled (NATIVE) uses the hardware RNE cast. Under TRITON_INTERPRET the fp32->bf16 cast is
+    not RNE, so there bf16 rounding is done on the bit pattern.
     """
-    if DT == 1:
+    if DT == 1 and NATIVE:
+        r = v.to(tl.bfloat16).to(tl.float32)
+    elif DT == 1:
         b = v.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
         r = tl.where(v != v, v, b.to(tl.float32, bitcast=True))
@@ -348,7 +353,7 @@ def _rms_norm_quant_kernel(
     ROUND_BEFORE_W: tl.constexpr, SCHEME: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
 ):
     """One program per row; the row lives in registers as a [BLOCK_R, BLOCK_G] tile.
 
@@ -356,6 +361,17 @@ def _rms_norm_quant_kernel(
     otherwise BLOCK_R == 1 and BLOCK_G = next_pow2(H).  HBM is touched once:
     read x (+residual, weight), write h, q, scales.
     """
+    # Inductor may pass Python floats as fp64 scalars: all scalar math here is fp32 (the graph's
+    # constants are fp32-rounded already, so this matches eager)
+    eps = tl.cast(eps, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
+    static_scale_value = tl.cast(static_scale_value, tl.float32)
+    c0 = tl.cast(c0, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
+    c2 = tl.cast(c2, tl.float32)
+    c3 = tl.cast(c3, tl.float32)
+    qmin = tl.cast(qmin, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     g_idx = tl.arange(0, BLOCK_R)
     offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -364,7 +380,7 @@ def _rms_norm_quant_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        v = _round_to(x + r, X_DT)
+        v = _round_to(x + r, X_DT, NATIVE)
     else:
         v = x
     if NEED_H:
@@ -375,14 +391,14 @@ def _rms_norm_quant_kernel(
     rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
     n = v * rstd
     if ROUND_BEFORE_W:
-        n = _round_to(n, X_DT)
+        n = _round_to(n, X_DT, NATIVE)
     if HAS_W:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = w + weight_offset
         if WSUM_DT >= 0:
-            w = _round_to(w, WSUM_DT)
+            w = _round_to(w, WSUM_DT, NATIVE)
         n = n * w
-    y = _round_to(n, NORM_DT)
+    y = _round_to(n, NORM_DT, NATIVE)
 
     if SCHEME == 0:
         if HAS_SCALE_T:
@@ -406,6 +422,8 @@ def _rms_norm_quant_kernel(
 
     if QUANT_MUL:
         qv = y * sb
+    elif NATIVE:
+        qv = y / sb  # per element: fast division, as Inductor emits (per-row math stays exact)
     else:
         qv = tl.math.div_rn(y, sb)
     if ROUND_INT:
@@ -414,6 +432,8 @@ def _rms_norm_quant_kernel(
                     propagate_nan=tl.PropagateNan.ALL)
     if Q_INT8:
         qo = qv.to(tl.int8)
+    elif NATIVE:
+        qo = qv.to(tl.float8e4nv)  # hardware RNE (cvt.rn.satfinite), input already clamped
     else:
         qo = _round_e4m3(qv).to(tl.float8e4nv)
     tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
@@ -473,6 +493,7 @@ def _kernel_meta(
         Q_INT8=quant_dtype == torch.int8,
         BLOCK_G=block_g,
         BLOCK_R=block_r,
+        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps if num_warps is not None else default_num_warps(block),
     )
 
