@@ -11,8 +11,10 @@ Three node forms are handled:
   * a plain functional call `ns::op(...)`;
   * `auto_functionalized(op, **kwargs)` (v1): returns (op outputs..., new values of mutable args);
   * `auto_functionalized_v2(op, _all_bases=[...], **kwargs)`: returns (op outputs..., new bases),
-    or, for ops tagged `out`, just the out tensors. Mutable args that are views of a larger base
-    are left alone (a near miss), since rewriting them needs view replay.
+    or, for ops tagged `out`, just the out tensors. Mutable args that are views of a base (vLLM's
+    RoPE writes q and k, two slices of one qkv buffer) are regenerated from a clone of the base
+    with the recorded view info, so the trace's functionalization scatters the writes exactly
+    where the op's would land; views with graph-computed geometry are left alone.
 Their `getitem` users are rerouted to the traced values; the trailing `copy_` into mutated graph
 inputs stays, reading the new values, so every value the caller sees is unchanged. Out buffers
 that are graph-internal allocations disappear: the trace writes `copy(clone(buf), value)`, which
@@ -160,45 +162,61 @@ def _plain_arg(node: fx.Node, idx: int, arg: Any) -> Any:
     return node.args[idx]
 
 
-def _v2_view_free_base(site: _Site, name: str) -> Any:
-    """The base node a v2 mutable arg is, or Reject if it is a real view of its base."""
+class _View:
+    """How a v2 mutable argument is regenerated from its base (auto_functionalize's ViewInfo)."""
+
+    def __init__(self, base_index: int, kind: str, params: tuple[Any, ...] = ()) -> None:
+        self.base_index, self.kind, self.params = base_index, kind, params
+
+    def regenerate(self, bases: list[torch.Tensor]) -> torch.Tensor:
+        base = bases[self.base_index]
+        if self.kind == "slice":
+            return aten.slice.Tensor(base, *self.params)
+        if self.kind == "as_strided":
+            return torch.as_strided(base, *self.params)
+        if self.kind == "alias":
+            return aten.alias.default(base)
+        return base
+
+
+def _v2_view(site: _Site, name: str) -> _View | None:
+    """The view info of a v2 mutable arg (None when the arg is None); Reject symbolic view params."""
     kw = site.node.kwargs
     idx = kw.get(f"_{name}_base_index")
     if idx is None:
         return None
-    for suffix in ("_size", "_stride", "_storage_offset", "_slice_dim", "_slice_start", "_slice_end"):
-        if f"_{name}{suffix}" in kw:
-            raise Reject(f"mutable argument {name} is a view of a larger tensor; not unwrapped")
-    return kw["_all_bases"][idx]
+    if f"_{name}_alias" in kw:
+        view = _View(idx, "alias")
+    elif f"_{name}_storage_offset" in kw:
+        view = _View(idx, "as_strided", (kw[f"_{name}_size"], kw[f"_{name}_stride"], kw[f"_{name}_storage_offset"]))
+    elif f"_{name}_slice_dim" in kw:
+        view = _View(idx, "slice", (kw[f"_{name}_slice_dim"], kw[f"_{name}_slice_start"], kw[f"_{name}_slice_end"]))
+    else:
+        view = _View(idx, "base")
+    flat = [p for q in view.params for p in (q if isinstance(q, (list, tuple)) else [q])]
+    if any(isinstance(p, fx.Node) for p in flat):
+        raise Reject(f"mutable argument {name} is a view with graph-computed geometry")
+    return view
 
 
-def _call_values(site: _Site) -> tuple[dict[str, Any], dict[str, int | None], bool]:
-    """(argument name -> graph value, v2 mutable name -> base index, is v2 out-form)."""
+def _call_values(site: _Site) -> tuple[dict[str, Any], bool]:
+    """(argument name -> graph value or view/out-buffer descriptor, is v2 out-form)."""
     node, schema = site.node, site.schema
     values: dict[str, Any] = {}
-    base_of: dict[str, int | None] = {}
     out_form = False
     if site.form == "plain":
         for i, a in enumerate(schema.arguments):
             values[a.name] = _plain_arg(node, i, a)
-        return values, base_of, out_form
+        return values, out_form
     kw = dict(node.kwargs)
     mutable = set(site.mutable_names)
     if site.form == "v2":
         out_form = all(f"_{n}_size" in kw and f"_{n}_base_index" not in kw for n in mutable) and bool(mutable)
         if not out_form:
-            seen: dict[int, str] = {}
             for n in mutable:
                 if f"_{n}_length" in kw:
                     raise Reject(f"mutable tensor-list argument {n} is not supported")
-                b = _v2_view_free_base(site, n)
-                idx = kw.get(f"_{n}_base_index")
-                if idx is not None and idx in seen:
-                    raise Reject(f"mutable arguments {seen[idx]} and {n} share one base")
-                if idx is not None:
-                    seen[idx] = n
-                base_of[n] = idx
-                values[n] = b
+                values[n] = ("__view__", _v2_view(site, n))
     for a in schema.arguments:
         if a.name in values:
             continue
@@ -210,7 +228,7 @@ def _call_values(site: _Site) -> tuple[dict[str, Any], dict[str, int | None], bo
             values[a.name] = a.default_value
         else:
             raise Reject(f"argument {a.name} missing")
-    return values, base_of, out_form
+    return values, out_form
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -239,15 +257,24 @@ def _device_of(node: fx.Node) -> str | None:
 
 
 def _build_trace(site: _Site, decomp: Decomposition, values: dict[str, Any], out_form: bool) -> tuple[Callable[..., Any], list[fx.Node]]:
-    """A function of the tensor inputs that runs decomp on private copies of the mutable args and
-    returns (op returns..., new values of the mutable args in schema order)."""
+    """A function of the tensor inputs that runs decomp on private copies of the mutable args.
+
+    It returns (op returns..., new values): for v2 the new value of every `_all_bases` entry
+    (mutable args are regenerated as views of cloned bases, so writes through slices or shared
+    bases land where the op's would); otherwise the new value of each non-None mutable arg.
+    """
     schema = site.schema
     mutable = site.mutable_names
-    inputs: list[fx.Node] = []
+    bases: list[fx.Node] = list(site.node.kwargs.get("_all_bases", ())) if site.form == "v2" and not out_form else []
+    if not all(isinstance(b, fx.Node) and isinstance(val(b), torch.Tensor) for b in bases):
+        raise Reject("a mutated base is not a tensor in the graph")
+    inputs: list[fx.Node] = list(bases)
     plan: list[tuple[str, Any]] = []  # (kind, payload) per schema argument
     for a in schema.arguments:
         v = values[a.name]
-        if isinstance(v, fx.Node):
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "__view__":
+            plan.append(("view", v[1]))
+        elif isinstance(v, fx.Node):
             if not isinstance(val(v), torch.Tensor):
                 raise Reject(f"argument {a.name} is a symbolic/graph scalar, not a constant")
             plan.append(("tensor", len(inputs)))
@@ -267,9 +294,15 @@ def _build_trace(site: _Site, decomp: Decomposition, values: dict[str, Any], out
     n_ret = len(schema.returns)
 
     def traced(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        new_bases = [b.clone() for b in flat[: len(bases)]]
+        for b, nb in zip(flat, new_bases):
+            if nb.stride() != b.stride():
+                raise Reject("a mutated base is not dense; its clone would change strides")
         args: dict[str, Any] = {}
         for a, (kind, p) in zip(schema.arguments, plan):
-            if kind == "tensor":
+            if kind == "view":
+                args[a.name] = None if p is None else p.regenerate(new_bases)
+            elif kind == "tensor":
                 args[a.name] = flat[p]
             elif kind == "list":
                 args[a.name] = list(flat[p[0] : p[0] + p[1]])
@@ -279,7 +312,7 @@ def _build_trace(site: _Site, decomp: Decomposition, values: dict[str, Any], out
             else:
                 args[a.name] = p
         for n in mutable:
-            if isinstance(args[n], torch.Tensor) and plan[_arg_index(schema, n)][0] != "empty":
+            if isinstance(args[n], torch.Tensor) and plan[_arg_index(schema, n)][0] not in ("empty", "view"):
                 args[n] = args[n].clone()  # the op's writes land in a private copy
         pos = [args[a.name] for a in schema.arguments if not a.kwarg_only]
         kwo = {a.name: args[a.name] for a in schema.arguments if a.kwarg_only}
@@ -292,6 +325,8 @@ def _build_trace(site: _Site, decomp: Decomposition, values: dict[str, Any], out
             rets = list(ret)
         if len(rets) != n_ret or not all(isinstance(r, torch.Tensor) for r in rets):
             raise Reject(f"decomposition returned {type(ret).__name__}, the schema returns {n_ret} tensor(s)")
+        if bases:
+            return (*rets, *new_bases)
         return (*rets, *[args[n] for n in mutable if isinstance(args[n], torch.Tensor)])
 
     return traced, inputs
@@ -374,7 +409,7 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
     n_ret = len(schema.returns)
     if not all(isinstance(r.type, torch.TensorType) for r in schema.returns):
         raise Reject("op returns something other than plain tensors")
-    values, base_of, out_form = _call_values(site)
+    values, out_form = _call_values(site)
     if site.form == "plain":
         if n_ret == 0:
             raise Reject("functional op without returns")
@@ -384,6 +419,12 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
         by_index = _users_by_index(node) if n_out > 1 else {}
     else:
         by_index = _users_by_index(node)
+    if site.form in ("v1", "v2") and not out_form and by_index:
+        n_new = len(site.mutable_names) if site.form == "v1" else len(site.node.kwargs.get("_all_bases", ()))
+        offset = n_ret if n_ret > 1 else 1
+        bad = [i for i in by_index if not (i < n_ret or offset <= i < offset + n_new)]
+        if bad:
+            raise Reject(f"{node.name} output(s) {bad} do not map to an op output or mutated value")
     fn, inputs = _build_trace(site, decomp, values, out_form)
     try:
         gm = trace_aten(fn, [val(i) for i in inputs], functionalize=True, decomposition_table=_decomp_table())
@@ -425,16 +466,16 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
     else:
         offset = n_ret if n_ret > 1 else 1
         if site.form == "v1":
-            slot = {offset + k: name for k, name in enumerate(site.mutable_names)}
+            slot = {offset + k: new_of.get(name) for k, name in enumerate(site.mutable_names)}
         else:
-            slot = {offset + idx: name for name, idx in base_of.items() if idx is not None}
+            slot = {offset + k: m for k, m in enumerate(muts)}  # one output per _all_bases entry
         for i, us in by_index.items():
             if i < n_ret:
                 new = rets[i]
-            elif i in slot and slot[i] in new_of:
-                new = new_of[slot[i]]
+            elif slot.get(i) is not None:
+                new = slot[i]
             else:
-                raise Reject(f"output {i} of {node.name} has no known source")  # nothing replaced yet
+                raise RuntimeError(f"output {i} of {node.name} has no traced value")
             for u in us:
                 u.replace_all_uses_with(new)
                 graph.erase_node(u)
