@@ -514,7 +514,7 @@ def assert_fused(
 # ----------------------------------------------------------------------------- save / load / reapply
 
 
-def _enc(a: Any, strict_names: set[str]) -> Any:
+def _enc(a: Any) -> Any:
     if isinstance(a, fx.Node):
         return {"node": a.name}
     if a is None or isinstance(a, (bool, int, str)):
@@ -522,11 +522,11 @@ def _enc(a: Any, strict_names: set[str]) -> Any:
     if isinstance(a, float):
         return a if math.isfinite(a) else {"float": repr(a)}
     if isinstance(a, list):
-        return [_enc(x, strict_names) for x in a]
+        return [_enc(x) for x in a]
     if isinstance(a, tuple):
-        return {"tuple": [_enc(x, strict_names) for x in a]}
+        return {"tuple": [_enc(x) for x in a]}
     if isinstance(a, dict):
-        return {"dict": [[k, _enc(v, strict_names)] for k, v in a.items()]}
+        return {"dict": [[k, _enc(v)] for k, v in a.items()]}
     if isinstance(a, torch.dtype):
         return {"dtype": str(a).replace("torch.", "")}
     if isinstance(a, torch.device):
@@ -536,7 +536,7 @@ def _enc(a: Any, strict_names: set[str]) -> Any:
     if isinstance(a, torch.memory_format):
         return {"memory_format": str(a).replace("torch.", "")}
     if isinstance(a, slice):
-        return {"slice": [_enc(a.start, strict_names), _enc(a.stop, strict_names), _enc(a.step, strict_names)]}
+        return {"slice": [_enc(a.start), _enc(a.stop), _enc(a.step)]}
     raise TypeError(f"cannot serialize argument {a!r} of type {type(a).__name__}")
 
 
@@ -673,8 +673,8 @@ def save_graph(path: str | os.PathLike[str], graph: fx.Graph | fx.GraphModule) -
         elif n.op != "output":
             raise TypeError(f"cannot serialize {n.op} node {n.name}")
         if n.op != "placeholder":
-            d["args"] = _enc(list(n.args), set())
-            d["kwargs"] = _enc(dict(n.kwargs), set())
+            d["args"] = _enc(list(n.args))
+            d["kwargs"] = _enc(dict(n.kwargs))
         if n.meta.get("stack_trace"):
             d["stack_trace"] = n.meta["stack_trace"]
         nodes.append(d)
