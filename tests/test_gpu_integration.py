@@ -93,24 +93,15 @@ def test_gating_default_is_safe():
     assert not dequant_close(tuple(out), tuple(ref))
 
 
-def test_aot_inductor(tmp_path):
-    fn = make_model("hf", "token", residual=True)
+def test_aot_inductor():
+    """Run in a subprocess: an AOTInductor load failure must not take the rest of the suite down."""
+    import pathlib
+    import subprocess
+    import sys
 
-    class M(torch.nn.Module):
-        def forward(self, x, res, w, scale):
-            return fn(x, res, w, scale)
-
-    args = make_inputs(32, 2048, torch.bfloat16, device="cuda", seed=14)
-    fxfuse.counters.clear()
-    with torch.no_grad():
-        ep = torch.export.export(M(), args)
-        path = torch._inductor.aoti_compile_and_package(
-            ep,
-            package_path=str(tmp_path / "m.pt2"),
-            inductor_configs={"post_grad_custom_pre_pass": UNGATED},
-        )
-        runner = torch._inductor.aoti_load_package(path)
-        out = runner(*args)
-        ref = fn(*args)
-    assert fxfuse.counters["rmsnorm_quant"] == 1
-    assert not dequant_close(tuple(out), tuple(ref))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "aoti_check.py"), "fxfuse", "cuda"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
