@@ -331,6 +331,7 @@ def test_unwrap_off_leaves_everything():
 def test_register_forms_and_digest():
     qual = f"{NS}::mystery"
     d0 = unwrap_mod.registry_digest()
+    u0 = fxfuse.passes.uuid()
 
     def mystery_decomp(out, x):
         out.copy_(x * 3)
@@ -340,13 +341,22 @@ def test_register_forms_and_digest():
         try:
             assert unwrap_mod.lookup(ops.mystery.default) is mystery_decomp
             assert unwrap_mod.registry_digest() != d0  # the FX cache key sees registrations
-            assert fxfuse.passes.uuid() != d0
+            assert fxfuse.passes.uuid() != u0
         finally:
             unwrap_mod.unregister_unwrap(form)
         assert unwrap_mod.lookup(ops.mystery.default) is None
-    assert unwrap_mod.registry_digest() == d0
+    assert unwrap_mod.registry_digest() == d0 and fxfuse.passes.uuid() == u0
     with pytest.raises(ValueError):
         fxfuse.register_unwrap("no_namespace", mystery_decomp)
+
+
+_lib2 = torch.library.Library(NS + "_other", "DEF")
+_lib2.define("rms_norm(Tensor input, Tensor weight, float epsilon) -> Tensor")  # same name, other schema
+
+
+def test_builtin_needs_matching_schema():
+    assert unwrap_builtin.register_builtins({"_C": NS + "_other", "_moe_C": NS + "_other"}) == []
+    assert unwrap_mod.lookup(getattr(torch.ops, NS + "_other").rms_norm.default) is None
 
 
 def test_user_registration_and_untraceable_decomposition(caplog):
@@ -465,3 +475,19 @@ def test_auto_mode(mode, caplog):
     torch.testing.assert_close(out[0].float(), ref[0].float(), rtol=0.07, atol=1e-2)
     torch.testing.assert_close(out[1], ref[1])
     torch.testing.assert_close(out[2], ref[2])
+
+
+def test_per_token_quant_with_scale_ub():
+    def fn(x, ub):
+        q = torch.empty(x.shape, dtype=FP8)
+        s = torch.empty(x.shape[0], 1)
+        ops.dynamic_per_token_scaled_fp8_quant(q, x, s, ub)
+        return q, s
+
+    x = torch.randn(6, H, dtype=torch.bfloat16) * 4
+    ub = torch.tensor([2.0])  # below most row maxima: clamps the row max before / 448
+    ref = fn(x, ub)
+    out, graph = compile_run(fn, [x, ub])
+    assert fxfuse.counters["unwrap"] == 1 and NS not in graph
+    torch.testing.assert_close(out[1], ref[1])
+    torch.testing.assert_close(out[0].float(), ref[0].float())
