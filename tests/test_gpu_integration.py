@@ -94,14 +94,24 @@ def test_gating_default_is_safe():
 
 
 def test_aot_inductor():
-    """Run in a subprocess: an AOTInductor load failure must not take the rest of the suite down."""
+    """AOTInductor package with fxfuse: compiled, loaded and correct. Each variant runs in a
+    subprocess so a crash in AOTInductor itself cannot take the suite down; if the stock model
+    (no fxfuse) also crashes, the environment is at fault and the test skips, saying so."""
     import pathlib
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    r = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "aoti_check.py"), "fxfuse", "cuda"],
-        cwd=root, capture_output=True, text=True, timeout=600,
-    )
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(root / "benchmarks" / "aoti_check.py"), mode, "cuda"],
+            cwd=root, capture_output=True, text=True, timeout=600,
+        )
+
+    r = run("fxfuse")
+    if r.returncode != 0:
+        base = run("stock")
+        if base.returncode != 0:
+            pytest.skip(f"AOTInductor fails without fxfuse too (rc={base.returncode}): {base.stdout[-300:]}")
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
