@@ -198,3 +198,24 @@ def test_noncontiguous_input_rejected():
     assert fxfuse.counters["rmsnorm_quant"] == 0
     assert any("not contiguous" in m.reason for m in fxfuse.report().near_misses)
     assert_identical(tuple(out), ref)
+
+
+def test_export_metadata_asserts_do_not_block_fusion():
+    """torch.export graphs (AOTInductor) carry aten._assert_tensor_metadata on intermediates."""
+    from fxfuse.patterns.rmsnorm_quant import match_norm, match_quant
+    from fxfuse.patterns.normalize import PASS as normalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fn = make_model("hf", "token", residual=True)
+    args = make_inputs(4, 128, torch.bfloat16, seed=9)
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    g = gm.graph
+    rsqrt = next(n for n in g.nodes if n.target is aten.rsqrt.default)
+    y = next(n for n in g.nodes if n.target is aten.mul.Tensor and n.args[0].op == "placeholder")
+    with g.inserting_after(y):
+        g.call_function(aten._assert_tensor_metadata.default, (y, None, None, torch.bfloat16))
+    with pytest.raises(Exception, match="used outside"):
+        match_quant(match_norm(rsqrt))
+    normalize(g, None)
+    assert not any(n.target is aten._assert_tensor_metadata.default for n in g.nodes)
+    match_quant(match_norm(rsqrt))  # no longer blocked

@@ -2,6 +2,9 @@
 
 Only rewrites that are exact identities: `aten.view` -> `aten.reshape`, reshapes to the same
 shape, converts to the dtype a tensor already has, and lossless round trips (bf16 -> fp32 -> bf16).
+Also drops `aten._assert_tensor_metadata` (emitted by torch.export, so AOTInductor graphs carry
+them on intermediates): Inductor's own post-grad `remove_assert_ops` drops them later anyway, and
+left in place they would count as outside users of every intermediate and block fusion.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class Normalize:
 
     def __call__(self, graph: fx.Graph, ctx: object) -> None:
         for node in list(graph.nodes):
+            if is_op(node, aten._assert_tensor_metadata.default) and not node.users:
+                graph.erase_node(node)
+                continue
             if is_op(node, aten.view.default):
                 node.target = aten.reshape.default
             if is_op(node, aten.reshape.default, aten.view.default):
