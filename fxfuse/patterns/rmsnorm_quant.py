@@ -43,10 +43,21 @@ NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 MAX_HIDDEN = 65536  # one row per program, whole row in registers
 
-# scale-chain op codes (must match fxfuse.kernels.rmsnorm_quant)
-S_MUL, S_DIV, S_RDIV, S_CLAMP_MIN, S_CLAMP_MAX, S_RECIP, S_ROUND_BF16, S_ROUND_F16 = range(8)
-MAX_SCALE_OPS = 4
-STATIC, PER_TOKEN, PER_GROUP = 0, 1, 2
+# the op's interface codes (scale-chain ops, schemes) come from the kernel module, one definition
+from ..kernels.rmsnorm_quant import (  # noqa: E402
+    MAX_SCALE_OPS,
+    SCALE_CLAMP_MAX as S_CLAMP_MAX,
+    SCALE_CLAMP_MIN as S_CLAMP_MIN,
+    SCALE_DIV as S_DIV,
+    SCALE_MUL as S_MUL,
+    SCALE_RDIV as S_RDIV,
+    SCALE_RECIP as S_RECIP,
+    SCALE_ROUND_BF16 as S_ROUND_BF16,
+    SCALE_ROUND_F16 as S_ROUND_F16,
+    SCHEME_PER_GROUP as PER_GROUP,
+    SCHEME_PER_TOKEN as PER_TOKEN,
+    SCHEME_STATIC as STATIC,
+)
 SCHEME_NAMES = {STATIC: "static", PER_TOKEN: "per-token", PER_GROUP: "per-group"}
 
 
