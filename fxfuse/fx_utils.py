@@ -100,10 +100,6 @@ def other_arg(node: fx.Node, known: Any) -> Any:
     raise Reject(f"{node.name} does not read {_name(known)}")
 
 
-def users_outside(node: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
-    return [u for u in node.users if u not in region]
-
-
 def depends_on_any(node: Any, targets: set[fx.Node], limit: int = 2000) -> bool:
     """True if `node` (transitively) reads any of `targets`. Bounded, conservative (True on limit)."""
     if not isinstance(node, fx.Node):
@@ -195,24 +191,6 @@ def insert_traced(
     vals = [tval(n) for n in inputs]
     gm = trace_aten(fn, vals, functionalize=functionalize)
     return inline_graph(graph, gm, inputs, before)
-
-
-def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
-    """Point every user of `old` at `new` (metadata of `new` stays as traced)."""
-    old.replace_all_uses_with(new)
-
-
-def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
-    """Erase the given nodes once unused, consumers first."""
-    pending = [n for n in nodes if n.graph is graph]
-    changed = True
-    while changed:
-        changed = False
-        for n in list(pending):
-            if not n.users:
-                graph.erase_node(n)
-                pending.remove(n)
-                changed = True
 
 
 def stable_toposort(graph: fx.Graph) -> None:

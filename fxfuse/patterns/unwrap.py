@@ -446,23 +446,20 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
     present = [n for n in site.mutable_names if values.get(n) is not None]
     new_of = dict(zip(present, muts))
 
+    def reroute(values_out: list[fx.Node]) -> None:
+        """Point the node's users (itself if single-valued, else its getitems) at the new values."""
+        if len(values_out) == 1:
+            node.replace_all_uses_with(values_out[0])
+            return
+        for i, us in by_index.items():
+            for u in us:
+                u.replace_all_uses_with(values_out[i])
+                graph.erase_node(u)
+
     if site.form == "plain":
-        if n_ret == 1:
-            node.replace_all_uses_with(rets[0])
-        else:
-            for i, us in by_index.items():
-                for u in us:
-                    u.replace_all_uses_with(rets[i])
-                    graph.erase_node(u)
+        reroute(rets)
     elif out_form:
-        outs_new = [new_of[n] for n in site.mutable_names]
-        if len(outs_new) == 1:
-            node.replace_all_uses_with(outs_new[0])
-        else:
-            for i, us in by_index.items():
-                for u in us:
-                    u.replace_all_uses_with(outs_new[i])
-                    graph.erase_node(u)
+        reroute([new_of[n] for n in site.mutable_names])
     else:
         offset = n_ret if n_ret > 1 else 1
         if site.form == "v1":
