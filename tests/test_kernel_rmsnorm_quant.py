@@ -35,7 +35,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fxfuse.kernels import rmsnorm_quant as K  # noqa: E402
-from fxfuse.kernels.rmsnorm_quant import _rint, _round_e4m3, _round_to  # noqa: E402
+from fxfuse.kernels.quant_common import rint as _rint, round_e4m3 as _round_e4m3, round_to as _round_to  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 I8 = torch.int8

@@ -39,6 +39,26 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: part of this op's interface)
+    MAX_SCALE_OPS,
+    SCALE_CLAMP_MAX,
+    SCALE_CLAMP_MIN,
+    SCALE_DIV,
+    SCALE_MUL,
+    SCALE_NOP as _SCALE_NOP,
+    SCALE_RDIV,
+    SCALE_RECIP,
+    SCALE_ROUND_BF16,
+    SCALE_ROUND_F16,
+    SCHEME_PER_GROUP,
+    SCHEME_PER_TOKEN,
+    SCHEME_STATIC,
+    quantize as _quantize,
+    quantize_reference,
+    round_to as _round_to,
+    scale_chain as _scale_chain,
+)
+
 __all__ = [
     "SCHEME_STATIC",
     "SCHEME_PER_TOKEN",
@@ -61,23 +81,8 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------
-# Public constants
+# Dtypes (scheme and scale-op codes live in quant_common)
 # ----------------------------------------------------------------------------
-SCHEME_STATIC = 0
-SCHEME_PER_TOKEN = 1
-SCHEME_PER_GROUP = 2
-
-SCALE_MUL = 0  # s * c
-SCALE_DIV = 1  # s / c
-SCALE_RDIV = 2  # c / s
-SCALE_CLAMP_MIN = 3  # max(s, c)
-SCALE_CLAMP_MAX = 4  # min(s, c)
-SCALE_RECIP = 5  # 1 / s
-SCALE_ROUND_BF16 = 6  # s -> bf16 -> f32
-SCALE_ROUND_F16 = 7  # s -> f16 -> f32
-_SCALE_NOP = -1  # padding for unused slots (kernel only)
-MAX_SCALE_OPS = 4
-
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
@@ -165,28 +170,6 @@ def check_args(
 # ----------------------------------------------------------------------------
 
 
-def _apply_scale_op_ref(s: torch.Tensor, op: int, c: float) -> torch.Tensor:
-    """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel)."""
-    ct = torch.tensor(c, dtype=torch.float32, device=s.device)
-    if op == SCALE_MUL:
-        return s * ct
-    if op == SCALE_DIV:
-        return s / ct
-    if op == SCALE_RDIV:
-        return ct / s
-    if op == SCALE_CLAMP_MIN:
-        return torch.clamp(s, min=ct)
-    if op == SCALE_CLAMP_MAX:
-        return torch.clamp(s, max=ct)
-    if op == SCALE_RECIP:
-        return torch.ones_like(s) / s
-    if op == SCALE_ROUND_BF16:
-        return s.to(torch.bfloat16).to(torch.float32)
-    if op == SCALE_ROUND_F16:
-        return s.to(torch.float16).to(torch.float32)
-    raise ValueError(f"rms_norm_quant: unknown scale op code {op}")
-
-
 def rms_norm_quant_reference(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -231,35 +214,8 @@ def rms_norm_quant_reference(
         n = n * w
     y = n.to(norm_dtype).to(f32)
 
-    if scheme == SCHEME_STATIC:
-        if scale is not None:
-            base = scale.reshape(()).to(f32)
-        else:
-            base = torch.tensor(static_scale_value, dtype=f32, device=x.device)
-    elif scheme == SCHEME_PER_TOKEN:
-        base = y.abs().amax(dim=-1)  # [M]
-    else:
-        base = y.reshape(M, H // group_size, group_size).abs().amax(dim=-1)  # [M, G]
-    s = base
-    for op, c in zip(scale_ops, scale_consts):
-        s = _apply_scale_op_ref(s, int(op), float(c))
-
-    if scheme == SCHEME_STATIC:
-        s_b = s
-    elif scheme == SCHEME_PER_TOKEN:
-        s_b = s[:, None]
-    else:
-        s_b = s[:, :, None].expand(M, H // group_size, group_size).reshape(M, H)
-    q = y * s_b if quant_mul else y / s_b
-    if round_to_int:
-        q = torch.round(q)
-    q = torch.clamp(q, min=torch.tensor(qmin, dtype=f32, device=x.device),
-                    max=torch.tensor(qmax, dtype=f32, device=x.device)).to(quant_dtype)
-
-    if scheme == SCHEME_STATIC:
-        scales = s.reshape(1).to(f32).clone()
-    else:
-        scales = s.to(f32).contiguous()
+    q, scales = quantize_reference(y, scheme, group_size, scale, static_scale_value, scale_ops,
+                                   scale_consts, quant_mul, qmin, qmax, round_to_int, quant_dtype)
     if need_residual_out:
         h_out = h.clone() if residual is not None else x.clone()
         h_out = h_out.contiguous()
@@ -271,73 +227,6 @@ def rms_norm_quant_reference(
 # ----------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_to(v, DT: tl.constexpr, NATIVE: tl.constexpr = False):
-    """Round fp32 `v` to dtype code DT (0 f32, 1 bf16, 2 f16) and return fp32.
-
-    Compiled (NATIVE) uses the hardware RNE cast. Under TRITON_INTERPRET the fp32->bf16 cast is
-    not RNE, so there bf16 rounding is done on the bit pattern.
-    """
-    if DT == 1 and NATIVE:
-        r = v.to(tl.bfloat16).to(tl.float32)
-    elif DT == 1:
-        b = v.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        r = tl.where(v != v, v, b.to(tl.float32, bitcast=True))
-    elif DT == 2:
-        r = v.to(tl.float16).to(tl.float32)
-    else:
-        r = v
-    return r
-
-
-@triton.jit
-def _round_e4m3(v):
-    """RNE of fp32 `v` (|v| <= 448) onto the float8_e4m3fn grid, result in fp32.
-
-    (a + 2^23*ulp) - 2^23*ulp rounds |v| to a multiple of its e4m3 ulp with the FPU's
-    ties-to-even; the final cast to fp8 is then exact on hardware and in the interpreter.
-    """
-    a = tl.abs(v)
-    e = ((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
-    e = tl.maximum(e, 121) - 3  # min normal exponent 2^-6 (biased 121); ulp = 2^(e-3)
-    ulp = (e << 23).to(tl.float32, bitcast=True)
-    magic = ulp * 8388608.0
-    r = (a + magic) - magic
-    return tl.where(v < 0, -r, r)
-
-
-@triton.jit
-def _rint(v):
-    """Round half to even for fp32, portable (no libdevice): exact for all |v| < 2^23."""
-    a = tl.abs(v)
-    r = (a + 8388608.0) - 8388608.0
-    r = tl.where(a < 8388608.0, r, a)
-    return tl.where(v < 0, -r, r)
-
-
-@triton.jit
-def _scale_op(s, OP: tl.constexpr, c):
-    """One step of the scale chain; OP is constexpr so dead steps vanish."""
-    if OP == 0:
-        s = s * c
-    elif OP == 1:
-        s = tl.math.div_rn(s, c + tl.zeros_like(s))
-    elif OP == 2:
-        s = tl.math.div_rn(c + tl.zeros_like(s), s)
-    elif OP == 3:
-        s = tl.maximum(s, c)
-    elif OP == 4:
-        s = tl.minimum(s, c)
-    elif OP == 5:
-        s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    elif OP == 6:
-        s = _round_to(s, 1)
-    elif OP == 7:
-        s = _round_to(s, 2)
-    return s
 
 
 @triton.jit
@@ -407,10 +296,7 @@ def _rms_norm_quant_kernel(
             s = static_scale_value + 0.0
     else:
         s = tl.max(tl.abs(y), axis=1)  # [BLOCK_R]: one amax per group (or per row)
-    s = _scale_op(s, OP0, c0)
-    s = _scale_op(s, OP1, c1)
-    s = _scale_op(s, OP2, c2)
-    s = _scale_op(s, OP3, c3)
+    s = _scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
 
     if SCHEME == 0:
         sb = s + tl.zeros_like(y)
@@ -420,22 +306,7 @@ def _rms_norm_quant_kernel(
         sb = s[:, None] + tl.zeros_like(y)
         tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
 
-    if QUANT_MUL:
-        qv = y * sb
-    elif NATIVE:
-        qv = y / sb  # per element: fast division, as Inductor emits (per-row math stays exact)
-    else:
-        qv = tl.math.div_rn(y, sb)
-    if ROUND_INT:
-        qv = _rint(qv)
-    qv = tl.minimum(tl.maximum(qv, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
-                    propagate_nan=tl.PropagateNan.ALL)
-    if Q_INT8:
-        qo = qv.to(tl.int8)
-    elif NATIVE:
-        qo = qv.to(tl.float8e4nv)  # hardware RNE (cvt.rn.satfinite), input already clamped
-    else:
-        qo = _round_e4m3(qv).to(tl.float8e4nv)
+    qo = _quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
     tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
 
 

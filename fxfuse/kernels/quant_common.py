@@ -1,0 +1,196 @@
+"""Quantization epilogue shared by every fused kernel: scheme and scale-op codes, the Triton
+rounding/scale helpers, and their pure-torch reference.
+
+One definition, so that RMSNorm+quant, SiLU-mul+quant and RoPE+quant round and scale the same
+bits the same way, and the pattern modules take the op codes from here. Knows nothing about FX.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SCHEME_STATIC = 0
+SCHEME_PER_TOKEN = 1
+SCHEME_PER_GROUP = 2
+
+SCALE_MUL = 0  # s * c
+SCALE_DIV = 1  # s / c
+SCALE_RDIV = 2  # c / s
+SCALE_CLAMP_MIN = 3  # max(s, c)
+SCALE_CLAMP_MAX = 4  # min(s, c)
+SCALE_RECIP = 5  # 1 / s
+SCALE_ROUND_BF16 = 6  # s -> bf16 -> f32
+SCALE_ROUND_F16 = 7  # s -> f16 -> f32
+SCALE_NOP = -1  # padding for unused slots (kernel only)
+MAX_SCALE_OPS = 4
+
+
+def apply_scale_op_ref(s: torch.Tensor, op: int, c: float) -> torch.Tensor:
+    """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel)."""
+    ct = torch.tensor(c, dtype=torch.float32, device=s.device)
+    if op == SCALE_MUL:
+        return s * ct
+    if op == SCALE_DIV:
+        return s / ct
+    if op == SCALE_RDIV:
+        return ct / s
+    if op == SCALE_CLAMP_MIN:
+        return torch.clamp(s, min=ct)
+    if op == SCALE_CLAMP_MAX:
+        return torch.clamp(s, max=ct)
+    if op == SCALE_RECIP:
+        return torch.ones_like(s) / s
+    if op == SCALE_ROUND_BF16:
+        return s.to(torch.bfloat16).to(torch.float32)
+    if op == SCALE_ROUND_F16:
+        return s.to(torch.float16).to(torch.float32)
+    raise ValueError(f"quant: unknown scale op code {op}")
+
+
+@triton.jit
+def round_to(v, DT: tl.constexpr, NATIVE: tl.constexpr = False):
+    """Round fp32 `v` to dtype code DT (0 f32, 1 bf16, 2 f16) and return fp32.
+
+    Compiled (NATIVE) uses the hardware RNE cast. Under TRITON_INTERPRET the fp32->bf16 cast is
+    not RNE, so there bf16 rounding is done on the bit pattern.
+    """
+    if DT == 1 and NATIVE:
+        r = v.to(tl.bfloat16).to(tl.float32)
+    elif DT == 1:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        r = tl.where(v != v, v, b.to(tl.float32, bitcast=True))
+    elif DT == 2:
+        r = v.to(tl.float16).to(tl.float32)
+    else:
+        r = v
+    return r
+
+
+@triton.jit
+def round_e4m3(v):
+    """RNE of fp32 `v` (|v| <= 448) onto the float8_e4m3fn grid, result in fp32.
+
+    (a + 2^23*ulp) - 2^23*ulp rounds |v| to a multiple of its e4m3 ulp with the FPU's
+    ties-to-even; the final cast to fp8 is then exact on hardware and in the interpreter.
+    """
+    a = tl.abs(v)
+    e = ((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    e = tl.maximum(e, 121) - 3  # min normal exponent 2^-6 (biased 121); ulp = 2^(e-3)
+    ulp = (e << 23).to(tl.float32, bitcast=True)
+    magic = ulp * 8388608.0
+    r = (a + magic) - magic
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def rint(v):
+    """Round half to even for fp32, portable (no libdevice): exact for all |v| < 2^23."""
+    a = tl.abs(v)
+    r = (a + 8388608.0) - 8388608.0
+    r = tl.where(a < 8388608.0, r, a)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def scale_op(s, OP: tl.constexpr, c):
+    """One step of the scale chain; OP is constexpr so dead steps vanish."""
+    if OP == 0:
+        s = s * c
+    elif OP == 1:
+        s = tl.math.div_rn(s, c + tl.zeros_like(s))
+    elif OP == 2:
+        s = tl.math.div_rn(c + tl.zeros_like(s), s)
+    elif OP == 3:
+        s = tl.maximum(s, c)
+    elif OP == 4:
+        s = tl.minimum(s, c)
+    elif OP == 5:
+        s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    elif OP == 6:
+        s = round_to(s, 1)
+    elif OP == 7:
+        s = round_to(s, 2)
+    return s
+
+
+
+
+@triton.jit
+def scale_chain(s, c0, c1, c2, c3, OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr,
+                OP3: tl.constexpr):
+    """The captured amax -> scale op chain (up to MAX_SCALE_OPS steps; SCALE_NOP pads)."""
+    s = scale_op(s, OP0, c0)
+    s = scale_op(s, OP1, c1)
+    s = scale_op(s, OP2, c2)
+    s = scale_op(s, OP3, c3)
+    return s
+
+
+@triton.jit
+def quantize(y, sb, qmin, qmax, QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr,
+             Q_INT8: tl.constexpr, NATIVE: tl.constexpr):
+    """y / sb (or y * sb), optional round-half-even, clamp (NaN kept), cast to int8 / fp8 e4m3."""
+    if QUANT_MUL:
+        qv = y * sb
+    elif NATIVE:
+        qv = y / sb  # per element: fast division, as Inductor emits (per-row math stays exact)
+    else:
+        qv = tl.math.div_rn(y, sb)
+    if ROUND_INT:
+        qv = rint(qv)
+    qv = tl.minimum(tl.maximum(qv, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                    propagate_nan=tl.PropagateNan.ALL)
+    if Q_INT8:
+        qo = qv.to(tl.int8)
+    elif NATIVE:
+        qo = qv.to(tl.float8e4nv)  # hardware RNE (cvt.rn.satfinite), input already clamped
+    else:
+        qo = round_e4m3(qv).to(tl.float8e4nv)
+    return qo
+
+
+def quantize_reference(
+    y: torch.Tensor,
+    scheme: int,
+    group_size: int,
+    scale: torch.Tensor | None,
+    static_scale_value: float,
+    scale_ops: "list[int] | tuple[int, ...]",
+    scale_consts: "list[float] | tuple[float, ...]",
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+    quant_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch quant of an fp32 [M, H] tensor -> (q [M, H], scales [1] | [M] | [M, H/g])."""
+    f32 = torch.float32
+    M, H = y.shape
+    if scheme == SCHEME_STATIC:
+        if scale is not None:
+            base = scale.reshape(()).to(f32)
+        else:
+            base = torch.tensor(static_scale_value, dtype=f32, device=y.device)
+    elif scheme == SCHEME_PER_TOKEN:
+        base = y.abs().amax(dim=-1)  # [M]
+    else:
+        base = y.reshape(M, H // group_size, group_size).abs().amax(dim=-1)  # [M, G]
+    s = base
+    for op, c in zip(scale_ops, scale_consts):
+        s = apply_scale_op_ref(s, int(op), float(c))
+    if scheme == SCHEME_STATIC:
+        s_b = s
+    elif scheme == SCHEME_PER_TOKEN:
+        s_b = s[:, None]
+    else:
+        s_b = s[:, :, None].expand(M, H // group_size, group_size).reshape(M, H)
+    q = y * s_b if quant_mul else y / s_b
+    if round_to_int:
+        q = torch.round(q)
+    q = torch.clamp(q, min=torch.tensor(qmin, dtype=f32, device=y.device),
+                    max=torch.tensor(qmax, dtype=f32, device=y.device)).to(quant_dtype)
+    scales = s.reshape(1).to(f32).clone() if scheme == SCHEME_STATIC else s.to(f32).contiguous()
+    return q, scales

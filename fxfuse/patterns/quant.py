@@ -1,0 +1,316 @@
+"""Quantization matcher shared by every family: from a tensor `y`, find the quant that reads it.
+
+The same written forms follow an RMSNorm, a SiLU-and-mul or a RoPE: divide or multiply by a
+scale; clamp; round for int8; a static scale (tensor or literal), a per-token amax, or a
+per-group amax over `y.reshape(..., G, g)`. This module *captures* them (scheme, group size,
+the amax -> scale op chain, clamp bounds) into a `QuantMatch`; the family's own module matches
+what produces `y` and decides the rewrite. Op codes come from the kernel module, one definition.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from ..fx_utils import (
+    Reject,
+    aten,
+    convert_dtype,
+    depends_on_any,
+    is_convert,
+    is_last_dim_reduction,
+    is_op,
+    literal,
+    tval,
+)
+
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+# the op's interface codes (scale-chain ops, schemes) come from the kernel side, one definition
+from ..kernels.quant_common import (  # noqa: E402
+    MAX_SCALE_OPS,
+    SCALE_CLAMP_MAX as S_CLAMP_MAX,
+    SCALE_CLAMP_MIN as S_CLAMP_MIN,
+    SCALE_DIV as S_DIV,
+    SCALE_MUL as S_MUL,
+    SCALE_RDIV as S_RDIV,
+    SCALE_RECIP as S_RECIP,
+    SCALE_ROUND_BF16 as S_ROUND_BF16,
+    SCALE_ROUND_F16 as S_ROUND_F16,
+    SCHEME_PER_GROUP as PER_GROUP,
+    SCHEME_PER_TOKEN as PER_TOKEN,
+    SCHEME_STATIC as STATIC,
+)
+SCHEME_NAMES = {STATIC: "static", PER_TOKEN: "per-token", PER_GROUP: "per-group"}
+
+
+@dataclass
+class QuantMatch:
+    scheme: int
+    group_size: int
+    scale: fx.Node | None  # static scale tensor
+    static_value: float
+    scale_ops: list[int]
+    scale_consts: list[float]
+    quant_mul: bool
+    qmin: float
+    qmax: float
+    round_to_int: bool
+    qdtype: torch.dtype
+    sink: fx.Node  # the convert to the quant dtype
+    scale_out: fx.Node | None  # node holding the effective dynamic scale
+    nodes: set[fx.Node] = field(default_factory=set)
+
+
+def strip_f32_convert(node: Any) -> tuple[Any, fx.Node | None]:
+    """(source, convert node) if node is an upcast to fp32, else (node, None)."""
+    if is_convert(node) and convert_dtype(node) == torch.float32:
+        return node.args[0], node
+    return node, None
+
+
+_ROUND_OPS = {torch.bfloat16: S_ROUND_BF16, torch.float16: S_ROUND_F16}
+
+
+def find_sinks(y: fx.Node, depth: int = 8) -> list[fx.Node]:
+    """Converts to a quant dtype reachable from y through a few elementwise/reshape ops."""
+    out, frontier, seen = [], [y], {y}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if is_convert(u) and convert_dtype(u) in QUANT_DTYPES:
+                    out.append(u)
+                else:
+                    nxt.append(u)
+        frontier = nxt
+    return out
+
+
+def value_source(a: Any, y: fx.Node, nodes: set[fx.Node]) -> tuple[str, int]:
+    """Classify the tensor being quantized: ('row', 0) for y, ('group', g) for y viewed as groups."""
+    a, up = strip_f32_convert(a)
+    if up is not None:
+        nodes.add(up)
+    if a is y:
+        return "row", 0
+    if is_op(a, aten.reshape.default):
+        src, up2 = strip_f32_convert(a.args[0])
+        if src is y:
+            yv, av = tval(y), tval(a)
+            if av.dim() == yv.dim() + 1 and tuple(av.shape[:-2]) == tuple(yv.shape[:-1]):
+                g = av.shape[-1]
+                if isinstance(g, int) and g * av.shape[-2] == yv.shape[-1]:
+                    nodes.add(a)
+                    if up2 is not None:
+                        nodes.add(up2)
+                    return "group", g
+            raise Reject(f"quantized tensor is y reshaped to {tuple(av.shape)}, not [..., groups, group_size]")
+    raise Reject("quantization reads a different tensor than the normalized output")
+
+
+def scale_chain(s: Any, nodes: set[fx.Node], y: fx.Node) -> tuple[Any, list[int], list[float]]:
+    """Walk from the effective scale back to its base; return (base, ops, consts) in apply order."""
+    ops: list[tuple[int, float]] = []
+    cur = s
+    while isinstance(cur, fx.Node):
+        dt = tval(cur).dtype
+        rnd = _ROUND_OPS.get(dt)
+        step: tuple[int, float] | None = None
+        nxt: Any = None
+        if is_convert(cur):
+            src_dt = tval(cur.args[0]).dtype
+            if dt == torch.float32 and src_dt in (torch.bfloat16, torch.float16, torch.float32):
+                nxt = cur.args[0]  # exact upcast
+            elif dt in _ROUND_OPS:
+                step, nxt, rnd = (_ROUND_OPS[dt], 0.0), cur.args[0], None
+            else:
+                raise Reject(f"scale converted to {dt}")
+        elif is_op(cur, aten.mul.Tensor, aten.mul.Scalar):
+            a, b = cur.args
+            if literal(b) is not None:
+                step, nxt = (S_MUL, literal(b)), a
+            elif literal(a) is not None:
+                step, nxt = (S_MUL, literal(a)), b
+        elif is_op(cur, aten.div.Tensor, aten.div.Scalar) and not cur.kwargs:
+            a, b = cur.args
+            if literal(b) is not None:
+                step, nxt = (S_DIV, literal(b)), a
+            elif literal(a) is not None:
+                step, nxt = (S_RDIV, literal(a)), b
+        elif is_op(cur, aten.reciprocal.default):
+            step, nxt = (S_RECIP, 0.0), cur.args[0]
+        elif is_op(cur, aten.clamp_min.default) and literal(cur.args[1]) is not None:
+            step, nxt = (S_CLAMP_MIN, literal(cur.args[1])), cur.args[0]
+        elif is_op(cur, aten.clamp_max.default) and literal(cur.args[1]) is not None:
+            step, nxt = (S_CLAMP_MAX, literal(cur.args[1])), cur.args[0]
+        elif is_op(cur, aten.clamp.default):
+            lo = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("min")
+            hi = cur.args[2] if len(cur.args) > 2 else cur.kwargs.get("max")
+            if lo is not None and literal(lo) is None or hi is not None and literal(hi) is None:
+                raise Reject("scale clamp bounds are not constants")
+            pending = []
+            if lo is not None:
+                pending.append((S_CLAMP_MIN, literal(lo)))
+            if hi is not None:
+                pending.append((S_CLAMP_MAX, literal(hi)))
+            if rnd is not None:
+                ops.append((rnd, 0.0))
+            ops.extend(reversed(pending))
+            nodes.add(cur)
+            cur = cur.args[0]
+            continue
+        if nxt is None:
+            break  # reached the base
+        if rnd is not None:
+            ops.append((rnd, 0.0))
+        if step is not None:
+            ops.append(step)
+        nodes.add(cur)
+        cur = nxt
+    ops.reverse()
+    if len(ops) > MAX_SCALE_OPS:
+        raise Reject(f"scale is computed by {len(ops)} ops; at most {MAX_SCALE_OPS} supported")
+    return cur, [o for o, _ in ops], [c for _, c in ops]
+
+
+def amax_source(base: Any, nodes: set[fx.Node]) -> Any:
+    """If base is amax(|t|) (or max(|t|, dim).values) over the last dim with keepdim, return t."""
+    if is_op(base, aten.amax.default):
+        red = base
+    elif (
+        isinstance(base, fx.Node)
+        and base.target is operator.getitem
+        and base.args[1] == 0
+        and is_op(base.args[0], aten.max.dim)
+    ):
+        red = base.args[0]
+        if len(red.users) != 1:
+            raise Reject("max() indices are used")
+        nodes.add(base)
+    else:
+        return None
+    ab = red.args[0]
+    if not is_op(ab, aten.abs.default):
+        raise Reject("scale reduces max without abs()")
+    if not is_last_dim_reduction(red, tval(ab).dim()):
+        raise Reject("amax is not over the last dim with keepdim=True")
+    nodes.update({red, ab})
+    return ab.args[0]
+
+
+def match_quant(
+    y: fx.Node, owner: set[fx.Node], inputs: Mapping[fx.Node, str], what: str = "normalized output"
+) -> QuantMatch:
+    """Match the single quantization of `y`.
+
+    `owner` is the producer region (its nodes may use the quant's intermediates); `inputs` maps
+    the producer's own inputs to the reason given when the quant reads one of them instead of `y`;
+    `what` names `y` in reasons.
+    """
+    sinks = find_sinks(y)
+    if not sinks:
+        raise Reject(f"{what} is not quantized to fp8/int8")
+    if len(sinks) > 1:
+        raise Reject(f"{what} feeds several quantizations")
+    (sink,) = sinks
+    qdtype = convert_dtype(sink)
+    nodes: set[fx.Node] = {sink}
+    t = sink.args[0]
+    qmin, qmax = -math.inf, math.inf
+    while is_op(t, aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default):
+        if is_op(t, aten.clamp.default):
+            lo = t.args[1] if len(t.args) > 1 else t.kwargs.get("min")
+            hi = t.args[2] if len(t.args) > 2 else t.kwargs.get("max")
+        elif is_op(t, aten.clamp_min.default):
+            lo, hi = t.args[1], None
+        else:
+            lo, hi = None, t.args[1]
+        if lo is not None:
+            if literal(lo) is None:
+                raise Reject("quant clamp bound is not a constant")
+            qmin = max(qmin, literal(lo))
+        if hi is not None:
+            if literal(hi) is None:
+                raise Reject("quant clamp bound is not a constant")
+            qmax = min(qmax, literal(hi))
+        nodes.add(t)
+        t = t.args[0]
+    round_to_int = False
+    if is_op(t, aten.round.default):
+        round_to_int = True
+        nodes.add(t)
+        t = t.args[0]
+    if not is_op(t, aten.div.Tensor, aten.mul.Tensor) or t.kwargs:
+        raise Reject("quant does not divide or multiply by a scale")
+    if tval(t).dtype != torch.float32:
+        raise Reject(f"quant arithmetic in {tval(t).dtype}, not float32")
+    nodes.add(t)
+    quant_mul = is_op(t, aten.mul.Tensor)
+    a, s = t.args
+    if quant_mul and not depends_on_any(a, {y}):
+        a, s = s, a
+    if depends_on_any(s, {y}) is False and not isinstance(s, fx.Node) and literal(s) is None:
+        raise Reject("quant scale is neither a tensor nor a constant")
+    src0 = strip_f32_convert(a)[0]
+    if src0 in inputs:
+        raise Reject(inputs[src0])
+    kind, g = value_source(a, y, nodes)
+
+    scheme, static_value, scale_node, scale_out = STATIC, 1.0, None, None
+    ops: list[int] = []
+    consts: list[float] = []
+    if literal(s) is not None:
+        static_value = literal(s)
+    else:
+        if tval(s).dtype != torch.float32:
+            raise Reject(f"scale dtype {tval(s).dtype}, not float32")
+        chain_nodes: set[fx.Node] = set()
+        base, ops, consts = scale_chain(s, chain_nodes, y)
+        if depends_on_any(base, {y}):
+            src = amax_source(base, chain_nodes)
+            if src is None:
+                raise Reject(f"scale is derived from the tensor by an unsupported op ({getattr(base, 'name', base)})")
+            src_kind, src_g = value_source(src, y, chain_nodes)
+            if (src_kind, src_g) != (kind, g):
+                raise Reject("scale groups differ from the quantized groups")
+            scheme = PER_GROUP if kind == "group" else PER_TOKEN
+            scale_out = s
+            nodes |= chain_nodes
+        else:
+            if kind != "row":
+                raise Reject("static scale with grouped reshape")
+            if not isinstance(base, fx.Node):
+                raise Reject("static scale base is not a tensor")
+            bv = tval(base)
+            if bv.numel() != 1:
+                for inp, reason in inputs.items():
+                    if depends_on_any(base, {inp}):
+                        raise Reject(reason.replace("quantization reads", "the quant scale is computed from"))
+            if bv.numel() != 1 or bv.dtype != torch.float32:
+                raise Reject(f"static scale must be a one-element float32 tensor, got {tuple(bv.shape)} {bv.dtype}")
+            scale_node = base
+            # static chain nodes stay in the graph (DCE removes them if unused)
+    if scheme != PER_GROUP and kind == "group":
+        raise Reject("grouped quant without a per-group scale")
+    # intermediates must not escape
+    escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
+    region = nodes | owner
+    for node in nodes - escape_ok:
+        if any(u not in region for u in node.users):
+            raise Reject(f"intermediate {node.name} of the quant is used elsewhere")
+    if any(u not in region for u in y.users):
+        raise Reject(f"{what} is also used outside the quantization")
+    return QuantMatch(
+        scheme, g, scale_node, static_value, ops, consts, quant_mul, qmin, qmax, round_to_int, qdtype, sink, scale_out, nodes
+    )
+
+
