@@ -1,10 +1,12 @@
-"""Turn a bench_rmsnorm_quant JSON into fxfuse/gates.json: the shape classes where fusion ships.
+"""Turn benchmark JSON into fxfuse/gates.json: the shape classes where each fusion ships.
 
-A shape class is (scheme, hidden size); its figure is the geomean over token counts of
-stock-compile time / fxfuse-compile time. fxfuse/gating.py lets a rewrite through only where
-that figure is >= 1, so a fused kernel never ships where it measured slower than Inductor.
+A shape class is (family, scheme, size); its figure is the geomean over token counts of
+stock-compile time / fused time. fxfuse/gating.py lets a rewrite through only where that figure
+is >= 1, so a fused kernel never ships where it measured slower than Inductor. A result file
+either carries `"gates": {family: {scheme: {size: speedup}}}` (every family but the first) or is
+a bench_rmsnorm_quant result, whose cases are turned into gates here.
 
-    python benchmarks/write_gates.py benchmarks/results/rmsnorm_quant_h100.json
+    python benchmarks/write_gates.py benchmarks/results/*_h100.json
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
 
 def gates_from(result: dict) -> dict:
+    src = {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")}
+    if "gates" in result:
+        return {**result["gates"], "_source": src}
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in result.get("cases", []):
         us = row.get("us", {})
@@ -29,17 +34,17 @@ def gates_from(result: dict) -> dict:
         scheme: {str(h): round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in sorted(hs.items())}
         for scheme, hs in ratios.items()
     }
-    return {
-        "rmsnorm_quant": table,
-        "_source": {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")},
-    }
+    return {"rmsnorm_quant": table, "_source": src} if table else {}
 
 
 def main() -> None:
-    result = json.loads(pathlib.Path(sys.argv[1]).read_text())
-    gates = gates_from(result)
     existing = json.loads(GATES.read_text()) if GATES.exists() else {}
-    existing.update(gates)
+    for path in sys.argv[1:]:
+        gates = gates_from(json.loads(pathlib.Path(path).read_text()))
+        src = gates.pop("_source", None)
+        for family, table in gates.items():
+            existing[family] = table
+            existing.setdefault("_sources", {})[family] = src
     GATES.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
     print(json.dumps(gates, indent=1))
 
