@@ -53,10 +53,10 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
-    quantize as _quantize,
+    quantize,
     quantize_reference,
-    round_to as _round_to,
-    scale_chain as _scale_chain,
+    round_to,
+    scale_chain,
 )
 
 __all__ = [
@@ -269,7 +269,7 @@ def _rms_norm_quant_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        v = _round_to(x + r, X_DT, NATIVE)
+        v = round_to(x + r, X_DT, NATIVE)
     else:
         v = x
     if NEED_H:
@@ -280,14 +280,14 @@ def _rms_norm_quant_kernel(
     rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
     n = v * rstd
     if ROUND_BEFORE_W:
-        n = _round_to(n, X_DT, NATIVE)
+        n = round_to(n, X_DT, NATIVE)
     if HAS_W:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = w + weight_offset
         if WSUM_DT >= 0:
-            w = _round_to(w, WSUM_DT, NATIVE)
+            w = round_to(w, WSUM_DT, NATIVE)
         n = n * w
-    y = _round_to(n, NORM_DT, NATIVE)
+    y = round_to(n, NORM_DT, NATIVE)
 
     if SCHEME == 0:
         if HAS_SCALE_T:
@@ -296,7 +296,7 @@ def _rms_norm_quant_kernel(
             s = static_scale_value + 0.0
     else:
         s = tl.max(tl.abs(y), axis=1)  # [BLOCK_R]: one amax per group (or per row)
-    s = _scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
 
     if SCHEME == 0:
         sb = s + tl.zeros_like(y)
@@ -306,7 +306,7 @@ def _rms_norm_quant_kernel(
         sb = s[:, None] + tl.zeros_like(y)
         tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
 
-    qo = _quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
     tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
 
 
