@@ -26,6 +26,7 @@ from ..fx_utils import (
     Reject,
     aten,
     convert_dtype,
+    prims,
     depends_on_any,
     insert_traced,
     is_convert,
@@ -182,8 +183,43 @@ def match_softmax(out: fx.Node) -> tuple[fx.Node, set[fx.Node], torch.dtype]:
 # ----------------------------------------------------------------------------- selection side
 
 
+def _group_indices(c: fx.Node, G: int, nodes: set[fx.Node]) -> fx.Node:
+    """The [tokens, G] 0/1 group mask -> the kept-group indices it was built from.
+
+    Forms: zeros.scatter(1, idx, 1) (scatter_ in place, functionalized), and Inductor's one-hot
+    rewrite of a one-index scatter: where(expand(idx, [M, G]) == iota(G), 1, 0)."""
+    if is_op(c, aten.scatter.value, aten.scatter.src):
+        base, sdim, gidx = c.args[0], c.args[1], c.args[2]
+        if _full_value(base) != 0.0 or sdim % 2 != 1:
+            raise Reject("group mask does not start from zeros scattered along the group dim")
+        src = c.args[3]
+        if _full_value(src) in (None, 0.0):
+            raise Reject("group mask scatters a zero or non-constant value")
+        nodes |= {c, base} | ({src} if isinstance(src, fx.Node) else set())
+        return gidx
+    if is_op(c, aten.where.self) and _full_value(c.args[2]) == 0.0 and _full_value(c.args[1]) not in (None, 0.0):
+        eq = c.args[0]
+        if is_op(eq, aten.eq.Tensor):
+            a, b = eq.args
+            if is_op(b, aten.expand.default):
+                a, b = b, a
+            io = b.args[0] if is_op(b, aten.reshape.default) else b
+            if (
+                is_op(a, aten.expand.default)
+                and is_op(io, prims.iota.default)
+                and io.args[0] == G
+                and io.kwargs.get("start", 0) == 0
+                and io.kwargs.get("step", 1) == 1
+                and tuple(tval(b).shape) == (1, G)
+                and tuple(tval(a.args[0]).shape[1:]) == (1,)
+            ):
+                nodes |= {c, eq, a, b, io} | {x for x in c.args[1:] if isinstance(x, fx.Node)}
+                return a.args[0]
+    raise Reject("group mask is not built by scatter")
+
+
 def _match_group_mask(cond: fx.Node, M: Any, E: int, nodes: set[fx.Node]) -> tuple[bool, int, fx.Node]:
-    """cond -> (True if cond means 'in a kept group', n_group, the scatter node).
+    """cond -> (True if cond means 'in a kept group', n_group, the kept-group indices node).
 
     Accepts `~mask.bool()` / `mask.bool()` where mask = zeros[M, G].scatter(1, group_idx, 1)
     .unsqueeze(-1).expand(M, G, E/G)[.clone()].reshape(M, E), with converts anywhere."""
@@ -216,11 +252,9 @@ def _match_group_mask(cond: fx.Node, M: Any, E: int, nodes: set[fx.Node]) -> tup
             while is_convert(c):
                 nodes.add(c)
                 c = c.args[0]
-            if not is_op(c, aten.scatter.value, aten.scatter.src):
-                raise Reject("group mask is not built by scatter")
             if not isinstance(G, int) or tuple(tval(c).shape[1:]) != (G,):
                 raise Reject("group mask shape does not match its expansion")
-            return inside, G, c
+            return inside, G, _group_indices(c, G, nodes)
         else:
             raise Reject(f"where() condition is not a group mask ({getattr(c, 'name', c)})")
         nodes.add(c)
@@ -235,26 +269,13 @@ def _match_grouped(where: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int, i
     if wv.dim() != 2:
         raise Reject("grouped selection on a tensor that is not [tokens, experts]")
     gnodes: set[fx.Node] = {where}
-    inside, G, scatter = _match_group_mask(cond, M, E, gnodes)
+    inside, G, gidx = _match_group_mask(cond, M, E, gnodes)
     sel, fill_node = (a, b) if inside else (b, a)
     fill = _full_value(fill_node)
     if fill is None:
         raise Reject("masked experts are not filled with a constant")
     if isinstance(fill_node, fx.Node):
         gnodes.add(fill_node)
-    # scatter(zeros[M, G], 1, group_idx, 1)
-    base, sdim, gidx = scatter.args[0], scatter.args[1], scatter.args[2]
-    if _full_value(base) != 0.0 or sdim % 2 != 1:
-        raise Reject("group mask does not start from zeros scattered along the group dim")
-    if is_op(scatter, aten.scatter.value):
-        if not literal(scatter.args[3]):
-            raise Reject("group mask scatters a zero value")
-    else:
-        if _full_value(scatter.args[3]) in (None, 0.0):
-            raise Reject("group mask scatters a non-constant source")
-        if isinstance(scatter.args[3], fx.Node):
-            gnodes.add(scatter.args[3])
-    gnodes |= {scatter, base}
     if not (gidx.target is operator.getitem and gidx.args[1] == 1 and is_op(gidx.args[0], aten.topk.default)):
         raise Reject("group mask indices do not come from a topk over group scores")
     gtopk = gidx.args[0]
@@ -297,6 +318,10 @@ def _match_grouped(where: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int, i
     return sel, G, topk_group, method, fill
 
 
+class _NotScores(Reject):
+    """The topk input is not softmax/sigmoid scores (it may be logits: the topk_softmax form)."""
+
+
 def _match_scores(s: Any, nodes: set[fx.Node]) -> tuple[fx.Node, int, torch.dtype]:
     """Scores -> (logits, scoring, score dtype). Softmax (decomposed) or sigmoid, optional casts."""
     if not isinstance(s, fx.Node):
@@ -321,7 +346,7 @@ def _match_scores(s: Any, nodes: set[fx.Node]) -> tuple[fx.Node, int, torch.dtyp
         if up is not None:
             nodes.add(up)
         return src, SCORING_SIGMOID, sdt
-    raise Reject("topk input is neither softmax nor sigmoid scores")
+    raise _NotScores("topk input is neither softmax nor sigmoid scores")
 
 
 def _split_bias(x: fx.Node) -> tuple[fx.Node, fx.Node | None]:
@@ -436,6 +461,8 @@ def _is_group_helper(topk: fx.Node) -> bool:
         for u in g.users:
             if is_op(u, aten.scatter.value, aten.scatter.src):
                 return True
+            if is_op(u, aten.expand.default) and any(is_op(x, aten.eq.Tensor) for x in u.users):
+                return True
             if is_op(u, aten.sum.dim_IntList) and any(is_op(x, aten.topk.default) for x in u.users):
                 return True
     return False
@@ -462,10 +489,8 @@ def is_router_topk(topk: fx.Node) -> bool:
         frontier = nxt
     for g in topk.users:
         for u in g.users:
-            c = u
-            if is_convert(c) and len(c.users) == 1:
-                c = next(iter(c.users))
-            if is_op(c, aten.amax.default):
+            nxt = list(u.users) if is_convert(u) else [u]
+            if any(is_op(c, aten.amax.default) for c in nxt):
                 return True
     return False
 
@@ -496,7 +521,7 @@ def match_router(topk: fx.Node) -> RouterMatch:
         nodes.add(sel)
     try:
         logits, scoring, score_dtype = _match_scores(scores, nodes)
-    except Reject:
+    except _NotScores:
         if bias is not None or n_group > 1:
             raise
         # topk on the logits: must be followed by a softmax over the k values
