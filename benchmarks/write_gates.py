@@ -23,8 +23,9 @@ GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
 def gates_from(result: dict) -> dict:
     src = {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")}
-    if "gates" in result:
-        return {**result["gates"], "_source": src}
+    gates = result.get("gates") or result.get("summary", {}).get("gates")
+    if gates:
+        return {**gates, "_source": src}
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in result.get("cases", []):
         us = row.get("us", {})

@@ -1,0 +1,458 @@
+"""MoE router (logits -> top-k weights and expert ids) as one Triton kernel.
+
+This module knows nothing about FX. It provides:
+
+* :func:`moe_routing_reference` -- pure-torch oracle (also the CPU kernel of the op).
+* ``torch.ops.fxfuse.moe_routing`` -- a ``torch.library.triton_op`` launching through
+  ``wrap_triton``, so that traced under FunctionalTensorMode it becomes a user-defined Triton
+  kernel in Inductor's output code.
+* :func:`moe_routing_triton` -- plain launcher (eager CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+Semantics per token row (fp32 arithmetic, rounded to the graph's dtypes where the graph rounds)::
+
+    x = logits.f32
+    scores = softmax(x) | sigmoid(x) | x            (SCORING), rounded to score_dtype
+    sel = scores + bias (optional), rounded to biased_dtype
+    if n_group > 1:                                 # DeepSeek-V3 grouped selection
+        gs[g] = sum of the top-2 of sel in group g  (or max of the group)
+        keep the topk_group best groups; sel = where(in kept group, sel, fill)
+    ids = top-k of sel (k passes of max-then-mask; ties -> lowest index)
+    w = scores[ids]                                 (unbiased)
+    if scoring == topk_softmax: w = softmax(w) over the k values
+    if renormalize: w = w / (sum(w) + eps)          (each step rounded to value_dtype)
+    w = w * scale                                   (rounded to value_dtype)
+    weights = w.to(out_dtype); ids int64; scores (optional extra output)
+
+Ties: the kernel picks the lowest index among equal values, and returns the k ids sorted by
+value (descending, lowest index first among equals). ``torch.topk`` on CPU resolves ties
+arbitrarily (its partial sort: ``topk(zeros(16), 4)`` gives ids [10, 11, 12, 9]) and CUDA's
+radix select does not document an order either, so on exact ties the chosen ids can differ
+from eager; the chosen *weights* are the same values. Without ties the sets are identical, and
+the order equals ``torch.topk(sorted=True)``. NaN scores are not supported (eager treats NaN as
+the largest value).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .rmsnorm_quant import _round_to
+
+__all__ = [
+    "SCORING_SOFTMAX",
+    "SCORING_SIGMOID",
+    "SCORING_TOPK_SOFTMAX",
+    "GROUP_TOP2_SUM",
+    "GROUP_MAX",
+    "MAX_EXPERTS",
+    "MAX_K",
+    "moe_routing",
+    "moe_routing_reference",
+    "moe_routing_triton",
+    "check_args",
+    "bytes_moved",
+]
+
+SCORING_SOFTMAX = 0  # softmax over experts, then top-k
+SCORING_SIGMOID = 1  # sigmoid per expert, then top-k
+SCORING_TOPK_SOFTMAX = 2  # top-k on the logits, then softmax over the k values
+SCORING_NAMES = {SCORING_SOFTMAX: "softmax", SCORING_SIGMOID: "sigmoid", SCORING_TOPK_SOFTMAX: "topk_softmax"}
+
+GROUP_TOP2_SUM = 0  # group score = sum of the top-2 (biased) scores in the group (DeepSeek-V3)
+GROUP_MAX = 1  # group score = max (DeepSeek-V2)
+
+MAX_EXPERTS = 512
+MAX_K = 16
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def check_args(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> None:
+    """Raise ValueError on unsupported inputs (the FX side pre-checks the same things)."""
+    if logits.dim() != 2:
+        raise ValueError(f"moe_routing: logits must be 2-D [M, E], got {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"moe_routing: logits dtype {logits.dtype} unsupported")
+    E = logits.shape[1]
+    if not (1 <= E <= MAX_EXPERTS):
+        raise ValueError(f"moe_routing: {E} experts, at most {MAX_EXPERTS}")
+    if not (1 <= k <= min(MAX_K, E)):
+        raise ValueError(f"moe_routing: k={k} must be in [1, min({MAX_K}, E={E})]")
+    if scoring not in SCORING_NAMES:
+        raise ValueError(f"moe_routing: scoring {scoring} unknown")
+    for name, dt in (("score_dtype", score_dtype), ("biased_dtype", biased_dtype),
+                     ("value_dtype", value_dtype), ("out_dtype", out_dtype)):
+        if dt not in _FLOAT_DTYPES:
+            raise ValueError(f"moe_routing: {name} {dt} unsupported")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != E or bias.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"moe_routing: bias must be a float [E={E}] vector, got {tuple(bias.shape)} {bias.dtype}")
+        if bias.device != logits.device:
+            raise ValueError("moe_routing: bias on a different device than logits")
+    if n_group < 1 or E % n_group:
+        raise ValueError(f"moe_routing: n_group={n_group} must divide E={E}")
+    if n_group > 1:
+        if not (1 <= topk_group <= n_group):
+            raise ValueError(f"moe_routing: topk_group={topk_group} not in [1, n_group={n_group}]")
+        if group_score not in (GROUP_TOP2_SUM, GROUP_MAX):
+            raise ValueError(f"moe_routing: group_score {group_score} unknown")
+        if group_score == GROUP_TOP2_SUM and E // n_group < 2:
+            raise ValueError("moe_routing: top-2 group score needs at least 2 experts per group")
+        if scoring == SCORING_TOPK_SOFTMAX:
+            raise ValueError("moe_routing: grouped selection with topk_softmax scoring unsupported")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _rnd(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    return t.to(dt).to(torch.float32)
+
+
+def _topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top-k along the last dim, ties resolved to the lowest index (stable descending sort)."""
+    v, i = torch.sort(x, dim=-1, descending=True, stable=True)
+    return v[..., :k], i[..., :k]
+
+
+def moe_routing_reference(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_scores: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch oracle with the kernel's exact semantics (ties: lowest index); any device."""
+    check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+               value_dtype, out_dtype)
+    f32 = torch.float32
+    M, E = logits.shape
+    x = logits.to(f32)
+    if scoring == SCORING_SOFTMAX:
+        s = torch.softmax(x, dim=-1)
+    elif scoring == SCORING_SIGMOID:
+        s = torch.sigmoid(x)
+    else:
+        s = x
+    s = _rnd(s, score_dtype)
+    sel = s if bias is None else _rnd(s + bias.to(f32), biased_dtype)
+    if n_group > 1:
+        gsz = E // n_group
+        grp = sel.reshape(M, n_group, gsz)
+        if group_score == GROUP_TOP2_SUM:
+            gscore = _topk_lowest_index(grp, 2)[0].sum(-1)
+        else:
+            gscore = grp.amax(-1)
+        gidx = _topk_lowest_index(gscore, topk_group)[1]
+        keep = torch.zeros(M, n_group, dtype=torch.bool, device=x.device).scatter(1, gidx, True)
+        keep = keep[:, :, None].expand(M, n_group, gsz).reshape(M, E)
+        sel = torch.where(keep, sel, torch.tensor(fill, dtype=f32, device=x.device))
+    _, ids = _topk_lowest_index(sel, k)
+    w = s.gather(1, ids)
+    if scoring == SCORING_TOPK_SOFTMAX:
+        w = _rnd(torch.softmax(w, dim=-1), value_dtype)
+    if renormalize:
+        den = _rnd(w.sum(-1, keepdim=True), value_dtype)
+        if renorm_eps != 0.0:
+            den = _rnd(den + torch.tensor(renorm_eps, dtype=f32, device=x.device), value_dtype)
+        w = _rnd(w / den, value_dtype)
+    if scale != 1.0:
+        w = _rnd(w * torch.tensor(scale, dtype=f32, device=x.device), value_dtype)
+    scores = s.to(score_dtype).contiguous() if need_scores else logits.new_empty((0,), dtype=score_dtype)
+    return w.to(out_dtype).contiguous(), ids.to(torch.int64).contiguous(), scores
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _moe_routing_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, scores_ptr,
+    stride_l,
+    fill, renorm_eps, scale,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+    G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
+    RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    NEED_SCORES: tl.constexpr, NATIVE: tl.constexpr,
+):
+    """One program per token. The row lives in registers as a [G_PAD, GS_PAD] tile (groups x
+    experts per group; one group when ungrouped), so group reductions are along axis 1 and the
+    expert top-k reduces both axes. Top-k = K passes of (max, lowest index among the max)."""
+    fill = tl.cast(fill, tl.float32)
+    renorm_eps = tl.cast(renorm_eps, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_PAD)[:, None]
+    j = tl.arange(0, GS_PAD)[None, :]
+    col = g * GS + j  # expert index
+    valid = (g < N_GROUP) & (j < GS)
+    NEG = float("-inf")
+    BIG: tl.constexpr = 1 << 30
+
+    x = tl.load(logits_ptr + row * stride_l + col, mask=valid, other=0.0).to(tl.float32)
+    if SCORING == 0:
+        xm = tl.where(valid, x, NEG)
+        mx = tl.max(tl.max(xm, axis=1), axis=0)
+        ex = tl.exp(xm - mx)
+        den = tl.sum(tl.sum(ex, axis=1), axis=0)
+        if NATIVE:
+            s = ex / den
+        else:
+            s = tl.math.div_rn(ex, den + tl.zeros_like(ex))
+    elif SCORING == 1:
+        s = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        s = x
+    s = _round_to(s, SCORE_DT, NATIVE)
+    if NEED_SCORES:
+        tl.store(scores_ptr + row * E + col, s.to(scores_ptr.dtype.element_ty), mask=valid)
+    sel = s
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + col, mask=valid, other=0.0).to(tl.float32)
+        sel = _round_to(s + b, BIASED_DT, NATIVE)
+    sel = tl.where(valid, sel, NEG)
+
+    if N_GROUP > 1:
+        gi = tl.arange(0, G_PAD)
+        g1 = tl.max(sel, axis=1)  # [G_PAD]
+        if GROUP_SCORE == 0:
+            i1 = tl.min(tl.where(valid & (sel == g1[:, None]), j, BIG), axis=1)
+            g2 = tl.max(tl.where(valid & (j != i1[:, None]), sel, NEG), axis=1)
+            gscore = g1 + g2
+        else:
+            gscore = g1
+        gvalid = gi < N_GROUP
+        gtaken = tl.zeros([G_PAD], dtype=tl.int32)
+        for _t in tl.static_range(TOPK_GROUP):
+            cand = gvalid & (gtaken == 0)
+            gm = tl.max(tl.where(cand, gscore, NEG), axis=0)
+            gsel = tl.min(tl.where(cand & (gscore == gm), gi, BIG), axis=0)
+            gtaken = tl.where(gi == gsel, 1, gtaken)
+        sel = tl.where(gtaken[:, None] != 0, sel, fill)
+
+    kr = tl.arange(0, K_PAD)
+    vals = tl.zeros([K_PAD], dtype=tl.float32)
+    ids = tl.zeros([K_PAD], dtype=tl.int64)
+    taken = tl.zeros([G_PAD, GS_PAD], dtype=tl.int32)
+    for t in tl.static_range(K):
+        cand = valid & (taken == 0)
+        m = tl.max(tl.max(tl.where(cand, sel, NEG), axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where(cand & (sel == m), col, BIG), axis=1), axis=0)
+        hit = col == pick
+        wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
+        taken = tl.where(hit, 1, taken)
+        vals = tl.where(kr == t, wv, vals)
+        ids = tl.where(kr == t, pick.to(tl.int64), ids)
+
+    kvalid = kr < K
+    if SCORING == 2:
+        vm = tl.where(kvalid, vals, NEG)
+        e = tl.exp(vm - tl.max(vm, axis=0))
+        ssum = tl.sum(e, axis=0)
+        vals = _round_to(tl.math.div_rn(e, ssum + tl.zeros_like(e)), VALUE_DT, NATIVE)
+    if RENORM:
+        ssum = _round_to(tl.sum(tl.where(kvalid, vals, 0.0), axis=0), VALUE_DT, NATIVE)
+        if HAS_EPS:
+            ssum = _round_to(ssum + renorm_eps, VALUE_DT, NATIVE)
+        vals = _round_to(tl.math.div_rn(vals, ssum + tl.zeros_like(vals)), VALUE_DT, NATIVE)
+    if HAS_SCALE:
+        vals = _round_to(vals * scale, VALUE_DT, NATIVE)
+    vals = _round_to(vals, OUT_DT, NATIVE)  # RNE in the interpreter too; the cast is then exact
+    tl.store(w_ptr + row * K + kr, vals.to(w_ptr.dtype.element_ty), mask=kvalid)
+    tl.store(ids_ptr + row * K + kr, ids, mask=kvalid)
+
+
+def _meta(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_scores: bool,
+    num_warps: Optional[int],
+) -> dict:
+    """Constexpr kwargs + num_warps (pure Python on static shapes: fake-safe)."""
+    E = logits.shape[1]
+    gs = E // n_group
+    block = triton.next_power_of_2(n_group) * triton.next_power_of_2(gs)
+    return dict(
+        E=E, K=k, K_PAD=triton.next_power_of_2(k),
+        SCORING=int(scoring), SCORE_DT=_DT_CODE[score_dtype], BIASED_DT=_DT_CODE[biased_dtype],
+        VALUE_DT=_DT_CODE[value_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_BIAS=bias is not None,
+        N_GROUP=int(n_group), TOPK_GROUP=int(topk_group) if n_group > 1 else 0,
+        GROUP_SCORE=int(group_score),
+        G_PAD=triton.next_power_of_2(n_group), GS=gs, GS_PAD=triton.next_power_of_2(gs),
+        RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
+        NEED_SCORES=bool(need_scores),
+        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        num_warps=num_warps if num_warps is not None else (1 if block <= 256 else 2),
+    )
+
+
+def _alloc(logits: torch.Tensor, k: int, score_dtype: torch.dtype, out_dtype: torch.dtype,
+           need_scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, E = logits.shape
+    w = torch.empty((M, k), dtype=out_dtype, device=logits.device)
+    ids = torch.empty((M, k), dtype=torch.int64, device=logits.device)
+    scores = torch.empty((M, E) if need_scores else (0,), dtype=score_dtype, device=logits.device)
+    return w, ids, scores
+
+
+@triton_op("fxfuse::moe_routing", mutates_args=())
+def moe_routing(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_scores: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused router -> (weights [M, k], ids [M, k] int64, scores [M, E] or empty)."""
+    if logits.device.type == "cpu":
+        return _moe_routing_cpu(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group,
+                                group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
+                                need_scores)
+    check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+               value_dtype, out_dtype)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    w, ids, scores = _alloc(logits, k, score_dtype, out_dtype, need_scores)
+    meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None)
+    M = logits.shape[0]
+    wrap_triton(_moe_routing_kernel)[(M,)](
+        logits, bias if bias is not None else logits, w, ids, scores if need_scores else w,
+        logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
+    )
+    return w, ids, scores
+
+
+def _moe_routing_cpu(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_scores: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
+    w, ids, s = moe_routing_reference(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group,
+                                      group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
+                                      need_scores)
+    return w.clone(), ids.clone(), s.clone()
+
+
+moe_routing.register_kernel("cpu")(_moe_routing_cpu)
+
+
+def moe_routing_triton(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_scores: bool,
+    *,
+    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the raw kernel (no dispatcher): eager CUDA, or CPU under TRITON_INTERPRET=1.
+
+    `out=(w, ids, scores)` writes into caller buffers (tests poison them); `num_warps` overrides
+    the heuristic (benchmark sweeps).
+    """
+    check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+               value_dtype, out_dtype)
+    if logits.stride(1) != 1:
+        raise ValueError("moe_routing: logits rows must be contiguous (stride(1) == 1)")
+    w, ids, scores = out if out is not None else _alloc(logits, k, score_dtype, out_dtype, need_scores)
+    meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps)
+    M = logits.shape[0]
+    if M > 0:
+        _moe_routing_kernel[(M,)](
+            logits, bias.contiguous() if bias is not None else logits, w, ids, scores if need_scores else w,
+            logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
+        )
+    return w, ids, scores
+
+
+def bytes_moved(M: int, E: int, k: int, logits_dtype: torch.dtype = torch.float32,
+                out_dtype: torch.dtype = torch.float32, has_bias: bool = False) -> int:
+    """Minimum HBM bytes read + written by one call."""
+    ls = torch.empty((), dtype=logits_dtype).element_size()
+    os_ = torch.empty((), dtype=out_dtype).element_size()
+    return M * E * ls + (E * 4 if has_bias else 0) + M * k * (os_ + 8)
