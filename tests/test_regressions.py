@@ -72,3 +72,23 @@ def test_successive_clamps(name):
     assert fxfuse.counters["rmsnorm_quant"] == int(fuses), fxfuse.report()
     if not fuses:
         assert any("do not overlap" in r for r in _reasons()), _reasons()
+
+
+# ----------------------------------------------------------------------------- 4: mean dtype
+
+
+def test_variance_mean_in_bf16_is_not_fp32():
+    def fn(x, w):
+        v = x.float()
+        var = v.pow(2).mean(-1, keepdim=True, dtype=torch.bfloat16)
+        y = w * (v * torch.rsqrt(var + 1e-6)).to(x.dtype)
+        s = (y.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+    x, w = _inputs(seed=3)
+    ref = fn(x, w)
+    q, s = _compile_run(fn, (x, w))
+    assert fxfuse.counters["rmsnorm_quant"] == 0
+    assert any("variance mean computed in torch.bfloat16" in r for r in _reasons()), _reasons()
+    # not fused: within stock Inductor's bf16 mean tolerance of eager
+    assert torch.allclose(s, ref[1], rtol=2e-2)
