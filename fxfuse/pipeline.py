@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import inspect
 import logging
 import pathlib
 import time
@@ -109,14 +108,36 @@ def _source_digest(root: pathlib.Path | None = None) -> str:
 
 
 def _callable_identity(fn: Any) -> str | None:
-    """Cache identity of a user pass: its uuid() if it is a CustomGraphPass, else its source."""
-    if isinstance(fn, CustomGraphPass):
-        u = fn.uuid()
-        return None if u is None else repr(u)
+    """Cache identity of a user pass: its uuid() if it is a CustomGraphPass, else its code, closure
+    values and the helpers it calls (None when any of that cannot be known)."""
+    from ._identity import callable_identity
+
+    return callable_identity(fn)
+
+
+def _auto_impls_digest() -> str | None:
+    """unwrap="auto" traces Python custom ops' implementations: their identity, None if unknown."""
+    from ._identity import callable_identity
+
     try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # private API moved: cannot know what auto mode will trace
         return None
+    h = hashlib.sha256()
+    for name in sorted(OPDEFS):
+        opdef = OPDEFS.get(name)
+        if opdef is None:
+            continue
+        fns = dict(getattr(opdef, "_backend_fns", {}) or {})
+        fns["__init__"] = getattr(opdef, "_init_fn", None)
+        for dev in sorted(fns, key=str):
+            if fns[dev] is None:
+                continue
+            ident = callable_identity(fns[dev])
+            if ident is None:
+                return None
+            h.update(f"{name}\x00{dev}\x00{ident}\x01".encode())
+    return h.hexdigest()
 
 
 class FusionPasses(CustomGraphPass):
@@ -230,7 +251,12 @@ class FusionPasses(CustomGraphPass):
             parts.append(ident)
         from .patterns.unwrap import registry_digest
 
-        parts.append(registry_digest())
+        extra = [registry_digest()] if self.unwrap is not None else ["no-unwrap"]
+        if self.unwrap == "auto":
+            extra.append(_auto_impls_digest())
+        if any(e is None for e in extra):
+            return None  # a decomposition or auto-mode implementation we cannot identify: no caching
+        parts.extend(e for e in extra if e is not None)
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
     def __repr__(self) -> str:

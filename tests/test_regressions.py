@@ -92,3 +92,148 @@ def test_variance_mean_in_bf16_is_not_fp32():
     assert any("variance mean computed in torch.bfloat16" in r for r in _reasons()), _reasons()
     # not fused: within stock Inductor's bf16 mean tolerance of eager
     assert torch.allclose(s, ref[1], rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- 3: decomposition outputs
+
+_NS = "fxfuse_i12_test"
+_lib = torch.library.Library(_NS, "DEF")
+_lib.define("twice(Tensor x) -> Tensor")
+_lib.define("twice_into(Tensor! out, Tensor x) -> ()")
+_lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+
+
+def _twice_into(out, x):
+    out.copy_(x * 2)
+
+
+_lib.impl("twice_into", _twice_into, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{_NS}::twice", lambda x: torch.empty_like(x), lib=_lib)
+torch.library.register_fake(f"{_NS}::twice_into", lambda out, x: None, lib=_lib)
+
+
+def _resize_out(out, x):
+    out.resize_(2, 2)
+    out.fill_(1.0)
+
+
+BAD_DECOMPS = {
+    "shape": ("twice", lambda x: x[:2] * 2, "shape (2, 8) instead of (4, 8)"),
+    "dtype": ("twice", lambda x: (x * 2).double(), "dtype torch.float64 instead of torch.float32"),
+    "resize_out": ("twice_into", _resize_out, "shape (2, 2) instead of (4, 8)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_DECOMPS))
+def test_decomposition_output_meta_must_match(name):
+    op_name, decomp, reason = BAD_DECOMPS[name]
+    op = getattr(getattr(torch.ops, _NS), op_name).default
+    if op_name == "twice":
+        def fn(x):
+            return op(x) + 1
+    else:
+        def fn(x):
+            out = torch.empty_like(x)
+            op(out, x)
+            return out + 1
+
+    x = torch.randn(4, 8)
+    ref = fn(x)
+    fxfuse.register_unwrap(op, decomp)
+    try:
+        out = _compile_run(fn, (x,))
+    finally:
+        fxfuse.patterns.unwrap.unregister_unwrap(op)
+    assert fxfuse.counters["unwrap"] == 0, fxfuse.report()
+    assert any(reason in r for r in _reasons()), _reasons()
+    torch.testing.assert_close(out, ref)
+
+
+# ----------------------------------------------------------------------------- 1: cache identity
+
+
+def _make_decomp(factor: float):
+    def decomp(x):
+        return x * factor
+
+    return decomp
+
+
+def _helper_a(x):
+    return x * 2
+
+
+def _helper_b(x):
+    return x * 3
+
+
+_HELPER = {"fn": _helper_a}
+
+
+def _calls_helper(x):
+    return _HELPER_FN(x) + 1
+
+
+_HELPER_FN = _helper_a
+
+
+def test_uuid_follows_closure_values_helpers_and_user_passes():
+    from fxfuse.patterns import unwrap as unwrap_mod
+
+    op = torch.ops.fxfuse_i12_test.twice.default
+    try:
+        uuids = []
+        for decomp in (_make_decomp(2.0), _make_decomp(2.0), _make_decomp(3.0)):
+            fxfuse.register_unwrap(op, decomp)
+            uuids.append(fxfuse.passes.uuid())
+        assert uuids[0] == uuids[1] != uuids[2]  # same code, different closure value
+
+        global _HELPER_FN
+        fxfuse.register_unwrap(op, _calls_helper)
+        u_a = fxfuse.passes.uuid()
+        _HELPER_FN = _helper_b  # same source text, different helper called
+        u_b = fxfuse.passes.uuid()
+        assert u_a != u_b and u_a is not None
+        _HELPER_FN = _helper_a
+        assert fxfuse.passes.uuid() == u_a
+
+        fxfuse.register_unwrap(op, _make_decomp(torch.tensor(2.0)))  # small tensors hash by value
+        assert fxfuse.passes.uuid() is not None
+        fxfuse.register_unwrap(op, _make_decomp(object()))  # unknowable: bypass the cache
+        assert fxfuse.passes.uuid() is None
+    finally:
+        _HELPER_FN = _helper_a
+        unwrap_mod.unregister_unwrap(op)
+
+    def after_factory(bound):
+        def after(g: fx.Graph) -> None:
+            for n in g.nodes:
+                if n.op == "call_function" and bound:
+                    break
+
+        return after
+
+    a1, a2 = (fxfuse.FusionPasses(after=after_factory(b)).uuid() for b in (False, True))
+    assert None not in (a1, a2) and a1 != a2
+
+
+def test_uuid_auto_mode_covers_custom_op_implementations():
+    base = fxfuse.FusionPasses(unwrap="auto").uuid()
+    assert base is not None
+
+    @torch.library.custom_op("fxfuse_i12_test::auto_op", mutates_args=())
+    def auto_op(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    try:
+        with_op = fxfuse.FusionPasses(unwrap="auto").uuid()
+        assert with_op not in (None, base)
+        assert fxfuse.FusionPasses().uuid() == fxfuse.passes.uuid()  # registered mode: unaffected
+
+        @auto_op.register_kernel("cpu")
+        def _(x):
+            return x * 3
+
+        assert fxfuse.FusionPasses(unwrap="auto").uuid() not in (None, with_op)
+    finally:
+        del auto_op
