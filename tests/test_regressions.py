@@ -237,3 +237,20 @@ def test_uuid_auto_mode_covers_custom_op_implementations():
         assert fxfuse.FusionPasses(unwrap="auto").uuid() not in (None, with_op)
     finally:
         del auto_op
+
+
+# ----------------------------------------------------------------------------- crashes
+
+
+def test_static_scale_of_higher_rank_broadcasts_output():
+    def fn(x, w, s):
+        y = norm_hf(x, w, 1e-6)
+        return (y.float() / s.reshape(1, 1, 1)).clamp(-448.0, 448.0).to(FP8)
+
+    x, w = _inputs(seed=5)
+    s = torch.tensor([0.02])
+    ref = fn(x, w, s)
+    out = _compile_run(fn, (x, w, s))
+    assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report()
+    assert out.shape == ref.shape == (1, 4, H)
+    assert (out.float() != ref.float()).float().mean() <= 0.02

@@ -229,6 +229,9 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
             raise Reject(f"{node.name} is not contiguous")
     if norm.weight is not None and tval(norm.weight).stride(0) != 1:
         raise Reject("weight is not contiguous")
+    qv, lead = tval(q.sink), len(tval(q.sink).shape) - xv.dim()
+    if q.scheme != PER_GROUP and (lead < 0 or any(d != 1 for d in qv.shape[:lead])):
+        raise Reject(f"quant output shape {tuple(qv.shape)} is not the input's shape {tuple(xv.shape)}")
     if q.scheme == PER_GROUP and (q.group_size & (q.group_size - 1) or H % q.group_size):
         raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
     # dependency order: inputs must not be computed from the region
@@ -272,6 +275,8 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         need_residual_out=need_h,
     )
     scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
+    # a one-element static scale of higher rank broadcasts the quant output up: y / s.reshape(1, 1, 1)
+    extra = 0 if sink_group_shape else tval(q.sink).dim() - xv.dim()
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -291,7 +296,7 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             qo = qo.reshape(*lead, G, H // G)
             so = so.reshape(*lead, G, 1)
         else:
-            qo = qo.reshape(x.shape)
+            qo = qo.reshape((1,) * extra + tuple(x.shape))
             so = so.reshape(*lead, 1) if q.scheme == PER_TOKEN else so.reshape(scale_shape_static or (1,))
         ho = ho.reshape(x.shape) if need_h else ho
         return qo, so, ho
