@@ -28,6 +28,34 @@ counters: collections.Counter[str] = collections.Counter()
 
 UnwrapMode = Literal["registered", "auto"] | None
 
+OPTIONS: dict[str, tuple[type, str]] = {
+    "gate": (bool, "False ships rewrites on CUDA without a benchmark gate (same as FXFUSE_UNGATED=1)"),
+}
+"""Known `options` keys -> (type, meaning). A family that reads a new option adds it here."""
+
+
+def _names(arg: Any, what: str) -> frozenset[str]:
+    """Fusion names from a list/tuple/set of str (a bare str is one name, not its letters)."""
+    if isinstance(arg, str):
+        return frozenset({arg})
+    try:
+        names = frozenset(arg)
+    except TypeError:
+        raise TypeError(f"{what} must be a fusion name or an iterable of names, not {type(arg).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must contain fusion names (str), got {bad!r}")
+    return names
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for k, v in options.items():
+        if k not in OPTIONS:
+            raise ValueError(f"unknown option {k!r}; known options: {', '.join(sorted(OPTIONS))}")
+        typ, meaning = OPTIONS[k]
+        if type(v) is not typ:
+            raise TypeError(f"option {k!r} must be {typ.__name__} ({meaning}), not {v!r}")
+
 
 class GraphPass(Protocol):
     """One stage of the pipeline (a module in fxfuse.patterns)."""
@@ -170,13 +198,21 @@ class FusionPasses(CustomGraphPass):
             unwrap = None
         if unwrap not in ("registered", "auto", None):
             raise ValueError(f"unwrap must be 'registered', 'auto' or None, not {unwrap!r}")
-        self.enable = None if enable is None else frozenset(enable)
-        self.disable = frozenset(disable)
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, not {strict!r}")
+        for name, fn in (("before", before), ("after", after)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable taking an fx.Graph, not {fn!r}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict, not {type(options).__name__}")
+        self.enable = None if enable is None else _names(enable, "enable")
+        self.disable = _names(disable, "disable")
         self.strict = strict
         self.unwrap = unwrap
         self.before = before
         self.after = after
         self.options = dict(options or {})
+        _check_options(self.options)
         known = {p.name for p in _default_passes()}
         unknown = ((self.enable or frozenset()) | self.disable) - known
         if unknown:

@@ -254,3 +254,37 @@ def test_static_scale_of_higher_rank_broadcasts_output():
     assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report()
     assert out.shape == ref.shape == (1, 4, H)
     assert (out.float() != ref.float()).float().mean() <= 0.02
+
+
+def test_config_is_validated():
+    with pytest.raises(TypeError, match="strict"):
+        fxfuse.FusionPasses(strict="no")
+    with pytest.raises(TypeError, match="before"):
+        fxfuse.FusionPasses(before=5)
+    with pytest.raises(ValueError, match="unknown option 'gaet'"):
+        fxfuse.FusionPasses(options={"gaet": False})
+    with pytest.raises(TypeError, match="option 'gate' must be bool"):
+        fxfuse.FusionPasses(options={"gate": "no"})
+    with pytest.raises(ValueError, match="unknown option"):
+        fxfuse.FusionPasses(options={1: True, "gate": False})  # mixed key types used to crash uuid()
+    p = fxfuse.FusionPasses(enable="rmsnorm_quant")  # a bare string is one name
+    assert p.enable == {"rmsnorm_quant"}
+    with pytest.raises(ValueError, match=r"unknown fusion name\(s\) \['rmsnorm'\]"):
+        fxfuse.FusionPasses(disable="rmsnorm")
+
+
+def test_register_unwrap_is_validated():
+    ok = lambda x: x * 2  # noqa: E731
+    for bad in ("::", "ns::", "::name", "a::b::c"):
+        with pytest.raises(ValueError, match="not qualified"):
+            fxfuse.register_unwrap(bad, ok)
+    with pytest.raises(ValueError, match="never unwrapped"):
+        fxfuse.register_unwrap(torch.ops.aten.relu.default, ok)
+    with pytest.raises(ValueError, match="no overload 'nope'"):
+        fxfuse.register_unwrap(f"{_NS}::twice.nope", ok)
+    with pytest.raises(TypeError, match="cannot take the arguments"):
+        fxfuse.register_unwrap(torch.ops.fxfuse_i12_test.twice_into.default, ok)  # (out, x) vs (x)
+    with pytest.warns(UserWarning, match="no op fxfuse_i12_test::not_loaded is loaded yet"):
+        fxfuse.register_unwrap(f"{_NS}::not_loaded", ok)
+    fxfuse.patterns.unwrap.unregister_unwrap(f"{_NS}::not_loaded")
+    assert fxfuse.patterns.unwrap.lookup(torch.ops.fxfuse_i12_test.twice_into.default) is None

@@ -58,8 +58,9 @@ def op_key(op: Any) -> str:
     if isinstance(op, torch._ops.OpOverloadPacket):
         return op._qualified_op_name
     if isinstance(op, str):
-        if "::" not in op:
-            raise ValueError(f"op name {op!r} is not qualified ('namespace::name')")
+        ns, sep, name = op.partition("::")
+        if not sep or not ns or not name or "::" in name or name.startswith(".") or name.endswith("."):
+            raise ValueError(f"op name {op!r} is not qualified ('namespace::name' or 'namespace::name.overload')")
         return op
     raise TypeError(f"register_unwrap expects an OpOverload, OpOverloadPacket or 'ns::name' string, not {type(op).__name__}")
 
@@ -73,15 +74,62 @@ def register_unwrap(op: Any, decomposition: Decomposition | None = None) -> Any:
     node's fake values. Without `decomposition` this returns a decorator.
     """
     key = op_key(op)
+    schemas = _schemas_for(key)
 
     def deco(fn: Decomposition) -> Decomposition:
         if not callable(fn):
             raise TypeError("decomposition must be callable")
+        for schema in schemas:
+            _check_arity(key, fn, schema)
         _REGISTRY[key] = fn
         log.debug("fxfuse unwrap: registered decomposition %s for %s", getattr(fn, "__qualname__", fn), key)
         return fn
 
     return deco if decomposition is None else deco(decomposition)
+
+
+def _schemas_for(key: str) -> list[Any]:
+    """Schemas a registration under `key` applies to; raises for ops that can never be unwrapped.
+
+    A name that is not loaded yet is allowed (the library may be imported later, like the
+    built-ins) but logged as a warning, so a typo does not go unnoticed.
+    """
+    import warnings
+
+    qual, _, overload = key.partition(".")
+    ns = qual.split("::", 1)[0]
+    if ns in _TRANSPARENT_NAMESPACES:
+        raise ValueError(f"{key}: ops in namespace {ns!r} are not opaque and are never unwrapped")
+    try:
+        schemas = list(torch._C._jit_get_schemas_for_operator(qual))
+    except Exception:  # noqa: BLE001 - no such op
+        schemas = []
+    if not schemas:
+        warnings.warn(f"fxfuse.register_unwrap: no op {qual} is loaded yet; the decomposition applies once it is", stacklevel=3)
+        return []
+    if overload:
+        match = [sc for sc in schemas if (sc.overload_name or "default") == overload]
+        if not match:
+            have = sorted(sc.overload_name or "default" for sc in schemas)
+            raise ValueError(f"{qual} has no overload {overload!r} (overloads: {', '.join(have)})")
+        return match
+    return schemas
+
+
+def _check_arity(key: str, fn: Decomposition, schema: Any) -> None:
+    """The decomposition is called with the schema's arguments by position (kw-only by name)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: cannot check
+    pos = [a.name for a in schema.arguments if not a.kwarg_only]
+    kwo = {a.name: None for a in schema.arguments if a.kwarg_only}
+    try:
+        sig.bind(*pos, **kwo)
+    except TypeError as e:
+        raise TypeError(f"decomposition {getattr(fn, '__qualname__', fn)} cannot take the arguments of {schema}: {e}") from None
 
 
 def unregister_unwrap(op: Any) -> None:
