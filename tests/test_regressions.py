@@ -288,3 +288,24 @@ def test_register_unwrap_is_validated():
         fxfuse.register_unwrap(f"{_NS}::not_loaded", ok)
     fxfuse.patterns.unwrap.unregister_unwrap(f"{_NS}::not_loaded")
     assert fxfuse.patterns.unwrap.lookup(torch.ops.fxfuse_i12_test.twice_into.default) is None
+
+
+# ----------------------------------------------------------------------------- unclear errors
+
+
+def test_fp64_weight_is_a_near_miss_not_an_internal_error():
+    from forms import norm_gemma
+
+    def fn(x, w):
+        y = norm_gemma(x, w, 1e-6)
+        s = (y.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+    x, _ = _inputs(seed=7)
+    w = 0.1 * torch.randn(H, dtype=torch.float64)
+    ref = fn(x, w)
+    q, s = _compile_run(fn, (x, w))
+    assert fxfuse.counters["rmsnorm_quant"] == 0
+    assert not fxfuse.report().errors, fxfuse.report().errors
+    assert any("weight dtype torch.float64 not supported" in r for r in _reasons()), _reasons()
+    torch.testing.assert_close(s, ref[1])

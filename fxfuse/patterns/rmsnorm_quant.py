@@ -199,6 +199,8 @@ def _weight_expr(w: Any, H: Any) -> tuple[fx.Node, float, torch.dtype | None]:
         raise Reject(f"weight shape {tuple(wv.shape)} is not [hidden]")
     if not wv.is_floating_point():
         raise Reject("weight is not floating point")
+    if wv.dtype not in NORM_DTYPES:
+        raise Reject(f"weight dtype {wv.dtype} not supported (bf16/fp16/fp32)")
     return w, offset, wsum_dtype
 
 
