@@ -309,3 +309,42 @@ def test_fp64_weight_is_a_near_miss_not_an_internal_error():
     assert not fxfuse.report().errors, fxfuse.report().errors
     assert any("weight dtype torch.float64 not supported" in r for r in _reasons()), _reasons()
     torch.testing.assert_close(s, ref[1])
+
+
+# ----------------------------------------------------------------------------- first run
+
+
+def test_report_says_when_graphs_came_from_the_cache_and_ids_restart():
+    def fn(x):
+        return torch.sin(x) * 2
+
+    x = torch.randn(8)
+    with fresh_cache():
+        torch._dynamo.reset()
+        torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes})(x)
+        assert len(fxfuse.report().graphs) == 1
+        fxfuse.report.clear()
+        torch._dynamo.reset()
+        torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes})(x)  # FX cache hit
+        r = fxfuse.report()
+        assert r.graphs == [] and r.cache_hits == 1, r.to_dict()
+        assert "came from Inductor's FX graph cache" in str(r)
+        fxfuse.report.clear()
+        torch._dynamo.reset()
+        torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.FusionPasses(strict=True)})(x)
+        assert [g.graph_id for g in fxfuse.report().graphs] == [0]
+
+
+def test_quickstart_counts_fusions_when_the_cache_already_holds_the_graph(capsys):
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    main = runpy.run_path(str(path))["main"]
+    with fresh_cache():  # one shared cache: the second run would be a cache hit
+        for _ in range(2):
+            torch._dynamo.reset()
+            fxfuse.counters.clear()
+            main()
+            out = capsys.readouterr().out
+            assert "fxfuse.counters: {'rmsnorm_quant': 1}" in out, out
