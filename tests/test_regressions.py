@@ -348,3 +348,51 @@ def test_quickstart_counts_fusions_when_the_cache_already_holds_the_graph(capsys
             main()
             out = capsys.readouterr().out
             assert "fxfuse.counters: {'rmsnorm_quant': 1}" in out, out
+
+
+def test_grad_enabled_gives_a_plain_words_reason():
+    def fn(x, w):
+        y = norm_hf(x, w, 1e-6)
+        s = (y.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+    x, w = _inputs(seed=9)
+    w.requires_grad_(True)
+    torch._dynamo.reset()
+    fxfuse.report.clear()
+    with fresh_cache():
+        q, s = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes})(x, w)
+    assert fxfuse.counters["rmsnorm_quant"] == 0
+    assert any("saved for backward" in r and "torch.no_grad()" in r for r in _reasons()), _reasons()
+
+
+# ----------------------------------------------------------------------------- smaller items
+
+
+def test_mean_then_unsqueeze_gives_the_documented_reason():
+    def fn(x, w):
+        v = x.float()
+        var = v.pow(2).mean(-1).unsqueeze(-1)
+        y = w * (v * torch.rsqrt(var + 1e-6)).to(x.dtype)
+        s = (y.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+    _compile_run(fn, _inputs(seed=11))
+    assert any(r.startswith("mean is not over the last dim with keepdim=True") for r in _reasons()), _reasons()
+
+
+def test_explain_unknown_factory_is_a_plain_message():
+    from fxfuse.__main__ import load_factory
+
+    with pytest.raises(SystemExit, match="has no attribute 'nope'"):
+        load_factory("fxfuse:nope")
+    with pytest.raises(SystemExit, match="cannot import 'no_such_module_i12'"):
+        load_factory("no_such_module_i12:f")
+
+
+def test_docs_mention_dynamic_and_inference():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert "--dynamic" in (root / "docs" / "inspecting.md").read_text()
+    assert "torch.no_grad()" in (root / "README.md").read_text()

@@ -77,6 +77,8 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     if eps is None or not isinstance(mean, fx.Node):
         raise Reject("eps is not a constant")
     nodes.add(add_eps)
+    if is_op(mean, aten.reshape.default, aten.unsqueeze.default) and is_op(mean.args[0], aten.mean.dim):
+        raise Reject("mean is not over the last dim with keepdim=True (mean(-1) then unsqueeze: use keepdim=True)")
     if not is_op(mean, aten.mean.dim):
         raise Reject("rsqrt does not read a mean")
     nodes.add(mean)
@@ -106,6 +108,11 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
         nodes.add(up)
     # n = v * rsqrt
     if len(rsqrt.users) != 1:
+        if any(u.op == "output" for u in rsqrt.users):
+            raise Reject(
+                "rsqrt is saved for backward (compiled with grad enabled); fusion is for inference: "
+                "run under torch.no_grad() or torch.inference_mode()"
+            )
         raise Reject("rsqrt has other users")
     (n,) = rsqrt.users
     if not is_op(n, aten.mul.Tensor) or other_arg(n, rsqrt) is not v:
