@@ -396,3 +396,23 @@ def test_docs_mention_dynamic_and_inference():
     root = pathlib.Path(__file__).resolve().parents[1]
     assert "--dynamic" in (root / "docs" / "inspecting.md").read_text()
     assert "torch.no_grad()" in (root / "README.md").read_text()
+
+
+def test_dynamic_true_float_attribute_eps_reason():
+    class Norm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.eps = 1e-6
+
+        def forward(self, x, w):
+            y = norm_hf(x, w, self.eps)
+            s = (y.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+            return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+    x, w = _inputs(seed=13)
+    m = Norm()
+    ref = m(x, w)
+    q, s = _compile_run(m, (x, w), dynamic=True)
+    torch.testing.assert_close(s, ref[1])
+    if fxfuse.counters["rmsnorm_quant"] == 0:  # torch versions that lift the float into an input
+        assert any("eps is a graph input" in r and "specialize_float" in r for r in _reasons()), _reasons()
