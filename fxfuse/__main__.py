@@ -36,9 +36,14 @@ def load_factory(spec: str) -> Callable[[], Any]:
     else:
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(mod_name)
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise SystemExit(f"cannot import {mod_name!r} for {spec}: {e}") from None
     obj: Any = module
     for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SystemExit(f"{spec}: {getattr(obj, '__name__', mod_name)!r} has no attribute {part!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise SystemExit(f"{spec} is not callable")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import inspect
 import logging
 import pathlib
 import time
@@ -28,6 +27,34 @@ counters: collections.Counter[str] = collections.Counter()
 """Applied rewrites by fusion name, e.g. counters["rmsnorm_quant"]. Reset with counters.clear()."""
 
 UnwrapMode = Literal["registered", "auto"] | None
+
+OPTIONS: dict[str, tuple[type, str]] = {
+    "gate": (bool, "False ships rewrites on CUDA without a benchmark gate (same as FXFUSE_UNGATED=1)"),
+}
+"""Known `options` keys -> (type, meaning). A family that reads a new option adds it here."""
+
+
+def _names(arg: Any, what: str) -> frozenset[str]:
+    """Fusion names from a list/tuple/set of str (a bare str is one name, not its letters)."""
+    if isinstance(arg, str):
+        return frozenset({arg})
+    try:
+        names = frozenset(arg)
+    except TypeError:
+        raise TypeError(f"{what} must be a fusion name or an iterable of names, not {type(arg).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must contain fusion names (str), got {bad!r}")
+    return names
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for k, v in options.items():
+        if k not in OPTIONS:
+            raise ValueError(f"unknown option {k!r}; known options: {', '.join(sorted(OPTIONS))}")
+        typ, meaning = OPTIONS[k]
+        if type(v) is not typ:
+            raise TypeError(f"option {k!r} must be {typ.__name__} ({meaning}), not {v!r}")
 
 
 class GraphPass(Protocol):
@@ -109,14 +136,36 @@ def _source_digest(root: pathlib.Path | None = None) -> str:
 
 
 def _callable_identity(fn: Any) -> str | None:
-    """Cache identity of a user pass: its uuid() if it is a CustomGraphPass, else its source."""
-    if isinstance(fn, CustomGraphPass):
-        u = fn.uuid()
-        return None if u is None else repr(u)
+    """Cache identity of a user pass: its uuid() if it is a CustomGraphPass, else its code, closure
+    values and the helpers it calls (None when any of that cannot be known)."""
+    from ._identity import callable_identity
+
+    return callable_identity(fn)
+
+
+def _auto_impls_digest() -> str | None:
+    """unwrap="auto" traces Python custom ops' implementations: their identity, None if unknown."""
+    from ._identity import callable_identity
+
     try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # private API moved: cannot know what auto mode will trace
         return None
+    h = hashlib.sha256()
+    for name in sorted(OPDEFS):
+        opdef = OPDEFS.get(name)
+        if opdef is None:
+            continue
+        fns = dict(getattr(opdef, "_backend_fns", {}) or {})
+        fns["__init__"] = getattr(opdef, "_init_fn", None)
+        for dev in sorted(fns, key=str):
+            if fns[dev] is None:
+                continue
+            ident = callable_identity(fns[dev])
+            if ident is None:
+                return None
+            h.update(f"{name}\x00{dev}\x00{ident}\x01".encode())
+    return h.hexdigest()
 
 
 class FusionPasses(CustomGraphPass):
@@ -149,13 +198,21 @@ class FusionPasses(CustomGraphPass):
             unwrap = None
         if unwrap not in ("registered", "auto", None):
             raise ValueError(f"unwrap must be 'registered', 'auto' or None, not {unwrap!r}")
-        self.enable = None if enable is None else frozenset(enable)
-        self.disable = frozenset(disable)
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, not {strict!r}")
+        for name, fn in (("before", before), ("after", after)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable taking an fx.Graph, not {fn!r}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict, not {type(options).__name__}")
+        self.enable = None if enable is None else _names(enable, "enable")
+        self.disable = _names(disable, "disable")
         self.strict = strict
         self.unwrap = unwrap
         self.before = before
         self.after = after
         self.options = dict(options or {})
+        _check_options(self.options)
         known = {p.name for p in _default_passes()}
         unknown = ((self.enable or frozenset()) | self.disable) - known
         if unknown:
@@ -230,7 +287,12 @@ class FusionPasses(CustomGraphPass):
             parts.append(ident)
         from .patterns.unwrap import registry_digest
 
-        parts.append(registry_digest())
+        extra = [registry_digest()] if self.unwrap is not None else ["no-unwrap"]
+        if self.unwrap == "auto":
+            extra.append(_auto_impls_digest())
+        if any(e is None for e in extra):
+            return None  # a decomposition or auto-mode implementation we cannot identify: no caching
+        parts.extend(e for e in extra if e is not None)
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
     def __repr__(self) -> str:

@@ -58,6 +58,9 @@ class GraphReport:
 @dataclass
 class Report:
     graphs: list[GraphReport] = field(default_factory=list)
+    cache_hits: int = 0
+    """Graphs Inductor served from its FX graph cache since clear(): the passes did not run for
+    them (their cached code keeps the rewrites), so they are missing from `graphs`."""
 
     @property
     def fusions(self) -> list[Fusion]:
@@ -77,7 +80,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: {"graphs": [{graph_id, fusions, near_misses, errors, timings}, ...]}."""
-        return {"graphs": [dataclasses.asdict(g) for g in self.graphs]}
+        return {"graphs": [dataclasses.asdict(g) for g in self.graphs], "cache_hits": self.cache_hits}
 
     def to_json(self, **kwargs: Any) -> str:
         import json
@@ -90,8 +93,15 @@ class Report:
     def format(self, verbose: bool = False) -> str:
         """The readable table; `verbose=True` also lists the replaced nodes and fusion details."""
         lines: list[str] = []
+        cached = (
+            f"{self.cache_hits} graph(s) came from Inductor's FX graph cache: fxfuse did not run on them "
+            "(their cached code keeps its rewrites); compile under torch._inductor.utils.fresh_cache() "
+            "to see what fused"
+        )
         if not self.graphs:
-            return "fxfuse report: no graphs compiled since the last clear()"
+            return "fxfuse report: no graphs compiled since the last clear()" + (f"; {cached}" if self.cache_hits else "")
+        if self.cache_hits:
+            lines.append(cached)
         for g in self.graphs:
             lines.append(f"graph {g.graph_id}: {len(g.fusions)} fusion(s), {len(g.near_misses)} near miss(es)")
             rows = [("fusion", "source", "kernel", "replaced")]
@@ -130,6 +140,7 @@ class _ReportRegistry:
         self._lock = threading.Lock()
         self._graphs: list[GraphReport] = []
         self._next_id = 0
+        self._hits_at_clear = _fx_cache_hits()
 
     def new_graph(self) -> GraphReport:
         with self._lock:
@@ -149,11 +160,24 @@ class _ReportRegistry:
 
     def __call__(self) -> Report:
         with self._lock:
-            return Report(graphs=list(self._graphs))
+            return Report(graphs=list(self._graphs), cache_hits=max(_fx_cache_hits() - self._hits_at_clear, 0))
 
     def clear(self) -> None:
+        """Forget the recorded graphs; graph ids start from 0 again."""
         with self._lock:
             self._graphs.clear()
+            self._next_id = 0
+            self._hits_at_clear = _fx_cache_hits()
+
+
+def _fx_cache_hits() -> int:
+    """Inductor's count of FX graph cache hits in this process (0 if the counter is unavailable)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["fxgraph_cache_hit"])
+    except Exception:  # noqa: BLE001 - private counter; absent means unknown
+        return 0
 
 
 report = _ReportRegistry()

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .rmsnorm_quant import _round_to
+from .quant_common import round_to
 
 __all__ = [
     "SCORING_SOFTMAX",
@@ -235,13 +235,13 @@ def _moe_routing_kernel(
         s = 1.0 / (1.0 + tl.exp(-x))
     else:
         s = x
-    s = _round_to(s, SCORE_DT, NATIVE)
+    s = round_to(s, SCORE_DT, NATIVE)
     if NEED_SCORES:
         tl.store(scores_ptr + row * E + col, s.to(scores_ptr.dtype.element_ty), mask=valid)
     sel = s
     if HAS_BIAS:
         b = tl.load(bias_ptr + col, mask=valid, other=0.0).to(tl.float32)
-        sel = _round_to(s + b, BIASED_DT, NATIVE)
+        sel = round_to(s + b, BIASED_DT, NATIVE)
     sel = tl.where(valid, sel, NEG)
 
     if N_GROUP > 1:
@@ -281,15 +281,15 @@ def _moe_routing_kernel(
         vm = tl.where(kvalid, vals, NEG)
         e = tl.exp(vm - tl.max(vm, axis=0))
         ssum = tl.sum(e, axis=0)
-        vals = _round_to(tl.math.div_rn(e, ssum + tl.zeros_like(e)), VALUE_DT, NATIVE)
+        vals = round_to(tl.math.div_rn(e, ssum + tl.zeros_like(e)), VALUE_DT, NATIVE)
     if RENORM:
-        ssum = _round_to(tl.sum(tl.where(kvalid, vals, 0.0), axis=0), VALUE_DT, NATIVE)
+        ssum = round_to(tl.sum(tl.where(kvalid, vals, 0.0), axis=0), VALUE_DT, NATIVE)
         if HAS_EPS:
-            ssum = _round_to(ssum + renorm_eps, VALUE_DT, NATIVE)
-        vals = _round_to(tl.math.div_rn(vals, ssum + tl.zeros_like(vals)), VALUE_DT, NATIVE)
+            ssum = round_to(ssum + renorm_eps, VALUE_DT, NATIVE)
+        vals = round_to(tl.math.div_rn(vals, ssum + tl.zeros_like(vals)), VALUE_DT, NATIVE)
     if HAS_SCALE:
-        vals = _round_to(vals * scale, VALUE_DT, NATIVE)
-    vals = _round_to(vals, OUT_DT, NATIVE)  # RNE in the interpreter too; the cast is then exact
+        vals = round_to(vals * scale, VALUE_DT, NATIVE)
+    vals = round_to(vals, OUT_DT, NATIVE)  # RNE in the interpreter too; the cast is then exact
     tl.store(w_ptr + row * K + kr, vals.to(w_ptr.dtype.element_ty), mask=kvalid)
     tl.store(ids_ptr + row * K + kr, ids, mask=kvalid)
 

@@ -27,6 +27,20 @@ SCALE_NOP = -1  # padding for unused slots (kernel only)
 MAX_SCALE_OPS = 4
 
 
+def _fp8_cast_saturates() -> bool:
+    """Does this torch's fp32 -> float8_e4m3fn cast saturate finite overflow and inf to +-448?
+
+    torch >= 2.12 does (pytorch#178817); earlier versions give NaN above 464. The kernels
+    follow whichever the running torch does, so fused and eager agree bit for bit.
+    """
+    v = torch.tensor([1000.0, float("inf")]).to(torch.float8_e4m3fn).float()
+    return bool((v == 448.0).all())
+
+
+FP8_SATURATES: bool = _fp8_cast_saturates()
+_FP8_SAT: tl.constexpr = tl.constexpr(FP8_SATURATES)
+
+
 def apply_scale_op_ref(s: torch.Tensor, op: int, c: float) -> torch.Tensor:
     """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel)."""
     ct = torch.tensor(c, dtype=torch.float32, device=s.device)
@@ -71,7 +85,7 @@ def round_to(v, DT: tl.constexpr, NATIVE: tl.constexpr = False):
 
 @triton.jit
 def round_e4m3(v):
-    """RNE of fp32 `v` (|v| <= 448) onto the float8_e4m3fn grid, result in fp32.
+    """RNE of fp32 `v` (|v| <= 464, or NaN) onto the float8_e4m3fn grid, result in fp32.
 
     (a + 2^23*ulp) - 2^23*ulp rounds |v| to a multiple of its e4m3 ulp with the FPU's
     ties-to-even; the final cast to fp8 is then exact on hardware and in the interpreter.
@@ -82,7 +96,8 @@ def round_e4m3(v):
     ulp = (e << 23).to(tl.float32, bitcast=True)
     magic = ulp * 8388608.0
     r = (a + magic) - magic
-    return tl.where(v < 0, -r, r)
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000  # keeps -0.0 (torch casts it to 0x80)
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -104,9 +119,9 @@ def scale_op(s, OP: tl.constexpr, c):
     elif OP == 2:
         s = tl.math.div_rn(c + tl.zeros_like(s), s)
     elif OP == 3:
-        s = tl.maximum(s, c)
+        s = tl.maximum(s, c, propagate_nan=tl.PropagateNan.ALL)  # torch.clamp keeps NaN
     elif OP == 4:
-        s = tl.minimum(s, c)
+        s = tl.minimum(s, c, propagate_nan=tl.PropagateNan.ALL)
     elif OP == 5:
         s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     elif OP == 6:
@@ -116,6 +131,15 @@ def scale_op(s, OP: tl.constexpr, c):
     return s
 
 
+
+
+@triton.jit
+def absmax(y, axis: tl.constexpr):
+    """max(|y|) along axis, NaN if any element is NaN (like torch.amax; tl.max drops NaNs)."""
+    a = tl.abs(y)
+    m = tl.max(a, axis=axis)
+    has_nan = tl.max((a != a).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), m)
 
 
 @triton.jit
@@ -145,10 +169,20 @@ def quantize(y, sb, qmin, qmax, QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr
                     propagate_nan=tl.PropagateNan.ALL)
     if Q_INT8:
         qo = qv.to(tl.int8)
-    elif NATIVE:
-        qo = qv.to(tl.float8e4nv)  # hardware RNE (cvt.rn.satfinite), input already clamped
     else:
-        qo = round_e4m3(qv).to(tl.float8e4nv)
+        # torch's cast: NaN stays NaN; |v| > 464 (incl. inf) saturates to +-448 or becomes NaN
+        # depending on the torch version; |v| <= 464 rounds to nearest even (464 -> 448)
+        if _FP8_SAT:
+            qv = tl.where(qv != qv, qv, tl.minimum(tl.maximum(qv, -448.0), 448.0))
+        else:
+            qv = tl.where(tl.abs(qv) > 464.0, float("nan"), qv)
+        if NATIVE:
+            qo = qv.to(tl.float8e4nv)  # hardware RNE (cvt.rn.satfinite), in range here
+        else:
+            # the interpreter's fp8 cast is not RNE and turns NaN into 384: round here, NaN by bits
+            qo = round_e4m3(qv).to(tl.float8e4nv)
+            nan8 = (tl.zeros_like(qv).to(tl.uint8) | 0x7F).to(tl.float8e4nv, bitcast=True)
+            qo = tl.where(qv != qv, nan8, qo)
     return qo
 
 

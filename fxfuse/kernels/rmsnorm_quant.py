@@ -53,6 +53,7 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
+    absmax,
     quantize,
     quantize_reference,
     round_to,
@@ -295,7 +296,7 @@ def _rms_norm_quant_kernel(
         else:
             s = static_scale_value + 0.0
     else:
-        s = tl.max(tl.abs(y), axis=1)  # [BLOCK_R]: one amax per group (or per row)
+        s = absmax(y, 1)  # [BLOCK_R]: one amax per group (or per row), NaN-propagating
     s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
 
     if SCHEME == 0:

@@ -207,6 +207,25 @@ def amax_source(base: Any, nodes: set[fx.Node]) -> Any:
     return ab.args[0]
 
 
+def _merge_clamp(qmin: float, qmax: float, lo: Any, hi: Any, n_before: int) -> tuple[float, float]:
+    """Fold an inner clamp [lo, hi] into the outer range [qmin, qmax] met so far.
+
+    clamp(clamp(v, a, b), c, d) == clamp(v, max(a, c), min(b, d)) only when both ranges are
+    well-formed and overlap; otherwise the result is a constant the single-clamp kernel
+    would get wrong, so that form is rejected.
+    """
+    a = -math.inf if lo is None else literal(lo)
+    b = math.inf if hi is None else literal(hi)
+    if n_before == 0:
+        return a, b  # one clamp: min(max(v, a), b) is exactly what the kernel does, even for a > b
+    if a > b or qmin > qmax or max(a, qmin) > min(b, qmax):
+        raise Reject(
+            f"successive quant clamps [{a:g}, {b:g}] then [{qmin:g}, {qmax:g}] do not overlap; "
+            "they cannot be merged into one clamp"
+        )
+    return max(a, qmin), min(b, qmax)
+
+
 def match_quant(
     y: fx.Node, owner: set[fx.Node], inputs: Mapping[fx.Node, str], what: str = "normalized output"
 ) -> QuantMatch:
@@ -226,6 +245,7 @@ def match_quant(
     nodes: set[fx.Node] = {sink}
     t = sink.args[0]
     qmin, qmax = -math.inf, math.inf
+    n_clamps = 0
     while is_op(t, aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default):
         if is_op(t, aten.clamp.default):
             lo = t.args[1] if len(t.args) > 1 else t.kwargs.get("min")
@@ -234,14 +254,10 @@ def match_quant(
             lo, hi = t.args[1], None
         else:
             lo, hi = None, t.args[1]
-        if lo is not None:
-            if literal(lo) is None:
-                raise Reject("quant clamp bound is not a constant")
-            qmin = max(qmin, literal(lo))
-        if hi is not None:
-            if literal(hi) is None:
-                raise Reject("quant clamp bound is not a constant")
-            qmax = min(qmax, literal(hi))
+        if (lo is not None and literal(lo) is None) or (hi is not None and literal(hi) is None):
+            raise Reject("quant clamp bound is not a constant")
+        qmin, qmax = _merge_clamp(qmin, qmax, lo, hi, n_clamps)
+        n_clamps += 1
         nodes.add(t)
         t = t.args[0]
     round_to_int = False

@@ -75,11 +75,28 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     a, b = add_eps.args
     mean, eps = (a, literal(b)) if literal(b) is not None else (b, literal(a))
     if eps is None or not isinstance(mean, fx.Node):
+        srcs = [_strip_f32_convert(o)[0] for o in (a, b) if isinstance(o, fx.Node)]
+        if any(
+            isinstance(val(n), (torch.SymFloat, torch.SymInt))
+            or (n.op == "placeholder" and isinstance(val(n), torch.Tensor) and val(n).dim() == 0)
+            for n in srcs
+        ):
+            raise Reject(
+                "eps is a graph input, not a constant (dynamic=True turns float attributes into inputs); "
+                "mark only the token dim dynamic (torch._dynamo.mark_dynamic(x, 0)) or set "
+                "torch._dynamo.config.specialize_float = True"
+            )
         raise Reject("eps is not a constant")
     nodes.add(add_eps)
+    if is_op(mean, aten.reshape.default, aten.unsqueeze.default) and is_op(mean.args[0], aten.mean.dim):
+        raise Reject("mean is not over the last dim with keepdim=True (mean(-1) then unsqueeze: use keepdim=True)")
     if not is_op(mean, aten.mean.dim):
         raise Reject("rsqrt does not read a mean")
     nodes.add(mean)
+    mean_dt = mean.kwargs.get("dtype")
+    for node in (mean, add_eps, rsqrt):
+        if tval(node).dtype != torch.float32 or mean_dt not in (None, torch.float32):
+            raise Reject(f"variance mean computed in {mean_dt or tval(node).dtype}, not float32")
     sq = mean.args[0]
     sqv = tval(sq)
     if not is_last_dim_reduction(mean, sqv.dim()):
@@ -102,6 +119,11 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
         nodes.add(up)
     # n = v * rsqrt
     if len(rsqrt.users) != 1:
+        if any(u.op == "output" for u in rsqrt.users):
+            raise Reject(
+                "rsqrt is saved for backward (compiled with grad enabled); fusion is for inference: "
+                "run under torch.no_grad() or torch.inference_mode()"
+            )
         raise Reject("rsqrt has other users")
     (n,) = rsqrt.users
     if not is_op(n, aten.mul.Tensor) or other_arg(n, rsqrt) is not v:
@@ -195,6 +217,8 @@ def _weight_expr(w: Any, H: Any) -> tuple[fx.Node, float, torch.dtype | None]:
         raise Reject(f"weight shape {tuple(wv.shape)} is not [hidden]")
     if not wv.is_floating_point():
         raise Reject("weight is not floating point")
+    if wv.dtype not in NORM_DTYPES:
+        raise Reject(f"weight dtype {wv.dtype} not supported (bf16/fp16/fp32)")
     return w, offset, wsum_dtype
 
 
@@ -225,6 +249,9 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
             raise Reject(f"{node.name} is not contiguous")
     if norm.weight is not None and tval(norm.weight).stride(0) != 1:
         raise Reject("weight is not contiguous")
+    qv, lead = tval(q.sink), len(tval(q.sink).shape) - xv.dim()
+    if q.scheme != PER_GROUP and (lead < 0 or any(d != 1 for d in qv.shape[:lead])):
+        raise Reject(f"quant output shape {tuple(qv.shape)} is not the input's shape {tuple(xv.shape)}")
     if q.scheme == PER_GROUP and (q.group_size & (q.group_size - 1) or H % q.group_size):
         raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
     # dependency order: inputs must not be computed from the region
@@ -268,6 +295,8 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         need_residual_out=need_h,
     )
     scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
+    # a one-element static scale of higher rank broadcasts the quant output up: y / s.reshape(1, 1, 1)
+    extra = 0 if sink_group_shape else tval(q.sink).dim() - xv.dim()
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -287,7 +316,7 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             qo = qo.reshape(*lead, G, H // G)
             so = so.reshape(*lead, G, 1)
         else:
-            qo = qo.reshape(x.shape)
+            qo = qo.reshape((1,) * extra + tuple(x.shape))
             so = so.reshape(*lead, 1) if q.scheme == PER_TOKEN else so.reshape(scale_shape_static or (1,))
         ho = ho.reshape(x.shape) if need_h else ho
         return qo, so, ho

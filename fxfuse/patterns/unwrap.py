@@ -24,7 +24,6 @@ is folded to `value` when it is an exact overwrite.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import operator
 from typing import Any, Callable, Iterator
 
@@ -59,8 +58,9 @@ def op_key(op: Any) -> str:
     if isinstance(op, torch._ops.OpOverloadPacket):
         return op._qualified_op_name
     if isinstance(op, str):
-        if "::" not in op:
-            raise ValueError(f"op name {op!r} is not qualified ('namespace::name')")
+        ns, sep, name = op.partition("::")
+        if not sep or not ns or not name or "::" in name or name.startswith(".") or name.endswith("."):
+            raise ValueError(f"op name {op!r} is not qualified ('namespace::name' or 'namespace::name.overload')")
         return op
     raise TypeError(f"register_unwrap expects an OpOverload, OpOverloadPacket or 'ns::name' string, not {type(op).__name__}")
 
@@ -74,15 +74,62 @@ def register_unwrap(op: Any, decomposition: Decomposition | None = None) -> Any:
     node's fake values. Without `decomposition` this returns a decorator.
     """
     key = op_key(op)
+    schemas = _schemas_for(key)
 
     def deco(fn: Decomposition) -> Decomposition:
         if not callable(fn):
             raise TypeError("decomposition must be callable")
+        for schema in schemas:
+            _check_arity(key, fn, schema)
         _REGISTRY[key] = fn
         log.debug("fxfuse unwrap: registered decomposition %s for %s", getattr(fn, "__qualname__", fn), key)
         return fn
 
     return deco if decomposition is None else deco(decomposition)
+
+
+def _schemas_for(key: str) -> list[Any]:
+    """Schemas a registration under `key` applies to; raises for ops that can never be unwrapped.
+
+    A name that is not loaded yet is allowed (the library may be imported later, like the
+    built-ins) but logged as a warning, so a typo does not go unnoticed.
+    """
+    import warnings
+
+    qual, _, overload = key.partition(".")
+    ns = qual.split("::", 1)[0]
+    if ns in _TRANSPARENT_NAMESPACES:
+        raise ValueError(f"{key}: ops in namespace {ns!r} are not opaque and are never unwrapped")
+    try:
+        schemas = list(torch._C._jit_get_schemas_for_operator(qual))
+    except Exception:  # noqa: BLE001 - no such op
+        schemas = []
+    if not schemas:
+        warnings.warn(f"fxfuse.register_unwrap: no op {qual} is loaded yet; the decomposition applies once it is", stacklevel=3)
+        return []
+    if overload:
+        match = [sc for sc in schemas if (sc.overload_name or "default") == overload]
+        if not match:
+            have = sorted(sc.overload_name or "default" for sc in schemas)
+            raise ValueError(f"{qual} has no overload {overload!r} (overloads: {', '.join(have)})")
+        return match
+    return schemas
+
+
+def _check_arity(key: str, fn: Decomposition, schema: Any) -> None:
+    """The decomposition is called with the schema's arguments by position (kw-only by name)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: cannot check
+    pos = [a.name for a in schema.arguments if not a.kwarg_only]
+    kwo = {a.name: None for a in schema.arguments if a.kwarg_only}
+    try:
+        sig.bind(*pos, **kwo)
+    except TypeError as e:
+        raise TypeError(f"decomposition {getattr(fn, '__qualname__', fn)} cannot take the arguments of {schema}: {e}") from None
 
 
 def unregister_unwrap(op: Any) -> None:
@@ -96,19 +143,18 @@ def lookup(op: torch._ops.OpOverload) -> Decomposition | None:
     return _REGISTRY.get(full) or _REGISTRY.get(op._schema.name)
 
 
-def _fn_identity(fn: Any) -> str:
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+def registry_digest() -> str | None:
+    """Part of the pipeline uuid: registered op names and what each decomposition computes (code,
+    closure values, helpers it calls); None when a decomposition cannot be identified."""
+    from .._identity import callable_identity
 
-
-def registry_digest() -> str:
-    """Part of the pipeline uuid: registered op names and each decomposition's source."""
     _sync_builtins()
     h = hashlib.sha256()
     for key in sorted(_REGISTRY):
-        h.update(key.encode() + b"\x00" + _fn_identity(_REGISTRY[key]).encode() + b"\x01")
+        ident = callable_identity(_REGISTRY[key])
+        if ident is None:
+            return None
+        h.update(key.encode() + b"\x00" + ident.encode() + b"\x01")
     return h.hexdigest()
 
 
@@ -403,6 +449,51 @@ def _users_by_index(node: fx.Node) -> dict[int, list[fx.Node]]:
     return out
 
 
+def _same_meta(old: Any, new: Any) -> str | None:
+    """None if `new` can stand in for `old` (dtype, device, shape, symbolic too), else what differs."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as skt
+
+    if not isinstance(old, torch.Tensor):
+        return None  # nothing recorded to compare (None output slot)
+    if not isinstance(new, torch.Tensor):
+        return f"{type(new).__name__} instead of a tensor"
+    if new.dtype != old.dtype:
+        return f"dtype {new.dtype} instead of {old.dtype}"
+    if new.device != old.device:
+        return f"device {new.device} instead of {old.device}"
+    if new.dim() != old.dim() or not all(skt(a == b) for a, b in zip(new.shape, old.shape)):
+        return f"shape {tuple(new.shape)} instead of {tuple(old.shape)}"
+    return None
+
+
+def _check_outputs(site: _Site, gm: fx.GraphModule, n_ret: int, out_form: bool) -> None:
+    """Reject a decomposition whose outputs (or new values of mutated args) disagree with the op's
+    recorded ones in dtype, device or shape: users of the node were compiled against those."""
+    outs = [val(n) for n in gm.graph.output_node().args[0]]
+    old = val(site.node)
+    olds = list(old) if isinstance(old, (tuple, list)) else [old]
+    rets, muts = outs[:n_ret], outs[n_ret:]
+    pairs: list[tuple[str, Any, Any]] = []
+    if site.form == "plain":
+        pairs = [(f"output {i}", o, n) for i, (o, n) in enumerate(zip(olds, rets))]
+    elif out_form:
+        pairs = [(f"out argument {name}", o, n) for name, o, n in zip(site.mutable_names, olds, muts)]
+    else:
+        offset = n_ret if n_ret > 1 else 1
+        pairs = [(f"output {i}", olds[i], r) for i, r in enumerate(rets) if i < len(olds)]
+        if site.form == "v1":
+            values = dict(zip([n for n in site.mutable_names if site.node.kwargs.get(n) is not None], muts))
+            for k, name in enumerate(site.mutable_names):
+                if name in values and offset + k < len(olds):
+                    pairs.append((f"mutated argument {name}", olds[offset + k], values[name]))
+        else:
+            pairs += [(f"mutated base {k}", olds[offset + k], m) for k, m in enumerate(muts) if offset + k < len(olds)]
+    for what, o, n in pairs:
+        why = _same_meta(o, n)
+        if why:
+            raise Reject(f"decomposition's {what} has {why}")
+
+
 def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_only: bool) -> int:
     """Replace one site by the traced decomposition. Returns the number of ATen nodes inserted."""
     node, schema = site.node, site.schema
@@ -434,6 +525,7 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
         raise Reject(f"decomposition did not trace: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if aten_only and (bad := _is_aten_only(gm)) is not None:
         raise Reject(f"implementation does not trace to ATen only (calls {bad})")
+    _check_outputs(site, gm, n_ret, out_form)
 
     anchor = node.prev
     outs = inline_graph(graph, gm, inputs, before=node)
