@@ -294,9 +294,10 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
 
     on_cuda = xv.device.type == "cuda"
     q_new, s_new, h_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
-    q.sink.replace_all_uses_with(q_new)
-    if q.scale_out is not None:
-        q.scale_out.replace_all_uses_with(s_new)
+    for sink in q.sinks or [q.sink]:
+        sink.replace_all_uses_with(q_new)
+    for scale_out in q.scale_outs or ([q.scale_out] if q.scale_out is not None else []):
+        scale_out.replace_all_uses_with(s_new)
     if need_h:
         for u in list(norm.h.users):
             if u not in norm.nodes:
@@ -321,7 +322,7 @@ class RMSNormQuant:
                 kernel = "triton:fxfuse_rms_norm_quant" if tval(norm.x).device.type == "cuda" else "fxfuse::rms_norm_quant"
                 detail = f"{SCHEME_NAMES[q.scheme]} {q.qdtype} H={tval(norm.x).shape[-1]}" + (
                     " +residual" if norm.residual is not None else ""
-                )
+                ) + (f" shared by {len(q.sinks)} quantizations" if len(q.sinks) > 1 else "")
                 ctx.applied(FAMILY, replaced, kernel, detail)
 
 
