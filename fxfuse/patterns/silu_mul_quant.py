@@ -243,9 +243,9 @@ def match_quant_of(m: ActMulMatch) -> QuantMatch:
     """The quant of the product; a quant of gate or of act(gate) alone gets its own reason."""
     name = ACT_NAMES[m.act]
     if not find_sinks(m.y):
-        if find_sinks(m.act_out, depth=6):
+        if find_sinks(m.act_out):
             raise Reject(f"quantization reads {name}(gate), not {name}(gate) * up")
-        if find_sinks(m.gate, depth=6) or find_sinks(m.up, depth=6):
+        if find_sinks(m.gate) or find_sinks(m.up):
             raise Reject(f"quantization reads gate or up alone, not {name}(gate) * up")
     reason_in = f"quantization reads gate or up, not {name}(gate) * up"
     return match_quant(m.y, m.nodes, {m.gate: reason_in, m.up: reason_in}, what=f"{name}(gate) * up")
@@ -401,9 +401,7 @@ def _gate_quantized(anchor: fx.Node) -> bool:
     if not isinstance(g, fx.Node):
         return False
     src, _ = strip_f32_convert(g)
-    return isinstance(src, fx.Node) and bool(find_sinks(src, depth=4)) and any(
-        is_op(u, aten.mul.Tensor) for n in (anchor, *anchor.users) for u in n.users
-    )
+    return isinstance(src, fx.Node) and bool(find_sinks(src))
 
 
 PASS = SiluMulQuant()
