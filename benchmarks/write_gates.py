@@ -1,4 +1,8 @@
-"""Turn a bench_rmsnorm_quant JSON into fxfuse/gates.json: the shape classes where fusion ships.
+"""Turn a benchmark JSON into fxfuse/gates.json: the shape classes where fusion ships.
+
+bench_rmsnorm_quant results (no "family" key) gate `rmsnorm_quant` by (scheme, H); results with
+a "family" key (bench_silu_mul_quant: "silu_mul_quant") carry their own `summary.gates` table,
+per (scheme, intermediate size), and only that family's entry is replaced.
 
 A shape class is (scheme, hidden size); its figure is the geomean over token counts of
 stock-compile time / fxfuse-compile time. fxfuse/gating.py lets a rewrite through only where
@@ -20,6 +24,12 @@ GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
 
 def gates_from(result: dict) -> dict:
+    family = result.get("family")
+    if family:
+        return {
+            family: result.get("summary", {}).get("gates", {}),
+            f"_source_{family}": {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")},
+        }
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in result.get("cases", []):
         us = row.get("us", {})
