@@ -59,3 +59,20 @@ def test_differing_chains_are_a_near_miss(fn):
     reasons = [m.reason for m in fxfuse.report().near_misses]
     assert any("2 quantizations that differ" in r for r in reasons), reasons
     assert_identical(tuple(out), ref)
+
+
+def test_group_scale_2d_form_fuses():
+    """y.reshape(M, -1, g), amax(-1) -> [M, H/g] scale, divide by s.unsqueeze(-1)."""
+    from forms import q_group_2d
+
+    def fn(x, res, w, scale):
+        return q_group_2d(NORMS["hf"](x, w, 1e-6), scale)
+
+    args = make_inputs(5, 256, torch.bfloat16, seed=13)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, leftovers = compile_and_run(fn, args)
+    assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report()
+    assert not leftovers, leftovers
+    assert out[1].shape == (5, 4)
+    assert not dequant_close(tuple(out), tuple(ref))

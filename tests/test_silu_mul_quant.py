@@ -92,6 +92,22 @@ def test_forms_fuse(case):
     assert not dequant_close(tuple(out), tuple(ref)), dequant_close(tuple(out), tuple(ref))
 
 
+def test_group_scale_2d_form():
+    from forms import q_group_2d
+
+    def fn(gu, up, scale):
+        g, u = gu.chunk(2, dim=-1)
+        return q_group_2d(F.silu(g) * u, scale)
+
+    args = make_args(5, 256, torch.bfloat16, "chunk", seed=9)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, leftovers = compile_and_run(fn, args)
+    assert fxfuse.counters["silu_mul_quant"] == 1, fxfuse.report()
+    assert not leftovers and out[1].shape == (5, 4)
+    assert not dequant_close(tuple(out), tuple(ref))
+
+
 def test_dynamic_tokens_3d():
     fn = make_mlp("silu", "chunk", "token")
     args = make_args((2, 5), 128, torch.bfloat16, "chunk", seed=3)

@@ -26,6 +26,7 @@ from ..fx_utils import (
     is_last_dim_reduction,
     is_op,
     literal,
+    norm_dims,
     tval,
 )
 
@@ -195,8 +196,19 @@ def scale_chain(s: Any, nodes: set[fx.Node], y: fx.Node) -> tuple[Any, list[int]
     return cur, [o for o, _ in ops], [c for _, c in ops]
 
 
-def amax_source(base: Any, nodes: set[fx.Node]) -> Any:
-    """If base is amax(|t|) (or max(|t|, dim).values) over the last dim with keepdim, return t."""
+def _peel_unsqueeze(s: Any, nodes: set[fx.Node]) -> tuple[Any, bool]:
+    """`s.unsqueeze(-1)` -> (s, True): the `[M, H/g]` scale form broadcast back over its group."""
+    if is_op(s, aten.unsqueeze.default) and s.args[1] in (-1, tval(s).dim() - 1):
+        nodes.add(s)
+        return s.args[0], True
+    return s, False
+
+
+def amax_source(base: Any, nodes: set[fx.Node], keepdim: bool = True) -> Any:
+    """If base is amax(|t|) (or max(|t|, dim).values) over the last dim, return t.
+
+    keepdim=False is the `[M, H/g]` form whose scale is unsqueezed before the divide.
+    """
     if is_op(base, aten.amax.default):
         red = base
     elif (
@@ -214,8 +226,13 @@ def amax_source(base: Any, nodes: set[fx.Node]) -> Any:
     ab = red.args[0]
     if not is_op(ab, aten.abs.default):
         raise Reject("scale reduces max without abs()")
-    if not is_last_dim_reduction(red, tval(ab).dim()):
+    if keepdim and not is_last_dim_reduction(red, tval(ab).dim()):
         raise Reject("amax is not over the last dim with keepdim=True")
+    if not keepdim:
+        dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
+        kd = red.args[2] if len(red.args) > 2 else red.kwargs.get("keepdim", False)
+        if kd or norm_dims(dims, tval(ab).dim()) != [tval(ab).dim() - 1]:
+            raise Reject("amax is not over the last dim (its scale is unsqueezed after it)")
     nodes.update({red, ab})
     return ab.args[0]
 
@@ -322,16 +339,24 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
         if tval(s).dtype != torch.float32:
             raise Reject(f"scale dtype {tval(s).dtype}, not float32")
         chain_nodes: set[fx.Node] = set()
-        base, ops, consts = scale_chain(s, chain_nodes, y)
+        s_eff, unsq = _peel_unsqueeze(s, chain_nodes) if depends_on_any(s, {y}) else (s, False)
+        base, ops, consts = scale_chain(s_eff, chain_nodes, y)
+        if not unsq:
+            base, unsq = _peel_unsqueeze(base, chain_nodes)
+            if unsq:
+                base, ops2, consts2 = scale_chain(base, chain_nodes, y)
+                ops, consts = ops2 + ops, consts2 + consts
+                if len(ops) > MAX_SCALE_OPS:
+                    raise Reject(f"scale is computed by {len(ops)} ops; at most {MAX_SCALE_OPS} supported")
         if depends_on_any(base, {y}):
-            src = amax_source(base, chain_nodes)
+            src = amax_source(base, chain_nodes, keepdim=not unsq)
             if src is None:
                 raise Reject(f"scale is derived from the tensor by an unsupported op ({getattr(base, 'name', base)})")
             src_kind, src_g = value_source(src, y, chain_nodes)
             if (src_kind, src_g) != (kind, g):
                 raise Reject("scale groups differ from the quantized groups")
             scheme = PER_GROUP if kind == "group" else PER_TOKEN
-            scale_out = s
+            scale_out = s_eff
             nodes |= chain_nodes
         else:
             if kind != "row":

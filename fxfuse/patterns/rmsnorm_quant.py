@@ -37,7 +37,6 @@ from ..fx_utils import (
 from .. import gating
 from .quant import (
     PER_GROUP,
-    PER_TOKEN,
     QUANT_DTYPES,
     SCHEME_NAMES,
     QuantMatch,
@@ -247,8 +246,6 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
     need_h = norm.residual is not None and any(u not in norm.nodes for u in norm.h.users)
     inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale) if n is not None]
     has_res, has_w, has_s = norm.residual is not None, norm.weight is not None, q.scale is not None
-    sink_group_shape = q.scheme == PER_GROUP
-    G = H // q.group_size if sink_group_shape else 0
     params = dict(
         eps=norm.eps,
         weight_offset=norm.weight_offset,
@@ -268,6 +265,10 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         need_residual_out=need_h,
     )
     scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
+    # the written shapes past the token dims: [.., G, g] / [.., H] for q, [.., 1] / [.., G, 1] / [.., G] scales
+    lead_n = xv.dim() - 1
+    q_tail = tuple(tval(q.sink).shape[lead_n:])
+    s_tail = tuple(tval(q.scale_out).shape[lead_n:]) if q.scale_out is not None else None
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -283,12 +284,11 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             None if sc is None else sc.reshape(1),
             **params,
         )
-        if sink_group_shape:
-            qo = qo.reshape(*lead, G, H // G)
-            so = so.reshape(*lead, G, 1)
+        qo = qo.reshape(*lead, *q_tail)
+        if s_tail is not None:
+            so = so.reshape(*lead, *s_tail)
         else:
-            qo = qo.reshape(x.shape)
-            so = so.reshape(*lead, 1) if q.scheme == PER_TOKEN else so.reshape(scale_shape_static or (1,))
+            so = so.reshape(scale_shape_static or (1,))
         ho = ho.reshape(x.shape) if need_h else ho
         return qo, so, ho
 
