@@ -33,7 +33,7 @@ for step in "${@:-all}"; do
     unwrap) bench unwrap 240 benchmarks/bench_unwrap.py ;;
     aoti) for m in stock fxfuse; do timeout 200 python3 benchmarks/aoti_check.py $m cuda 2>&1 | tail -25; done ;;
     silu|all) bench silu_mul_quant 300 benchmarks/bench_silu_mul_quant.py ;;&
-    llama|all) bench llama_fp8_layer 300 benchmarks/bench_llama_fp8_layer.py ;;&
+    llama|all) bench llama_fp8_layer 480 benchmarks/bench_llama_fp8_layer.py --ungated ;;&
     rope|all) bench rope_quant 300 benchmarks/bench_rope_quant.py ;;&
     routing|all) bench moe_routing 300 benchmarks/bench_moe_routing.py ;;&
     experts|all) bench moe_experts 400 benchmarks/bench_moe_experts.py ;;&

@@ -24,6 +24,9 @@ GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 def gates_from(result: dict) -> dict:
     src = {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")}
     gates = result.get("gates") or result.get("summary", {}).get("gates")
+    family = result.get("family")
+    if gates and family and family not in gates:  # a bare {scheme: {size: x}} table of one family
+        gates = {family: gates}
     if gates:
         return {**gates, "_source": src}
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -105,6 +105,15 @@ def _group(g: int) -> Callable[..., tuple[torch.Tensor, ...]]:
     return q_group
 
 
+def q_group_2d(y: torch.Tensor, scale: torch.Tensor, g: int = 64) -> tuple[torch.Tensor, ...]:
+    """vLLM native per-token-group / DeepSeek form: an [M, H/g] scale, unsqueezed to divide."""
+    M = y.shape[0]
+    yg = y.reshape(M, -1, g).float()
+    s = (yg.abs().amax(-1) / FP8_MAX).clamp(min=1e-10)
+    q = (yg / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(y.shape)
+    return q, s
+
+
 def q_int8_static(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return ((y.float() / scale).round().clamp(-128, 127).to(torch.int8),)
 

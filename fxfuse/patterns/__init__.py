@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _passes() -> tuple["GraphPass", ...]:
-    from . import moe_routing, normalize, rmsnorm_quant, unwrap
+    from . import moe_routing, normalize, rmsnorm_quant, silu_mul_quant, unwrap
 
-    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS, moe_routing.PASS)
+    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS, silu_mul_quant.PASS, moe_routing.PASS)
 
 
 def default_passes() -> list["GraphPass"]:

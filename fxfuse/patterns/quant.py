@@ -26,6 +26,7 @@ from ..fx_utils import (
     is_last_dim_reduction,
     is_op,
     literal,
+    norm_dims,
     tval,
 )
 
@@ -65,6 +66,19 @@ class QuantMatch:
     sink: fx.Node  # the convert to the quant dtype
     scale_out: fx.Node | None  # node holding the effective dynamic scale
     nodes: set[fx.Node] = field(default_factory=set)
+    # identical chains reading the same y (one per quantized linear): every sink / scale node,
+    # `sink` and `scale_out` included; the rewrite points all of them at the one fused output
+    sinks: list[fx.Node] = field(default_factory=list)
+    scale_outs: list[fx.Node] = field(default_factory=list)
+
+    def signature(self) -> tuple:
+        """What decides the quantized bits: equal signatures compute the same (q, scale)."""
+        return (
+            self.scheme, self.group_size, self.scale, self.static_value, tuple(self.scale_ops),
+            tuple(self.scale_consts), self.quant_mul, self.qmin, self.qmax, self.round_to_int, self.qdtype,
+            tuple(tval(self.sink).shape),
+            None if self.scale_out is None else tuple(tval(self.scale_out).shape),
+        )
 
 
 def strip_f32_convert(node: Any) -> tuple[Any, fx.Node | None]:
@@ -182,8 +196,19 @@ def scale_chain(s: Any, nodes: set[fx.Node], y: fx.Node) -> tuple[Any, list[int]
     return cur, [o for o, _ in ops], [c for _, c in ops]
 
 
-def amax_source(base: Any, nodes: set[fx.Node]) -> Any:
-    """If base is amax(|t|) (or max(|t|, dim).values) over the last dim with keepdim, return t."""
+def _peel_unsqueeze(s: Any, nodes: set[fx.Node]) -> tuple[Any, bool]:
+    """`s.unsqueeze(-1)` -> (s, True): the `[M, H/g]` scale form broadcast back over its group."""
+    if is_op(s, aten.unsqueeze.default) and s.args[1] in (-1, tval(s).dim() - 1):
+        nodes.add(s)
+        return s.args[0], True
+    return s, False
+
+
+def amax_source(base: Any, nodes: set[fx.Node], keepdim: bool = True) -> Any:
+    """If base is amax(|t|) (or max(|t|, dim).values) over the last dim, return t.
+
+    keepdim=False is the `[M, H/g]` form whose scale is unsqueezed before the divide.
+    """
     if is_op(base, aten.amax.default):
         red = base
     elif (
@@ -201,8 +226,13 @@ def amax_source(base: Any, nodes: set[fx.Node]) -> Any:
     ab = red.args[0]
     if not is_op(ab, aten.abs.default):
         raise Reject("scale reduces max without abs()")
-    if not is_last_dim_reduction(red, tval(ab).dim()):
+    if keepdim and not is_last_dim_reduction(red, tval(ab).dim()):
         raise Reject("amax is not over the last dim with keepdim=True")
+    if not keepdim:
+        dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
+        kd = red.args[2] if len(red.args) > 2 else red.kwargs.get("keepdim", False)
+        if kd or norm_dims(dims, tval(ab).dim()) != [tval(ab).dim() - 1]:
+            raise Reject("amax is not over the last dim (its scale is unsqueezed after it)")
     nodes.update({red, ab})
     return ab.args[0]
 
@@ -229,18 +259,53 @@ def _merge_clamp(qmin: float, qmax: float, lo: Any, hi: Any, n_before: int) -> t
 def match_quant(
     y: fx.Node, owner: set[fx.Node], inputs: Mapping[fx.Node, str], what: str = "normalized output"
 ) -> QuantMatch:
-    """Match the single quantization of `y`.
+    """Match the quantization of `y`: one chain, or several identical ones (one per linear).
 
     `owner` is the producer region (its nodes may use the quant's intermediates); `inputs` maps
     the producer's own inputs to the reason given when the quant reads one of them instead of `y`;
-    `what` names `y` in reasons.
+    `what` names `y` in reasons. Several chains that compute the same bits (same scheme, constants,
+    static scale node, dtypes, shapes) become one match whose `sinks`/`scale_outs` list them all;
+    chains that differ are a near miss.
     """
     sinks = find_sinks(y)
     if not sinks:
         raise Reject(f"{what} is not quantized to fp8/int8")
-    if len(sinks) > 1:
-        raise Reject(f"{what} feeds several quantizations")
-    (sink,) = sinks
+    matches = [_match_chain(y, sink, inputs) for sink in sinks]
+    q = matches[0]
+    for other in matches[1:]:
+        if other.signature() != q.signature():
+            diff = _first_difference(q, other)
+            raise Reject(f"{what} feeds {len(sinks)} quantizations that differ ({diff})")
+    nodes = set().union(*(m.nodes for m in matches))
+    q.nodes = nodes
+    q.sinks = [m.sink for m in matches]
+    q.scale_outs = [m.scale_out for m in matches if m.scale_out is not None]
+    # intermediates must not escape
+    escape_ok = set(q.sinks) | set(q.scale_outs)
+    region = nodes | owner
+    for node in nodes - escape_ok:
+        if any(u not in region for u in node.users):
+            raise Reject(f"intermediate {node.name} of the quant is used elsewhere")
+    if any(u not in region for u in y.users):
+        raise Reject(f"{what} is also used outside the quantization")
+    return q
+
+
+_SIGNATURE_FIELDS = (
+    "scheme", "group size", "static scale", "static scale value", "scale ops", "scale constants",
+    "multiply vs divide", "clamp min", "clamp max", "rounding", "quant dtype", "output shape", "scale shape",
+)
+
+
+def _first_difference(a: QuantMatch, b: QuantMatch) -> str:
+    for name, x, z in zip(_SIGNATURE_FIELDS, a.signature(), b.signature()):
+        if x != z:
+            return f"{name}: {x} vs {z}"
+    return "unknown"
+
+
+def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> QuantMatch:
+    """Match one quant chain ending at `sink` (escape checks are done on the union by the caller)."""
     qdtype = convert_dtype(sink)
     nodes: set[fx.Node] = {sink}
     t = sink.args[0]
@@ -290,16 +355,24 @@ def match_quant(
         if tval(s).dtype != torch.float32:
             raise Reject(f"scale dtype {tval(s).dtype}, not float32")
         chain_nodes: set[fx.Node] = set()
-        base, ops, consts = scale_chain(s, chain_nodes, y)
+        s_eff, unsq = _peel_unsqueeze(s, chain_nodes) if depends_on_any(s, {y}) else (s, False)
+        base, ops, consts = scale_chain(s_eff, chain_nodes, y)
+        if not unsq:
+            base, unsq = _peel_unsqueeze(base, chain_nodes)
+            if unsq:
+                base, ops2, consts2 = scale_chain(base, chain_nodes, y)
+                ops, consts = ops2 + ops, consts2 + consts
+                if len(ops) > MAX_SCALE_OPS:
+                    raise Reject(f"scale is computed by {len(ops)} ops; at most {MAX_SCALE_OPS} supported")
         if depends_on_any(base, {y}):
-            src = amax_source(base, chain_nodes)
+            src = amax_source(base, chain_nodes, keepdim=not unsq)
             if src is None:
                 raise Reject(f"scale is derived from the tensor by an unsupported op ({getattr(base, 'name', base)})")
             src_kind, src_g = value_source(src, y, chain_nodes)
             if (src_kind, src_g) != (kind, g):
                 raise Reject("scale groups differ from the quantized groups")
             scheme = PER_GROUP if kind == "group" else PER_TOKEN
-            scale_out = s
+            scale_out = s_eff
             nodes |= chain_nodes
         else:
             if kind != "row":
@@ -317,14 +390,6 @@ def match_quant(
             # static chain nodes stay in the graph (DCE removes them if unused)
     if scheme != PER_GROUP and kind == "group":
         raise Reject("grouped quant without a per-group scale")
-    # intermediates must not escape
-    escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
-    region = nodes | owner
-    for node in nodes - escape_ok:
-        if any(u not in region for u in node.users):
-            raise Reject(f"intermediate {node.name} of the quant is used elsewhere")
-    if any(u not in region for u in y.users):
-        raise Reject(f"{what} is also used outside the quantization")
     return QuantMatch(
         scheme, g, scale_node, static_value, ops, consts, quant_mul, qmin, qmax, round_to_int, qdtype, sink, scale_out, nodes
     )

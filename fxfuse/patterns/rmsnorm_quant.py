@@ -37,7 +37,6 @@ from ..fx_utils import (
 from .. import gating
 from .quant import (
     PER_GROUP,
-    PER_TOKEN,
     QUANT_DTYPES,
     SCHEME_NAMES,
     QuantMatch,
@@ -274,8 +273,6 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
     need_h = norm.residual is not None and any(u not in norm.nodes for u in norm.h.users)
     inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale) if n is not None]
     has_res, has_w, has_s = norm.residual is not None, norm.weight is not None, q.scale is not None
-    sink_group_shape = q.scheme == PER_GROUP
-    G = H // q.group_size if sink_group_shape else 0
     params = dict(
         eps=norm.eps,
         weight_offset=norm.weight_offset,
@@ -295,8 +292,13 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         need_residual_out=need_h,
     )
     scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
-    # a one-element static scale of higher rank broadcasts the quant output up: y / s.reshape(1, 1, 1)
-    extra = 0 if sink_group_shape else tval(q.sink).dim() - xv.dim()
+    # the written shapes past the token dims: [.., G, g] / [.., H] for q, [.., 1] / [.., G, 1] / [.., G] scales;
+    # a one-element static scale of higher rank broadcasts q up first: y / s.reshape(1, 1, 1)
+    lead_n = xv.dim() - 1
+    sink_shape = tuple(tval(q.sink).shape)
+    extra = max(0, len(sink_shape) - lead_n - (2 if q.scheme == PER_GROUP else 1))
+    q_tail = sink_shape[extra + lead_n:]
+    s_tail = tuple(tval(q.scale_out).shape[lead_n:]) if q.scale_out is not None else None
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -312,20 +314,20 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             None if sc is None else sc.reshape(1),
             **params,
         )
-        if sink_group_shape:
-            qo = qo.reshape(*lead, G, H // G)
-            so = so.reshape(*lead, G, 1)
+        qo = qo.reshape(*((1,) * extra), *lead, *q_tail)
+        if s_tail is not None:
+            so = so.reshape(*lead, *s_tail)
         else:
-            qo = qo.reshape((1,) * extra + tuple(x.shape))
-            so = so.reshape(*lead, 1) if q.scheme == PER_TOKEN else so.reshape(scale_shape_static or (1,))
+            so = so.reshape(scale_shape_static or (1,))
         ho = ho.reshape(x.shape) if need_h else ho
         return qo, so, ho
 
     on_cuda = xv.device.type == "cuda"
     q_new, s_new, h_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
-    q.sink.replace_all_uses_with(q_new)
-    if q.scale_out is not None:
-        q.scale_out.replace_all_uses_with(s_new)
+    for sink in q.sinks or [q.sink]:
+        sink.replace_all_uses_with(q_new)
+    for scale_out in q.scale_outs or ([q.scale_out] if q.scale_out is not None else []):
+        scale_out.replace_all_uses_with(s_new)
     if need_h:
         for u in list(norm.h.users):
             if u not in norm.nodes:
@@ -350,7 +352,7 @@ class RMSNormQuant:
                 kernel = "triton:fxfuse_rms_norm_quant" if tval(norm.x).device.type == "cuda" else "fxfuse::rms_norm_quant"
                 detail = f"{SCHEME_NAMES[q.scheme]} {q.qdtype} H={tval(norm.x).shape[-1]}" + (
                     " +residual" if norm.residual is not None else ""
-                )
+                ) + (f" shared by {len(q.sinks)} quantizations" if len(q.sinks) > 1 else "")
                 ctx.applied(FAMILY, replaced, kernel, detail)
 
 

@@ -1,0 +1,430 @@
+"""Fused act(gate) * up + quantization (SiLU-and-mul / GELU-tanh-and-mul) as one Triton kernel.
+
+This module knows nothing about FX. It provides:
+
+* :func:`silu_mul_quant_reference` -- pure-torch oracle (also the op's CPU kernel);
+* ``torch.ops.fxfuse.silu_mul_quant`` -- a ``torch.library.triton_op`` launching through
+  ``wrap_triton`` (becomes ``triton_kernel_wrapper_functional`` under torch.compile);
+* :func:`silu_mul_quant_triton` -- plain launcher (eager CUDA, or CPU under TRITON_INTERPRET=1);
+* :func:`bytes_moved` -- HBM traffic model for benchmarks.
+
+Why one kernel: stock Inductor computes the per-token amax in one loop and the quantized product
+in a second loop over the same row, so at large intermediate sizes it reads gate and up twice.
+Here a program holds its row in registers: gate and up are read once, q and scales written once.
+
+Semantics per row (fp32 unless stated), gate/up either two [M, I] tensors or the two halves of
+one merged [M, 2I] ``gate_up`` (``up is None``)::
+
+    g = gate.f32
+    a = g / (1 + exp(-g))                                            (ACT_SILU, Inductor's form)
+      | 0.5 g (1 + tanh(0.7978845608028654 (g + 0.044715 g^3)))      (ACT_GELU_TANH)
+    a = a.to(act_dtype).f32
+    y = (a * up.f32).to(out_dtype).f32
+    q, scales = quant(y)   (quant_common: static / per-token / per-group, fp8 e4m3fn / int8)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .quant_common import (
+    MAX_SCALE_OPS,
+    SCALE_MUL,
+    SCALE_NOP as _SCALE_NOP,
+    SCALE_ROUND_F16,
+    SCHEME_PER_GROUP,
+    SCHEME_PER_TOKEN,
+    SCHEME_STATIC,
+    quantize as _quantize,
+    quantize_reference,
+    round_to as _round_to,
+    scale_chain as _scale_chain,
+)
+
+__all__ = [
+    "ACT_SILU",
+    "ACT_GELU_TANH",
+    "MAX_INTER",
+    "silu_mul_quant",
+    "silu_mul_quant_reference",
+    "silu_mul_quant_triton",
+    "bytes_moved",
+    "check_args",
+]
+
+ACT_SILU = 0
+ACT_GELU_TANH = 1
+ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu_tanh"}
+MAX_INTER = 32768  # one row per program, whole row in registers
+_IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _split(x: torch.Tensor, up: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) views: the two halves of a merged gate_up when `up` is None."""
+    if up is not None:
+        return x, up
+    inter = x.shape[1] // 2
+    return x[:, :inter], x[:, inter:]
+
+
+def check_args(
+    x: torch.Tensor,
+    up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    act: int,
+    act_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    for_triton: bool = False,
+) -> None:
+    """Raise ValueError on unsupported inputs (last line of defense; the FX side pre-checks)."""
+    if x.dim() != 2:
+        raise ValueError(f"silu_mul_quant: x must be 2-D, got shape {tuple(x.shape)}")
+    if x.dtype not in _IN_DTYPES:
+        raise ValueError(f"silu_mul_quant: dtype {x.dtype} unsupported (bf16/fp16/fp32)")
+    if up is None:
+        if x.shape[1] % 2:
+            raise ValueError(f"silu_mul_quant: merged gate_up width {x.shape[1]} is odd")
+    else:
+        if up.shape != x.shape or up.dtype != x.dtype or up.device != x.device:
+            raise ValueError("silu_mul_quant: up must match gate in shape, dtype and device")
+        if for_triton and up.stride(1) != 1:
+            raise ValueError("silu_mul_quant: up rows must be contiguous (stride(1) == 1)")
+    if for_triton and x.stride(1) != 1:
+        raise ValueError("silu_mul_quant: rows must be contiguous (stride(1) == 1)")
+    inter = x.shape[1] if up is not None else x.shape[1] // 2
+    if act not in ACT_NAMES:
+        raise ValueError(f"silu_mul_quant: act {act} unknown")
+    if act_dtype not in _IN_DTYPES or out_dtype not in _IN_DTYPES:
+        raise ValueError("silu_mul_quant: act_dtype/out_dtype must be bf16/fp16/fp32")
+    if quant_dtype not in _QUANT_DTYPES:
+        raise ValueError(f"silu_mul_quant: quant_dtype {quant_dtype} unsupported (float8_e4m3fn/int8)")
+    if scheme not in (SCHEME_STATIC, SCHEME_PER_TOKEN, SCHEME_PER_GROUP):
+        raise ValueError(f"silu_mul_quant: scheme {scheme} unknown")
+    if scale is not None:
+        if scheme != SCHEME_STATIC or scale.numel() != 1 or not scale.dtype.is_floating_point:
+            raise ValueError("silu_mul_quant: a scale tensor must be one floating element, static scheme")
+        if scale.device != x.device:
+            raise ValueError("silu_mul_quant: scale on a different device")
+    if scheme == SCHEME_PER_GROUP:
+        if group_size <= 0 or inter % group_size:
+            raise ValueError(f"silu_mul_quant: I={inter} not divisible by group_size={group_size}")
+        if for_triton and group_size & (group_size - 1):
+            raise ValueError(f"silu_mul_quant: group_size={group_size} must be a power of two")
+    if for_triton and inter > MAX_INTER:
+        raise ValueError(f"silu_mul_quant: I={inter} above {MAX_INTER}")
+    if len(scale_ops) != len(scale_consts) or len(scale_ops) > MAX_SCALE_OPS:
+        raise ValueError(f"silu_mul_quant: scale_ops/scale_consts lengths (at most {MAX_SCALE_OPS})")
+    for op in scale_ops:
+        if op not in range(SCALE_MUL, SCALE_ROUND_F16 + 1):
+            raise ValueError(f"silu_mul_quant: unknown scale op code {op}")
+
+
+# ----------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------
+
+
+def act_mul_reference(
+    x: torch.Tensor, up: Optional[torch.Tensor], act: int, act_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """fp32 [M, I] product act(gate) * up with the written rounding points."""
+    f32 = torch.float32
+    gate, u = _split(x, up)
+    g = gate.to(f32)
+    if act == ACT_SILU:
+        a = g / (1.0 + torch.exp(-g))
+    else:
+        inner = (g + g * g * g * 0.044715) * 0.7978845608028654
+        a = (g * 0.5) * (torch.tanh(inner) + 1.0)
+    a = a.to(act_dtype).to(f32)
+    return (a * u.to(f32)).to(out_dtype).to(f32)
+
+
+def silu_mul_quant_reference(
+    x: torch.Tensor,
+    up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    act: int,
+    act_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch oracle (any device): (q [M, I], scales [1] | [M] | [M, I/g])."""
+    check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops, scale_consts)
+    y = act_mul_reference(x, up, act, act_dtype, out_dtype)
+    return quantize_reference(y, scheme, group_size, scale, static_scale_value, scale_ops, scale_consts,
+                              quant_mul, qmin, qmax, round_to_int, quant_dtype)
+
+
+# ----------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    """act(g) in fp32, written as Inductor decomposes it (tanh via exp: no libdevice needed)."""
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    else:
+        inner = (g + g * g * g * 0.044715) * 0.7978845608028654
+        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+        a = (g * 0.5) * (t + 1.0)
+    return a
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    g_ptr, u_ptr, scale_ptr, q_ptr, s_out_ptr,
+    stride_g, stride_u, stride_q, u_off,
+    INTER, NG,
+    static_scale_value, c0, c1, c2, c3, qmin, qmax,
+    ACT: tl.constexpr, ACT_DT: tl.constexpr, OUT_DT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
+    SCHEME: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
+):
+    """One program per row, held as a [BLOCK_R, BLOCK_G] tile (a group per tile row for the
+    per-group scheme): gate and up are read once, q and the scales written once."""
+    static_scale_value = tl.cast(static_scale_value, tl.float32)
+    c0 = tl.cast(c0, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
+    c2 = tl.cast(c2, tl.float32)
+    c3 = tl.cast(c3, tl.float32)
+    qmin = tl.cast(qmin, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    g_idx = tl.arange(0, BLOCK_R)
+    offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+    mask = offs < INTER
+
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
+    a = _round_to(_act(g, ACT), ACT_DT, NATIVE)
+    y = _round_to(a * u, OUT_DT, NATIVE)
+
+    if SCHEME == 0:
+        if HAS_SCALE_T:
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = static_scale_value + 0.0
+    else:
+        s = tl.max(tl.abs(y), axis=1)  # [BLOCK_R]: one amax per group (or per row); masked lanes are 0
+    s = _scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+    if SCHEME == 0:
+        sb = s + tl.zeros_like(y)
+        if tl.program_id(0) == 0:
+            tl.store(s_out_ptr, s)
+    else:
+        sb = s[:, None] + tl.zeros_like(y)
+        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
+    qo = _quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+
+
+def default_num_warps(block: int) -> int:
+    """Warps per row-program by padded row width (benchmarks sweep this)."""
+    if block <= 2048:
+        return 4
+    if block <= 8192:
+        return 8
+    return 16
+
+
+def _kernel_meta(inter: int, dtype: torch.dtype, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
+                 out_dtype: torch.dtype, quant_dtype: torch.dtype, scheme: int, group_size: int,
+                 scale_ops: Sequence[int], quant_mul: bool, round_to_int: bool, num_warps: Optional[int]) -> dict:
+    """Constexpr kwargs + num_warps (pure Python on shapes: fake-safe)."""
+    block = triton.next_power_of_2(inter)
+    if scheme == SCHEME_PER_GROUP:
+        block_g, block_r = group_size, max(block // group_size, 1)
+    else:
+        block_g, block_r = block, 1
+    ops = [int(o) for o in scale_ops] + [_SCALE_NOP] * (MAX_SCALE_OPS - len(scale_ops))
+    return dict(
+        ACT=int(act), ACT_DT=_DT_CODE[act_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_SCALE_T=scale is not None,
+        SCHEME=int(scheme), OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
+        QUANT_MUL=bool(quant_mul), ROUND_INT=bool(round_to_int), Q_INT8=quant_dtype == torch.int8,
+        BLOCK_G=block_g, BLOCK_R=block_r,
+        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        num_warps=num_warps if num_warps is not None else default_num_warps(block),
+    )
+
+
+def _scales_shape(M: int, inter: int, scheme: int, group_size: int) -> tuple[tuple, int]:
+    if scheme == SCHEME_STATIC:
+        return (1,), 1
+    if scheme == SCHEME_PER_TOKEN:
+        return (M,), 1
+    return (M, inter // group_size), inter // group_size
+
+
+def _pad(scale_consts: Sequence[float]) -> list[float]:
+    return [float(c) for c in scale_consts] + [0.0] * (MAX_SCALE_OPS - len(scale_consts))
+
+
+def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
+            static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, num_warps=None):
+    gate, u = _split(x, up)
+    M, inter = gate.shape
+    meta = _kernel_meta(inter, x.dtype, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
+                        scale_ops, quant_mul, round_to_int, num_warps)
+    c = _pad(scale_consts)
+    ng = inter // group_size if scheme == SCHEME_PER_GROUP else 1
+    # merged gate_up: pass the base tensor twice and offset up's pointer by I inside the row
+    u_arg = x if up is None else up
+    u_off = inter if up is None else 0
+    kernel[(M,)](
+        x, u_arg, scale if scale is not None else x, q, scales,
+        x.stride(0), u_arg.stride(0), q.stride(0), u_off,
+        inter, ng,
+        float(static_scale_value), c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+        **meta,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------
+
+
+@triton_op("fxfuse::silu_mul_quant", mutates_args=())
+def silu_mul_quant(
+    x: torch.Tensor,
+    up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    act: int,
+    act_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: list[int],
+    scale_consts: list[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused act(gate) * up + quant -> (q [M, I], scales). Body doubles as the fake impl."""
+    if x.device.type == "cpu":
+        return _silu_mul_quant_cpu(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
+                                   static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+    check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
+               scale_consts, for_triton=True)
+    M = x.shape[0]
+    inter = x.shape[1] if up is not None else x.shape[1] // 2
+    q = torch.empty((M, inter), dtype=quant_dtype, device=x.device)
+    s_shape, _ = _scales_shape(M, inter, scheme, group_size)
+    scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    _launch(wrap_triton(_silu_mul_quant_kernel), x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype,
+            scheme, group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+    return q, scales
+
+
+def _silu_mul_quant_cpu(
+    x: torch.Tensor,
+    up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    act: int,
+    act_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: list[int],
+    scale_consts: list[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
+    q, s = silu_mul_quant_reference(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
+                                    static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+    return q.contiguous(), s.contiguous()
+
+
+silu_mul_quant.register_kernel("cpu")(_silu_mul_quant_cpu)
+
+
+def silu_mul_quant_triton(
+    x: torch.Tensor,
+    up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    act: int,
+    act_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    static_scale_value: float,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    quant_mul: bool,
+    qmin: float,
+    qmax: float,
+    round_to_int: bool,
+    *,
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the raw kernel (no dispatcher): eager CUDA, or CPU under TRITON_INTERPRET=1.
+
+    `out=(q, scales)` writes into caller buffers (tests poison them to catch unwritten elements).
+    """
+    check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
+               scale_consts, for_triton=True)
+    M = x.shape[0]
+    inter = x.shape[1] if up is not None else x.shape[1] // 2
+    s_shape, _ = _scales_shape(M, inter, scheme, group_size)
+    if out is None:
+        q = torch.empty((M, inter), dtype=quant_dtype, device=x.device)
+        scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    else:
+        q, scales = out
+        if q.shape != (M, inter) or q.dtype != quant_dtype or q.stride(1) != 1:
+            raise ValueError("silu_mul_quant: out q has wrong shape/dtype/layout")
+        if tuple(scales.shape) != s_shape or scales.dtype != torch.float32 or not scales.is_contiguous():
+            raise ValueError("silu_mul_quant: out scales has wrong shape/dtype/layout")
+    if M > 0:
+        _launch(_silu_mul_quant_kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme,
+                group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+                num_warps)
+    return q, scales
+
+
+def bytes_moved(M: int, inter: int, dtype: torch.dtype = torch.bfloat16,
+                quant_dtype: torch.dtype = torch.float8_e4m3fn, scheme: int = SCHEME_PER_TOKEN,
+                group_size: int = 128) -> int:
+    """Minimum HBM bytes read + written by one call: gate and up once, q and scales once."""
+    xs = torch.empty((), dtype=dtype).element_size()
+    qs = torch.empty((), dtype=quant_dtype).element_size()
+    _, ng = _scales_shape(M, inter, scheme, group_size)
+    n_scales = 1 if scheme == SCHEME_STATIC else M * ng
+    return 2 * M * inter * xs + M * inter * qs + 4 * n_scales
