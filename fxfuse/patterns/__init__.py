@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _passes() -> tuple["GraphPass", ...]:
-    from . import normalize, rmsnorm_quant, unwrap
+    from . import moe_experts, normalize, rmsnorm_quant, unwrap
 
-    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS)
+    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS, moe_experts.PASS)
 
 
 def default_passes() -> list["GraphPass"]:
