@@ -297,7 +297,7 @@ def _moe_gemm2_kernel(
 def _align(ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
     """Sort pairs by expert into BLOCK_M-padded tiles.
 
-    Returns (sorted pair ids [P] with S as padding, expert of each tile [P/BM], padded count [1],
+    Returns (sorted pair ids [P + 1] with S as padding, expert of each tile [P/BM], padded count [1],
     number of tiles), P = round_up(S + E*(BM-1), BM) a static bound.  Pairs with an id outside
     [0, E) are dropped (they contribute zero).
     """
@@ -308,20 +308,20 @@ def _align(ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, 
     eid = torch.where(valid, ids, E)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add(0, eid, torch.ones_like(eid))
     padded = (counts + (block_m - 1)) // block_m * block_m
-    padded = torch.cat([padded[:E], torch.zeros(1, dtype=torch.int64, device=dev)])
+    padded = torch.where(torch.arange(E + 1, device=dev) < E, padded, 0)  # dropped pairs get no tiles
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
     cnt_start = torch.cumsum(counts, 0) - counts
     sorted_e, perm = torch.sort(eid, stable=True)
-    rank = torch.arange(S, device=dev, dtype=torch.int64) - cnt_start[sorted_e]
+    rank = torch.arange(S, device=dev, dtype=torch.int64) - cnt_start.gather(0, sorted_e)
     n_tiles = (S + E * (block_m - 1) + block_m - 1) // block_m
     P = n_tiles * block_m
-    dest = torch.where(sorted_e < E, pad_start[sorted_e] + rank, P)
+    dest = torch.where(sorted_e < E, pad_start.gather(0, sorted_e) + rank, P)
     sorted_ids = torch.full((P + 1,), S, dtype=torch.int32, device=dev)
-    sorted_ids = sorted_ids.scatter(0, dest, perm.to(torch.int32))[:P]
+    sorted_ids = sorted_ids.scatter(0, dest, perm.to(torch.int32))  # [P + 1]: last slot is the trash bin
     starts = torch.arange(n_tiles, device=dev, dtype=torch.int64) * block_m
-    block_e = torch.searchsorted(pad_end[:E].contiguous(), starts, right=True).clamp_(max=E - 1).to(torch.int32)
-    npad = pad_end[E - 1 : E].to(torch.int32)
+    block_e = torch.searchsorted(pad_end, starts, right=True).clamp(max=E - 1).to(torch.int32)
+    npad = pad_end.narrow(0, E, 1).to(torch.int32)  # pad_end[E] == pad_end[E-1]: no tiles for dropped pairs
     return sorted_ids, block_e, npad, n_tiles
 
 
