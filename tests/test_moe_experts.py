@@ -184,15 +184,21 @@ def test_op_cpu_matches_reference_and_fake():
     assert _rel(out, want) < 5e-3
 
 
-@pytest.mark.parametrize("M", [1, 64])
+@pytest.mark.parametrize("M", [1, 64, "dynamic"])
 def test_cuda_path_traces_to_user_triton_kernels(M):
-    """On CUDA the op decomposes into user-defined Triton kernels (decode at M=1, tiled at 64)."""
+    """On CUDA the op decomposes into user-defined Triton kernels (decode at M=1, tiled at 64 and
+    for a symbolic M) without adding shape guards."""
     import torch.fx as fx
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     from fxfuse.fx_utils import insert_traced
 
-    with FakeTensorMode():
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    if M == "dynamic":
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        M = mode.from_tensor(torch.empty(5, 2), symbolic_context=ctx).shape[0]
+    with mode:
         x = torch.empty(M, 256, dtype=torch.bfloat16, device="cuda")
         tw = torch.empty(M, 2, dtype=torch.bfloat16, device="cuda")
         ids = torch.empty(M, 2, dtype=torch.int64, device="cuda")
@@ -214,6 +220,7 @@ def test_cuda_path_traces_to_user_triton_kernels(M):
     assert not any("fxfuse" in str(n.target) for n in g.nodes)
     syncs = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default}
     assert not any(n.target in syncs for n in g.nodes), "host sync in the fused path"
+    assert not mode.shape_env.guards, "the fused path guarded on the token count"
 
 
 # ----------------------------------------------------------------------------- TRITON_INTERPRET=1
@@ -227,6 +234,7 @@ _INTERP_CASES = [
     ("prefill-fp16-f32w", 5, 6, 2, 48, 24, "float16", "float32", 2, "random"),
     ("prefill-one-expert", 9, 4, 2, 32, 16, "bfloat16", "bfloat16", 2, "one"),
     ("prefill-empty-experts", 6, 8, 2, 32, 16, "float16", "float16", 2, "two"),
+    ("prefill-bm64", 40, 2, 2, 32, 16, "bfloat16", "bfloat16", 2, "random"),
     ("prefill-bad-id", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 2, "bad"),
     ("decode-bad-id", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 1, "bad"),
 ]

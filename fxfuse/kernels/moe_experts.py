@@ -110,9 +110,15 @@ def decode_config(H: int, I: int) -> dict:
 
 
 def prefill_config(S: object, H: int, I: int, E: int) -> dict:
-    """Tile sizes for the grouped GEMMs by shape class (S may be symbolic: use E only)."""
-    bm = 16 if E >= 64 else 64
-    return dict(BM=bm, BN1=64, BK1=64, BN2=64, BK2=64, WARPS=4, STAGES=3)
+    """Tile sizes for the grouped GEMMs by shape class (no autotuning).
+
+    BLOCK_M follows the mean pairs per expert, so each expert's weights stream about once per
+    N-block; a symbolic pair count (dynamic M) takes a middle size (any size is correct).
+    """
+    per_expert = S / E if isinstance(S, int) else 64
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
+    big = bm >= 64
+    return dict(BM=bm, BN1=64, BK1=64, BN2=128 if big else 64, BK2=64, WARPS=8 if bm == 128 else 4, STAGES=3)
 
 
 def selected_weight_bytes(ids: torch.Tensor, E: int, H: int, I: int, elem: int = 2) -> int:
