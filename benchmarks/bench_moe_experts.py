@@ -11,7 +11,8 @@ speedups of fused vs stock compile for gating, scheme = "<impl>/<path>" (path = 
 the path the op takes at that M; `hidden` = the model's hidden size).
 
 Usage:  python benchmarks/bench_moe_experts.py --out X.json [--quick] [--dry-run]
-        [--models qwen3,mixtral] [--impls grouped_mm,batched_mm] [--ms 1,4,16] [--rep MS]
+        [--models qwen3_30b_a3b,mixtral_8x7b] [--impls grouped_mm,batched_mm] [--ms 1,4,16]
+        [--rep MS] [--sweep]
 --dry-run builds everything at tiny sizes on CPU (no timing) so a GPU call cannot die on a typo.
 """
 
@@ -129,7 +130,8 @@ def path_name(M: int, shape: dict[str, int]) -> str:
     return "decode" if K.choose_path(M, shape["K"], shape["E"]) == K.PATH_DECODE else "prefill"
 
 
-def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool) -> dict[str, Any]:
+def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool,
+        partial: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     import fxfuse
 
     device = "cpu" if dry else "cuda"
@@ -206,10 +208,52 @@ def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool)
                     row["gbps_op"] = (floor_bytes / (row["us"]["op"] * 1e-6) / 1e9) if row["us"].get("op") else None
                 row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
+            partial(dict(cases=rows, copy_gbps=copy_gbps, gates=gates_from(rows)))
             print(json.dumps({k: row[k] for k in ("model", "M", "path", "us", "floor_us", "err", "notes")
                               if k in row}), flush=True)
         del blocks, ref_block
     return dict(cases=rows, copy_gbps=copy_gbps, gates=gates_from(rows))
+
+
+DECODE_SWEEP = [
+    {}, {"A_BN": 8}, {"A_BN": 32}, {"A_BK": 128}, {"A_BK": 512}, {"A_WARPS": 2}, {"A_WARPS": 8},
+    {"B_BN": 2}, {"B_BN": 8}, {"B_BN": 16}, {"B_BK": 256}, {"B_BK": 512}, {"B_WARPS": 2}, {"B_WARPS": 8},
+]
+PREFILL_SWEEP = [
+    {}, {"BM": 16}, {"BM": 32}, {"BM": 64}, {"BM": 128, "WARPS": 8}, {"BN1": 128}, {"BN2": 64}, {"BN2": 128},
+    {"BK1": 32, "BK2": 32}, {"BK1": 128, "BK2": 128}, {"STAGES": 2}, {"STAGES": 4}, {"WARPS": 8},
+]
+
+
+def sweep(models: list[str], Ms: list[int], rep: int, dry: bool) -> list[dict[str, Any]]:
+    """Block-size sweep of the raw launcher (routing precomputed) around the table's defaults."""
+    device = "cpu" if dry else "cuda"
+    out: list[dict[str, Any]] = []
+    for model in models:
+        shape = TINY if dry else MODELS[model]
+        E, k, H, I = shape["E"], shape["K"], shape["H"], shape["I"]
+        g = torch.Generator(device=device).manual_seed(1)
+        w1 = (torch.randn(E, 2 * I, H, device=device, generator=g) * 0.02).bfloat16().permute(0, 2, 1)
+        w2 = (torch.randn(E, H, I, device=device, generator=g) * 0.02).bfloat16().permute(0, 2, 1)
+        for M in Ms:
+            x = torch.randn(M, H, device=device, generator=g).bfloat16()
+            ids = torch.rand(M, E, device=device, generator=g).topk(k, dim=-1).indices
+            tw = torch.rand(M, k, device=device, generator=g).bfloat16()
+            path = K.choose_path(M, k, E)
+            bf = torch.bfloat16
+            ref = K.moe_experts_reference(x, tw, ids, w1, w2, bf, bf, bf)
+            cfgs = DECODE_SWEEP if path == K.PATH_DECODE else PREFILL_SWEEP
+            for cfg in cfgs[: 3 if dry else None]:  # the interpreter is slow: a few show the sweep runs
+                try:
+                    fn = lambda: K.moe_experts_triton(x, tw, ids, w1, w2, path=path, config=cfg)  # noqa: E731
+                    err = rel_err(fn(), ref)
+                    us = None if dry else bench_us(fn, rep)
+                    out.append(dict(model=model, M=M, path=path_name(M, shape), config=cfg, us=us, err=err))
+                except Exception as e:  # noqa: BLE001
+                    out.append(dict(model=model, M=M, config=cfg, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                print(json.dumps(out[-1]), flush=True)
+        del w1, w2
+    return out
 
 
 def gates_from(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -232,12 +276,12 @@ def main() -> None:
     ap.add_argument("--impls", default="grouped_mm,batched_mm")
     ap.add_argument("--ms", default=None)
     ap.add_argument("--rep", type=int, default=100, help="ms per do_bench_cudagraph measurement")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the raw kernels' block sizes")
     a = ap.parse_args()
     Ms = [int(m) for m in a.ms.split(",")] if a.ms else (QUICK_MS if a.quick else MS)
     if a.dry_run:
         Ms = [1, 33]
-    res = run(a.models.split(","), a.impls.split(","), Ms, a.rep, a.dry_run)
-    res.update(
+    meta = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         gpu=None if a.dry_run else torch.cuda.get_device_name(),
         torch=torch.__version__,
@@ -245,6 +289,14 @@ def main() -> None:
         family="moe_experts",
     )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(r: dict[str, Any]) -> None:  # a timeout still leaves every finished row on disk
+        Path(a.out).write_text(json.dumps({**r, **meta, "partial": True}, indent=1))
+
+    res = run(a.models.split(","), a.impls.split(","), Ms, a.rep, a.dry_run, partial)
+    if a.sweep:
+        res["sweep"] = sweep(a.models.split(","), Ms, max(a.rep // 4, 10), a.dry_run)
+    res.update(meta)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res["gates"], indent=1))
 

@@ -14,6 +14,9 @@ for step in "${@:-all}"; do
       timeout 300 python3 benchmarks/bench_rmsnorm_quant.py --quick --sweep-warps --out "$OUT/rmsnorm_quant_quick.json" 2>&1 | tail -60 ;;
     bench|all)
       timeout 420 python3 benchmarks/bench_rmsnorm_quant.py --out "$OUT/rmsnorm_quant.json" 2>&1 | tail -60 ;;&
+    moe)
+      timeout 540 python3 benchmarks/bench_moe_experts.py --quick --sweep --models qwen3_30b_a3b --out "$OUT/moe_experts_qwen.json" 2>&1 | tail -40
+      timeout 540 python3 benchmarks/bench_moe_experts.py --quick --models mixtral_8x7b --out "$OUT/moe_experts_mixtral.json" 2>&1 | tail -20 ;;
     aoti)
       for m in stock fxfuse; do timeout 200 python3 benchmarks/aoti_check.py $m cuda 2>&1 | tail -25; done ;;
     unwrap|all)

@@ -20,6 +20,11 @@ GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
 
 def gates_from(result: dict) -> dict:
+    if result.get("family") == "moe_experts":  # bench_moe_experts.py computes its own table
+        return {
+            "moe_experts": result.get("gates", {}),
+            "_source": {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")},
+        }
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in result.get("cases", []):
         us = row.get("us", {})
@@ -39,6 +44,11 @@ def main() -> None:
     result = json.loads(pathlib.Path(sys.argv[1]).read_text())
     gates = gates_from(result)
     existing = json.loads(GATES.read_text()) if GATES.exists() else {}
+    if "moe_experts" in gates:  # one JSON per model: merge hidden sizes instead of replacing
+        merged = existing.get("moe_experts", {})
+        for scheme, hs in gates.pop("moe_experts").items():
+            merged.setdefault(scheme, {}).update(hs)
+        existing["moe_experts"] = merged
     existing.update(gates)
     GATES.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
     print(json.dumps(gates, indent=1))

@@ -352,6 +352,7 @@ def _launch(
     out_dtype: torch.dtype,
     path: int,
     out: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
     M, H = x.shape
     K = topk_ids.shape[1]
@@ -365,7 +366,7 @@ def _launch(
     if path == PATH_AUTO:
         path = choose_path(M, K, E)
     if path == PATH_DECODE:
-        c = decode_config(H, I)
+        c = {**decode_config(H, I), **(config or {})}
         h = torch.empty((S, I), dtype=x.dtype, device=x.device)
         if out is None:
             out = torch.empty((M, H), dtype=out_dtype, device=x.device)
@@ -385,7 +386,7 @@ def _launch(
             BLOCK_N=c["B_BN"], BLOCK_K=c["B_BK"], num_warps=c["B_WARPS"],
         )
         return out
-    c = prefill_config(S, H, I, E)
+    c = {**prefill_config(S, H, I, E), **(config or {})}
     bm = c["BM"]
     sorted_ids, block_e, npad, n_tiles = _align(topk_ids.reshape(-1), E, bm)
     tw = topk_w.reshape(-1)
@@ -500,14 +501,17 @@ def moe_experts_triton(
     *,
     path: int = PATH_AUTO,
     out: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
     """Launch the raw kernels (no dispatcher): eager CUDA, or CPU tensors under TRITON_INTERPRET=1.
 
     Dtypes default to the transformers semantics: product in promote(x, topk_w), sum and output
-    in x.dtype. `out` (poisoned by tests) must be fully written.
+    in x.dtype. `out` (poisoned by tests) must be fully written; `config` overrides block sizes
+    (benchmark sweeps).
     """
     check_args(x, topk_w, topk_ids, w1, w2)
     prod_dtype = prod_dtype or torch.promote_types(x.dtype, topk_w.dtype)
     sum_dtype = sum_dtype or prod_dtype
     out_dtype = out_dtype or x.dtype
-    return _launch(lambda k: k, x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype, path, out=out)
+    return _launch(lambda k: k, x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype, path, out=out,
+                   config=config)
