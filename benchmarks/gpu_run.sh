@@ -36,7 +36,8 @@ for step in "${@:-all}"; do
     llama|all) bench llama_fp8_layer 480 benchmarks/bench_llama_fp8_layer.py --ungated ;;&
     rope|all) bench rope_quant 300 benchmarks/bench_rope_quant.py ;;&
     routing|all) bench moe_routing 300 benchmarks/bench_moe_routing.py ;;&
-    experts|all) bench moe_experts 400 benchmarks/bench_moe_experts.py ;;&
+    experts|all) bench moe_experts_qwen 300 benchmarks/bench_moe_experts.py --models qwen3_30b_a3b
+                 bench moe_experts_mixtral 240 benchmarks/bench_moe_experts.py --models mixtral_8x7b ;;&
     e2e|all) bench e2e 400 benchmarks/e2e.py ;;
   esac
 done

@@ -43,11 +43,17 @@ def gates_from(result: dict) -> dict:
 
 def main() -> None:
     existing = json.loads(GATES.read_text()) if GATES.exists() else {}
+    fresh: dict[str, dict] = {}
     for path in sys.argv[1:]:
         gates = gates_from(json.loads(pathlib.Path(path).read_text()))
         src = gates.pop("_source", None)
         for family, table in gates.items():
-            existing[family] = table
+            # a family's table is replaced by this run's; several files of one family (one per
+            # model, say) add their sizes to it
+            merged = fresh.setdefault(family, {})
+            for scheme, sizes in table.items():
+                merged.setdefault(scheme, {}).update(sizes)
+            existing[family] = merged
             existing.setdefault("_sources", {})[family] = src
     GATES.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
     print(json.dumps(gates, indent=1))

@@ -15,9 +15,16 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _passes() -> tuple["GraphPass", ...]:
-    from . import moe_routing, normalize, rmsnorm_quant, silu_mul_quant, unwrap
+    from . import moe_experts, moe_routing, normalize, rmsnorm_quant, silu_mul_quant, unwrap
 
-    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS, silu_mul_quant.PASS, moe_routing.PASS)
+    return (
+        normalize.PASS,
+        unwrap.PASS,
+        rmsnorm_quant.PASS,
+        silu_mul_quant.PASS,
+        moe_routing.PASS,
+        moe_experts.PASS,
+    )
 
 
 def default_passes() -> list["GraphPass"]:

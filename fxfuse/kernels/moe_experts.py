@@ -1,0 +1,517 @@
+"""Fused MoE experts (gate_up GEMM + SiLU-and-mul + down GEMM + weighted top-k combine) in Triton.
+
+This module knows nothing about FX.  It provides:
+
+* :func:`moe_experts_reference` -- pure-torch oracle (a loop over *all* experts with masks, no
+  ``nonzero``: it traces under fake tensors and is the CPU kernel of the op).
+* ``torch.ops.fxfuse.moe_experts`` -- a ``torch.library.triton_op`` launching through
+  ``wrap_triton`` (so Inductor emits user-defined Triton kernels, not a Python fallback).
+* :func:`moe_experts_triton` -- plain launcher (eager CUDA, or CPU under ``TRITON_INTERPRET=1``).
+* :func:`selected_weight_bytes` -- the weight-streaming floor model for benchmarks.
+
+No host synchronization anywhere: expert ids are read on the GPU, every grid comes from static
+shapes (upper bounds), so the layer replays inside a CUDA graph.
+
+Semantics (``S = M * K`` (token, expert-slot) pairs, weights in GEMM "B" form)::
+
+    w1: [E, H, 2I]   (transformers stores gate_up_proj as [E, 2I, H]; w1 is its transpose view)
+    w2: [E, I, H]    (down_proj [E, H, I] transposed view)
+    for each pair p = (t, j), e = ids[t, j]:
+        gu = round_act(x[t] @ w1[e])                  # act = x.dtype, fp32 accumulation
+        h  = round_act(round_act(silu(gu[:I])) * gu[I:])
+        y  = round_act(h @ w2[e])
+        c  = y * w[t, j]   (rounded to prod_dtype)
+    out[t] = round(sum_j c, sum_dtype) -> out_dtype   # fp32 sum over the top-k
+Pairs with an id outside [0, E) contribute zero.
+
+Two paths, chosen from the static token count (symbolic token counts take the tiled path):
+
+* decode (``M*K*4 <= E`` or tiny M): kernel A, one program per (pair, N-block) doing
+  vector-matrix products for gate and up rows, writes the SiLU-mul intermediate [S, I];
+  kernel B, one program per (token, H-block), loops over the K slots (unrolled), streams
+  ``w2[e]`` rows and combines deterministically in fp32 -> out [M, H].  All selected experts'
+  weights are streamed in parallel by many programs (N-split), loads contiguous along H / I.
+* prefill: an align step on the GPU (torch ops with static upper bounds: ``S + E*(BM-1)``
+  padded rows, vLLM's moe_align_block_size idea) sorts pairs by expert in BLOCK_M tiles; then
+  two tiled ``tl.dot`` grouped GEMM kernels; tiles past the padded count exit early after
+  reading that count from device memory.  Per-pair outputs are summed over K (deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .rmsnorm_quant import _DT_CODE, _round_to
+
+__all__ = [
+    "PATH_AUTO",
+    "PATH_DECODE",
+    "PATH_PREFILL",
+    "moe_experts",
+    "moe_experts_reference",
+    "moe_experts_triton",
+    "choose_path",
+    "decode_config",
+    "prefill_config",
+    "selected_weight_bytes",
+    "check_args",
+]
+
+PATH_AUTO = 0
+PATH_DECODE = 1
+PATH_PREFILL = 2
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------
+# Validation and block-size tables
+# ----------------------------------------------------------------------------
+
+
+def check_args(x: torch.Tensor, topk_w: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
+               w2: torch.Tensor) -> None:
+    """Shape/dtype contract of the op (pure Python on shapes: fake-safe)."""
+    if x.dim() != 2 or topk_w.dim() != 2 or topk_ids.dim() != 2 or w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError("moe_experts: x [M,H], topk_w/topk_ids [M,K], w1 [E,H,2I], w2 [E,I,H]")
+    E, H, N2 = w1.shape
+    if x.shape[1] != H or w2.shape[0] != E or w2.shape[2] != H or 2 * w2.shape[1] != N2:
+        raise ValueError(f"moe_experts: inconsistent shapes x{tuple(x.shape)} w1{tuple(w1.shape)} w2{tuple(w2.shape)}")
+    if x.dtype not in WEIGHT_DTYPES or w1.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"moe_experts: x/w1/w2 must share one dtype in {WEIGHT_DTYPES}")
+    if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_w.is_floating_point():
+        raise ValueError("moe_experts: topk_ids must be int32/int64 and topk_w floating point")
+
+
+def choose_path(M: object, K: int, E: int) -> int:
+    """decode for a static, small pair count (each pair streams its expert once), else prefill.
+
+    A symbolic M takes the tiled path: choosing per call would need a guard on M.
+    """
+    if not isinstance(M, int):
+        return PATH_PREFILL
+    return PATH_DECODE if (M * K * 4 <= E or M <= 2) else PATH_PREFILL
+
+
+def decode_config(H: int, I: int) -> dict:
+    """(BLOCK_N, BLOCK_K, num_warps) for kernels A and B by shape class (no autotuning)."""
+    # kernel A: enough N-blocks that (pairs x blocks) fills the GPU even at one token.
+    a_bn = 16 if I <= 2048 else 32
+    a_bk = min(256, triton.next_power_of_2(H))
+    # kernel B: small N-blocks -> many programs; the whole I row per load when it fits.
+    b_bn = 4 if H <= 4096 else 8
+    b_bk = min(1024 if I <= 1024 else 512, triton.next_power_of_2(I))
+    return dict(A_BN=a_bn, A_BK=a_bk, A_WARPS=4, B_BN=b_bn, B_BK=b_bk, B_WARPS=4)
+
+
+def prefill_config(S: object, H: int, I: int, E: int) -> dict:
+    """Tile sizes for the grouped GEMMs by shape class (no autotuning).
+
+    BLOCK_M follows the mean pairs per expert, so each expert's weights stream about once per
+    N-block; a symbolic pair count (dynamic M) takes a middle size (any size is correct).
+    """
+    per_expert = S / E if isinstance(S, int) else 64
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
+    big = bm >= 64
+    return dict(BM=bm, BN1=64, BK1=64, BN2=128 if big else 64, BK2=64, WARPS=8 if bm == 128 else 4, STAGES=3)
+
+
+def selected_weight_bytes(ids: torch.Tensor, E: int, H: int, I: int, elem: int = 2) -> int:
+    """Bytes of the distinct selected experts' weights (gate_up + down): the streaming floor."""
+    n = int(torch.unique(ids.reshape(-1)).numel())
+    return n * 3 * H * I * elem
+
+
+# ----------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _silu_mul(g, u, ACT: tl.constexpr, NATIVE: tl.constexpr):
+    """round(round(silu(round(g))) * round(u)) in fp32, as eager computes it in the act dtype."""
+    g = _round_to(g, ACT, NATIVE)
+    u = _round_to(u, ACT, NATIVE)
+    s = _round_to(g / (1.0 + tl.exp(-g)), ACT, NATIVE)
+    return _round_to(s * u, ACT, NATIVE)
+
+
+@triton.jit
+def _moe_decode_gate_up_kernel(
+    x_ptr, ids_ptr, w1_ptr, h_ptr,
+    stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    E, H, I,
+    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per (pair, N-block): gate and up rows of expert ids[pair] times x[token]."""
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    slot = pair % K_TOP
+    e = tl.load(ids_ptr + tok * stride_idm + slot * stride_idk).to(tl.int64)
+    valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    wg_base = w1_ptr + e * stride_w1e + offs_n[:, None].to(tl.int64) * stride_w1n
+    wu_base = wg_base + I * stride_w1n
+    x_row = x_ptr + tok.to(tl.int64) * stride_xm
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        xk = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        m2 = mask_n[:, None] & mask_k[None, :]
+        kk = offs_k[None, :] * stride_w1k
+        wg = tl.load(wg_base + kk, mask=m2, other=0.0).to(tl.float32)
+        wu = tl.load(wu_base + kk, mask=m2, other=0.0).to(tl.float32)
+        acc_g += tl.sum(wg * xk[None, :], axis=1)
+        acc_u += tl.sum(wu * xk[None, :], axis=1)
+    h = _silu_mul(acc_g, acc_u, ACT, NATIVE)
+    h = tl.where(valid, h, 0.0)
+    tl.store(h_ptr + pair.to(tl.int64) * stride_hm + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _moe_decode_down_kernel(
+    h_ptr, ids_ptr, tw_ptr, w2_ptr, out_ptr,
+    stride_hm, stride_idm, stride_idk, stride_twm, stride_twk,
+    stride_w2e, stride_w2k, stride_w2n, stride_om,
+    E, H, I,
+    K_TOP: tl.constexpr, ACT: tl.constexpr, PROD: tl.constexpr, SUM: tl.constexpr,
+    NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per (token, H-block): down rows of each selected expert, weighted, summed over K."""
+    tok = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(K_TOP):
+        e = tl.load(ids_ptr + tok * stride_idm + j * stride_idk).to(tl.int64)
+        valid = (e >= 0) & (e < E)
+        e = tl.where(valid, e, 0)
+        wt = tl.load(tw_ptr + tok * stride_twm + j * stride_twk).to(tl.float32)
+        w_base = w2_ptr + e * stride_w2e + offs_n[:, None].to(tl.int64) * stride_w2n
+        h_row = h_ptr + (tok * K_TOP + j) * stride_hm
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < I
+            hk = tl.load(h_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(w_base + offs_k[None, :] * stride_w2k, mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(w * hk[None, :], axis=1)
+        c = _round_to(_round_to(acc, ACT, NATIVE) * wt, PROD, NATIVE)
+        out += tl.where(valid, c, 0.0)
+    out = _round_to(out, SUM, NATIVE)
+    tl.store(out_ptr + tok * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _moe_gemm1_kernel(
+    x_ptr, w1_ptr, h_ptr, sorted_ptr, block_e_ptr, npad_ptr,
+    stride_xm, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    S, H, I,
+    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile of BLOCK_M pairs of one expert x BLOCK_N of I: gate and up accumulators, SiLU-mul epilogue."""
+    pid_m = tl.program_id(0)
+    npad = tl.load(npad_ptr)
+    if pid_m * BLOCK_M >= npad:
+        return
+    e = tl.load(block_e_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < S
+    tok = tl.where(rmask, rows // K_TOP, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    bg_ptrs = w1_ptr + e * stride_w1e + offs_k[:, None] * stride_w1k + offs_n[None, :].to(tl.int64) * stride_w1n
+    bu_ptrs = bg_ptrs + I * stride_w1n
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        mk = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=rmask[:, None] & mk[None, :], other=0.0)
+        bg = tl.load(bg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        bu = tl.load(bu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        if not NATIVE:  # the interpreter's bf16 dot is wrong; fp32 inputs are exact here
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+        a_ptrs += BLOCK_K
+        bg_ptrs += BLOCK_K * stride_w1k
+        bu_ptrs += BLOCK_K * stride_w1k
+    h = _silu_mul(acc_g, acc_u, ACT, NATIVE)
+    tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=rmask[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _moe_gemm2_kernel(
+    h_ptr, w2_ptr, tw_ptr, p_ptr, sorted_ptr, block_e_ptr, npad_ptr,
+    stride_hm, stride_w2e, stride_w2k, stride_w2n, stride_pm,
+    S, H, I,
+    ACT: tl.constexpr, PROD: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile of BLOCK_M pairs x BLOCK_N of H: down GEMM, times the routing weight -> per-pair fp32 rows."""
+    pid_m = tl.program_id(0)
+    npad = tl.load(npad_ptr)
+    if pid_m * BLOCK_M >= npad:
+        return
+    e = tl.load(block_e_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < S
+    rows_c = tl.where(rmask, rows, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows_c[:, None] * stride_hm + offs_k[None, :]
+    b_ptrs = w2_ptr + e * stride_w2e + offs_k[:, None] * stride_w2k + offs_n[None, :].to(tl.int64) * stride_w2n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        mk = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=rmask[:, None] & mk[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        if not NATIVE:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_w2k
+    wt = tl.load(tw_ptr + rows_c, mask=rmask, other=0.0).to(tl.float32)
+    c = _round_to(_round_to(acc, ACT, NATIVE) * wt[:, None], PROD, NATIVE)
+    tl.store(p_ptr + rows_c[:, None] * stride_pm + offs_n[None, :], c, mask=rmask[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------
+# Align (torch ops on the device, static upper bounds, no host sync)
+# ----------------------------------------------------------------------------
+
+
+def _align(ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    """Sort pairs by expert into BLOCK_M-padded tiles.
+
+    Returns (sorted pair ids [P + 1] with S as padding, expert of each tile [P/BM], padded count [1],
+    number of tiles), P = round_up(S + E*(BM-1), BM) a static bound.  Pairs with an id outside
+    [0, E) are dropped (they contribute zero).
+    """
+    S = ids_flat.shape[0]
+    dev = ids_flat.device
+    ids = ids_flat.to(torch.int64)
+    valid = (ids >= 0) & (ids < E)
+    eid = torch.where(valid, ids, E)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add(0, eid, torch.ones_like(eid))
+    padded = (counts + (block_m - 1)) // block_m * block_m
+    padded = torch.where(torch.arange(E + 1, device=dev) < E, padded, 0)  # dropped pairs get no tiles
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    sorted_e, perm = torch.sort(eid, stable=True)
+    rank = torch.arange(S, device=dev, dtype=torch.int64) - cnt_start.gather(0, sorted_e)
+    n_tiles = (S + E * (block_m - 1) + block_m - 1) // block_m
+    P = n_tiles * block_m
+    dest = torch.where(sorted_e < E, pad_start.gather(0, sorted_e) + rank, P)
+    sorted_ids = torch.full((P + 1,), S, dtype=torch.int32, device=dev)
+    sorted_ids = sorted_ids.scatter(0, dest, perm.to(torch.int32))  # [P + 1]: last slot is the trash bin
+    starts = torch.arange(n_tiles, device=dev, dtype=torch.int64) * block_m
+    block_e = torch.searchsorted(pad_end, starts, right=True).clamp(max=E - 1).to(torch.int32)
+    npad = pad_end.narrow(0, E, 1).to(torch.int32)  # pad_end[E] == pad_end[E-1]: no tiles for dropped pairs
+    return sorted_ids, block_e, npad, n_tiles
+
+
+# ----------------------------------------------------------------------------
+# Launch (shared by the triton_op body and the plain launcher)
+# ----------------------------------------------------------------------------
+
+
+def _native() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _launch(
+    wrap,
+    x: torch.Tensor,
+    topk_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    path: int,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    M, H = x.shape
+    K = topk_ids.shape[1]
+    E = w1.shape[0]
+    I = w2.shape[1]
+    S = M * K
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    act, prod, sm = _DT_CODE[x.dtype], _DT_CODE[prod_dtype], _DT_CODE[sum_dtype]
+    native = _native()
+    if path == PATH_AUTO:
+        path = choose_path(M, K, E)
+    if path == PATH_DECODE:
+        c = {**decode_config(H, I), **(config or {})}
+        h = torch.empty((S, I), dtype=x.dtype, device=x.device)
+        if out is None:
+            out = torch.empty((M, H), dtype=out_dtype, device=x.device)
+        wrap(_moe_decode_gate_up_kernel)[(S, triton.cdiv(I, c["A_BN"]))](
+            x, topk_ids, w1, h,
+            x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+            h.stride(0),
+            E, H, I,
+            K_TOP=K, ACT=act, NATIVE=native, BLOCK_N=c["A_BN"], BLOCK_K=c["A_BK"], num_warps=c["A_WARPS"],
+        )
+        wrap(_moe_decode_down_kernel)[(M, triton.cdiv(H, c["B_BN"]))](
+            h, topk_ids, topk_w, w2, out,
+            h.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_w.stride(0), topk_w.stride(1),
+            w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+            E, H, I,
+            K_TOP=K, ACT=act, PROD=prod, SUM=sm, NATIVE=native,
+            BLOCK_N=c["B_BN"], BLOCK_K=c["B_BK"], num_warps=c["B_WARPS"],
+        )
+        return out
+    c = {**prefill_config(S, H, I, E), **(config or {})}
+    bm = c["BM"]
+    sorted_ids, block_e, npad, n_tiles = _align(topk_ids.reshape(-1), E, bm)
+    tw = topk_w.reshape(-1)
+    if tw.stride(0) != 1:
+        tw = tw.contiguous()
+    h = torch.empty((S, I), dtype=x.dtype, device=x.device)
+    pair_out = torch.empty((S, H), dtype=torch.float32, device=x.device)
+    extra = {} if not native else {"num_stages": c["STAGES"]}
+    wrap(_moe_gemm1_kernel)[(n_tiles, triton.cdiv(I, c["BN1"]))](
+        x, w1, h, sorted_ids, block_e, npad,
+        x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0),
+        S, H, I,
+        K_TOP=K, ACT=act, NATIVE=native, BLOCK_M=bm, BLOCK_N=c["BN1"], BLOCK_K=c["BK1"],
+        num_warps=c["WARPS"], **extra,
+    )
+    wrap(_moe_gemm2_kernel)[(n_tiles, triton.cdiv(H, c["BN2"]))](
+        h, w2, tw, pair_out, sorted_ids, block_e, npad,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
+        S, H, I,
+        ACT=act, PROD=prod, NATIVE=native, BLOCK_M=bm, BLOCK_N=c["BN2"], BLOCK_K=c["BK2"],
+        num_warps=c["WARPS"], **extra,
+    )
+    ids = topk_ids.reshape(M, K)
+    valid = ((ids >= 0) & (ids < E)).unsqueeze(-1)
+    summed = torch.where(valid, pair_out.view(M, K, H), 0.0).sum(1)
+    res = summed.to(sum_dtype).to(out_dtype)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+# ----------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------
+
+
+@triton_op("fxfuse::moe_experts", mutates_args=())
+def moe_experts(
+    x: torch.Tensor,
+    topk_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    path: int = PATH_AUTO,
+) -> torch.Tensor:
+    """Fused MoE experts -> combined output [M, H]. Body doubles as the fake impl."""
+    if x.device.type == "cpu":
+        return _moe_experts_cpu(x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype, path)
+    check_args(x, topk_w, topk_ids, w1, w2)
+    return _launch(wrap_triton, x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype, path)
+
+
+def moe_experts_reference(
+    x: torch.Tensor,
+    topk_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dense loop over all experts with masks (no nonzero: traces under fake tensors)."""
+    M, H = x.shape
+    K = topk_ids.shape[1]
+    E = w1.shape[0]
+    I = w2.shape[1]
+    act = x.dtype
+    acc = torch.zeros((M, K, H), dtype=torch.float32, device=x.device)
+    wt = topk_w.float()
+    for e in range(E):
+        gu = (x.float() @ w1[e].float()).to(act)
+        g, u = gu[:, :I], gu[:, I:]
+        hh = (torch.nn.functional.silu(g.float()).to(act).float() * u.float()).to(act)
+        y = (hh.float() @ w2[e].float()).to(act)
+        c = (y.float().unsqueeze(1) * wt.unsqueeze(-1)).to(prod_dtype).float()  # [M, K, H]
+        acc = torch.where((topk_ids == e).unsqueeze(-1), c, acc)
+    return acc.sum(1).to(sum_dtype).to(out_dtype)
+
+
+def _moe_experts_cpu(
+    x: torch.Tensor,
+    topk_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    path: int = PATH_AUTO,
+) -> torch.Tensor:
+    """CPU has no Triton: run the reference (fresh, non-aliasing output)."""
+    return moe_experts_reference(x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype).contiguous()
+
+
+moe_experts.register_kernel("cpu")(_moe_experts_cpu)
+
+
+def moe_experts_triton(
+    x: torch.Tensor,
+    topk_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: Optional[torch.dtype] = None,
+    sum_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    *,
+    path: int = PATH_AUTO,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Launch the raw kernels (no dispatcher): eager CUDA, or CPU tensors under TRITON_INTERPRET=1.
+
+    Dtypes default to the transformers semantics: product in promote(x, topk_w), sum and output
+    in x.dtype. `out` (poisoned by tests) must be fully written; `config` overrides block sizes
+    (benchmark sweeps).
+    """
+    check_args(x, topk_w, topk_ids, w1, w2)
+    prod_dtype = prod_dtype or torch.promote_types(x.dtype, topk_w.dtype)
+    sum_dtype = sum_dtype or prod_dtype
+    out_dtype = out_dtype or x.dtype
+    return _launch(lambda k: k, x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype, path, out=out,
+                   config=config)

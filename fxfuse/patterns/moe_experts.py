@@ -1,0 +1,558 @@
+"""MoE experts (what consumes hidden states + routing (weights, ids)) -> one fused MoE op.
+
+Recognized forms (post-grad ATen, as transformers' experts implementations trace):
+
+* ``grouped_mm``: ``sort`` of the flat ids, gather ``x[perm // K]``, ``histc``/``cumsum`` offsets,
+  ``aten._grouped_mm`` (or transformers' opaque ``grouped_mm_fallback`` op, used for non-bf16
+  weights under compile) for gate_up and down, weights gathered by ``perm``, the inverse
+  permutation by ``index_put(empty, [perm], iota)``, ``reshape(M, K, H).sum(1)``;
+* ``batched_mm``: ``W[ids_flat]`` gathers + ``bmm`` on the token repeated K times
+  (``repeat_interleave`` -> unsqueeze/expand/clone/reshape), ``reshape(M, K, H).sum(1)``.
+
+Starting at the gate_up GEMM, walk back to (x, ids) and forward through SiLU-and-mul, the down
+GEMM and the weighted combine; everything the region computes must be private to it. The
+routing producer (topk or a fused router op) is not part of the region: weights and ids are
+inputs.  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
+one-hot expert mask are reported as a near miss naming the fix.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import gating
+from ..fx_utils import (
+    Reject,
+    aten,
+    convert_dtype,
+    insert_traced,
+    is_convert,
+    is_op,
+    literal,
+    same_device,
+    stable_toposort,
+    tval,
+    val,
+)
+
+FAMILY = "moe_experts"
+DTYPES = (torch.bfloat16, torch.float16)
+EAGER_FIX = 'set config._experts_implementation = "grouped_mm" (or "batched_mm") so the whole MoE layer is one graph'
+
+
+def _fallback_op() -> Any:
+    """transformers' opaque grouped-mm op (registered only when transformers is imported)."""
+    ns = getattr(torch.ops, "transformers", None)
+    try:
+        return ns.grouped_mm_fallback.default if ns is not None else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _is_grouped_mm(n: Any) -> bool:
+    fb = _fallback_op()
+    return is_op(n, aten._grouped_mm.default) or (fb is not None and is_op(n, fb))
+
+
+@dataclass
+class MoEMatch:
+    form: str
+    x: fx.Node  # [M, H]
+    ids: fx.Node  # [M, K] int
+    tw: fx.Node  # [M, K] routing weights (as multiplied)
+    w1: fx.Node  # gate_up weight node
+    w1_transposed: bool  # True: w1 is [E, 2I, H] (needs .transpose(1, 2) to the op's [E, H, 2I])
+    w2: fx.Node
+    w2_transposed: bool
+    out: fx.Node  # the combined output
+    prod_dtype: torch.dtype
+    sum_dtype: torch.dtype
+    E: int
+    K: int
+    H: int
+    I: int
+    nodes: set[fx.Node] = field(default_factory=set)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _single_user(n: fx.Node, what: str) -> fx.Node:
+    users = [u for u in n.users if not is_op(u, aten.sym_size.int)]
+    if len(users) != 1:
+        raise Reject(f"{what} ({n.name}) has {len(users)} users, expected 1")
+    return users[0]
+
+
+def _dim(d: Any, ndim: int) -> int | None:
+    return d % ndim if isinstance(d, int) else None
+
+
+def _strip_convert(n: Any, nodes: set[fx.Node]) -> Any:
+    while is_convert(n):
+        nodes.add(n)
+        n = n.args[0]
+    return n
+
+
+def _silu_source(n: Any, nodes: set[fx.Node]) -> Any:
+    """If n computes silu(v) (aten.silu, v*sigmoid(v), v/(1+exp(-v))), return v's source, else None."""
+    if is_op(n, aten.silu.default):
+        nodes.add(n)
+        return n.args[0]
+    if is_op(n, aten.mul.Tensor) and len(n.args) == 2:
+        a, b = n.args
+        for v, s in ((a, b), (b, a)):
+            if is_op(s, aten.sigmoid.default) and s.args[0] is v:
+                nodes.update({n, s})
+                return v
+    if is_op(n, aten.div.Tensor) and len(n.args) == 2 and not n.kwargs:
+        v, den = n.args
+        if is_op(den, aten.add.Tensor, aten.add.Scalar) and len(den.args) == 2:
+            a, b = den.args
+            ex = a if literal(b) == 1.0 else b if literal(a) == 1.0 else None
+            if is_op(ex, aten.exp.default) and is_op(ex.args[0], aten.neg.default) and ex.args[0].args[0] is v:
+                nodes.update({n, den, ex, ex.args[0]})
+                return v
+    return None
+
+
+def _parse_act(gu: fx.Node, I: int, act: torch.dtype, nodes: set[fx.Node]) -> fx.Node:
+    """gu [S, 2I] -> split in gate/up halves -> round(silu(gate)) * up in the act dtype. Returns the mul."""
+    sp = _single_user(gu, "gate_up output")
+    gdim = len(tval(gu).shape) - 1
+    if is_op(sp, aten.split.Tensor) and sp.args[1] == I and _dim(sp.args[2] if len(sp.args) > 2 else 0, gdim + 1) == gdim:
+        pass
+    elif is_op(sp, aten.split_with_sizes.default) and list(sp.args[1]) == [I, I] and _dim(
+        sp.args[2] if len(sp.args) > 2 else 0, gdim + 1
+    ) == gdim:
+        pass
+    else:
+        raise Reject("gate_up output is not split into gate and up halves along the last dim")
+    nodes.add(sp)
+    parts: dict[int, fx.Node] = {}
+    for u in sp.users:
+        if u.target is not operator.getitem:
+            raise Reject("split result used directly")
+        parts[u.args[1]] = u
+        nodes.add(u)
+    if set(parts) != {0, 1}:
+        raise Reject("gate_up split halves are not both used")
+    gate, up = parts[0], parts[1]
+    mul = _single_user(up, "up half")
+    if not is_op(mul, aten.mul.Tensor) or len(mul.args) != 2:
+        raise Reject("up half is not multiplied by the activation")
+    other = mul.args[0] if mul.args[1] is up else mul.args[1]
+    if tval(mul).dtype != act:
+        raise Reject(f"SiLU-and-mul computed in {tval(mul).dtype}, not the activation dtype {act}")
+    sub: set[fx.Node] = set()
+    s = other
+    if is_convert(s):
+        if convert_dtype(s) != act:
+            raise Reject("activation converted to an unexpected dtype")
+        sub.add(s)
+        s = s.args[0]
+    v = _silu_source(s, sub)
+    if v is None:
+        raise Reject("activation is not SiLU (only silu(gate) * up is fused)")
+    if tval(s).dtype not in (act, torch.float32):
+        raise Reject("SiLU computed in an unexpected dtype")
+    if _strip_convert(v, sub) is not gate:
+        raise Reject("SiLU does not read the gate half")
+    nodes.update(sub)
+    nodes.add(mul)
+    return mul
+
+
+def _parse_combine(prod_in: fx.Node, gather_w: Any, M: Any, K: int, H: int, nodes: set[fx.Node]) -> tuple:
+    """mul(pair_out, unsqueeze(weights_flat, -1)) ... reshape(M, K, H).sum(1) [-> convert].
+
+    `gather_w(flat)` maps the weights operand (after unsqueeze) to the [M*K] flat weights node.
+    Returns (tw node, mul node, reshape-input node to check by caller, out node, prod dtype, sum dtype).
+    """
+    mul = _single_user(prod_in, "down projection output")
+    if not is_op(mul, aten.mul.Tensor) or len(mul.args) != 2:
+        raise Reject("expert outputs are not multiplied by the routing weights")
+    wop = mul.args[1] if mul.args[0] is prod_in else mul.args[0]
+    if not is_op(wop, aten.unsqueeze.default) or _dim(wop.args[1], 2) != 1:
+        raise Reject("routing weights are not broadcast over the hidden dim")
+    flat = gather_w(wop.args[0])
+    if not is_op(flat, aten.reshape.default) or len(tval(flat).shape) != 1:
+        raise Reject("routing weights are not the flattened [M, K] weights")
+    tw = flat.args[0]
+    twv = tval(tw)
+    if len(twv.shape) != 2 or twv.shape[1] != K or not twv.is_floating_point():
+        raise Reject(f"routing weights shape {tuple(twv.shape)} is not [tokens, {K}]")
+    nodes.update({wop, flat, mul})
+    return tw, mul
+
+
+def _parse_sum(pairs: fx.Node, M: Any, K: int, H: int, nodes: set[fx.Node]) -> tuple[fx.Node, torch.dtype]:
+    """reshape(pairs, [M, K, H]).sum(1) [-> convert]: the top-k combine. Returns (out node, sum dtype)."""
+    rs = _single_user(pairs, "weighted expert outputs")
+    if not is_op(rs, aten.reshape.default) or len(tval(rs).shape) != 3:
+        raise Reject("weighted expert outputs are not viewed as [tokens, top_k, hidden]")
+    rv = tval(rs)
+    if rv.shape[1] != K or rv.shape[2] != H or rv.shape[0] != M:
+        raise Reject(f"combine view {tuple(rv.shape)} is not [tokens, {K}, {H}]")
+    red = _single_user(rs, "combine view")
+    if not is_op(red, aten.sum.dim_IntList):
+        name = getattr(red.target, "__name__", red.target)
+        raise Reject(f"per-expert outputs are combined by {name}, not a sum over the top-k")
+    dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
+    keep = red.args[2] if len(red.args) > 2 else red.kwargs.get("keepdim", False)
+    if not isinstance(dims, (list, tuple)) or [d % 3 for d in dims] != [1] or keep:
+        raise Reject("combine does not sum over the top-k dim")
+    if red.kwargs.get("dtype") is not None:
+        raise Reject("combine sum with an explicit dtype")
+    nodes.update({rs, red})
+    out = red
+    users = [u for u in red.users]
+    if len(users) == 1 and is_convert(users[0]):
+        out = users[0]
+        nodes.add(out)
+    return out, tval(red).dtype
+
+
+def _weight(n: Any, E: int | None, what: str) -> tuple[fx.Node, tuple]:
+    if not isinstance(n, fx.Node):
+        raise Reject(f"{what} weight is not a tensor")
+    v = tval(n)
+    if v.dim() != 3 or (E is not None and v.shape[0] != E):
+        raise Reject(f"{what} weight shape {tuple(v.shape)} is not [experts, ., .]")
+    if not all(isinstance(d, int) for d in v.shape):
+        raise Reject(f"{what} weight has a symbolic shape")
+    return n, tuple(v.shape)
+
+
+# ----------------------------------------------------------------------------- grouped_mm form
+
+
+def _grouped_args(gm: fx.Node) -> tuple[Any, Any, Any]:
+    a, b = gm.args[0], gm.args[1]
+    offs = gm.args[2] if len(gm.args) > 2 else gm.kwargs.get("offs")
+    extra = [v for k, v in gm.kwargs.items() if k != "offs" and v is not None]
+    if len(gm.args) > 3 and any(x is not None for x in gm.args[3:]) or extra:
+        raise Reject("grouped_mm with bias/out_dtype/scales is not fused")
+    return a, b, offs
+
+
+def match_grouped(gm1: fx.Node) -> MoEMatch:
+    nodes: set[fx.Node] = {gm1}
+    a1, b1, offs = _grouped_args(gm1)
+    # A1 = x[perm // K]
+    if not is_op(a1, aten.index.Tensor) or len(a1.args[1]) != 1:
+        raise Reject("grouped_mm input is not a row gather of the hidden states")
+    x, idx = a1.args[0], a1.args[1][0]
+    if not is_op(idx, aten.div.Tensor_mode) or idx.kwargs.get("rounding_mode") != "floor" or not isinstance(idx.args[1], int):
+        raise Reject("gather index is not perm // top_k")
+    K = idx.args[1]
+    perm = idx.args[0]
+    if not (isinstance(perm, fx.Node) and perm.target is operator.getitem and perm.args[1] == 1 and is_op(perm.args[0], aten.sort.default, aten.sort.stable)):
+        raise Reject("rows are not gathered in expert-sorted order")
+    srt = perm.args[0]
+    if is_op(srt, aten.sort.default) and (len(srt.args) > 2 and srt.args[2]):
+        raise Reject("experts sorted in descending order")
+    ids_flat = srt.args[0]
+    nodes.update({a1, idx, perm, srt})
+    if not is_op(ids_flat, aten.reshape.default) or len(tval(ids_flat).shape) != 1:
+        raise Reject("sorted ids are not the flattened top-k ids")
+    ids = ids_flat.args[0]
+    iv = tval(ids)
+    if iv.dim() != 2 or iv.shape[1] != K or iv.dtype not in (torch.int32, torch.int64):
+        raise Reject(f"expert ids {tuple(iv.shape)} {iv.dtype} are not [tokens, {K}] integers")
+    nodes.add(ids_flat)
+    # offsets = cumsum(histc(sorted ids, bins=E, min=0, max=E-1), dtype=int32)
+    if not is_op(offs, aten.cumsum.default):
+        raise Reject("grouped_mm offsets are not a cumsum of per-expert counts")
+    hist = offs.args[0]
+    if not is_op(hist, aten.histc.default):
+        raise Reject("per-expert counts are not a histc of the sorted ids")
+    hargs = list(hist.args) + [None] * 4
+    bins, lo, hi = hargs[1], hargs[2], hargs[3]
+    bins = hist.kwargs.get("bins", bins if bins is not None else 100)
+    lo = hist.kwargs.get("min", lo if lo is not None else 0)
+    hi = hist.kwargs.get("max", hi if hi is not None else 0)
+    src = _strip_convert(hist.args[0], nodes)
+    if not (isinstance(src, fx.Node) and src.target is operator.getitem and src.args[0] is srt and src.args[1] == 0):
+        raise Reject("histc does not count the sorted expert ids")
+    E = int(bins)
+    if literal(lo) != 0.0 or literal(hi) != float(E - 1):
+        raise Reject(f"histc range [{lo}, {hi}] does not cover experts 0..{E - 1} one per bin")
+    nodes.update({offs, hist, src})
+    w1, s1 = _weight(b1, E, "gate_up")
+    xv = tval(x)
+    if xv.dim() != 2:
+        raise Reject("hidden states are not [tokens, hidden]")
+    H = xv.shape[1]
+    if s1[1] != H or s1[2] % 2:
+        raise Reject(f"gate_up weight {s1} is not [experts, {H}, 2*inter]")
+    I = s1[2] // 2
+    act = xv.dtype
+    h = _parse_act(gm1, I, act, nodes)
+    gm2 = _single_user(h, "SiLU-mul output")
+    if not _is_grouped_mm(gm2) or gm2.target is not gm1.target:
+        raise Reject("SiLU-mul output does not feed the down grouped_mm")
+    a2, b2, offs2 = _grouped_args(gm2)
+    if a2 is not h or offs2 is not offs:
+        raise Reject("down grouped_mm uses different offsets or input")
+    w2, s2 = _weight(b2, E, "down")
+    if s2 != (E, I, H):
+        raise Reject(f"down weight {s2} is not [experts, {I}, {H}]")
+    nodes.add(gm2)
+
+    def gather_w(n: Any) -> Any:
+        if not is_op(n, aten.index.Tensor) or len(n.args[1]) != 1 or n.args[1][0] is not perm:
+            raise Reject("routing weights are not gathered in the same sorted order")
+        nodes.add(n)
+        return n.args[0]
+
+    M = xv.shape[0]
+    tw, mul = _parse_combine(gm2, gather_w, M, K, H, nodes)
+    # restore original order: index(mul, [index_put(empty, [perm], iota)])
+    back = _single_user(mul, "weighted expert outputs")
+    if not is_op(back, aten.index.Tensor) or len(back.args[1]) != 1:
+        raise Reject("weighted outputs are not scattered back to token order")
+    inv = back.args[1][0]
+    if not (is_op(inv, aten.index_put.default) and len(inv.args[1]) == 1 and inv.args[1][0] is perm
+            and not (len(inv.args) > 3 and inv.args[3])):
+        raise Reject("the inverse permutation is not index_put(empty, [perm], arange)")
+    io = inv.args[2]
+    if not ((is_op(io, torch.ops.prims.iota.default) and io.kwargs.get("start", 0) == 0 and io.kwargs.get("step", 1) == 1)
+            or (is_op(io, aten.arange.default) and not io.kwargs.get("start"))):
+        raise Reject("the inverse permutation does not scatter 0..S-1")
+    nodes.update({back, inv, io, inv.args[0]})
+    out, sum_dt = _parse_sum(back, M, K, H, nodes)
+    return MoEMatch("grouped_mm", x, ids, tw, w1, False, w2, False, out, tval(mul).dtype, sum_dt, E, K, H, I, nodes)
+
+
+# ----------------------------------------------------------------------------- batched_mm form
+
+
+def _expert_gather(n: Any) -> tuple[fx.Node, fx.Node] | None:
+    """index(W [E, ., .], [ids_flat]) -> (W, ids_flat)."""
+    if is_op(n, aten.index.Tensor) and len(n.args[1]) == 1 and isinstance(n.args[0], fx.Node):
+        w = tval(n.args[0])
+        if w.dim() == 3:
+            return n.args[0], n.args[1][0]
+    return None
+
+
+def _repeat_source(n: Any, K: int, nodes: set[fx.Node]) -> Any:
+    """x.repeat_interleave(K, 0) as traced: reshape(clone(expand(unsqueeze(x, 1), [M, K, H])), [M*K, H])."""
+    if not is_op(n, aten.reshape.default):
+        return None
+    c = n.args[0]
+    if is_op(c, aten.clone.default):
+        e = c.args[0]
+    else:
+        e, c = c, None
+    if not is_op(e, aten.expand.default) or not is_op(e.args[0], aten.unsqueeze.default):
+        return None
+    u = e.args[0]
+    if _dim(u.args[1], 3) != 1 or tval(e).shape[1] != K:
+        return None
+    nodes.update({n, e, u} | ({c} if c is not None else set()))
+    return u.args[0]
+
+
+def match_batched(bmm1: fx.Node) -> MoEMatch:
+    nodes: set[fx.Node] = {bmm1}
+    g = _expert_gather(bmm1.args[0])
+    if g is None:
+        raise Reject("bmm does not read gathered expert weights")
+    w1, ids_flat = g
+    nodes.add(bmm1.args[0])
+    if not is_op(ids_flat, aten.reshape.default) or len(tval(ids_flat).shape) != 1:
+        raise Reject("expert weights are not gathered by the flattened top-k ids")
+    ids = ids_flat.args[0]
+    iv = tval(ids)
+    if iv.dim() != 2 or iv.dtype not in (torch.int32, torch.int64):
+        raise Reject("expert ids are not [tokens, top_k] integers")
+    K = iv.shape[1]
+    if not isinstance(K, int):
+        raise Reject("top_k is symbolic")
+    nodes.add(ids_flat)
+    xin = bmm1.args[1]
+    if not is_op(xin, aten.unsqueeze.default) or _dim(xin.args[1], 3) != 2:
+        raise Reject("bmm right operand is not the token column (x.unsqueeze(-1))")
+    x = _repeat_source(xin.args[0], K, nodes)
+    if x is None:
+        raise Reject("bmm tokens are not the hidden states repeated top_k times")
+    nodes.add(xin)
+    E, N2, H = _weight(w1, None, "gate_up")[1]
+    xv = tval(x)
+    if xv.dim() != 2 or xv.shape[1] != H or N2 % 2:
+        raise Reject(f"gate_up weight {(E, N2, H)} is not [experts, 2*inter, {H}]")
+    I = N2 // 2
+    sq = _single_user(bmm1, "gate_up bmm")
+    if not is_op(sq, aten.squeeze.dim) or _dim(sq.args[1], 3) != 2:
+        raise Reject("gate_up bmm output is not squeezed")
+    nodes.add(sq)
+    act = xv.dtype
+    h = _parse_act(sq, I, act, nodes)
+    hu = _single_user(h, "SiLU-mul output")
+    if not is_op(hu, aten.unsqueeze.default) or _dim(hu.args[1], 3) != 2:
+        raise Reject("SiLU-mul output is not fed to a bmm as a column")
+    bmm2 = _single_user(hu, "SiLU-mul column")
+    if not is_op(bmm2, aten.bmm.default) or bmm2.args[1] is not hu:
+        raise Reject("SiLU-mul output does not feed the down bmm")
+    g2 = _expert_gather(bmm2.args[0])
+    if g2 is None or g2[1] is not ids_flat:
+        raise Reject("down bmm does not read down weights gathered by the same ids")
+    w2 = g2[0]
+    s2 = _weight(w2, E, "down")[1]
+    if s2 != (E, H, I):
+        raise Reject(f"down weight {s2} is not [experts, {H}, {I}]")
+    sq2 = _single_user(bmm2, "down bmm")
+    if not is_op(sq2, aten.squeeze.dim) or _dim(sq2.args[1], 3) != 2:
+        raise Reject("down bmm output is not squeezed")
+    nodes.update({hu, bmm2, bmm2.args[0], sq2})
+    M = xv.shape[0]
+    tw, mul = _parse_combine(sq2, lambda n: n, M, K, H, nodes)
+    out, sum_dt = _parse_sum(mul, M, K, H, nodes)
+    return MoEMatch("batched_mm", x, ids, tw, w1, True, w2, True, out, tval(mul).dtype, sum_dt, E, K, H, I, nodes)
+
+
+# ----------------------------------------------------------------------------- checks + rewrite
+
+
+def check(m: MoEMatch, gate: bool = True) -> None:
+    from ..kernels.moe_experts import choose_path
+
+    xv, iv, tv = tval(m.x), tval(m.ids), tval(m.tw)
+    w1v, w2v = tval(m.w1), tval(m.w2)
+    if xv.dtype not in DTYPES:
+        raise Reject(f"hidden states dtype {xv.dtype} not supported (bf16/fp16)")
+    if w1v.dtype != xv.dtype or w2v.dtype != xv.dtype:
+        raise Reject(f"expert weights ({w1v.dtype}/{w2v.dtype}) and hidden states ({xv.dtype}) differ in dtype")
+    if tv.shape[0] != xv.shape[0] or iv.shape[0] != xv.shape[0] or tuple(tv.shape) != tuple(iv.shape):
+        raise Reject("routing weights/ids do not match the token count")
+    if m.prod_dtype not in (xv.dtype, torch.float32) or m.sum_dtype not in (xv.dtype, torch.float32):
+        raise Reject("combine computed in an unexpected dtype")
+    if not isinstance(m.H, int) or not isinstance(m.I, int):
+        raise Reject("hidden/intermediate sizes are symbolic")
+    if not same_device(xv, iv, tv, w1v, w2v):
+        raise Reject("inputs are on different devices")
+    dev = xv.device.type
+    if dev not in ("cpu", "cuda"):
+        raise Reject(f"device {dev} not supported")
+    # every intermediate must be private to the region (else the expert compute would run twice)
+    for n in m.nodes - {m.out}:
+        if not isinstance(val(n), torch.Tensor) and n.target is not operator.getitem:
+            continue
+        outside = [u for u in n.users if u not in m.nodes and not is_op(u, aten.sym_size.int)]
+        if outside:
+            raise Reject(f"intermediate {n.name} ({getattr(n.target, '__name__', n.target)}) is also used outside the MoE experts")
+    if dev == "cuda":
+        path = "decode" if choose_path(xv.shape[0], m.K, m.E) == 1 else "prefill"
+        why = gating.rejects(FAMILY, scheme=f"{m.form}/{path}", hidden=m.H, dtype=xv.dtype, enabled=gate)
+        if why:
+            raise Reject(why)
+
+
+def rewrite(graph: fx.Graph, m: MoEMatch) -> list[fx.Node]:
+    from ..kernels import moe_experts as _k  # noqa: F401  (registers torch.ops.fxfuse.moe_experts)
+
+    out_dtype = tval(m.out).dtype
+    prod, sm = m.prod_dtype, m.sum_dtype
+    t1, t2 = m.w1_transposed, m.w2_transposed
+    out_shape_is_2d = tval(m.out).dim() == 2
+
+    def replacement(x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        o = torch.ops.fxfuse.moe_experts(
+            x, tw, ids, w1.permute(0, 2, 1) if t1 else w1, w2.permute(0, 2, 1) if t2 else w2, prod, sm, out_dtype
+        )
+        return o if out_shape_is_2d else o.reshape(x.shape)
+
+    on_cuda = tval(m.x).device.type == "cuda"
+    (new,) = insert_traced(graph, replacement, [m.x, m.tw, m.ids, m.w1, m.w2], before=m.out, functionalize=on_cuda)
+    m.out.replace_all_uses_with(new)
+    stable_toposort(graph)
+    return sorted(m.nodes, key=lambda n: n.name)
+
+
+# ----------------------------------------------------------------------------- eager-loop near miss
+
+
+def _eager_loop_anchor(graph: fx.Graph) -> fx.Node | None:
+    """A graph whose output carries a one-hot mask of [tokens, top_k] ids (transformers' eager loop:
+    `one_hot(ids, E + 1)` then `.nonzero()` outside the graph)."""
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    if out is None:
+        return None
+    for n in graph.nodes:
+        if not is_op(n, aten.eq.Tensor):
+            continue
+        a, b = (n.args + (None, None))[:2]
+        one_hot = False
+        for s, r in ((a, b), (b, a)):
+            if is_op(s, aten.unsqueeze.default) and is_op(r, torch.ops.prims.iota.default, aten.arange.default, aten.arange.start):
+                sv = val(s.args[0])
+                one_hot = one_hot or (isinstance(sv, torch.Tensor) and sv.dim() == 2 and not sv.is_floating_point())
+        has_topk = one_hot
+        if has_topk and _reaches_output(n, out):
+            return n
+    return None
+
+
+def _reaches_output(n: fx.Node, out: fx.Node, limit: int = 50) -> bool:
+    frontier, seen = [n], {n}
+    for _ in range(limit):
+        nxt = []
+        for f in frontier:
+            for u in f.users:
+                if u is out:
+                    return True
+                if u not in seen:
+                    seen.add(u)
+                    nxt.append(u)
+        frontier = nxt
+        if not frontier:
+            return False
+    return False
+
+
+class MoEExperts:
+    name = FAMILY
+
+    def __call__(self, graph: fx.Graph, ctx: Any) -> None:
+        found = False
+        for node in list(graph.nodes):
+            if node.graph is not graph or node.op != "call_function":
+                continue
+            if _is_grouped_mm(node):
+                # only the gate_up grouped_mm anchors (the down one reads the SiLU-mul output)
+                a0 = node.args[0]
+                if is_op(a0, aten.mul.Tensor):
+                    continue
+                matcher = match_grouped
+            elif is_op(node, aten.bmm.default) and _expert_gather(node.args[0]) is not None:
+                if is_op(node.args[1], aten.unsqueeze.default) and is_op(node.args[1].args[0], aten.mul.Tensor):
+                    continue
+                matcher = match_batched
+            else:
+                continue
+            found = True
+            with ctx.candidate(FAMILY, node):
+                m = matcher(node)
+                check(m, gate=ctx.options.get("gate", True))
+                replaced = rewrite(graph, m)
+                kernel = "triton:fxfuse_moe_experts" if tval(m.x).device.type == "cuda" else "fxfuse::moe_experts"
+                ctx.applied(FAMILY, replaced, kernel, f"{m.form} E={m.E} top{m.K} H={m.H} I={m.I} {tval(m.x).dtype}")
+        if not found:
+            anchor = _eager_loop_anchor(graph)
+            if anchor is not None:
+                ctx.near_miss(
+                    FAMILY, anchor,
+                    "graph ends in a one-hot expert mask: transformers' eager experts loop graph-breaks on nonzero, "
+                    f"so no pass sees the whole layer; {EAGER_FIX}",
+                )
+
+
+PASS = MoEExperts()
