@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _passes() -> tuple["GraphPass", ...]:
-    from . import normalize, rmsnorm_quant, unwrap
+    from . import normalize, rmsnorm_quant, rope_quant, unwrap
 
-    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS)
+    return (normalize.PASS, unwrap.PASS, rmsnorm_quant.PASS, rope_quant.PASS)
 
 
 def default_passes() -> list["GraphPass"]:
