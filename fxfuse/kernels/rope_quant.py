@@ -175,6 +175,12 @@ def _quant_ref(o, scheme, scale, static_value, ops, consts, quant_mul, qmin, qma
     return qv, s.to(f32)
 
 
+def _laid_out(t: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """t ([B, S, H, D]) copied into the layout `order` (outermost dims first)."""
+    out = torch.empty_strided(t.shape, _strides(t.shape, order), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
 def rope_quant_reference(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -201,6 +207,8 @@ def rope_quant_reference(
     qmax: float,
     need_q_rope: bool,
     need_k_rope: bool,
+    q_order: Sequence[int] = (0, 1, 2),
+    k_order: Sequence[int] = (0, 1, 2),
 ) -> tuple[torch.Tensor, ...]:
     """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty."""
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops)
@@ -212,9 +220,9 @@ def rope_quant_reference(
     cs = _expand_cs(cs.to(f32), neox, cos_half)
     sn = _expand_cs(sn.to(f32), neox, cos_half)
     outs: list[torch.Tensor] = []
-    for x, scheme, scale, sv, ops, consts, mul, need in (
-        (q, q_quant, q_scale, q_static, q_ops, q_consts, q_mul, need_q_rope),
-        (k, k_quant, k_scale, k_static, k_ops, k_consts, k_mul, need_k_rope),
+    for x, scheme, scale, sv, ops, consts, mul, need, order in (
+        (q, q_quant, q_scale, q_static, q_ops, q_consts, q_mul, need_q_rope, q_order),
+        (k, k_quant, k_scale, k_static, k_ops, k_consts, k_mul, need_k_rope, k_order),
     ):
         empty = lambda dt: torch.empty(_EMPTY, dtype=dt, device=q.device)  # noqa: E731
         if x is None:
@@ -222,12 +230,12 @@ def rope_quant_reference(
             continue
         H, D = x.shape[2], x.shape[3]
         o = _rope_one_ref(x, cs, sn, rot_dim, neox, out_dtype)
-        outs.append(o.reshape(B, S, H, D).contiguous() if need else empty(out_dtype))
+        outs.append(_laid_out(o.reshape(B, S, H, D), order) if need else empty(out_dtype))
         if scheme == QUANT_NONE:
             outs += [empty(_QDTYPE), empty(f32)]
             continue
         qv, s = _quant_ref(o, scheme, scale, sv, ops, consts, mul, qmin, qmax)
-        outs.append(qv.reshape(B, S, H, D).contiguous())
+        outs.append(_laid_out(qv.reshape(B, S, H, D), order))
         outs.append(s.reshape(1).clone() if scheme == QUANT_STATIC else s.reshape(B, S, H).contiguous())
     return tuple(outs)
 
@@ -240,14 +248,14 @@ def _rope_heads(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
     cos_ptr, sin_ptr, crow,
     b, s_, h0, H, S,
-    sxb, sxs, sxh,
+    sxb, sxs, sxh, sob, sos, soh,
     static_value, c0, c1, c2, c3, qmin, qmax,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr,
 ):
-    """RoPE (+quant) of BLOCK_H heads of one token of one tensor; outputs are contiguous [B,S,H,D]."""
+    """RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H])."""
     hh = h0 + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
     hmask = hh < H
@@ -281,7 +289,7 @@ def _rope_heads(
     o = _round_to(p1 + p2, OUT_DT, NATIVE)
     o = tl.where(is_rot[None, :], o, x)
     tok = b * S + s_
-    oofs = (tok * H + hh[:, None]).to(tl.int64) * D + j[None, :]
+    oofs = b * sob + s_ * sos + hh[:, None].to(tl.int64) * soh + j[None, :]
     if NEED_ROPE:
         tl.store(o_ptr + oofs, o.to(o_ptr.dtype.element_ty), mask=mask)
     if QUANT != 0:
@@ -322,6 +330,7 @@ def _rope_quant_kernel(
     qo_ptr, qq_ptr, qs_ptr, ko_ptr, kq_ptr, ks_ptr,
     S, HQ, HK, NQB,
     sqb, sqs, sqh, skb, sks, skh, s_cos, s_sin,
+    soqb, soqs, soqh, sokb, soks, sokh,
     q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, HAS_POS: tl.constexpr,
@@ -358,13 +367,13 @@ def _rope_quant_kernel(
         crow = tok
     if hb < NQB:
         _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow * s_cos,
-                    b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh,
+                    b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh, soqb, soqs, soqh,
                     q_static, qc0, qc1, qc2, qc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
                     QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE)
     elif HAS_K:
         _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow * s_cos,
-                    b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh,
+                    b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh,
                     k_static, kc0, kc1, kc2, kc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
                     KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE)
@@ -381,17 +390,30 @@ def _block_h(D: int, H: int) -> int:
     return max(1, min(triton.next_power_of_2(max(H, 1)), max(1, 2048 // bd)))
 
 
-def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope):
+def _strides(shape: Sequence, order: Sequence[int]) -> list:
+    """Strides of a [B, S, H, D] tensor laid out with dims `order` (outermost first) then D."""
+    st = [0, 0, 0, 1]
+    acc = shape[3]
+    for d in reversed(list(order)):
+        st[d] = acc
+        acc = acc * shape[d]
+    return st
+
+
+def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=(0, 1, 2), k_order=(0, 1, 2)):
     dev = q.device
     outs = []
-    for x, scheme, need in ((q, q_quant, need_q_rope), (k, k_quant, need_k_rope)):
+    for x, scheme, need, order in ((q, q_quant, need_q_rope, q_order), (k, k_quant, need_k_rope, k_order)):
         if x is None:
             outs += [torch.empty(_EMPTY, dtype=out_dtype, device=dev), torch.empty(_EMPTY, dtype=_QDTYPE, device=dev),
                      torch.empty(_EMPTY, dtype=torch.float32, device=dev)]
             continue
         B, S, H, D = x.shape
-        outs.append(torch.empty((B, S, H, D) if need else _EMPTY, dtype=out_dtype, device=dev))
-        outs.append(torch.empty((B, S, H, D) if scheme else _EMPTY, dtype=_QDTYPE, device=dev))
+        st = _strides((B, S, H, D), order)
+        outs.append(torch.empty_strided((B, S, H, D), st, dtype=out_dtype, device=dev) if need
+                    else torch.empty(_EMPTY, dtype=out_dtype, device=dev))
+        outs.append(torch.empty_strided((B, S, H, D), st, dtype=_QDTYPE, device=dev) if scheme
+                    else torch.empty(_EMPTY, dtype=_QDTYPE, device=dev))
         s_shape = {QUANT_NONE: _EMPTY, QUANT_STATIC: (1,), QUANT_DYNAMIC: (B, S, H)}[scheme]
         outs.append(torch.empty(s_shape, dtype=torch.float32, device=dev))
     return outs
@@ -399,13 +421,21 @@ def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope):
 
 def _launch(kernel, q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
-            qmin, qmax, need_q_rope, need_k_rope, outs, num_warps=None):
+            qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, outs, num_warps=None):
     B, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     BH = _block_h(D, max(HQ, HK))
     nqb = triton.cdiv(HQ, BH)
     nkb = triton.cdiv(HK, BH) if k is not None else 0
     qo, qq, qs, ko, kq, ks = outs
+    oq = qo if need_q_rope else qq
+    ok = ko if need_k_rope else kq
+    oqs = [oq.stride(i) for i in range(3)] if oq.dim() == 4 else [0, 0, 0]
+    oks = [ok.stride(i) for i in range(3)] if ok.dim() == 4 else [0, 0, 0]
+    if need_q_rope and q_quant and list(qq.stride()) != list(qo.stride()):
+        raise ValueError("rope_quant: q rope and fp8 outputs must share a layout")
+    if k is not None and need_k_rope and k_quant and list(kq.stride()) != list(ko.stride()):
+        raise ValueError("rope_quant: k rope and fp8 outputs must share a layout")
     qops, qc = _pad(q_ops, q_consts)
     kops, kc = _pad(k_ops, k_consts)
     kk = k if k is not None else q
@@ -417,6 +447,7 @@ def _launch(kernel, q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, 
         S, HQ, HK, nqb,
         q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         cos.stride(0), sin.stride(0),
+        oqs[0], oqs[1], oqs[2], oks[0], oks[1], oks[2],
         float(q_static), qc[0], qc[1], qc[2], qc[3], float(k_static), kc[0], kc[1], kc[2], kc[3],
         float(qmin), float(qmax),
         D=D, ROT=int(rot_dim), NEOX=bool(neox), COS_HALF=bool(cos_half), OUT_DT=_DT_CODE[out_dtype],
@@ -462,22 +493,24 @@ def rope_quant(
     qmax: float,
     need_q_rope: bool,
     need_k_rope: bool,
+    q_order: list[int],
+    k_order: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RoPE(+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
     args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
-            qmin, qmax, need_q_rope, need_k_rope)
+            qmin, qmax, need_q_rope, need_k_rope, q_order, k_order)
     if q.device.type == "cpu":
         return _rope_quant_cpu(*args)
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops)
-    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope)
+    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order)
     _launch(wrap_triton(_rope_quant_kernel), *args, outs)
     return tuple(outs)
 
 
 def _rope_quant_cpu(*args):
     """CPU has no Triton: the reference (fresh, non-aliasing outputs)."""
-    return tuple(t.contiguous() for t in rope_quant_reference(*args))
+    return tuple(rope_quant_reference(*args))
 
 
 rope_quant.register_kernel("cpu")(_rope_quant_cpu)
@@ -490,7 +523,9 @@ def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None) -> tuple
     """
     q, k = args[0], args[1]
     check_args(q, k, args[2], args[3], args[4], args[7], args[9], args[10], args[11], args[16], args[13], args[18])
-    outs = list(out) if out is not None else _alloc(q, k, args[10], args[11], args[16], args[23], args[24])
+    orders = (list(args[25]), list(args[26])) if len(args) > 25 else ([0, 1, 2], [0, 1, 2])
+    args = tuple(args[:25]) + orders
+    outs = list(out) if out is not None else _alloc(q, k, args[10], args[11], args[16], args[23], args[24], *orders)
     if q.shape[0] * q.shape[1] > 0:
         _launch(_rope_quant_kernel, *args, outs, num_warps=num_warps)
     return tuple(outs)

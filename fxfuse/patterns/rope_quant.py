@@ -480,6 +480,33 @@ def _cos_rows(c: torch.Tensor, x: torch.Tensor, head: int, tok: list[int]) -> to
     return ce.permute(perm).reshape(-1, c.shape[-1])
 
 
+def _order_of(mm: RopeMatch) -> list[int]:
+    """Memory order (outermost first) of the [B, S, H] dims of the output the graph expects."""
+    import functools
+
+    ov = tval(mm.quant.sink if mm.quant is not None and not mm.need_rope else mm.out)
+    dims = mm.tok + ([mm.head] if mm.head >= 0 else [])
+    st: list[Any] = [ov.stride(i) for i in dims]
+    sz: list[Any] = [ov.shape[i] for i in dims]
+    if mm.head < 0:
+        st.append(ov.shape[-1])  # a virtual one-head dim
+        sz.append(1)
+    while len(st) < 3:
+        st.insert(0, BIG)  # a virtual leading batch dim of size 1
+        sz.insert(0, 1)
+
+    def cmp(a: int, b: int) -> int:
+        if statically_known_true(sz[a] == 1) or statically_known_true(sz[b] == 1):
+            return 0
+        if statically_known_true(st[a] > st[b]):
+            return -1
+        if statically_known_true(st[a] < st[b]):
+            return 1
+        return 0
+
+    return sorted(range(3), key=functools.cmp_to_key(cmp))
+
+
 def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs."""
     from ..kernels import rope_quant as _k  # noqa: F401  (registers torch.ops.fxfuse.rope_quant)
@@ -514,6 +541,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         rot_dim=qm.rot, neox=qm.neox, cos_half=False, out_dtype=out_dtype,
         **qparams(qm, "q"), **qparams(km, "k"), qmin=qmin, qmax=qmax,
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
+        q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
     )
     shapes = [list(tval(mm.x).shape) for mm in ms]
 

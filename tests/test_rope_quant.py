@@ -1,0 +1,343 @@
+"""RoPE (+ fp8 quant) fusion on CPU: HF rotate_half forms, partial rotary, cos/sin tables, token-major
+layouts and dynamic token dims fuse q and k into ONE op and match eager; near misses stay untouched.
+The Triton kernel itself is checked under TRITON_INTERPRET=1 in a subprocess (bit-exact vs the reference)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._inductor.utils import fresh_cache
+
+import fxfuse
+from forms import assert_identical, dequant_close, stock_compile
+
+REPO = Path(__file__).resolve().parents[1]
+FP8 = torch.float8_e4m3fn
+BF16 = torch.bfloat16
+LEFTOVER = {torch.ops.aten.cat.default, torch.ops.aten.neg.default}
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def q_static(x, scale):
+    return ((x.float() / scale).clamp(-448.0, 448.0).to(FP8),)
+
+
+def q_dynamic(x, scale):
+    s = (x.float().abs().amax(-1, keepdim=True) / 448.0).clamp_min(1e-6)
+    return (x.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+
+def q_none(x, scale):
+    return (x,)
+
+
+QUANTS = {"none": q_none, "static": q_static, "dynamic": q_dynamic}
+
+
+def make_hf(qq: str, kq: str):
+    def model(q, k, cos, sin, scale):
+        qe, ke = apply_rope(q, k, cos, sin)
+        return (*QUANTS[qq](qe, scale), *QUANTS[kq](ke, scale))
+
+    return model
+
+
+def hf_inputs(B=2, S=5, HQ=4, HK=2, D=32, dtype=BF16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, HQ, D, generator=g).to(dtype).transpose(1, 2)  # HF: [B, H, S, D] view
+    k = torch.randn(B, S, HK, D, generator=g).to(dtype).transpose(1, 2)
+    ang = torch.rand(B, S, D // 2, generator=g) * 6.0
+    emb = torch.cat((ang, ang), dim=-1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype), torch.tensor(0.02)
+
+
+def compile_and_run(fn, args, *, dynamic_dims=None, passes=None):
+    leftovers: list[str] = []
+
+    def after(g: fx.Graph) -> None:
+        leftovers.extend(n.name for n in g.nodes if n.op == "call_function" and n.target in LEFTOVER)
+
+    p = passes or fxfuse.FusionPasses(after=after)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    for a, d in (dynamic_dims or {}).items():
+        torch._dynamo.mark_dynamic(args[a], d)
+    with fresh_cache(), torch.no_grad():
+        out = torch.compile(fn, options={"post_grad_custom_pre_pass": p}, fullgraph=True)(*args)
+    return out, leftovers
+
+
+def check_close(out, ref):
+    out, ref = tuple(out), tuple(ref)
+    problems = dequant_close(out, ref)
+    assert not problems, problems
+    for o, r in zip(out, ref):  # layouts as eager
+        assert o.stride() == r.stride() or o.numel() <= 1, (o.stride(), r.stride())
+
+
+@pytest.mark.parametrize("qq,kq", [("none", "none"), ("static", "dynamic"), ("dynamic", "static"), ("static", "none")])
+def test_hf_forms_fuse_q_and_k_in_one_op(qq, kq):
+    fn = make_hf(qq, kq)
+    args = hf_inputs(seed=1)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, leftovers = compile_and_run(fn, args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    assert not leftovers, leftovers
+    check_close(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_dtypes(dtype):
+    fn = make_hf("dynamic", "none")
+    args = hf_inputs(dtype=dtype, seed=2)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, _ = compile_and_run(fn, args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    check_close(out, ref)
+
+
+def test_dynamic_token_dim():
+    fn = make_hf("static", "dynamic")
+    compiled = None
+    for i, S in enumerate((5, 9, 17)):
+        args = hf_inputs(S=S, seed=3 + S)
+        with torch.no_grad():
+            ref = fn(*args)
+        if compiled is None:
+            out, _ = compile_and_run(fn, args, dynamic_dims={0: 2, 1: 2, 2: 1, 3: 1})
+            assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+            compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            for a, d in {0: 2, 1: 2, 2: 1, 3: 1}.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+        check_close(out, ref)
+
+
+def partial_model(q, k, cos, sin, scale):
+    """Partial rotary (GPT-NeoX / Qwen3.5 style): rotate the first rot dims, pass the rest through."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    qr, qp = q[..., :rot], q[..., rot:]
+    kr, kp = k[..., :rot], k[..., rot:]
+    qe = torch.cat((qr * cos + rotate_half(qr) * sin, qp), dim=-1)
+    ke = torch.cat((kr * cos + rotate_half(kr) * sin, kp), dim=-1)
+    return (*q_static(qe, scale), ke)
+
+
+def test_partial_rotary():
+    q, k, cos, sin, scale = hf_inputs(D=32, seed=4)
+    args = (q, k, cos[..., :16].contiguous(), sin[..., :16].contiguous(), scale)
+    with torch.no_grad():
+        ref = partial_model(*args)
+    out, leftovers = compile_and_run(partial_model, args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    assert "rot=16" in fxfuse.report().fusions[0].detail
+    assert not leftovers
+    check_close(out, ref)
+
+
+def table_model(q, k, cos_cached, sin_cached, pos, scale):
+    """Token-major [T, H, D] with cos/sin gathered from tables by positions (vLLM-like)."""
+    cos = cos_cached[pos].unsqueeze(-2)
+    sin = sin_cached.index_select(0, pos).unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    return (*q_dynamic(qe, scale), ke)
+
+
+def table_inputs(T=7, HQ=4, HK=2, D=32, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ang = torch.rand(64, D // 2, generator=g) * 6.0
+    emb = torch.cat((ang, ang), -1)
+    q = torch.randn(T, HQ, D, generator=g).to(BF16)
+    k = torch.randn(T, HK, D, generator=g).to(BF16)
+    pos = torch.randint(0, 64, (T,), generator=g)
+    return q, k, emb.cos().to(BF16), emb.sin().to(BF16), pos, torch.tensor(0.02)
+
+
+def test_table_lookup_by_positions_dynamic():
+    args = table_inputs()
+    with torch.no_grad():
+        ref = table_model(*args)
+    out, _ = compile_and_run(table_model, args, dynamic_dims={0: 0, 1: 0, 4: 0})
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    assert "+table" in fxfuse.report().fusions[0].detail
+    check_close(out, ref)
+
+
+# ------------------------------------------------------------------ forms that must NOT fuse (or not together)
+def wrong_rotation(q, k, cos, sin, scale):
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((x[..., h:], -x[..., :h]), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (*q_static(q * cos + rot(q) * sin, scale), k * cos + rot(k) * sin)
+
+
+def swapped_trig(q, k, ang, _unused, scale):
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+    return apply_rope(q, k, sin, cos)  # x * sin + rotate_half(x) * cos
+
+
+@pytest.mark.parametrize("name", ["wrong_rotation", "swapped_trig"])
+def test_near_miss_stays_unfused(name):
+    q, k, cos, sin, scale = hf_inputs(seed=6)
+    if name == "wrong_rotation":
+        fn, args, reason = wrong_rotation, (q, k, cos, sin, scale), "cat(x2, -x1)"
+    else:
+        ang = torch.rand(2, 5, 16, generator=torch.Generator().manual_seed(0))
+        fn, args, reason = swapped_trig, (q, k, ang, sin, scale), "swapped"
+    ref = stock_compile(fn, args)
+    fxfuse.report.clear()
+    out, _ = compile_and_run(fn, args)
+    assert fxfuse.counters["rope_quant"] == 0
+    assert any(reason in m.reason for m in fxfuse.report().near_misses), [m.reason for m in fxfuse.report().near_misses]
+    assert_identical(tuple(out), ref)
+
+
+def different_positions(q, k, cos_cached, sin_cached, pos_q, pos_k):
+    qe = q * cos_cached[pos_q].unsqueeze(-2) + rotate_half(q) * sin_cached[pos_q].unsqueeze(-2)
+    ke = k * cos_cached[pos_k].unsqueeze(-2) + rotate_half(k) * sin_cached[pos_k].unsqueeze(-2)
+    return qe, ke
+
+
+def test_different_positions_are_two_regions():
+    q, k, c, s, pos, _ = table_inputs(seed=7)
+    pos_k = (pos + 3) % 64
+    args = (q, k, c, s, pos, pos_k)
+    with torch.no_grad():
+        ref = different_positions(*args)
+    out, _ = compile_and_run(different_positions, args)
+    assert fxfuse.counters["rope_quant"] == 2, fxfuse.report()  # one launch each, no shared cos/sin
+    check_close(out, ref)
+
+
+# ------------------------------------------------------------------ transformers attention modules
+def _hf_attention(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                  intermediate_size=64, num_hidden_layers=1, vocab_size=32)
+    if kind == "llama":
+        from transformers.models.llama import modeling_llama as mm
+
+        cfg = transformers.LlamaConfig(**common)
+        attn, rope = mm.LlamaAttention(cfg, layer_idx=0), mm.LlamaRotaryEmbedding(cfg)
+    else:
+        from transformers.models.qwen3 import modeling_qwen3 as mm
+
+        cfg = transformers.Qwen3Config(**common)
+        attn, rope = mm.Qwen3Attention(cfg, layer_idx=0), mm.Qwen3RotaryEmbedding(cfg)
+    cfg._attn_implementation = "sdpa"
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.rope = attn, rope
+
+        def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            pe = self.rope(x, pos)
+            return self.attn(x, position_embeddings=pe, attention_mask=None)[0]
+
+    return Block().to(BF16).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_transformers_attention_rope_fuses(kind):
+    block = _hf_attention(kind)
+    x = torch.randn(2, 6, 64, dtype=BF16)
+    pos = torch.arange(6).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        ref = block(x, pos)
+    out, leftovers = compile_and_run(block, (x, pos))
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    assert not leftovers
+    rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert rel < 2e-2, rel
+
+
+# ------------------------------------------------------------------ the Triton kernel under TRITON_INTERPRET=1
+_INTERP = r"""
+import itertools, json, sys, torch
+from fxfuse.kernels.rope_quant import rope_quant_reference, rope_quant_triton
+torch.manual_seed(0)
+res = []
+def run(neox, half, rot, D, pos, qq, kq, dt, out_dt, B=2, S=3, HQ=4, HK=2, hf_layout=True, has_k=True):
+    q = torch.randn(B, HQ, S, D).to(dt).transpose(1, 2) if hf_layout else torch.randn(B, S, HQ, D).to(dt)
+    k = torch.randn(B, S, HK, D).to(dt) if has_k else None
+    C = rot // 2 if half else rot
+    N = 11 if pos else B * S
+    cos, sin = torch.randn(N, C).to(dt), torch.randn(N, C).to(dt)
+    p = torch.randint(0, N, (B * S,)) if pos else None
+    qs = torch.tensor([0.05]) if qq == 1 else None
+    args = (q, k, cos, sin, p, qs, None, rot, neox, half, out_dt,
+            qq, 1.0, [1] if qq == 2 else [], [448.0] if qq == 2 else [], False,
+            kq, 0.02, [1, 3] if kq == 2 else [], [448.0, 1e-6] if kq == 2 else [], kq == 1,
+            -448.0, 448.0, True, True, [0, 2, 1] if hf_layout else [0, 1, 2], [1, 0, 2])
+    ref = rope_quant_reference(*args)
+    runs = []
+    for poison in (7.0, -3.0):
+        outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
+        runs.append(rope_quant_triton(*args, out=outs))
+    bad = 0
+    for a, b, c in zip(runs[0], runs[1], ref):
+        if a.numel():
+            bad += int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
+    res.append(dict(case=f"neox={neox} half={half} rot={rot} D={D} pos={pos} q={qq} k={kq} {dt}->{out_dt}", bad=bad))
+for neox, half, pos in itertools.product([True, False], [True, False], [True, False]):
+    run(neox, half, 16, 16, pos, 1, 2, torch.bfloat16, torch.bfloat16)
+run(True, True, 8, 16, True, 2, 0, torch.float16, torch.float16, hf_layout=False)
+run(False, False, 8, 24, False, 0, 1, torch.float32, torch.float32)
+run(True, False, 16, 16, False, 0, 0, torch.bfloat16, torch.float32, has_k=False)
+run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, HQ=3, HK=1)
+print(json.dumps(res))
+"""
+
+
+def test_kernel_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERP], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    bad = [c for c in res if c["bad"]]
+    assert len(res) == 12 and not bad, bad
+
+
+def test_op_cpu_matches_reference_and_opcheck():
+    from fxfuse.kernels.rope_quant import rope_quant_reference
+
+    q, k, cos, sin, scale = hf_inputs(seed=9)
+    q4, k4 = q.transpose(1, 2), k.transpose(1, 2)
+    args = (q4, k4, cos.reshape(-1, 32), sin.reshape(-1, 32), None, scale.reshape(1), None, 32, True, False, BF16,
+            1, 1.0, [], [], False, 2, 1.0, [1], [448.0], False, -448.0, 448.0, True, False, [0, 2, 1], [0, 1, 2])
+    got = torch.ops.fxfuse.rope_quant(*args)
+    ref = rope_quant_reference(*args)
+    for a, b in zip(got, ref):
+        assert torch.equal(a.float(), b.float())
+    torch.library.opcheck(torch.ops.fxfuse.rope_quant.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
