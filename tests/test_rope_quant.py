@@ -341,3 +341,98 @@ def test_op_cpu_matches_reference_and_opcheck():
         assert torch.equal(a.float(), b.float())
     torch.library.opcheck(torch.ops.fxfuse.rope_quant.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cuda_path_traces_to_user_triton_kernel():
+    """On CUDA the op must trace (functionalized) to triton_kernel_wrapper_functional; fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    with FakeTensorMode():
+        q = torch.empty(2, 4, 5, 32, dtype=BF16, device="cuda").transpose(1, 2)
+        k = torch.empty(2, 5, 2, 32, dtype=BF16, device="cuda")
+        cs = torch.empty(64, 32, dtype=BF16, device="cuda")
+        pos = torch.empty(10, dtype=torch.int64, device="cuda")
+    g = fx.Graph()
+    ph = [g.placeholder(n) for n in ("q", "k", "c", "p")]
+    for p, v in zip(ph, (q, k, cs, pos)):
+        p.meta["val"] = v
+    out = g.output(None)
+
+    def repl(q, k, c, p):
+        return torch.ops.fxfuse.rope_quant(q, k, c, c, p, None, None, 32, True, False, BF16, 2, 1.0, [1], [448.0],
+                                           False, 0, 1.0, [], [], False, -448.0, 448.0, False, True, [0, 2, 1], [0, 1, 2])
+
+    outs = insert_traced(g, repl, ph, before=out, functionalize=True)
+    targets = {n.target for n in g.nodes if n.op == "call_function"}
+    assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
+    assert not any("fxfuse" in str(t) for t in targets)
+    assert len(outs) == 6
+
+
+# ------------------------------------------------------------------ GPU: user Triton kernel in the output code
+UNGATED = fxfuse.FusionPasses(options={"gate": False})
+
+
+def _cuda(args):
+    return tuple(a.cuda() for a in args)
+
+
+@pytest.mark.parametrize("qq,kq", [("none", "none"), ("static", "static"), ("dynamic", "dynamic"), ("static", "none")])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernel_in_output_code(qq, kq):
+    from torch._inductor.utils import run_and_get_code
+
+    fn = make_hf(qq, kq)
+    args = _cuda(hf_inputs(B=2, S=33, HQ=32, HK=8, D=128, seed=11))
+    with torch.no_grad():
+        ref = fn(*args)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "@triton.jit" in code
+    assert "torch.ops.fxfuse" not in code
+    check_close(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_table_partial_dynamic_cudagraphs():
+    compiled = torch.compile(table_model, options={"post_grad_custom_pre_pass": UNGATED, "triton.cudagraphs": True})
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        for T in (1, 7, 300, 7):
+            args = _cuda(table_inputs(T=T, HQ=32, HK=8, D=128, seed=T))
+            for a in (0, 1, 4):
+                torch._dynamo.mark_dynamic(args[a], 0)
+            out = [t.clone() for t in compiled(*args)]
+            check_close(out, table_model(*args))
+        q, k, cos, sin, scale = _cuda(hf_inputs(B=2, S=9, HQ=16, HK=2, D=256, seed=12))
+        pargs = (q, k, cos[..., :64].contiguous(), sin[..., :64].contiguous(), scale)
+        out = torch.compile(partial_model, options={"post_grad_custom_pre_pass": UNGATED})(*pargs)
+        check_close(out, partial_model(*pargs))
+    assert fxfuse.counters["rope_quant"] >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernel_matches_reference_bitwise():
+    from fxfuse.kernels.rope_quant import rope_quant_reference, rope_quant_triton
+
+    q, k, cos, sin, scale = _cuda(hf_inputs(B=3, S=17, HQ=32, HK=8, D=128, seed=13))
+    q4, k4 = q.transpose(1, 2), k.transpose(1, 2)
+    args = (q4, k4, cos.reshape(-1, 128), sin.reshape(-1, 128), None, scale.reshape(1), None, 128, True, False, BF16,
+            1, 1.0, [], [], False, 2, 1.0, [1, 3], [448.0, 1e-6], False, -448.0, 448.0, True, True, [0, 2, 1], [0, 1, 2])
+    got = rope_quant_triton(*args)
+    ref = rope_quant_reference(*args)
+    for a, b in zip(got, ref):
+        if a.dtype == FP8:  # hardware RNE vs emulated; per-element division: allow rare 1-ulp flips
+            assert (a.float() != b.float()).float().mean().item() < 1e-3
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
