@@ -16,6 +16,10 @@ for step in "${@:-all}"; do
       timeout 420 python3 benchmarks/bench_rmsnorm_quant.py --out "$OUT/rmsnorm_quant.json" 2>&1 | tail -60 ;;&
     aoti)
       for m in stock fxfuse; do timeout 200 python3 benchmarks/aoti_check.py $m cuda 2>&1 | tail -25; done ;;
+    rope|all)
+      timeout 420 python3 benchmarks/bench_rope_quant.py --out "$OUT/rope_quant.json" 2>&1 | tail -50 ;;&
+    rope-quick)
+      timeout 300 python3 benchmarks/bench_rope_quant.py --quick --out "$OUT/rope_quant_quick.json" 2>&1 | tail -50 ;;
     unwrap|all)
       [ -f benchmarks/bench_unwrap.py ] && timeout 240 python3 benchmarks/bench_unwrap.py --out "$OUT/unwrap.json" 2>&1 | tail -30 ;;
   esac

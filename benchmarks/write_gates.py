@@ -1,4 +1,4 @@
-"""Turn a bench_rmsnorm_quant JSON into fxfuse/gates.json: the shape classes where fusion ships.
+"""Turn a bench_rmsnorm_quant (or bench_rope_quant) JSON into fxfuse/gates.json: the shape classes where fusion ships.
 
 A shape class is (scheme, hidden size); its figure is the geomean over token counts of
 stock-compile time / fxfuse-compile time. fxfuse/gating.py lets a rewrite through only where
@@ -20,6 +20,9 @@ GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
 
 def gates_from(result: dict) -> dict:
+    if result.get("family") == "rope_quant":  # bench_rope_quant.py computes its table (keyed by head_dim)
+        return {"rope_quant": result["gates"],
+                "_source_rope_quant": {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")}}
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in result.get("cases", []):
         us = row.get("us", {})

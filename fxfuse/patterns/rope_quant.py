@@ -685,7 +685,7 @@ class RopeQuant:
                 xv = tval(grp[0].x)
                 if xv.device.type == "cuda":
                     h = heads(grp[0])
-                    why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(h) * int(xv.shape[-1]) if isinstance(h, int) else int(xv.shape[-1]),
+                    why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
                                          dtype=xv.dtype, enabled=gate)
                     if why:
                         raise Reject(why)
