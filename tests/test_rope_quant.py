@@ -188,6 +188,59 @@ def test_table_lookup_by_positions_dynamic():
     check_close(out, ref)
 
 
+def vllm_model(neox: bool):
+    """The form vLLM's _C::rotary_embedding unwraps to: cos/sin halves split from a gathered cache,
+    x1*cos - x2*sin / x2*cos + x1*sin, on [T, H*D] projections; static fp8 of q's [T, H*D]."""
+    from fxfuse.patterns.unwrap_builtin import _rope
+
+    def model(pos, q, k, cache, scale):
+        cos, sin = cache.index_select(0, pos).chunk(2, dim=-1)
+        qe = _rope(q, cos, sin, pos.shape[0], 32, neox)
+        ke = _rope(k, cos, sin, pos.shape[0], 32, neox)
+        return (*q_static(qe, scale), ke)
+
+    return model
+
+
+@pytest.mark.parametrize("neox,rot", [(True, 16), (False, 32)])
+def test_vllm_explicit_halves_form(neox, rot):
+    g = torch.Generator().manual_seed(10)
+    T = 6
+    args = (torch.randint(0, 64, (T,), generator=g), torch.randn(T, 4 * 32, generator=g).to(BF16),
+            torch.randn(T, 2 * 32, generator=g).to(BF16), torch.randn(64, rot, generator=g).to(BF16), torch.tensor(0.02))
+    fn = vllm_model(neox)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, leftovers = compile_and_run(fn, args, dynamic_dims={0: 0, 1: 0, 2: 0})
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    d = fxfuse.report().fusions[0].detail
+    assert "fp8 static" in d and "+table" in d and "k[2x32]" in d, d
+    check_close(out, ref)
+
+
+def gptj_model(q, k, cos, sin, scale):
+    """HF GPT-J rotate_every_two with repeat-interleaved cos/sin."""
+    def rot(x):
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (*q_dynamic(q * cos + rot(q) * sin, scale), k * cos + rot(k) * sin)
+
+
+def test_gptj_interleaved_form():
+    g = torch.Generator().manual_seed(11)
+    T = 5
+    ang = torch.rand(T, 16, generator=g) * 5
+    args = (torch.randn(T, 4, 32, generator=g).to(BF16), torch.randn(T, 2, 32, generator=g).to(BF16),
+            ang.cos().repeat_interleave(2, -1).to(BF16), ang.sin().repeat_interleave(2, -1).to(BF16), torch.tensor(0.02))
+    with torch.no_grad():
+        ref = gptj_model(*args)
+    out, _ = compile_and_run(gptj_model, args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    assert "per-token-head" in fxfuse.report().fusions[0].detail
+    check_close(out, ref)
+
+
 # ------------------------------------------------------------------ forms that must NOT fuse (or not together)
 def wrong_rotation(q, k, cos, sin, scale):
     def rot(x):

@@ -64,6 +64,7 @@ class QuantPart:
     qmax: float
     scale_out: fx.Node | None  # dynamic scale node (may have users outside)
     nodes: set[fx.Node] = field(default_factory=set)
+    via: fx.Node | None = None  # static quant of a reshape of the rope output (vLLM's [T, H*D])
 
 
 @dataclass
@@ -78,8 +79,11 @@ class RopeMatch:
     head: int = -1  # dim of x holding the heads (-1: none, one head)
     tok: list[int] = field(default_factory=list)
     table: tuple[fx.Node, fx.Node, fx.Node] | None = None  # (cos table, sin table, positions)
+    table_cols: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)  # column slices of the tables
+    cos_half: bool = False  # cos/sin hold one value per rotated pair (rot/2 columns)
     quant: QuantPart | None = None
     need_rope: bool = True
+    quant_miss: tuple[fx.Node, str] | None = None  # fp8 quant seen but not fusable: (sink, reason)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,8 +93,8 @@ def _last_dim(d: Any, ndim: int) -> bool:
     return isinstance(d, int) and d % ndim == ndim - 1
 
 
-def _slice_of(node: Any) -> tuple[fx.Node, int, int] | None:
-    """(src, start, end) for a last-dim aten.slice with step 1, else None."""
+def _slice_of(node: Any, step_ok: int = 1) -> tuple[fx.Node, int, int] | None:
+    """(src, start, end) for a last-dim aten.slice with step `step_ok`, else None."""
     if not is_op(node, aten.slice.Tensor):
         return None
     a = list(node.args) + [None] * (5 - len(node.args))
@@ -98,7 +102,7 @@ def _slice_of(node: Any) -> tuple[fx.Node, int, int] | None:
     src_v = val(src)
     if not isinstance(src_v, torch.Tensor) or not _last_dim(dim if dim is not None else 0, src_v.dim()):
         return None
-    if (step or 1) != 1:
+    if (step or 1) != step_ok:
         return None
     n = src_v.shape[-1]
     start = 0 if start is None else start
@@ -203,6 +207,173 @@ def match_rope(cat: fx.Node) -> RopeMatch:
     return m
 
 
+def looks_like_explicit(cat: fx.Node) -> bool:
+    """Cheap screen: cat of a sub and an add (neox), or of their unsqueezes (gpt-j stack)."""
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return False
+    v = val(cat)
+    if not isinstance(v, torch.Tensor) or not _last_dim(cat.args[1] if len(cat.args) > 1 else 0, v.dim()):
+        return False
+    args = [a.args[0] if is_op(a, aten.unsqueeze.default) else a for a in cat.args[0]]
+    kinds = {is_op(a, aten.sub.Tensor) + 2 * is_op(a, aten.add.Tensor) for a in args}
+    return kinds == {1, 2} and all(is_op(a, aten.mul.Tensor) for o in args for a in o.args[:2])
+
+
+def _mul_split(m: fx.Node) -> list[tuple[Any, Any]]:
+    a, b = m.args[:2]
+    return [(a, b), (b, a)]
+
+
+def match_explicit(cat: fx.Node) -> RopeMatch:
+    """o1 = x1*cos - x2*sin, o2 = x2*cos + x1*sin; cat(o1, o2) (neox) or stack(...).flatten (gpt-j).
+
+    The form vLLM's rotary_embedding decomposes to: cos/sin hold rot/2 values per token."""
+    raw = list(cat.args[0])
+    gptj = all(is_op(a, aten.unsqueeze.default) for a in raw)
+    nodes = {cat}
+    if gptj:
+        nd = tval(cat).dim()
+        if any(not _last_dim(a.args[1], nd) for a in raw):
+            raise Reject("stacked halves are not stacked on the last dim")
+        nodes |= set(raw)
+        o1, o2 = (a.args[0] for a in raw)
+    elif any(is_op(a, aten.unsqueeze.default) for a in raw):
+        raise Reject("only one half is stacked")
+    else:
+        o1, o2 = raw
+    if not (is_op(o1, aten.sub.Tensor) and is_op(o2, aten.add.Tensor)) or o1.kwargs or o2.kwargs:
+        raise Reject("rotation signs differ from (x1*cos - x2*sin, x2*cos + x1*sin)")
+    A, B = o1.args
+    P, Q = o2.args
+    if not all(is_op(n, aten.mul.Tensor) for n in (A, B, P, Q)):
+        raise Reject("rotation terms are not products")
+    found = None
+    for x1, c in _mul_split(A):
+        for x2, sn in _mul_split(B):
+            s1, s2 = _slice_of(x1, 2 if gptj else 1), _slice_of(x2, 2 if gptj else 1)
+            if s1 is not None and s2 is not None and s1[0] is s2[0]:
+                found = (x1, c, x2, sn, s1, s2)
+    if found is None:
+        raise Reject("rotation does not read two halves of one tensor")
+    x1, c, x2, sn, s1, s2 = found
+    if {frozenset(P.args[:2]), frozenset(Q.args[:2])} != {frozenset((x2, c)), frozenset((x1, sn))}:
+        raise Reject("second half is not x2*cos + x1*sin")
+    x = s1[0]
+    Dr = tval(x).shape[-1]
+    if not isinstance(Dr, int) or Dr % 2:
+        raise Reject("rotary dim is not a static even size")
+    h = Dr // 2
+    if gptj:
+        if s1[1:] != (0, Dr) or s2[1:] != (1, Dr):
+            raise Reject("interleaved halves are not x[..., 0::2] and x[..., 1::2]")
+    elif s1[1:] != (0, h) or s2[1:] != (h, Dr):
+        raise Reject(f"halves are {s1[1:]} and {s2[1:]}, not the two halves of {Dr}")
+    if _trig_kind(c) == "sin" or _trig_kind(sn) == "cos":
+        raise Reject("cos and sin are swapped (x1 is multiplied by sin)")
+    for n in (c, sn):
+        nv = tval(n)
+        if nv.dim() > tval(x).dim() or nv.shape[-1] != h:
+            raise Reject(f"{n.name} shape {tuple(nv.shape)} does not broadcast over heads of the halves")
+    nodes |= {o1, o2, A, B, P, Q, x1, x2}
+    out = cat
+    if gptj:
+        users = list(cat.users)
+        r = users[0] if len(users) == 1 else None
+        cv = tval(cat)
+        if not is_op(r, aten.reshape.default, aten.view.default) or list(tval(r).shape) != list(cv.shape[:-2]) + [Dr]:
+            raise Reject("stacked pairs are not flattened back to the rotary dim")
+        nodes.add(r)
+        out = r
+    for n in nodes - {out}:
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"intermediate {n.name} of the rotation has other users")
+    if tuple(tval(out).shape) != tuple(tval(x).shape):
+        raise Reject("rotation output shape differs from x")
+    m = RopeMatch(x=x, out=out, cos=c, sin=sn, rot=Dr, neox=not gptj, nodes=nodes, cos_half=True)
+    _widen_partial(m)
+    return m
+
+
+def match_interleaved_hf(cat: fx.Node) -> RopeMatch:
+    """HF GPT-J rotate_every_two: x*cos + flatten(stack(-x[1::2], x[0::2])) * sin (cos repeat-interleaved)."""
+    a, b = (n.args[0] for n in cat.args[0])
+    if not is_op(a, aten.neg.default):
+        raise Reject("interleaved rotation is not stack(-x_odd, x_even)")
+    s2, s1 = _slice_of(a.args[0], 2), _slice_of(b, 2)
+    x = s1[0]
+    Dr = tval(x).shape[-1]
+    if s1[1:] != (0, Dr) or s2[1:] != (1, Dr):
+        raise Reject("interleaved halves are not x[..., 0::2] and x[..., 1::2]")
+    users = list(cat.users)
+    r = users[0] if len(users) == 1 else None
+    if not is_op(r, aten.reshape.default, aten.view.default) or tuple(tval(r).shape) != tuple(tval(x).shape):
+        raise Reject("stacked pairs are not flattened back to the rotary dim")
+    nodes = {cat, *cat.args[0], a, a.args[0], b, r}
+    return _finish_sum(r, x, nodes, neox=False)
+
+
+def _finish_sum(rot_node: fx.Node, x: fx.Node, nodes: set[fx.Node], neox: bool) -> RopeMatch:
+    """From rotate(x): x * cos + rotate(x) * sin."""
+    if len(rot_node.users) != 1:
+        raise Reject("rotate(x) has other users")
+    (m2,) = rot_node.users
+    if not is_op(m2, aten.mul.Tensor):
+        raise Reject("rotate(x) is not multiplied by sin")
+    sin = other_arg(m2, rot_node)
+    if len(m2.users) != 1:
+        raise Reject("rotate(x) * sin has other users")
+    (r,) = m2.users
+    if not is_op(r, aten.add.Tensor) or r.kwargs or len(r.args) != 2:
+        raise Reject("rotate(x) * sin is not added to x * cos")
+    m1 = other_arg(r, m2)
+    if not is_op(m1, aten.mul.Tensor) or x not in m1.args[:2]:
+        raise Reject("x * cos + rotate(x) * sin: the first product does not read x")
+    cos = other_arg(m1, x)
+    if len(m1.users) != 1:
+        raise Reject("x * cos has other users")
+    nodes |= {m1, m2, r}
+    for n in (cos, sin):
+        if not isinstance(n, fx.Node):
+            raise Reject("cos/sin are not tensors")
+    if _trig_kind(cos) == "sin" or _trig_kind(sin) == "cos":
+        raise Reject("cos and sin are swapped (x is multiplied by sin)")
+    xv, rv = tval(x), tval(r)
+    Dr = xv.shape[-1]
+    if tuple(rv.shape) != tuple(xv.shape):
+        raise Reject("cos/sin broadcast changes the shape of x")
+    for n in (cos, sin):
+        nv = tval(n)
+        if nv.dim() > xv.dim() or nv.shape[-1] != Dr:
+            raise Reject(f"{n.name} shape {tuple(nv.shape)} does not broadcast over heads of x {tuple(xv.shape)}")
+    for n in nodes - {m1, m2, r}:
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"intermediate {n.name} of the rotation has other users")
+    m = RopeMatch(x=x, out=r, cos=cos, sin=sin, rot=Dr, neox=neox, nodes=nodes)
+    _widen_partial(m)
+    return m
+
+
+def looks_like_interleaved(cat: fx.Node) -> bool:
+    """Cheap screen: cat of two last-dim unsqueezes of (negated) stride-2 slices of one tensor."""
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return False
+    v = val(cat)
+    if not isinstance(v, torch.Tensor) or not _last_dim(cat.args[1] if len(cat.args) > 1 else 0, v.dim()):
+        return False
+    srcs = []
+    for a in cat.args[0]:
+        if not is_op(a, aten.unsqueeze.default):
+            return False
+        a = a.args[0]
+        if is_op(a, aten.neg.default):
+            a = a.args[0]
+        sl = _slice_of(a, 2)
+        if sl is None:
+            return False
+        srcs.append(sl[0])
+    return srcs[0] is srcs[1]
+
+
 def _widen_partial(m: RopeMatch) -> None:
     """x = q[..., :rot]; out = cat(rope(x), q[..., rot:]) -> rotate q with rot_dim=rot."""
     s = _slice_of(m.x)
@@ -277,19 +448,44 @@ def _gather(node: Any) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
+def _gather_cols(node: Any) -> tuple[fx.Node, fx.Node, tuple[int, int] | None] | None:
+    """(table, positions, column range) for table[pos] or a split/chunk piece of the gathered rows."""
+    g = _gather(node)
+    if g is not None:
+        return g[0], g[1], None
+    if not (isinstance(node, fx.Node) and node.target is operator.getitem and is_op(node.args[0], aten.split.Tensor)):
+        return None
+    sp = node.args[0]
+    size = sp.args[1]
+    dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+    g = _gather(sp.args[0])
+    if g is None or not isinstance(size, int) or not _last_dim(dim, tval(sp.args[0]).dim()):
+        return None
+    i = node.args[1]
+    width = tval(sp.args[0]).shape[-1]
+    if not isinstance(width, int):
+        return None
+    return g[0], g[1], (i * size, min((i + 1) * size, width))
+
+
 def _table_lookup(m: RopeMatch) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """cos = cos_table[pos] (and sin likewise, same pos) with pos laid out as x's token dims."""
-    gc, gs = _gather(_strip_unsqueeze(m.cos)), _gather(_strip_unsqueeze(m.sin))
+    gc, gs = _gather_cols(_strip_unsqueeze(m.cos)), _gather_cols(_strip_unsqueeze(m.sin))
     if gc is None or gs is None or gc[1] is not gs[1]:
         return None
     pos = gc[1]
     pv, xv = tval(pos), tval(m.x)
     if pv.dtype not in (torch.int32, torch.int64):
         return None
-    for t in (gc[0], gs[0]):
+    width = m.rot // 2 if m.cos_half else m.rot
+    for t, cols in ((gc[0], gc[2]), (gs[0], gs[2])):
         tv = tval(t)
-        if tv.dim() != 2 or tv.shape[1] != m.rot or not tv.is_floating_point():
+        if tv.dim() != 2 or not tv.is_floating_point():
             return None
+        w = tv.shape[1] if cols is None else cols[1] - cols[0]
+        if w != width:
+            return None
+    m.table_cols = (gc[2], gs[2])
     if [xv.shape[i] for i in m.tok] != list(pv.shape):
         return None  # positions broadcast over some token dim: materialize cos/sin rows instead
     return gc[0], gs[0], pos
@@ -298,7 +494,7 @@ def _table_lookup(m: RopeMatch) -> tuple[fx.Node, fx.Node, fx.Node] | None:
 # ----------------------------------------------------------------------------- quant part
 
 
-def _fp8_sinks(r: fx.Node, depth: int = 5) -> list[fx.Node]:
+def _fp8_sinks(r: fx.Node, depth: int = 7) -> list[fx.Node]:
     out, frontier, seen = [], [r], {r}
     for _ in range(depth):
         nxt = []
@@ -352,6 +548,11 @@ def match_quant(m: RopeMatch) -> None:
     if mul and not depends_on_any(a, {r}):
         a, s = s, a
     src, up = _strip_f32_convert(a)
+    via = None
+    if src is not r and is_op(src, aten.reshape.default, aten.view.default) and src.args[0] is r:
+        via = src  # elementwise static quant commutes with the reshape
+        nodes.add(src)
+        src = r
     if src is not r:
         raise Reject("fp8 quant reads another tensor than the rope output")
     if up is not None:
@@ -380,12 +581,14 @@ def match_quant(m: RopeMatch) -> None:
             scale = s
     if mul and scheme == QUANT_STATIC and scale is None and sv == 0.0:
         raise Reject("multiplying by a zero scale")
+    if via is not None and scheme != QUANT_STATIC:
+        raise Reject("dynamic fp8 quant of a reshaped rope output (scale is not per head)")
     escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
     region = nodes | m.nodes | {r}
     for n in nodes - escape_ok:
         if any(u not in region for u in n.users):
             raise Reject(f"intermediate {n.name} of the quant is used elsewhere")
-    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes)
+    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes, via)
     m.need_rope = any(u not in nodes for u in r.users)
 
 
@@ -428,9 +631,26 @@ def scheme_name(ms: list[RopeMatch]) -> str:
     return "rope"
 
 
+def _same_factor(a: fx.Node, b: fx.Node) -> bool:
+    """The same cos (or sin) values, broadcast the same way (unsqueezes of one node count as one)."""
+    if a is b:
+        return True
+    av, bv = tval(a), tval(b)
+    return (
+        _strip_unsqueeze(a) is _strip_unsqueeze(b)
+        and len(av.shape) == len(bv.shape)
+        and all(statically_known_true(x == y) for x, y in zip(av.shape, bv.shape))
+    )
+
+
 def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
     """q and k of one attention: same cos/sin nodes, token sizes, rotary dim and dtypes."""
-    if a.cos is not b.cos or a.sin is not b.sin or a.rot != b.rot or a.neox != b.neox:
+    if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half:
+        return False
+    if a.table is not None and b.table is not None:
+        if a.table != b.table or a.table_cols != b.table_cols:
+            return False
+    elif not (_same_factor(a.cos, b.cos) and _same_factor(a.sin, b.sin)):
         return False
     av, bv = tval(a.x), tval(b.x)
     if av.dtype != bv.dtype or tval(a.out).dtype != tval(b.out).dtype or av.shape[-1] != bv.shape[-1]:
@@ -484,7 +704,8 @@ def _order_of(mm: RopeMatch) -> list[int]:
     """Memory order (outermost first) of the [B, S, H] dims of the output the graph expects."""
     import functools
 
-    ov = tval(mm.quant.sink if mm.quant is not None and not mm.need_rope else mm.out)
+    use_sink = mm.quant is not None and not mm.need_rope and mm.quant.via is None
+    ov = tval(mm.quant.sink if use_sink else mm.out)
     dims = mm.tok + ([mm.head] if mm.head >= 0 else [])
     st: list[Any] = [ov.stride(i) for i in dims]
     sz: list[Any] = [ov.shape[i] for i in dims]
@@ -538,12 +759,13 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     bounds = [(mm.quant.qmin, mm.quant.qmax) for mm in ms if mm.quant]
     qmin, qmax = bounds[0] if bounds else (-448.0, 448.0)
     params = dict(
-        rot_dim=qm.rot, neox=qm.neox, cos_half=False, out_dtype=out_dtype,
+        rot_dim=qm.rot, neox=qm.neox, cos_half=qm.cos_half, out_dtype=out_dtype,
         **qparams(qm, "q"), **qparams(km, "k"), qmin=qmin, qmax=qmax,
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
         q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
     )
     shapes = [list(tval(mm.x).shape) for mm in ms]
+    sink_shapes = {id(mm): list(tval(mm.quant.sink).shape) for mm in ms if mm.quant is not None}
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -551,7 +773,10 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         xk = next(it) if km else None
         if use_table:
             ct, st, pos = next(it), next(it), next(it)
-            c, s, p = ct, st, pos.reshape(-1)
+            (cc, sc) = qm.table_cols
+            c = ct if cc is None else ct[:, cc[0]:cc[1]]
+            s = st if sc is None else st[:, sc[0]:sc[1]]
+            p = pos.reshape(-1)
         else:
             c0, s0 = next(it), next(it)
             c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
@@ -567,7 +792,8 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
             if mm.need_rope:
                 res.append(_from4(o, shp, mm.head, mm.tok))
             if mm.quant is not None:
-                res.append(_from4(qo, shp, mm.head, mm.tok))
+                qx = _from4(qo, shp, mm.head, mm.tok)
+                res.append(qx if mm.quant.via is None else qx.reshape(sink_shapes[id(mm)]))
                 if mm.quant.scheme == QUANT_DYNAMIC:
                     sshape = shp[:-1] + [1]
                     res.append(_from4(so.unsqueeze(-1), sshape, mm.head, mm.tok))
@@ -654,12 +880,22 @@ class RopeQuant:
         matches: list[RopeMatch] = []
         anchors: dict[int, fx.Node] = {}
         for node in list(graph.nodes):
-            if not looks_like_rope(node):
+            if looks_like_rope(node):
+                matcher = match_rope
+            elif looks_like_explicit(node):
+                matcher = match_explicit
+            elif looks_like_interleaved(node):
+                matcher = match_interleaved_hf
+            else:
                 continue
             with ctx.candidate(FAMILY, node):
-                m = match_rope(node)
+                m = matcher(node)
                 resolve_layout(m)
-                match_quant(m)
+                try:
+                    match_quant(m)
+                except Reject as r:  # the RoPE still fuses; the quant stays with Inductor
+                    m.quant, m.need_rope = None, True
+                    m.quant_miss = (_fp8_sinks(m.out)[0], f"fp8 quant after RoPE not fused: {r}")
                 check(m)
                 matches.append(m)
                 anchors[id(m)] = node
@@ -696,6 +932,9 @@ class RopeQuant:
                     for i, mm in enumerate(grp)
                 ) + (f" rot={grp[0].rot}" if grp[0].rot != xv.shape[-1] else "") + (" +table" if grp[0].table else "")
                 ctx.applied(FAMILY, replaced, kernel, detail)
+                for mm in grp:
+                    if mm.quant_miss is not None:
+                        ctx.near_miss(FAMILY, *mm.quant_miss)
         _ORDER_CACHE.pop(id(graph), None)
 
 
