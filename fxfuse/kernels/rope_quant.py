@@ -89,6 +89,7 @@ def check_args(
     k_quant: int,
     q_ops: Sequence[int],
     k_ops: Sequence[int],
+    norm_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Raise ValueError on unsupported inputs (last line of defense; the FX side pre-checks)."""
     if q.dim() != 4:
@@ -109,7 +110,7 @@ def check_args(
         raise ValueError(f"rope_quant: out dtype {out_dtype} unsupported")
     if rot_dim <= 0 or rot_dim > D or rot_dim % 2:
         raise ValueError(f"rope_quant: rot_dim {rot_dim} must be even and <= head_dim {D}")
-    if rot_dim < D and out_dtype != q.dtype:
+    if rot_dim < D and out_dtype != (norm_dtype or q.dtype):
         raise ValueError("rope_quant: partial rotary needs out dtype == input dtype")
     C = rot_dim // 2 if cos_half else rot_dim
     for name, t in (("cos", cos), ("sin", sin)):
@@ -175,6 +176,20 @@ def _quant_ref(o, scheme, scale, static_value, ops, consts, quant_mul, qmin, qma
     return qv, s.to(f32)
 
 
+def _qk_norm_ref(x, w, eps, woff, round_before, wsum_dtype, norm_dtype):
+    """Per-head RMSNorm over head_dim, the rmsnorm_quant kernel's math (fp32, rounding points)."""
+    f32 = torch.float32
+    v = x.to(f32)
+    r = torch.reciprocal(torch.sqrt((v * v).mean(-1, keepdim=True) + torch.tensor(eps, dtype=f32)))
+    n = v * r
+    if round_before:
+        n = n.to(x.dtype).to(f32)
+    we = w.to(f32) + torch.tensor(woff, dtype=f32)
+    if wsum_dtype is not None:
+        we = we.to(wsum_dtype).to(f32)
+    return (n * we).to(norm_dtype)
+
+
 def _laid_out(t: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
     """t ([B, S, H, D]) copied into the layout `order` (outermost dims first)."""
     out = torch.empty_strided(t.shape, _strides(t.shape, order), dtype=t.dtype, device=t.device)
@@ -209,9 +224,22 @@ def rope_quant_reference(
     need_k_rope: bool,
     q_order: Sequence[int] = (0, 1, 2),
     k_order: Sequence[int] = (0, 1, 2),
+    q_norm_w: Optional[torch.Tensor] = None,
+    k_norm_w: Optional[torch.Tensor] = None,
+    q_eps: float = 1e-6,
+    k_eps: float = 1e-6,
+    norm_woff: float = 0.0,
+    norm_round_before: bool = True,
+    norm_wsum_dtype: Optional[torch.dtype] = None,
+    norm_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty."""
-    check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops)
+    check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
+    nd = norm_dtype or q.dtype
+    if q_norm_w is not None:
+        q = _qk_norm_ref(q, q_norm_w, q_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
+    if k is not None and k_norm_w is not None:
+        k = _qk_norm_ref(k, k_norm_w, k_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
     B, S = q.shape[0], q.shape[1]
     f32 = torch.float32
     cs, sn = cos, sin
@@ -244,9 +272,21 @@ def rope_quant_reference(
 
 
 @triton.jit
+def _qk_norm(v, rstd, w, woff, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+             ROUND_BEFORE_W: tl.constexpr, NATIVE: tl.constexpr):
+    n = v * rstd[:, None]
+    if ROUND_BEFORE_W:
+        n = _round_to(n, X_DT, NATIVE)
+    we = w + woff
+    if WSUM_DT >= 0:
+        we = _round_to(we, WSUM_DT, NATIVE)
+    return _round_to(n * we[None, :], NORM_DT, NATIVE)
+
+
+@triton.jit
 def _rope_heads(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
-    cos_ptr, sin_ptr, crow,
+    cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff,
     b, s_, h0, H, S,
     sxb, sxs, sxh, sob, sos, soh,
     static_value, c0, c1, c2, c3, qmin, qmax,
@@ -254,8 +294,10 @@ def _rope_heads(
     OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr,
+    NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+    ROUND_BEFORE_W: tl.constexpr,
 ):
-    """RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H])."""
+    """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H])."""
     hh = h0 + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
     hmask = hh < H
@@ -281,9 +323,17 @@ def _rope_heads(
             cidx = j
     rmask = mask & is_rot[None, :]
     xp = tl.load(xrow + hh[:, None] * sxh + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+    if NORM:  # per-head RMSNorm over head_dim (Qwen3/Gemma3 q_norm/k_norm) before the rotation
+        ss = tl.sum(x * x, axis=1)
+        ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
+        rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+        w = tl.load(w_ptr + j, mask=j < D, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=is_rot, other=0.0).to(tl.float32)
+        x = _qk_norm(x, rstd, w, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+        xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
     cmask = is_rot
-    c = tl.load(cos_ptr + crow + cidx, mask=cmask, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + crow + cidx, mask=cmask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + crow * s_cos + cidx, mask=cmask, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + crow * s_sin + cidx, mask=cmask, other=0.0).to(tl.float32)
     p1 = _round_to(x * c[None, :], OUT_DT, NATIVE)
     p2 = _round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
     o = _round_to(p1 + p2, OUT_DT, NATIVE)
@@ -326,14 +376,16 @@ def _rope_heads(
 
 @triton.jit
 def _rope_quant_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, qscale_ptr, kscale_ptr,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, qscale_ptr, kscale_ptr, qw_ptr, kw_ptr,
     qo_ptr, qq_ptr, qs_ptr, ko_ptr, kq_ptr, ks_ptr,
     S, HQ, HK, NQB,
     sqb, sqs, sqh, skb, sks, skh, s_cos, s_sin,
     soqb, soqs, soqh, sokb, soks, sokh,
-    q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax,
+    q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax, q_eps, k_eps, woff,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, HAS_POS: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr,
+    WSUM_DT: tl.constexpr, ROUND_BEFORE_W: tl.constexpr,
     NEED_Q: tl.constexpr, Q_QUANT: tl.constexpr, Q_SCALE_T: tl.constexpr, Q_MUL: tl.constexpr,
     QOP0: tl.constexpr, QOP1: tl.constexpr, QOP2: tl.constexpr, QOP3: tl.constexpr,
     NEED_K: tl.constexpr, K_QUANT: tl.constexpr, K_SCALE_T: tl.constexpr, K_MUL: tl.constexpr,
@@ -357,6 +409,9 @@ def _rope_quant_kernel(
     kc3 = tl.cast(kc3, tl.float32)
     qmin = tl.cast(qmin, tl.float32)
     qmax = tl.cast(qmax, tl.float32)
+    q_eps = tl.cast(q_eps, tl.float32)
+    k_eps = tl.cast(k_eps, tl.float32)
+    woff = tl.cast(woff, tl.float32)
     tok = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     b = tok // S
@@ -366,17 +421,21 @@ def _rope_quant_kernel(
     else:
         crow = tok
     if hb < NQB:
-        _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow * s_cos,
+        _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
+                    qw_ptr, q_eps, woff,
                     b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh, soqb, soqs, soqh,
                     q_static, qc0, qc1, qc2, qc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
-                    QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE)
+                    QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE,
+                    Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
     elif HAS_K:
-        _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow * s_cos,
+        _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
+                    kw_ptr, k_eps, woff,
                     b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh,
                     k_static, kc0, kc1, kc2, kc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
-                    KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE)
+                    KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
+                    K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
 
 
 def _pad(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
@@ -419,43 +478,50 @@ def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=
     return outs
 
 
-def _launch(kernel, q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
-            q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
-            qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, outs, num_warps=None):
+def _launch(kernel, a: dict, outs, num_warps=None):
+    q, k, cos, sin, positions = a["q"], a["k"], a["cos"], a["sin"], a["positions"]
+    q_scale, k_scale, qw, kw = a["q_scale"], a["k_scale"], a["q_norm_w"], a["k_norm_w"]
     B, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     BH = _block_h(D, max(HQ, HK))
     nqb = triton.cdiv(HQ, BH)
     nkb = triton.cdiv(HK, BH) if k is not None else 0
     qo, qq, qs, ko, kq, ks = outs
-    oq = qo if need_q_rope else qq
-    ok = ko if need_k_rope else kq
+    need_q, need_k = bool(a["need_q_rope"]), bool(a["need_k_rope"]) and k is not None
+    oq = qo if need_q else qq
+    ok = ko if need_k else kq
     oqs = [oq.stride(i) for i in range(3)] if oq.dim() == 4 else [0, 0, 0]
     oks = [ok.stride(i) for i in range(3)] if ok.dim() == 4 else [0, 0, 0]
-    if need_q_rope and q_quant and list(qq.stride()) != list(qo.stride()):
+    if need_q and a["q_quant"] and list(qq.stride()) != list(qo.stride()):
         raise ValueError("rope_quant: q rope and fp8 outputs must share a layout")
-    if k is not None and need_k_rope and k_quant and list(kq.stride()) != list(ko.stride()):
+    if need_k and a["k_quant"] and list(kq.stride()) != list(ko.stride()):
         raise ValueError("rope_quant: k rope and fp8 outputs must share a layout")
-    qops, qc = _pad(q_ops, q_consts)
-    kops, kc = _pad(k_ops, k_consts)
+    qops, qc = _pad(a["q_ops"], a["q_consts"])
+    kops, kc = _pad(a["k_ops"], a["k_consts"])
     kk = k if k is not None else q
     bd = triton.next_power_of_2(D)
+    norm_dt = a["norm_dtype"] or q.dtype
+    wsum = a["norm_wsum_dtype"]
     kernel[(B * S, nqb + nkb)](
         q, kk, cos, sin, positions if positions is not None else cos,
         q_scale if q_scale is not None else cos, k_scale if k_scale is not None else cos,
+        qw if qw is not None else cos, kw if kw is not None else cos,
         qo, qq, qs, ko, kq, ks,
         S, HQ, HK, nqb,
         q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         cos.stride(0), sin.stride(0),
         oqs[0], oqs[1], oqs[2], oks[0], oks[1], oks[2],
-        float(q_static), qc[0], qc[1], qc[2], qc[3], float(k_static), kc[0], kc[1], kc[2], kc[3],
-        float(qmin), float(qmax),
-        D=D, ROT=int(rot_dim), NEOX=bool(neox), COS_HALF=bool(cos_half), OUT_DT=_DT_CODE[out_dtype],
-        HAS_POS=positions is not None,
-        NEED_Q=bool(need_q_rope), Q_QUANT=int(q_quant), Q_SCALE_T=q_scale is not None, Q_MUL=bool(q_mul),
+        float(a["q_static"]), qc[0], qc[1], qc[2], qc[3], float(a["k_static"]), kc[0], kc[1], kc[2], kc[3],
+        float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]),
+        D=D, ROT=int(a["rot_dim"]), NEOX=bool(a["neox"]), COS_HALF=bool(a["cos_half"]),
+        OUT_DT=_DT_CODE[a["out_dtype"]], HAS_POS=positions is not None,
+        Q_NORM=qw is not None, K_NORM=kw is not None and k is not None, X_DT=_DT_CODE[q.dtype],
+        NORM_DT=_DT_CODE[norm_dt], WSUM_DT=-1 if wsum is None else _DT_CODE[wsum],
+        ROUND_BEFORE_W=bool(a["norm_round_before"]),
+        NEED_Q=need_q, Q_QUANT=int(a["q_quant"]), Q_SCALE_T=q_scale is not None, Q_MUL=bool(a["q_mul"]),
         QOP0=qops[0], QOP1=qops[1], QOP2=qops[2], QOP3=qops[3],
-        NEED_K=bool(need_k_rope) and k is not None, K_QUANT=int(k_quant) if k is not None else 0,
-        K_SCALE_T=k_scale is not None, K_MUL=bool(k_mul),
+        NEED_K=need_k, K_QUANT=int(a["k_quant"]) if k is not None else 0,
+        K_SCALE_T=k_scale is not None, K_MUL=bool(a["k_mul"]),
         KOP0=kops[0], KOP1=kops[1], KOP2=kops[2], KOP3=kops[3],
         HAS_K=k is not None, BLOCK_H=BH, BLOCK_D=bd,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
@@ -495,16 +561,26 @@ def rope_quant(
     need_k_rope: bool,
     q_order: list[int],
     k_order: list[int],
+    q_norm_w: Optional[torch.Tensor] = None,
+    k_norm_w: Optional[torch.Tensor] = None,
+    q_eps: float = 1e-6,
+    k_eps: float = 1e-6,
+    norm_woff: float = 0.0,
+    norm_round_before: bool = True,
+    norm_wsum_dtype: Optional[torch.dtype] = None,
+    norm_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused RoPE(+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
+    """Fused (QK-norm +) RoPE (+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
     args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
-            qmin, qmax, need_q_rope, need_k_rope, q_order, k_order)
+            qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, q_norm_w, k_norm_w, q_eps, k_eps,
+            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype)
     if q.device.type == "cpu":
         return _rope_quant_cpu(*args)
-    check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops)
+    a = _bind(args, {})
+    _check(a)
     outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order)
-    _launch(wrap_triton(_rope_quant_kernel), *args, outs)
+    _launch(wrap_triton(_rope_quant_kernel), a, outs)
     return tuple(outs)
 
 
@@ -516,18 +592,32 @@ def _rope_quant_cpu(*args):
 rope_quant.register_kernel("cpu")(_rope_quant_cpu)
 
 
-def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+def _bind(args: tuple, kwargs: dict) -> dict:
+    """The op's arguments by name (defaults filled in)."""
+    import inspect
+
+    ba = inspect.signature(rope_quant_reference).bind(*args, **kwargs)
+    ba.apply_defaults()
+    return dict(ba.arguments)
+
+
+def _check(a: dict) -> None:
+    check_args(a["q"], a["k"], a["cos"], a["sin"], a["positions"], a["rot_dim"], a["cos_half"], a["out_dtype"],
+               a["q_quant"], a["k_quant"], a["q_ops"], a["k_ops"], a["norm_dtype"])
+
+
+def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None, **kwargs) -> tuple[torch.Tensor, ...]:
     """Launch the raw kernel (eager CUDA, or CPU under TRITON_INTERPRET=1); same args as the op.
 
     `out` (6 tensors) lets tests poison the outputs before the launch.
     """
-    q, k = args[0], args[1]
-    check_args(q, k, args[2], args[3], args[4], args[7], args[9], args[10], args[11], args[16], args[13], args[18])
-    orders = (list(args[25]), list(args[26])) if len(args) > 25 else ([0, 1, 2], [0, 1, 2])
-    args = tuple(args[:25]) + orders
-    outs = list(out) if out is not None else _alloc(q, k, args[10], args[11], args[16], args[23], args[24], *orders)
+    a = _bind(args, kwargs)
+    _check(a)
+    q = a["q"]
+    outs = list(out) if out is not None else _alloc(q, a["k"], a["out_dtype"], a["q_quant"], a["k_quant"],
+                                                    a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"])
     if q.shape[0] * q.shape[1] > 0:
-        _launch(_rope_quant_kernel, *args, outs, num_warps=num_warps)
+        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps)
     return tuple(outs)
 
 
