@@ -241,6 +241,36 @@ def test_gptj_interleaved_form():
     check_close(out, ref)
 
 
+def qk_norm_model(qp, kp, cos, sin, wq, wk, scale):
+    """Qwen3: per-head RMSNorm (q_norm/k_norm) on [B, S, H, D], transpose, RoPE, then fp8 of q."""
+    def rms(x, w, eps):
+        v = x.float()
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+        return w * v.to(x.dtype)
+
+    q = rms(qp, wq, 1e-6).transpose(1, 2)
+    k = rms(kp, wk, 1e-5).transpose(1, 2)
+    qe, ke = apply_rope(q, k, cos, sin)
+    return (*q_dynamic(qe, scale), ke)
+
+
+def test_qk_norm_fuses_into_the_rope_kernel():
+    g = torch.Generator().manual_seed(12)
+    B, S, D = 2, 5, 32
+    _, _, cos, sin, scale = hf_inputs(B=B, S=S, D=D, seed=12)
+    args = (torch.randn(B, S, 4, D, generator=g).to(BF16), torch.randn(B, S, 2, D, generator=g).to(BF16), cos, sin,
+            (1 + 0.2 * torch.randn(D, generator=g)).to(BF16), (1 + 0.2 * torch.randn(D, generator=g)).to(BF16), scale)
+    with torch.no_grad():
+        ref = qk_norm_model(*args)
+    out, _ = compile_and_run(qk_norm_model, args, dynamic_dims={0: 1, 1: 1, 2: 1, 3: 1})
+    assert fxfuse.counters["rope_quant"] == 1 and fxfuse.counters["rmsnorm_quant"] == 0, fxfuse.report()
+    assert "+qk_norm" in fxfuse.report().fusions[0].detail
+    # 1/sqrt vs rsqrt may flip a rare bf16 ulp: compare loosely, but the fp8 codes via dequant_close
+    assert not dequant_close(tuple(out[:1]), tuple(ref[:1]))
+    for o, r in zip(out[1:], ref[1:]):
+        assert ((o.double() - r.double()).norm() / r.double().norm()).item() < 2e-3
+
+
 # ------------------------------------------------------------------ forms that must NOT fuse (or not together)
 def wrong_rotation(q, k, cos, sin, scale):
     def rot(x):
@@ -330,6 +360,7 @@ def test_transformers_attention_rope_fuses(kind):
     out, leftovers = compile_and_run(block, (x, pos))
     assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
     assert not leftovers
+    assert ("+qk_norm" in fxfuse.report().fusions[0].detail) == (kind == "qwen3"), fxfuse.report().fusions[0].detail
     rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert rel < 2e-2, rel
 
@@ -368,6 +399,20 @@ run(True, True, 8, 16, True, 2, 0, torch.float16, torch.float16, hf_layout=False
 run(False, False, 8, 24, False, 0, 1, torch.float32, torch.float32)
 run(True, False, 16, 16, False, 0, 0, torch.bfloat16, torch.float32, has_k=False)
 run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, HQ=3, HK=1)
+# QK-norm before the rotation
+def run_norm(neox, rot, D, dt=torch.bfloat16):
+    q = torch.randn(2, 3, 4, D).to(dt); k = torch.randn(2, 3, 2, D).to(dt)
+    cos, sin = torch.randn(6, rot).to(dt), torch.randn(6, rot).to(dt)
+    wq, wk = (1 + 0.2 * torch.randn(D)).to(dt), (1 + 0.2 * torch.randn(D)).to(dt)
+    args = (q, k, cos, sin, None, None, None, rot, neox, False, dt, 2, 1.0, [1], [448.0], False, 0, 1.0, [], [], False,
+            -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2], wq, wk, 1e-6, 1e-5, 0.0, True, None, dt)
+    ref = rope_quant_reference(*args)
+    runs = [rope_quant_triton(*args, out=[torch.full(t.shape, p).to(t.dtype) for t in ref]) for p in (7.0, -3.0)]
+    bad = sum(int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
+              for a, b, c in zip(runs[0], runs[1], ref) if a.numel())
+    res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad))
+run_norm(True, 32, 32)
+run_norm(False, 16, 32)
 print(json.dumps(res))
 """
 
@@ -378,7 +423,7 @@ def test_kernel_under_triton_interpreter():
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     bad = [c for c in res if c["bad"]]
-    assert len(res) == 12 and not bad, bad
+    assert len(res) == 14 and not bad, bad
 
 
 def test_op_cpu_matches_reference_and_opcheck():

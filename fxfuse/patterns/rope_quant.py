@@ -42,7 +42,7 @@ from ..fx_utils import (
     val,
 )
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
-from .rmsnorm_quant import _amax_source, _scale_chain, _strip_f32_convert
+from .rmsnorm_quant import NormMatch, _amax_source, _scale_chain, _strip_f32_convert, match_norm
 
 FAMILY = "rope_quant"
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -84,6 +84,13 @@ class RopeMatch:
     quant: QuantPart | None = None
     need_rope: bool = True
     quant_miss: tuple[fx.Node, str] | None = None  # fp8 quant seen but not fusable: (sink, reason)
+    norm: NormMatch | None = None  # per-head RMSNorm (QK-norm) computing x
+    x_src: fx.Node | None = None  # kernel input: x itself, or the norm's input
+    x_perm: list[int] | None = None  # x = permute(norm output, x_perm)
+
+    @property
+    def src(self) -> fx.Node:
+        return self.x_src if self.x_src is not None else self.x
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -400,6 +407,47 @@ def _widen_partial(m: RopeMatch) -> None:
     m.x, m.out = q, cat
 
 
+def _find_rsqrt(y: fx.Node, depth: int = 5) -> fx.Node | None:
+    frontier, seen = [y], {y}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if is_op(n, aten.rsqrt.default):
+                return n
+            for i in n.all_input_nodes:
+                if i not in seen:
+                    seen.add(i)
+                    nxt.append(i)
+        frontier = nxt
+    return None
+
+
+def absorb_norm(m: RopeMatch) -> str | None:
+    """x = [permute of] RMSNorm over head_dim (q_norm/k_norm): fuse the norm too. Returns why not."""
+    x, perm, pnode = m.x, None, None
+    if is_op(x, aten.permute.default):
+        x, perm, pnode = x.args[0], list(x.args[1]), x
+    rs = _find_rsqrt(x)
+    if rs is None:
+        return None
+    try:
+        nm = match_norm(rs)
+    except Reject as r:
+        return f"norm before RoPE not fused: {r}"
+    if nm.y is not x:
+        return None
+    if nm.residual is not None or nm.weight is None:
+        return "norm before RoPE not fused: it has a residual add or no weight"
+    inside = m.nodes | ({pnode} if pnode is not None else set())
+    if any(u not in inside for u in x.users) or (pnode is not None and any(u not in m.nodes for u in pnode.users)):
+        return "norm before RoPE not fused: the normalized tensor is also used elsewhere"
+    if tval(nm.x).dtype not in X_DTYPES:
+        return None
+    m.norm, m.x_src, m.x_perm = nm, nm.x, perm
+    m.nodes |= nm.nodes | {x} | ({pnode} if pnode is not None else set())
+    return None
+
+
 def resolve_layout(m: RopeMatch) -> None:
     """Pick the heads dim (cos/sin broadcast over it) and the token dims of x."""
     xv = tval(m.x)
@@ -617,7 +665,12 @@ def check(m: RopeMatch) -> None:
     if xv.device.type not in ("cpu", "cuda"):
         raise Reject(f"device {xv.device.type} not supported")
     region = m.nodes | (m.quant.nodes if m.quant else set())
-    for inp in (m.x, m.cos, m.sin, m.quant.scale if m.quant else None):
+    if m.norm is not None:
+        if tval(m.norm.weight).stride(0) != 1 or not same_device(xv, tval(m.norm.weight)):
+            raise Reject("norm weight is not contiguous on the same device")
+        if not statically_known_true(tval(m.src).stride(-1) == 1):
+            raise Reject("head_dim of the norm input is not contiguous")
+    for inp in (m.src, m.cos, m.sin, m.quant.scale if m.quant else None, m.norm.weight if m.norm else None):
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
 
@@ -643,6 +696,10 @@ def _same_factor(a: fx.Node, b: fx.Node) -> bool:
     )
 
 
+def _norm_key(n: NormMatch) -> tuple:
+    return (n.weight_offset, n.weight_sum_dtype, n.round_before_weight, tval(n.y).dtype)
+
+
 def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
     """q and k of one attention: same cos/sin nodes, token sizes, rotary dim and dtypes."""
     if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half:
@@ -652,6 +709,12 @@ def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
             return False
     elif not (_same_factor(a.cos, b.cos) and _same_factor(a.sin, b.sin)):
         return False
+    if (a.norm is None) != (b.norm is None):
+        return False
+    if a.norm is not None and b.norm is not None and _norm_key(a.norm) != _norm_key(b.norm):
+        return False
+    if tval(a.src).dtype != tval(b.src).dtype:
+        return False
     av, bv = tval(a.x), tval(b.x)
     if av.dtype != bv.dtype or tval(a.out).dtype != tval(b.out).dtype or av.shape[-1] != bv.shape[-1]:
         return False
@@ -660,7 +723,7 @@ def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
     if a.quant and b.quant and (a.quant.qmin, a.quant.qmax) != (b.quant.qmin, b.quant.qmax):
         return False
     ra, rb = a.nodes | (a.quant.nodes if a.quant else set()), b.nodes | (b.quant.nodes if b.quant else set())
-    return not depends_on_any(b.x, ra) and not depends_on_any(a.x, rb)
+    return not depends_on_any(b.src, ra) and not depends_on_any(a.src, rb)
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -736,13 +799,15 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     km = ms[1] if len(ms) > 1 else None
     out_dtype = tval(qm.out).dtype
     use_table = qm.table is not None
-    inputs: list[fx.Node] = [qm.x] + ([km.x] if km else [])
+    inputs: list[fx.Node] = [qm.src] + ([km.src] if km else [])
     if use_table:
         inputs += list(qm.table)
     else:
         inputs += [qm.cos, qm.sin]
     scales = [mm.quant.scale for mm in ms if mm.quant is not None and mm.quant.scale is not None]
     inputs += scales
+    norms = [mm.norm.weight for mm in ms if mm.norm is not None]
+    inputs += norms
     has_qs = qm.quant is not None and qm.quant.scale is not None
     has_ks = km is not None and km.quant is not None and km.quant.scale is not None
 
@@ -764,6 +829,11 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
         q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
     )
+    if qm.norm is not None:
+        nm = qm.norm
+        params.update(q_eps=nm.eps, k_eps=km.norm.eps if km is not None and km.norm is not None else 1e-6,
+                      norm_woff=nm.weight_offset, norm_round_before=nm.round_before_weight,
+                      norm_wsum_dtype=nm.weight_sum_dtype, norm_dtype=tval(nm.y).dtype)
     shapes = [list(tval(mm.x).shape) for mm in ms]
     sink_shapes = {id(mm): list(tval(mm.quant.sink).shape) for mm in ms if mm.quant is not None}
 
@@ -779,13 +849,21 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
             p = pos.reshape(-1)
         else:
             c0, s0 = next(it), next(it)
-            c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
         qs = next(it) if has_qs else None
         ks = next(it) if has_ks else None
+        qw = next(it) if qm.norm is not None else None
+        kw = next(it) if km is not None and km.norm is not None else None
+        if qm.x_perm is not None:
+            xq = xq.permute(qm.x_perm)
+        if km is not None and km.x_perm is not None:
+            xk = xk.permute(km.x_perm)
+        if not use_table:
+            c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
         q4 = _to4(xq, qm.head, qm.tok)
         k4 = _to4(xk, km.head, km.tok) if km else None
         outs = torch.ops.fxfuse.rope_quant(
-            q4, k4, c, s, p, None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1), **params
+            q4, k4, c, s, p, None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1), **params,
+            q_norm_w=qw, k_norm_w=kw,
         )
         res = []
         for mm, shp, (o, qo, so) in zip(ms, shapes, (outs[0:3], outs[3:6])):
@@ -891,6 +969,9 @@ class RopeQuant:
             with ctx.candidate(FAMILY, node):
                 m = matcher(node)
                 resolve_layout(m)
+                norm_miss = absorb_norm(m)
+                if norm_miss:
+                    ctx.near_miss(FAMILY, node, norm_miss)
                 try:
                     match_quant(m)
                 except Reject as r:  # the RoPE still fuses; the quant stays with Inductor
@@ -930,7 +1011,8 @@ class RopeQuant:
                 detail = " + ".join(
                     f"{'qk'[i]}[{heads(mm)}x{tval(mm.x).shape[-1]}] {QUANT_NAMES[mm.quant.scheme if mm.quant else 0]}"
                     for i, mm in enumerate(grp)
-                ) + (f" rot={grp[0].rot}" if grp[0].rot != xv.shape[-1] else "") + (" +table" if grp[0].table else "")
+                ) + (f" rot={grp[0].rot}" if grp[0].rot != xv.shape[-1] else "") + (" +table" if grp[0].table else "") + (
+                    " +qk_norm" if grp[0].norm is not None else "")
                 ctx.applied(FAMILY, replaced, kernel, detail)
                 for mm in grp:
                     if mm.quant_miss is not None:
