@@ -15,13 +15,14 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _passes() -> tuple["GraphPass", ...]:
-    from . import moe_experts, moe_routing, normalize, rmsnorm_quant, silu_mul_quant, unwrap
+    from . import moe_experts, moe_routing, normalize, rmsnorm_quant, rope_quant, silu_mul_quant, unwrap
 
     return (
         normalize.PASS,
         unwrap.PASS,
         rmsnorm_quant.PASS,
         silu_mul_quant.PASS,
+        rope_quant.PASS,
         moe_routing.PASS,
         moe_experts.PASS,
     )

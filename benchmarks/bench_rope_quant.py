@@ -1,0 +1,296 @@
+"""Benchmark fused RoPE(+fp8 quant) of q and k against eager and stock torch.compile.
+
+Per (model shape, scheme, M): the HF-written form (apply_rotary_pos_emb on [B, H, S, D] views,
+then fp8 quant) under eager, stock torch.compile, torch.compile with the fxfuse pass (ungated),
+and the raw op; median us via do_bench_cudagraph (CUDA graphs), GB/s from the minimum-traffic
+model (fxfuse.kernels.rope_quant.bytes_moved), fraction of the measured 1 GiB copy bandwidth,
+speedup vs stock compile, and whether Inductor's output code holds the fused Triton kernel.
+
+Gating: the JSON's "gates" holds, per scheme, the geomean speedup of fused vs stock compile per
+size class, keyed by head_dim (the `hidden` that fxfuse/patterns/rope_quant.py passes to
+gating.rejects). Shapes: Llama-3-8B-like (32/8 heads x 128) and Qwen3.5-like (16/2 x 256,
+partial rotary 64), M in {1, 16, 256, 4096, 16384}.
+
+Usage:  python benchmarks/bench_rope_quant.py --out X.json [--quick] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fxfuse.kernels import rope_quant as K  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SHAPES = {"llama3_8b": dict(hq=32, hk=8, d=128, rot=128), "qwen3.5": dict(hq=16, hk=2, d=256, rot=64)}
+SCHEMES = ("rope", "rope_fp8_static", "rope_fp8_dynamic")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF apply_rotary_pos_emb for one tensor, with partial rotary (rest passed through)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rot], x[..., rot:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+def _static(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-6)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def form_rope(q, k, cos, sin, qs, ks):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def form_rope_fp8_static(q, k, cos, sin, qs, ks):
+    qe, ke = form_rope(q, k, cos, sin, qs, ks)
+    return _static(qe, qs), _static(ke, ks)
+
+
+def form_rope_fp8_dynamic(q, k, cos, sin, qs, ks):
+    qe, ke = form_rope(q, k, cos, sin, qs, ks)
+    return (*_dynamic(qe), *_dynamic(ke))
+
+
+FORMS: dict[str, Callable[..., tuple]] = {
+    "rope": form_rope, "rope_fp8_static": form_rope_fp8_static, "rope_fp8_dynamic": form_rope_fp8_dynamic,
+}
+
+
+def make_inputs(shape: str, M: int, dev: str) -> tuple:
+    """HF layout: B=1, S=M, projections viewed as [B, H, S, D]; fresh random data, never zeros."""
+    c = SHAPES[shape]
+    dt = torch.bfloat16
+    q = torch.randn(1, M, c["hq"], c["d"], device=dev, dtype=dt).transpose(1, 2)
+    k = torch.randn(1, M, c["hk"], c["d"], device=dev, dtype=dt).transpose(1, 2)
+    ang = torch.rand(1, M, c["rot"] // 2, device=dev) * 100.0
+    emb = torch.cat((ang, ang), -1)
+    qs = torch.tensor(0.02, device=dev)
+    ks = torch.tensor(0.03, device=dev)
+    return q, k, emb.cos().to(dt), emb.sin().to(dt), qs, ks
+
+
+def op_args(scheme: str, fargs: tuple) -> tuple:
+    q, k, cos, sin, qs, ks = fargs
+    rot = cos.shape[-1]
+    quant = {"rope": 0, "rope_fp8_static": 1, "rope_fp8_dynamic": 2}[scheme]
+    ops, consts = ([K.SCALE_CODES[1], K.SCALE_CODES[3]], [FP8_MAX, 1e-6]) if quant == 2 else ([], [])
+    return (q.transpose(1, 2), k.transpose(1, 2), cos.reshape(-1, rot), sin.reshape(-1, rot), None,
+            qs.reshape(1) if quant == 1 else None, ks.reshape(1) if quant == 1 else None, rot, True, False,
+            torch.bfloat16, quant, 1.0, ops, consts, False, quant, 1.0, ops, consts, False, -FP8_MAX, FP8_MAX,
+            quant == 0, quant == 0, [0, 2, 1], [0, 2, 1])
+
+
+def case_bytes(shape: str, scheme: str, M: int) -> int:
+    c = SHAPES[shape]
+    qz = scheme != "rope"
+    return K.bytes_moved(M, c["hq"], c["hk"], c["d"], torch.bfloat16, c["rot"], q_quant=qz, k_quant=qz,
+                         need_rope=not qz)
+
+
+def bench_us(fn: Callable[[], Any], rep: int) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")) * 1e3
+
+
+def copy_bandwidth_gbps(rep: int) -> float:
+    n = (1 << 30) // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    us = bench_us(lambda: b.copy_(a), rep)
+    del a, b
+    return 2 * n * 2 / (us * 1e-6) / 1e9
+
+
+def _compiled(fn: Callable, args: tuple) -> tuple[Any, Optional[bool], int]:
+    """Run once; (out, fused kernel in output code?, number of Triton kernel launches in the code)."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        out = fn(*args)
+    if not codes:
+        return out, None, -1
+    code = "\n".join(codes)
+    return out, "_rope_quant_kernel" in code, code.count(".run(")
+
+
+def _err(out: tuple, ref: tuple) -> float:
+    worst = 0.0
+    for o, r in zip(out, ref):
+        of, rf = o.float(), r.float()
+        worst = max(worst, float((of - rf).norm() / rf.norm().clamp_min(1e-30)))
+    return worst
+
+
+def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbps: float, dev: str,
+        dry: bool) -> list[dict[str, Any]]:
+    import fxfuse
+
+    fx_pass = fxfuse.FusionPasses(options={"gate": False})
+    torch._inductor.config.fx_graph_cache = False
+    rows = []
+    for shape in shapes:
+        for scheme in schemes:
+            form = FORMS[scheme]
+            torch._dynamo.reset()
+            stock = torch.compile(form)
+            fused = torch.compile(form, options={"post_grad_custom_pre_pass": fx_pass})
+            for M in Ms:
+                t0 = time.time()
+                fargs = make_inputs(shape, M, dev)
+                oargs = op_args(scheme, fargs)
+                nbytes = case_bytes(shape, scheme, M)
+                row: dict[str, Any] = dict(shape=shape, scheme=scheme, M=M, head_dim=SHAPES[shape]["d"],
+                                           bytes=nbytes, us={}, err={}, notes=[])
+                ref = form(*fargs)
+                fxfuse.counters.clear()
+                for vname, fn in (("eager", lambda: form(*fargs)), ("compile", lambda: stock(*fargs)),
+                                  ("fused", lambda: fused(*fargs)),
+                                  ("op", lambda: torch.ops.fxfuse.rope_quant(*oargs))):
+                    try:
+                        if vname == "fused":
+                            out, inl, nlaunch = _compiled(fused, fargs)
+                            if inl is not None:
+                                row["fused_kernel_in_code"] = inl
+                                row["fused_launches"] = nlaunch
+                            row["fused_regions"] = fxfuse.counters["rope_quant"]
+                        elif vname == "compile":
+                            out, _, nlaunch = _compiled(stock, fargs)
+                            row["compile_launches"] = nlaunch
+                        else:
+                            out = fn()
+                        if vname in ("compile", "fused"):
+                            row["err"][vname] = _err(out, ref)
+                        row["us"][vname] = None if dry else bench_us(fn, rep)
+                    except Exception as e:  # noqa: BLE001
+                        msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
+                        row["notes"].append(msg)
+                        row["us"][vname] = None
+                        print(f"[bench] {shape} {scheme} M={M} {msg}", flush=True)
+                        traceback.print_exc(limit=3)
+                row["gbps"] = {k: (nbytes / (v * 1e-6) / 1e9 if v else None) for k, v in row["us"].items()}
+                row["frac_copy"] = {k: (g / copy_gbps if g and copy_gbps else None) for k, g in row["gbps"].items()}
+                c = row["us"].get("compile")
+                row["speedup_vs_compile"] = {k: (c / v if (c and v) else None) for k, v in row["us"].items()}
+                row["wall_s"] = round(time.time() - t0, 2)
+                rows.append(row)
+                us, sp = row["us"], row["speedup_vs_compile"]
+                f = lambda v, p=1: f"{v:8.{p}f}" if v is not None else "     n/a"  # noqa: E731
+                print(f"{shape:10s} {scheme:17s} M={M:6d} | us eager {f(us.get('eager'))} compile {f(us.get('compile'))} "
+                      f"fused {f(us.get('fused'))} op {f(us.get('op'))} | %copy fused "
+                      f"{f((row['frac_copy'].get('fused') or 0) * 100)} | x stock {f(sp.get('fused'), 2)} | "
+                      f"regions {row.get('fused_regions')} launches {row.get('fused_launches')}/{row.get('compile_launches')}",
+                      flush=True)
+    return rows
+
+
+def size_class(M: int) -> str:
+    return "M<=16" if M <= 16 else ("M<=256" if M <= 256 else "M>=4096")
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def geo(v: list[float]) -> Optional[float]:
+        v = [x for x in v if x]
+        return round(math.exp(sum(map(math.log, v)) / len(v)), 3) if v else None
+
+    s: dict[str, Any] = {"geomean_speedup_vs_compile": {}, "min_frac_copy_M>=4096": {}}
+    for scheme in {r["scheme"] for r in rows}:
+        rs = [r for r in rows if r["scheme"] == scheme]
+        s["geomean_speedup_vs_compile"][scheme] = {
+            f"{hd}/{cls}": geo([r["speedup_vs_compile"].get("fused") for r in rs
+                                if r["head_dim"] == hd and size_class(r["M"]) == cls])
+            for hd in sorted({r["head_dim"] for r in rs}) for cls in ("M<=16", "M<=256", "M>=4096")
+        }
+        big = [r["frac_copy"].get("fused") for r in rs if r["M"] >= 4096 and r["frac_copy"].get("fused")]
+        s["min_frac_copy_M>=4096"][scheme] = min(big) if big else None
+    one = [r.get("fused_launches") for r in rows if r["M"] == 1]
+    s["fused_launches_M=1"] = one
+    s["max_err_fused_vs_eager"] = max([r["err"].get("fused") or 0.0 for r in rows], default=None)
+    return s
+
+
+def gates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{scheme: {head_dim: geomean fused/stock speedup over all M}} (only where our kernel was in the code)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        sp = r["speedup_vs_compile"].get("fused")
+        if sp and r.get("fused_kernel_in_code", False):
+            out.setdefault(r["scheme"], {}).setdefault(str(r["head_dim"]), []).append(sp)
+    return {s: {h: round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in hs.items()} for s, hs in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="build and run every variant once at tiny size, no timing (CPU ok)")
+    ap.add_argument("--rep", type=int, default=None)
+    args = ap.parse_args()
+    if args.dry_run:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = run([1, 5], list(SHAPES), list(SCHEMES), 1, 0.0, dev, dry=True)
+        bad = [r for r in rows if r["notes"] or r.get("fused_regions") != 1 or (r["err"].get("fused") or 0) > 0.05]
+        for r in bad:
+            print("[dry-run] problem:", r["shape"], r["scheme"], r["M"], r["notes"], r.get("fused_regions"), r["err"])
+        print(f"[dry-run] {len(rows)} cases, {len(bad)} problems")
+        sys.exit(1 if bad else 0)
+    if not torch.cuda.is_available():
+        sys.exit("bench_rope_quant: needs a CUDA device (or --dry-run)")
+    import triton
+
+    rep = args.rep or (10 if args.quick else 20)
+    Ms = [1, 256, 16384] if args.quick else [1, 16, 256, 4096, 16384]
+    t0 = time.time()
+    copy_gbps = copy_bandwidth_gbps(rep)
+    print(f"[bench] {torch.cuda.get_device_name()} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    rows = run(Ms, list(SHAPES), list(SCHEMES), rep, copy_gbps, "cuda", dry=False)
+    result = dict(
+        family="rope_quant", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), copy_gbps=copy_gbps, rep_ms=rep,
+        quick=args.quick, bytes_model="fxfuse.kernels.rope_quant.bytes_moved (min HBM read+write)",
+        gate_hidden="head_dim", cases=rows, summary=summarize(rows), gates=gates(rows),
+        wall_s=round(time.time() - t0, 1),
+    )
+    print(json.dumps(result["summary"], indent=1))
+    print("gates:", json.dumps(result["gates"]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"[bench] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

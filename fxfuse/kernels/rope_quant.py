@@ -1,0 +1,637 @@
+"""Fused RoPE of q and k (+ optional fp8 quantization of each) as ONE Triton kernel.
+
+This module knows nothing about FX.  It provides:
+
+* :func:`rope_quant_reference` -- pure-torch oracle (also the CPU kernel of the custom op).
+* ``torch.ops.fxfuse.rope_quant`` -- a ``torch.library.triton_op`` launching the kernel through
+  ``wrap_triton`` (a user-defined Triton kernel in Inductor's output code on CUDA).
+* :func:`rope_quant_triton` -- plain launcher (eager CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+* :func:`bytes_moved` -- HBM traffic model for the benchmark.
+
+Tensors are seen as 4-D ``[B, S, H, D]`` views (any strides, last dim unit stride): token
+``m = b * S + s``.  That covers token-major ``[T, H, D]`` (B = 1) and the Hugging Face
+``[B, H, S, D]`` transposed view (the caller permutes, no copy).  ``cos``/``sin`` are ``[N, C]``
+rows: row ``positions[m]`` when positions are given (a cos/sin cache), else row ``m``.
+``C == rot_dim`` holds one value per rotated element (HF form, halves need not be equal);
+``C == rot_dim // 2`` holds one value per pair (vLLM cache form).
+
+Semantics per token and head (fp32 math, products rounded like eager does)::
+
+    xr = x[:rot]; r = rotate(xr)           neox: cat(-x2, x1)   gpt-j: pairs (-x_odd, x_even)
+    o = round_R(round_R(xr * cos) + round_R(r * sin));  out = cat(o, x[rot:])   (R = out dtype)
+    quant: s = static | chain(amax(|o|) per token and head); q = clamp(o / s  or  o * s).to(fp8)
+
+Each of q and k is quantized or not, independently, with its own scale.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .rmsnorm_quant import (
+    MAX_SCALE_OPS,
+    SCALE_CLAMP_MAX,
+    SCALE_CLAMP_MIN,
+    SCALE_DIV,
+    SCALE_MUL,
+    SCALE_RDIV,
+    SCALE_RECIP,
+    SCALE_ROUND_BF16,
+    SCALE_ROUND_F16,
+    _apply_scale_op_ref,
+    _round_e4m3,
+    _round_to,
+    _scale_op,
+)
+
+__all__ = [
+    "QUANT_NONE",
+    "QUANT_STATIC",
+    "QUANT_DYNAMIC",
+    "rope_quant",
+    "rope_quant_reference",
+    "rope_quant_triton",
+    "bytes_moved",
+]
+
+QUANT_NONE = 0
+QUANT_STATIC = 1  # per-tensor scale (one-element tensor or a constant)
+QUANT_DYNAMIC = 2  # per token and head: amax over head_dim, then the scale-op chain
+
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_X_DTYPES = tuple(_DT_CODE)
+_QDTYPE = torch.float8_e4m3fn
+_EMPTY = (0,)
+# re-exported so the pattern module takes every interface code from one place
+SCALE_CODES = (SCALE_MUL, SCALE_DIV, SCALE_RDIV, SCALE_CLAMP_MIN, SCALE_CLAMP_MAX, SCALE_RECIP,
+               SCALE_ROUND_BF16, SCALE_ROUND_F16)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_args(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    rot_dim: int,
+    cos_half: bool,
+    out_dtype: torch.dtype,
+    q_quant: int,
+    k_quant: int,
+    q_ops: Sequence[int],
+    k_ops: Sequence[int],
+    norm_dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Raise ValueError on unsupported inputs (last line of defense; the FX side pre-checks)."""
+    if q.dim() != 4:
+        raise ValueError(f"rope_quant: q must be 4-D [B, S, H, D], got {tuple(q.shape)}")
+    B, S, _, D = q.shape
+    for name, t in (("q", q), ("k", k)):
+        if t is None:
+            continue
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != S or t.shape[3] != D:
+            raise ValueError(f"rope_quant: {name} shape {tuple(t.shape)} does not match [B, S, *, D]")
+        if t.dtype not in _X_DTYPES:
+            raise ValueError(f"rope_quant: {name} dtype {t.dtype} unsupported")
+        if t.device != q.device:
+            raise ValueError(f"rope_quant: {name} on another device")
+    if k is not None and k.dtype != q.dtype:
+        raise ValueError("rope_quant: q and k dtypes differ")
+    if out_dtype not in _X_DTYPES:
+        raise ValueError(f"rope_quant: out dtype {out_dtype} unsupported")
+    if rot_dim <= 0 or rot_dim > D or rot_dim % 2:
+        raise ValueError(f"rope_quant: rot_dim {rot_dim} must be even and <= head_dim {D}")
+    if rot_dim < D and out_dtype != (norm_dtype or q.dtype):
+        raise ValueError("rope_quant: partial rotary needs out dtype == input dtype")
+    C = rot_dim // 2 if cos_half else rot_dim
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[1] != C:
+            raise ValueError(f"rope_quant: {name} must be [N, {C}], got {tuple(t.shape)}")
+        if t.dtype not in _X_DTYPES or t.device != q.device:
+            raise ValueError(f"rope_quant: {name} dtype/device unsupported")
+    if positions is not None:
+        if positions.dim() != 1 or positions.dtype not in (torch.int32, torch.int64):
+            raise ValueError("rope_quant: positions must be a 1-D int32/int64 tensor")
+    for qq, ops in ((q_quant, q_ops), (k_quant, k_ops)):
+        if qq not in (QUANT_NONE, QUANT_STATIC, QUANT_DYNAMIC):
+            raise ValueError(f"rope_quant: quant scheme {qq} unknown")
+        if len(ops) > MAX_SCALE_OPS:
+            raise ValueError(f"rope_quant: at most {MAX_SCALE_OPS} scale ops")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _rotate(x: torch.Tensor, neox: bool) -> torch.Tensor:
+    if neox:
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _expand_cs(c: torch.Tensor, neox: bool, cos_half: bool) -> torch.Tensor:
+    if not cos_half:
+        return c
+    return torch.cat((c, c), dim=-1) if neox else c.repeat_interleave(2, dim=-1)
+
+
+def _rope_one_ref(x4, cs, sn, rot, neox, out_dtype):
+    B, S, H, D = x4.shape
+    x = x4.reshape(B * S, H, D)
+    f32 = torch.float32
+    xr = x[..., :rot].to(f32)
+    r = _rotate(xr, neox)
+    p1 = (xr * cs[:, None, :]).to(out_dtype).to(f32)
+    p2 = (r * sn[:, None, :]).to(out_dtype).to(f32)
+    o = (p1 + p2).to(out_dtype)
+    if rot < D:
+        o = torch.cat((o, x[..., rot:].to(out_dtype)), dim=-1)
+    return o  # [M, H, D]
+
+
+def _quant_ref(o, scheme, scale, static_value, ops, consts, quant_mul, qmin, qmax):
+    f32 = torch.float32
+    v = o.to(f32)
+    if scheme == QUANT_STATIC:
+        s = scale.reshape(()).to(f32) if scale is not None else torch.tensor(static_value, dtype=f32, device=o.device)
+        sb = s
+    else:
+        s = v.abs().amax(dim=-1)  # [M, H]
+        for op, c in zip(ops, consts):
+            s = _apply_scale_op_ref(s, int(op), float(c))
+        sb = s[..., None]
+    qv = v * sb if quant_mul else v / sb
+    lo = torch.tensor(qmin, dtype=f32, device=o.device)
+    hi = torch.tensor(qmax, dtype=f32, device=o.device)
+    qv = torch.clamp(qv, min=lo, max=hi).to(_QDTYPE)
+    return qv, s.to(f32)
+
+
+def _qk_norm_ref(x, w, eps, woff, round_before, wsum_dtype, norm_dtype):
+    """Per-head RMSNorm over head_dim, the rmsnorm_quant kernel's math (fp32, rounding points)."""
+    f32 = torch.float32
+    v = x.to(f32)
+    r = torch.reciprocal(torch.sqrt((v * v).mean(-1, keepdim=True) + torch.tensor(eps, dtype=f32)))
+    n = v * r
+    if round_before:
+        n = n.to(x.dtype).to(f32)
+    we = w.to(f32) + torch.tensor(woff, dtype=f32)
+    if wsum_dtype is not None:
+        we = we.to(wsum_dtype).to(f32)
+    return (n * we).to(norm_dtype)
+
+
+def _laid_out(t: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """t ([B, S, H, D]) copied into the layout `order` (outermost dims first)."""
+    out = torch.empty_strided(t.shape, _strides(t.shape, order), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def rope_quant_reference(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    q_scale: Optional[torch.Tensor],
+    k_scale: Optional[torch.Tensor],
+    rot_dim: int,
+    neox: bool,
+    cos_half: bool,
+    out_dtype: torch.dtype,
+    q_quant: int,
+    q_static: float,
+    q_ops: Sequence[int],
+    q_consts: Sequence[float],
+    q_mul: bool,
+    k_quant: int,
+    k_static: float,
+    k_ops: Sequence[int],
+    k_consts: Sequence[float],
+    k_mul: bool,
+    qmin: float,
+    qmax: float,
+    need_q_rope: bool,
+    need_k_rope: bool,
+    q_order: Sequence[int] = (0, 1, 2),
+    k_order: Sequence[int] = (0, 1, 2),
+    q_norm_w: Optional[torch.Tensor] = None,
+    k_norm_w: Optional[torch.Tensor] = None,
+    q_eps: float = 1e-6,
+    k_eps: float = 1e-6,
+    norm_woff: float = 0.0,
+    norm_round_before: bool = True,
+    norm_wsum_dtype: Optional[torch.dtype] = None,
+    norm_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, ...]:
+    """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty."""
+    check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
+    nd = norm_dtype or q.dtype
+    if q_norm_w is not None:
+        q = _qk_norm_ref(q, q_norm_w, q_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
+    if k is not None and k_norm_w is not None:
+        k = _qk_norm_ref(k, k_norm_w, k_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
+    B, S = q.shape[0], q.shape[1]
+    f32 = torch.float32
+    cs, sn = cos, sin
+    if positions is not None:
+        cs, sn = cs.index_select(0, positions.long()), sn.index_select(0, positions.long())
+    cs = _expand_cs(cs.to(f32), neox, cos_half)
+    sn = _expand_cs(sn.to(f32), neox, cos_half)
+    outs: list[torch.Tensor] = []
+    for x, scheme, scale, sv, ops, consts, mul, need, order in (
+        (q, q_quant, q_scale, q_static, q_ops, q_consts, q_mul, need_q_rope, q_order),
+        (k, k_quant, k_scale, k_static, k_ops, k_consts, k_mul, need_k_rope, k_order),
+    ):
+        empty = lambda dt: torch.empty(_EMPTY, dtype=dt, device=q.device)  # noqa: E731
+        if x is None:
+            outs += [empty(out_dtype), empty(_QDTYPE), empty(f32)]
+            continue
+        H, D = x.shape[2], x.shape[3]
+        o = _rope_one_ref(x, cs, sn, rot_dim, neox, out_dtype)
+        outs.append(_laid_out(o.reshape(B, S, H, D), order) if need else empty(out_dtype))
+        if scheme == QUANT_NONE:
+            outs += [empty(_QDTYPE), empty(f32)]
+            continue
+        qv, s = _quant_ref(o, scheme, scale, sv, ops, consts, mul, qmin, qmax)
+        outs.append(_laid_out(qv.reshape(B, S, H, D), order))
+        outs.append(s.reshape(1).clone() if scheme == QUANT_STATIC else s.reshape(B, S, H).contiguous())
+    return tuple(outs)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+
+@triton.jit
+def _qk_norm(v, rstd, w, woff, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+             ROUND_BEFORE_W: tl.constexpr, NATIVE: tl.constexpr):
+    n = v * rstd[:, None]
+    if ROUND_BEFORE_W:
+        n = _round_to(n, X_DT, NATIVE)
+    we = w + woff
+    if WSUM_DT >= 0:
+        we = _round_to(we, WSUM_DT, NATIVE)
+    return _round_to(n * we[None, :], NORM_DT, NATIVE)
+
+
+@triton.jit
+def _rope_heads(
+    x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
+    cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff,
+    b, s_, h0, H, S,
+    sxb, sxs, sxh, sob, sos, soh,
+    static_value, c0, c1, c2, c3, qmin, qmax,
+    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
+    OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr,
+    NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+    ROUND_BEFORE_W: tl.constexpr,
+):
+    """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H])."""
+    hh = h0 + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_D)
+    hmask = hh < H
+    mask = hmask[:, None] & (j < D)[None, :]
+    xrow = x_ptr + b * sxb + s_ * sxs
+    offs = hh[:, None] * sxh + j[None, :]
+    x = tl.load(xrow + offs, mask=mask, other=0.0).to(tl.float32)
+    HALF: tl.constexpr = ROT // 2
+    is_rot = j < ROT
+    if NEOX:
+        partner = tl.where(j < HALF, j + HALF, j - HALF)
+        sign = tl.where(j < HALF, -1.0, 1.0)
+        if COS_HALF:
+            cidx = j % HALF
+        else:
+            cidx = j
+    else:
+        partner = j ^ 1
+        sign = tl.where((j & 1) == 0, -1.0, 1.0)
+        if COS_HALF:
+            cidx = j // 2
+        else:
+            cidx = j
+    rmask = mask & is_rot[None, :]
+    xp = tl.load(xrow + hh[:, None] * sxh + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+    if NORM:  # per-head RMSNorm over head_dim (Qwen3/Gemma3 q_norm/k_norm) before the rotation
+        ss = tl.sum(x * x, axis=1)
+        ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
+        rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+        w = tl.load(w_ptr + j, mask=j < D, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=is_rot, other=0.0).to(tl.float32)
+        x = _qk_norm(x, rstd, w, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+        xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+    cmask = is_rot
+    c = tl.load(cos_ptr + crow * s_cos + cidx, mask=cmask, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + crow * s_sin + cidx, mask=cmask, other=0.0).to(tl.float32)
+    p1 = _round_to(x * c[None, :], OUT_DT, NATIVE)
+    p2 = _round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
+    o = _round_to(p1 + p2, OUT_DT, NATIVE)
+    o = tl.where(is_rot[None, :], o, x)
+    tok = b * S + s_
+    oofs = b * sob + s_ * sos + hh[:, None].to(tl.int64) * soh + j[None, :]
+    if NEED_ROPE:
+        tl.store(o_ptr + oofs, o.to(o_ptr.dtype.element_ty), mask=mask)
+    if QUANT != 0:
+        if QUANT == 1:
+            if HAS_SCALE_T:
+                sc = tl.load(scale_ptr).to(tl.float32)
+            else:
+                sc = static_value + 0.0
+            sb = sc + tl.zeros_like(o)
+            if (tok == 0) & (h0 == 0):
+                tl.store(s_ptr, sc)
+        else:
+            sc = tl.max(tl.where(mask, tl.abs(o), 0.0), axis=1)  # [BLOCK_H]
+            sc = _scale_op(sc, OP0, c0)
+            sc = _scale_op(sc, OP1, c1)
+            sc = _scale_op(sc, OP2, c2)
+            sc = _scale_op(sc, OP3, c3)
+            tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
+            sb = sc[:, None] + tl.zeros_like(o)
+        if QUANT_MUL:
+            qv = o * sb
+        elif NATIVE:
+            qv = o / sb
+        else:
+            qv = tl.math.div_rn(o, sb)
+        qv = tl.minimum(tl.maximum(qv, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                        propagate_nan=tl.PropagateNan.ALL)
+        if NATIVE:
+            qq = qv.to(tl.float8e4nv)
+        else:
+            qq = _round_e4m3(qv).to(tl.float8e4nv)
+        tl.store(qo_ptr + oofs, qq, mask=mask)
+
+
+@triton.jit
+def _rope_quant_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, qscale_ptr, kscale_ptr, qw_ptr, kw_ptr,
+    qo_ptr, qq_ptr, qs_ptr, ko_ptr, kq_ptr, ks_ptr,
+    S, HQ, HK, NQB,
+    sqb, sqs, sqh, skb, sks, skh, s_cos, s_sin,
+    soqb, soqs, soqh, sokb, soks, sokh,
+    q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax, q_eps, k_eps, woff,
+    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
+    OUT_DT: tl.constexpr, HAS_POS: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr,
+    WSUM_DT: tl.constexpr, ROUND_BEFORE_W: tl.constexpr,
+    NEED_Q: tl.constexpr, Q_QUANT: tl.constexpr, Q_SCALE_T: tl.constexpr, Q_MUL: tl.constexpr,
+    QOP0: tl.constexpr, QOP1: tl.constexpr, QOP2: tl.constexpr, QOP3: tl.constexpr,
+    NEED_K: tl.constexpr, K_QUANT: tl.constexpr, K_SCALE_T: tl.constexpr, K_MUL: tl.constexpr,
+    KOP0: tl.constexpr, KOP1: tl.constexpr, KOP2: tl.constexpr, KOP3: tl.constexpr,
+    HAS_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr = False,
+):
+    """Grid (tokens, q head-blocks + k head-blocks): q and k of a token in ONE launch.
+
+    cos/sin of a token are read once per head block (L1/L2 hits), x once (+ a partner reload
+    of the rotated half from cache); HBM traffic is one read of q/k and one write of each output.
+    """
+    q_static = tl.cast(q_static, tl.float32)
+    k_static = tl.cast(k_static, tl.float32)
+    qc0 = tl.cast(qc0, tl.float32)
+    qc1 = tl.cast(qc1, tl.float32)
+    qc2 = tl.cast(qc2, tl.float32)
+    qc3 = tl.cast(qc3, tl.float32)
+    kc0 = tl.cast(kc0, tl.float32)
+    kc1 = tl.cast(kc1, tl.float32)
+    kc2 = tl.cast(kc2, tl.float32)
+    kc3 = tl.cast(kc3, tl.float32)
+    qmin = tl.cast(qmin, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
+    q_eps = tl.cast(q_eps, tl.float32)
+    k_eps = tl.cast(k_eps, tl.float32)
+    woff = tl.cast(woff, tl.float32)
+    tok = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    b = tok // S
+    s_ = tok % S
+    if HAS_POS:
+        crow = tl.load(pos_ptr + tok).to(tl.int64)
+    else:
+        crow = tok
+    if hb < NQB:
+        _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
+                    qw_ptr, q_eps, woff,
+                    b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh, soqb, soqs, soqh,
+                    q_static, qc0, qc1, qc2, qc3, qmin, qmax,
+                    D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
+                    QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE,
+                    Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
+    elif HAS_K:
+        _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
+                    kw_ptr, k_eps, woff,
+                    b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh,
+                    k_static, kc0, kc1, kc2, kc3, qmin, qmax,
+                    D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
+                    KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
+                    K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
+
+
+def _pad(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
+    return ([int(o) for o in ops] + [-1] * (MAX_SCALE_OPS - len(ops)),
+            [float(c) for c in consts] + [0.0] * (MAX_SCALE_OPS - len(consts)))
+
+
+def _block_h(D: int, H: int) -> int:
+    """Heads per program: ~2K elements per program, at most the head count."""
+    bd = triton.next_power_of_2(D)
+    return max(1, min(triton.next_power_of_2(max(H, 1)), max(1, 2048 // bd)))
+
+
+def _strides(shape: Sequence, order: Sequence[int]) -> list:
+    """Strides of a [B, S, H, D] tensor laid out with dims `order` (outermost first) then D."""
+    st = [0, 0, 0, 1]
+    acc = shape[3]
+    for d in reversed(list(order)):
+        st[d] = acc
+        acc = acc * shape[d]
+    return st
+
+
+def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=(0, 1, 2), k_order=(0, 1, 2)):
+    dev = q.device
+    outs = []
+    for x, scheme, need, order in ((q, q_quant, need_q_rope, q_order), (k, k_quant, need_k_rope, k_order)):
+        if x is None:
+            outs += [torch.empty(_EMPTY, dtype=out_dtype, device=dev), torch.empty(_EMPTY, dtype=_QDTYPE, device=dev),
+                     torch.empty(_EMPTY, dtype=torch.float32, device=dev)]
+            continue
+        B, S, H, D = x.shape
+        st = _strides((B, S, H, D), order)
+        outs.append(torch.empty_strided((B, S, H, D), st, dtype=out_dtype, device=dev) if need
+                    else torch.empty(_EMPTY, dtype=out_dtype, device=dev))
+        outs.append(torch.empty_strided((B, S, H, D), st, dtype=_QDTYPE, device=dev) if scheme
+                    else torch.empty(_EMPTY, dtype=_QDTYPE, device=dev))
+        s_shape = {QUANT_NONE: _EMPTY, QUANT_STATIC: (1,), QUANT_DYNAMIC: (B, S, H)}[scheme]
+        outs.append(torch.empty(s_shape, dtype=torch.float32, device=dev))
+    return outs
+
+
+def _launch(kernel, a: dict, outs, num_warps=None):
+    q, k, cos, sin, positions = a["q"], a["k"], a["cos"], a["sin"], a["positions"]
+    q_scale, k_scale, qw, kw = a["q_scale"], a["k_scale"], a["q_norm_w"], a["k_norm_w"]
+    B, S, HQ, D = q.shape
+    HK = k.shape[2] if k is not None else 0
+    BH = _block_h(D, max(HQ, HK))
+    nqb = triton.cdiv(HQ, BH)
+    nkb = triton.cdiv(HK, BH) if k is not None else 0
+    qo, qq, qs, ko, kq, ks = outs
+    need_q, need_k = bool(a["need_q_rope"]), bool(a["need_k_rope"]) and k is not None
+    oq = qo if need_q else qq
+    ok = ko if need_k else kq
+    oqs = [oq.stride(i) for i in range(3)] if oq.dim() == 4 else [0, 0, 0]
+    oks = [ok.stride(i) for i in range(3)] if ok.dim() == 4 else [0, 0, 0]
+    if need_q and a["q_quant"] and list(qq.stride()) != list(qo.stride()):
+        raise ValueError("rope_quant: q rope and fp8 outputs must share a layout")
+    if need_k and a["k_quant"] and list(kq.stride()) != list(ko.stride()):
+        raise ValueError("rope_quant: k rope and fp8 outputs must share a layout")
+    qops, qc = _pad(a["q_ops"], a["q_consts"])
+    kops, kc = _pad(a["k_ops"], a["k_consts"])
+    kk = k if k is not None else q
+    bd = triton.next_power_of_2(D)
+    norm_dt = a["norm_dtype"] or q.dtype
+    wsum = a["norm_wsum_dtype"]
+    kernel[(B * S, nqb + nkb)](
+        q, kk, cos, sin, positions if positions is not None else cos,
+        q_scale if q_scale is not None else cos, k_scale if k_scale is not None else cos,
+        qw if qw is not None else cos, kw if kw is not None else cos,
+        qo, qq, qs, ko, kq, ks,
+        S, HQ, HK, nqb,
+        q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+        cos.stride(0), sin.stride(0),
+        oqs[0], oqs[1], oqs[2], oks[0], oks[1], oks[2],
+        float(a["q_static"]), qc[0], qc[1], qc[2], qc[3], float(a["k_static"]), kc[0], kc[1], kc[2], kc[3],
+        float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]),
+        D=D, ROT=int(a["rot_dim"]), NEOX=bool(a["neox"]), COS_HALF=bool(a["cos_half"]),
+        OUT_DT=_DT_CODE[a["out_dtype"]], HAS_POS=positions is not None,
+        Q_NORM=qw is not None, K_NORM=kw is not None and k is not None, X_DT=_DT_CODE[q.dtype],
+        NORM_DT=_DT_CODE[norm_dt], WSUM_DT=-1 if wsum is None else _DT_CODE[wsum],
+        ROUND_BEFORE_W=bool(a["norm_round_before"]),
+        NEED_Q=need_q, Q_QUANT=int(a["q_quant"]), Q_SCALE_T=q_scale is not None, Q_MUL=bool(a["q_mul"]),
+        QOP0=qops[0], QOP1=qops[1], QOP2=qops[2], QOP3=qops[3],
+        NEED_K=need_k, K_QUANT=int(a["k_quant"]) if k is not None else 0,
+        K_SCALE_T=k_scale is not None, K_MUL=bool(a["k_mul"]),
+        KOP0=kops[0], KOP1=kops[1], KOP2=kops[2], KOP3=kops[3],
+        HAS_K=k is not None, BLOCK_H=BH, BLOCK_D=bd,
+        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        num_warps=num_warps or (4 if BH * bd <= 2048 else 8),
+    )
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@triton_op("fxfuse::rope_quant", mutates_args=())
+def rope_quant(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    q_scale: Optional[torch.Tensor],
+    k_scale: Optional[torch.Tensor],
+    rot_dim: int,
+    neox: bool,
+    cos_half: bool,
+    out_dtype: torch.dtype,
+    q_quant: int,
+    q_static: float,
+    q_ops: list[int],
+    q_consts: list[float],
+    q_mul: bool,
+    k_quant: int,
+    k_static: float,
+    k_ops: list[int],
+    k_consts: list[float],
+    k_mul: bool,
+    qmin: float,
+    qmax: float,
+    need_q_rope: bool,
+    need_k_rope: bool,
+    q_order: list[int],
+    k_order: list[int],
+    q_norm_w: Optional[torch.Tensor] = None,
+    k_norm_w: Optional[torch.Tensor] = None,
+    q_eps: float = 1e-6,
+    k_eps: float = 1e-6,
+    norm_woff: float = 0.0,
+    norm_round_before: bool = True,
+    norm_wsum_dtype: Optional[torch.dtype] = None,
+    norm_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused (QK-norm +) RoPE (+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
+    args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
+            q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
+            qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, q_norm_w, k_norm_w, q_eps, k_eps,
+            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype)
+    if q.device.type == "cpu":
+        return _rope_quant_cpu(*args)
+    a = _bind(args, {})
+    _check(a)
+    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order)
+    _launch(wrap_triton(_rope_quant_kernel), a, outs)
+    return tuple(outs)
+
+
+def _rope_quant_cpu(*args):
+    """CPU has no Triton: the reference (fresh, non-aliasing outputs)."""
+    return tuple(rope_quant_reference(*args))
+
+
+rope_quant.register_kernel("cpu")(_rope_quant_cpu)
+
+
+def _bind(args: tuple, kwargs: dict) -> dict:
+    """The op's arguments by name (defaults filled in)."""
+    import inspect
+
+    ba = inspect.signature(rope_quant_reference).bind(*args, **kwargs)
+    ba.apply_defaults()
+    return dict(ba.arguments)
+
+
+def _check(a: dict) -> None:
+    check_args(a["q"], a["k"], a["cos"], a["sin"], a["positions"], a["rot_dim"], a["cos_half"], a["out_dtype"],
+               a["q_quant"], a["k_quant"], a["q_ops"], a["k_ops"], a["norm_dtype"])
+
+
+def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Launch the raw kernel (eager CUDA, or CPU under TRITON_INTERPRET=1); same args as the op.
+
+    `out` (6 tensors) lets tests poison the outputs before the launch.
+    """
+    a = _bind(args, kwargs)
+    _check(a)
+    q = a["q"]
+    outs = list(out) if out is not None else _alloc(q, a["k"], a["out_dtype"], a["q_quant"], a["k_quant"],
+                                                    a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"])
+    if q.shape[0] * q.shape[1] > 0:
+        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps)
+    return tuple(outs)
+
+
+def bytes_moved(M: int, hq: int, hk: int, D: int, dtype: torch.dtype = torch.bfloat16, rot_dim: int | None = None,
+                q_quant: bool = False, k_quant: bool = False, need_rope: bool = True,
+                positions: bool = False) -> int:
+    """Minimum HBM bytes read + written by one call (cos/sin rows read once per token)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    rot = rot_dim or D
+    read = M * (hq + hk) * D * es + M * 2 * rot * es + (M * 8 if positions else 0)
+    write = 0
+    for h, qz in ((hq, q_quant), (hk, k_quant)):
+        if need_rope or not qz:
+            write += M * h * D * es
+        if qz:
+            write += M * h * D
+    return read + write

@@ -1,0 +1,1023 @@
+"""RoPE of q and k (+ fp8 quant of each) -> one fused kernel launch for both.
+
+Node surgery, like rmsnorm_quant: from each `cat` that rotates a tensor's halves
+(`cat(-x2, x1)`, the Hugging Face `rotate_half`), walk to `x * cos + rotate_half(x) * sin`,
+capture what was written (rotary dim, partial-rotary pass-through, where cos/sin come from,
+which dim holds the heads) and the fp8 quantization that reads the result, then check it.
+Regions rotated by the *same* cos/sin nodes (q and k of one attention) become ONE launch;
+regions with different cos/sin (e.g. other positions) stay separate launches.
+
+The kernel sees each tensor as a 4-D `[B, S, H, D]` view (permute, no copy), so the HF
+`[B, H, S, D]` transposed projections and token-major `[T, H, D]` tensors both work. cos/sin
+are passed as `[M, rot]` rows; when they are gathered from a table by a positions tensor
+(`table[pos]`, `index_select`, `embedding`) the kernel gathers the rows itself.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .. import gating
+from ..fx_utils import (
+    Reject,
+    aten,
+    convert_dtype,
+    depends_on_any,
+    inline_graph,
+    is_convert,
+    is_op,
+    literal,
+    other_arg,
+    same_device,
+    stable_toposort,
+    trace_aten,
+    tval,
+    val,
+)
+from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
+from .rmsnorm_quant import NormMatch, _amax_source, _scale_chain, _strip_f32_convert, match_norm
+
+FAMILY = "rope_quant"
+X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8 = torch.float8_e4m3fn
+BIG = 2**62
+QUANT_NAMES = {QUANT_NONE: "none", QUANT_STATIC: "fp8 static", QUANT_DYNAMIC: "fp8 per-token-head"}
+
+
+@dataclass
+class QuantPart:
+    scheme: int
+    sink: fx.Node  # the convert to fp8
+    scale: fx.Node | None  # static one-element scale tensor
+    static_value: float
+    ops: list[int]
+    consts: list[float]
+    mul: bool
+    qmin: float
+    qmax: float
+    scale_out: fx.Node | None  # dynamic scale node (may have users outside)
+    nodes: set[fx.Node] = field(default_factory=set)
+    via: fx.Node | None = None  # static quant of a reshape of the rope output (vLLM's [T, H*D])
+
+
+@dataclass
+class RopeMatch:
+    x: fx.Node  # rotated tensor (whole head_dim when partial)
+    out: fx.Node  # rope result (cat with pass-through when partial)
+    cos: fx.Node  # factor of x
+    sin: fx.Node  # factor of rotate_half(x)
+    rot: int
+    neox: bool
+    nodes: set[fx.Node]
+    head: int = -1  # dim of x holding the heads (-1: none, one head)
+    tok: list[int] = field(default_factory=list)
+    table: tuple[fx.Node, fx.Node, fx.Node] | None = None  # (cos table, sin table, positions)
+    table_cols: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)  # column slices of the tables
+    cos_half: bool = False  # cos/sin hold one value per rotated pair (rot/2 columns)
+    quant: QuantPart | None = None
+    need_rope: bool = True
+    quant_miss: tuple[fx.Node, str] | None = None  # fp8 quant seen but not fusable: (sink, reason)
+    norm: NormMatch | None = None  # per-head RMSNorm (QK-norm) computing x
+    x_src: fx.Node | None = None  # kernel input: x itself, or the norm's input
+    x_perm: list[int] | None = None  # x = permute(norm output, x_perm)
+
+    @property
+    def src(self) -> fx.Node:
+        return self.x_src if self.x_src is not None else self.x
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _last_dim(d: Any, ndim: int) -> bool:
+    return isinstance(d, int) and d % ndim == ndim - 1
+
+
+def _slice_of(node: Any, step_ok: int = 1) -> tuple[fx.Node, int, int] | None:
+    """(src, start, end) for a last-dim aten.slice with step `step_ok`, else None."""
+    if not is_op(node, aten.slice.Tensor):
+        return None
+    a = list(node.args) + [None] * (5 - len(node.args))
+    src, dim, start, end, step = a[:5]
+    src_v = val(src)
+    if not isinstance(src_v, torch.Tensor) or not _last_dim(dim if dim is not None else 0, src_v.dim()):
+        return None
+    if (step or 1) != step_ok:
+        return None
+    n = src_v.shape[-1]
+    start = 0 if start is None else start
+    end = BIG if end is None else end
+    if not isinstance(start, int) or not isinstance(end, int) or not isinstance(n, int):
+        return None
+    return src, max(0, min(start, n)), max(0, min(end, n))
+
+
+def _trig_kind(node: Any, depth: int = 8) -> str | None:
+    """'cos' / 'sin' if node is (a broadcast/cast/scaled/gathered) cos() or sin(), else None."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        if is_op(node, aten.cos.default):
+            return "cos"
+        if is_op(node, aten.sin.default):
+            return "sin"
+        if is_op(node, aten.unsqueeze.default, aten.reshape.default, aten.expand.default, aten.view.default,
+                 aten.slice.Tensor, aten.index_select.default) or is_convert(node):
+            node = node.args[0]
+        elif is_op(node, aten.mul.Tensor) and (literal(node.args[1]) is not None or literal(node.args[0]) is not None):
+            node = node.args[0] if literal(node.args[1]) is not None else node.args[1]
+        elif is_op(node, aten.index.Tensor):
+            node = node.args[0]
+        elif is_op(node, aten.embedding.default):
+            node = node.args[0]
+        else:
+            return None
+    return None
+
+
+def looks_like_rope(cat: fx.Node) -> bool:
+    """Cheap screen (no near miss): a 2-input last-dim cat of (negated) halves of one tensor."""
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return False
+    v = val(cat)
+    if not isinstance(v, torch.Tensor) or not _last_dim(cat.args[1] if len(cat.args) > 1 else 0, v.dim()):
+        return False
+    srcs = []
+    for a in cat.args[0]:
+        if is_op(a, aten.neg.default):
+            a = a.args[0]
+        s = _slice_of(a)
+        if s is None:
+            return False
+        srcs.append(s[0])
+    return srcs[0] is srcs[1] and any(is_op(a, aten.neg.default) for a in cat.args[0])
+
+
+# ----------------------------------------------------------------------------- RoPE part
+
+
+def match_rope(cat: fx.Node) -> RopeMatch:
+    a, b = cat.args[0]
+    if not is_op(a, aten.neg.default):
+        raise Reject("rotation is cat(x2, -x1), not rotate_half's cat(-x2, x1)")
+    if is_op(b, aten.neg.default):
+        raise Reject("both halves negated")
+    s2, s1 = _slice_of(a.args[0]), _slice_of(b)
+    x = s1[0]
+    Dr = tval(x).shape[-1]
+    h = Dr // 2
+    if Dr % 2 or s1[1:] != (0, h) or s2[1:] != (h, Dr):
+        raise Reject(f"rotate_half halves are {s2[1:]} and {s1[1:]}, not the two halves of {Dr}")
+    nodes = {cat, a, a.args[0], b}
+    if len(cat.users) != 1:
+        raise Reject("rotate_half(x) has other users")
+    (m2,) = cat.users
+    if not is_op(m2, aten.mul.Tensor):
+        raise Reject("rotate_half(x) is not multiplied by sin")
+    sin = other_arg(m2, cat)
+    if len(m2.users) != 1:
+        raise Reject("rotate_half(x) * sin has other users")
+    (r,) = m2.users
+    if not is_op(r, aten.add.Tensor) or r.kwargs or len(r.args) != 2:
+        raise Reject("rotate_half(x) * sin is not added to x * cos")
+    m1 = other_arg(r, m2)
+    if not is_op(m1, aten.mul.Tensor) or x not in m1.args[:2]:
+        raise Reject("x * cos + rotate_half(x) * sin: the first product does not read x")
+    cos = other_arg(m1, x)
+    if len(m1.users) != 1:
+        raise Reject("x * cos has other users")
+    nodes |= {m1, m2, r}
+    for n in (cos, sin):
+        if not isinstance(n, fx.Node):
+            raise Reject("cos/sin are not tensors")
+    if _trig_kind(cos) == "sin" or _trig_kind(sin) == "cos":
+        raise Reject("cos and sin are swapped (x is multiplied by sin)")
+    xv, rv = tval(x), tval(r)
+    if tuple(rv.shape) != tuple(xv.shape):
+        raise Reject("cos/sin broadcast changes the shape of x")
+    for n in (cos, sin):
+        nv = tval(n)
+        if nv.dim() > xv.dim() or nv.shape[-1] != Dr:
+            raise Reject(f"{n.name} shape {tuple(nv.shape)} does not broadcast over heads of x {tuple(xv.shape)}")
+    for n in (a.args[0], b):
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"slice {n.name} of x has other users")
+    m = RopeMatch(x=x, out=r, cos=cos, sin=sin, rot=Dr, neox=True, nodes=nodes)
+    _widen_partial(m)
+    return m
+
+
+def looks_like_explicit(cat: fx.Node) -> bool:
+    """Cheap screen: cat of a sub and an add (neox), or of their unsqueezes (gpt-j stack)."""
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return False
+    v = val(cat)
+    if not isinstance(v, torch.Tensor) or not _last_dim(cat.args[1] if len(cat.args) > 1 else 0, v.dim()):
+        return False
+    args = [a.args[0] if is_op(a, aten.unsqueeze.default) else a for a in cat.args[0]]
+    kinds = {is_op(a, aten.sub.Tensor) + 2 * is_op(a, aten.add.Tensor) for a in args}
+    return kinds == {1, 2} and all(is_op(a, aten.mul.Tensor) for o in args for a in o.args[:2])
+
+
+def _mul_split(m: fx.Node) -> list[tuple[Any, Any]]:
+    a, b = m.args[:2]
+    return [(a, b), (b, a)]
+
+
+def match_explicit(cat: fx.Node) -> RopeMatch:
+    """o1 = x1*cos - x2*sin, o2 = x2*cos + x1*sin; cat(o1, o2) (neox) or stack(...).flatten (gpt-j).
+
+    The form vLLM's rotary_embedding decomposes to: cos/sin hold rot/2 values per token."""
+    raw = list(cat.args[0])
+    gptj = all(is_op(a, aten.unsqueeze.default) for a in raw)
+    nodes = {cat}
+    if gptj:
+        nd = tval(cat).dim()
+        if any(not _last_dim(a.args[1], nd) for a in raw):
+            raise Reject("stacked halves are not stacked on the last dim")
+        nodes |= set(raw)
+        o1, o2 = (a.args[0] for a in raw)
+    elif any(is_op(a, aten.unsqueeze.default) for a in raw):
+        raise Reject("only one half is stacked")
+    else:
+        o1, o2 = raw
+    if not (is_op(o1, aten.sub.Tensor) and is_op(o2, aten.add.Tensor)) or o1.kwargs or o2.kwargs:
+        raise Reject("rotation signs differ from (x1*cos - x2*sin, x2*cos + x1*sin)")
+    A, B = o1.args
+    P, Q = o2.args
+    if not all(is_op(n, aten.mul.Tensor) for n in (A, B, P, Q)):
+        raise Reject("rotation terms are not products")
+    found = None
+    for x1, c in _mul_split(A):
+        for x2, sn in _mul_split(B):
+            s1, s2 = _slice_of(x1, 2 if gptj else 1), _slice_of(x2, 2 if gptj else 1)
+            if s1 is not None and s2 is not None and s1[0] is s2[0]:
+                found = (x1, c, x2, sn, s1, s2)
+    if found is None:
+        raise Reject("rotation does not read two halves of one tensor")
+    x1, c, x2, sn, s1, s2 = found
+    if {frozenset(P.args[:2]), frozenset(Q.args[:2])} != {frozenset((x2, c)), frozenset((x1, sn))}:
+        raise Reject("second half is not x2*cos + x1*sin")
+    x = s1[0]
+    Dr = tval(x).shape[-1]
+    if not isinstance(Dr, int) or Dr % 2:
+        raise Reject("rotary dim is not a static even size")
+    h = Dr // 2
+    if gptj:
+        if s1[1:] != (0, Dr) or s2[1:] != (1, Dr):
+            raise Reject("interleaved halves are not x[..., 0::2] and x[..., 1::2]")
+    elif s1[1:] != (0, h) or s2[1:] != (h, Dr):
+        raise Reject(f"halves are {s1[1:]} and {s2[1:]}, not the two halves of {Dr}")
+    if _trig_kind(c) == "sin" or _trig_kind(sn) == "cos":
+        raise Reject("cos and sin are swapped (x1 is multiplied by sin)")
+    for n in (c, sn):
+        nv = tval(n)
+        if nv.dim() > tval(x).dim() or nv.shape[-1] != h:
+            raise Reject(f"{n.name} shape {tuple(nv.shape)} does not broadcast over heads of the halves")
+    nodes |= {o1, o2, A, B, P, Q, x1, x2}
+    out = cat
+    if gptj:
+        users = list(cat.users)
+        r = users[0] if len(users) == 1 else None
+        cv = tval(cat)
+        if not is_op(r, aten.reshape.default, aten.view.default) or list(tval(r).shape) != list(cv.shape[:-2]) + [Dr]:
+            raise Reject("stacked pairs are not flattened back to the rotary dim")
+        nodes.add(r)
+        out = r
+    for n in nodes - {out}:
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"intermediate {n.name} of the rotation has other users")
+    if tuple(tval(out).shape) != tuple(tval(x).shape):
+        raise Reject("rotation output shape differs from x")
+    m = RopeMatch(x=x, out=out, cos=c, sin=sn, rot=Dr, neox=not gptj, nodes=nodes, cos_half=True)
+    _widen_partial(m)
+    return m
+
+
+def match_interleaved_hf(cat: fx.Node) -> RopeMatch:
+    """HF GPT-J rotate_every_two: x*cos + flatten(stack(-x[1::2], x[0::2])) * sin (cos repeat-interleaved)."""
+    a, b = (n.args[0] for n in cat.args[0])
+    if not is_op(a, aten.neg.default):
+        raise Reject("interleaved rotation is not stack(-x_odd, x_even)")
+    s2, s1 = _slice_of(a.args[0], 2), _slice_of(b, 2)
+    x = s1[0]
+    Dr = tval(x).shape[-1]
+    if s1[1:] != (0, Dr) or s2[1:] != (1, Dr):
+        raise Reject("interleaved halves are not x[..., 0::2] and x[..., 1::2]")
+    users = list(cat.users)
+    r = users[0] if len(users) == 1 else None
+    if not is_op(r, aten.reshape.default, aten.view.default) or tuple(tval(r).shape) != tuple(tval(x).shape):
+        raise Reject("stacked pairs are not flattened back to the rotary dim")
+    nodes = {cat, *cat.args[0], a, a.args[0], b, r}
+    return _finish_sum(r, x, nodes, neox=False)
+
+
+def _finish_sum(rot_node: fx.Node, x: fx.Node, nodes: set[fx.Node], neox: bool) -> RopeMatch:
+    """From rotate(x): x * cos + rotate(x) * sin."""
+    if len(rot_node.users) != 1:
+        raise Reject("rotate(x) has other users")
+    (m2,) = rot_node.users
+    if not is_op(m2, aten.mul.Tensor):
+        raise Reject("rotate(x) is not multiplied by sin")
+    sin = other_arg(m2, rot_node)
+    if len(m2.users) != 1:
+        raise Reject("rotate(x) * sin has other users")
+    (r,) = m2.users
+    if not is_op(r, aten.add.Tensor) or r.kwargs or len(r.args) != 2:
+        raise Reject("rotate(x) * sin is not added to x * cos")
+    m1 = other_arg(r, m2)
+    if not is_op(m1, aten.mul.Tensor) or x not in m1.args[:2]:
+        raise Reject("x * cos + rotate(x) * sin: the first product does not read x")
+    cos = other_arg(m1, x)
+    if len(m1.users) != 1:
+        raise Reject("x * cos has other users")
+    nodes |= {m1, m2, r}
+    for n in (cos, sin):
+        if not isinstance(n, fx.Node):
+            raise Reject("cos/sin are not tensors")
+    if _trig_kind(cos) == "sin" or _trig_kind(sin) == "cos":
+        raise Reject("cos and sin are swapped (x is multiplied by sin)")
+    xv, rv = tval(x), tval(r)
+    Dr = xv.shape[-1]
+    if tuple(rv.shape) != tuple(xv.shape):
+        raise Reject("cos/sin broadcast changes the shape of x")
+    for n in (cos, sin):
+        nv = tval(n)
+        if nv.dim() > xv.dim() or nv.shape[-1] != Dr:
+            raise Reject(f"{n.name} shape {tuple(nv.shape)} does not broadcast over heads of x {tuple(xv.shape)}")
+    for n in nodes - {m1, m2, r}:
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"intermediate {n.name} of the rotation has other users")
+    m = RopeMatch(x=x, out=r, cos=cos, sin=sin, rot=Dr, neox=neox, nodes=nodes)
+    _widen_partial(m)
+    return m
+
+
+def looks_like_interleaved(cat: fx.Node) -> bool:
+    """Cheap screen: cat of two last-dim unsqueezes of (negated) stride-2 slices of one tensor."""
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return False
+    v = val(cat)
+    if not isinstance(v, torch.Tensor) or not _last_dim(cat.args[1] if len(cat.args) > 1 else 0, v.dim()):
+        return False
+    srcs = []
+    for a in cat.args[0]:
+        if not is_op(a, aten.unsqueeze.default):
+            return False
+        a = a.args[0]
+        if is_op(a, aten.neg.default):
+            a = a.args[0]
+        sl = _slice_of(a, 2)
+        if sl is None:
+            return False
+        srcs.append(sl[0])
+    return srcs[0] is srcs[1]
+
+
+def _widen_partial(m: RopeMatch) -> None:
+    """x = q[..., :rot]; out = cat(rope(x), q[..., rot:]) -> rotate q with rot_dim=rot."""
+    s = _slice_of(m.x)
+    if s is None or s[1] != 0:
+        return
+    q, _, rot = s
+    D = tval(q).shape[-1]
+    if rot >= D:
+        return
+    users = list(m.out.users)
+    cat = users[0] if len(users) == 1 else None
+    if not (is_op(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is m.out):
+        raise Reject("partial rotary: the pass-through part is not concatenated back after the rotated part")
+    p = _slice_of(cat.args[0][1])
+    if p is None or p[0] is not q or p[1:] != (rot, D) or not _last_dim(cat.args[1] if len(cat.args) > 1 else 0, tval(q).dim()):
+        raise Reject("partial rotary: the concatenated pass-through is not q[..., rot:]")
+    if tval(cat).dtype != tval(q).dtype or tval(m.out).dtype != tval(q).dtype:
+        raise Reject("partial rotary changes the dtype")
+    if any(u not in m.nodes for u in m.x.users):
+        raise Reject("q[..., :rot] has other users")
+    if len(cat.args[0][1].users) != 1:
+        raise Reject("q[..., rot:] has other users")
+    m.nodes |= {m.x, m.out, cat.args[0][1], cat}
+    m.x, m.out = q, cat
+
+
+def _find_rsqrt(y: fx.Node, depth: int = 5) -> fx.Node | None:
+    frontier, seen = [y], {y}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if is_op(n, aten.rsqrt.default):
+                return n
+            for i in n.all_input_nodes:
+                if i not in seen:
+                    seen.add(i)
+                    nxt.append(i)
+        frontier = nxt
+    return None
+
+
+def absorb_norm(m: RopeMatch) -> str | None:
+    """x = [permute of] RMSNorm over head_dim (q_norm/k_norm): fuse the norm too. Returns why not."""
+    x, perm, pnode = m.x, None, None
+    if is_op(x, aten.permute.default):
+        x, perm, pnode = x.args[0], list(x.args[1]), x
+    rs = _find_rsqrt(x)
+    if rs is None:
+        return None
+    try:
+        nm = match_norm(rs)
+    except Reject as r:
+        return f"norm before RoPE not fused: {r}"
+    if nm.y is not x:
+        return None
+    if nm.residual is not None or nm.weight is None:
+        return "norm before RoPE not fused: it has a residual add or no weight"
+    inside = m.nodes | ({pnode} if pnode is not None else set())
+    if any(u not in inside for u in x.users) or (pnode is not None and any(u not in m.nodes for u in pnode.users)):
+        return "norm before RoPE not fused: the normalized tensor is also used elsewhere"
+    if tval(nm.x).dtype not in X_DTYPES:
+        return None
+    m.norm, m.x_src, m.x_perm = nm, nm.x, perm
+    m.nodes |= nm.nodes | {x} | ({pnode} if pnode is not None else set())
+    return None
+
+
+def resolve_layout(m: RopeMatch) -> None:
+    """Pick the heads dim (cos/sin broadcast over it) and the token dims of x."""
+    xv = tval(m.x)
+    n = xv.dim()
+    if n < 2 or n > 4:
+        raise Reject(f"rotated tensor has rank {n}; 2 to 4 supported")
+    cands = []
+    shapes = [list(tval(c).shape) for c in (m.cos, m.sin)]
+    for i in range(n - 1):
+        j = i - (n - len(shapes[0]))
+        k = i - (n - len(shapes[1]))
+        c1 = shapes[0][j] if j >= 0 else 1
+        c2 = shapes[1][k] if k >= 0 else 1
+        if isinstance(c1, int) and c1 == 1 and isinstance(c2, int) and c2 == 1:
+            cands.append(i)
+    real = [i for i in cands if not (isinstance(xv.shape[i], int) and xv.shape[i] == 1)]
+    pick = real or cands
+    if not pick:
+        if n == 4:
+            raise Reject("cos/sin are not broadcast over any dim of x (no heads dim)")
+        head = -1
+    else:
+        # heads are the innermost of the candidates in memory ([B, S, H, D] under a [B, H, S, D] view)
+        head = min(pick, key=lambda i: (xv.stride(i) if isinstance(xv.stride(i), int) else BIG, -i))
+    tok = [i for i in range(n - 1) if i != head]
+    if len(tok) > 2 or (head < 0 and len(tok) > 2):
+        raise Reject("more than two token dims")
+    m.head, m.tok = head, tok
+    m.table = _table_lookup(m)
+
+
+def _strip_unsqueeze(node: Any) -> Any:
+    while is_op(node, aten.unsqueeze.default):
+        node = node.args[0]
+    return node
+
+
+def _gather(node: Any) -> tuple[fx.Node, fx.Node] | None:
+    """(table, positions) if node gathers rows of a 2-D table by an integer tensor."""
+    if is_op(node, aten.index.Tensor) and len(node.args[1]) == 1 and node.args[1][0] is not None:
+        return node.args[0], node.args[1][0]
+    if is_op(node, aten.index_select.default) and node.args[1] == 0:
+        return node.args[0], node.args[2]
+    if is_op(node, aten.embedding.default) and len(node.args) == 2:
+        return node.args[0], node.args[1]
+    return None
+
+
+def _gather_cols(node: Any) -> tuple[fx.Node, fx.Node, tuple[int, int] | None] | None:
+    """(table, positions, column range) for table[pos] or a split/chunk piece of the gathered rows."""
+    g = _gather(node)
+    if g is not None:
+        return g[0], g[1], None
+    if not (isinstance(node, fx.Node) and node.target is operator.getitem and is_op(node.args[0], aten.split.Tensor)):
+        return None
+    sp = node.args[0]
+    size = sp.args[1]
+    dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+    g = _gather(sp.args[0])
+    if g is None or not isinstance(size, int) or not _last_dim(dim, tval(sp.args[0]).dim()):
+        return None
+    i = node.args[1]
+    width = tval(sp.args[0]).shape[-1]
+    if not isinstance(width, int):
+        return None
+    return g[0], g[1], (i * size, min((i + 1) * size, width))
+
+
+def _table_lookup(m: RopeMatch) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """cos = cos_table[pos] (and sin likewise, same pos) with pos laid out as x's token dims."""
+    gc, gs = _gather_cols(_strip_unsqueeze(m.cos)), _gather_cols(_strip_unsqueeze(m.sin))
+    if gc is None or gs is None or gc[1] is not gs[1]:
+        return None
+    pos = gc[1]
+    pv, xv = tval(pos), tval(m.x)
+    if pv.dtype not in (torch.int32, torch.int64):
+        return None
+    width = m.rot // 2 if m.cos_half else m.rot
+    for t, cols in ((gc[0], gc[2]), (gs[0], gs[2])):
+        tv = tval(t)
+        if tv.dim() != 2 or not tv.is_floating_point():
+            return None
+        w = tv.shape[1] if cols is None else cols[1] - cols[0]
+        if w != width:
+            return None
+    m.table_cols = (gc[2], gs[2])
+    if [xv.shape[i] for i in m.tok] != list(pv.shape):
+        return None  # positions broadcast over some token dim: materialize cos/sin rows instead
+    return gc[0], gs[0], pos
+
+
+# ----------------------------------------------------------------------------- quant part
+
+
+def _fp8_sinks(r: fx.Node, depth: int = 7) -> list[fx.Node]:
+    out, frontier, seen = [], [r], {r}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if is_convert(u) and convert_dtype(u) == FP8:
+                    out.append(u)
+                elif u.op == "call_function":
+                    nxt.append(u)
+        frontier = nxt
+    return out
+
+
+def match_quant(m: RopeMatch) -> None:
+    r = m.out
+    sinks = _fp8_sinks(r)
+    if not sinks:
+        return
+    if len(sinks) > 1:
+        raise Reject("rope output feeds several fp8 quantizations")
+    (sink,) = sinks
+    nodes = {sink}
+    t = sink.args[0]
+    qmin, qmax = -math.inf, math.inf
+    while is_op(t, aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default):
+        if is_op(t, aten.clamp.default):
+            lo = t.args[1] if len(t.args) > 1 else t.kwargs.get("min")
+            hi = t.args[2] if len(t.args) > 2 else t.kwargs.get("max")
+        elif is_op(t, aten.clamp_min.default):
+            lo, hi = t.args[1], None
+        else:
+            lo, hi = None, t.args[1]
+        for bound, is_lo in ((lo, True), (hi, False)):
+            if bound is None:
+                continue
+            if literal(bound) is None:
+                raise Reject("quant clamp bound is not a constant")
+            qmin, qmax = (max(qmin, literal(bound)), qmax) if is_lo else (qmin, min(qmax, literal(bound)))
+        nodes.add(t)
+        t = t.args[0]
+    if not is_op(t, aten.div.Tensor, aten.mul.Tensor) or t.kwargs:
+        raise Reject("fp8 quant does not divide or multiply by a scale")
+    if tval(t).dtype != torch.float32:
+        raise Reject(f"quant arithmetic in {tval(t).dtype}, not float32")
+    nodes.add(t)
+    mul = is_op(t, aten.mul.Tensor)
+    a, s = t.args
+    if mul and not depends_on_any(a, {r}):
+        a, s = s, a
+    src, up = _strip_f32_convert(a)
+    via = None
+    if src is not r and is_op(src, aten.reshape.default, aten.view.default) and src.args[0] is r:
+        via = src  # elementwise static quant commutes with the reshape
+        nodes.add(src)
+        src = r
+    if src is not r:
+        raise Reject("fp8 quant reads another tensor than the rope output")
+    if up is not None:
+        nodes.add(up)
+    scheme, scale, sv, ops, consts, scale_out = QUANT_STATIC, None, 1.0, [], [], None
+    if literal(s) is not None:
+        sv = literal(s)
+    else:
+        if tval(s).dtype != torch.float32:
+            raise Reject(f"scale dtype {tval(s).dtype}, not float32")
+        if depends_on_any(s, {r}):
+            chain: set[fx.Node] = set()
+            base, ops, consts = _scale_chain(s, chain, r)
+            amax_src = _amax_source(base, chain)
+            if amax_src is None or _strip_f32_convert(amax_src)[0] is not r:
+                raise Reject("dynamic scale is not amax(|rope output|) over head_dim")
+            up2 = _strip_f32_convert(amax_src)[1]
+            if up2 is not None:
+                chain.add(up2)
+            scheme, scale_out = QUANT_DYNAMIC, s
+            nodes |= chain
+        else:
+            sv_ = tval(s)
+            if sv_.numel() != 1:
+                raise Reject(f"static scale has {sv_.numel()} elements; per-tensor only")
+            scale = s
+    if mul and scheme == QUANT_STATIC and scale is None and sv == 0.0:
+        raise Reject("multiplying by a zero scale")
+    if via is not None and scheme != QUANT_STATIC:
+        raise Reject("dynamic fp8 quant of a reshaped rope output (scale is not per head)")
+    escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
+    region = nodes | m.nodes | {r}
+    for n in nodes - escape_ok:
+        if any(u not in region for u in n.users):
+            raise Reject(f"intermediate {n.name} of the quant is used elsewhere")
+    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes, via)
+    m.need_rope = any(u not in nodes for u in r.users)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check(m: RopeMatch) -> None:
+    xv, ov = tval(m.x), tval(m.out)
+    if xv.dtype not in X_DTYPES:
+        raise Reject(f"dtype {xv.dtype} not supported")
+    if ov.dtype not in X_DTYPES:
+        raise Reject(f"rope output dtype {ov.dtype} not supported")
+    D = xv.shape[-1]
+    if not isinstance(D, int) or D > 1024:
+        raise Reject("head_dim must be static and at most 1024")
+    if not statically_known_true(xv.stride(-1) == 1):
+        raise Reject("head_dim of x is not contiguous")
+    for n in (m.cos, m.sin):
+        if tval(n).dtype not in X_DTYPES:
+            raise Reject(f"{n.name} dtype {tval(n).dtype} not supported")
+    tensors = [xv, tval(m.cos), tval(m.sin)]
+    if m.quant is not None and m.quant.scale is not None:
+        tensors.append(tval(m.quant.scale))
+    if not same_device(*tensors):
+        raise Reject("inputs are on different devices")
+    if xv.device.type not in ("cpu", "cuda"):
+        raise Reject(f"device {xv.device.type} not supported")
+    region = m.nodes | (m.quant.nodes if m.quant else set())
+    if m.norm is not None:
+        if tval(m.norm.weight).stride(0) != 1 or not same_device(xv, tval(m.norm.weight)):
+            raise Reject("norm weight is not contiguous on the same device")
+        if not statically_known_true(tval(m.src).stride(-1) == 1):
+            raise Reject("head_dim of the norm input is not contiguous")
+    for inp in (m.src, m.cos, m.sin, m.quant.scale if m.quant else None, m.norm.weight if m.norm else None):
+        if inp is not None and depends_on_any(inp, region):
+            raise Reject(f"input {inp.name} depends on the region itself")
+
+
+def scheme_name(ms: list[RopeMatch]) -> str:
+    kinds = {mm.quant.scheme if mm.quant else QUANT_NONE for mm in ms}
+    if QUANT_DYNAMIC in kinds:
+        return "rope_fp8_dynamic"
+    if QUANT_STATIC in kinds:
+        return "rope_fp8_static"
+    return "rope"
+
+
+def _same_factor(a: fx.Node, b: fx.Node) -> bool:
+    """The same cos (or sin) values, broadcast the same way (unsqueezes of one node count as one)."""
+    if a is b:
+        return True
+    av, bv = tval(a), tval(b)
+    return (
+        _strip_unsqueeze(a) is _strip_unsqueeze(b)
+        and len(av.shape) == len(bv.shape)
+        and all(statically_known_true(x == y) for x, y in zip(av.shape, bv.shape))
+    )
+
+
+def _norm_key(n: NormMatch) -> tuple:
+    return (n.weight_offset, n.weight_sum_dtype, n.round_before_weight, tval(n.y).dtype)
+
+
+def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
+    """q and k of one attention: same cos/sin nodes, token sizes, rotary dim and dtypes."""
+    if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half:
+        return False
+    if a.table is not None and b.table is not None:
+        if a.table != b.table or a.table_cols != b.table_cols:
+            return False
+    elif not (_same_factor(a.cos, b.cos) and _same_factor(a.sin, b.sin)):
+        return False
+    if (a.norm is None) != (b.norm is None):
+        return False
+    if a.norm is not None and b.norm is not None and _norm_key(a.norm) != _norm_key(b.norm):
+        return False
+    if tval(a.src).dtype != tval(b.src).dtype:
+        return False
+    av, bv = tval(a.x), tval(b.x)
+    if av.dtype != bv.dtype or tval(a.out).dtype != tval(b.out).dtype or av.shape[-1] != bv.shape[-1]:
+        return False
+    if [av.shape[i] for i in a.tok] != [bv.shape[i] for i in b.tok] or (a.table is None) != (b.table is None):
+        return False
+    if a.quant and b.quant and (a.quant.qmin, a.quant.qmax) != (b.quant.qmin, b.quant.qmax):
+        return False
+    ra, rb = a.nodes | (a.quant.nodes if a.quant else set()), b.nodes | (b.quant.nodes if b.quant else set())
+    return not depends_on_any(b.src, ra) and not depends_on_any(a.src, rb)
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+
+def _to4(x: torch.Tensor, head: int, tok: list[int]) -> torch.Tensor:
+    """View x as [B, S, H, D] (token dims first, then heads); no copy."""
+    n = x.dim()
+    perm = tok + ([head] if head >= 0 else []) + [n - 1]
+    y = x.permute(perm)
+    if head < 0:
+        y = y.unsqueeze(-2)
+    while y.dim() < 4:
+        y = y.unsqueeze(0)
+    return y
+
+
+def _from4(y: torch.Tensor, like_shape: list[Any], head: int, tok: list[int]) -> torch.Tensor:
+    """Inverse of _to4 for a contiguous [B, S, H, D] result."""
+    n = len(like_shape)
+    perm = tok + ([head] if head >= 0 else []) + [n - 1]
+    shape = [like_shape[i] for i in perm]
+    y = y.reshape(shape)
+    inv = [0] * n
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return y.permute(inv)
+
+
+def _cos_rows(c: torch.Tensor, x: torch.Tensor, head: int, tok: list[int]) -> torch.Tensor:
+    """cos broadcast to x's token dims as [M, rot] rows (a view when it is not broadcast)."""
+    shape = list(x.shape[:-1]) + [c.shape[-1]]
+    if head >= 0:
+        shape[head] = 1
+    ce = c.expand(shape)
+    perm = tok + ([head] if head >= 0 else []) + [x.dim() - 1]
+    return ce.permute(perm).reshape(-1, c.shape[-1])
+
+
+def _order_of(mm: RopeMatch) -> list[int]:
+    """Memory order (outermost first) of the [B, S, H] dims of the output the graph expects."""
+    import functools
+
+    use_sink = mm.quant is not None and not mm.need_rope and mm.quant.via is None
+    ov = tval(mm.quant.sink if use_sink else mm.out)
+    dims = mm.tok + ([mm.head] if mm.head >= 0 else [])
+    st: list[Any] = [ov.stride(i) for i in dims]
+    sz: list[Any] = [ov.shape[i] for i in dims]
+    if mm.head < 0:
+        st.append(ov.shape[-1])  # a virtual one-head dim
+        sz.append(1)
+    while len(st) < 3:
+        st.insert(0, BIG)  # a virtual leading batch dim of size 1
+        sz.insert(0, 1)
+
+    def cmp(a: int, b: int) -> int:
+        if statically_known_true(sz[a] == 1) or statically_known_true(sz[b] == 1):
+            return 0
+        if statically_known_true(st[a] > st[b]):
+            return -1
+        if statically_known_true(st[a] < st[b]):
+            return 1
+        return 0
+
+    return sorted(range(3), key=functools.cmp_to_key(cmp))
+
+
+def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
+    """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs."""
+    from ..kernels import rope_quant as _k  # noqa: F401  (registers torch.ops.fxfuse.rope_quant)
+
+    qm = ms[0]
+    km = ms[1] if len(ms) > 1 else None
+    out_dtype = tval(qm.out).dtype
+    use_table = qm.table is not None
+    inputs: list[fx.Node] = [qm.src] + ([km.src] if km else [])
+    if use_table:
+        inputs += list(qm.table)
+    else:
+        inputs += [qm.cos, qm.sin]
+    scales = [mm.quant.scale for mm in ms if mm.quant is not None and mm.quant.scale is not None]
+    inputs += scales
+    norms = [mm.norm.weight for mm in ms if mm.norm is not None]
+    inputs += norms
+    has_qs = qm.quant is not None and qm.quant.scale is not None
+    has_ks = km is not None and km.quant is not None and km.quant.scale is not None
+
+    def qparams(mm: RopeMatch | None, p: str) -> dict[str, Any]:
+        qq = mm.quant if mm is not None else None
+        return {
+            f"{p}_quant": qq.scheme if qq else QUANT_NONE,
+            f"{p}_static": qq.static_value if qq else 1.0,
+            f"{p}_ops": list(qq.ops) if qq else [],
+            f"{p}_consts": list(qq.consts) if qq else [],
+            f"{p}_mul": qq.mul if qq else False,
+        }
+
+    bounds = [(mm.quant.qmin, mm.quant.qmax) for mm in ms if mm.quant]
+    qmin, qmax = bounds[0] if bounds else (-448.0, 448.0)
+    params = dict(
+        rot_dim=qm.rot, neox=qm.neox, cos_half=qm.cos_half, out_dtype=out_dtype,
+        **qparams(qm, "q"), **qparams(km, "k"), qmin=qmin, qmax=qmax,
+        need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
+        q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
+    )
+    if qm.norm is not None:
+        nm = qm.norm
+        params.update(q_eps=nm.eps, k_eps=km.norm.eps if km is not None and km.norm is not None else 1e-6,
+                      norm_woff=nm.weight_offset, norm_round_before=nm.round_before_weight,
+                      norm_wsum_dtype=nm.weight_sum_dtype, norm_dtype=tval(nm.y).dtype)
+    shapes = [list(tval(mm.x).shape) for mm in ms]
+    sink_shapes = {id(mm): list(tval(mm.quant.sink).shape) for mm in ms if mm.quant is not None}
+
+    def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        it = iter(args)
+        xq = next(it)
+        xk = next(it) if km else None
+        if use_table:
+            ct, st, pos = next(it), next(it), next(it)
+            (cc, sc) = qm.table_cols
+            c = ct if cc is None else ct[:, cc[0]:cc[1]]
+            s = st if sc is None else st[:, sc[0]:sc[1]]
+            p = pos.reshape(-1)
+        else:
+            c0, s0 = next(it), next(it)
+        qs = next(it) if has_qs else None
+        ks = next(it) if has_ks else None
+        qw = next(it) if qm.norm is not None else None
+        kw = next(it) if km is not None and km.norm is not None else None
+        if qm.x_perm is not None:
+            xq = xq.permute(qm.x_perm)
+        if km is not None and km.x_perm is not None:
+            xk = xk.permute(km.x_perm)
+        if not use_table:
+            c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
+        q4 = _to4(xq, qm.head, qm.tok)
+        k4 = _to4(xk, km.head, km.tok) if km else None
+        outs = torch.ops.fxfuse.rope_quant(
+            q4, k4, c, s, p, None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1), **params,
+            q_norm_w=qw, k_norm_w=kw,
+        )
+        res = []
+        for mm, shp, (o, qo, so) in zip(ms, shapes, (outs[0:3], outs[3:6])):
+            if mm.need_rope:
+                res.append(_from4(o, shp, mm.head, mm.tok))
+            if mm.quant is not None:
+                qx = _from4(qo, shp, mm.head, mm.tok)
+                res.append(qx if mm.quant.via is None else qx.reshape(sink_shapes[id(mm)]))
+                if mm.quant.scheme == QUANT_DYNAMIC:
+                    sshape = shp[:-1] + [1]
+                    res.append(_from4(so.unsqueeze(-1), sshape, mm.head, mm.tok))
+        return tuple(res)
+
+    on_cuda = tval(qm.x).device.type == "cuda"
+    gm = trace_aten(replacement, [tval(n) for n in inputs], functionalize=on_cuda)
+    outs_v = [n.meta.get("val") for n in next(iter(reversed(gm.graph.nodes))).args[0]]
+    olds: list[tuple[fx.Node, bool]] = []  # (old node, exact strides required)
+    for mm in ms:
+        if mm.need_rope:
+            olds.append((mm.out, True))
+        if mm.quant is not None:
+            olds.append((mm.quant.sink, True))
+            if mm.quant.scheme == QUANT_DYNAMIC:
+                olds.append((mm.quant.scale_out, False))
+    for (old, exact), nv in zip(olds, outs_v):
+        ov = tval(old)
+        if tuple(ov.shape) != tuple(nv.shape) or ov.dtype != nv.dtype:
+            raise Reject(f"fused output for {old.name} has shape {tuple(nv.shape)} {nv.dtype}, expected {tuple(ov.shape)} {ov.dtype}")
+        if exact and not _same_strides(ov, nv):
+            raise Reject(f"fused output layout {nv.stride()} differs from {old.name}'s {ov.stride()}")
+    first = min((n for mm in ms for n in mm.nodes), key=lambda n: _order(graph, n))
+    new = inline_graph(graph, gm, inputs, first)
+    for (old, _), nn in zip(olds, new):
+        ov = tval(old)
+        if _is_scale(old, ms) and not _same_strides(ov, tval(nn)):
+            nn = _restride(graph, nn, old)
+        old.replace_all_uses_with(nn)
+    stable_toposort(graph)
+    replaced: set[fx.Node] = set()
+    for mm in ms:
+        replaced |= mm.nodes | (mm.quant.nodes if mm.quant else set())
+    return sorted(replaced, key=lambda n: n.name)
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Strides equal wherever they matter (size-1 dims ignored), provably for symbolic sizes."""
+    return all(
+        statically_known_true(sa == sb)
+        for sa, sb, n in zip(a.stride(), b.stride(), a.shape)
+        if not statically_known_true(n == 1)
+    )
+
+
+def _is_scale(old: fx.Node, ms: list[RopeMatch]) -> bool:
+    return any(mm.quant is not None and mm.quant.scale_out is old for mm in ms)
+
+
+def _restride(graph: fx.Graph, nn: fx.Node, old: fx.Node) -> fx.Node:
+    """Copy a (small) dynamic-scale tensor into the strides the rest of the graph expects."""
+    ov = tval(old)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_strided(ov.shape, ov.stride(), dtype=ov.dtype, device=ov.device)
+        return out.copy_(t)
+
+    gm = trace_aten(fn, [tval(nn)], functionalize=True)
+    (res,) = inline_graph(graph, gm, [nn], old)
+    return res
+
+
+_ORDER_CACHE: dict[int, dict[fx.Node, int]] = {}
+
+
+def _order(graph: fx.Graph, n: fx.Node) -> int:
+    key = id(graph)
+    cache = _ORDER_CACHE.get(key)
+    if cache is None or n not in cache:
+        cache = {nd: i for i, nd in enumerate(graph.nodes)}
+        _ORDER_CACHE[key] = cache
+    return cache.get(n, 0)
+
+
+# ----------------------------------------------------------------------------- pass
+
+
+class RopeQuant:
+    name = FAMILY
+
+    def __call__(self, graph: fx.Graph, ctx: Any) -> None:
+        _ORDER_CACHE.pop(id(graph), None)
+        gate = ctx.options.get("gate", True)
+        matches: list[RopeMatch] = []
+        anchors: dict[int, fx.Node] = {}
+        for node in list(graph.nodes):
+            if looks_like_rope(node):
+                matcher = match_rope
+            elif looks_like_explicit(node):
+                matcher = match_explicit
+            elif looks_like_interleaved(node):
+                matcher = match_interleaved_hf
+            else:
+                continue
+            with ctx.candidate(FAMILY, node):
+                m = matcher(node)
+                resolve_layout(m)
+                norm_miss = absorb_norm(m)
+                if norm_miss:
+                    ctx.near_miss(FAMILY, node, norm_miss)
+                try:
+                    match_quant(m)
+                except Reject as r:  # the RoPE still fuses; the quant stays with Inductor
+                    m.quant, m.need_rope = None, True
+                    m.quant_miss = (_fp8_sinks(m.out)[0], f"fp8 quant after RoPE not fused: {r}")
+                check(m)
+                matches.append(m)
+                anchors[id(m)] = node
+        # pair q and k that share cos/sin: the one with more heads first
+        groups: list[list[RopeMatch]] = []
+        used: set[int] = set()
+        for i, a in enumerate(matches):
+            if id(a) in used:
+                continue
+            used.add(id(a))
+            grp = [a]
+            for b in matches[i + 1:]:
+                if id(b) not in used and can_pair(a, b):
+                    grp.append(b)
+                    used.add(id(b))
+                    break
+            groups.append(grp)
+        for grp in groups:
+            def heads(mm: RopeMatch) -> Any:
+                return tval(mm.x).shape[mm.head] if mm.head >= 0 else 1
+            grp.sort(key=lambda mm: -heads(mm) if isinstance(heads(mm), int) else 0)
+            with ctx.candidate(FAMILY, anchors[id(grp[0])]):
+                xv = tval(grp[0].x)
+                if xv.device.type == "cuda":
+                    h = heads(grp[0])
+                    why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
+                                         dtype=xv.dtype, enabled=gate)
+                    if why:
+                        raise Reject(why)
+                replaced = rewrite(graph, grp)
+                kernel = "triton:fxfuse_rope_quant" if xv.device.type == "cuda" else "fxfuse::rope_quant"
+                detail = " + ".join(
+                    f"{'qk'[i]}[{heads(mm)}x{tval(mm.x).shape[-1]}] {QUANT_NAMES[mm.quant.scheme if mm.quant else 0]}"
+                    for i, mm in enumerate(grp)
+                ) + (f" rot={grp[0].rot}" if grp[0].rot != xv.shape[-1] else "") + (" +table" if grp[0].table else "") + (
+                    " +qk_norm" if grp[0].norm is not None else "")
+                ctx.applied(FAMILY, replaced, kernel, detail)
+                for mm in grp:
+                    if mm.quant_miss is not None:
+                        ctx.near_miss(FAMILY, *mm.quant_miss)
+        _ORDER_CACHE.pop(id(graph), None)
+
+
+PASS = RopeQuant()
