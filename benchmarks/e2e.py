@@ -95,22 +95,6 @@ def copy_bandwidth_gbps(rep: int) -> float:
     return 2 * n * 2 / (us * 1e-6) / 1e9
 
 
-def fxfuse_kernel_names() -> set[str]:
-    """Names of the Triton kernels defined in fxfuse.kernels.* (what the profiler shows), + "fxfuse"."""
-    names = {"fxfuse"}
-    for mod_name, mod in list(sys.modules.items()):
-        if not mod_name.startswith("fxfuse.kernels") or mod is None:
-            continue
-        for obj in vars(mod).values():
-            fn = getattr(obj, "fn", obj)  # Autotuner / Heuristics wrap a JITFunction in .fn
-            fn = getattr(fn, "fn", fn)
-            name = getattr(fn, "__name__", "")
-            # launched kernels only (by convention *_kernel): inlined @triton.jit helpers never show up
-            if type(obj).__module__.startswith("triton") and "kernel" in name:
-                names.add(name)
-    return names
-
-
 def profile_share(fn: Callable[[], Any], device: str, iters: int = 5) -> dict[str, Any]:
     """GPU kernel time of `iters` calls, split into fxfuse kernels vs the rest (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -124,7 +108,7 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5) -> dict[st
             fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    names = fxfuse_kernel_names()
+    names = demo.fxfuse_kernel_names()
     total = ours = 0.0
     per: dict[str, float] = {}
     for ev in prof.events():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then benchmarks; everything lands in $OUT.
-#   bash benchmarks/gpu_run.sh [tests|bench|bench-quick|unwrap|all]...
+#   bash benchmarks/gpu_run.sh [tests|bench|bench-quick|unwrap|demo|e2e-quick|e2e|all]...
+# (demo and e2e* are not part of all: whole-model compiles take minutes of device time)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/fxfuse_out}"; mkdir -p "$OUT"
@@ -18,5 +19,13 @@ for step in "${@:-all}"; do
       for m in stock fxfuse; do timeout 200 python3 benchmarks/aoti_check.py $m cuda 2>&1 | tail -25; done ;;
     unwrap|all)
       [ -f benchmarks/bench_unwrap.py ] && timeout 240 python3 benchmarks/bench_unwrap.py --out "$OUT/unwrap.json" 2>&1 | tail -30 ;;
+    demo)
+      timeout 300 python3 -m fxfuse demo --quick --json "$OUT/demo.json" 2>&1 | tee "$OUT/demo.log" | tail -120 ;;
+    e2e-quick)
+      timeout 590 python3 benchmarks/e2e.py --quick --out "$OUT/e2e_quick.json" 2>&1 | tee "$OUT/e2e_quick.log" | tail -40 ;;
+    e2e)
+      for m in dense_fp8 moe; do
+        timeout 590 python3 benchmarks/e2e.py --models $m --out "$OUT/e2e_$m.json" 2>&1 | tee "$OUT/e2e_$m.log" | tail -30
+      done ;;
   esac
 done

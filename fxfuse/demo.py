@@ -260,6 +260,24 @@ def bench_cudagraph_us(fn: Callable[[], Any], rep_ms: int = 50) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")) * 1e3
 
 
+def fxfuse_kernel_names() -> set[str]:
+    """Names of the Triton kernels defined in fxfuse.kernels.* (what the profiler shows), + "fxfuse"."""
+    import fxfuse.kernels  # noqa: F401  the kernel modules must be imported to be found
+
+    names = {"fxfuse"}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("fxfuse.kernels") or mod is None:
+            continue
+        for obj in vars(mod).values():
+            fn = getattr(obj, "fn", obj)  # Autotuner / Heuristics wrap a JITFunction in .fn
+            fn = getattr(fn, "fn", fn)
+            name = getattr(fn, "__name__", "")
+            # launched kernels only (by convention *_kernel): inlined @triton.jit helpers never show up
+            if type(obj).__module__.startswith("triton") and "kernel" in name:
+                names.add(name)
+    return names
+
+
 def random_ids(vocab: int, tokens: int, device: str, seed: int) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, vocab, (1, tokens), generator=g).to(device)

@@ -90,3 +90,35 @@ def test_demo_numerics_match_eager(demo: dict[str, Any], name: str) -> None:
     # fp8 activations: a rounding flip moves a logit by ~1 fp8 ulp of one product; 2.6e-2 seen
     assert num["max_rel_err"] < 0.1, num
     assert num["argmax_agree"] >= 0.9, num
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(EXPECTED_MIN_COUNTERS))
+def test_demo_model_on_cuda_output_code(name: str) -> None:
+    """One real-size layer: every fusion is a Triton kernel in the output code, no Python fallback."""
+    import torch
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    import fxfuse
+    from fxfuse import demo
+
+    kw = {"fp8_backend": "fxfuse-demo"} if name == "dense_fp8" else {}
+    dm = demo.BUILDERS[name]("cuda", True, layers=1, **kw)
+    ids = demo.random_ids(dm.vocab, 64, "cuda", seed=3)
+    with torch.no_grad():
+        ref = dm.module(ids)
+    passes = fxfuse.FusionPasses(options={"gate": False})
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(dm.module, dynamic=False,
+                                                    options={"post_grad_custom_pre_pass": passes}), ids)
+    code = "\n".join(codes)
+    assert "torch.ops.fxfuse" not in code, "fused op left as a Python fallback call"
+    fused = {k: v for k, v in fxfuse.counters.items() if k != "unwrap" and v}
+    if fused:
+        kernels = demo.fxfuse_kernel_names() - {"fxfuse"}
+        assert any(k in code for k in kernels), (fused, sorted(kernels))
+    for k, v in EXPECTED_MIN_COUNTERS[name].items():  # 1 layer: half the 2-layer minimum
+        assert fxfuse.counters.get(k, 0) >= v // 2, (k, dict(fxfuse.counters), fxfuse.report())
+    num = demo.logits_error(out, ref)
+    assert num["finite"] and num["max_rel_err"] < 0.1 and num["argmax_agree"] >= 0.9, num

@@ -1,0 +1,78 @@
+"""Plot an e2e.py result: speedup over stock torch.compile against tokens per step, one panel per model.
+
+A separate step (matplotlib is not needed on the GPU machine): run it wherever the JSON lands.
+
+    pip install -e ".[bench]"
+    python benchmarks/plot_e2e.py benchmarks/results/e2e.json benchmarks/results/e2e.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "fxfuse": "torch.compile + fxfuse",
+    "compile_max_autotune": "stock, max-autotune-no-cudagraphs",
+    "eager": "eager",
+}
+
+
+def series(model: dict[str, Any]) -> dict[str, list[tuple[int, float, str]]]:
+    """variant -> [(tokens, speedup vs stock compile, kind)] sorted by tokens."""
+    out: dict[str, list[tuple[int, float, str]]] = {}
+    for r in model.get("rows", []):
+        for v, sp in (r.get("speedup_vs_compile") or {}).items():
+            if v == "compile" or not sp:
+                continue
+            out.setdefault(v, []).append((int(r["M"]), float(sp), r["kind"]))
+    return {v: sorted(pts) for v, pts in out.items()}
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in result.get("models", []) if m.get("rows")]
+    if not models:
+        raise SystemExit("no timed rows in the result")
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for v, pts in series(m).items():
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            style = "-o" if v == "fxfuse" else "--."
+            ax.plot(xs, ys, style, label=LABELS.get(v, v), linewidth=2 if v == "fxfuse" else 1)
+            for x, y, kind in pts:
+                if v == "fxfuse":
+                    ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=8)
+        ax.margins(y=0.15)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per step (decode: M x 1; last point: prefill)")
+        ax.set_ylabel("speedup vs stock torch.compile (CUDA graphs)")
+        ax.set_title(m.get("title", m["model"]), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    gpu = result.get("gpu") or result.get("device")
+    fig.suptitle(f"fxfuse end to end: {gpu}, torch {result.get('torch')}, {result.get('date', '')}", fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit("usage: plot_e2e.py RESULTS.json OUT.png")
+    plot(json.loads(Path(argv[0]).read_text()), Path(argv[1]))
+
+
+if __name__ == "__main__":
+    main()
