@@ -4,6 +4,7 @@ A separate step (matplotlib is not needed on the GPU machine): run it wherever t
 
     pip install -e ".[bench]"
     python benchmarks/plot_e2e.py benchmarks/results/e2e.json benchmarks/results/e2e.png
+    python benchmarks/plot_e2e.py e2e_dense_fp8.json e2e_moe.json e2e.png   # runs split per model
 """
 
 from __future__ import annotations
@@ -67,11 +68,18 @@ def plot(result: dict[str, Any], png: Path) -> None:
     print(f"wrote {png}")
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs (e.g. one per model): the first run's metadata, all models."""
+    out = dict(results[0])
+    out["models"] = [m for r in results for m in r.get("models", [])]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        raise SystemExit("usage: plot_e2e.py RESULTS.json OUT.png")
-    plot(json.loads(Path(argv[0]).read_text()), Path(argv[1]))
+    if len(argv) < 2:
+        raise SystemExit("usage: plot_e2e.py RESULTS.json [MORE.json ...] OUT.png")
+    plot(merge([json.loads(Path(a).read_text()) for a in argv[:-1]]), Path(argv[-1]))
 
 
 if __name__ == "__main__":
