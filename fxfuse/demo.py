@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -296,6 +295,8 @@ class ModelResult:
     title: str
     notes: list[str]
     counters: dict[str, int] = field(default_factory=dict)
+    counters_all_graphs: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
     fusions: list[dict[str, Any]] = field(default_factory=list)
     near_misses: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -421,8 +422,8 @@ def run_model(
                         row[vname] = None
                         res.errors.append(f"timing {vname} M={m}: {type(e).__name__}: {str(e)[:200]}")
             res.latency_us[str(m)] = row
-        # the timing runs compiled more graphs (other token counts): report their fusions too
-        res.counters = dict(fxfuse.counters)
+        # the timing runs compiled more graphs (other token counts): count their fusions too
+        res.counters_all_graphs = dict(fxfuse.counters)
     return res
 
 
@@ -434,6 +435,9 @@ def format_result(res: ModelResult) -> str:
         out.append(f"  cache {res.cache}")
     counters = ", ".join(f"{k}={v}" for k, v in sorted(res.counters.items())) or "no fusions"
     out.append(f"fxfuse.counters: {counters}")
+    if res.counters_all_graphs and res.counters_all_graphs != res.counters:
+        more = ", ".join(f"{k}={v}" for k, v in sorted(res.counters_all_graphs.items()))
+        out.append(f"fxfuse.counters over every graph compiled (incl. the timed token counts): {more}")
     out.append(res.report_text)
     out.append("numerics vs eager (logits):")
     for k, v in res.numerics.items():
@@ -500,10 +504,18 @@ def run(
             with prog.step(f"build {name} (random weights, no download)"):
                 dm = BUILDERS[name](device, quick, **kwargs)
             torch._dynamo.reset()
-            res = run_model(dm, device, quick=quick, check_tokens=check_tokens, bench_tokens=bench_tokens,
-                            with_stock=with_stock, rep_ms=rep_ms, progress=prog)
+            try:
+                res = run_model(dm, device, quick=quick, check_tokens=check_tokens, bench_tokens=bench_tokens,
+                                with_stock=with_stock, rep_ms=rep_ms, progress=prog)
+            except Exception as e:  # noqa: BLE001 - show it, go on with the next model, exit non-zero
+                import traceback
+
+                traceback.print_exc()
+                res = ModelResult(dm.name, dm.title, list(dm.notes), error=f"{type(e).__name__}: {e}")
+                prog.print(f"{dm.title}: FAILED: {res.error}")
             results.append(res)
-            prog.print(format_result(res))
+            if res.error is None:
+                prog.print(format_result(res))
             del dm
             if on_cuda:
                 torch.cuda.empty_cache()
@@ -534,9 +546,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     backend = {"own": "fxfuse-demo"}.get(args.fp8, args.fp8)
     results = run(device=args.device, quick=args.quick, models=models, fp8_backend=backend, layers=args.layers,
                   json_path=args.json, fresh_cache=not args.use_cache)
-    bad = [r.name for r in results if any(not v["finite"] for v in r.numerics.values())]
+    bad = [r.name for r in results if r.error or any(not v["finite"] for v in r.numerics.values())]
     if bad:
-        print(f"non-finite logits in {bad}", file=sys.stderr)
+        print(f"failed or non-finite logits: {bad}", file=sys.stderr)
         return 1
     return 0
 
