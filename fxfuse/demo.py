@@ -72,8 +72,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        q, s = quantize_fp8_per_token(x2)
+        # quantize in the input's own shape, then flatten (as torchao does): per-token either way
+        q, s = quantize_fp8_per_token(x)
+        q, s = q.reshape(-1, self.in_features), s.reshape(-1, 1)
         if x.is_cuda:
             y = torch._scaled_mm(
                 q, self.weight.t(), scale_a=s, scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype

@@ -17,10 +17,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Minimum fxfuse.counters per demo model on CPU (--quick, 2 layers). Tighten at merge as fusions land:
-#   dense_fp8: rmsnorm_quant 4 once several quantizations of one norm fuse (issue 7: 2 layers x 2
-#              norms; the final norm feeds the bf16 lm_head), silu_mul_quant 2 (issue 7),
-#   moe:       moe routing 2 / moe experts 2 (issues 9/10; use their counter names).
+# Minimum fxfuse.counters per demo model on CPU (--quick, 2 layers). Tighten at merge as fusions land.
+# A scratch merge of this branch with issue 7's branch (multi-quant + silu_mul_quant) gave, on CPU:
+#   dense_fp8: {"rmsnorm_quant": 4, "silu_mul_quant": 2}  (2 layers x 2 norms; the final norm feeds
+#              the bf16 lm_head and stays a near miss)
+#   moe:       routing / experts counters from issues 9/10 (use their counter names).
 EXPECTED_MIN_COUNTERS: dict[str, dict[str, int]] = {
     "dense_fp8": {"rmsnorm_quant": 0},
     "moe": {},
