@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A scratch merge of this branch with issue 7's branch (multi-quant + silu_mul_quant) gave, on CPU:
 #   dense_fp8: {"rmsnorm_quant": 4, "silu_mul_quant": 2}  (2 layers x 2 norms; the final norm feeds
 #              the bf16 lm_head and stays a near miss)
-#   moe:       routing / experts counters from issues 9/10 (use their counter names).
+#   moe:       {"moe_routing": 2, "moe_experts": 2}  (scratch merge with issues 9 + 10's branches)
 EXPECTED_MIN_COUNTERS: dict[str, dict[str, int]] = {
     "dense_fp8": {"rmsnorm_quant": 0},
     "moe": {},
