@@ -447,17 +447,19 @@ def format_result(res: ModelResult) -> str:
         out.append(f"  {label:24s} max rel err {v['max_rel_err']:.2e}   argmax agree {100 * v['argmax_agree']:.1f}%"
                    + ("" if v["finite"] else "   NON-FINITE VALUES"))
     if res.compile_s:
-        out.append("compile + first run: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.compile_s.items()))
+        out.append("compile + first run: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.compile_s.items())
+                   + " (the second reuses kernels the first built; benchmarks/e2e.py measures cold compiles)")
     if res.latency_us:
-        out.append("latency per step, CUDA graph replay (median us):")
-        out.append(f"  {'tokens':>7s} {'eager':>10s} {'stock':>10s} {'fxfuse':>10s}  fxfuse vs stock")
+        out.append("latency per step, CUDA graph replay (median us; no KV cache, 1 sequence):")
+        out.append(f"  {'step':>14s} {'eager':>10s} {'stock':>10s} {'fxfuse':>10s}  fxfuse vs stock")
         for m, row in res.latency_us.items():
+            step = f"decode {m}" if m == "1" else f"prefill {m}"
             def f(v: float | None) -> str:
                 return f"{v:10.1f}" if v else f"{'n/a':>10s}"
 
             s, x = row.get("stock"), row.get("fxfuse")
             sp = f"{s / x:.3f}x" if s and x else "n/a"
-            out.append(f"  {m:>7s} {f(row.get('eager'))} {f(s)} {f(x)}  {sp}")
+            out.append(f"  {step:>14s} {f(row.get('eager'))} {f(s)} {f(x)}  {sp}")
     return "\n".join(out)
 
 

@@ -88,3 +88,14 @@ def test_plot(tmp_path: pathlib.Path) -> None:
     png = tmp_path / "r.png"
     plot_e2e.main([str(src), str(src), str(png)])
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_format_result_latency_table() -> None:
+    r = demo.ModelResult("m", "Title", ["note"], counters={"rmsnorm_quant": 2}, report_text="REPORT",
+                         numerics={"fxfuse": {"max_rel_err": 1e-3, "argmax_agree": 1.0, "finite": False}},
+                         latency_us={"1": {"eager": 100.0, "stock": 50.0, "fxfuse": 40.0},
+                                     "512": {"eager": 900.0, "stock": None, "fxfuse": 800.0}})
+    text = demo.format_result(r)
+    assert "fxfuse.counters: rmsnorm_quant=2" in text and "REPORT" in text and "NON-FINITE" in text
+    assert "decode 1" in text and "1.250x" in text
+    assert [ln for ln in text.splitlines() if "prefill 512" in ln][0].rstrip().endswith("n/a")
