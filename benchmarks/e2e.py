@@ -285,6 +285,7 @@ def main() -> None:
     ap.add_argument("--profile-iters", type=int, default=5)
     args = ap.parse_args()
 
+    demo.quiet_warnings()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("e2e: needs a CUDA device (or --dry-run on CPU)")

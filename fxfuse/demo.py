@@ -278,6 +278,13 @@ def fxfuse_kernel_names() -> set[str]:
     return names
 
 
+def quiet_warnings() -> None:
+    """transformers' grouped_mm dispatch calls lru_cached version checks; dynamo warns on each."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+
+
 def random_ids(vocab: int, tokens: int, device: str, seed: int) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, vocab, (1, tokens), generator=g).to(device)
@@ -475,12 +482,9 @@ def run(
     progress: bool = True,
 ) -> list[ModelResult]:
     """Run the demo; returns one `ModelResult` per model (and prints as it goes)."""
-    import warnings
-
     import fxfuse
 
-    # transformers' grouped_mm dispatch calls lru_cached version checks; dynamo warns on each
-    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+    quiet_warnings()
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
