@@ -380,6 +380,7 @@ def run_model(
     with_stock: bool,
     rep_ms: int,
     progress: _Progress,
+    passes: Any = None,
 ) -> ModelResult:
     """Compile `dm` with fxfuse (and stock), check numerics vs eager, time on CUDA."""
     import fxfuse
@@ -390,7 +391,7 @@ def run_model(
         ref = dm.module(ids)
     start = len(fxfuse.report)
     fxfuse.counters.clear()
-    fused = _compile(dm.module, fxfuse.passes)
+    fused = _compile(dm.module, passes if passes is not None else fxfuse.passes)
     with progress.step(f"compile + run with fxfuse ({check_tokens} tokens)"), torch.no_grad():
         t0 = time.perf_counter()
         out = fused(ids)
@@ -479,6 +480,7 @@ def run(
     layers: int = 2,
     json_path: str | None = None,
     fresh_cache: bool = True,
+    ungated: bool = False,
     progress: bool = True,
 ) -> list[ModelResult]:
     """Run the demo; returns one `ModelResult` per model (and prints as it goes)."""
@@ -501,6 +503,9 @@ def run(
                + f", torch {torch.__version__}" + (", quick" if quick else ""))
     results: list[ModelResult] = []
     cache_ctx: Any = no_graph_cache() if fresh_cache else contextlib.nullcontext()
+    passes = fxfuse.FusionPasses(options={"gate": False}) if ungated else fxfuse.passes
+    if ungated and on_cuda:
+        prog.print("ungated: rewrites ship even where the benchmark gates (fxfuse/gates.json) would hold them back")
     fxfuse.report.clear()
     with cache_ctx:
         for name in models:
@@ -513,7 +518,7 @@ def run(
             torch._dynamo.reset()
             try:
                 res = run_model(dm, device, quick=quick, check_tokens=check_tokens, bench_tokens=bench_tokens,
-                                with_stock=with_stock, rep_ms=rep_ms, progress=prog)
+                                with_stock=with_stock, rep_ms=rep_ms, progress=prog, passes=passes)
             except Exception as e:  # noqa: BLE001 - show it, go on with the next model, exit non-zero
                 import traceback
 
@@ -542,6 +547,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp8 linears of the dense model: torchao (CUDA sm89+), the demo's own module, or auto")
     p.add_argument("--layers", type=int, default=2, help="decoder layers per model (2-4)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
+    p.add_argument("--ungated", action="store_true",
+                   help="fxfuse with gate=False: on CUDA, also rewrites not (yet) measured faster than stock")
     p.add_argument("--use-cache", action="store_true", help="keep the FX graph cache (a hit skips the pass)")
 
 
@@ -552,7 +559,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown model(s) {unknown}; known: {sorted(BUILDERS)}")
     backend = {"own": "fxfuse-demo"}.get(args.fp8, args.fp8)
     results = run(device=args.device, quick=args.quick, models=models, fp8_backend=backend, layers=args.layers,
-                  json_path=args.json, fresh_cache=not args.use_cache)
+                  json_path=args.json, fresh_cache=not args.use_cache, ungated=args.ungated)
     bad = [r.name for r in results if r.error or any(not v["finite"] for v in r.numerics.values())]
     if bad:
         print(f"failed or non-finite logits: {bad}", file=sys.stderr)
