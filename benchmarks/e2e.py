@@ -5,7 +5,9 @@ Models come from fxfuse/demo.py (real transformers classes, random weights, no d
   * dense_fp8: LlamaForCausalLM, Llama-3-8B layer shapes, fp8 linears (torchao row-wise on sm89+
     when importable, else the demo's own Fp8Linear), 2 layers, vocab 32000;
   * moe: Qwen3MoeForCausalLM, Qwen3-30B-A3B layer shapes (hidden 2048, 128 experts top-8, moe
-    inter 768), grouped_mm experts, bf16, 2 layers, vocab 32000.
+    inter 768), grouped_mm experts, bf16, 2 layers, vocab 32000;
+  * deepseek_router (only with --models): DeepseekV3ForCausalLM, DeepSeek-V3 layer shapes (256 experts,
+    grouped sigmoid+bias router, MLA), 1 layer (22 GB of experts), bf16.
 Steps: decode M = 1, 8, 64 (M sequences x 1 token) and prefill M = 2048 (1 sequence x 2048 tokens),
 no KV cache (attention sees only the step's own tokens; the layers' GEMMs, norms, quant and MoE are
 those of a real step).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then benchmarks; everything lands in $OUT.
-#   bash benchmarks/gpu_run.sh [tests|bench|bench-quick|unwrap|demo|e2e-quick|e2e|all]...
+#   bash benchmarks/gpu_run.sh [tests|bench|bench-quick|unwrap|demo|e2e-quick|e2e|e2e-router|all]...
 # (demo and e2e* are not part of all: whole-model compiles take minutes of device time)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,6 +23,8 @@ for step in "${@:-all}"; do
       timeout 300 python3 -m fxfuse demo --quick --json "$OUT/demo.json" 2>&1 | tee "$OUT/demo.log" | tail -120 ;;
     e2e-quick)
       timeout 590 python3 benchmarks/e2e.py --quick --out "$OUT/e2e_quick.json" 2>&1 | tee "$OUT/e2e_quick.log" | tail -40 ;;
+    e2e-router)
+      timeout 590 python3 benchmarks/e2e.py --quick --models deepseek_router --out "$OUT/e2e_router.json" 2>&1 | tee "$OUT/e2e_router.log" | tail -30 ;;
     e2e)
       for m in dense_fp8 moe; do
         timeout 590 python3 benchmarks/e2e.py --models $m --out "$OUT/e2e_$m.json" 2>&1 | tee "$OUT/e2e_$m.log" | tail -30

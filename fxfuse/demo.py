@@ -234,7 +234,49 @@ def build_moe(device: str, quick: bool, layers: int = 2, seed: int = 0) -> DemoM
     return DemoModel("moe", title, LogitsOnly(model), cfg.vocab_size, notes=[f"experts implementation: {impl}"])
 
 
-BUILDERS: dict[str, Callable[..., DemoModel]] = {"dense_fp8": build_dense, "moe": build_moe}
+def router_config(device: str, quick: bool, layers: int = 1) -> Any:
+    """DeepSeek-V3 layer shapes on CUDA (hidden 7168, 256 experts top-8, sigmoid + bias, 8 groups,
+    top-4 groups, scale 2.5, MLA); tiny on CPU. One layer on CUDA: 256 experts are 22 GB in bf16."""
+    from transformers import DeepseekV3Config
+
+    if device == "cuda":
+        kw: dict[str, Any] = dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                                  n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+                                  q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128,
+                                  qk_nope_head_dim=128, num_attention_heads=128, num_key_value_heads=128,
+                                  vocab_size=DEMO_VOCAB)
+        layers = 1
+    else:
+        kw = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
+                  num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=32, kv_lora_rank=16,
+                  qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=256)
+    cfg = DeepseekV3Config(num_hidden_layers=layers, first_k_dense_replace=0, n_shared_experts=1,
+                           routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6,
+                           max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation="sdpa", **kw)
+    if hasattr(cfg, "_experts_implementation"):
+        cfg._experts_implementation = "grouped_mm"
+    return cfg
+
+
+def build_router(device: str, quick: bool, layers: int = 1, seed: int = 0) -> DemoModel:
+    """DeepseekV3ForCausalLM in bf16: the grouped sigmoid+bias router (not in the default demo)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = router_config(device, quick, layers)
+    with torch.device(device), _default_dtype(torch.bfloat16):
+        model = DeepseekV3ForCausalLM(cfg)
+    model = _finish(model, device, torch.bfloat16)
+    impl = getattr(cfg, "_experts_implementation", None) or "default"
+    title = (f"DeepSeek-V3-style MoE ({cfg.num_hidden_layers} layer(s), hidden {cfg.hidden_size}, "
+             f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, grouped sigmoid router, experts: {impl})")
+    return DemoModel("deepseek_router", title, LogitsOnly(model), cfg.vocab_size,
+                     notes=[f"experts implementation: {impl}"])
+
+
+BUILDERS: dict[str, Callable[..., DemoModel]] = {"dense_fp8": build_dense, "moe": build_moe,
+                                                 "deepseek_router": build_router}
 
 
 # ----------------------------------------------------------------------------------------------

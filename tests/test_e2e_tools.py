@@ -99,3 +99,12 @@ def test_demo_format_result_latency_table() -> None:
     assert "fxfuse.counters: rmsnorm_quant=2" in text and "REPORT" in text and "NON-FINITE" in text
     assert "decode 1" in text and "1.250x" in text
     assert [ln for ln in text.splitlines() if "prefill 512" in ln][0].rstrip().endswith("n/a")
+
+
+@pytest.mark.parametrize("name", sorted(demo.BUILDERS))
+def test_builders_run_eager_on_cpu(name: str) -> None:
+    dm = demo.BUILDERS[name]("cpu", True, layers=1)
+    ids = demo.random_ids(dm.vocab, 5, "cpu", seed=0)
+    with torch.no_grad():
+        out = dm.module(ids)
+    assert out.shape == (1, 5, dm.vocab) and torch.isfinite(out.float()).all()
