@@ -129,6 +129,11 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5) -> dict[st
     }
 
 
+def _dynamo_graphs() -> int:
+    """Graphs dynamo compiled so far (a compiled variant that adds none for a new shape ran eager)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def _pass_seconds(graphs: list[Any]) -> float:
     return sum(t.seconds for g in graphs for t in g.timings)
 
@@ -184,12 +189,15 @@ def run_model(
                 try:
                     g0 = len(fxfuse.report)
                     fresh = fresh_cache() if cold and vname != "eager" else contextlib.nullcontext()
+                    graphs0 = _dynamo_graphs()
                     with fresh:
                         t1 = time.perf_counter()
                         out = fn(ids)
                         if device == "cuda":
                             torch.cuda.synchronize()
                         row["compile_s"][vname] = round(time.perf_counter() - t1, 3)
+                    if vname != "eager" and _dynamo_graphs() == graphs0:
+                        row["notes"].append(f"{vname}: dynamo compiled no new graph for this shape (eager fallback?)")
                     if vname == "fxfuse":
                         row["fxfuse_pass_s"] = round(_pass_seconds(fxfuse.report.since(g0)), 4)
                     if vname != "eager":
@@ -288,6 +296,7 @@ def main() -> None:
     args = ap.parse_args()
 
     demo.quiet_warnings()
+    demo.allow_recompiles()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("e2e: needs a CUDA device (or --dry-run on CPU)")

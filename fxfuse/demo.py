@@ -320,6 +320,17 @@ def fxfuse_kernel_names() -> set[str]:
     return names
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Every variant x token count is one more dynamo cache entry on the same forward code; past
+    the default limit (8) dynamo silently runs eager, which would time eager as "compiled"."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(limit, getattr(cfg, name)))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(4 * limit, cfg.accumulated_recompile_limit)
+
+
 def quiet_warnings() -> None:
     """transformers' grouped_mm dispatch calls lru_cached version checks; dynamo warns on each."""
     import warnings
@@ -529,6 +540,7 @@ def run(
     import fxfuse
 
     quiet_warnings()
+    allow_recompiles()
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
