@@ -68,6 +68,51 @@ def plot(result: dict[str, Any], png: Path) -> None:
     print(f"wrote {png}")
 
 
+def _us(v: Any) -> str:
+    return f"{v:.1f}" if v else "n/a"
+
+
+def markdown(result: dict[str, Any], png: str | None = None) -> list[str]:
+    """BENCHMARKS.md section for an e2e result: one table per model, targets, compile overhead."""
+    out = ["## End to end (whole transformers models)", ""]
+    out.append(f"- GPU: {result.get('gpu')}; torch {result.get('torch')}, Triton {result.get('triton')}, "
+               f"transformers {result.get('transformers')}; date {result.get('date')}; "
+               f"fxfuse {'ungated' if result.get('ungated') else 'gated (fxfuse/gates.json)'}")
+    out.append("- Command (device call): `bash benchmarks/gpu_run.sh e2e`, which runs `python benchmarks/e2e.py "
+               "--models MODEL --out $OUT/e2e_MODEL.json`; plot: `python benchmarks/plot_e2e.py ... e2e.png`")
+    out.append(f"- Method: {result.get('method')}")
+    if png:
+        out += ["", f"![speedup vs tokens]({png})"]
+    for m in result.get("models", []):
+        if not m.get("rows"):
+            out += ["", f"{m.get('model')}: no rows ({m.get('error', 'not run')})"]
+            continue
+        out += ["", f"### {m.get('title', m['model'])}", ""]
+        variants = [v for v in ("eager", "compile", "compile_max_autotune", "fxfuse")
+                    if any(v in r["us"] for r in m["rows"])]
+        out.append("| step | M | " + " | ".join(f"{v} us" for v in variants)
+                   + " | fxfuse vs stock | fxfuse tokens/s | time in fxfuse kernels |")
+        out.append("|---|---:|" + "---:|" * (len(variants) + 3))
+        for r in m["rows"]:
+            sp = (r.get("speedup_vs_compile") or {}).get("fxfuse")
+            tps = (r.get("tokens_per_s") or {}).get("fxfuse")
+            share = (r.get("profile") or {}).get("fxfuse_share")
+            out.append(f"| {r['kind']} | {r['M']} | " + " | ".join(_us(r["us"].get(v)) for v in variants)
+                       + f" | {f'{sp:.3f}x' if sp else 'n/a'} | {f'{tps:,.0f}' if tps else 'n/a'}"
+                       + f" | {f'{100 * share:.1f}%' if share is not None else 'n/a'} |")
+        cold = [r for r in m["rows"] if r.get("compile_overhead") is not None]
+        for r in cold:
+            c = r.get("compile_s") or {}
+            out.append("")
+            out.append(f"Cold compile ({r['kind']} M={r['M']}): stock {c.get('compile', 0):.1f} s, with fxfuse "
+                       f"{c.get('fxfuse', 0):.1f} s ({100 * r['compile_overhead']:+.1f}%); fxfuse stages "
+                       f"{r.get('fxfuse_pass_s', 0):.2f} s ({100 * (r.get('fxfuse_pass_share_of_compile') or 0):.1f}% "
+                       "of the stock compile; target <= 10%).")
+        out.append("")
+        out.append(f"Fusions: {m.get('counters') or 'none'}; near misses: {len(m.get('near_misses') or [])}.")
+    return out
+
+
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several runs (e.g. one per model): the first run's metadata, all models."""
     out = dict(results[0])

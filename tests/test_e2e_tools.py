@@ -64,6 +64,7 @@ def _fake_result() -> dict:
         rows.append({"model": "moe", "kind": kind, "M": m, "us": {"compile": 10.0, "fxfuse": 10.0 / sp},
                      "speedup_vs_compile": {"compile": 1.0, "fxfuse": sp, "eager": 0.5},
                      "compile_overhead": 0.05 if m == 1 else None, "fxfuse_pass_share_of_compile": 0.01,
+                     "compile_s": {"compile": 20.0, "fxfuse": 21.0}, "fxfuse_pass_s": 0.2,
                      "err": {"fxfuse": {"max_rel_err": 1e-3}}})
     return {"gpu": "fake", "torch": "x", "models": [{"model": "moe", "title": "t", "rows": rows, "counters": {}}]}
 
@@ -108,3 +109,9 @@ def test_builders_run_eager_on_cpu(name: str) -> None:
     with torch.no_grad():
         out = dm.module(ids)
     assert out.shape == (1, 5, dm.vocab) and torch.isfinite(out.float()).all()
+
+
+def test_markdown_section() -> None:
+    text = "\n".join(plot_e2e.markdown(_fake_result(), "benchmarks/results/e2e.png"))
+    assert "| decode | 1 |" in text and "1.200x" in text and "![speedup vs tokens]" in text
+    assert "Cold compile (decode M=1)" in text and "+5.0%" in text
