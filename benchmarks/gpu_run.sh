@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then benchmarks; everything lands in $OUT.
 #   bash benchmarks/gpu_run.sh [STEP]...   (default: all)
-# Steps: tests | rmsnorm | rmsnorm-quick | unwrap | aoti | silu | llama | rope | routing | experts | e2e | all
+# Steps: tests | rmsnorm | rmsnorm-quick | unwrap | aoti | silu | llama | rope | routing | experts | demo |
+#        e2e-quick | e2e | e2e-router | all (all = tests + the per-family benchmarks; whole-model steps are separate)
 # Every JSON goes to $OUT/res/; the folder is also packed into $OUT/results.tgz (the device tool
 # returns at most 8 files). QUICK=1 shrinks every sweep.
 set -uo pipefail
@@ -37,8 +38,13 @@ for step in "${@:-all}"; do
     rope|all) bench rope_quant 300 benchmarks/bench_rope_quant.py ;;&
     routing|all) bench moe_routing 300 benchmarks/bench_moe_routing.py ;;&
     experts|all) bench moe_experts_qwen 300 benchmarks/bench_moe_experts.py --models qwen3_30b_a3b
-                 bench moe_experts_mixtral 240 benchmarks/bench_moe_experts.py --models mixtral_8x7b ;;&
-    e2e|all) bench e2e 400 benchmarks/e2e.py ;;
+                 bench moe_experts_mixtral 240 benchmarks/bench_moe_experts.py --models mixtral_8x7b ;;
+    demo) echo "=== demo"; timeout 300 python3 -m fxfuse demo --quick --json "$RES/demo.json" > "$RES/demo.log" 2>&1
+          echo "rc=$?"; tail -60 "$RES/demo.log" ;;
+    e2e-quick) bench e2e_quick 590 benchmarks/e2e.py --quick ;;
+    e2e-router) bench e2e_router 590 benchmarks/e2e.py --quick --models deepseek_router ;;
+    e2e) bench e2e_dense_fp8 590 benchmarks/e2e.py --models dense_fp8
+         bench e2e_moe 590 benchmarks/e2e.py --models moe ;;
   esac
 done
 tar -C "$OUT" -czf "$OUT/results.tgz" res && echo "packed $OUT/results.tgz"

@@ -107,6 +107,12 @@ def main() -> None:
         "shipped ATen decompositions run op by op, so 'eager' and 'stock compile' call several small torch "
         "kernels per op.",
     ]
+    e2e_runs = sorted(RES.glob("e2e*.json"))
+    if e2e_runs:  # whole-model results (benchmarks/e2e.py), plot from benchmarks/plot_e2e.py
+        import plot_e2e
+
+        png = "benchmarks/results/e2e.png" if (RES / "e2e.png").exists() else None
+        out += [""] + plot_e2e.markdown(plot_e2e.merge([json.loads(p.read_text()) for p in e2e_runs]), png)
     print("\n".join(out))
 
 

@@ -1,4 +1,8 @@
-"""Command line: `python -m fxfuse explain MODULE:FACTORY [--device cpu|cuda] [--json]`.
+"""Command line: `python -m fxfuse demo [--quick] [--device cpu|cuda]` and
+`python -m fxfuse explain MODULE:FACTORY [--device cpu|cuda] [--json]`.
+
+`demo` compiles small transformers decoders (dense fp8 Llama, Qwen3-MoE) with and without fxfuse
+and prints what fused, the numerics against eager and, on CUDA, step latency (see fxfuse/demo.py).
 
 `FACTORY` is a function in `MODULE` (a dotted module name, or a path to a .py file) that takes no
 arguments and returns `(model, example_inputs)`; `example_inputs` is a tuple/list of positional
@@ -112,6 +116,10 @@ def explain(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fxfuse", description="fxfuse tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    dm = sub.add_parser("demo", help="compile real transformers decoders with and without fxfuse: fusions, numerics, latency")
+    from .demo import add_arguments as _demo_arguments
+
+    _demo_arguments(dm)
     ex = sub.add_parser("explain", help="compile a model with fxfuse and print what fused and what did not, and why")
     ex.add_argument("factory", metavar="MODULE:FACTORY", help="function returning (model, example_inputs)")
     ex.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
@@ -121,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--grad", action="store_true", help="compile with autograd enabled (default: torch.no_grad())")
     ex.add_argument("--dynamic", action="store_true", default=None, help="compile with dynamic=True")
     args = parser.parse_args(argv)
+    if args.cmd == "demo":
+        from .demo import main_from_args
+
+        return main_from_args(args)
     if args.cmd == "explain":
         print(
             explain(

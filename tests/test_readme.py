@@ -11,4 +11,4 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) >= 2, "README must open with the install+run and install+test commands"
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip install")]
     assert ci == [commands[1]]
-    assert "pytest" in commands[1] and "quickstart" in commands[0]
+    assert "pytest" in commands[1] and "python -m fxfuse demo" in commands[0]

@@ -1,0 +1,117 @@
+"""Cheap CPU checks of the demo's fp8 linear and of benchmarks/e2e.py + plot_e2e.py helpers
+(the GPU run is one batched call: a typo there costs device time)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from fxfuse import demo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import e2e  # noqa: E402
+import plot_e2e  # noqa: E402
+
+
+def test_fp8_linear_matches_dequantized_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, generator=g).to(torch.bfloat16)
+    f = demo.Fp8Linear.from_linear(lin)
+    assert f.weight.dtype == demo.FP8 and f.weight_scale.shape == (1, 48)
+    y = f(x)
+    assert y.shape == (2, 5, 48) and y.dtype == torch.bfloat16
+    ref = x.float() @ lin.weight.float().t() + lin.bias.float()
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < 0.08, rel  # fp8 error is there (it did quantize), and small
+
+
+def test_swap_keeps_lm_head_and_embeddings() -> None:
+    dm = demo.build_dense("cpu", True, fp8_backend="fxfuse-demo", layers=1)
+    mods = dict(dm.module.named_modules())
+    assert isinstance(mods["model.lm_head"], torch.nn.Linear)
+    assert isinstance(mods["model.model.embed_tokens"], torch.nn.Embedding)
+    fp8 = [n for n, m in mods.items() if isinstance(m, demo.Fp8Linear)]
+    assert len(fp8) == 7, fp8  # q k v o gate up down
+    assert not [n for n, m in mods.items() if type(m) is torch.nn.Linear and n != "model.lm_head"]
+
+
+def test_logits_error() -> None:
+    a = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    e = demo.logits_error(a, a)
+    assert e == {"max_rel_err": 0.0, "argmax_agree": 1.0, "finite": True}
+    b = a.clone()
+    b[1, 0] = 0.0  # second token's argmax moves
+    e = demo.logits_error(b, a)
+    assert e["argmax_agree"] == 0.5 and e["max_rel_err"] == pytest.approx(3 / 14**0.5)
+
+
+def test_kernel_names_and_profile_on_cpu() -> None:
+    assert "_rms_norm_quant_kernel" in demo.fxfuse_kernel_names()
+    p = e2e.profile_share(lambda: torch.ones(8) * 2, "cpu", iters=2)
+    assert p["fxfuse_share"] is None and p["kernel_us_per_step"] is None
+
+
+def _fake_result() -> dict:
+    rows = []
+    for kind, m, sp in [("decode", 1, 1.2), ("decode", 8, 1.1), ("prefill", 2048, 0.98)]:
+        rows.append({"model": "moe", "kind": kind, "M": m, "us": {"compile": 10.0, "fxfuse": 10.0 / sp},
+                     "speedup_vs_compile": {"compile": 1.0, "fxfuse": sp, "eager": 0.5},
+                     "compile_overhead": 0.05 if m == 1 else None, "fxfuse_pass_share_of_compile": 0.01,
+                     "compile_s": {"compile": 20.0, "fxfuse": 21.0}, "fxfuse_pass_s": 0.2,
+                     "err": {"fxfuse": {"max_rel_err": 1e-3}}})
+    return {"gpu": "fake", "torch": "x", "models": [{"model": "moe", "title": "t", "rows": rows, "counters": {}}]}
+
+
+def test_summarize() -> None:
+    s = e2e.summarize(_fake_result()["models"])
+    assert s["moe_decode_geomean_fxfuse_vs_compile"] == pytest.approx((1.2 * 1.1) ** 0.5)
+    assert s["moe_prefill_min_fxfuse_vs_compile"] == pytest.approx(0.98)
+    assert s["moe_max_compile_overhead"] == pytest.approx(0.05)
+
+
+def test_steps() -> None:
+    st = e2e.steps([1, 8], [2048])
+    assert [(s.kind, s.batch, s.seq, s.tokens) for s in st] == [
+        ("decode", 1, 1, 1), ("decode", 8, 1, 8), ("prefill", 1, 2048, 2048)]
+
+
+def test_plot(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(_fake_result()))
+    png = tmp_path / "r.png"
+    plot_e2e.main([str(src), str(src), str(png)])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_format_result_latency_table() -> None:
+    r = demo.ModelResult("m", "Title", ["note"], counters={"rmsnorm_quant": 2}, report_text="REPORT",
+                         numerics={"fxfuse": {"max_rel_err": 1e-3, "argmax_agree": 1.0, "finite": False}},
+                         latency_us={"1": {"eager": 100.0, "stock": 50.0, "fxfuse": 40.0},
+                                     "512": {"eager": 900.0, "stock": None, "fxfuse": 800.0}})
+    text = demo.format_result(r)
+    assert "fxfuse.counters: rmsnorm_quant=2" in text and "REPORT" in text and "NON-FINITE" in text
+    assert "decode 1" in text and "1.250x" in text
+    assert [ln for ln in text.splitlines() if "prefill 512" in ln][0].rstrip().endswith("n/a")
+
+
+@pytest.mark.parametrize("name", sorted(demo.BUILDERS))
+def test_builders_run_eager_on_cpu(name: str) -> None:
+    dm = demo.BUILDERS[name]("cpu", True, layers=1)
+    ids = demo.random_ids(dm.vocab, 5, "cpu", seed=0)
+    with torch.no_grad():
+        out = dm.module(ids)
+    assert out.shape == (1, 5, dm.vocab) and torch.isfinite(out.float()).all()
+
+
+def test_markdown_section() -> None:
+    text = "\n".join(plot_e2e.markdown(_fake_result(), "benchmarks/results/e2e.png"))
+    assert "| decode | 1 |" in text and "1.200x" in text and "![speedup vs tokens]" in text
+    assert "Cold compile (decode M=1)" in text and "+5.0%" in text
