@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .rmsnorm_quant import _DT_CODE, _round_to
+from .quant_common import DT_CODE as _DT_CODE, round_to
 
 __all__ = [
     "PATH_AUTO",
@@ -135,10 +135,10 @@ def selected_weight_bytes(ids: torch.Tensor, E: int, H: int, I: int, elem: int =
 @triton.jit
 def _silu_mul(g, u, ACT: tl.constexpr, NATIVE: tl.constexpr):
     """round(round(silu(round(g))) * round(u)) in fp32, as eager computes it in the act dtype."""
-    g = _round_to(g, ACT, NATIVE)
-    u = _round_to(u, ACT, NATIVE)
-    s = _round_to(g / (1.0 + tl.exp(-g)), ACT, NATIVE)
-    return _round_to(s * u, ACT, NATIVE)
+    g = round_to(g, ACT, NATIVE)
+    u = round_to(u, ACT, NATIVE)
+    s = round_to(g / (1.0 + tl.exp(-g)), ACT, NATIVE)
+    return round_to(s * u, ACT, NATIVE)
 
 
 @triton.jit
@@ -207,9 +207,9 @@ def _moe_decode_down_kernel(
             w = tl.load(w_base + offs_k[None, :] * stride_w2k, mask=mask_n[:, None] & mask_k[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(w * hk[None, :], axis=1)
-        c = _round_to(_round_to(acc, ACT, NATIVE) * wt, PROD, NATIVE)
+        c = round_to(round_to(acc, ACT, NATIVE) * wt, PROD, NATIVE)
         out += tl.where(valid, c, 0.0)
-    out = _round_to(out, SUM, NATIVE)
+    out = round_to(out, SUM, NATIVE)
     tl.store(out_ptr + tok * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -291,7 +291,7 @@ def _moe_gemm2_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_w2k
     wt = tl.load(tw_ptr + rows_c, mask=rmask, other=0.0).to(tl.float32)
-    c = _round_to(_round_to(acc, ACT, NATIVE) * wt[:, None], PROD, NATIVE)
+    c = round_to(round_to(acc, ACT, NATIVE) * wt[:, None], PROD, NATIVE)
     tl.store(p_ptr + rows_c[:, None] * stride_pm + offs_n[None, :], c, mask=rmask[:, None] & mask_n[None, :])
 
 

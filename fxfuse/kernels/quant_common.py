@@ -23,6 +23,9 @@ SCALE_CLAMP_MAX = 4  # min(s, c)
 SCALE_RECIP = 5  # 1 / s
 SCALE_ROUND_BF16 = 6  # s -> bf16 -> f32
 SCALE_ROUND_F16 = 7  # s -> f16 -> f32
+# kernel dtype codes (constexpr ints: dtype objects do not survive Inductor codegen)
+DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 SCALE_NOP = -1  # padding for unused slots (kernel only)
 MAX_SCALE_OPS = 4
 

@@ -45,6 +45,7 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCALE_CLAMP_MIN,
     SCALE_DIV,
     SCALE_MUL,
+    DT_CODE as _DT_CODE,
     SCALE_NOP as _SCALE_NOP,
     SCALE_RDIV,
     SCALE_RECIP,
@@ -87,8 +88,6 @@ __all__ = [
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
-# kernel dtype codes (constexpr ints: dtype objects do not survive Inductor codegen)
-_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # ----------------------------------------------------------------------------
 # Validation

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .rmsnorm_quant import (
+from .quant_common import (
     MAX_SCALE_OPS,
     SCALE_CLAMP_MAX,
     SCALE_CLAMP_MIN,
@@ -44,10 +44,10 @@ from .rmsnorm_quant import (
     SCALE_RECIP,
     SCALE_ROUND_BF16,
     SCALE_ROUND_F16,
-    _apply_scale_op_ref,
-    _round_e4m3,
-    _round_to,
-    _scale_op,
+    apply_scale_op_ref,
+    round_e4m3,
+    round_to,
+    scale_op,
 )
 
 __all__ = [
@@ -167,7 +167,7 @@ def _quant_ref(o, scheme, scale, static_value, ops, consts, quant_mul, qmin, qma
     else:
         s = v.abs().amax(dim=-1)  # [M, H]
         for op, c in zip(ops, consts):
-            s = _apply_scale_op_ref(s, int(op), float(c))
+            s = apply_scale_op_ref(s, int(op), float(c))
         sb = s[..., None]
     qv = v * sb if quant_mul else v / sb
     lo = torch.tensor(qmin, dtype=f32, device=o.device)
@@ -276,11 +276,11 @@ def _qk_norm(v, rstd, w, woff, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_D
              ROUND_BEFORE_W: tl.constexpr, NATIVE: tl.constexpr):
     n = v * rstd[:, None]
     if ROUND_BEFORE_W:
-        n = _round_to(n, X_DT, NATIVE)
+        n = round_to(n, X_DT, NATIVE)
     we = w + woff
     if WSUM_DT >= 0:
-        we = _round_to(we, WSUM_DT, NATIVE)
-    return _round_to(n * we[None, :], NORM_DT, NATIVE)
+        we = round_to(we, WSUM_DT, NATIVE)
+    return round_to(n * we[None, :], NORM_DT, NATIVE)
 
 
 @triton.jit
@@ -334,9 +334,9 @@ def _rope_heads(
     cmask = is_rot
     c = tl.load(cos_ptr + crow * s_cos + cidx, mask=cmask, other=0.0).to(tl.float32)
     sn = tl.load(sin_ptr + crow * s_sin + cidx, mask=cmask, other=0.0).to(tl.float32)
-    p1 = _round_to(x * c[None, :], OUT_DT, NATIVE)
-    p2 = _round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
-    o = _round_to(p1 + p2, OUT_DT, NATIVE)
+    p1 = round_to(x * c[None, :], OUT_DT, NATIVE)
+    p2 = round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
+    o = round_to(p1 + p2, OUT_DT, NATIVE)
     o = tl.where(is_rot[None, :], o, x)
     tok = b * S + s_
     oofs = b * sob + s_ * sos + hh[:, None].to(tl.int64) * soh + j[None, :]
@@ -353,10 +353,10 @@ def _rope_heads(
                 tl.store(s_ptr, sc)
         else:
             sc = tl.max(tl.where(mask, tl.abs(o), 0.0), axis=1)  # [BLOCK_H]
-            sc = _scale_op(sc, OP0, c0)
-            sc = _scale_op(sc, OP1, c1)
-            sc = _scale_op(sc, OP2, c2)
-            sc = _scale_op(sc, OP3, c3)
+            sc = scale_op(sc, OP0, c0)
+            sc = scale_op(sc, OP1, c1)
+            sc = scale_op(sc, OP2, c2)
+            sc = scale_op(sc, OP3, c3)
             tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
             sb = sc[:, None] + tl.zeros_like(o)
         if QUANT_MUL:
@@ -370,7 +370,7 @@ def _rope_heads(
         if NATIVE:
             qq = qv.to(tl.float8e4nv)
         else:
-            qq = _round_e4m3(qv).to(tl.float8e4nv)
+            qq = round_e4m3(qv).to(tl.float8e4nv)
         tl.store(qo_ptr + oofs, qq, mask=mask)
 
 

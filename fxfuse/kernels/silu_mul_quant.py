@@ -41,10 +41,11 @@ from .quant_common import (
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
-    quantize as _quantize,
+    absmax,
+    quantize,
     quantize_reference,
-    round_to as _round_to,
-    scale_chain as _scale_chain,
+    round_to,
+    scale_chain,
 )
 
 __all__ = [
@@ -223,8 +224,8 @@ def _silu_mul_quant_kernel(
 
     g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
-    a = _round_to(_act(g, ACT), ACT_DT, NATIVE)
-    y = _round_to(a * u, OUT_DT, NATIVE)
+    a = round_to(_act(g, ACT), ACT_DT, NATIVE)
+    y = round_to(a * u, OUT_DT, NATIVE)
 
     if SCHEME == 0:
         if HAS_SCALE_T:
@@ -232,8 +233,8 @@ def _silu_mul_quant_kernel(
         else:
             s = static_scale_value + 0.0
     else:
-        s = tl.max(tl.abs(y), axis=1)  # [BLOCK_R]: one amax per group (or per row); masked lanes are 0
-    s = _scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+        s = absmax(y, 1)  # [BLOCK_R]: one amax per group (or per row), NaN-propagating; masked lanes are 0
+    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
     if SCHEME == 0:
         sb = s + tl.zeros_like(y)
         if tl.program_id(0) == 0:
@@ -241,7 +242,7 @@ def _silu_mul_quant_kernel(
     else:
         sb = s[:, None] + tl.zeros_like(y)
         tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
-    qo = _quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
     tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
 
 

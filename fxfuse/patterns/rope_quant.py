@@ -42,7 +42,8 @@ from ..fx_utils import (
     val,
 )
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
-from .rmsnorm_quant import NormMatch, _amax_source, _scale_chain, _strip_f32_convert, match_norm
+from .quant import amax_source as _amax_source, scale_chain as _scale_chain, strip_f32_convert as _strip_f32_convert
+from .rmsnorm_quant import NormMatch, match_norm
 
 FAMILY = "rope_quant"
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
