@@ -457,6 +457,37 @@ def test_op_fake_cuda_shapes() -> None:
         assert (w.shape, w.dtype, ids.shape, ids.dtype, sc.shape) == ((5, 8), BF16, (5, 8), torch.int64, (0,))
 
 
+@pytest.mark.parametrize("name", ["softmax_E128_k8_bf16_out", "sigmoid_ds_E256_k8", "topk_softmax_E16_k4"])
+def test_cuda_path_traces_to_user_triton_kernel(name: str) -> None:
+    """On CUDA the replacement must be a triton_kernel_wrapper_functional node (compiled into
+    Inductor's output code), not an opaque op call. Fake CUDA tensors: runs on CPU CI, and the
+    kernel goes through Triton's frontend (mutation analysis)."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    args = _op_args(**KERNEL_CASES[name])
+    with FakeTensorMode():
+        x = torch.empty(args[0].shape, dtype=args[0].dtype, device="cuda")
+        b = torch.empty(args[0].shape[1], dtype=F32, device="cuda")
+    g = fx.Graph()
+    px, pb = g.placeholder("x"), g.placeholder("b")
+    px.meta["val"], pb.meta["val"] = x, b
+    out = g.output(None)
+    rest = args[2:]
+    has_bias = args[1] is not None
+
+    def repl(x, b):
+        return torch.ops.fxfuse.moe_routing(x, b if has_bias else None, *rest)
+
+    outs = insert_traced(g, repl, [px, pb], before=out, functionalize=True)
+    targets = {n.target for n in g.nodes if n.op == "call_function"}
+    assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
+    assert not any("fxfuse" in str(t) for t in targets)
+    assert len(outs) == 3
+
+
 def test_bad_args_raise() -> None:
     base = list(_op_args(**KERNEL_CASES["sigmoid_ds_E256_k8"]))
     for i, v in [(2, 17), (6, 7), (7, 9), (3, 5), (0, torch.zeros(2, 600))]:

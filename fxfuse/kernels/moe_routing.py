@@ -219,7 +219,6 @@ def _moe_routing_kernel(
     col = g * GS + j  # expert index
     valid = (g < N_GROUP) & (j < GS)
     NEG = float("-inf")
-    BIG: tl.constexpr = 1 << 30
 
     x = tl.load(logits_ptr + row * stride_l + col, mask=valid, other=0.0).to(tl.float32)
     if SCORING == 0:
@@ -248,7 +247,7 @@ def _moe_routing_kernel(
         gi = tl.arange(0, G_PAD)
         g1 = tl.max(sel, axis=1)  # [G_PAD]
         if GROUP_SCORE == 0:
-            i1 = tl.min(tl.where(valid & (sel == g1[:, None]), j, BIG), axis=1)
+            i1 = tl.min(tl.where(valid & (sel == g1[:, None]), j, 1073741824), axis=1)
             g2 = tl.max(tl.where(valid & (j != i1[:, None]), sel, NEG), axis=1)
             gscore = g1 + g2
         else:
@@ -258,7 +257,7 @@ def _moe_routing_kernel(
         for _t in tl.static_range(TOPK_GROUP):
             cand = gvalid & (gtaken == 0)
             gm = tl.max(tl.where(cand, gscore, NEG), axis=0)
-            gsel = tl.min(tl.where(cand & (gscore == gm), gi, BIG), axis=0)
+            gsel = tl.min(tl.where(cand & (gscore == gm), gi, 1073741824), axis=0)
             gtaken = tl.where(gi == gsel, 1, gtaken)
         sel = tl.where(gtaken[:, None] != 0, sel, fill)
 
@@ -269,7 +268,7 @@ def _moe_routing_kernel(
     for t in tl.static_range(K):
         cand = valid & (taken == 0)
         m = tl.max(tl.max(tl.where(cand, sel, NEG), axis=1), axis=0)
-        pick = tl.min(tl.min(tl.where(cand & (sel == m), col, BIG), axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where(cand & (sel == m), col, 1073741824), axis=1), axis=0)
         hit = col == pick
         wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
         taken = tl.where(hit, 1, taken)
@@ -374,7 +373,7 @@ def moe_routing(
                  renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None)
     M = logits.shape[0]
     wrap_triton(_moe_routing_kernel)[(M,)](
-        logits, bias if bias is not None else logits, w, ids, scores if need_scores else w,
+        logits, bias if bias is not None else logits, w, ids, scores,
         logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
     )
     return w, ids, scores
@@ -444,7 +443,7 @@ def moe_routing_triton(
     M = logits.shape[0]
     if M > 0:
         _moe_routing_kernel[(M,)](
-            logits, bias.contiguous() if bias is not None else logits, w, ids, scores if need_scores else w,
+            logits, bias.contiguous() if bias is not None else logits, w, ids, scores,
             logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
         )
     return w, ids, scores

@@ -276,6 +276,11 @@ def _match_grouped(where: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int, i
         raise Reject("masked experts are not filled with a constant")
     if isinstance(fill_node, fx.Node):
         gnodes.add(fill_node)
+    sdt = tval(sel).dtype if isinstance(sel, fx.Node) else None
+    if sdt != wv.dtype:
+        raise Reject(f"masking changes the scores' dtype ({sdt} -> {wv.dtype})")
+    if torch.tensor(fill, dtype=torch.float32).to(sdt).item() != fill and fill == fill:
+        raise Reject(f"fill value {fill} is not exact in {sdt}")
     if not (gidx.target is operator.getitem and gidx.args[1] == 1 and is_op(gidx.args[0], aten.topk.default)):
         raise Reject("group mask indices do not come from a topk over group scores")
     gtopk = gidx.args[0]
