@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then benchmarks; everything lands in $OUT.
-#   bash benchmarks/gpu_run.sh [tests|bench|bench-quick|unwrap|all]...
+#   bash benchmarks/gpu_run.sh [tests|bench|bench-quick|moe|unwrap|all]...
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/fxfuse_out}"; mkdir -p "$OUT"
@@ -16,6 +16,8 @@ for step in "${@:-all}"; do
       timeout 420 python3 benchmarks/bench_rmsnorm_quant.py --out "$OUT/rmsnorm_quant.json" 2>&1 | tail -60 ;;&
     aoti)
       for m in stock fxfuse; do timeout 200 python3 benchmarks/aoti_check.py $m cuda 2>&1 | tail -25; done ;;
+    moe|all)
+      timeout 420 python3 benchmarks/bench_moe_routing.py --out "$OUT/moe_routing.json" 2>&1 | tail -40 ;;&
     unwrap|all)
       [ -f benchmarks/bench_unwrap.py ] && timeout 240 python3 benchmarks/bench_unwrap.py --out "$OUT/unwrap.json" 2>&1 | tail -30 ;;
   esac

@@ -270,7 +270,10 @@ def _moe_routing_kernel(
         m = tl.max(tl.max(tl.where(cand, sel, NEG), axis=1), axis=0)
         pick = tl.min(tl.min(tl.where(cand & (sel == m), col, 1073741824), axis=1), axis=0)
         hit = col == pick
-        wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
+        if HAS_BIAS or N_GROUP > 1:  # weights from the unbiased, unmasked scores
+            wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
+        else:  # selection values are the scores themselves
+            wv = m
         taken = tl.where(hit, 1, taken)
         vals = tl.where(kr == t, wv, vals)
         ids = tl.where(kr == t, pick.to(tl.int64), ids)
