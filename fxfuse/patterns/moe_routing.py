@@ -652,7 +652,13 @@ class MoERouting:
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         consumed: set[fx.Node] = set()
         for node in reversed(list(graph.nodes)):
-            if node in consumed or not is_op(node, aten.topk.default) or not is_router_topk(node):
+            if node in consumed or not is_op(node, aten.topk.default):
+                continue
+            try:
+                candidate = is_router_topk(node)
+            except Exception:  # noqa: BLE001 - a pre-filter must never break the pass
+                candidate = False
+            if not candidate:
                 continue
             with ctx.candidate(FAMILY, node):
                 m = match_router(node)
