@@ -94,6 +94,21 @@ def make_deepseek(n_group: int, topk_group: int, k: int, scale: float = 2.5, ren
     return r_deepseek
 
 
+def r_deepseek_v2(h, wg, n_group: int = 4, topk_group: int = 2, k: int = 3, scale: float = 16.0):
+    """DeepSeek-V2 group_limited_greedy: softmax, group max, masked_fill 0.0, topk values, scale."""
+    logits = F.linear(h.type(torch.float32), wg.type(torch.float32))
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    M, E = scores.shape
+    group_scores = scores.view(M, n_group, -1).max(dim=-1).values
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(M, n_group, E // n_group).reshape(M, -1)
+    tmp = scores.masked_fill(~score_mask.bool(), 0.0)
+    w, ids = torch.topk(tmp, k=k, dim=-1, sorted=False)
+    return w * scale, ids
+
+
 # near misses ------------------------------------------------------------------
 
 
@@ -166,6 +181,7 @@ FORMS = {
     "softmax_bf16_scores": (r_softmax_input_dtype, dict(E=32, dtype=BF16), False),
     "topk_softmax": (r_topk_softmax, dict(E=8, dtype=BF16), False),
     "deepseek_grouped": (make_deepseek(4, 2, 4), dict(E=32, dtype=BF16, bias=True), True),
+    "deepseek_v2_group_max": (r_deepseek_v2, dict(E=32, dtype=BF16), True),
     "deepseek_two_groups_no_renorm": (make_deepseek(2, 1, 3, scale=1.0, renorm=False), dict(E=16, dtype=F32, bias=True), True),
 }
 
@@ -355,13 +371,13 @@ def test_vllm_topk_softmax_unwrapped_fuses() -> None:
 
 def _op_args(E: int, k: int, scoring: int, M: int = 5, seed: int = 0, ldt=F32, sdt=F32, bias=False,
              ng=1, tg=1, gscore=K.GROUP_TOP2_SUM, fill=float("-inf"), renorm=False, eps=0.0, scale=1.0,
-             vdt=None, odt=None, need_scores=False, device="cpu") -> tuple:
+             vdt=None, odt=None, need_scores=False, gather=True, device="cpu") -> tuple:
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(M, E, generator=g) * 2).to(ldt).to(device)
     b = (torch.randn(E, generator=g) * 0.1).to(device) if bias else None
     bdt = F32 if bias else sdt
     vdt = vdt or sdt
-    return (x, b, k, scoring, sdt, bdt, ng, tg, gscore, fill, renorm, eps, scale, vdt, odt or vdt, need_scores)
+    return (x, b, k, scoring, sdt, bdt, ng, tg, gscore, fill, renorm, eps, scale, vdt, odt or vdt, need_scores, gather)
 
 
 KERNEL_CASES = {
@@ -375,6 +391,8 @@ KERNEL_CASES = {
                                eps=1e-20, scale=2.5),
     "sigmoid_E96_g6_max_fill0": dict(E=96, k=5, scoring=K.SCORING_SIGMOID, bias=True, ng=6, tg=3,
                                      gscore=K.GROUP_MAX, fill=0.0, scale=16.0),
+    "softmax_grouped_values_fill0": dict(E=64, k=6, scoring=K.SCORING_SOFTMAX, ng=8, tg=2, gscore=K.GROUP_MAX,
+                                         fill=0.0, gather=False, scale=16.0),
     "sigmoid_nogroup_E64_k7": dict(E=64, k=7, scoring=K.SCORING_SIGMOID, bias=True, ldt=BF16, sdt=BF16),
 }
 

@@ -17,7 +17,7 @@ Semantics per token row (fp32 arithmetic, rounded to the graph's dtypes where th
         gs[g] = sum of the top-2 of sel in group g  (or max of the group)
         keep the topk_group best groups; sel = where(in kept group, sel, fill)
     ids = top-k of sel (k passes of max-then-mask; ties -> lowest index)
-    w = scores[ids]                                 (unbiased)
+    w = scores[ids] (gather_weights: unbiased, unmasked) | sel[ids] (the topk values)
     if scoring == topk_softmax: w = softmax(w) over the k values
     if renormalize: w = w / (sum(w) + eps)          (each step rounded to value_dtype)
     w = w * scale                                   (rounded to value_dtype)
@@ -151,6 +151,7 @@ def moe_routing_reference(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch oracle with the kernel's exact semantics (ties: lowest index); any device."""
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
@@ -177,8 +178,8 @@ def moe_routing_reference(
         keep = torch.zeros(M, n_group, dtype=torch.bool, device=x.device).scatter(1, gidx, True)
         keep = keep[:, :, None].expand(M, n_group, gsz).reshape(M, E)
         sel = torch.where(keep, sel, torch.tensor(fill, dtype=f32, device=x.device))
-    _, ids = _topk_lowest_index(sel, k)
-    w = s.gather(1, ids)
+    sv, ids = _topk_lowest_index(sel, k)
+    w = s.gather(1, ids) if gather_weights else sv
     if scoring == SCORING_TOPK_SOFTMAX:
         w = _rnd(torch.softmax(w, dim=-1), value_dtype)
     if renormalize:
@@ -205,7 +206,7 @@ def _moe_routing_kernel(
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
     G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
     RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NEED_SCORES: tl.constexpr, NATIVE: tl.constexpr,
+    NEED_SCORES: tl.constexpr, GATHER_W: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """One program per token. The row lives in registers as a [G_PAD, GS_PAD] tile (groups x
     experts per group; one group when ungrouped), so group reductions are along axis 1 and the
@@ -270,9 +271,9 @@ def _moe_routing_kernel(
         m = tl.max(tl.max(tl.where(cand, sel, NEG), axis=1), axis=0)
         pick = tl.min(tl.min(tl.where(cand & (sel == m), col, 1073741824), axis=1), axis=0)
         hit = col == pick
-        if HAS_BIAS or N_GROUP > 1:  # weights from the unbiased, unmasked scores
+        if GATHER_W:  # weights from the unbiased, unmasked scores
             wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
-        else:  # selection values are the scores themselves
+        else:  # the selected values themselves (== the scores without bias and groups)
             wv = m
         taken = tl.where(hit, 1, taken)
         vals = tl.where(kr == t, wv, vals)
@@ -313,6 +314,7 @@ def _meta(
     out_dtype: torch.dtype,
     need_scores: bool,
     num_warps: Optional[int],
+    gather_weights: bool = True,
 ) -> dict:
     """Constexpr kwargs + num_warps (pure Python on static shapes: fake-safe)."""
     E = logits.shape[1]
@@ -327,6 +329,7 @@ def _meta(
         G_PAD=triton.next_power_of_2(n_group), GS=gs, GS_PAD=triton.next_power_of_2(gs),
         RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
         NEED_SCORES=bool(need_scores),
+        GATHER_W=bool(gather_weights) and (bias is not None or n_group > 1),
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps if num_warps is not None else (1 if block <= 256 else 2),
     )
@@ -359,12 +362,13 @@ def moe_routing(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused router -> (weights [M, k], ids [M, k] int64, scores [M, E] or empty)."""
     if logits.device.type == "cpu":
         return _moe_routing_cpu(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group,
                                 group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
-                                need_scores)
+                                need_scores, gather_weights)
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
                value_dtype, out_dtype)
     if logits.stride(1) != 1:
@@ -373,7 +377,7 @@ def moe_routing(
         bias = bias.contiguous()
     w, ids, scores = _alloc(logits, k, score_dtype, out_dtype, need_scores)
     meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None)
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None, gather_weights)
     M = logits.shape[0]
     wrap_triton(_moe_routing_kernel)[(M,)](
         logits, bias if bias is not None else logits, w, ids, scores,
@@ -399,11 +403,12 @@ def _moe_routing_cpu(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
     w, ids, s = moe_routing_reference(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group,
                                       group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
-                                      need_scores)
+                                      need_scores, gather_weights)
     return w.clone(), ids.clone(), s.clone()
 
 
@@ -427,6 +432,7 @@ def moe_routing_triton(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
@@ -442,7 +448,7 @@ def moe_routing_triton(
         raise ValueError("moe_routing: logits rows must be contiguous (stride(1) == 1)")
     w, ids, scores = out if out is not None else _alloc(logits, k, score_dtype, out_dtype, need_scores)
     meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps)
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps, gather_weights)
     M = logits.shape[0]
     if M > 0:
         _moe_routing_kernel[(M,)](

@@ -75,6 +75,7 @@ class RouterMatch:
     ids: fx.Node | None = None
     sink: fx.Node | None = None  # the node holding the final weights
     need_scores: bool = False
+    gather_weights: bool = True
     nodes: set[fx.Node] = field(default_factory=set)
 
     @property
@@ -308,6 +309,18 @@ def _match_grouped(where: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int, i
     elif is_op(gscore, aten.amax.default) and _is_last_dim(gscore, gscore.args[1], False):
         view = gscore.args[0]
         gnodes.add(gscore)
+        method = GROUP_MAX
+    elif (
+        gscore.target is operator.getitem
+        and gscore.args[1] == 0
+        and is_op(gscore.args[0], aten.max.dim)
+        and _is_last_dim(gscore.args[0], gscore.args[0].args[1], False)
+    ):
+        mx = gscore.args[0]  # .max(dim=-1).values (its indices must be unused)
+        if len(mx.users) != 1:
+            raise Reject("the group max's indices are used")
+        view = mx.args[0]
+        gnodes |= {gscore, mx}
         method = GROUP_MAX
     else:
         raise Reject("group score is neither the top-2 sum nor the max of the group")
@@ -555,8 +568,7 @@ def match_router(topk: fx.Node) -> RouterMatch:
     else:
         if values is None or not values.users:
             raise Reject("the top-k weights are not used")
-        if n_group > 1 and (fill != float("-inf") or k > topk_group * (xv.shape[-1] // n_group)):
-            raise Reject("grouped weights read from masked scores that may include a filled value")
+        m.gather_weights = False  # the kernel returns the selected (masked) values, like topk
         w0 = values
     _extend_weights(m, w0)
     return m
@@ -623,7 +635,7 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
         k=k, scoring=m.scoring, score_dtype=m.score_dtype, biased_dtype=m.biased_dtype,
         n_group=m.n_group, topk_group=m.topk_group, group_score=m.group_score, fill=m.fill,
         renormalize=m.renormalize, renorm_eps=m.renorm_eps, scale=m.scale, value_dtype=m.value_dtype,
-        out_dtype=m.out_dtype, need_scores=m.need_scores,
+        out_dtype=m.out_dtype, need_scores=m.need_scores, gather_weights=m.gather_weights,
     )
     need_scores = m.need_scores
 
