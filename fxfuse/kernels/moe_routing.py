@@ -34,6 +34,7 @@ the largest value).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -86,6 +87,7 @@ def check_args(
     group_score: int,
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
+    fill: float = float("-inf"),
 ) -> None:
     """Raise ValueError on unsupported inputs (the FX side pre-checks the same things)."""
     if logits.dim() != 2:
@@ -108,6 +110,8 @@ def check_args(
             raise ValueError(f"moe_routing: bias must be a float [E={E}] vector, got {tuple(bias.shape)} {bias.dtype}")
         if bias.device != logits.device:
             raise ValueError("moe_routing: bias on a different device than logits")
+    if not (math.isfinite(fill) or fill == float("-inf")):
+        raise ValueError(f"moe_routing: fill {fill} must be finite or -inf")
     if n_group < 1 or E % n_group:
         raise ValueError(f"moe_routing: n_group={n_group} must divide E={E}")
     if n_group > 1:
@@ -155,7 +159,7 @@ def moe_routing_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch oracle with the kernel's exact semantics (ties: lowest index); any device."""
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-               value_dtype, out_dtype)
+               value_dtype, out_dtype, fill)
     f32 = torch.float32
     M, E = logits.shape
     x = logits.to(f32)
@@ -196,6 +200,11 @@ def moe_routing_reference(
 # ----------------------------------------------------------------------------- kernel
 
 
+def _finite_fill(fill: float) -> float:
+    """The runtime fill argument: -inf travels as the FILL_NINF constexpr instead."""
+    return 0.0 if float(fill) == float("-inf") else float(fill)
+
+
 @triton.jit
 def _moe_routing_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, scores_ptr,
@@ -206,7 +215,7 @@ def _moe_routing_kernel(
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
     G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
     RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NEED_SCORES: tl.constexpr, GATHER_W: tl.constexpr, NATIVE: tl.constexpr,
+    NEED_SCORES: tl.constexpr, GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """One program per token. The row lives in registers as a [G_PAD, GS_PAD] tile (groups x
     experts per group; one group when ungrouped), so group reductions are along axis 1 and the
@@ -260,7 +269,10 @@ def _moe_routing_kernel(
             gm = tl.max(tl.where(cand, gscore, NEG), axis=0)
             gsel = tl.min(tl.where(cand & (gscore == gm), gi, 1073741824), axis=0)
             gtaken = tl.where(gi == gsel, 1, gtaken)
-        sel = tl.where(gtaken[:, None] != 0, sel, fill)
+        if FILL_NINF:
+            sel = tl.where(gtaken[:, None] != 0, sel, NEG)
+        else:
+            sel = tl.where(gtaken[:, None] != 0, sel, fill)
 
     kr = tl.arange(0, K_PAD)
     vals = tl.zeros([K_PAD], dtype=tl.float32)
@@ -315,6 +327,7 @@ def _meta(
     need_scores: bool,
     num_warps: Optional[int],
     gather_weights: bool = True,
+    fill: float = 0.0,
 ) -> dict:
     """Constexpr kwargs + num_warps (pure Python on static shapes: fake-safe)."""
     E = logits.shape[1]
@@ -330,6 +343,7 @@ def _meta(
         RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
         NEED_SCORES=bool(need_scores),
         GATHER_W=bool(gather_weights) and (bias is not None or n_group > 1),
+        FILL_NINF=float(fill) == float("-inf"),  # -inf is a constexpr: no inf literal in generated code
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps if num_warps is not None else (1 if block <= 256 else 2),
     )
@@ -370,18 +384,18 @@ def moe_routing(
                                 group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
                                 need_scores, gather_weights)
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-               value_dtype, out_dtype)
+               value_dtype, out_dtype, fill)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     w, ids, scores = _alloc(logits, k, score_dtype, out_dtype, need_scores)
     meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None, gather_weights)
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None, gather_weights, fill)
     M = logits.shape[0]
     wrap_triton(_moe_routing_kernel)[(M,)](
         logits, bias if bias is not None else logits, w, ids, scores,
-        logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
+        logits.stride(0), _finite_fill(fill), float(renorm_eps), float(scale), **meta,
     )
     return w, ids, scores
 
@@ -443,17 +457,17 @@ def moe_routing_triton(
     the heuristic (benchmark sweeps).
     """
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-               value_dtype, out_dtype)
+               value_dtype, out_dtype, fill)
     if logits.stride(1) != 1:
         raise ValueError("moe_routing: logits rows must be contiguous (stride(1) == 1)")
     w, ids, scores = out if out is not None else _alloc(logits, k, score_dtype, out_dtype, need_scores)
     meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps, gather_weights)
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps, gather_weights, fill)
     M = logits.shape[0]
     if M > 0:
         _moe_routing_kernel[(M,)](
             logits, bias.contiguous() if bias is not None else logits, w, ids, scores,
-            logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
+            logits.stride(0), _finite_fill(fill), float(renorm_eps), float(scale), **meta,
         )
     return w, ids, scores
 

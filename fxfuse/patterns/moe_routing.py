@@ -14,6 +14,7 @@ construction), except a renormalize by something other than the sum, which is a 
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -602,6 +603,8 @@ def check(m: RouterMatch, gate: bool = True) -> None:
     for dt in (m.score_dtype, m.biased_dtype, m.value_dtype, m.out_dtype):
         if dt not in FLOAT_DTYPES:
             raise Reject(f"dtype {dt} not supported")
+    if not (math.isfinite(m.fill) or m.fill == float("-inf")):
+        raise Reject(f"masked experts filled with {m.fill}; only finite values or -inf supported")
     if m.n_group > 1 and m.group_score == GROUP_TOP2_SUM and E // m.n_group < 2:
         raise Reject("top-2 group score with fewer than 2 experts per group")
     if m.bias is not None:
