@@ -560,6 +560,22 @@ def test_gpu_compiled_kernel_in_output_code(name: str, monkeypatch: pytest.Monke
     assert_routing_close(out, ref, sort=unsorted)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_gpu_ties_carry_the_same_weights() -> None:
+    """Exact ties on CUDA: the chosen weights equal torch.topk's; prints whether the ids do too
+    (torch's CUDA radix select documents no tie order; the fused kernel takes the lowest index)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randint(0, 4, (256, 128), generator=g).float().cuda()
+    p = torch.softmax(logits, -1)
+    tw, ti = torch.topk(p, 8)
+    w, ids, _ = torch.ops.fxfuse.moe_routing(logits, None, 8, K.SCORING_SOFTMAX, F32, F32, 1, 1, 0,
+                                             float("-inf"), False, 0.0, 1.0, F32, F32, False)
+    torch.testing.assert_close(w, tw)
+    torch.testing.assert_close(p.gather(1, ids), w)
+    print(f"CUDA torch.topk ids equal to lowest-index ties: {(ids == ti).all(-1).float().mean().item():.3f} of rows")
+
+
 if __name__ == "__main__":
     if "--interp-json" in sys.argv:
         _interp_main()
