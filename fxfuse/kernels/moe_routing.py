@@ -17,7 +17,7 @@ Semantics per token row (fp32 arithmetic, rounded to the graph's dtypes where th
         gs[g] = sum of the top-2 of sel in group g  (or max of the group)
         keep the topk_group best groups; sel = where(in kept group, sel, fill)
     ids = top-k of sel (k passes of max-then-mask; ties -> lowest index)
-    w = scores[ids]                                 (unbiased)
+    w = scores[ids] (gather_weights: unbiased, unmasked) | sel[ids] (the topk values)
     if scoring == topk_softmax: w = softmax(w) over the k values
     if renormalize: w = w / (sum(w) + eps)          (each step rounded to value_dtype)
     w = w * scale                                   (rounded to value_dtype)
@@ -34,6 +34,7 @@ the largest value).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -86,6 +87,7 @@ def check_args(
     group_score: int,
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
+    fill: float = float("-inf"),
 ) -> None:
     """Raise ValueError on unsupported inputs (the FX side pre-checks the same things)."""
     if logits.dim() != 2:
@@ -108,6 +110,8 @@ def check_args(
             raise ValueError(f"moe_routing: bias must be a float [E={E}] vector, got {tuple(bias.shape)} {bias.dtype}")
         if bias.device != logits.device:
             raise ValueError("moe_routing: bias on a different device than logits")
+    if not (math.isfinite(fill) or fill == float("-inf")):
+        raise ValueError(f"moe_routing: fill {fill} must be finite or -inf")
     if n_group < 1 or E % n_group:
         raise ValueError(f"moe_routing: n_group={n_group} must divide E={E}")
     if n_group > 1:
@@ -151,10 +155,11 @@ def moe_routing_reference(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch oracle with the kernel's exact semantics (ties: lowest index); any device."""
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-               value_dtype, out_dtype)
+               value_dtype, out_dtype, fill)
     f32 = torch.float32
     M, E = logits.shape
     x = logits.to(f32)
@@ -177,8 +182,8 @@ def moe_routing_reference(
         keep = torch.zeros(M, n_group, dtype=torch.bool, device=x.device).scatter(1, gidx, True)
         keep = keep[:, :, None].expand(M, n_group, gsz).reshape(M, E)
         sel = torch.where(keep, sel, torch.tensor(fill, dtype=f32, device=x.device))
-    _, ids = _topk_lowest_index(sel, k)
-    w = s.gather(1, ids)
+    sv, ids = _topk_lowest_index(sel, k)
+    w = s.gather(1, ids) if gather_weights else sv
     if scoring == SCORING_TOPK_SOFTMAX:
         w = _rnd(torch.softmax(w, dim=-1), value_dtype)
     if renormalize:
@@ -195,6 +200,11 @@ def moe_routing_reference(
 # ----------------------------------------------------------------------------- kernel
 
 
+def _finite_fill(fill: float) -> float:
+    """The runtime fill argument: -inf travels as the FILL_NINF constexpr instead."""
+    return 0.0 if float(fill) == float("-inf") else float(fill)
+
+
 @triton.jit
 def _moe_routing_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, scores_ptr,
@@ -205,7 +215,7 @@ def _moe_routing_kernel(
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
     G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
     RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NEED_SCORES: tl.constexpr, NATIVE: tl.constexpr,
+    NEED_SCORES: tl.constexpr, GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """One program per token. The row lives in registers as a [G_PAD, GS_PAD] tile (groups x
     experts per group; one group when ungrouped), so group reductions are along axis 1 and the
@@ -219,7 +229,6 @@ def _moe_routing_kernel(
     col = g * GS + j  # expert index
     valid = (g < N_GROUP) & (j < GS)
     NEG = float("-inf")
-    BIG: tl.constexpr = 1 << 30
 
     x = tl.load(logits_ptr + row * stride_l + col, mask=valid, other=0.0).to(tl.float32)
     if SCORING == 0:
@@ -248,7 +257,7 @@ def _moe_routing_kernel(
         gi = tl.arange(0, G_PAD)
         g1 = tl.max(sel, axis=1)  # [G_PAD]
         if GROUP_SCORE == 0:
-            i1 = tl.min(tl.where(valid & (sel == g1[:, None]), j, BIG), axis=1)
+            i1 = tl.min(tl.where(valid & (sel == g1[:, None]), j, 1073741824), axis=1)
             g2 = tl.max(tl.where(valid & (j != i1[:, None]), sel, NEG), axis=1)
             gscore = g1 + g2
         else:
@@ -258,9 +267,12 @@ def _moe_routing_kernel(
         for _t in tl.static_range(TOPK_GROUP):
             cand = gvalid & (gtaken == 0)
             gm = tl.max(tl.where(cand, gscore, NEG), axis=0)
-            gsel = tl.min(tl.where(cand & (gscore == gm), gi, BIG), axis=0)
+            gsel = tl.min(tl.where(cand & (gscore == gm), gi, 1073741824), axis=0)
             gtaken = tl.where(gi == gsel, 1, gtaken)
-        sel = tl.where(gtaken[:, None] != 0, sel, fill)
+        if FILL_NINF:
+            sel = tl.where(gtaken[:, None] != 0, sel, NEG)
+        else:
+            sel = tl.where(gtaken[:, None] != 0, sel, fill)
 
     kr = tl.arange(0, K_PAD)
     vals = tl.zeros([K_PAD], dtype=tl.float32)
@@ -269,9 +281,12 @@ def _moe_routing_kernel(
     for t in tl.static_range(K):
         cand = valid & (taken == 0)
         m = tl.max(tl.max(tl.where(cand, sel, NEG), axis=1), axis=0)
-        pick = tl.min(tl.min(tl.where(cand & (sel == m), col, BIG), axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where(cand & (sel == m), col, 1073741824), axis=1), axis=0)
         hit = col == pick
-        wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
+        if GATHER_W:  # weights from the unbiased, unmasked scores
+            wv = tl.max(tl.max(tl.where(hit, s, NEG), axis=1), axis=0)
+        else:  # the selected values themselves (== the scores without bias and groups)
+            wv = m
         taken = tl.where(hit, 1, taken)
         vals = tl.where(kr == t, wv, vals)
         ids = tl.where(kr == t, pick.to(tl.int64), ids)
@@ -311,6 +326,8 @@ def _meta(
     out_dtype: torch.dtype,
     need_scores: bool,
     num_warps: Optional[int],
+    gather_weights: bool = True,
+    fill: float = 0.0,
 ) -> dict:
     """Constexpr kwargs + num_warps (pure Python on static shapes: fake-safe)."""
     E = logits.shape[1]
@@ -325,6 +342,8 @@ def _meta(
         G_PAD=triton.next_power_of_2(n_group), GS=gs, GS_PAD=triton.next_power_of_2(gs),
         RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
         NEED_SCORES=bool(need_scores),
+        GATHER_W=bool(gather_weights) and (bias is not None or n_group > 1),
+        FILL_NINF=float(fill) == float("-inf"),  # -inf is a constexpr: no inf literal in generated code
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps if num_warps is not None else (1 if block <= 256 else 2),
     )
@@ -357,25 +376,26 @@ def moe_routing(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused router -> (weights [M, k], ids [M, k] int64, scores [M, E] or empty)."""
     if logits.device.type == "cpu":
         return _moe_routing_cpu(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group,
                                 group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
-                                need_scores)
+                                need_scores, gather_weights)
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-               value_dtype, out_dtype)
+               value_dtype, out_dtype, fill)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     w, ids, scores = _alloc(logits, k, score_dtype, out_dtype, need_scores)
     meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None)
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None, gather_weights, fill)
     M = logits.shape[0]
     wrap_triton(_moe_routing_kernel)[(M,)](
-        logits, bias if bias is not None else logits, w, ids, scores if need_scores else w,
-        logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
+        logits, bias if bias is not None else logits, w, ids, scores,
+        logits.stride(0), _finite_fill(fill), float(renorm_eps), float(scale), **meta,
     )
     return w, ids, scores
 
@@ -397,11 +417,12 @@ def _moe_routing_cpu(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
     w, ids, s = moe_routing_reference(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group,
                                       group_score, fill, renormalize, renorm_eps, scale, value_dtype, out_dtype,
-                                      need_scores)
+                                      need_scores, gather_weights)
     return w.clone(), ids.clone(), s.clone()
 
 
@@ -425,6 +446,7 @@ def moe_routing_triton(
     value_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_scores: bool,
+    gather_weights: bool = True,
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
@@ -435,17 +457,17 @@ def moe_routing_triton(
     the heuristic (benchmark sweeps).
     """
     check_args(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-               value_dtype, out_dtype)
+               value_dtype, out_dtype, fill)
     if logits.stride(1) != 1:
         raise ValueError("moe_routing: logits rows must be contiguous (stride(1) == 1)")
     w, ids, scores = out if out is not None else _alloc(logits, k, score_dtype, out_dtype, need_scores)
     meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps)
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps, gather_weights, fill)
     M = logits.shape[0]
     if M > 0:
         _moe_routing_kernel[(M,)](
-            logits, bias.contiguous() if bias is not None else logits, w, ids, scores if need_scores else w,
-            logits.stride(0), float(fill), float(renorm_eps), float(scale), **meta,
+            logits, bias.contiguous() if bias is not None else logits, w, ids, scores,
+            logits.stride(0), _finite_fill(fill), float(renorm_eps), float(scale), **meta,
         )
     return w, ids, scores
 

@@ -14,6 +14,7 @@ construction), except a renormalize by something other than the sum, which is a 
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,7 @@ class RouterMatch:
     ids: fx.Node | None = None
     sink: fx.Node | None = None  # the node holding the final weights
     need_scores: bool = False
+    gather_weights: bool = True
     nodes: set[fx.Node] = field(default_factory=set)
 
     @property
@@ -276,6 +278,11 @@ def _match_grouped(where: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int, i
         raise Reject("masked experts are not filled with a constant")
     if isinstance(fill_node, fx.Node):
         gnodes.add(fill_node)
+    sdt = tval(sel).dtype if isinstance(sel, fx.Node) else None
+    if sdt != wv.dtype:
+        raise Reject(f"masking changes the scores' dtype ({sdt} -> {wv.dtype})")
+    if torch.tensor(fill, dtype=torch.float32).to(sdt).item() != fill and fill == fill:
+        raise Reject(f"fill value {fill} is not exact in {sdt}")
     if not (gidx.target is operator.getitem and gidx.args[1] == 1 and is_op(gidx.args[0], aten.topk.default)):
         raise Reject("group mask indices do not come from a topk over group scores")
     gtopk = gidx.args[0]
@@ -303,6 +310,18 @@ def _match_grouped(where: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int, i
     elif is_op(gscore, aten.amax.default) and _is_last_dim(gscore, gscore.args[1], False):
         view = gscore.args[0]
         gnodes.add(gscore)
+        method = GROUP_MAX
+    elif (
+        gscore.target is operator.getitem
+        and gscore.args[1] == 0
+        and is_op(gscore.args[0], aten.max.dim)
+        and _is_last_dim(gscore.args[0], gscore.args[0].args[1], False)
+    ):
+        mx = gscore.args[0]  # .max(dim=-1).values (its indices must be unused)
+        if len(mx.users) != 1:
+            raise Reject("the group max's indices are used")
+        view = mx.args[0]
+        gnodes |= {gscore, mx}
         method = GROUP_MAX
     else:
         raise Reject("group score is neither the top-2 sum nor the max of the group")
@@ -550,8 +569,7 @@ def match_router(topk: fx.Node) -> RouterMatch:
     else:
         if values is None or not values.users:
             raise Reject("the top-k weights are not used")
-        if n_group > 1 and (fill != float("-inf") or k > topk_group * (xv.shape[-1] // n_group)):
-            raise Reject("grouped weights read from masked scores that may include a filled value")
+        m.gather_weights = False  # the kernel returns the selected (masked) values, like topk
         w0 = values
     _extend_weights(m, w0)
     return m
@@ -585,6 +603,8 @@ def check(m: RouterMatch, gate: bool = True) -> None:
     for dt in (m.score_dtype, m.biased_dtype, m.value_dtype, m.out_dtype):
         if dt not in FLOAT_DTYPES:
             raise Reject(f"dtype {dt} not supported")
+    if not (math.isfinite(m.fill) or m.fill == float("-inf")):
+        raise Reject(f"masked experts filled with {m.fill}; only finite values or -inf supported")
     if m.n_group > 1 and m.group_score == GROUP_TOP2_SUM and E // m.n_group < 2:
         raise Reject("top-2 group score with fewer than 2 experts per group")
     if m.bias is not None:
@@ -618,7 +638,7 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
         k=k, scoring=m.scoring, score_dtype=m.score_dtype, biased_dtype=m.biased_dtype,
         n_group=m.n_group, topk_group=m.topk_group, group_score=m.group_score, fill=m.fill,
         renormalize=m.renormalize, renorm_eps=m.renorm_eps, scale=m.scale, value_dtype=m.value_dtype,
-        out_dtype=m.out_dtype, need_scores=m.need_scores,
+        out_dtype=m.out_dtype, need_scores=m.need_scores, gather_weights=m.gather_weights,
     )
     need_scores = m.need_scores
 
@@ -647,7 +667,13 @@ class MoERouting:
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         consumed: set[fx.Node] = set()
         for node in reversed(list(graph.nodes)):
-            if node in consumed or not is_op(node, aten.topk.default) or not is_router_topk(node):
+            if node in consumed or not is_op(node, aten.topk.default):
+                continue
+            try:
+                candidate = is_router_topk(node)
+            except Exception:  # noqa: BLE001 - a pre-filter must never break the pass
+                candidate = False
+            if not candidate:
                 continue
             with ctx.candidate(FAMILY, node):
                 m = match_router(node)
