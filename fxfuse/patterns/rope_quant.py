@@ -676,12 +676,10 @@ def check(m: RopeMatch) -> None:
 
 
 def scheme_name(ms: list[RopeMatch]) -> str:
+    """Gate key: rope | rope_fp8_static | rope_fp8_dynamic, with _qknorm when the norm is fused."""
     kinds = {mm.quant.scheme if mm.quant else QUANT_NONE for mm in ms}
-    if QUANT_DYNAMIC in kinds:
-        return "rope_fp8_dynamic"
-    if QUANT_STATIC in kinds:
-        return "rope_fp8_static"
-    return "rope"
+    base = "rope_fp8_dynamic" if QUANT_DYNAMIC in kinds else "rope_fp8_static" if QUANT_STATIC in kinds else "rope"
+    return base + ("_qknorm" if any(mm.norm is not None for mm in ms) else "")
 
 
 def _same_factor(a: fx.Node, b: fx.Node) -> bool:
