@@ -271,6 +271,32 @@ def test_qk_norm_fuses_into_the_rope_kernel():
         assert ((o.double() - r.double()).norm() / r.double().norm()).item() < 2e-3
 
 
+def kv_write_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
+    """RoPE then a KV-cache write by slot (index_put_ into graph-input caches, flat and paged)."""
+    cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    k_cache[slots] = ke  # flat [num_slots, H, D]
+    v_cache.view(-1, *v.shape[1:])[slots] = v  # paged [blocks, block_size, H, D]
+    return qe
+
+
+def test_kv_cache_write_stays_correct():
+    """The cache write itself is not fused yet: RoPE fuses, the writes stay, caches equal eager's."""
+    q, k, c, s, pos, _ = table_inputs(seed=13)
+    v = torch.randn_like(k)
+    slots = torch.randperm(32)[: q.shape[0]]
+    caches = (torch.randn(32, 2, 32).to(BF16), torch.randn(4, 8, 2, 32).to(BF16))
+    eager_caches = tuple(t.clone() for t in caches)
+    with torch.no_grad():
+        ref = kv_write_model(q, k, v, c, s, pos, slots, *eager_caches)
+    out, _ = compile_and_run(kv_write_model, (q, k, v, c, s, pos, slots, *caches))
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    check_close((out,), (ref,))
+    for got, want in zip(caches, eager_caches):
+        assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------ forms that must NOT fuse (or not together)
 def wrong_rotation(q, k, cos, sin, scale):
     def rot(x):
