@@ -37,7 +37,7 @@ from fxfuse.kernels import rope_quant as K  # noqa: E402
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SHAPES = {"llama3_8b": dict(hq=32, hk=8, d=128, rot=128), "qwen3.5": dict(hq=16, hk=2, d=256, rot=64)}
-SCHEMES = ("rope", "rope_fp8_static", "rope_fp8_dynamic")
+SCHEMES = ("rope", "rope_fp8_static", "rope_fp8_dynamic", "rope_qknorm")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,29 @@ def form_rope_fp8_dynamic(q, k, cos, sin, qs, ks):
     return (*_dynamic(qe), *_dynamic(ke))
 
 
+def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Qwen3RMSNorm over head_dim."""
+    v = x.float()
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return w * v.to(x.dtype)
+
+
+def form_rope_qknorm(q, k, cos, sin, qs, ks):
+    """Qwen3 attention prologue: q_norm/k_norm per head on [B, S, H, D], transpose, RoPE (bf16 out).
+
+    qs/ks carry the norm weights here ([D] bf16) instead of fp8 scales."""
+    qn = _rms(q.transpose(1, 2), qs).transpose(1, 2)
+    kn = _rms(k.transpose(1, 2), ks).transpose(1, 2)
+    return form_rope(qn, kn, cos, sin, qs, ks)
+
+
 FORMS: dict[str, Callable[..., tuple]] = {
     "rope": form_rope, "rope_fp8_static": form_rope_fp8_static, "rope_fp8_dynamic": form_rope_fp8_dynamic,
+    "rope_qknorm": form_rope_qknorm,
 }
 
 
-def make_inputs(shape: str, M: int, dev: str) -> tuple:
+def make_inputs(shape: str, M: int, dev: str, scheme: str = "rope") -> tuple:
     """HF layout: B=1, S=M, projections viewed as [B, H, S, D]; fresh random data, never zeros."""
     c = SHAPES[shape]
     dt = torch.bfloat16
@@ -94,23 +111,27 @@ def make_inputs(shape: str, M: int, dev: str) -> tuple:
     emb = torch.cat((ang, ang), -1)
     qs = torch.tensor(0.02, device=dev)
     ks = torch.tensor(0.03, device=dev)
+    if scheme == "rope_qknorm":
+        qs = (1 + 0.2 * torch.randn(c["d"], device=dev)).to(dt)
+        ks = (1 + 0.2 * torch.randn(c["d"], device=dev)).to(dt)
     return q, k, emb.cos().to(dt), emb.sin().to(dt), qs, ks
 
 
 def op_args(scheme: str, fargs: tuple) -> tuple:
     q, k, cos, sin, qs, ks = fargs
     rot = cos.shape[-1]
-    quant = {"rope": 0, "rope_fp8_static": 1, "rope_fp8_dynamic": 2}[scheme]
+    quant = {"rope": 0, "rope_fp8_static": 1, "rope_fp8_dynamic": 2, "rope_qknorm": 0}[scheme]
+    norm = dict(q_norm_w=qs, k_norm_w=ks, norm_dtype=torch.bfloat16) if scheme == "rope_qknorm" else {}
     ops, consts = ([K.SCALE_CODES[1], K.SCALE_CODES[3]], [FP8_MAX, 1e-6]) if quant == 2 else ([], [])
     return (q.transpose(1, 2), k.transpose(1, 2), cos.reshape(-1, rot), sin.reshape(-1, rot), None,
             qs.reshape(1) if quant == 1 else None, ks.reshape(1) if quant == 1 else None, rot, True, False,
             torch.bfloat16, quant, 1.0, ops, consts, False, quant, 1.0, ops, consts, False, -FP8_MAX, FP8_MAX,
-            quant == 0, quant == 0, [0, 2, 1], [0, 2, 1])
+            quant == 0, quant == 0, [0, 2, 1], [0, 2, 1]), norm
 
 
 def case_bytes(shape: str, scheme: str, M: int) -> int:
     c = SHAPES[shape]
-    qz = scheme != "rope"
+    qz = scheme not in ("rope", "rope_qknorm")
     return K.bytes_moved(M, c["hq"], c["hk"], c["d"], torch.bfloat16, c["rot"], q_quant=qz, k_quant=qz,
                          need_rope=not qz)
 
@@ -170,16 +191,17 @@ def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbp
             fused = torch.compile(form, options={"post_grad_custom_pre_pass": fx_pass})
             for M in Ms:
                 t0 = time.time()
-                fargs = make_inputs(shape, M, dev)
-                oargs = op_args(scheme, fargs)
+                fargs = make_inputs(shape, M, dev, scheme)
+                oargs, okw = op_args(scheme, fargs)
                 nbytes = case_bytes(shape, scheme, M)
                 row: dict[str, Any] = dict(shape=shape, scheme=scheme, M=M, head_dim=SHAPES[shape]["d"],
                                            bytes=nbytes, us={}, err={}, notes=[])
                 ref = form(*fargs)
                 fxfuse.counters.clear()
+                fxfuse.report.clear()
                 for vname, fn in (("eager", lambda: form(*fargs)), ("compile", lambda: stock(*fargs)),
                                   ("fused", lambda: fused(*fargs)),
-                                  ("op", lambda: torch.ops.fxfuse.rope_quant(*oargs))):
+                                  ("op", lambda: torch.ops.fxfuse.rope_quant(*oargs, **okw))):
                     try:
                         if vname == "fused":
                             out, inl, nlaunch = _compiled(fused, fargs)
@@ -187,6 +209,7 @@ def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbp
                                 row["fused_kernel_in_code"] = inl
                                 row["fused_launches"] = nlaunch
                             row["fused_regions"] = fxfuse.counters["rope_quant"]
+                            row["fused_detail"] = [f.detail for f in fxfuse.report().fusions]
                         elif vname == "compile":
                             out, _, nlaunch = _compiled(stock, fargs)
                             row["compile_launches"] = nlaunch
@@ -262,7 +285,8 @@ def main() -> None:
     if args.dry_run:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         rows = run([1, 5], list(SHAPES), list(SCHEMES), 1, 0.0, dev, dry=True)
-        bad = [r for r in rows if r["notes"] or r.get("fused_regions") != 1 or (r["err"].get("fused") or 0) > 0.05]
+        bad = [r for r in rows if r["notes"] or r.get("fused_regions") != 1 or (r["err"].get("fused") or 0) > 0.05
+               or (r["scheme"] == "rope_qknorm" and not any("+qk_norm" in d for d in r.get("fused_detail", [])))]
         for r in bad:
             print("[dry-run] problem:", r["shape"], r["scheme"], r["M"], r["notes"], r.get("fused_regions"), r["err"])
         print(f"[dry-run] {len(rows)} cases, {len(bad)} problems")

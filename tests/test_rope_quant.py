@@ -271,6 +271,32 @@ def test_qk_norm_fuses_into_the_rope_kernel():
         assert ((o.double() - r.double()).norm() / r.double().norm()).item() < 2e-3
 
 
+def kv_write_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
+    """RoPE then a KV-cache write by slot (index_put_ into graph-input caches, flat and paged)."""
+    cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    k_cache[slots] = ke  # flat [num_slots, H, D]
+    v_cache.view(-1, *v.shape[1:])[slots] = v  # paged [blocks, block_size, H, D]
+    return qe
+
+
+def test_kv_cache_write_stays_correct():
+    """The cache write itself is not fused yet: RoPE fuses, the writes stay, caches equal eager's."""
+    q, k, c, s, pos, _ = table_inputs(seed=13)
+    v = torch.randn_like(k)
+    slots = torch.randperm(32)[: q.shape[0]]
+    caches = (torch.randn(32, 2, 32).to(BF16), torch.randn(4, 8, 2, 32).to(BF16))
+    eager_caches = tuple(t.clone() for t in caches)
+    with torch.no_grad():
+        ref = kv_write_model(q, k, v, c, s, pos, slots, *eager_caches)
+    out, _ = compile_and_run(kv_write_model, (q, k, v, c, s, pos, slots, *caches))
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    check_close((out,), (ref,))
+    for got, want in zip(caches, eager_caches):
+        assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------ forms that must NOT fuse (or not together)
 def wrong_rotation(q, k, cos, sin, scale):
     def rot(x):
@@ -534,3 +560,67 @@ def test_gpu_kernel_matches_reference_bitwise():
             assert (a.float() != b.float()).float().mean().item() < 1e-3
         else:
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------ _C_cache_ops::reshape_and_cache_flash unwrap
+CACHE_NS = "fxfuse_rope_cache_test"
+_cache_lib = torch.library.Library(CACHE_NS, "DEF")
+_cache_lib.define(
+    "reshape_and_cache_flash(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+    "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()"
+)
+
+
+def _ref_cache(key, value, key_cache, value_cache, slots, kv_cache_dtype, k_scale, v_scale):
+    """Written independently of the shipped decomposition: a per-token loop, skipping slot < 0."""
+    for c, x, sc in ((key_cache, key, k_scale), (value_cache, value, v_scale)):
+        flat = c.view(-1, *c.shape[-2:])
+        for t in range(slots.shape[0]):
+            s = int(slots[t])
+            if s < 0:
+                continue
+            if kv_cache_dtype == "auto":
+                flat[s] = x[t].to(c.dtype)
+            else:
+                q8 = (x[t].float() / sc).clamp(-448.0, 448.0).to(FP8)
+                flat[s] = q8.view(torch.uint8) if c.dtype == torch.uint8 else q8
+
+
+_cache_lib.impl("reshape_and_cache_flash", _ref_cache, "CPU")
+torch.library.register_fake(f"{CACHE_NS}::reshape_and_cache_flash", lambda *a, **k: None, lib=_cache_lib)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype):
+    from fxfuse.patterns import unwrap as unwrap_mod
+    from fxfuse.patterns import unwrap_builtin
+
+    added = unwrap_builtin.register_builtins({"_C_cache_ops": CACHE_NS})
+    try:
+        assert added == [f"{CACHE_NS}::reshape_and_cache_flash.default"], added
+        op = getattr(torch.ops, CACHE_NS).reshape_and_cache_flash
+
+        def fn(q, k, v, cos_cached, sin_cached, pos, slots, kc, vc, ks, vs):
+            cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+            qe = q * cos + rotate_half(q) * sin
+            ke = k * cos + rotate_half(k) * sin
+            op(ke, v, kc, vc, slots, kv_dtype, ks, vs)
+            return qe
+
+        q, k, c, s, pos, _ = table_inputs(T=6, seed=14)
+        v = torch.randn_like(k)
+        slots = torch.tensor([5, -1, 0, 11, -1, 3])  # padded tokens (-1) write nothing
+        cdt = BF16 if kv_dtype == "auto" else torch.uint8
+        kc = torch.randint(0, 200, (3, 4, 2, 32), dtype=torch.uint8) if cdt == torch.uint8 else torch.randn(3, 4, 2, 32).to(cdt)
+        vc = kc.clone()
+        scales = (torch.tensor([0.05]), torch.tensor([0.1]))
+        eager = [kc.clone(), vc.clone()]
+        with torch.no_grad():
+            ref = fn(q, k, v, c, s, pos, slots, *eager, *scales)
+        out, _ = compile_and_run(fn, (q, k, v, c, s, pos, slots, kc, vc, *scales))
+        assert fxfuse.counters["unwrap"] == 1 and fxfuse.counters["rope_quant"] == 1, (fxfuse.report().format(verbose=True), fxfuse.report().graphs[0].errors)
+        check_close((out,), (ref,))
+        assert torch.equal(kc, eager[0]) and torch.equal(vc, eager[1])
+    finally:
+        for key in added:
+            unwrap_mod.unregister_unwrap(key)

@@ -11,6 +11,22 @@ The kernel sees each tensor as a 4-D `[B, S, H, D]` view (permute, no copy), so 
 `[B, H, S, D]` transposed projections and token-major `[T, H, D]` tensors both work. cos/sin
 are passed as `[M, rot]` rows; when they are gathered from a table by a positions tensor
 (`table[pos]`, `index_select`, `embedding`) the kernel gathers the rows itself.
+
+Forms: HF `rotate_half` (cat(-x2, x1)), HF GPT-J `rotate_every_two` (stack(-x_odd, x_even).flatten),
+and the explicit-halves form (x1*cos - x2*sin, x2*cos + x1*sin; cat or stack) that vLLM's
+`_C::rotary_embedding` unwraps to; partial rotary (cat with the pass-through part); QK-norm
+(a per-head RMSNorm over head_dim, through a transpose) computed in the same kernel.
+
+KV-cache write (not fused yet; the write stays with Inductor and stays correct, see
+tests/test_rope_quant.py::test_kv_cache_write_stays_correct). Chosen design for it: a second
+`triton_op` with `mutates_args=("k_cache", "v_cache")` that also stores k (rope'd, fp8 or not)
+and v at `slots`, inserted by tracing the replacement with `functionalize=True`. On CUDA that
+gives `triton_kernel_wrapper_functional(..., tensors_to_clone=[caches])` whose outputs replace
+the `index_put` results feeding the graph's final `copy_` into the cache inputs; Inductor's
+reinplace pass (which runs after this pre-pass) drops the clone because the cache is a graph
+input that is only copied back, so no full-cache copy is paid. On CPU the same trace gives
+`auto_functionalized_v2`, decomposed by Inductor. An op returning an updated cache copy would
+be simpler but costs a full cache copy per step, so it was rejected.
 """
 
 from __future__ import annotations
@@ -677,12 +693,10 @@ def check(m: RopeMatch) -> None:
 
 
 def scheme_name(ms: list[RopeMatch]) -> str:
+    """Gate key: rope | rope_fp8_static | rope_fp8_dynamic, with _qknorm when the norm is fused."""
     kinds = {mm.quant.scheme if mm.quant else QUANT_NONE for mm in ms}
-    if QUANT_DYNAMIC in kinds:
-        return "rope_fp8_dynamic"
-    if QUANT_STATIC in kinds:
-        return "rope_fp8_static"
-    return "rope"
+    base = "rope_fp8_dynamic" if QUANT_DYNAMIC in kinds else "rope_fp8_static" if QUANT_STATIC in kinds else "rope"
+    return base + ("_qknorm" if any(mm.norm is not None for mm in ms) else "")
 
 
 def _same_factor(a: fx.Node, b: fx.Node) -> bool:

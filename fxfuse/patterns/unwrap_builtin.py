@@ -116,6 +116,54 @@ def rotary_embedding(
         key.copy_(_rope(key, cos, sin, n_tok, head_size, is_neox))
 
 
+def _cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor) -> None:
+    """Write token rows of x into cache rows `slots` (flat view of [blocks, block_size, H, D]).
+
+    A negative slot (padding) writes nothing. Without data-dependent shapes that is done by
+    pointing padded rows at the first valid token's slot *with that token's value* (duplicate
+    writes of one value are deterministic), or, when no token is valid, at row 0 with row 0's
+    own old value. fp8 caches (kv_cache_dtype "fp8"/"fp8_e4m3", stored as fp8 or uint8) hold
+    saturate(x / scale) in e4m3.
+    """
+    H, D = cache.shape[-2], cache.shape[-1]
+    flat = cache.view(-1, H, D)
+    n = slots.shape[0]
+    x = x.reshape(-1, H, D)[:n]
+    if kv_cache_dtype == "auto":
+        val = x.to(cache.dtype)
+    elif kv_cache_dtype in ("fp8", "fp8_e4m3") and cache.dtype in (torch.uint8, torch.float8_e4m3fn):
+        q = (x.float() / scale.float().reshape(())).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        val = q.view(torch.uint8)
+        if cache.dtype == torch.float8_e4m3fn:
+            flat = flat.view(torch.uint8)
+    else:
+        raise NotImplementedError(f"kv_cache_dtype {kv_cache_dtype!r} with a {cache.dtype} cache")
+    valid = slots >= 0
+    any_valid = valid.any()
+    first = valid.to(torch.int32).argmax().reshape(1)  # a tensor index: no data-dependent int
+    rows = torch.arange(n, device=slots.device)
+    src = torch.where(valid, rows, torch.where(any_valid, first, n))  # row n = "keep row 0 as is"
+    idx = torch.where(valid, slots, torch.where(any_valid, slots.index_select(0, first), 0))
+    vals = torch.cat((val, flat[:1]), dim=0)[src]
+    flat.index_put_((idx.long(),), vals)
+
+
+def reshape_and_cache_flash(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> None:
+    """_C_cache_ops::reshape_and_cache_flash: key/value [T, H, D] rows into caches
+    [num_blocks, block_size, H, D] at slot = block * block_size + offset; slot < 0 is skipped."""
+    _cache_write(key_cache, key, slot_mapping, kv_cache_dtype, k_scale)
+    _cache_write(value_cache, value, slot_mapping, kv_cache_dtype, v_scale)
+
+
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     """_C::silu_and_mul: out <- silu(input[..., :d]) * input[..., d:], d = last dim / 2."""
     d = input.shape[-1] // 2
@@ -155,6 +203,7 @@ BUILTINS: list[Spec] = [
     ("_C", "rotary_embedding", (T, TW, OTW, "int", T, "bool"), rotary_embedding),
     ("_C", "silu_and_mul", (TW, T), silu_and_mul),
     ("_moe_C", "topk_softmax", (TW, TW, TW, T, "bool"), topk_softmax),
+    ("_C_cache_ops", "reshape_and_cache_flash", (T, T, TW, TW, T, "str", T, T), reshape_and_cache_flash),
 ]
 
 _registered: dict[str, Callable[..., None]] = {}  # qualified overload name -> builtin we put there
