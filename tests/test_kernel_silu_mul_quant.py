@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fxfuse.kernels import silu_mul_quant as K  # noqa: E402
-from fxfuse.kernels.quant_common import SCALE_CLAMP_MIN, SCALE_DIV, SCALE_MUL, SCALE_RECIP  # noqa: E402
+from fxfuse.kernels.quant_common import SCALE_CLAMP_MAX, SCALE_CLAMP_MIN, SCALE_DIV, SCALE_MUL, SCALE_RECIP  # noqa: E402
 
 FP8, I8 = torch.float8_e4m3fn, torch.int8
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -43,7 +43,7 @@ TORCHAO = dict(scheme=1, gs=0, ops=[SCALE_CLAMP_MIN, 2, SCALE_RECIP], consts=[1e
 
 def _case(cid: str, *, dtype: torch.dtype, M: int, inter: int, act: int = K.ACT_SILU, merged: bool = False,
           act_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, **q: Any) -> dict[str, Any]:
-    base = dict(gs=64, rint=False, scale_t=False, ssv=0.05, qmul=False)
+    base = dict(gs=64, rint=False, scale_t=False, ssv=0.05, qmul=False, ub=None, ub_slot=-1)
     base.update(q)
     return dict(id=cid, dtype=dtype, M=M, inter=inter, act=act, merged=merged,
                 act_dtype=act_dtype or dtype, out_dtype=out_dtype or dtype, **base)
@@ -58,6 +58,9 @@ INTERP_CASES = [
     _case("static_int8_f32", dtype=F32, M=4, inter=96, **STATIC_I8),
     _case("tok_int8_bf16_gelu_merged", dtype=BF16, M=3, inter=128, act=K.ACT_GELU_TANH, merged=True, **TOKEN_I8),
     _case("torchao_bf16_f32act", dtype=BF16, M=3, inter=128, act_dtype=F32, **TORCHAO, qmul=True),
+    # vLLM per-token with scale_ub: min(amax, ub) / 448, clamped to 1 / (448 * 512)
+    _case("tok_scale_ub_bf16", dtype=BF16, M=4, inter=128, scheme=1, gs=0, ops=[SCALE_CLAMP_MAX, SCALE_DIV, SCALE_CLAMP_MIN],
+          consts=[0.0, 448.0, 1.0 / (448.0 * 512.0)], qd=FP8, qmin=-448.0, qmax=448.0, ub=2.0, ub_slot=0),
     _case("static_literal_fp8", dtype=BF16, M=2, inter=64, scheme=0, gs=0, ops=[SCALE_MUL], consts=[2.0], qd=FP8,
           qmin=-448.0, qmax=448.0),
 ]
@@ -78,7 +81,8 @@ def make_inputs(case: dict[str, Any], device: str = "cpu", seed: int = 0):
 def op_args(case: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
     return (*make_inputs(case, device, seed), case["act"], case["act_dtype"], case["out_dtype"], case["qd"],
             case["scheme"], case["gs"], case["ssv"], case["ops"], case["consts"], case["qmul"], case["qmin"],
-            case["qmax"], case["rint"])
+            case["qmax"], case["rint"],
+            None if case["ub"] is None else torch.tensor([case["ub"]], device=device), case["ub_slot"])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from .quant_common import (
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
+    load_ub as _load_ub,
     quantize as _quantize,
     quantize_reference,
     round_to as _round_to,
@@ -170,12 +171,14 @@ def silu_mul_quant_reference(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch oracle (any device): (q [M, I], scales [1] | [M] | [M, I/g])."""
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops, scale_consts)
     y = act_mul_reference(x, up, act, act_dtype, out_dtype)
     return quantize_reference(y, scheme, group_size, scale, static_scale_value, scale_ops, scale_consts,
-                              quant_mul, qmin, qmax, round_to_int, quant_dtype)
+                              quant_mul, qmin, qmax, round_to_int, quant_dtype, scale_ub, ub_slot)
 
 
 # ----------------------------------------------------------------------------
@@ -197,12 +200,12 @@ def _act(g, ACT: tl.constexpr):
 
 @triton.jit
 def _silu_mul_quant_kernel(
-    g_ptr, u_ptr, scale_ptr, q_ptr, s_out_ptr,
+    g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr,
     stride_g, stride_u, stride_q, u_off,
     INTER, NG,
     static_scale_value, c0, c1, c2, c3, qmin, qmax,
     ACT: tl.constexpr, ACT_DT: tl.constexpr, OUT_DT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
-    SCHEME: tl.constexpr,
+    SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
@@ -216,6 +219,7 @@ def _silu_mul_quant_kernel(
     c3 = tl.cast(c3, tl.float32)
     qmin = tl.cast(qmin, tl.float32)
     qmax = tl.cast(qmax, tl.float32)
+    c0, c1, c2, c3 = _load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
     row = tl.program_id(0).to(tl.int64)
     g_idx = tl.arange(0, BLOCK_R)
     offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -287,7 +291,8 @@ def _pad(scale_consts: Sequence[float]) -> list[float]:
 
 
 def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-            static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, num_warps=None):
+            static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, scale_ub=None,
+            ub_slot=-1, num_warps=None):
     gate, u = _split(x, up)
     M, inter = gate.shape
     meta = _kernel_meta(inter, x.dtype, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
@@ -298,10 +303,11 @@ def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dt
     u_arg = x if up is None else up
     u_off = inter if up is None else 0
     kernel[(M,)](
-        x, u_arg, scale if scale is not None else x, q, scales,
+        x, u_arg, scale if scale is not None else x, scale_ub if scale_ub is not None else x, q, scales,
         x.stride(0), u_arg.stride(0), q.stride(0), u_off,
         inter, ng,
         float(static_scale_value), c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+        UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
         **meta,
     )
 
@@ -329,11 +335,14 @@ def silu_mul_quant(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused act(gate) * up + quant -> (q [M, I], scales). Body doubles as the fake impl."""
     if x.device.type == "cpu":
         return _silu_mul_quant_cpu(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-                                   static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+                                   static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+                                   scale_ub, ub_slot)
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
                scale_consts, for_triton=True)
     M = x.shape[0]
@@ -342,7 +351,8 @@ def silu_mul_quant(
     s_shape, _ = _scales_shape(M, inter, scheme, group_size)
     scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     _launch(wrap_triton(_silu_mul_quant_kernel), x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype,
-            scheme, group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+            scheme, group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+            scale_ub, ub_slot)
     return q, scales
 
 
@@ -363,10 +373,13 @@ def _silu_mul_quant_cpu(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
     q, s = silu_mul_quant_reference(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-                                    static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+                                    static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+                                    scale_ub, ub_slot)
     return q.contiguous(), s.contiguous()
 
 
@@ -390,6 +403,8 @@ def silu_mul_quant_triton(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
@@ -415,7 +430,7 @@ def silu_mul_quant_triton(
     if M > 0:
         _launch(_silu_mul_quant_kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme,
                 group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
-                num_warps)
+                scale_ub, ub_slot, num_warps)
     return q, scales
 
 
