@@ -145,6 +145,40 @@ def test_bytes_moved() -> None:
     assert K.bytes_moved(4, 128, BF16, FP8, 2, 64) == 2 * 4 * 128 * 2 + 4 * 128 + 4 * 8
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["separate", "merged"])
+def test_cuda_path_traces_to_user_triton_kernel(merged: bool) -> None:
+    """On CUDA the replacement is a triton_kernel_wrapper_functional node (Inductor compiles it into
+    its output code), not an opaque op call; merged gate_up passes the base tensor, no copy of a
+    half. Checked with fake CUDA tensors, so it runs on CPU CI."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    with FakeTensorMode():
+        x = torch.empty(4, 512 if merged else 256, dtype=BF16, device="cuda")
+        u = torch.empty(4, 256, dtype=BF16, device="cuda")
+        ub = torch.empty(1, device="cuda")
+    g = fx.Graph()
+    phs = [g.placeholder(n) for n in ("x", "u", "ub")]
+    for p, v in zip(phs, (x, u, ub)):
+        p.meta["val"] = v
+    out = g.output(None)
+
+    def repl(x, u, ub):
+        return torch.ops.fxfuse.silu_mul_quant(
+            x, None if merged else u, None, K.ACT_SILU, BF16, BF16, FP8, 1, 0, 1.0,
+            [SCALE_CLAMP_MAX, SCALE_DIV, SCALE_CLAMP_MIN], [0.0, 448.0, 1e-12], False, -448.0, 448.0, False,
+            scale_ub=ub, ub_slot=0)
+
+    outs = insert_traced(g, repl, phs, before=out, functionalize=True)
+    targets = {n.target for n in g.nodes if n.op == "call_function"}
+    assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
+    assert not any("fxfuse" in str(t) for t in targets)
+    assert not any("slice" in str(t) or "clone" in str(t) for t in targets), targets
+    assert len(outs) == 2
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.parametrize("M,inter", [(1, 14336), (4096, 14336), (333, 18432), (64, 768)])

@@ -293,8 +293,8 @@ def _pad(scale_consts: Sequence[float]) -> list[float]:
 def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
             static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, scale_ub=None,
             ub_slot=-1, num_warps=None):
-    gate, u = _split(x, up)
-    M, inter = gate.shape
+    M = x.shape[0]
+    inter = x.shape[1] if up is not None else x.shape[1] // 2  # no slicing: the kernel offsets up itself
     meta = _kernel_meta(inter, x.dtype, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
                         scale_ops, quant_mul, round_to_int, num_warps)
     c = _pad(scale_consts)
