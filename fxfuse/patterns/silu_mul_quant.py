@@ -187,14 +187,15 @@ def match_act_mul(anchor: fx.Node) -> ActMulMatch:
     gv = tval(gate)
     if gv.dtype not in IN_DTYPES:
         raise Reject(f"gate dtype {gv.dtype} not supported")
-    if tval(gf).dtype != torch.float32:
+    op_form = a is anchor and is_op(anchor, aten.silu.default, aten.gelu.default)
+    if tval(gf).dtype != torch.float32 and not op_form:
         raise Reject(f"activation computed in {tval(gf).dtype}, not float32")
-    # activation rounding
-    act_out, act_dtype = a, torch.float32
+    # activation rounding (aten.silu / aten.gelu on bf16/fp16 compute in fp32 and round to their dtype)
+    act_out, act_dtype = a, tval(a).dtype
     u = _single_user(a)
     if u is None:
         raise Reject(f"{ACT_NAMES[act]}(gate) is also used outside the product")
-    if is_convert(u) and convert_dtype(u) in IN_DTYPES:
+    if is_convert(u) and convert_dtype(u) in IN_DTYPES and act_dtype == torch.float32:
         act_out, act_dtype = u, convert_dtype(u)
         nodes.add(u)
         u = _single_user(u)
