@@ -17,7 +17,7 @@ for step in "${@:-all}"; do
     silu|all)
       timeout 420 python3 benchmarks/bench_silu_mul_quant.py --out "$OUT/silu_mul_quant.json" 2>&1 | tail -60 ;;&
     silu-quick)
-      timeout 300 python3 benchmarks/bench_silu_mul_quant.py --quick --out "$OUT/silu_mul_quant_quick.json" 2>&1 | tail -40 ;;
+      timeout 300 python3 benchmarks/bench_silu_mul_quant.py --quick --sweep-warps --out "$OUT/silu_mul_quant_quick.json" 2>&1 | tail -40 ;;
     layer|all)
       [ -d wheels ] && pip install --no-deps --no-index wheels/torchao-*.whl >/dev/null 2>&1
       timeout 480 python3 benchmarks/bench_llama_fp8_layer.py --ungated --out "$OUT/llama_fp8_layer.json" 2>&1 | tail -60 ;;&

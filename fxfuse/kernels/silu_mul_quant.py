@@ -255,7 +255,9 @@ def default_num_warps(block: int) -> int:
         return 4
     if block <= 8192:
         return 8
-    return 16
+    if block <= 16384:
+        return 16
+    return 32  # 32768-wide rows (I up to 32768): 32 values/thread per operand, no spills
 
 
 def _kernel_meta(inter: int, dtype: torch.dtype, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
