@@ -187,6 +187,32 @@ def run_sweep(Ms: list[int], Is: list[int], names: list[str], rep: int, copy_gbp
     return rows
 
 
+def run_warp_sweep(rep: int, copy_gbps: float, dev: str, dry: bool) -> list[dict[str, Any]]:
+    """Raw launcher at num_warps in {4, 8, 16, 32}: best vs the default heuristic."""
+    out = []
+    cases = [(256, 1), (256, 4096)] if dry else [(I, M) for I in (768, 14336, 18432) for M in (1, 4096, 16384)]
+    for name in ("per_token_fp8", "per_group128_fp8"):
+        for inter, M in cases:
+            _, oargs = make_inputs(name, M, inter, dev)
+            nbytes = K.bytes_moved(M, inter, torch.bfloat16, FP8, SCHEMES[name]["scheme"], GROUP)
+            times: dict[int, Optional[float]] = {}
+            for nw in (4, 8, 16, 32):
+                try:
+                    fn = lambda: K.silu_mul_quant_triton(*oargs, num_warps=nw)  # noqa: E731
+                    times[nw] = None if dry else bench_us(fn, rep)
+                except Exception as e:  # noqa: BLE001
+                    times[nw] = None
+                    print(f"[warps] {name} M={M} I={inter} nw={nw}: {type(e).__name__}: {e}", flush=True)
+            valid = {k: v for k, v in times.items() if v}
+            best = min(valid, key=valid.get) if valid else None
+            heur = K.default_num_warps(1 << (inter - 1).bit_length())
+            rec = dict(scheme=name, M=M, I=inter, us=times, best=best, heuristic=heur,
+                       best_frac_copy=(nbytes / (valid[best] * 1e-6) / 1e9 / copy_gbps) if best and copy_gbps else None)
+            out.append(rec)
+            print(f"[warps] {name:18s} M={M:6d} I={inter:6d} {times} best={best} heur={heur}", flush=True)
+    return out
+
+
 def _f(v: Optional[float], w: int = 8, p: int = 1) -> str:
     return f"{v:{w}.{p}f}" if v is not None else " " * (w - 3) + "n/a"
 
@@ -235,6 +261,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no timing: checks the script runs")
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--sweep-warps", action="store_true", help="also sweep num_warps of the raw kernel")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -263,6 +290,12 @@ def main() -> None:
         rows = run_sweep(Ms, Is, names, rep, copy_gbps, dev, dry)
     result["cases"] = rows
     result["summary"] = summarize(rows, copy_gbps)
+    if args.sweep_warps:
+        if dry:
+            import os
+
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: only checks the sweep builds its calls
+        result["warp_sweep"] = run_warp_sweep(rep, copy_gbps, dev, dry)
     result["wall_s"] = round(time.time() - t0, 1)
     for k, v in result["summary"].items():
         print(f"{k:36s} {v}")

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fxfuse.kernels import silu_mul_quant as K  # noqa: E402
-from fxfuse.kernels.quant_common import SCALE_CLAMP_MIN, SCALE_DIV, SCALE_MUL, SCALE_RECIP  # noqa: E402
+from fxfuse.kernels.quant_common import SCALE_CLAMP_MAX, SCALE_CLAMP_MIN, SCALE_DIV, SCALE_MUL, SCALE_RECIP  # noqa: E402
 
 FP8, I8 = torch.float8_e4m3fn, torch.int8
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -43,7 +43,7 @@ TORCHAO = dict(scheme=1, gs=0, ops=[SCALE_CLAMP_MIN, 2, SCALE_RECIP], consts=[1e
 
 def _case(cid: str, *, dtype: torch.dtype, M: int, inter: int, act: int = K.ACT_SILU, merged: bool = False,
           act_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, **q: Any) -> dict[str, Any]:
-    base = dict(gs=64, rint=False, scale_t=False, ssv=0.05, qmul=False)
+    base = dict(gs=64, rint=False, scale_t=False, ssv=0.05, qmul=False, ub=None, ub_slot=-1)
     base.update(q)
     return dict(id=cid, dtype=dtype, M=M, inter=inter, act=act, merged=merged,
                 act_dtype=act_dtype or dtype, out_dtype=out_dtype or dtype, **base)
@@ -58,6 +58,9 @@ INTERP_CASES = [
     _case("static_int8_f32", dtype=F32, M=4, inter=96, **STATIC_I8),
     _case("tok_int8_bf16_gelu_merged", dtype=BF16, M=3, inter=128, act=K.ACT_GELU_TANH, merged=True, **TOKEN_I8),
     _case("torchao_bf16_f32act", dtype=BF16, M=3, inter=128, act_dtype=F32, **TORCHAO, qmul=True),
+    # vLLM per-token with scale_ub: min(amax, ub) / 448, clamped to 1 / (448 * 512)
+    _case("tok_scale_ub_bf16", dtype=BF16, M=4, inter=128, scheme=1, gs=0, ops=[SCALE_CLAMP_MAX, SCALE_DIV, SCALE_CLAMP_MIN],
+          consts=[0.0, 448.0, 1.0 / (448.0 * 512.0)], qd=FP8, qmin=-448.0, qmax=448.0, ub=2.0, ub_slot=0),
     _case("static_literal_fp8", dtype=BF16, M=2, inter=64, scheme=0, gs=0, ops=[SCALE_MUL], consts=[2.0], qd=FP8,
           qmin=-448.0, qmax=448.0),
 ]
@@ -78,7 +81,8 @@ def make_inputs(case: dict[str, Any], device: str = "cpu", seed: int = 0):
 def op_args(case: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
     return (*make_inputs(case, device, seed), case["act"], case["act_dtype"], case["out_dtype"], case["qd"],
             case["scheme"], case["gs"], case["ssv"], case["ops"], case["consts"], case["qmul"], case["qmin"],
-            case["qmax"], case["rint"])
+            case["qmax"], case["rint"],
+            None if case["ub"] is None else torch.tensor([case["ub"]], device=device), case["ub_slot"])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,40 @@ def test_bad_inputs_raise_value_error() -> None:
 def test_bytes_moved() -> None:
     assert K.bytes_moved(4, 128, BF16, FP8, 1) == 2 * 4 * 128 * 2 + 4 * 128 + 4 * 4
     assert K.bytes_moved(4, 128, BF16, FP8, 2, 64) == 2 * 4 * 128 * 2 + 4 * 128 + 4 * 8
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["separate", "merged"])
+def test_cuda_path_traces_to_user_triton_kernel(merged: bool) -> None:
+    """On CUDA the replacement is a triton_kernel_wrapper_functional node (Inductor compiles it into
+    its output code), not an opaque op call; merged gate_up passes the base tensor, no copy of a
+    half. Checked with fake CUDA tensors, so it runs on CPU CI."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    with FakeTensorMode():
+        x = torch.empty(4, 512 if merged else 256, dtype=BF16, device="cuda")
+        u = torch.empty(4, 256, dtype=BF16, device="cuda")
+        ub = torch.empty(1, device="cuda")
+    g = fx.Graph()
+    phs = [g.placeholder(n) for n in ("x", "u", "ub")]
+    for p, v in zip(phs, (x, u, ub)):
+        p.meta["val"] = v
+    out = g.output(None)
+
+    def repl(x, u, ub):
+        return torch.ops.fxfuse.silu_mul_quant(
+            x, None if merged else u, None, K.ACT_SILU, BF16, BF16, FP8, 1, 0, 1.0,
+            [SCALE_CLAMP_MAX, SCALE_DIV, SCALE_CLAMP_MIN], [0.0, 448.0, 1e-12], False, -448.0, 448.0, False,
+            scale_ub=ub, ub_slot=0)
+
+    outs = insert_traced(g, repl, phs, before=out, functionalize=True)
+    targets = {n.target for n in g.nodes if n.op == "call_function"}
+    assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
+    assert not any("fxfuse" in str(t) for t in targets)
+    assert not any("slice" in str(t) or "clone" in str(t) for t in targets), targets
+    assert len(outs) == 2
 
 
 # ----------------------------------------------------------------------------- GPU

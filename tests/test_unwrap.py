@@ -491,3 +491,25 @@ def test_per_token_quant_with_scale_ub():
     assert fxfuse.counters["unwrap"] == 1 and NS not in graph
     torch.testing.assert_close(out[1], ref[1])
     torch.testing.assert_close(out[0].float(), ref[0].float())
+
+
+def test_silu_and_mul_then_per_token_quant_fuses():
+    """vLLM's _C::silu_and_mul + _C::dynamic_per_token_scaled_fp8_quant, both unwrapped, fuse
+    into one silu_mul_quant kernel (the MLP's down_proj input)."""
+
+    def fn(gu):
+        M = gu.shape[0]
+        act = torch.empty(M, gu.shape[1] // 2, dtype=gu.dtype)
+        ops.silu_and_mul(act, gu)
+        q = torch.empty(act.shape, dtype=FP8)
+        s = torch.empty(M, 1)
+        ops.dynamic_per_token_scaled_fp8_quant(q, act, s, None)
+        return q, s
+
+    gu = torch.randn(7, 2 * INTER, dtype=torch.bfloat16) * 2
+    ref = fn(gu)
+    out, graph = compile_run(fn, [gu])
+    assert fxfuse.counters["unwrap"] == 2 and fxfuse.counters["silu_mul_quant"] == 1, fxfuse.report()
+    assert NS not in graph
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-6, atol=0)
+    assert (out[0].float() != ref[0].float()).float().mean() < 0.01

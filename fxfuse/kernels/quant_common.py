@@ -189,6 +189,22 @@ def quantize(y, sb, qmin, qmax, QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr
     return qo
 
 
+@triton.jit
+def load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT: tl.constexpr):
+    """A scale_ub tensor replaces the constant of its SCALE_CLAMP_MAX slot (UB_SLOT < 0: none)."""
+    if UB_SLOT >= 0:
+        ub = tl.load(ub_ptr).to(tl.float32)
+        if UB_SLOT == 0:
+            c0 = ub
+        elif UB_SLOT == 1:
+            c1 = ub
+        elif UB_SLOT == 2:
+            c2 = ub
+        else:
+            c3 = ub
+    return c0, c1, c2, c3
+
+
 def quantize_reference(
     y: torch.Tensor,
     scheme: int,
@@ -202,8 +218,14 @@ def quantize_reference(
     qmax: float,
     round_to_int: bool,
     quant_dtype: torch.dtype,
+    scale_ub: "torch.Tensor | None" = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch quant of an fp32 [M, H] tensor -> (q [M, H], scales [1] | [M] | [M, H/g])."""
+    """Pure-torch quant of an fp32 [M, H] tensor -> (q [M, H], scales [1] | [M] | [M, H/g]).
+
+    With `scale_ub`, scale-chain step `ub_slot` (a SCALE_CLAMP_MAX) bounds by that one-element
+    tensor instead of its constant.
+    """
     f32 = torch.float32
     M, H = y.shape
     if scheme == SCHEME_STATIC:
@@ -216,8 +238,11 @@ def quantize_reference(
     else:
         base = y.reshape(M, H // group_size, group_size).abs().amax(dim=-1)  # [M, G]
     s = base
-    for op, c in zip(scale_ops, scale_consts):
-        s = apply_scale_op_ref(s, int(op), float(c))
+    for i, (op, c) in enumerate(zip(scale_ops, scale_consts)):
+        if i == ub_slot and scale_ub is not None:
+            s = torch.minimum(s, scale_ub.reshape(()).to(f32))
+        else:
+            s = apply_scale_op_ref(s, int(op), float(c))
     if scheme == SCHEME_STATIC:
         s_b = s
     elif scheme == SCHEME_PER_TOKEN:

@@ -55,6 +55,7 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
     absmax,
+    load_ub,
     quantize,
     quantize_reference,
     round_to,
@@ -191,6 +192,8 @@ def rms_norm_quant_reference(
     qmax: float,
     round_to_int: bool,
     need_residual_out: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch oracle (any device); returns (q, scales, h) exactly as the op specifies."""
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
@@ -215,7 +218,8 @@ def rms_norm_quant_reference(
     y = n.to(norm_dtype).to(f32)
 
     q, scales = quantize_reference(y, scheme, group_size, scale, static_scale_value, scale_ops,
-                                   scale_consts, quant_mul, qmin, qmax, round_to_int, quant_dtype)
+                                   scale_consts, quant_mul, qmin, qmax, round_to_int, quant_dtype,
+                                   scale_ub, ub_slot)
     if need_residual_out:
         h_out = h.clone() if residual is not None else x.clone()
         h_out = h_out.contiguous()
@@ -231,7 +235,7 @@ def rms_norm_quant_reference(
 
 @triton.jit
 def _rms_norm_quant_kernel(
-    x_ptr, res_ptr, w_ptr, scale_ptr,
+    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
     q_ptr, s_out_ptr, h_ptr,
     stride_x, stride_r, stride_q, stride_h,
     H, NG,
@@ -243,6 +247,7 @@ def _rms_norm_quant_kernel(
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
+    UB_SLOT: tl.constexpr = -1,
 ):
     """One program per row; the row lives in registers as a [BLOCK_R, BLOCK_G] tile.
 
@@ -261,6 +266,7 @@ def _rms_norm_quant_kernel(
     c3 = tl.cast(c3, tl.float32)
     qmin = tl.cast(qmin, tl.float32)
     qmax = tl.cast(qmax, tl.float32)
+    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
     row = tl.program_id(0).to(tl.int64)
     g_idx = tl.arange(0, BLOCK_R)
     offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -420,6 +426,8 @@ def rms_norm_quant(
     qmax: float,
     round_to_int: bool,
     need_residual_out: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RMSNorm(+residual)+quant -> (q, scales, h). Body doubles as the fake impl."""
     if x.device.type == "cpu":
@@ -429,7 +437,7 @@ def rms_norm_quant(
             x, residual, weight, scale, eps, weight_offset, weight_sum_dtype,
             round_before_weight, norm_dtype, quant_dtype, scheme, group_size,
             static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax,
-            round_to_int, need_residual_out)
+            round_to_int, need_residual_out, scale_ub, ub_slot)
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
                group_size, scale_ops, scale_consts, for_triton=True)
     M = x.shape[0]
@@ -448,12 +456,13 @@ def rms_norm_quant(
     stride_r = residual.stride(0) if residual is not None else 0
     stride_h = h.stride(0) if need_residual_out else 0
     wrap_triton(_rms_norm_quant_kernel)[(M,)](
-        x, res_arg, w_arg, s_arg,
+        x, res_arg, w_arg, s_arg, scale_ub if scale_ub is not None else x,
         q, scales, h,
         x.stride(0), stride_r, q.stride(0), stride_h,
         H, ng,
         float(eps), float(weight_offset), float(static_scale_value),
         c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+        UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
         **meta,
     )
     return q, scales, h
@@ -480,12 +489,14 @@ def _rms_norm_quant_cpu(
     qmax: float,
     round_to_int: bool,
     need_residual_out: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
     q, s, h = rms_norm_quant_reference(
         x, residual, weight, scale, eps, weight_offset, weight_sum_dtype, round_before_weight,
         norm_dtype, quant_dtype, scheme, group_size, static_scale_value, scale_ops, scale_consts,
-        quant_mul, qmin, qmax, round_to_int, need_residual_out)
+        quant_mul, qmin, qmax, round_to_int, need_residual_out, scale_ub, ub_slot)
     return q.contiguous(), s.contiguous(), h.contiguous()
 
 
@@ -518,6 +529,8 @@ def rms_norm_quant_triton(
     qmax: float,
     round_to_int: bool,
     need_residual_out: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
@@ -551,13 +564,14 @@ def rms_norm_quant_triton(
     if M > 0:
         _rms_norm_quant_kernel[(M,)](
             x, residual if residual is not None else x, weight if weight is not None else x,
-            scale if scale is not None else x,
+            scale if scale is not None else x, scale_ub if scale_ub is not None else x,
             q, scales, h,
             x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
             h.stride(0) if need_residual_out else 0,
             H, ng,
             float(eps), float(weight_offset), float(static_scale_value),
             c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+            UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
             **meta,
         )
     return q, scales, h

@@ -42,6 +42,7 @@ from .quant_common import (
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
     absmax,
+    load_ub,
     quantize,
     quantize_reference,
     round_to,
@@ -171,12 +172,14 @@ def silu_mul_quant_reference(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch oracle (any device): (q [M, I], scales [1] | [M] | [M, I/g])."""
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops, scale_consts)
     y = act_mul_reference(x, up, act, act_dtype, out_dtype)
     return quantize_reference(y, scheme, group_size, scale, static_scale_value, scale_ops, scale_consts,
-                              quant_mul, qmin, qmax, round_to_int, quant_dtype)
+                              quant_mul, qmin, qmax, round_to_int, quant_dtype, scale_ub, ub_slot)
 
 
 # ----------------------------------------------------------------------------
@@ -198,12 +201,12 @@ def _act(g, ACT: tl.constexpr):
 
 @triton.jit
 def _silu_mul_quant_kernel(
-    g_ptr, u_ptr, scale_ptr, q_ptr, s_out_ptr,
+    g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr,
     stride_g, stride_u, stride_q, u_off,
     INTER, NG,
     static_scale_value, c0, c1, c2, c3, qmin, qmax,
     ACT: tl.constexpr, ACT_DT: tl.constexpr, OUT_DT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
-    SCHEME: tl.constexpr,
+    SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
@@ -217,6 +220,7 @@ def _silu_mul_quant_kernel(
     c3 = tl.cast(c3, tl.float32)
     qmin = tl.cast(qmin, tl.float32)
     qmax = tl.cast(qmax, tl.float32)
+    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
     row = tl.program_id(0).to(tl.int64)
     g_idx = tl.arange(0, BLOCK_R)
     offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -252,7 +256,9 @@ def default_num_warps(block: int) -> int:
         return 4
     if block <= 8192:
         return 8
-    return 16
+    if block <= 16384:
+        return 16
+    return 32  # 32768-wide rows (I up to 32768): 32 values/thread per operand, no spills
 
 
 def _kernel_meta(inter: int, dtype: torch.dtype, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
@@ -288,9 +294,10 @@ def _pad(scale_consts: Sequence[float]) -> list[float]:
 
 
 def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-            static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, num_warps=None):
-    gate, u = _split(x, up)
-    M, inter = gate.shape
+            static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, scale_ub=None,
+            ub_slot=-1, num_warps=None):
+    M = x.shape[0]
+    inter = x.shape[1] if up is not None else x.shape[1] // 2  # no slicing: the kernel offsets up itself
     meta = _kernel_meta(inter, x.dtype, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
                         scale_ops, quant_mul, round_to_int, num_warps)
     c = _pad(scale_consts)
@@ -299,10 +306,11 @@ def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dt
     u_arg = x if up is None else up
     u_off = inter if up is None else 0
     kernel[(M,)](
-        x, u_arg, scale if scale is not None else x, q, scales,
+        x, u_arg, scale if scale is not None else x, scale_ub if scale_ub is not None else x, q, scales,
         x.stride(0), u_arg.stride(0), q.stride(0), u_off,
         inter, ng,
         float(static_scale_value), c[0], c[1], c[2], c[3], float(qmin), float(qmax),
+        UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
         **meta,
     )
 
@@ -330,11 +338,14 @@ def silu_mul_quant(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused act(gate) * up + quant -> (q [M, I], scales). Body doubles as the fake impl."""
     if x.device.type == "cpu":
         return _silu_mul_quant_cpu(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-                                   static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+                                   static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+                                   scale_ub, ub_slot)
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
                scale_consts, for_triton=True)
     M = x.shape[0]
@@ -343,7 +354,8 @@ def silu_mul_quant(
     s_shape, _ = _scales_shape(M, inter, scheme, group_size)
     scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     _launch(wrap_triton(_silu_mul_quant_kernel), x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype,
-            scheme, group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+            scheme, group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+            scale_ub, ub_slot)
     return q, scales
 
 
@@ -364,10 +376,13 @@ def _silu_mul_quant_cpu(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
     q, s = silu_mul_quant_reference(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-                                    static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int)
+                                    static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
+                                    scale_ub, ub_slot)
     return q.contiguous(), s.contiguous()
 
 
@@ -391,6 +406,8 @@ def silu_mul_quant_triton(
     qmin: float,
     qmax: float,
     round_to_int: bool,
+    scale_ub: Optional[torch.Tensor] = None,
+    ub_slot: int = -1,
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
@@ -416,7 +433,7 @@ def silu_mul_quant_triton(
     if M > 0:
         _launch(_silu_mul_quant_kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme,
                 group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
-                num_warps)
+                scale_ub, ub_slot, num_warps)
     return q, scales
 
 

@@ -70,6 +70,10 @@ class QuantMatch:
     # `sink` and `scale_out` included; the rewrite points all of them at the one fused output
     sinks: list[fx.Node] = field(default_factory=list)
     scale_outs: list[fx.Node] = field(default_factory=list)
+    # `minimum(amax, scale_ub)` with a one-element tensor bound (vLLM's scale_ub): the tensor, and
+    # the scale-chain slot whose SCALE_CLAMP_MAX constant the kernel loads from it
+    scale_ub: fx.Node | None = None
+    ub_slot: int = -1
 
     def signature(self) -> tuple:
         """What decides the quantized bits: equal signatures compute the same (q, scale)."""
@@ -78,6 +82,7 @@ class QuantMatch:
             tuple(self.scale_consts), self.quant_mul, self.qmin, self.qmax, self.round_to_int, self.qdtype,
             tuple(tval(self.sink).shape),
             None if self.scale_out is None else tuple(tval(self.scale_out).shape),
+            self.scale_ub, self.ub_slot,
         )
 
 
@@ -131,8 +136,15 @@ def value_source(a: Any, y: fx.Node, nodes: set[fx.Node]) -> tuple[str, int]:
     raise Reject("quantization reads a different tensor than the normalized output")
 
 
-def scale_chain(s: Any, nodes: set[fx.Node], y: fx.Node) -> tuple[Any, list[int], list[float]]:
-    """Walk from the effective scale back to its base; return (base, ops, consts) in apply order."""
+def scale_chain(
+    s: Any, nodes: set[fx.Node], y: fx.Node, ub_out: list[fx.Node] | None = None
+) -> tuple[Any, list[int], list[float]]:
+    """Walk from the effective scale back to its base; return (base, ops, consts) in apply order.
+
+    `minimum(., t)` with a one-element tensor `t` not computed from y (vLLM's scale_ub) is a
+    SCALE_CLAMP_MAX whose constant is NaN here: the caller takes `t` from `ub_out` and the slot
+    from the NaN (the kernel loads the bound). Without `ub_out` it is rejected.
+    """
     ops: list[tuple[int, float]] = []
     cur = s
     while isinstance(cur, fx.Node):
@@ -162,6 +174,19 @@ def scale_chain(s: Any, nodes: set[fx.Node], y: fx.Node) -> tuple[Any, list[int]
                 step, nxt = (S_RDIV, literal(a)), b
         elif is_op(cur, aten.reciprocal.default):
             step, nxt = (S_RECIP, 0.0), cur.args[0]
+        elif is_op(cur, aten.minimum.default):
+            a, b = cur.args
+            a_free = isinstance(a, fx.Node) and not depends_on_any(a, {y})
+            b_free = isinstance(b, fx.Node) and not depends_on_any(b, {y})
+            if a_free == b_free:
+                break  # not a bound on a value computed from y: leave it as the base
+            ub, nxt = (b, a) if b_free else (a, b)
+            ub = strip_f32_convert(ub)[0]
+            uv = tval(ub)
+            if ub_out is None or ub_out or uv.numel() != 1 or not uv.is_floating_point():
+                raise Reject(f"scale upper bound {ub.name} is not a single one-element float tensor")
+            ub_out.append(ub)
+            step = (S_CLAMP_MAX, math.nan)
         elif is_op(cur, aten.clamp_min.default) and literal(cur.args[1]) is not None:
             step, nxt = (S_CLAMP_MIN, literal(cur.args[1])), cur.args[0]
         elif is_op(cur, aten.clamp_max.default) and literal(cur.args[1]) is not None:
@@ -294,6 +319,7 @@ def match_quant(
 _SIGNATURE_FIELDS = (
     "scheme", "group size", "static scale", "static scale value", "scale ops", "scale constants",
     "multiply vs divide", "clamp min", "clamp max", "rounding", "quant dtype", "output shape", "scale shape",
+    "scale upper bound tensor", "scale upper bound position",
 )
 
 
@@ -347,6 +373,7 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
     kind, g = value_source(a, y, nodes)
 
     scheme, static_value, scale_node, scale_out = STATIC, 1.0, None, None
+    scale_ub, ub_slot = None, -1
     ops: list[int] = []
     consts: list[float] = []
     if literal(s) is not None:
@@ -355,12 +382,13 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
         if tval(s).dtype != torch.float32:
             raise Reject(f"scale dtype {tval(s).dtype}, not float32")
         chain_nodes: set[fx.Node] = set()
+        ub_out: list[fx.Node] = []
         s_eff, unsq = _peel_unsqueeze(s, chain_nodes) if depends_on_any(s, {y}) else (s, False)
-        base, ops, consts = scale_chain(s_eff, chain_nodes, y)
+        base, ops, consts = scale_chain(s_eff, chain_nodes, y, ub_out)
         if not unsq:
             base, unsq = _peel_unsqueeze(base, chain_nodes)
             if unsq:
-                base, ops2, consts2 = scale_chain(base, chain_nodes, y)
+                base, ops2, consts2 = scale_chain(base, chain_nodes, y, ub_out)
                 ops, consts = ops2 + ops, consts2 + consts
                 if len(ops) > MAX_SCALE_OPS:
                     raise Reject(f"scale is computed by {len(ops)} ops; at most {MAX_SCALE_OPS} supported")
@@ -373,8 +401,14 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
                 raise Reject("scale groups differ from the quantized groups")
             scheme = PER_GROUP if kind == "group" else PER_TOKEN
             scale_out = s_eff
+            if ub_out:
+                scale_ub = ub_out[0]
+                ub_slot = next(i for i, c in enumerate(consts) if math.isnan(c))
+                consts[ub_slot] = 0.0
             nodes |= chain_nodes
         else:
+            if ub_out:
+                raise Reject("static scale with a tensor upper bound")
             if kind != "row":
                 raise Reject("static scale with grouped reshape")
             if not isinstance(base, fx.Node):
@@ -391,7 +425,8 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
     if scheme != PER_GROUP and kind == "group":
         raise Reject("grouped quant without a per-group scale")
     return QuantMatch(
-        scheme, g, scale_node, static_value, ops, consts, quant_mul, qmin, qmax, round_to_int, qdtype, sink, scale_out, nodes
+        scheme, g, scale_node, static_value, ops, consts, quant_mul, qmin, qmax, round_to_int, qdtype, sink, scale_out, nodes,
+        scale_ub=scale_ub, ub_slot=ub_slot,
     )
 
 

@@ -237,7 +237,7 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
         raise Reject("hidden size is symbolic; the kernel needs a static row length")
     if H > MAX_HIDDEN:
         raise Reject(f"hidden size {H} above {MAX_HIDDEN}")
-    tensors = [xv] + [tval(n) for n in (norm.residual, norm.weight, q.scale) if n is not None]
+    tensors = [xv] + [tval(n) for n in (norm.residual, norm.weight, q.scale, q.scale_ub) if n is not None]
     if not same_device(*tensors):
         raise Reject("inputs are on different devices")
     dev = xv.device.type
@@ -255,7 +255,7 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
         raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
     # dependency order: inputs must not be computed from the region
     region = norm.nodes | q.nodes
-    for inp in (norm.x, norm.residual, norm.weight, q.scale):
+    for inp in (norm.x, norm.residual, norm.weight, q.scale, q.scale_ub):
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
@@ -271,8 +271,9 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
     xv = tval(norm.x)
     H = xv.shape[-1]
     need_h = norm.residual is not None and any(u not in norm.nodes for u in norm.h.users)
-    inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale) if n is not None]
+    inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale, q.scale_ub) if n is not None]
     has_res, has_w, has_s = norm.residual is not None, norm.weight is not None, q.scale is not None
+    has_ub = q.scale_ub is not None
     params = dict(
         eps=norm.eps,
         weight_offset=norm.weight_offset,
@@ -290,6 +291,7 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         qmax=q.qmax,
         round_to_int=q.round_to_int,
         need_residual_out=need_h,
+        ub_slot=q.ub_slot,
     )
     scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
     # the written shapes past the token dims: [.., G, g] / [.., H] for q, [.., 1] / [.., G, 1] / [.., G] scales;
@@ -306,12 +308,14 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         res = next(it) if has_res else None
         w = next(it) if has_w else None
         sc = next(it) if has_s else None
+        ub = next(it) if has_ub else None
         lead = x.shape[:-1]
         qo, so, ho = torch.ops.fxfuse.rms_norm_quant(
             x.reshape(-1, H),
             None if res is None else res.reshape(-1, H),
             w,
             None if sc is None else sc.reshape(1),
+            scale_ub=None if ub is None else ub.reshape(1),
             **params,
         )
         qo = qo.reshape(*((1,) * extra), *lead, *q_tail)

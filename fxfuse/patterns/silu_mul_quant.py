@@ -187,14 +187,15 @@ def match_act_mul(anchor: fx.Node) -> ActMulMatch:
     gv = tval(gate)
     if gv.dtype not in IN_DTYPES:
         raise Reject(f"gate dtype {gv.dtype} not supported")
-    if tval(gf).dtype != torch.float32:
+    op_form = a is anchor and is_op(anchor, aten.silu.default, aten.gelu.default)
+    if tval(gf).dtype != torch.float32 and not op_form:
         raise Reject(f"activation computed in {tval(gf).dtype}, not float32")
-    # activation rounding
-    act_out, act_dtype = a, torch.float32
+    # activation rounding (aten.silu / aten.gelu on bf16/fp16 compute in fp32 and round to their dtype)
+    act_out, act_dtype = a, tval(a).dtype
     u = _single_user(a)
     if u is None:
         raise Reject(f"{ACT_NAMES[act]}(gate) is also used outside the product")
-    if is_convert(u) and convert_dtype(u) in IN_DTYPES:
+    if is_convert(u) and convert_dtype(u) in IN_DTYPES and act_dtype == torch.float32:
         act_out, act_dtype = u, convert_dtype(u)
         nodes.add(u)
         u = _single_user(u)
@@ -262,7 +263,7 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
     if inter > MAX_INTER:
         raise Reject(f"intermediate size {inter} above {MAX_INTER}")
     operands = [m.merged] if m.merged is not None else [m.gate, m.up]
-    tensors = [tval(n) for n in operands] + ([tval(q.scale)] if q.scale is not None else [])
+    tensors = [tval(n) for n in [*operands, q.scale, q.scale_ub] if n is not None]
     if not same_device(*tensors):
         raise Reject("inputs are on different devices")
     dev = gv.device.type
@@ -274,7 +275,7 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
     if q.scheme == PER_GROUP and (q.group_size & (q.group_size - 1) or inter % q.group_size):
         raise Reject(f"group size {q.group_size} must be a power of two dividing {inter}")
     region = m.nodes | q.nodes
-    for inp in [*operands, q.scale]:
+    for inp in [*operands, q.scale, q.scale_ub]:
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
@@ -295,7 +296,7 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
     s_tail = tuple(tval(scale_outs[0]).shape[lead_n:]) if scale_outs else None
     s_static_shape = tuple(tval(q.scale).shape) if q.scale is not None else (1,)
     merged = m.merged is not None
-    inputs = ([m.merged] if merged else [m.gate, m.up]) + ([q.scale] if q.scale is not None else [])
+    inputs = ([m.merged] if merged else [m.gate, m.up]) + [n for n in (q.scale, q.scale_ub) if n is not None]
     params = dict(
         act=m.act,
         act_dtype=m.act_dtype,
@@ -310,19 +311,22 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
         qmin=q.qmin,
         qmax=q.qmax,
         round_to_int=q.round_to_int,
+        ub_slot=q.ub_slot,
     )
-    has_s = q.scale is not None
+    has_s, has_ub = q.scale is not None, q.scale_ub is not None
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
         x = next(it)
         up = None if merged else next(it)
         sc = next(it) if has_s else None
+        ub = next(it) if has_ub else None
         lead = x.shape[:-1]
         qo, so = torch.ops.fxfuse.silu_mul_quant(
             x.reshape(-1, x.shape[-1]),
             None if up is None else up.reshape(-1, inter),
             None if sc is None else sc.reshape(1),
+            scale_ub=None if ub is None else ub.reshape(1),
             **params,
         )
         qo = qo.reshape(*lead, *q_tail)
