@@ -69,6 +69,18 @@ def test_fused_kernel_in_output_code(model, impl, M):
     assert _rel(out, ref) < 2e-2
 
 
+@pytest.mark.parametrize("M", [1, 64])
+def test_weights_not_cloned(M):
+    """Triton mutation analysis must see x and the expert weights as read-only: no copies."""
+    m = _block("qwen", "grouped_mm")
+    x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with fresh_cache(), torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(m, dynamic=False, options={"post_grad_custom_pre_pass": UNGATED}), x)
+    code = "\n".join(codes)
+    assert "clone" not in code and "copy_" not in code, code[-3000:]
+
+
 def test_fp16_grouped_fallback_and_dynamic_tokens():
     """fp16 grouped_mm goes through transformers' grouped_mm_fallback op; dynamic M takes the tiled path."""
     m = _block("qwen", "grouped_mm", dtype=torch.float16)

@@ -265,7 +265,7 @@ def _moe_gemm2_kernel(
     ACT: tl.constexpr, PROD: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Tile of BLOCK_M pairs x BLOCK_N of H: down GEMM, times the routing weight -> per-pair fp32 rows."""
+    """Tile of BLOCK_M pairs x BLOCK_N of H: down GEMM, times the routing weight -> per-pair rows."""
     pid_m = tl.program_id(0)
     npad = tl.load(npad_ptr)
     if pid_m * BLOCK_M >= npad:
@@ -292,7 +292,8 @@ def _moe_gemm2_kernel(
         b_ptrs += BLOCK_K * stride_w2k
     wt = tl.load(tw_ptr + rows_c, mask=rmask, other=0.0).to(tl.float32)
     c = _round_to(_round_to(acc, ACT, NATIVE) * wt[:, None], PROD, NATIVE)
-    tl.store(p_ptr + rows_c[:, None] * stride_pm + offs_n[None, :], c, mask=rmask[:, None] & mask_n[None, :])
+    tl.store(p_ptr + rows_c[:, None] * stride_pm + offs_n[None, :], c.to(p_ptr.dtype.element_ty),
+             mask=rmask[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------
@@ -393,7 +394,8 @@ def _launch(
     if tw.stride(0) != 1:
         tw = tw.contiguous()
     h = torch.empty((S, I), dtype=x.dtype, device=x.device)
-    pair_out = torch.empty((S, H), dtype=torch.float32, device=x.device)
+    # per-pair products are already rounded to prod_dtype: storing them in it is lossless
+    pair_out = torch.empty((S, H), dtype=prod_dtype, device=x.device)
     extra = {} if not native else {"num_stages": c["STAGES"]}
     wrap(_moe_gemm1_kernel)[(n_tiles, triton.cdiv(I, c["BN1"]))](
         x, w1, h, sorted_ids, block_e, npad,
@@ -411,7 +413,7 @@ def _launch(
     )
     ids = topk_ids.reshape(M, K)
     valid = ((ids >= 0) & (ids < E)).unsqueeze(-1)
-    summed = torch.where(valid, pair_out.view(M, K, H), 0.0).sum(1)
+    summed = torch.where(valid, pair_out.view(M, K, H), 0.0).sum(1, dtype=torch.float32)
     res = summed.to(sum_dtype).to(out_dtype)
     if out is not None:
         out.copy_(res)

@@ -162,8 +162,11 @@ def _parse_act(gu: fx.Node, I: int, act: torch.dtype, nodes: set[fx.Node]) -> fx
         raise Reject("activation is not SiLU (only silu(gate) * up is fused)")
     if tval(s).dtype not in (act, torch.float32):
         raise Reject("SiLU computed in an unexpected dtype")
-    if _strip_convert(v, sub) is not gate:
-        raise Reject("SiLU does not read the gate half")
+    if is_convert(v) and convert_dtype(v) == torch.float32:  # exact upcast of the gate
+        sub.add(v)
+        v = v.args[0]
+    if v is not gate:
+        raise Reject("SiLU does not read the gate half (or reads it through a rounding)")
     nodes.update(sub)
     nodes.add(mul)
     return mul
