@@ -229,6 +229,8 @@ _INTERP_CASES = [
     # (id, M, E, K, H, I, dtype, wdtype, path, ids kind)
     ("decode-bf16", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 1, "random"),
     ("decode-fp16-f32w", 2, 6, 2, 48, 24, "float16", "float32", 1, "random"),
+    ("decode-k3", 2, 6, 3, 32, 16, "bfloat16", "float32", 1, "random"),
+    ("prefill-k3", 4, 6, 3, 32, 16, "float16", "float16", 2, "random"),
     ("decode-one-expert", 4, 4, 1, 32, 16, "bfloat16", "bfloat16", 1, "one"),
     ("prefill-bf16", 5, 4, 2, 32, 16, "bfloat16", "bfloat16", 2, "random"),
     ("prefill-fp16-f32w", 5, 6, 2, 48, 24, "float16", "float32", 2, "random"),
