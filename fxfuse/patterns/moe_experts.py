@@ -422,6 +422,159 @@ def match_batched(bmm1: fx.Node) -> MoEMatch:
     return MoEMatch("batched_mm", x, ids, tw, w1, True, w2, True, out, tval(mul).dtype, sum_dt, E, K, H, I, nodes)
 
 
+# ----------------------------------------------------------------------------- dense loop form
+
+
+def _selected_expert_weight(n: Any) -> tuple[fx.Node, int] | None:
+    """permute(select(W [E, ., .], 0, e), [1, 0]) (W[e].T) -> (W, e)."""
+    if is_op(n, aten.permute.default) and list(n.args[1]) == [1, 0]:
+        s = n.args[0]
+        if is_op(s, aten.select.int) and s.args[1] == 0 and isinstance(s.args[2], int) and isinstance(s.args[0], fx.Node):
+            return s.args[0], s.args[2]
+    return None
+
+
+def _expert_term(mm2: fx.Node) -> dict | None:
+    """One unrolled expert: mm(silu_mul(mm(x, W1[e].T)), W2[e].T). None if mm2 is not one."""
+    sel2 = _selected_expert_weight(mm2.args[1])
+    if sel2 is None or not is_op(mm2.args[0], aten.mul.Tensor):
+        return None
+    h = mm2.args[0]
+    # find the gate_up mm behind the SiLU-mul: getitem(split(mm1), 1) is one of h's operands
+    for up in h.args:
+        if isinstance(up, fx.Node) and up.target is operator.getitem and is_op(up.args[0], aten.split.Tensor, aten.split_with_sizes.default):
+            mm1 = up.args[0].args[0]
+            if is_op(mm1, aten.mm.default):
+                sel1 = _selected_expert_weight(mm1.args[1])
+                if sel1 is not None and sel1[1] == sel2[1]:
+                    return dict(e=sel2[1], x=mm1.args[0], w1=sel1[0], w2=sel2[0], mm1=mm1, h=h, mm2=mm2)
+    return None
+
+
+def _mask_weight(n: Any, e: int, nodes: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """sum(tw * (ids == e), -1) (or where(ids == e, tw, 0)) -> (tw, ids)."""
+    if not is_op(n, aten.sum.dim_IntList):
+        return None
+    dims = n.args[1] if len(n.args) > 1 else None
+    if not isinstance(dims, (list, tuple)) or len(dims) != 1 or (len(n.args) > 2 and n.args[2]) or n.kwargs.get("dtype"):
+        return None
+    p = n.args[0]
+    pv = val(p)
+    if not isinstance(pv, torch.Tensor) or pv.dim() != 2 or dims[0] % 2 != 1:
+        return None
+    eq = tw = None
+    if is_op(p, aten.mul.Tensor):
+        for a, b in ((p.args[0], p.args[1]), (p.args[1], p.args[0])):
+            sub: set[fx.Node] = set()
+            c = _strip_convert(a, sub)
+            if is_op(c, aten.eq.Scalar) and c.args[1] == e:
+                eq, tw = c, b
+                nodes.update(sub)
+                break
+    elif is_op(p, aten.where.self) and is_op(p.args[0], aten.eq.Scalar) and p.args[0].args[1] == e:
+        zero = p.args[2]
+        zv = val(zero)
+        if isinstance(zero, fx.Node) and isinstance(zv, torch.Tensor) and zv.dim() == 0 and is_op(zero, aten.scalar_tensor.default, aten.full.default):
+            if literal(zero.args[0] if is_op(zero, aten.scalar_tensor.default) else zero.args[1]) == 0.0:
+                eq, tw = p.args[0], p.args[1]
+                nodes.add(zero)
+    if eq is None or not isinstance(tw, fx.Node):
+        return None
+    nodes.update({n, p, eq})
+    return tw, eq.args[0]
+
+
+def match_dense(any_mm2: fx.Node) -> MoEMatch:
+    """A `for e in range(E)` loop over all experts, unrolled: sum_e y_e * sum_j tw[:, j]*(ids[:, j] == e)."""
+    first = _expert_term(any_mm2)
+    assert first is not None
+    x, w1, w2 = first["x"], first["w1"], first["w2"]
+    graph = any_mm2.graph
+    terms: dict[int, dict] = {}
+    for n in graph.nodes:
+        if is_op(n, aten.mm.default):
+            t = _expert_term(n)
+            if t is not None and t["x"] is x and t["w1"] is w1 and t["w2"] is w2:
+                if t["e"] in terms:
+                    raise Reject(f"expert {t['e']} is applied twice")
+                terms[t["e"]] = t
+    E = tval(w1).shape[0]
+    if sorted(terms) != list(range(E)):
+        raise Reject(f"the loop covers experts {sorted(terms)}, not all {E}")
+    nodes: set[fx.Node] = set()
+    contribs: dict[fx.Node, int] = {}
+    tw = ids = None
+    xv = tval(x)
+    H = xv.shape[-1]
+    s1 = tuple(tval(w1).shape)
+    if len(s1) != 3 or s1[2] != H or s1[1] % 2:
+        raise Reject(f"gate_up weight {s1} is not [experts, 2*inter, {H}]")
+    I = s1[1] // 2
+    for e, t in sorted(terms.items()):
+        sub: set[fx.Node] = {t["mm1"], t["mm2"], t["mm1"].args[1], t["mm1"].args[1].args[0],
+                             t["mm2"].args[1], t["mm2"].args[1].args[0]}
+        if _parse_act(t["mm1"], I, xv.dtype, sub) is not t["h"]:
+            raise Reject("SiLU-mul output is not what the down projection reads")
+        y = _single_user(t["mm2"], "expert output")
+        if is_convert(y) and convert_dtype(y) == torch.float32:
+            sub.add(y)
+            yy = y
+            y = _single_user(y, "expert output")
+        else:
+            yy = t["mm2"]
+        if not is_op(y, aten.mul.Tensor):
+            raise Reject("expert output is not scaled by its routing weight")
+        wop = y.args[1] if y.args[0] is yy else y.args[0]
+        if not is_op(wop, aten.unsqueeze.default) or _dim(wop.args[1], 2) != 1:
+            raise Reject("routing weight is not broadcast over the hidden dim")
+        mw = _mask_weight(wop.args[0], e, sub)
+        if mw is None:
+            raise Reject("routing weight is not sum(weights * (ids == e)) over the top-k")
+        if tw is None:
+            tw, ids = mw
+        elif mw != (tw, ids):
+            raise Reject("experts read different routing tensors")
+        sub.update({wop, y})
+        nodes |= sub
+        contribs[y] = e
+    # the contributions are combined by a chain/tree of adds (optionally starting from zeros):
+    # grow the tree to a fixpoint, taking an add only if all its operands are already in it
+    def _zero(op: Any) -> bool:
+        return isinstance(op, fx.Node) and is_op(op, aten.full.default) and literal(op.args[1]) == 0.0
+
+    tree: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n in list(contribs) + list(tree):
+            for u in n.users:
+                if u in tree or not is_op(u, aten.add.Tensor) or u.kwargs or len(u.args) != 2:
+                    continue
+                if all(op in contribs or op in tree or _zero(op) for op in u.args):
+                    tree.add(u)
+                    changed = True
+    members = set(contribs) | tree
+    tops = [n for n in members if not any(u in tree for u in n.users)]
+    if len(tops) != 1:
+        raise Reject("expert outputs are not combined by one sum")
+    root = tops[0]
+    for n in members - {root}:
+        if len(n.users) != 1:
+            raise Reject(f"partial sum {n.name} is also used outside the sum over experts")
+    nodes.update(op for a in tree for op in a.args if _zero(op))
+    nodes |= tree
+    out = root
+    sum_dt = tval(root).dtype
+    if len(root.users) == 1 and is_convert(next(iter(root.users))):
+        out = next(iter(root.users))
+        nodes.add(out)
+    iv = tval(ids)
+    if iv.dim() != 2 or iv.dtype not in (torch.int32, torch.int64) or tuple(tval(tw).shape) != tuple(iv.shape):
+        raise Reject("routing ids/weights are not [tokens, top_k]")
+    prod = tval(next(iter(contribs))).dtype
+    return MoEMatch("dense_loop", x, ids, tw, w1, True, w2, True, out, prod, sum_dt, E, iv.shape[1], H, I, nodes)
+
+
 # ----------------------------------------------------------------------------- checks + rewrite
 
 
@@ -535,6 +688,8 @@ class MoEExperts:
                 if is_op(a0, aten.mul.Tensor):
                     continue
                 matcher = match_grouped
+            elif is_op(node, aten.mm.default) and _expert_term(node) is not None and _expert_term(node)["e"] == 0:
+                matcher = match_dense
             elif is_op(node, aten.bmm.default) and _expert_gather(node.args[0]) is not None:
                 if is_op(node.args[1], aten.unsqueeze.default) and is_op(node.args[1].args[0], aten.mul.Tensor):
                     continue
