@@ -372,6 +372,9 @@ def _launch(
         x = x.contiguous()
     act, prod, sm = _DT_CODE[x.dtype], _DT_CODE[prod_dtype], _DT_CODE[sum_dtype]
     native = _native()
+    if isinstance(M, int) and M == 0:  # nothing to launch (a zero-size grid is an error)
+        res = torch.zeros((0, H), dtype=out_dtype, device=x.device)
+        return out if out is not None else res
     if path == PATH_AUTO:
         path = choose_path(M, K, E)
     if path == PATH_DECODE:

@@ -7,7 +7,10 @@ Recognized forms (post-grad ATen, as transformers' experts implementations trace
   weights under compile) for gate_up and down, weights gathered by ``perm``, the inverse
   permutation by ``index_put(empty, [perm], iota)``, ``reshape(M, K, H).sum(1)``;
 * ``batched_mm``: ``W[ids_flat]`` gathers + ``bmm`` on the token repeated K times
-  (``repeat_interleave`` -> unsqueeze/expand/clone/reshape), ``reshape(M, K, H).sum(1)``.
+  (``repeat_interleave`` -> unsqueeze/expand/clone/reshape), ``reshape(M, K, H).sum(1)``;
+* ``dense_loop``: a traced ``for e in range(E)`` over *all* experts of stacked weights
+  (``W1[e]``/``W2[e]`` selects, masked weight ``sum(tw * (ids == e), -1)``), the expert outputs
+  combined by a tree of adds. Every expert must appear exactly once.
 
 Starting at the gate_up GEMM, walk back to (x, ids) and forward through SiLU-and-mul, the down
 GEMM and the weighted combine; everything the region computes must be private to it. The
