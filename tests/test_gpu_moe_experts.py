@@ -54,7 +54,7 @@ def _check_code(codes: list[str]) -> None:
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 @pytest.mark.parametrize("model", ["qwen", "mixtral"])
-@pytest.mark.parametrize("M", [1, 3, 64])
+@pytest.mark.parametrize("M", [1, 64])
 def test_fused_kernel_in_output_code(model, impl, M):
     m = _block(model, impl)
     x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
