@@ -33,6 +33,7 @@ from ..fx_utils import (
     Reject,
     aten,
     convert_dtype,
+    depends_on_any,
     insert_traced,
     is_convert,
     is_op,
@@ -608,6 +609,9 @@ def check(m: MoEMatch, gate: bool = True) -> None:
         outside = [u for u in n.users if u not in m.nodes and not is_op(u, aten.sym_size.int)]
         if outside:
             raise Reject(f"intermediate {n.name} ({getattr(n.target, '__name__', n.target)}) is also used outside the MoE experts")
+    for inp in (m.x, m.tw, m.ids, m.w1, m.w2):
+        if depends_on_any(inp, m.nodes):
+            raise Reject(f"input {inp.name} depends on the MoE region itself")
     if dev == "cuda":
         path = "decode" if choose_path(xv.shape[0], m.K, m.E) == 1 else "prefill"
         why = gating.rejects(FAMILY, scheme=f"{m.form}/{path}", hidden=m.H, dtype=xv.dtype, enabled=gate)
