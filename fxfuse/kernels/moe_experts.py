@@ -98,14 +98,19 @@ def choose_path(M: object, K: int, E: int) -> int:
     return PATH_DECODE if (M * K * 4 <= E or M <= 2) else PATH_PREFILL
 
 
-def decode_config(H: int, I: int) -> dict:
-    """(BLOCK_N, BLOCK_K, num_warps) for kernels A and B by shape class (no autotuning)."""
-    # kernel A: enough N-blocks that (pairs x blocks) fills the GPU even at one token.
+def decode_config(H: int, I: int, K: int = 8) -> dict:
+    """Block sizes and warps for decode kernels A and B by shape class (no autotuning).
+
+    Both stream weights with vector-matrix products; tiles hold ~8K elements (16 KB of bf16) so
+    each program keeps a large load in flight, and the grid has hundreds of programs at M=1.
+    """
+    # kernel A: (pair, N-block) programs; gate and up tiles [A_BN, A_BK] each.
     a_bn = 16 if I <= 2048 else 32
     a_bk = min(256, triton.next_power_of_2(H))
-    # kernel B: small N-blocks -> many programs; the whole I row per load when it fits.
-    b_bn = 4 if H <= 4096 else 8
-    b_bk = min(1024 if I <= 1024 else 512, triton.next_power_of_2(I))
+    # kernel B: (token, H-block) programs; one [K, B_BN, B_BK] tile covers all selected experts.
+    k_pad = triton.next_power_of_2(K)
+    b_bk = min(256 if k_pad >= 8 else 512, triton.next_power_of_2(I))
+    b_bn = max(1, min(16, 8192 // (k_pad * b_bk)))
     return dict(A_BN=a_bn, A_BK=a_bk, A_WARPS=4, B_BN=b_bn, B_BK=b_bk, B_WARPS=4)
 
 
@@ -184,31 +189,34 @@ def _moe_decode_down_kernel(
     stride_hm, stride_idm, stride_idk, stride_twm, stride_twk,
     stride_w2e, stride_w2k, stride_w2n, stride_om,
     E, H, I,
-    K_TOP: tl.constexpr, ACT: tl.constexpr, PROD: tl.constexpr, SUM: tl.constexpr,
+    K_TOP: tl.constexpr, K_PAD: tl.constexpr, ACT: tl.constexpr, PROD: tl.constexpr, SUM: tl.constexpr,
     NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per (token, H-block): down rows of each selected expert, weighted, summed over K."""
+    """One program per (token, H-block): the down rows of all K selected experts in one 3-D tile
+    [K, BLOCK_N, BLOCK_K] (every expert's stream in flight at once), weighted, summed over K in a
+    fixed order (deterministic)."""
     tok = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(K_TOP):
-        e = tl.load(ids_ptr + tok * stride_idm + j * stride_idk).to(tl.int64)
-        valid = (e >= 0) & (e < E)
-        e = tl.where(valid, e, 0)
-        wt = tl.load(tw_ptr + tok * stride_twm + j * stride_twk).to(tl.float32)
-        w_base = w2_ptr + e * stride_w2e + offs_n[:, None].to(tl.int64) * stride_w2n
-        h_row = h_ptr + (tok * K_TOP + j) * stride_hm
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < I
-            hk = tl.load(h_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(w_base + offs_k[None, :] * stride_w2k, mask=mask_n[:, None] & mask_k[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(w * hk[None, :], axis=1)
-        c = round_to(round_to(acc, ACT, NATIVE) * wt, PROD, NATIVE)
-        out += tl.where(valid, c, 0.0)
+    slots = tl.arange(0, K_PAD)
+    mask_s = slots < K_TOP
+    e = tl.load(ids_ptr + tok * stride_idm + slots * stride_idk, mask=mask_s, other=-1).to(tl.int64)
+    valid = mask_s & (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0)
+    wt = tl.load(tw_ptr + tok * stride_twm + slots * stride_twk, mask=mask_s, other=0.0).to(tl.float32)
+    w_base = w2_ptr + e[:, None, None] * stride_w2e + offs_n[None, :, None].to(tl.int64) * stride_w2n
+    h_base = h_ptr + (tok * K_TOP + slots)[:, None] * stride_hm
+    m_wn = valid[:, None, None] & mask_n[None, :, None]
+    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < I
+        hk = tl.load(h_base + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_base + offs_k[None, None, :] * stride_w2k, mask=m_wn & mask_k[None, None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * hk[:, None, :], axis=2)
+    c = round_to(round_to(acc, ACT, NATIVE) * wt[:, None], PROD, NATIVE)
+    out = tl.sum(tl.where(valid[:, None], c, 0.0), axis=0)
     out = round_to(out, SUM, NATIVE)
     tl.store(out_ptr + tok * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
@@ -265,7 +273,7 @@ def _moe_gemm2_kernel(
     ACT: tl.constexpr, PROD: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Tile of BLOCK_M pairs x BLOCK_N of H: down GEMM, times the routing weight -> per-pair fp32 rows."""
+    """Tile of BLOCK_M pairs x BLOCK_N of H: down GEMM, times the routing weight -> per-pair rows."""
     pid_m = tl.program_id(0)
     npad = tl.load(npad_ptr)
     if pid_m * BLOCK_M >= npad:
@@ -292,7 +300,8 @@ def _moe_gemm2_kernel(
         b_ptrs += BLOCK_K * stride_w2k
     wt = tl.load(tw_ptr + rows_c, mask=rmask, other=0.0).to(tl.float32)
     c = round_to(round_to(acc, ACT, NATIVE) * wt[:, None], PROD, NATIVE)
-    tl.store(p_ptr + rows_c[:, None] * stride_pm + offs_n[None, :], c, mask=rmask[:, None] & mask_n[None, :])
+    tl.store(p_ptr + rows_c[:, None] * stride_pm + offs_n[None, :], c.to(p_ptr.dtype.element_ty),
+             mask=rmask[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------
@@ -363,10 +372,13 @@ def _launch(
         x = x.contiguous()
     act, prod, sm = _DT_CODE[x.dtype], _DT_CODE[prod_dtype], _DT_CODE[sum_dtype]
     native = _native()
+    if isinstance(M, int) and M == 0:  # nothing to launch (a zero-size grid is an error)
+        res = torch.zeros((0, H), dtype=out_dtype, device=x.device)
+        return out if out is not None else res
     if path == PATH_AUTO:
         path = choose_path(M, K, E)
     if path == PATH_DECODE:
-        c = {**decode_config(H, I), **(config or {})}
+        c = {**decode_config(H, I, K), **(config or {})}
         h = torch.empty((S, I), dtype=x.dtype, device=x.device)
         if out is None:
             out = torch.empty((M, H), dtype=out_dtype, device=x.device)
@@ -382,7 +394,7 @@ def _launch(
             h.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_w.stride(0), topk_w.stride(1),
             w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
             E, H, I,
-            K_TOP=K, ACT=act, PROD=prod, SUM=sm, NATIVE=native,
+            K_TOP=K, K_PAD=triton.next_power_of_2(K), ACT=act, PROD=prod, SUM=sm, NATIVE=native,
             BLOCK_N=c["B_BN"], BLOCK_K=c["B_BK"], num_warps=c["B_WARPS"],
         )
         return out
@@ -393,7 +405,8 @@ def _launch(
     if tw.stride(0) != 1:
         tw = tw.contiguous()
     h = torch.empty((S, I), dtype=x.dtype, device=x.device)
-    pair_out = torch.empty((S, H), dtype=torch.float32, device=x.device)
+    # per-pair products are already rounded to prod_dtype: storing them in it is lossless
+    pair_out = torch.empty((S, H), dtype=prod_dtype, device=x.device)
     extra = {} if not native else {"num_stages": c["STAGES"]}
     wrap(_moe_gemm1_kernel)[(n_tiles, triton.cdiv(I, c["BN1"]))](
         x, w1, h, sorted_ids, block_e, npad,
@@ -411,7 +424,7 @@ def _launch(
     )
     ids = topk_ids.reshape(M, K)
     valid = ((ids >= 0) & (ids < E)).unsqueeze(-1)
-    summed = torch.where(valid, pair_out.view(M, K, H), 0.0).sum(1)
+    summed = torch.where(valid, pair_out.view(M, K, H), 0.0).sum(1, dtype=torch.float32)
     res = summed.to(sum_dtype).to(out_dtype)
     if out is not None:
         out.copy_(res)

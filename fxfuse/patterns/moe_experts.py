@@ -7,7 +7,10 @@ Recognized forms (post-grad ATen, as transformers' experts implementations trace
   weights under compile) for gate_up and down, weights gathered by ``perm``, the inverse
   permutation by ``index_put(empty, [perm], iota)``, ``reshape(M, K, H).sum(1)``;
 * ``batched_mm``: ``W[ids_flat]`` gathers + ``bmm`` on the token repeated K times
-  (``repeat_interleave`` -> unsqueeze/expand/clone/reshape), ``reshape(M, K, H).sum(1)``.
+  (``repeat_interleave`` -> unsqueeze/expand/clone/reshape), ``reshape(M, K, H).sum(1)``;
+* ``dense_loop``: a traced ``for e in range(E)`` over *all* experts of stacked weights
+  (``W1[e]``/``W2[e]`` selects, masked weight ``sum(tw * (ids == e), -1)``), the expert outputs
+  combined by a tree of adds. Every expert must appear exactly once.
 
 Starting at the gate_up GEMM, walk back to (x, ids) and forward through SiLU-and-mul, the down
 GEMM and the weighted combine; everything the region computes must be private to it. The
@@ -30,6 +33,7 @@ from ..fx_utils import (
     Reject,
     aten,
     convert_dtype,
+    depends_on_any,
     insert_traced,
     is_convert,
     is_op,
@@ -162,8 +166,11 @@ def _parse_act(gu: fx.Node, I: int, act: torch.dtype, nodes: set[fx.Node]) -> fx
         raise Reject("activation is not SiLU (only silu(gate) * up is fused)")
     if tval(s).dtype not in (act, torch.float32):
         raise Reject("SiLU computed in an unexpected dtype")
-    if _strip_convert(v, sub) is not gate:
-        raise Reject("SiLU does not read the gate half")
+    if is_convert(v) and convert_dtype(v) == torch.float32:  # exact upcast of the gate
+        sub.add(v)
+        v = v.args[0]
+    if v is not gate:
+        raise Reject("SiLU does not read the gate half (or reads it through a rounding)")
     nodes.update(sub)
     nodes.add(mul)
     return mul
@@ -419,6 +426,159 @@ def match_batched(bmm1: fx.Node) -> MoEMatch:
     return MoEMatch("batched_mm", x, ids, tw, w1, True, w2, True, out, tval(mul).dtype, sum_dt, E, K, H, I, nodes)
 
 
+# ----------------------------------------------------------------------------- dense loop form
+
+
+def _selected_expert_weight(n: Any) -> tuple[fx.Node, int] | None:
+    """permute(select(W [E, ., .], 0, e), [1, 0]) (W[e].T) -> (W, e)."""
+    if is_op(n, aten.permute.default) and list(n.args[1]) == [1, 0]:
+        s = n.args[0]
+        if is_op(s, aten.select.int) and s.args[1] == 0 and isinstance(s.args[2], int) and isinstance(s.args[0], fx.Node):
+            return s.args[0], s.args[2]
+    return None
+
+
+def _expert_term(mm2: fx.Node) -> dict | None:
+    """One unrolled expert: mm(silu_mul(mm(x, W1[e].T)), W2[e].T). None if mm2 is not one."""
+    sel2 = _selected_expert_weight(mm2.args[1])
+    if sel2 is None or not is_op(mm2.args[0], aten.mul.Tensor):
+        return None
+    h = mm2.args[0]
+    # find the gate_up mm behind the SiLU-mul: getitem(split(mm1), 1) is one of h's operands
+    for up in h.args:
+        if isinstance(up, fx.Node) and up.target is operator.getitem and is_op(up.args[0], aten.split.Tensor, aten.split_with_sizes.default):
+            mm1 = up.args[0].args[0]
+            if is_op(mm1, aten.mm.default):
+                sel1 = _selected_expert_weight(mm1.args[1])
+                if sel1 is not None and sel1[1] == sel2[1]:
+                    return dict(e=sel2[1], x=mm1.args[0], w1=sel1[0], w2=sel2[0], mm1=mm1, h=h, mm2=mm2)
+    return None
+
+
+def _mask_weight(n: Any, e: int, nodes: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """sum(tw * (ids == e), -1) (or where(ids == e, tw, 0)) -> (tw, ids)."""
+    if not is_op(n, aten.sum.dim_IntList):
+        return None
+    dims = n.args[1] if len(n.args) > 1 else None
+    if not isinstance(dims, (list, tuple)) or len(dims) != 1 or (len(n.args) > 2 and n.args[2]) or n.kwargs.get("dtype"):
+        return None
+    p = n.args[0]
+    pv = val(p)
+    if not isinstance(pv, torch.Tensor) or pv.dim() != 2 or dims[0] % 2 != 1:
+        return None
+    eq = tw = None
+    if is_op(p, aten.mul.Tensor):
+        for a, b in ((p.args[0], p.args[1]), (p.args[1], p.args[0])):
+            sub: set[fx.Node] = set()
+            c = _strip_convert(a, sub)
+            if is_op(c, aten.eq.Scalar) and c.args[1] == e:
+                eq, tw = c, b
+                nodes.update(sub)
+                break
+    elif is_op(p, aten.where.self) and is_op(p.args[0], aten.eq.Scalar) and p.args[0].args[1] == e:
+        zero = p.args[2]
+        zv = val(zero)
+        if isinstance(zero, fx.Node) and isinstance(zv, torch.Tensor) and zv.dim() == 0 and is_op(zero, aten.scalar_tensor.default, aten.full.default):
+            if literal(zero.args[0] if is_op(zero, aten.scalar_tensor.default) else zero.args[1]) == 0.0:
+                eq, tw = p.args[0], p.args[1]
+                nodes.add(zero)
+    if eq is None or not isinstance(tw, fx.Node):
+        return None
+    nodes.update({n, p, eq})
+    return tw, eq.args[0]
+
+
+def match_dense(any_mm2: fx.Node) -> MoEMatch:
+    """A `for e in range(E)` loop over all experts, unrolled: sum_e y_e * sum_j tw[:, j]*(ids[:, j] == e)."""
+    first = _expert_term(any_mm2)
+    assert first is not None
+    x, w1, w2 = first["x"], first["w1"], first["w2"]
+    graph = any_mm2.graph
+    terms: dict[int, dict] = {}
+    for n in graph.nodes:
+        if is_op(n, aten.mm.default):
+            t = _expert_term(n)
+            if t is not None and t["x"] is x and t["w1"] is w1 and t["w2"] is w2:
+                if t["e"] in terms:
+                    raise Reject(f"expert {t['e']} is applied twice")
+                terms[t["e"]] = t
+    E = tval(w1).shape[0]
+    if sorted(terms) != list(range(E)):
+        raise Reject(f"the loop covers experts {sorted(terms)}, not all {E}")
+    nodes: set[fx.Node] = set()
+    contribs: dict[fx.Node, int] = {}
+    tw = ids = None
+    xv = tval(x)
+    H = xv.shape[-1]
+    s1 = tuple(tval(w1).shape)
+    if len(s1) != 3 or s1[2] != H or s1[1] % 2:
+        raise Reject(f"gate_up weight {s1} is not [experts, 2*inter, {H}]")
+    I = s1[1] // 2
+    for e, t in sorted(terms.items()):
+        sub: set[fx.Node] = {t["mm1"], t["mm2"], t["mm1"].args[1], t["mm1"].args[1].args[0],
+                             t["mm2"].args[1], t["mm2"].args[1].args[0]}
+        if _parse_act(t["mm1"], I, xv.dtype, sub) is not t["h"]:
+            raise Reject("SiLU-mul output is not what the down projection reads")
+        y = _single_user(t["mm2"], "expert output")
+        if is_convert(y) and convert_dtype(y) == torch.float32:
+            sub.add(y)
+            yy = y
+            y = _single_user(y, "expert output")
+        else:
+            yy = t["mm2"]
+        if not is_op(y, aten.mul.Tensor):
+            raise Reject("expert output is not scaled by its routing weight")
+        wop = y.args[1] if y.args[0] is yy else y.args[0]
+        if not is_op(wop, aten.unsqueeze.default) or _dim(wop.args[1], 2) != 1:
+            raise Reject("routing weight is not broadcast over the hidden dim")
+        mw = _mask_weight(wop.args[0], e, sub)
+        if mw is None:
+            raise Reject("routing weight is not sum(weights * (ids == e)) over the top-k")
+        if tw is None:
+            tw, ids = mw
+        elif mw != (tw, ids):
+            raise Reject("experts read different routing tensors")
+        sub.update({wop, y})
+        nodes |= sub
+        contribs[y] = e
+    # the contributions are combined by a chain/tree of adds (optionally starting from zeros):
+    # grow the tree to a fixpoint, taking an add only if all its operands are already in it
+    def _zero(op: Any) -> bool:
+        return isinstance(op, fx.Node) and is_op(op, aten.full.default) and literal(op.args[1]) == 0.0
+
+    tree: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n in list(contribs) + list(tree):
+            for u in n.users:
+                if u in tree or not is_op(u, aten.add.Tensor) or u.kwargs or len(u.args) != 2:
+                    continue
+                if all(op in contribs or op in tree or _zero(op) for op in u.args):
+                    tree.add(u)
+                    changed = True
+    members = set(contribs) | tree
+    tops = [n for n in members if not any(u in tree for u in n.users)]
+    if len(tops) != 1:
+        raise Reject("expert outputs are not combined by one sum")
+    root = tops[0]
+    for n in members - {root}:
+        if len(n.users) != 1:
+            raise Reject(f"partial sum {n.name} is also used outside the sum over experts")
+    nodes.update(op for a in tree for op in a.args if _zero(op))
+    nodes |= tree
+    out = root
+    sum_dt = tval(root).dtype
+    if len(root.users) == 1 and is_convert(next(iter(root.users))):
+        out = next(iter(root.users))
+        nodes.add(out)
+    iv = tval(ids)
+    if iv.dim() != 2 or iv.dtype not in (torch.int32, torch.int64) or tuple(tval(tw).shape) != tuple(iv.shape):
+        raise Reject("routing ids/weights are not [tokens, top_k]")
+    prod = tval(next(iter(contribs))).dtype
+    return MoEMatch("dense_loop", x, ids, tw, w1, True, w2, True, out, prod, sum_dt, E, iv.shape[1], H, I, nodes)
+
+
 # ----------------------------------------------------------------------------- checks + rewrite
 
 
@@ -449,6 +609,9 @@ def check(m: MoEMatch, gate: bool = True) -> None:
         outside = [u for u in n.users if u not in m.nodes and not is_op(u, aten.sym_size.int)]
         if outside:
             raise Reject(f"intermediate {n.name} ({getattr(n.target, '__name__', n.target)}) is also used outside the MoE experts")
+    for inp in (m.x, m.tw, m.ids, m.w1, m.w2):
+        if depends_on_any(inp, m.nodes):
+            raise Reject(f"input {inp.name} depends on the MoE region itself")
     if dev == "cuda":
         path = "decode" if choose_path(xv.shape[0], m.K, m.E) == 1 else "prefill"
         why = gating.rejects(FAMILY, scheme=f"{m.form}/{path}", hidden=m.H, dtype=xv.dtype, enabled=gate)
@@ -532,6 +695,8 @@ class MoEExperts:
                 if is_op(a0, aten.mul.Tensor):
                     continue
                 matcher = match_grouped
+            elif is_op(node, aten.mm.default) and _expert_term(node) is not None and _expert_term(node)["e"] == 0:
+                matcher = match_dense
             elif is_op(node, aten.bmm.default) and _expert_gather(node.args[0]) is not None:
                 if is_op(node.args[1], aten.unsqueeze.default) and is_op(node.args[1].args[0], aten.mul.Tensor):
                     continue
@@ -542,7 +707,12 @@ class MoEExperts:
             with ctx.candidate(FAMILY, node):
                 m = matcher(node)
                 check(m, gate=ctx.options.get("gate", True))
+                opaque = {n.name for n in m.nodes if _is_grouped_mm(n) and n.target is not aten._grouped_mm.default}
                 replaced = rewrite(graph, m)
+                if opaque:  # unwrap reported transformers' opaque grouped-mm op; it is fused now
+                    ctx.graph_report.near_misses[:] = [
+                        nm for nm in ctx.graph_report.near_misses if not (nm.family == "unwrap" and nm.anchor in opaque)
+                    ]
                 kernel = "triton:fxfuse_moe_experts" if tval(m.x).device.type == "cuda" else "fxfuse::moe_experts"
                 ctx.applied(FAMILY, replaced, kernel, f"{m.form} E={m.E} top{m.K} H={m.H} I={m.I} {tval(m.x).dtype}")
         if not found:
