@@ -416,3 +416,42 @@ def test_dynamic_true_float_attribute_eps_reason():
     torch.testing.assert_close(s, ref[1])
     if fxfuse.counters["rmsnorm_quant"] == 0:  # torch versions that lift the float into an input
         assert any("eps is a graph input" in r and "specialize_float" in r for r in _reasons()), _reasons()
+
+
+# ----------------------------------------------------------------------------- CPU in-place inputs
+
+_lib.define("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()")
+
+
+def _far_impl(x, res, w, eps):
+    s = x + res
+    res.copy_(s)
+    v = s.float()
+    x.copy_((v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w)
+
+
+_lib.impl("fused_add_rms_norm", _far_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{_NS}::fused_add_rms_norm", lambda x, r, w, e: None, lib=_lib)
+
+
+def test_cpu_fused_add_rms_norm_on_two_graph_inputs_is_left_opaque():
+    from fxfuse.patterns import unwrap_builtin
+
+    added = unwrap_builtin.register_builtins({"_C": _NS})
+    op = torch.ops.fxfuse_i12_test.fused_add_rms_norm
+
+    def fn(x, res, w):
+        op(x, res, w, 1e-6)
+        return x * 2
+
+    x, w = _inputs(seed=17)
+    r = torch.randn_like(x)
+    x2, r2 = x.clone(), r.clone()
+    try:
+        ref = fn(x2, r2, w)
+        out = _compile_run(fn, (x, r, w))  # used to raise InductorError KeyError 'bufN'
+    finally:
+        for key in added:
+            fxfuse.patterns.unwrap.unregister_unwrap(key)
+    assert any("Inductor CPU codegen bug" in r for r in _reasons()), _reasons()
+    assert torch.equal(out, ref) and torch.equal(x, x2) and torch.equal(r, r2)
