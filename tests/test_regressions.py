@@ -455,3 +455,31 @@ def test_cpu_fused_add_rms_norm_on_two_graph_inputs_is_left_opaque():
             fxfuse.patterns.unwrap.unregister_unwrap(key)
     assert any("Inductor CPU codegen bug" in r for r in _reasons()), _reasons()
     assert torch.equal(out, ref) and torch.equal(x, x2) and torch.equal(r, r2)
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A fresh venv with `pip install -e ".[test]"` must have everything the code and tests import
+    (numpy was missing: the Triton interpreter needs it)."""
+    import ast
+    import pathlib
+    import re
+    import sys
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    declared |= {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["test"]}
+    local = {p.stem for p in (root / "tests").glob("*.py")} | {"fxfuse", "benchmarks"}
+    imported: set[str] = set()
+    for path in [*(root / "fxfuse").rglob("*.py"), *(root / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in local}
+    optional = {"transformers"}  # imported lazily, tests skip without it
+    missing = sorted(m for m in third_party - optional if m.lower() not in declared)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert "numpy" in declared  # the Triton interpreter (TRITON_INTERPRET=1 tests) imports it

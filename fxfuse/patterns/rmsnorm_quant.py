@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..fx_utils import (
+    LIFTED_SCALAR_HINT,
     Reject,
     aten,
     convert_dtype,
@@ -25,6 +26,7 @@ from ..fx_utils import (
     insert_traced,
     is_convert,
     is_last_dim_reduction,
+    is_lifted_scalar,
     is_op,
     is_row_contiguous,
     literal,
@@ -75,17 +77,8 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     a, b = add_eps.args
     mean, eps = (a, literal(b)) if literal(b) is not None else (b, literal(a))
     if eps is None or not isinstance(mean, fx.Node):
-        srcs = [_strip_f32_convert(o)[0] for o in (a, b) if isinstance(o, fx.Node)]
-        if any(
-            isinstance(val(n), (torch.SymFloat, torch.SymInt))
-            or (n.op == "placeholder" and isinstance(val(n), torch.Tensor) and val(n).dim() == 0)
-            for n in srcs
-        ):
-            raise Reject(
-                "eps is a graph input, not a constant (dynamic=True turns float attributes into inputs); "
-                "mark only the token dim dynamic (torch._dynamo.mark_dynamic(x, 0)) or set "
-                "torch._dynamo.config.specialize_float = True"
-            )
+        if is_lifted_scalar(a) or is_lifted_scalar(b):
+            raise Reject(f"eps is a graph input, not a constant: {LIFTED_SCALAR_HINT}")
         raise Reject("eps is not a constant")
     nodes.add(add_eps)
     if is_op(mean, aten.reshape.default, aten.unsqueeze.default) and is_op(mean.args[0], aten.mean.dim):
