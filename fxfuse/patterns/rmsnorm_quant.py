@@ -86,10 +86,6 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     if not is_op(mean, aten.mean.dim):
         raise Reject("rsqrt does not read a mean")
     nodes.add(mean)
-    mean_dt = mean.kwargs.get("dtype")
-    for node in (mean, add_eps, rsqrt):
-        if tval(node).dtype != torch.float32 or mean_dt not in (None, torch.float32):
-            raise Reject(f"variance mean computed in {mean_dt or tval(node).dtype}, not float32")
     sq = mean.args[0]
     sqv = tval(sq)
     if not is_last_dim_reduction(mean, sqv.dim()):
@@ -104,6 +100,10 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     vv = tval(v)
     if vv.dtype != torch.float32:
         raise Reject(f"variance computed in {vv.dtype}, not float32")
+    mean_dt = mean.kwargs.get("dtype")
+    for node in (mean, add_eps, rsqrt):
+        if tval(node).dtype != torch.float32 or mean_dt not in (None, torch.float32):
+            raise Reject(f"variance mean computed in {mean_dt or tval(node).dtype}, not float32")
     h, up = _strip_f32_convert(v)
     hv = tval(h)
     if hv.dtype not in NORM_DTYPES:
