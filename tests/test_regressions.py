@@ -483,3 +483,39 @@ def test_every_third_party_import_is_a_declared_dependency():
     missing = sorted(m for m in third_party - optional if m.lower() not in declared)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
     assert "numpy" in declared  # the Triton interpreter (TRITON_INTERPRET=1 tests) imports it
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import sys, torch, fxfuse
+lib = torch.library.Library("fxfuse_i12_proc", "DEF")
+lib.define("scaled(Tensor x) -> Tensor")
+lib.impl("scaled", lambda x: x * 0, "CompositeExplicitAutograd")
+torch.library.register_fake("fxfuse_i12_proc::scaled", lambda x: torch.empty_like(x), lib=lib)
+
+def make(factor):
+    def decomp(x):
+        return x * factor
+    return decomp
+
+fxfuse.register_unwrap(torch.ops.fxfuse_i12_proc.scaled.default, make(float(sys.argv[1])))
+fn = torch.compile(lambda x: torch.ops.fxfuse_i12_proc.scaled(x) + 1,
+                   options={"post_grad_custom_pre_pass": fxfuse.passes})
+print("@@", fn(torch.ones(4)).tolist())
+"""
+
+
+def test_fx_cache_is_not_reused_across_processes_when_a_closure_changes(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="1")
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    results = []
+    for factor in ("2", "3"):
+        p = subprocess.run([sys.executable, "-c", _TWO_PROCESS_SCRIPT, factor], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results.append([ln for ln in p.stdout.splitlines() if ln.startswith("@@")][-1])
+    assert results == ["@@ [3.0, 3.0, 3.0, 3.0]", "@@ [4.0, 4.0, 4.0, 4.0]"], results
