@@ -512,9 +512,11 @@ def test_fx_cache_is_not_reused_across_processes_when_a_closure_changes(tmp_path
 
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="1")
     env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    script = tmp_path / "two_process.py"  # a file: inspect.getsource works, as in a user's script
+    script.write_text(_TWO_PROCESS_SCRIPT)
     results = []
     for factor in ("2", "3"):
-        p = subprocess.run([sys.executable, "-c", _TWO_PROCESS_SCRIPT, factor], env=env, capture_output=True,
+        p = subprocess.run([sys.executable, str(script), factor], env=env, capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         results.append([ln for ln in p.stdout.splitlines() if ln.startswith("@@")][-1])
