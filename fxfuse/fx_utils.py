@@ -74,6 +74,25 @@ def literal(x: Any) -> float | None:
     return None
 
 
+LIFTED_SCALAR_HINT = (
+    "dynamic=True turns float attributes into graph inputs; mark only the token dim dynamic "
+    "(torch._dynamo.mark_dynamic(x, 0)) or set torch._dynamo.config.specialize_float = True"
+)
+
+
+def is_lifted_scalar(node: Any) -> bool:
+    """A Python float the user wrote that Dynamo lifted into a graph input (a 0-d placeholder,
+    possibly upcast, or a SymFloat): its value is not known when the pass runs."""
+    if not isinstance(node, fx.Node):
+        return False
+    if is_convert(node):
+        node = node.args[0]
+    v = val(node)
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        return True
+    return node.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 0
+
+
 def norm_dims(dims: Any, ndim: int) -> list[int] | None:
     """Reduction dims as a sorted list of non-negative ints (None if not a literal list)."""
     if isinstance(dims, int):

@@ -416,3 +416,108 @@ def test_dynamic_true_float_attribute_eps_reason():
     torch.testing.assert_close(s, ref[1])
     if fxfuse.counters["rmsnorm_quant"] == 0:  # torch versions that lift the float into an input
         assert any("eps is a graph input" in r and "specialize_float" in r for r in _reasons()), _reasons()
+
+
+# ----------------------------------------------------------------------------- CPU in-place inputs
+
+_lib.define("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()")
+
+
+def _far_impl(x, res, w, eps):
+    s = x + res
+    res.copy_(s)
+    v = s.float()
+    x.copy_((v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w)
+
+
+_lib.impl("fused_add_rms_norm", _far_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{_NS}::fused_add_rms_norm", lambda x, r, w, e: None, lib=_lib)
+
+
+def test_cpu_fused_add_rms_norm_on_two_graph_inputs_is_left_opaque():
+    from fxfuse.patterns import unwrap_builtin
+
+    added = unwrap_builtin.register_builtins({"_C": _NS})
+    op = torch.ops.fxfuse_i12_test.fused_add_rms_norm
+
+    def fn(x, res, w):
+        op(x, res, w, 1e-6)
+        return x * 2
+
+    x, w = _inputs(seed=17)
+    r = torch.randn_like(x)
+    x2, r2 = x.clone(), r.clone()
+    try:
+        ref = fn(x2, r2, w)
+        out = _compile_run(fn, (x, r, w))  # used to raise InductorError KeyError 'bufN'
+    finally:
+        for key in added:
+            fxfuse.patterns.unwrap.unregister_unwrap(key)
+    assert any("Inductor CPU codegen bug" in r for r in _reasons()), _reasons()
+    assert torch.equal(out, ref) and torch.equal(x, x2) and torch.equal(r, r2)
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A fresh venv with `pip install -e ".[test]"` must have everything the code and tests import
+    (numpy was missing: the Triton interpreter needs it)."""
+    import ast
+    import pathlib
+    import re
+    import sys
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    declared |= {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["test"]}
+    local = {p.stem for p in (root / "tests").glob("*.py")} | {"fxfuse", "benchmarks"}
+    imported: set[str] = set()
+    for path in [*(root / "fxfuse").rglob("*.py"), *(root / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in local}
+    optional = {"transformers"}  # imported lazily, tests skip without it
+    missing = sorted(m for m in third_party - optional if m.lower() not in declared)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert "numpy" in declared  # the Triton interpreter (TRITON_INTERPRET=1 tests) imports it
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import sys, torch, fxfuse
+lib = torch.library.Library("fxfuse_i12_proc", "DEF")
+lib.define("scaled(Tensor x) -> Tensor")
+lib.impl("scaled", lambda x: x * 0, "CompositeExplicitAutograd")
+torch.library.register_fake("fxfuse_i12_proc::scaled", lambda x: torch.empty_like(x), lib=lib)
+
+def make(factor):
+    def decomp(x):
+        return x * factor
+    return decomp
+
+fxfuse.register_unwrap(torch.ops.fxfuse_i12_proc.scaled.default, make(float(sys.argv[1])))
+fn = torch.compile(lambda x: torch.ops.fxfuse_i12_proc.scaled(x) + 1,
+                   options={"post_grad_custom_pre_pass": fxfuse.passes})
+print("@@", fn(torch.ones(4)).tolist())
+"""
+
+
+def test_fx_cache_is_not_reused_across_processes_when_a_closure_changes(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="1")
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    script = tmp_path / "two_process.py"  # a file: inspect.getsource works, as in a user's script
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    results = []
+    for factor in ("2", "3"):
+        p = subprocess.run([sys.executable, str(script), factor], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results.append([ln for ln in p.stdout.splitlines() if ln.startswith("@@")][-1])
+    assert results == ["@@ [3.0, 3.0, 3.0, 3.0]", "@@ [4.0, 4.0, 4.0, 4.0]"], results

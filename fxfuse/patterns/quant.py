@@ -18,12 +18,14 @@ import torch
 import torch.fx as fx
 
 from ..fx_utils import (
+    LIFTED_SCALAR_HINT,
     Reject,
     aten,
     convert_dtype,
     depends_on_any,
     is_convert,
     is_last_dim_reduction,
+    is_lifted_scalar,
     is_op,
     literal,
     norm_dims,
@@ -395,6 +397,8 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
         if depends_on_any(base, {y}):
             src = amax_source(base, chain_nodes, keepdim=not unsq)
             if src is None:
+                if is_op(base, aten.div.Tensor, aten.mul.Tensor) and any(is_lifted_scalar(x) for x in base.args):
+                    raise Reject(f"a scale constant is a graph input, not a constant: {LIFTED_SCALAR_HINT}")
                 raise Reject(f"scale is derived from the tensor by an unsupported op ({getattr(base, 'name', base)})")
             src_kind, src_g = value_source(src, y, chain_nodes)
             if (src_kind, src_g) != (kind, g):

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..fx_utils import (
+    LIFTED_SCALAR_HINT,
     Reject,
     aten,
     convert_dtype,
@@ -25,6 +26,7 @@ from ..fx_utils import (
     insert_traced,
     is_convert,
     is_last_dim_reduction,
+    is_lifted_scalar,
     is_op,
     is_row_contiguous,
     literal,
@@ -74,17 +76,8 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     a, b = add_eps.args
     mean, eps = (a, literal(b)) if literal(b) is not None else (b, literal(a))
     if eps is None or not isinstance(mean, fx.Node):
-        srcs = [_strip_f32_convert(o)[0] for o in (a, b) if isinstance(o, fx.Node)]
-        if any(
-            isinstance(val(n), (torch.SymFloat, torch.SymInt))
-            or (n.op == "placeholder" and isinstance(val(n), torch.Tensor) and val(n).dim() == 0)
-            for n in srcs
-        ):
-            raise Reject(
-                "eps is a graph input, not a constant (dynamic=True turns float attributes into inputs); "
-                "mark only the token dim dynamic (torch._dynamo.mark_dynamic(x, 0)) or set "
-                "torch._dynamo.config.specialize_float = True"
-            )
+        if is_lifted_scalar(a) or is_lifted_scalar(b):
+            raise Reject(f"eps is a graph input, not a constant: {LIFTED_SCALAR_HINT}")
         raise Reject("eps is not a constant")
     nodes.add(add_eps)
     if is_op(mean, aten.reshape.default, aten.unsqueeze.default) and is_op(mean.args[0], aten.mean.dim):
@@ -92,10 +85,6 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     if not is_op(mean, aten.mean.dim):
         raise Reject("rsqrt does not read a mean")
     nodes.add(mean)
-    mean_dt = mean.kwargs.get("dtype")
-    for node in (mean, add_eps, rsqrt):
-        if tval(node).dtype != torch.float32 or mean_dt not in (None, torch.float32):
-            raise Reject(f"variance mean computed in {mean_dt or tval(node).dtype}, not float32")
     sq = mean.args[0]
     sqv = tval(sq)
     if not is_last_dim_reduction(mean, sqv.dim()):
@@ -110,6 +99,10 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     vv = tval(v)
     if vv.dtype != torch.float32:
         raise Reject(f"variance computed in {vv.dtype}, not float32")
+    mean_dt = mean.kwargs.get("dtype")
+    for node in (mean, add_eps, rsqrt):
+        if tval(node).dtype != torch.float32 or mean_dt not in (None, torch.float32):
+            raise Reject(f"variance mean computed in {mean_dt or tval(node).dtype}, not float32")
     h, up = _strip_f32_convert(v)
     hv = tval(h)
     if hv.dtype not in NORM_DTYPES:

@@ -494,6 +494,26 @@ def _check_outputs(site: _Site, gm: fx.GraphModule, n_ret: int, out_form: bool) 
             raise Reject(f"decomposition's {what} has {why}")
 
 
+def _check_cpu_inplace_inputs(site: _Site, values: dict[str, Any], out_form: bool) -> None:
+    """Inductor 2.13's CPU codegen fails (KeyError 'bufN' in outer-loop fusion) on a row
+    reduction whose in-place results go back into two or more graph inputs it also reads,
+    e.g. fused_add_rms_norm(x, residual) on the caller's tensors; stock Inductor fails the same
+    way on that ATen form. The opaque op compiles, so leave it alone there (CUDA is fine)."""
+    if site.form == "plain" or out_form:
+        return
+    if site.form == "v2":
+        mutated = [b for b in site.node.kwargs.get("_all_bases", ()) if isinstance(b, fx.Node)]
+    else:
+        mutated = [values[n] for n in site.mutable_names if isinstance(values.get(n), fx.Node)]
+    inputs = [b for b in mutated if b.op == "placeholder"]
+    vals = [val(b) for b in inputs]
+    if len(inputs) >= 2 and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in vals):
+        raise Reject(
+            f"on CPU, writing back into {len(inputs)} graph inputs ({', '.join(b.name for b in inputs)}) "
+            "hits an Inductor CPU codegen bug; the opaque op is kept (CUDA unwraps it)"
+        )
+
+
 def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_only: bool) -> int:
     """Replace one site by the traced decomposition. Returns the number of ATen nodes inserted."""
     node, schema = site.node, site.schema
@@ -516,6 +536,7 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
         bad = [i for i in by_index if not (i < n_ret or offset <= i < offset + n_new)]
         if bad:
             raise Reject(f"{node.name} output(s) {bad} do not map to an op output or mutated value")
+    _check_cpu_inplace_inputs(site, values, out_form)
     fn, inputs = _build_trace(site, decomp, values, out_form)
     try:
         gm = trace_aten(fn, [val(i) for i in inputs], functionalize=True, decomposition_table=_decomp_table())
