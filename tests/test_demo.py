@@ -23,8 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 #              the bf16 lm_head and stays a near miss)
 #   moe:       {"moe_routing": 2, "moe_experts": 2}  (scratch merge with issues 9 + 10's branches)
 EXPECTED_MIN_COUNTERS: dict[str, dict[str, int]] = {
-    "dense_fp8": {"rmsnorm_quant": 0},
-    "moe": {},
+    "dense_fp8": {"rmsnorm_quant": 4, "silu_mul_quant": 2, "rope_quant": 2},
+    "moe": {"moe_routing": 2, "moe_experts": 2, "rope_quant": 2},
 }
 
 # Every RMSNorm in the model is either fused or reported as a near miss with a reason.
@@ -121,5 +121,11 @@ def test_demo_model_on_cuda_output_code(name: str) -> None:
         assert any(k in code for k in kernels), (fused, sorted(kernels))
     for k, v in EXPECTED_MIN_COUNTERS[name].items():  # 1 layer: half the 2-layer minimum
         assert fxfuse.counters.get(k, 0) >= v // 2, (k, dict(fxfuse.counters), fxfuse.report())
-    num = demo.logits_error(out, ref)
-    assert num["finite"] and num["max_rel_err"] < 0.1 and num["argmax_agree"] >= 0.9, num
+    # as close to eager as stock compile (random weights + fp8: argmax ties are common at this size)
+    torch._dynamo.reset()
+    with fresh_cache(), torch.no_grad():
+        stock = torch.compile(dm.module, dynamic=False)(ids)
+    num, base = demo.logits_error(out, ref), demo.logits_error(stock, ref)
+    assert num["finite"], num
+    assert num["max_rel_err"] <= 1.5 * base["max_rel_err"] + 1e-2, (num, base)
+    assert num["argmax_agree"] >= base["argmax_agree"] - 0.05, (num, base)
