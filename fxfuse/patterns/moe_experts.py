@@ -12,6 +12,11 @@ Recognized forms (post-grad ATen, as transformers' experts implementations trace
   (``W1[e]``/``W2[e]`` selects, masked weight ``sum(tw * (ids == e), -1)``), the expert outputs
   combined by a tree of adds. Every expert must appear exactly once.
 
+transformers <= 5.17 always adds expert-parallel sentinel handling (5.23 only under EP): grouped_mm
+zeroes the rows whose sorted id is >= E (``masked_fill(sorted_ids >= E, 0)`` on the gathered input
+and both GEMM outputs) -- the fused kernels give out-of-range ids zero contribution too; batched_mm
+gathers by ``ids.clamp(0, E - 1)`` -- the replacement clamps the ids the same way before the op.
+
 Starting at the gate_up GEMM, walk back to (x, ids) and forward through SiLU-and-mul, the down
 GEMM and the weighted combine; everything the region computes must be private to it. The
 routing producer (topk or a fused router op) is not part of the region: weights and ids are
@@ -81,6 +86,7 @@ class MoEMatch:
     H: int
     I: int
     nodes: set[fx.Node] = field(default_factory=set)
+    clamp_ids: bool = False  # batched_mm gathered by ids.clamp(0, E - 1) (transformers <= 5.17)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -102,6 +108,39 @@ def _strip_convert(n: Any, nodes: set[fx.Node]) -> Any:
         nodes.add(n)
         n = n.args[0]
     return n
+
+
+def _sentinel_masked(n: Any, nodes: set[fx.Node], masks: list[fx.Node]) -> Any:
+    """where(mask, 0, v) / masked_fill(v, mask, 0) -> v (mask recorded for the caller to check)."""
+    if is_op(n, aten.where.self) and len(n.args) == 3:
+        mask, zero, v = n.args
+        z = literal(zero)
+        if z is None and is_op(zero, aten.full.default) and list(zero.args[0]) == [] and len(zero.args) > 1:
+            z = literal(zero.args[1])
+            if z == 0.0:
+                nodes.add(zero)
+    elif is_op(n, aten.masked_fill.Scalar) and len(n.args) == 3:
+        v, mask, z = n.args[0], n.args[1], literal(n.args[2])
+    else:
+        return n
+    if z != 0.0 or not isinstance(v, fx.Node):
+        return n
+    nodes.add(n)
+    masks.append(mask)
+    return v
+
+
+def _check_sentinel_masks(masks: list[fx.Node], sorted_ids: fx.Node, E: int, nodes: set[fx.Node]) -> None:
+    """Each mask must be (sorted ids >= E)[:, None]: it zeroes only rows of out-of-range ids."""
+    for mask in masks:
+        u = mask
+        if not (is_op(u, aten.unsqueeze.default) and _dim(u.args[1], 2) == 1):
+            raise Reject("rows are zeroed by a mask that is not the out-of-range expert ids")
+        ge = u.args[0]
+        src = _strip_convert(ge.args[0], nodes) if is_op(ge, aten.ge.Scalar) else None
+        if src is not sorted_ids or literal(ge.args[1]) != float(E):
+            raise Reject("rows are zeroed by a mask that is not the out-of-range expert ids")
+        nodes.update({u, ge})
 
 
 def _silu_source(n: Any, nodes: set[fx.Node]) -> Any:
@@ -251,7 +290,9 @@ def _grouped_args(gm: fx.Node) -> tuple[Any, Any, Any]:
 
 def match_grouped(gm1: fx.Node) -> MoEMatch:
     nodes: set[fx.Node] = {gm1}
+    masks: list[fx.Node] = []
     a1, b1, offs = _grouped_args(gm1)
+    a1 = _sentinel_masked(a1, nodes, masks)
     # A1 = x[perm // K]
     if not is_op(a1, aten.index.Tensor) or len(a1.args[1]) != 1:
         raise Reject("grouped_mm input is not a row gather of the hidden states")
@@ -301,7 +342,8 @@ def match_grouped(gm1: fx.Node) -> MoEMatch:
         raise Reject(f"gate_up weight {s1} is not [experts, {H}, 2*inter]")
     I = s1[2] // 2
     act = xv.dtype
-    h = _parse_act(gm1, I, act, nodes)
+    gu = _single_user(gm1, "gate_up output")
+    h = _parse_act(gu if _sentinel_masked(gu, nodes, masks) is gm1 else gm1, I, act, nodes)
     gm2 = _single_user(h, "SiLU-mul output")
     if not _is_grouped_mm(gm2) or gm2.target is not gm1.target:
         raise Reject("SiLU-mul output does not feed the down grouped_mm")
@@ -320,7 +362,9 @@ def match_grouped(gm1: fx.Node) -> MoEMatch:
         return n.args[0]
 
     M = xv.shape[0]
-    tw, mul = _parse_combine(gm2, gather_w, M, K, H, nodes)
+    d = _single_user(gm2, "down projection output")
+    tw, mul = _parse_combine(d if _sentinel_masked(d, nodes, masks) is gm2 else gm2, gather_w, M, K, H, nodes)
+    _check_sentinel_masks(masks, src, E, nodes)
     # restore original order: index(mul, [index_put(empty, [perm], iota)])
     back = _single_user(mul, "weighted expert outputs")
     if not is_op(back, aten.index.Tensor) or len(back.args[1]) != 1:
@@ -375,6 +419,14 @@ def match_batched(bmm1: fx.Node) -> MoEMatch:
         raise Reject("bmm does not read gathered expert weights")
     w1, ids_flat = g
     nodes.add(bmm1.args[0])
+    clamp, bounds = None, [None, None]
+    if is_op(ids_flat, aten.clamp.default) and len(ids_flat.args) == 3 and not ids_flat.kwargs:
+        clamp, bounds, ids_flat = ids_flat, list(ids_flat.args[1:]), ids_flat.args[0]
+        nodes.add(clamp)
+    elif is_op(ids_flat, aten.clamp_max.default) and is_op(ids_flat.args[0], aten.clamp_min.default):
+        lo = ids_flat.args[0]
+        clamp, bounds, ids_flat = ids_flat, [lo.args[1], ids_flat.args[1]], lo.args[0]
+        nodes.update({clamp, lo})
     if not is_op(ids_flat, aten.reshape.default) or len(tval(ids_flat).shape) != 1:
         raise Reject("expert weights are not gathered by the flattened top-k ids")
     ids = ids_flat.args[0]
@@ -410,9 +462,11 @@ def match_batched(bmm1: fx.Node) -> MoEMatch:
     if not is_op(bmm2, aten.bmm.default) or bmm2.args[1] is not hu:
         raise Reject("SiLU-mul output does not feed the down bmm")
     g2 = _expert_gather(bmm2.args[0])
-    if g2 is None or g2[1] is not ids_flat:
+    if g2 is None or g2[1] is not (clamp if clamp is not None else ids_flat):
         raise Reject("down bmm does not read down weights gathered by the same ids")
     w2 = g2[0]
+    if clamp is not None and (literal(bounds[0]) != 0.0 or literal(bounds[1]) != float(E - 1)):
+        raise Reject(f"expert ids are clamped to [{bounds[0]}, {bounds[1]}], not [0, {E - 1}]")
     s2 = _weight(w2, E, "down")[1]
     if s2 != (E, H, I):
         raise Reject(f"down weight {s2} is not [experts, {H}, {I}]")
@@ -423,7 +477,8 @@ def match_batched(bmm1: fx.Node) -> MoEMatch:
     M = xv.shape[0]
     tw, mul = _parse_combine(sq2, lambda n: n, M, K, H, nodes)
     out, sum_dt = _parse_sum(mul, M, K, H, nodes)
-    return MoEMatch("batched_mm", x, ids, tw, w1, True, w2, True, out, tval(mul).dtype, sum_dt, E, K, H, I, nodes)
+    return MoEMatch("batched_mm", x, ids, tw, w1, True, w2, True, out, tval(mul).dtype, sum_dt, E, K, H, I, nodes,
+                    clamp_ids=clamp is not None)
 
 
 # ----------------------------------------------------------------------------- dense loop form
@@ -626,8 +681,11 @@ def rewrite(graph: fx.Graph, m: MoEMatch) -> list[fx.Node]:
     prod, sm = m.prod_dtype, m.sum_dtype
     t1, t2 = m.w1_transposed, m.w2_transposed
     out_shape_is_2d = tval(m.out).dim() == 2
+    clamp_to = m.E - 1 if m.clamp_ids else None
 
     def replacement(x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        if clamp_to is not None:
+            ids = ids.clamp_min(0).clamp_max(clamp_to)  # as post-grad graphs write clamp
         o = torch.ops.fxfuse.moe_experts(
             x, tw, ids, w1.permute(0, 2, 1) if t1 else w1, w2.permute(0, 2, 1) if t2 else w2, prod, sm, out_dtype
         )

@@ -1,0 +1,149 @@
+"""MoE routing + experts on the CUDA path, on CPU CI: the real transformers block is compiled on CPU,
+its post-grad graph is captured, moved to fake CUDA tensors and given to both passes. On CUDA the
+routing rewrite inserts a `triton_kernel_wrapper_functional` (+ getitem outputs) instead of the
+plain fxfuse op, so this checks that the experts matcher still fuses what consumes them.
+
+Also the expert-parallel sentinel handling that transformers <= 5.17 always emits (the GPU machine
+runs 5.17): grouped_mm rows masked for ids >= E, batched_mm ids clamped to [0, E - 1].
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._inductor.utils import fresh_cache
+
+import fxfuse
+
+transformers = pytest.importorskip("transformers")
+from transformers import MixtralConfig, Qwen3MoeConfig  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
+
+H, I, E, K = 32, 16, 8, 2
+BF16 = torch.bfloat16
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _block(model: str, impl: str, sentinels: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model == "qwen":
+        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+                             norm_topk_prob=True)
+        m = Qwen3MoeSparseMoeBlock
+    else:
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
+        m = MixtralSparseMoeBlock
+    cfg._experts_implementation = impl
+    block = m(cfg)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    if sentinels:
+        if not hasattr(block.experts, "_is_expert_parallel"):
+            pytest.skip("this transformers has no expert-parallel switch")
+        block.experts._is_expert_parallel = True  # the sentinel masks transformers <= 5.17 always emits
+    return block.to(BF16).eval()
+
+
+class _Capture(fxfuse.FusionPasses):
+    """Runs no fusion: keeps a copy of the post-grad graph Inductor hands to the custom pre-pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.graphs: list[fx.GraphModule] = []
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.graphs.append(fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph)))
+
+
+def _post_grad_on_fake_cuda(fn: torch.nn.Module, *args: torch.Tensor) -> fx.GraphModule:
+    """Compile on CPU, capture the post-grad graph, re-propagate it with fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    cap = _Capture()
+    torch._dynamo.reset()
+    with fresh_cache(), torch.no_grad():
+        torch.compile(fn, dynamic=False, options={"post_grad_custom_pre_pass": cap})(*args)
+    gm = cap.graphs[0]
+    cuda = torch.device("cuda", 0)
+    for n in gm.graph.nodes:
+        dev = n.kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cpu":
+            n.kwargs = {**n.kwargs, "device": cuda}
+    mode = FakeTensorMode()
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with mode:
+        ins = [torch.empty_strided(p.meta["val"].shape, p.meta["val"].stride(), dtype=p.meta["val"].dtype,
+                                   device=cuda) for p in phs]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    return gm
+
+
+@pytest.mark.parametrize(
+    "model,impl,sentinels",
+    [("qwen", "grouped_mm", False), ("mixtral", "batched_mm", False), ("qwen", "grouped_mm", True)],
+    ids=["qwen-grouped_mm", "mixtral-batched_mm", "qwen-grouped_mm-sentinels"],
+)
+def test_fake_cuda_routing_and_experts_both_fuse(model: str, impl: str, sentinels: bool) -> None:
+    gm = _post_grad_on_fake_cuda(_block(model, impl, sentinels), torch.randn(1, 3, H, dtype=BF16))
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    fxfuse.FusionPasses(options={"gate": False})(gm.graph)
+    assert fxfuse.counters["moe_routing"] == 1, fxfuse.report().near_miss_lines()
+    assert fxfuse.counters["moe_experts"] == 1, fxfuse.report().near_miss_lines()
+    assert not fxfuse.report().errors
+    hops = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(hops) >= 3  # the router kernel + the experts kernels
+    assert not any("fxfuse" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_cpu_sentinel_grouped_block_fuses_and_matches() -> None:
+    """transformers' grouped_mm with the sentinel masks (5.17's form), compiled and run on CPU."""
+    m = _block("qwen", "grouped_mm", sentinels=True)
+    x = torch.randn(2, 5, H, dtype=BF16)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out = torch.compile(m, options={"post_grad_custom_pre_pass": fxfuse.passes})(x)
+        ref = m(x)
+    assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+    assert _rel(out, ref) < 2e-2
+
+
+def test_cpu_batched_clamped_ids_keep_eager_semantics() -> None:
+    """transformers 5.17's batched_mm gathers by ids.clamp(0, E - 1): an out-of-range id with a
+    nonzero weight uses expert E - 1 in eager, and must in the fused op too."""
+    ex = _block("mixtral", "batched_mm").experts
+    w1, w2 = ex.gate_up_proj, ex.down_proj
+
+    def fn(x, ids, w):  # transformers 5.17 batched_mm_experts_forward, gated SiLU
+        xs = x.repeat_interleave(K, dim=0)
+        flat = ids.reshape(-1).clamp(0, E - 1)
+        gu = torch.bmm(w1[flat], xs.unsqueeze(-1)).squeeze(-1)
+        g, u = gu.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(g) * u
+        y = torch.bmm(w2[flat], h.unsqueeze(-1)).squeeze(-1)
+        y = y * w.reshape(-1).unsqueeze(-1)
+        return y.view(x.shape[0], K, H).sum(dim=1).to(x.dtype)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, H, dtype=BF16, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)])
+    ids[0, 1] = E  # sentinel
+    ids[2, 0] = E + 3
+    w = torch.rand(5, K, generator=g).to(BF16)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes})(x, ids, w)
+        ref = fn(x, ids, w)
+    assert fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+    assert _rel(out, ref) < 2e-2
+    assert _rel(out[[0, 2]], ref[[0, 2]]) < 2e-2
