@@ -44,10 +44,11 @@ from .quant_common import (
     SCALE_RECIP,
     SCALE_ROUND_BF16,
     SCALE_ROUND_F16,
+    absmax,
     apply_scale_op_ref,
-    round_e4m3,
+    quantize,
     round_to,
-    scale_op,
+    scale_chain,
 )
 
 __all__ = [
@@ -286,7 +287,7 @@ def _qk_norm(v, rstd, w, woff, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_D
 @triton.jit
 def _rope_heads(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
-    cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff,
+    cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
     b, s_, h0, H, S,
     sxb, sxs, sxh, sob, sos, soh,
     static_value, c0, c1, c2, c3, qmin, qmax,
@@ -332,8 +333,12 @@ def _rope_heads(
         x = _qk_norm(x, rstd, w, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
         xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
     cmask = is_rot
-    c = tl.load(cos_ptr + crow * s_cos + cidx, mask=cmask, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + crow * s_sin + cidx, mask=cmask, other=0.0).to(tl.float32)
+    # `* one` (a runtime 1.0, exact for every value): compiled, LLVM narrows trunc(ext(x) * ext(c))
+    # of two bf16/f16 values to a bf16/f16 multiply (legal: exact) and the NVPTX backend then
+    # contracts it with the sum below into fma.rn.bf16, dropping the product's rounding (1-ulp
+    # differences vs eager in many elements). A cos/sin that is not an extension stops that.
+    c = tl.load(cos_ptr + crow * s_cos + cidx, mask=cmask, other=0.0).to(tl.float32) * one
+    sn = tl.load(sin_ptr + crow * s_sin + cidx, mask=cmask, other=0.0).to(tl.float32) * one
     p1 = round_to(x * c[None, :], OUT_DT, NATIVE)
     p2 = round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
     o = round_to(p1 + p2, OUT_DT, NATIVE)
@@ -352,25 +357,11 @@ def _rope_heads(
             if (tok == 0) & (h0 == 0):
                 tl.store(s_ptr, sc)
         else:
-            sc = tl.max(tl.where(mask, tl.abs(o), 0.0), axis=1)  # [BLOCK_H]
-            sc = scale_op(sc, OP0, c0)
-            sc = scale_op(sc, OP1, c1)
-            sc = scale_op(sc, OP2, c2)
-            sc = scale_op(sc, OP3, c3)
+            sc = absmax(tl.where(mask, o, 0.0), 1)  # [BLOCK_H], NaN kept like torch.amax
+            sc = scale_chain(sc, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
             tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
             sb = sc[:, None] + tl.zeros_like(o)
-        if QUANT_MUL:
-            qv = o * sb
-        elif NATIVE:
-            qv = o / sb
-        else:
-            qv = tl.math.div_rn(o, sb)
-        qv = tl.minimum(tl.maximum(qv, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
-                        propagate_nan=tl.PropagateNan.ALL)
-        if NATIVE:
-            qq = qv.to(tl.float8e4nv)
-        else:
-            qq = round_e4m3(qv).to(tl.float8e4nv)
+        qq = quantize(o, sb, qmin, qmax, QUANT_MUL, False, False, NATIVE)
         tl.store(qo_ptr + oofs, qq, mask=mask)
 
 
@@ -381,7 +372,7 @@ def _rope_quant_kernel(
     S, HQ, HK, NQB,
     sqb, sqs, sqh, skb, sks, skh, s_cos, s_sin,
     soqb, soqs, soqh, sokb, soks, sokh,
-    q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax, q_eps, k_eps, woff,
+    q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax, q_eps, k_eps, woff, one,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, HAS_POS: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr,
@@ -412,6 +403,7 @@ def _rope_quant_kernel(
     q_eps = tl.cast(q_eps, tl.float32)
     k_eps = tl.cast(k_eps, tl.float32)
     woff = tl.cast(woff, tl.float32)
+    one = tl.cast(one, tl.float32)
     tok = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     b = tok // S
@@ -422,7 +414,7 @@ def _rope_quant_kernel(
         crow = tok
     if hb < NQB:
         _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
-                    qw_ptr, q_eps, woff,
+                    qw_ptr, q_eps, woff, one,
                     b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh, soqb, soqs, soqh,
                     q_static, qc0, qc1, qc2, qc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
@@ -430,7 +422,7 @@ def _rope_quant_kernel(
                     Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
     elif HAS_K:
         _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
-                    kw_ptr, k_eps, woff,
+                    kw_ptr, k_eps, woff, one,
                     b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh,
                     k_static, kc0, kc1, kc2, kc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
@@ -512,7 +504,7 @@ def _launch(kernel, a: dict, outs, num_warps=None):
         cos.stride(0), sin.stride(0),
         oqs[0], oqs[1], oqs[2], oks[0], oks[1], oks[2],
         float(a["q_static"]), qc[0], qc[1], qc[2], qc[3], float(a["k_static"]), kc[0], kc[1], kc[2], kc[3],
-        float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]),
+        float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]), 1.0,
         D=D, ROT=int(a["rot_dim"]), NEOX=bool(a["neox"]), COS_HALF=bool(a["cos_half"]),
         OUT_DT=_DT_CODE[a["out_dtype"]], HAS_POS=positions is not None,
         Q_NORM=qw is not None, K_NORM=kw is not None and k is not None, X_DT=_DT_CODE[q.dtype],
