@@ -205,10 +205,16 @@ def insert_traced(
     With `functionalize=True` the trace runs under FunctionalTensorMode, the way AOTAutograd
     traces, so `torch.library.triton_op` calls decompose into `triton_kernel_wrapper_functional`
     and Inductor compiles the Triton kernel into its output code instead of a Python fallback.
+    It also runs Inductor's decompositions, as AOTAutograd does: an op the table decomposes
+    (e.g. `aten.zeros` from a launcher's scratch buffer) has no lowering, and Inductor would
+    refuse it ("both a fallback and a decomp for same op").
     Returns the nodes for fn's (flattened tuple) outputs.
     """
+    from torch._inductor.decomposition import select_decomp_table
+
     vals = [tval(n) for n in inputs]
-    gm = trace_aten(fn, vals, functionalize=functionalize)
+    decomps = select_decomp_table() if functionalize else None
+    gm = trace_aten(fn, vals, functionalize=functionalize, decomposition_table=decomps)
     return inline_graph(graph, gm, inputs, before)
 
 
