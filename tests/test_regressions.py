@@ -470,7 +470,7 @@ def test_every_third_party_import_is_a_declared_dependency():
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     declared |= {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["test"]}
-    local = {p.stem for p in (root / "tests").glob("*.py")} | {"fxfuse", "benchmarks"}
+    local = {p.stem for d in ("tests", "benchmarks") for p in (root / d).glob("*.py")} | {"fxfuse", "benchmarks"}
     imported: set[str] = set()
     for path in [*(root / "fxfuse").rglob("*.py"), *(root / "tests").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -479,7 +479,7 @@ def test_every_third_party_import_is_a_declared_dependency():
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in local}
-    optional = {"transformers"}  # imported lazily, tests skip without it
+    optional = {"transformers", "torchao"}  # imported lazily: tests skip, the demo falls back without them
     missing = sorted(m for m in third_party - optional if m.lower() not in declared)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
     assert "numpy" in declared  # the Triton interpreter (TRITON_INTERPRET=1 tests) imports it

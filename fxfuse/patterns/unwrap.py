@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .._log import log
-from ..fx_utils import Reject, aten, inline_graph, trace_aten, val
+from ..fx_utils import Reject, aten, inline_graph, is_op, trace_aten, val
 
 FAMILY = "unwrap"
 Decomposition = Callable[..., Any]
@@ -494,12 +494,18 @@ def _check_outputs(site: _Site, gm: fx.GraphModule, n_ret: int, out_form: bool) 
             raise Reject(f"decomposition's {what} has {why}")
 
 
-def _check_cpu_inplace_inputs(site: _Site, values: dict[str, Any], out_form: bool) -> None:
+_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.max.dim)
+
+
+def _check_cpu_inplace_inputs(site: _Site, values: dict[str, Any], out_form: bool, gm: fx.GraphModule) -> None:
     """Inductor 2.13's CPU codegen fails (KeyError 'bufN' in outer-loop fusion) on a row
     reduction whose in-place results go back into two or more graph inputs it also reads,
     e.g. fused_add_rms_norm(x, residual) on the caller's tensors; stock Inductor fails the same
-    way on that ATen form. The opaque op compiles, so leave it alone there (CUDA is fine)."""
+    way on that ATen form. The opaque op compiles, so leave it alone there (CUDA is fine).
+    Writes without a reduction (a KV-cache scatter into key and value caches) compile."""
     if site.form == "plain" or out_form:
+        return
+    if not any(is_op(n, *_REDUCTIONS) for n in gm.graph.nodes):
         return
     if site.form == "v2":
         mutated = [b for b in site.node.kwargs.get("_all_bases", ()) if isinstance(b, fx.Node)]
@@ -536,7 +542,6 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
         bad = [i for i in by_index if not (i < n_ret or offset <= i < offset + n_new)]
         if bad:
             raise Reject(f"{node.name} output(s) {bad} do not map to an op output or mutated value")
-    _check_cpu_inplace_inputs(site, values, out_form)
     fn, inputs = _build_trace(site, decomp, values, out_form)
     try:
         gm = trace_aten(fn, [val(i) for i in inputs], functionalize=True, decomposition_table=_decomp_table())
@@ -547,6 +552,7 @@ def unwrap_site(graph: fx.Graph, site: _Site, decomp: Decomposition, *, aten_onl
     if aten_only and (bad := _is_aten_only(gm)) is not None:
         raise Reject(f"implementation does not trace to ATen only (calls {bad})")
     _check_outputs(site, gm, n_ret, out_form)
+    _check_cpu_inplace_inputs(site, values, out_form, gm)
 
     anchor = node.prev
     outs = inline_graph(graph, gm, inputs, before=node)
