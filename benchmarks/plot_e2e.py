@@ -72,14 +72,14 @@ def _us(v: Any) -> str:
     return f"{v:.1f}" if v else "n/a"
 
 
-def markdown(result: dict[str, Any], png: str | None = None) -> list[str]:
+def markdown(result: dict[str, Any], png: str | None = None, command: str | None = None) -> list[str]:
     """BENCHMARKS.md section for an e2e result: one table per model, targets, compile overhead."""
     out = ["## End to end (whole transformers models)", ""]
     out.append(f"- GPU: {result.get('gpu')}; torch {result.get('torch')}, Triton {result.get('triton')}, "
                f"transformers {result.get('transformers')}; date {result.get('date')}; "
                f"fxfuse {'ungated' if result.get('ungated') else 'gated (fxfuse/gates.json)'}")
-    out.append("- Command (device call): `bash benchmarks/gpu_run.sh e2e`, which runs `python benchmarks/e2e.py "
-               "--models MODEL --out $OUT/e2e_MODEL.json`; plot: `python benchmarks/plot_e2e.py ... e2e.png`")
+    out.append(command or ("- Command (device call): `bash benchmarks/gpu_run.sh e2e`, which runs `python benchmarks/e2e.py "
+                           "--models MODEL --out $OUT/e2e_MODEL.json`; plot: `python benchmarks/plot_e2e.py ... e2e.png`"))
     out.append(f"- Method: {result.get('method')}")
     if png:
         out += ["", f"![speedup vs tokens]({png})"]
