@@ -109,7 +109,8 @@ def test_logging_info_and_debug(caplog):
     assert "before:" in text and "after:" in text
 
 
-def test_torch_logs_env_var_works():
+def test_torch_logs_env_var_works(tmp_path):
+    # A private Inductor cache: an FX graph cache hit (from any earlier run on the machine) skips the passes, and so the log line.
     code = textwrap.dedent(
         """
         import torch, fxfuse, sys
@@ -120,7 +121,7 @@ def test_torch_logs_env_var_works():
             torch.compile(fn, options={'post_grad_custom_pre_pass': fxfuse.passes})(*make_inputs(4, 64, torch.bfloat16))
         """
     )
-    env = {**os.environ, "TORCH_LOGS": "fxfuse", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TORCH_LOGS": "fxfuse", "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rmsnorm_quant matched 1 time(s)" in r.stderr
