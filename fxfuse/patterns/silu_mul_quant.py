@@ -27,9 +27,10 @@ from ..fx_utils import (
     is_convert,
     is_op,
     is_row_contiguous,
+    kernel_devices_ok,
     literal,
     other_arg,
-    same_device,
+    scalar_on,
     stable_toposort,
     tval,
 )
@@ -263,8 +264,8 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
     if inter > MAX_INTER:
         raise Reject(f"intermediate size {inter} above {MAX_INTER}")
     operands = [m.merged] if m.merged is not None else [m.gate, m.up]
-    tensors = [tval(n) for n in [*operands, q.scale, q.scale_ub] if n is not None]
-    if not same_device(*tensors):
+    scalars = [tval(n) for n in (q.scale, q.scale_ub) if n is not None]
+    if not kernel_devices_ok(*[tval(n) for n in operands], scalars=scalars):
         raise Reject("inputs are on different devices")
     dev = gv.device.type
     if dev not in ("cpu", "cuda"):
@@ -325,8 +326,8 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
         qo, so = torch.ops.fxfuse.silu_mul_quant(
             x.reshape(-1, x.shape[-1]),
             None if up is None else up.reshape(-1, inter),
-            None if sc is None else sc.reshape(1),
-            scale_ub=None if ub is None else ub.reshape(1),
+            None if sc is None else scalar_on(sc, x),
+            scale_ub=None if ub is None else scalar_on(ub, x),
             **params,
         )
         qo = qo.reshape(*lead, *q_tail)
