@@ -58,7 +58,7 @@ class NormMatch:
     x: fx.Node
     residual: fx.Node | None
     h: fx.Node  # the residual sum (or x)
-    eps: float
+    eps: float | None  # None: a runtime value, `eps_node` (never bake a stand-in)
     weight: fx.Node | None
     weight_offset: float
     weight_sum_dtype: torch.dtype | None
@@ -66,7 +66,7 @@ class NormMatch:
     y: fx.Node  # normalized, weighted output
     nodes: set[fx.Node] = field(default_factory=set)
     # eps as a one-element fp32 tensor read at run time (a float attribute that dynamic=True lifted
-    # into a graph input); `eps` is then unused
+    # into a graph input); `eps` is then None
     eps_node: fx.Node | None = None
 
 
@@ -83,7 +83,6 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
     eps_node = None
     if eps is None or not isinstance(mean, fx.Node):
         mean, eps_node = _runtime_eps(add_eps)
-        eps = 0.0
     nodes.add(add_eps)
     if is_op(mean, aten.reshape.default, aten.unsqueeze.default) and is_op(mean.args[0], aten.mean.dim):
         raise Reject("mean is not over the last dim with keepdim=True (mean(-1) then unsqueeze: use keepdim=True)")
@@ -290,7 +289,7 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
     has_res, has_w, has_s = norm.residual is not None, norm.weight is not None, q.scale is not None
     has_ub, has_eps_t = q.scale_ub is not None, norm.eps_node is not None
     params = dict(
-        eps=norm.eps,
+        eps=0.0 if norm.eps is None else norm.eps,  # eps_tensor replaces it when None
         weight_offset=norm.weight_offset,
         weight_sum_dtype=norm.weight_sum_dtype,
         round_before_weight=norm.round_before_weight,
