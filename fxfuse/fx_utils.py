@@ -117,6 +117,17 @@ def kernel_devices_ok(*tensors: Any, scalars: Iterable[Any] = ()) -> bool:
     return same_device(*ts, *rest)
 
 
+CPU_SCALAR_CLASS = "/cpu-scalars"
+
+
+def gate_class(scheme: str, x: torch.Tensor, scalars: Iterable[Any]) -> str:
+    """The benchmark-gate scheme key: a CUDA rewrite that moves 0-d CPU scalars (lifted float
+    attributes) adds one tiny `ones * scalar` launch each, a class of its own until measured."""
+    if x.device.type == "cuda" and any(is_cpu_scalar(t) for t in scalars):
+        return scheme + CPU_SCALAR_CLASS
+    return scheme
+
+
 def scalar_on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` (one element) as a [1] tensor on `like`'s device, for tracing into a replacement.
 

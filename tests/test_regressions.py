@@ -505,6 +505,13 @@ def test_dynamic_true_cuda_path_reads_lifted_scalars_without_copy_or_sync():
                 ins.append(torch.empty([hint(d) for d in v.shape], dtype=v.dtype, device="cpu" if v.dim() == 0 else "cuda"))
     assert sum(isinstance(t, torch.Tensor) and t.dim() == 0 for t in ins) == 2  # eps, fp8_max
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    # gates on: each moved scalar adds a tiny launch, a benchmark class of its own (unmeasured: off)
+    from fxfuse import gating
+
+    if gating.rejects("rmsnorm_quant", scheme="per-token/cpu-scalars", hidden=H, dtype=torch.bfloat16) is not None:
+        fxfuse.report.clear()
+        fxfuse.FusionPasses()(copy.deepcopy(gm).graph)
+        assert any("per-token/cpu-scalars" in r for r in _reasons()), _reasons()
     fxfuse.counters.clear()
     fxfuse.report.clear()
     fxfuse.FusionPasses(options={"gate": False})(gm.graph)

@@ -46,6 +46,7 @@ from ..fx_utils import (
     aten,
     convert_dtype,
     depends_on_any,
+    gate_class,
     inline_graph,
     is_convert,
     is_op,
@@ -1019,7 +1020,8 @@ class RopeQuant:
                 xv = tval(grp[0].x)
                 if xv.device.type == "cuda":
                     h = heads(grp[0])
-                    why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
+                    scalars = [tval(mm.quant.scale) for mm in grp if mm.quant is not None and mm.quant.scale is not None]
+                    why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp), xv, scalars), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
                                          dtype=xv.dtype, enabled=gate)
                     if why:
                         raise Reject(why)

@@ -23,6 +23,7 @@ from ..fx_utils import (
     aten,
     convert_dtype,
     depends_on_any,
+    gate_class,
     insert_traced,
     is_convert,
     is_op,
@@ -280,7 +281,8 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
-        why = gating.rejects(FAMILY, scheme=SCHEME_NAMES[q.scheme], hidden=inter, dtype=gv.dtype, enabled=gate)
+        scheme = gate_class(SCHEME_NAMES[q.scheme], gv, scalars)
+        why = gating.rejects(FAMILY, scheme=scheme, hidden=inter, dtype=gv.dtype, enabled=gate)
         if why:
             raise Reject(why)
 
