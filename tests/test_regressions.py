@@ -464,6 +464,39 @@ def test_dynamic_true_float_attributes_fuse_and_are_read_at_run_time(family, qua
             assert _same_bits(a, b), (a.float() - b.float()).abs().max()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("family,quant", [("rmsnorm", "token"), ("silu_mul", "static_div")])
+def test_gpu_dynamic_true_float_attributes_read_at_run_time(family, quant, mode):
+    """On CUDA (gates off): the fused kernel is in Inductor's output code, no fxfuse op call, and a
+    changed attribute (no recompile) still gives eager's result, also under CUDA-graph replay."""
+    from torch._inductor.utils import run_and_get_code
+
+    from forms import dequant_close
+
+    m = _DynModel(family, quant).cuda()
+    g = torch.Generator().manual_seed(17)
+    xs = [(s * torch.randn(M, H, generator=g)).to(torch.bfloat16).cuda() for M, s in ((4, 1.0), (6, 0.1), (6, 0.1))]
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    passes = fxfuse.FusionPasses(options={"gate": False})
+    with fresh_cache(), torch.no_grad():
+        f = torch.compile(m, dynamic=True, mode=mode, options={"post_grad_custom_pre_pass": passes})
+        out, codes = run_and_get_code(f, xs[0])
+        assert fxfuse.counters[f"{family}_quant"] == 1, fxfuse.report().near_miss_lines()
+        code = "\n".join(codes)
+        kernel = {"rmsnorm": "_rms_norm_quant_kernel", "silu_mul": "_silu_mul_quant_kernel"}[family]
+        assert kernel in code and "torch.ops.fxfuse" not in code
+        results = [(out, m(xs[0]))]
+        m.eps, m.fp8_max, m.scale = 0.5, 100.0, 0.5
+        for x in xs[1:]:  # twice: the second call replays a recorded CUDA graph
+            results.append((f(x), m(x)))
+    for out, ref in results:
+        out, ref = (out if isinstance(out, tuple) else (out,)), (ref if isinstance(ref, tuple) else (ref,))
+        assert not dequant_close(tuple(o.cpu() for o in out), tuple(r.cpu() for r in ref))
+
+
 def test_dynamic_true_two_runtime_scale_values_are_a_near_miss():
     m = _DynModel("rmsnorm", "token_two_runtime")
     x = _inputs(seed=13)[0]
