@@ -93,6 +93,53 @@ def is_lifted_scalar(node: Any) -> bool:
     return node.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 0
 
 
+def runtime_scalar(node: Any, region: set[fx.Node] | None = None) -> bool:
+    """A one-element float32 tensor not computed from `region`: a constant whose value is only
+    known at run time (Dynamo's lifted float attribute `self.eps` arrives as a 0-d float64 graph
+    input converted to float32). Fusions pass it to the kernel as a tensor, never baked in, so a
+    new value between calls (no recompile) still gives eager's result."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.numel() != 1:
+        return False
+    return not (region and depends_on_any(node, region))
+
+
+def is_cpu_scalar(t: Any) -> bool:
+    """A 0-d CPU tensor: the one kind of CPU tensor that eager lets a CUDA op read (as a scalar)."""
+    return isinstance(t, torch.Tensor) and t.dim() == 0 and t.device.type == "cpu"
+
+
+def kernel_devices_ok(*tensors: Any, scalars: Iterable[Any] = ()) -> bool:
+    """All `tensors` on one device; each of `scalars` on that device too or a 0-d CPU tensor
+    (moved by `scalar_on` inside the replacement)."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    rest = [t for t in scalars if isinstance(t, torch.Tensor) and not is_cpu_scalar(t)]
+    return same_device(*ts, *rest)
+
+
+CPU_SCALAR_CLASS = "/cpu-scalars"
+
+
+def gate_class(scheme: str, x: torch.Tensor, scalars: Iterable[Any]) -> str:
+    """The benchmark-gate scheme key: a CUDA rewrite that moves 0-d CPU scalars (lifted float
+    attributes) adds one tiny `ones * scalar` launch each, a class of its own until measured."""
+    if x.device.type == "cuda" and any(is_cpu_scalar(t) for t in scalars):
+        return scheme + CPU_SCALAR_CLASS
+    return scheme
+
+
+def scalar_on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` (one element) as a [1] tensor on `like`'s device, for tracing into a replacement.
+
+    Same device: the reshape the constant path always did. A 0-d CPU tensor with a CUDA `like`:
+    `ones * t` on the device, which Inductor compiles into a tiny kernel taking the value as a
+    launch argument: no host-to-device copy, no sync, and the value is read on every call.
+    """
+    if t.device == like.device:
+        return t.reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=like.device) * t
+
+
 def norm_dims(dims: Any, ndim: int) -> list[int] | None:
     """Reduction dims as a sorted list of non-negative ints (None if not a literal list)."""
     if isinstance(dims, int):

@@ -43,7 +43,7 @@ def rejects(family: str, *, scheme: str, hidden: int, dtype: torch.dtype, enable
         return f"no GPU benchmark recorded for {family}; gated off (set FXFUSE_UNGATED=1 to force)"
     entries = fam.get(scheme) or {}
     if not entries:
-        return f"no GPU benchmark recorded for {family} {scheme}; gated off"
+        return f"no GPU benchmark recorded for {family} {scheme}; gated off (set FXFUSE_UNGATED=1 to force)"
     nearest = min(entries, key=lambda h: abs(int(h) - hidden))
     speedup = float(entries[nearest])
     if speedup < MIN_SPEEDUP:

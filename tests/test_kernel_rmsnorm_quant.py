@@ -333,9 +333,35 @@ def _interp_special(device: str = "cpu") -> dict[str, int]:
     return out
 
 
+def _interp_runtime(device: str = "cpu") -> dict[str, int]:
+    """eps and one scale-chain constant read from one-element tensors (dynamic=True lifts float
+    attributes into graph inputs): mismatch counts vs the reference with them as constants, and
+    vs the reference taking the same tensors. eps 0.37 is far from the argument's 1e-6, so a
+    kernel that ignored the tensor would differ everywhere."""
+    out: dict[str, int] = {}
+    for cid, scheme, slot, op in (("tok_div", S1, 1, DIV), ("grp_mul", S2, 0, MUL), ("static_rdiv", S0, 0, RDIV)):
+        consts = (1e-12, 100.0) if slot == 1 else (3.0, 1e-12)
+        ops = (CMIN, op) if slot == 1 else (op, CMIN)
+        case = _case(cid, dtype=BF16, M=3, H=128, scheme=scheme, gs=64, ops=ops, consts=consts)
+        args = list(make_args(case, device=device))
+        const_args = list(args)
+        const_args[4] = 0.37
+        ref_const = K.rms_norm_quant_reference(*const_args)
+        args[14] = [0.0 if i == slot else c for i, c in enumerate(consts)]  # the kernel must load it
+        rt = dict(scale_ub=torch.tensor([consts[slot]], device=device), ub_slot=slot,
+                  eps_tensor=torch.tensor(0.37, device=device))
+        ref_rt = K.rms_norm_quant_reference(*args, **rt)
+        got = K.rms_norm_quant_triton(*args, **rt)
+        for name, ref in (("const", ref_const), ("ref", ref_rt)):
+            out[f"{cid}_{name}_q"] = _fp8_same(got[0].cpu(), ref[0].cpu())
+            out[f"{cid}_{name}_s"] = int((got[1].cpu() != ref[1].cpu()).sum())
+    return out
+
+
 def _interp_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    result: dict[str, Any] = {"helpers": _interp_helpers(), "cases": {}, "special": _interp_special()}
+    result: dict[str, Any] = {"helpers": _interp_helpers(), "cases": {}, "special": _interp_special(),
+                              "runtime": _interp_runtime()}
     for case in INTERP_CASES:
         try:
             result["cases"][case["id"]] = _run_kernel_case(make_args(case))
@@ -369,6 +395,13 @@ def test_interp_nan_inf_and_unclamped_fp8(interp_results: dict[str, Any]) -> Non
     """Kernel == torch's cast/reference bit for bit on overflow, inf, NaN and NaN/inf rows."""
     special = interp_results["special"]
     assert special and all(v == 0 for v in special.values()), special
+
+
+def test_interp_runtime_eps_and_scale_constant(interp_results: dict[str, Any]) -> None:
+    """eps_tensor and a runtime scale-chain slot (MUL/DIV/RDIV): the kernel gives the bits of
+    the reference with those values as constants."""
+    rt = interp_results["runtime"]
+    assert rt and all(v == 0 for v in rt.values()), rt
 
 
 @pytest.mark.parametrize("cid", [c["id"] for c in INTERP_CASES])

@@ -61,6 +61,9 @@ INTERP_CASES = [
     # vLLM per-token with scale_ub: min(amax, ub) / 448, clamped to 1 / (448 * 512)
     _case("tok_scale_ub_bf16", dtype=BF16, M=4, inter=128, scheme=1, gs=0, ops=[SCALE_CLAMP_MAX, SCALE_DIV, SCALE_CLAMP_MIN],
           consts=[0.0, 448.0, 1.0 / (448.0 * 512.0)], qd=FP8, qmin=-448.0, qmax=448.0, ub=2.0, ub_slot=0),
+    # dynamic=True: `amax / self.fp8_max` with the lifted float read from a tensor (slot const unused)
+    _case("tok_runtime_div_bf16", dtype=BF16, M=3, inter=128, scheme=1, gs=0, ops=[SCALE_DIV, SCALE_CLAMP_MIN],
+          consts=[0.0, 1e-12], qd=FP8, qmin=-448.0, qmax=448.0, ub=100.0, ub_slot=0),
     _case("static_literal_fp8", dtype=BF16, M=2, inter=64, scheme=0, gs=0, ops=[SCALE_MUL], consts=[2.0], qd=FP8,
           qmin=-448.0, qmax=448.0),
 ]

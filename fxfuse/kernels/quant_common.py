@@ -44,9 +44,13 @@ FP8_SATURATES: bool = _fp8_cast_saturates()
 _FP8_SAT: tl.constexpr = tl.constexpr(FP8_SATURATES)
 
 
-def apply_scale_op_ref(s: torch.Tensor, op: int, c: float) -> torch.Tensor:
-    """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel)."""
-    ct = torch.tensor(c, dtype=torch.float32, device=s.device)
+def apply_scale_op_ref(s: torch.Tensor, op: int, c: "float | torch.Tensor") -> torch.Tensor:
+    """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel; a
+    one-element tensor `c` is the runtime value the kernel loads for that slot)."""
+    if isinstance(c, torch.Tensor):
+        ct = c.reshape(()).to(torch.float32)
+    else:
+        ct = torch.tensor(c, dtype=torch.float32, device=s.device)
     if op == SCALE_MUL:
         return s * ct
     if op == SCALE_DIV:
@@ -191,7 +195,8 @@ def quantize(y, sb, qmin, qmax, QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr
 
 @triton.jit
 def load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT: tl.constexpr):
-    """A scale_ub tensor replaces the constant of its SCALE_CLAMP_MAX slot (UB_SLOT < 0: none)."""
+    """A one-element runtime tensor replaces the constant of slot UB_SLOT (UB_SLOT < 0: none): a
+    scale_ub bound (SCALE_CLAMP_MAX) or a float attribute lifted into a graph input (MUL/DIV)."""
     if UB_SLOT >= 0:
         ub = tl.load(ub_ptr).to(tl.float32)
         if UB_SLOT == 0:
@@ -223,8 +228,9 @@ def quantize_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch quant of an fp32 [M, H] tensor -> (q [M, H], scales [1] | [M] | [M, H/g]).
 
-    With `scale_ub`, scale-chain step `ub_slot` (a SCALE_CLAMP_MAX) bounds by that one-element
-    tensor instead of its constant.
+    With `scale_ub`, scale-chain step `ub_slot` takes that one-element tensor instead of its
+    constant: vLLM's scale_ub bound (a SCALE_CLAMP_MAX, `torch.minimum` as written), or a
+    multiply/divide by a float attribute that dynamic=True lifted into a graph input.
     """
     f32 = torch.float32
     M, H = y.shape
@@ -239,8 +245,10 @@ def quantize_reference(
         base = y.reshape(M, H // group_size, group_size).abs().amax(dim=-1)  # [M, G]
     s = base
     for i, (op, c) in enumerate(zip(scale_ops, scale_consts)):
-        if i == ub_slot and scale_ub is not None:
+        if i == ub_slot and scale_ub is not None and int(op) == SCALE_CLAMP_MAX:
             s = torch.minimum(s, scale_ub.reshape(()).to(f32))
+        elif i == ub_slot and scale_ub is not None:
+            s = apply_scale_op_ref(s, int(op), scale_ub)
         else:
             s = apply_scale_op_ref(s, int(op), float(c))
     if scheme == SCHEME_STATIC:

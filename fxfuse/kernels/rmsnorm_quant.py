@@ -108,6 +108,7 @@ def check_args(
     scale_ops: Sequence[int],
     scale_consts: Sequence[float],
     for_triton: bool = False,
+    eps_tensor: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise ValueError on unsupported inputs (last line of defense; FX side pre-checks)."""
     if x.dim() != 2:
@@ -152,6 +153,11 @@ def check_args(
             raise ValueError(f"rms_norm_quant: scale dtype {scale.dtype} must be floating point")
         if scale.device != x.device:
             raise ValueError("rms_norm_quant: scale on a different device than x")
+    if eps_tensor is not None:
+        if eps_tensor.numel() != 1 or eps_tensor.dtype != torch.float32:
+            raise ValueError("rms_norm_quant: eps_tensor must be one float32 element")
+        if eps_tensor.device != x.device:
+            raise ValueError("rms_norm_quant: eps_tensor on a different device than x")
     if scheme == SCHEME_PER_GROUP:
         if group_size <= 0 or H % group_size != 0:
             raise ValueError(f"rms_norm_quant: H={H} not divisible by group_size={group_size}")
@@ -194,10 +200,15 @@ def rms_norm_quant_reference(
     need_residual_out: bool,
     scale_ub: Optional[torch.Tensor] = None,
     ub_slot: int = -1,
+    eps_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-torch oracle (any device); returns (q, scales, h) exactly as the op specifies."""
+    """Pure-torch oracle (any device); returns (q, scales, h) exactly as the op specifies.
+
+    `eps_tensor` (one element, x's device) replaces `eps`: a float attribute that dynamic=True
+    lifted into a graph input, read at run time.
+    """
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
-               group_size, scale_ops, scale_consts)
+               group_size, scale_ops, scale_consts, eps_tensor=eps_tensor)
     f32 = torch.float32
     M, H = x.shape
     if residual is not None:
@@ -206,7 +217,8 @@ def rms_norm_quant_reference(
         h = x
     v = h.to(f32)
     ms = (v * v).mean(dim=-1, keepdim=True)
-    r = torch.reciprocal(torch.sqrt(ms + torch.tensor(eps, dtype=f32, device=x.device)))
+    eps_t = eps_tensor.reshape(()).to(f32) if eps_tensor is not None else torch.tensor(eps, dtype=f32, device=x.device)
+    r = torch.reciprocal(torch.sqrt(ms + eps_t))
     n = v * r
     if round_before_weight:
         n = n.to(x.dtype).to(f32)
@@ -235,7 +247,7 @@ def rms_norm_quant_reference(
 
 @triton.jit
 def _rms_norm_quant_kernel(
-    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
+    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr, eps_ptr,
     q_ptr, s_out_ptr, h_ptr,
     stride_x, stride_r, stride_q, stride_h,
     H, NG,
@@ -247,7 +259,7 @@ def _rms_norm_quant_kernel(
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
-    UB_SLOT: tl.constexpr = -1,
+    UB_SLOT: tl.constexpr = -1, EPS_T: tl.constexpr = False,
 ):
     """One program per row; the row lives in registers as a [BLOCK_R, BLOCK_G] tile.
 
@@ -257,7 +269,10 @@ def _rms_norm_quant_kernel(
     """
     # Inductor may pass Python floats as fp64 scalars: all scalar math here is fp32 (the graph's
     # constants are fp32-rounded already, so this matches eager)
-    eps = tl.cast(eps, tl.float32)
+    if EPS_T:
+        eps = tl.load(eps_ptr).to(tl.float32)  # a lifted float attribute: read on every call
+    else:
+        eps = tl.cast(eps, tl.float32)
     weight_offset = tl.cast(weight_offset, tl.float32)
     static_scale_value = tl.cast(static_scale_value, tl.float32)
     c0 = tl.cast(c0, tl.float32)
@@ -428,6 +443,7 @@ def rms_norm_quant(
     need_residual_out: bool,
     scale_ub: Optional[torch.Tensor] = None,
     ub_slot: int = -1,
+    eps_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RMSNorm(+residual)+quant -> (q, scales, h). Body doubles as the fake impl."""
     if x.device.type == "cpu":
@@ -437,9 +453,9 @@ def rms_norm_quant(
             x, residual, weight, scale, eps, weight_offset, weight_sum_dtype,
             round_before_weight, norm_dtype, quant_dtype, scheme, group_size,
             static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax,
-            round_to_int, need_residual_out, scale_ub, ub_slot)
+            round_to_int, need_residual_out, scale_ub, ub_slot, eps_tensor)
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
-               group_size, scale_ops, scale_consts, for_triton=True)
+               group_size, scale_ops, scale_consts, for_triton=True, eps_tensor=eps_tensor)
     M = x.shape[0]
     H = x.shape[1]
     if weight is not None:
@@ -457,12 +473,14 @@ def rms_norm_quant(
     stride_h = h.stride(0) if need_residual_out else 0
     wrap_triton(_rms_norm_quant_kernel)[(M,)](
         x, res_arg, w_arg, s_arg, scale_ub if scale_ub is not None else x,
+        eps_tensor if eps_tensor is not None else x,
         q, scales, h,
         x.stride(0), stride_r, q.stride(0), stride_h,
         H, ng,
         float(eps), float(weight_offset), float(static_scale_value),
         c[0], c[1], c[2], c[3], float(qmin), float(qmax),
         UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
+        EPS_T=eps_tensor is not None,
         **meta,
     )
     return q, scales, h
@@ -491,12 +509,13 @@ def _rms_norm_quant_cpu(
     need_residual_out: bool,
     scale_ub: Optional[torch.Tensor] = None,
     ub_slot: int = -1,
+    eps_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU has no Triton: run the reference (fresh, non-aliasing outputs)."""
     q, s, h = rms_norm_quant_reference(
         x, residual, weight, scale, eps, weight_offset, weight_sum_dtype, round_before_weight,
         norm_dtype, quant_dtype, scheme, group_size, static_scale_value, scale_ops, scale_consts,
-        quant_mul, qmin, qmax, round_to_int, need_residual_out, scale_ub, ub_slot)
+        quant_mul, qmin, qmax, round_to_int, need_residual_out, scale_ub, ub_slot, eps_tensor)
     return q.contiguous(), s.contiguous(), h.contiguous()
 
 
@@ -531,6 +550,7 @@ def rms_norm_quant_triton(
     need_residual_out: bool,
     scale_ub: Optional[torch.Tensor] = None,
     ub_slot: int = -1,
+    eps_tensor: Optional[torch.Tensor] = None,
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
@@ -541,7 +561,7 @@ def rms_norm_quant_triton(
     elements); `num_warps` overrides the heuristic (benchmark sweeps).
     """
     check_args(x, residual, weight, scale, weight_sum_dtype, norm_dtype, quant_dtype, scheme,
-               group_size, scale_ops, scale_consts, for_triton=True)
+               group_size, scale_ops, scale_consts, for_triton=True, eps_tensor=eps_tensor)
     M, H = x.shape
     if weight is not None:
         weight = weight.contiguous()
@@ -565,6 +585,7 @@ def rms_norm_quant_triton(
         _rms_norm_quant_kernel[(M,)](
             x, residual if residual is not None else x, weight if weight is not None else x,
             scale if scale is not None else x, scale_ub if scale_ub is not None else x,
+            eps_tensor if eps_tensor is not None else x,
             q, scales, h,
             x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
             h.stride(0) if need_residual_out else 0,
@@ -572,6 +593,7 @@ def rms_norm_quant_triton(
             float(eps), float(weight_offset), float(static_scale_value),
             c[0], c[1], c[2], c[3], float(qmin), float(qmax),
             UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
+            EPS_T=eps_tensor is not None,
             **meta,
         )
     return q, scales, h

@@ -29,6 +29,7 @@ from ..fx_utils import (
     is_op,
     literal,
     norm_dims,
+    runtime_scalar,
     tval,
 )
 
@@ -72,8 +73,9 @@ class QuantMatch:
     # `sink` and `scale_out` included; the rewrite points all of them at the one fused output
     sinks: list[fx.Node] = field(default_factory=list)
     scale_outs: list[fx.Node] = field(default_factory=list)
-    # `minimum(amax, scale_ub)` with a one-element tensor bound (vLLM's scale_ub): the tensor, and
-    # the scale-chain slot whose SCALE_CLAMP_MAX constant the kernel loads from it
+    # `minimum(amax, scale_ub)` with a one-element tensor bound (vLLM's scale_ub), or a mul/div by a
+    # runtime scalar (a float attribute lifted by dynamic=True): the tensor, and the scale-chain
+    # slot whose constant the kernel loads from it
     scale_ub: fx.Node | None = None
     ub_slot: int = -1
 
@@ -145,7 +147,11 @@ def scale_chain(
 
     `minimum(., t)` with a one-element tensor `t` not computed from y (vLLM's scale_ub) is a
     SCALE_CLAMP_MAX whose constant is NaN here: the caller takes `t` from `ub_out` and the slot
-    from the NaN (the kernel loads the bound). Without `ub_out` it is rejected.
+    from the NaN (the kernel loads the bound). Without `ub_out` it is rejected. A mul/div of the
+    amax by such a runtime scalar (`amax / self.fp8_max` under dynamic=True, where Dynamo lifts
+    the float attribute into a graph input) takes the same one runtime slot.
+    A float64 -> float32 convert of a 0-d tensor not computed from y (a lifted float) ends the
+    walk: it is the static scale itself.
     """
     ops: list[tuple[int, float]] = []
     cur = s
@@ -158,6 +164,8 @@ def scale_chain(
             src_dt = tval(cur.args[0]).dtype
             if dt == torch.float32 and src_dt in (torch.bfloat16, torch.float16, torch.float32):
                 nxt = cur.args[0]  # exact upcast
+            elif dt == torch.float32 and src_dt == torch.float64 and runtime_scalar(cur, {y}):
+                break  # a lifted float attribute, rounded to fp32 as eager does: a static base
             elif dt in _ROUND_OPS:
                 step, nxt, rnd = (_ROUND_OPS[dt], 0.0), cur.args[0], None
             else:
@@ -168,12 +176,20 @@ def scale_chain(
                 step, nxt = (S_MUL, literal(b)), a
             elif literal(a) is not None:
                 step, nxt = (S_MUL, literal(a)), b
+            elif _runtime_operand(cur, b, a, y):
+                step, nxt = _runtime_step(S_MUL, b, ub_out), a
+            elif _runtime_operand(cur, a, b, y):
+                step, nxt = _runtime_step(S_MUL, a, ub_out), b
         elif is_op(cur, aten.div.Tensor, aten.div.Scalar) and not cur.kwargs:
             a, b = cur.args
             if literal(b) is not None:
                 step, nxt = (S_DIV, literal(b)), a
             elif literal(a) is not None:
                 step, nxt = (S_RDIV, literal(a)), b
+            elif _runtime_operand(cur, b, a, y):
+                step, nxt = _runtime_step(S_DIV, b, ub_out), a
+            elif _runtime_operand(cur, a, b, y):
+                step, nxt = _runtime_step(S_RDIV, a, ub_out), b
         elif is_op(cur, aten.reciprocal.default):
             step, nxt = (S_RECIP, 0.0), cur.args[0]
         elif is_op(cur, aten.minimum.default):
@@ -185,7 +201,12 @@ def scale_chain(
             ub, nxt = (b, a) if b_free else (a, b)
             ub = strip_f32_convert(ub)[0]
             uv = tval(ub)
-            if ub_out is None or ub_out or uv.numel() != 1 or not uv.is_floating_point():
+            if ub_out:
+                raise Reject(
+                    f"the scale chain reads more than one runtime value ({ub.name} and {ub_out[0].name}); "
+                    "the kernel loads one"
+                )
+            if ub_out is None or uv.numel() != 1 or not uv.is_floating_point():
                 raise Reject(f"scale upper bound {ub.name} is not a single one-element float tensor")
             ub_out.append(ub)
             step = (S_CLAMP_MAX, math.nan)
@@ -221,6 +242,28 @@ def scale_chain(
     if len(ops) > MAX_SCALE_OPS:
         raise Reject(f"scale is computed by {len(ops)} ops; at most {MAX_SCALE_OPS} supported")
     return cur, [o for o, _ in ops], [c for _, c in ops]
+
+
+def _runtime_operand(node: fx.Node, c: Any, other: Any, y: fx.Node) -> bool:
+    """`node` = other (op) c with `c` a runtime scalar (see `runtime_scalar`) and `other` the
+    scale computed from y, same shape and dtype as the result (c broadcasts, promotes nothing)."""
+    if not isinstance(other, fx.Node) or not depends_on_any(other, {y}) or not runtime_scalar(c, {y}):
+        return False
+    nv, ov = tval(node), tval(other)
+    return nv.dtype == ov.dtype == torch.float32 and tuple(nv.shape) == tuple(ov.shape)
+
+
+def _runtime_step(op: int, c: fx.Node, ub_out: list[fx.Node] | None) -> tuple[int, float]:
+    """Scale-chain step whose constant the kernel loads from `c` at run time (NaN marks the slot)."""
+    if ub_out is None:
+        raise Reject(f"scale constant {c.name} is a runtime value: {LIFTED_SCALAR_HINT}")
+    if ub_out:
+        raise Reject(
+            f"the scale chain reads more than one runtime value ({c.name} and {ub_out[0].name}); "
+            f"the kernel loads one: {LIFTED_SCALAR_HINT}"
+        )
+    ub_out.append(c)
+    return op, math.nan
 
 
 def _peel_unsqueeze(s: Any, nodes: set[fx.Node]) -> tuple[Any, bool]:
@@ -412,7 +455,7 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
             nodes |= chain_nodes
         else:
             if ub_out:
-                raise Reject("static scale with a tensor upper bound")
+                raise Reject("static scale with a tensor upper bound or a runtime scale-chain value")
             if kind != "row":
                 raise Reject("static scale with grouped reshape")
             if not isinstance(base, fx.Node):

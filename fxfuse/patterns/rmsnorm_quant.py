@@ -23,15 +23,18 @@ from ..fx_utils import (
     aten,
     convert_dtype,
     depends_on_any,
+    gate_class,
     insert_traced,
     is_convert,
     is_last_dim_reduction,
     is_lifted_scalar,
     is_op,
     is_row_contiguous,
+    kernel_devices_ok,
     literal,
     other_arg,
-    same_device,
+    runtime_scalar,
+    scalar_on,
     stable_toposort,
     tval,
     val,
@@ -56,13 +59,16 @@ class NormMatch:
     x: fx.Node
     residual: fx.Node | None
     h: fx.Node  # the residual sum (or x)
-    eps: float
+    eps: float | None  # None: a runtime value, `eps_node` (never bake a stand-in)
     weight: fx.Node | None
     weight_offset: float
     weight_sum_dtype: torch.dtype | None
     round_before_weight: bool
     y: fx.Node  # normalized, weighted output
     nodes: set[fx.Node] = field(default_factory=set)
+    # eps as a one-element fp32 tensor read at run time (a float attribute that dynamic=True lifted
+    # into a graph input); `eps` is then None
+    eps_node: fx.Node | None = None
 
 
 # ----------------------------------------------------------------------------- RMSNorm part
@@ -75,10 +81,9 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
         raise Reject("rsqrt input is not mean(x^2) + eps")
     a, b = add_eps.args
     mean, eps = (a, literal(b)) if literal(b) is not None else (b, literal(a))
+    eps_node = None
     if eps is None or not isinstance(mean, fx.Node):
-        if is_lifted_scalar(a) or is_lifted_scalar(b):
-            raise Reject(f"eps is a graph input, not a constant: {LIFTED_SCALAR_HINT}")
-        raise Reject("eps is not a constant")
+        mean, eps_node = _runtime_eps(add_eps)
     nodes.add(add_eps)
     if is_op(mean, aten.reshape.default, aten.unsqueeze.default) and is_op(mean.args[0], aten.mean.dim):
         raise Reject("mean is not over the last dim with keepdim=True (mean(-1) then unsqueeze: use keepdim=True)")
@@ -172,7 +177,23 @@ def match_norm(rsqrt: fx.Node) -> NormMatch:
         outside = [user for user in node.users if user not in nodes]
         if outside:
             raise Reject(_escape_reason(node, outside, is_input=node is up or node is h))
-    return NormMatch(x, residual, h, eps, weight, offset, wsum_dtype, round_before, y, nodes)
+    return NormMatch(x, residual, h, eps, weight, offset, wsum_dtype, round_before, y, nodes, eps_node)
+
+
+def _runtime_eps(add_eps: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(mean, eps) for `mean + eps` whose eps is a one-element fp32 tensor, not a literal: under
+    dynamic=True Dynamo lifts `self.eps` into a 0-d float64 input that the graph converts to fp32
+    before the add (the same rounding eager applies to a Python float). The kernel reads it at run
+    time, so a new value between calls needs no recompile. A SymFloat stays a near miss."""
+    a, b = add_eps.args
+    for mean, e in ((a, b), (b, a)):
+        if is_op(mean, aten.mean.dim) and runtime_scalar(e, {mean}):
+            if tuple(tval(add_eps).shape) != tuple(tval(mean).shape):
+                raise Reject("eps tensor broadcasts the variance to another shape")
+            return mean, e
+    if is_lifted_scalar(a) or is_lifted_scalar(b):
+        raise Reject(f"eps is a graph input, not a constant or a one-element fp32 tensor: {LIFTED_SCALAR_HINT}")
+    raise Reject("eps is not a constant")
 
 
 def _escape_reason(node: fx.Node, outside: list[fx.Node], is_input: bool, depth: int = 8) -> str:
@@ -230,8 +251,9 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
         raise Reject("hidden size is symbolic; the kernel needs a static row length")
     if H > MAX_HIDDEN:
         raise Reject(f"hidden size {H} above {MAX_HIDDEN}")
-    tensors = [xv] + [tval(n) for n in (norm.residual, norm.weight, q.scale, q.scale_ub) if n is not None]
-    if not same_device(*tensors):
+    tensors = [xv] + [tval(n) for n in (norm.residual, norm.weight) if n is not None]
+    scalars = [tval(n) for n in (q.scale, q.scale_ub, norm.eps_node) if n is not None]
+    if not kernel_devices_ok(*tensors, scalars=scalars):
         raise Reject("inputs are on different devices")
     dev = xv.device.type
     if dev not in ("cpu", "cuda"):
@@ -248,11 +270,12 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
         raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
     # dependency order: inputs must not be computed from the region
     region = norm.nodes | q.nodes
-    for inp in (norm.x, norm.residual, norm.weight, q.scale, q.scale_ub):
+    for inp in (norm.x, norm.residual, norm.weight, q.scale, q.scale_ub, norm.eps_node):
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
-        why = gating.rejects(FAMILY, scheme=SCHEME_NAMES[q.scheme], hidden=H, dtype=xv.dtype, enabled=gate)
+        scheme = gate_class(SCHEME_NAMES[q.scheme], xv, scalars)
+        why = gating.rejects(FAMILY, scheme=scheme, hidden=H, dtype=xv.dtype, enabled=gate)
         if why:
             raise Reject(why)
 
@@ -264,11 +287,11 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
     xv = tval(norm.x)
     H = xv.shape[-1]
     need_h = norm.residual is not None and any(u not in norm.nodes for u in norm.h.users)
-    inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale, q.scale_ub) if n is not None]
+    inputs = [n for n in (norm.x, norm.residual, norm.weight, q.scale, q.scale_ub, norm.eps_node) if n is not None]
     has_res, has_w, has_s = norm.residual is not None, norm.weight is not None, q.scale is not None
-    has_ub = q.scale_ub is not None
+    has_ub, has_eps_t = q.scale_ub is not None, norm.eps_node is not None
     params = dict(
-        eps=norm.eps,
+        eps=0.0 if norm.eps is None else norm.eps,  # eps_tensor replaces it when None
         weight_offset=norm.weight_offset,
         weight_sum_dtype=norm.weight_sum_dtype,
         round_before_weight=norm.round_before_weight,
@@ -302,14 +325,17 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         w = next(it) if has_w else None
         sc = next(it) if has_s else None
         ub = next(it) if has_ub else None
+        eps_t = next(it) if has_eps_t else None
         lead = x.shape[:-1]
+        runtime = {} if eps_t is None else {"eps_tensor": scalar_on(eps_t, x)}
         qo, so, ho = torch.ops.fxfuse.rms_norm_quant(
             x.reshape(-1, H),
             None if res is None else res.reshape(-1, H),
             w,
-            None if sc is None else sc.reshape(1),
-            scale_ub=None if ub is None else ub.reshape(1),
+            None if sc is None else scalar_on(sc, x),
+            scale_ub=None if ub is None else scalar_on(ub, x),
             **params,
+            **runtime,
         )
         qo = qo.reshape(*((1,) * extra), *lead, *q_tail)
         if s_tail is not None:

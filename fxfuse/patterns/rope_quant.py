@@ -46,12 +46,15 @@ from ..fx_utils import (
     aten,
     convert_dtype,
     depends_on_any,
+    gate_class,
     inline_graph,
     is_convert,
     is_op,
+    kernel_devices_ok,
     literal,
     other_arg,
     same_device,
+    scalar_on,
     stable_toposort,
     trace_aten,
     tval,
@@ -453,6 +456,8 @@ def absorb_norm(m: RopeMatch) -> str | None:
         return f"norm before RoPE not fused: {r}"
     if nm.y is not x:
         return None
+    if nm.eps is None:
+        return "norm before RoPE not fused: its eps is a runtime value (a float attribute lifted by dynamic=True)"
     if nm.residual is not None or nm.weight is None:
         return "norm before RoPE not fused: it has a residual add or no weight"
     inside = m.nodes | ({pnode} if pnode is not None else set())
@@ -674,10 +679,8 @@ def check(m: RopeMatch) -> None:
     for n in (m.cos, m.sin):
         if tval(n).dtype not in X_DTYPES:
             raise Reject(f"{n.name} dtype {tval(n).dtype} not supported")
-    tensors = [xv, tval(m.cos), tval(m.sin)]
-    if m.quant is not None and m.quant.scale is not None:
-        tensors.append(tval(m.quant.scale))
-    if not same_device(*tensors):
+    scalars = [tval(m.quant.scale)] if m.quant is not None and m.quant.scale is not None else []
+    if not kernel_devices_ok(xv, tval(m.cos), tval(m.sin), scalars=scalars):
         raise Reject("inputs are on different devices")
     if xv.device.type not in ("cpu", "cuda"):
         raise Reject(f"device {xv.device.type} not supported")
@@ -877,7 +880,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         q4 = _to4(xq, qm.head, qm.tok)
         k4 = _to4(xk, km.head, km.tok) if km else None
         outs = torch.ops.fxfuse.rope_quant(
-            q4, k4, c, s, p, None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1), **params,
+            q4, k4, c, s, p, None if qs is None else scalar_on(qs, q4), None if ks is None else scalar_on(ks, q4), **params,
             q_norm_w=qw, k_norm_w=kw,
         )
         res = []
@@ -1017,7 +1020,8 @@ class RopeQuant:
                 xv = tval(grp[0].x)
                 if xv.device.type == "cuda":
                     h = heads(grp[0])
-                    why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
+                    scalars = [tval(mm.quant.scale) for mm in grp if mm.quant is not None and mm.quant.scale is not None]
+                    why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp), xv, scalars), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
                                          dtype=xv.dtype, enabled=gate)
                     if why:
                         raise Reject(why)

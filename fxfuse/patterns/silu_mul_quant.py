@@ -23,13 +23,15 @@ from ..fx_utils import (
     aten,
     convert_dtype,
     depends_on_any,
+    gate_class,
     insert_traced,
     is_convert,
     is_op,
     is_row_contiguous,
+    kernel_devices_ok,
     literal,
     other_arg,
-    same_device,
+    scalar_on,
     stable_toposort,
     tval,
 )
@@ -263,8 +265,8 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
     if inter > MAX_INTER:
         raise Reject(f"intermediate size {inter} above {MAX_INTER}")
     operands = [m.merged] if m.merged is not None else [m.gate, m.up]
-    tensors = [tval(n) for n in [*operands, q.scale, q.scale_ub] if n is not None]
-    if not same_device(*tensors):
+    scalars = [tval(n) for n in (q.scale, q.scale_ub) if n is not None]
+    if not kernel_devices_ok(*[tval(n) for n in operands], scalars=scalars):
         raise Reject("inputs are on different devices")
     dev = gv.device.type
     if dev not in ("cpu", "cuda"):
@@ -279,7 +281,8 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
-        why = gating.rejects(FAMILY, scheme=SCHEME_NAMES[q.scheme], hidden=inter, dtype=gv.dtype, enabled=gate)
+        scheme = gate_class(SCHEME_NAMES[q.scheme], gv, scalars)
+        why = gating.rejects(FAMILY, scheme=scheme, hidden=inter, dtype=gv.dtype, enabled=gate)
         if why:
             raise Reject(why)
 
@@ -325,8 +328,8 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
         qo, so = torch.ops.fxfuse.silu_mul_quant(
             x.reshape(-1, x.shape[-1]),
             None if up is None else up.reshape(-1, inter),
-            None if sc is None else sc.reshape(1),
-            scale_ub=None if ub is None else ub.reshape(1),
+            None if sc is None else scalar_on(sc, x),
+            scale_ub=None if ub is None else scalar_on(ub, x),
             **params,
         )
         qo = qo.reshape(*lead, *q_tail)
