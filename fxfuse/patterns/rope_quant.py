@@ -60,6 +60,7 @@ from ..fx_utils import (
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
 from .quant import amax_source as _amax_source, scale_chain as _scale_chain, strip_f32_convert as _strip_f32_convert
 from .rmsnorm_quant import NormMatch, match_norm
+from .rope_cache import BYTE_DTYPES, CacheWrite, KVPlan, match_cache_write, v_rows
 
 FAMILY = "rope_quant"
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -692,6 +693,9 @@ def check(m: RopeMatch) -> None:
             raise Reject(f"input {inp.name} depends on the region itself")
 
 
+KV_SUFFIX = "_kvcache"  # gate class of a region that also writes the KV cache (scheme_name + this)
+
+
 def scheme_name(ms: list[RopeMatch]) -> str:
     """Gate key: rope | rope_fp8_static | rope_fp8_dynamic, with _qknorm when the norm is fused."""
     kinds = {mm.quant.scheme if mm.quant else QUANT_NONE for mm in ms}
@@ -739,6 +743,77 @@ def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
         return False
     ra, rb = a.nodes | (a.quant.nodes if a.quant else set()), b.nodes | (b.quant.nodes if b.quant else set())
     return not depends_on_any(b.src, ra) and not depends_on_any(a.src, rb)
+
+
+# ----------------------------------------------------------------------------- KV-cache write
+
+
+def find_cache_writes(graph: fx.Graph, ctx: Any) -> list[CacheWrite]:
+    """Every index_put cache write copied back into a graph input (near miss for those that cannot fuse)."""
+    out = []
+    for node in graph.nodes:
+        if not is_op(node, aten.copy_.default):
+            continue
+        with ctx.candidate(FAMILY, node):
+            w = match_cache_write(node)
+            if w is not None:
+                out.append(w)
+    return out
+
+
+def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
+    """The k and v cache writes of the pair (q, k) `ms`, checked; None if k is not written to a cache."""
+    if len(ms) != 2:
+        return None
+    km = ms[1]
+    sink = km.quant.sink if km.quant is not None else None
+    kws = [w for w in writes if w.rows is km.out or (sink is not None and w.rows is sink)]
+    if not kws:
+        return None
+    if len(kws) > 1:
+        raise Reject("k is written to several caches")
+    kw = kws[0]
+    k_fp8 = kw.rows is not km.out
+    xv, kc = tval(km.x), tval(kw.cache)
+    if xv.dim() != 3 or km.head != 1 or km.tok != [0]:
+        raise Reject("k is not token-major [tokens, heads, head_dim]")
+    T, H, D = xv.shape
+    if k_fp8:
+        if km.quant.scheme != QUANT_STATIC or km.quant.via is not None:
+            raise Reject("k's fp8 cache rows are not a static per-tensor quant of the rotated k")
+        if kc.dtype not in BYTE_DTYPES:
+            raise Reject(f"fp8 k rows go to a {kc.dtype} cache")
+    elif kc.dtype != tval(km.out).dtype:
+        raise Reject(f"k cache dtype {kc.dtype} differs from the rotated k's {tval(km.out).dtype}")
+    if not statically_known_true(tval(kw.slots).shape[0] == T):
+        raise Reject("slot count differs from the token count")
+    vws = [w for w in writes if w is not kw and w.slots is kw.slots]
+    if len(vws) != 1:
+        raise Reject(f"k cache write has {len(vws)} v cache writes with the same slots, not one")
+    vw = vws[0]
+    if vw.neg_skip != kw.neg_skip:
+        raise Reject("k and v cache writes treat negative slots differently")
+    if vw.cache is kw.cache:
+        raise Reject("k and v are written to the same cache")
+    v, vq = v_rows(vw)
+    vv, vc = tval(v), tval(vw.cache)
+    if vv.dim() != 3 or not statically_known_true(vv.shape[0] == T) or vv.shape[2] != D:
+        raise Reject(f"v is {tuple(vv.shape)}, not [{T}, heads, {D}]")
+    if vv.dtype not in X_DTYPES or not statically_known_true(vv.stride(-1) == 1):
+        raise Reject("v is not a contiguous-head_dim bf16/fp16/fp32 tensor")
+    if (vc.dtype in BYTE_DTYPES) != (vq is not None) or (vq is None and vc.dtype != vv.dtype):
+        raise Reject(f"v cache dtype {vc.dtype} does not match v's {vv.dtype} (or its fp8 quant)")
+    if vq is not None and vq.scale is not None and tval(vq.scale).device != vv.device:
+        raise Reject("v scale on another device")
+    if not statically_known_true(kc.numel() // (H * D) == vc.numel() // (vc.shape[-2] * vc.shape[-1])):
+        raise Reject("k and v caches hold different slot counts")
+    if not same_device(xv, kc, vc, vv, tval(kw.slots)):
+        raise Reject("caches, slots and k/v are on different devices")
+    region = set().union(*(mm.nodes | (mm.quant.nodes if mm.quant else set()) for mm in ms))
+    for n in (v, kw.slots) + ((vq.scale,) if vq is not None and vq.scale is not None else ()):
+        if depends_on_any(n, region | kw.nodes):
+            raise Reject(f"{n.name} depends on the fused region")
+    return KVPlan(k=kw, v=vw, v_src=v, k_fp8=k_fp8, v_quant=vq)
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -806,8 +881,9 @@ def _order_of(mm: RopeMatch) -> list[int]:
     return sorted(range(3), key=functools.cmp_to_key(cmp))
 
 
-def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
-    """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs."""
+def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> list[fx.Node]:
+    """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs; with `kv`, the op
+    also writes the k/v caches and the graph's final copy_ into each cache reads the op's result."""
     from ..kernels import rope_quant as _k  # noqa: F401  (registers torch.ops.fxfuse.rope_quant)
 
     qm = ms[0]
@@ -825,6 +901,17 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     inputs += norms
     has_qs = qm.quant is not None and qm.quant.scale is not None
     has_ks = km is not None and km.quant is not None and km.quant.scale is not None
+    store_kq = True
+    if kv is not None:
+        inside = kv.k.nodes | (km.quant.nodes if km.quant else set())
+        km.need_rope = any(u not in inside for u in km.out.users)
+        store_kq = km.quant is not None and any(u not in kv.k.nodes for u in km.quant.sink.users)
+        vq = kv.v_quant
+        has_vs = vq is not None and vq.scale is not None
+        inputs += [kv.v_src, kv.k.cache, kv.v.cache, kv.k.slots] + ([vq.scale] if has_vs else [])
+        cparams = dict(k_cache_fp8=kv.k_fp8, store_k_fp8=store_kq, v_quant=vq is not None,
+                       v_static=vq.static_value if vq else 1.0, v_mul=vq.quant_mul if vq else False,
+                       v_qmin=vq.qmin if vq else -448.0, v_qmax=vq.qmax if vq else 448.0, neg_skip=kv.k.neg_skip)
 
     def qparams(mm: RopeMatch | None, p: str) -> dict[str, Any]:
         qq = mm.quant if mm is not None else None
@@ -868,6 +955,9 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         ks = next(it) if has_ks else None
         qw = next(it) if qm.norm is not None else None
         kw = next(it) if km is not None and km.norm is not None else None
+        if kv is not None:
+            v, kc, vc, slots = next(it), next(it), next(it), next(it)
+            vs = next(it) if has_vs else None
         if qm.x_perm is not None:
             xq = xq.permute(qm.x_perm)
         if km is not None and km.x_perm is not None:
@@ -876,30 +966,35 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
             c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
         q4 = _to4(xq, qm.head, qm.tok)
         k4 = _to4(xk, km.head, km.tok) if km else None
-        outs = torch.ops.fxfuse.rope_quant(
-            q4, k4, c, s, p, None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1), **params,
-            q_norm_w=qw, k_norm_w=kw,
-        )
+        sc = (None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1))
+        if kv is None:
+            outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw)
+        else:
+            outs = torch.ops.fxfuse.rope_quant_cache(
+                q4, k4, c, s, p, *sc, **params, v=v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
+                v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw)
         res = []
         for mm, shp, (o, qo, so) in zip(ms, shapes, (outs[0:3], outs[3:6])):
             if mm.need_rope:
                 res.append(_from4(o, shp, mm.head, mm.tok))
-            if mm.quant is not None:
+            if mm.quant is not None and (mm is qm or store_kq):
                 qx = _from4(qo, shp, mm.head, mm.tok)
                 res.append(qx if mm.quant.via is None else qx.reshape(sink_shapes[id(mm)]))
                 if mm.quant.scheme == QUANT_DYNAMIC:
                     sshape = shp[:-1] + [1]
                     res.append(_from4(so.unsqueeze(-1), sshape, mm.head, mm.tok))
+        if kv is not None:
+            res += [kc, vc]  # the caches as the op left them (functionalized: the op's new values)
         return tuple(res)
 
     on_cuda = tval(qm.x).device.type == "cuda"
-    gm = trace_aten(replacement, [tval(n) for n in inputs], functionalize=on_cuda)
+    gm = trace_aten(replacement, [tval(n) for n in inputs], functionalize=on_cuda or kv is not None)
     outs_v = [n.meta.get("val") for n in next(iter(reversed(gm.graph.nodes))).args[0]]
     olds: list[tuple[fx.Node, bool]] = []  # (old node, exact strides required)
     for mm in ms:
         if mm.need_rope:
             olds.append((mm.out, True))
-        if mm.quant is not None:
+        if mm.quant is not None and (mm is qm or store_kq):
             olds.append((mm.quant.sink, True))
             if mm.quant.scheme == QUANT_DYNAMIC:
                 olds.append((mm.quant.scale_out, False))
@@ -916,8 +1011,11 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         if _is_scale(old, ms) and not _same_strides(ov, tval(nn)):
             nn = _restride(graph, nn, old)
         old.replace_all_uses_with(nn)
+    if kv is not None:
+        for w, nn in ((kv.k, new[-2]), (kv.v, new[-1])):
+            w.copy.args = (w.cache, nn)
     stable_toposort(graph)
-    replaced: set[fx.Node] = set()
+    replaced: set[fx.Node] = set() if kv is None else kv.nodes - {kv.k.copy, kv.v.copy}
     for mm in ms:
         replaced |= mm.nodes | (mm.quant.nodes if mm.quant else set())
     return sorted(replaced, key=lambda n: n.name)
@@ -1009,25 +1107,39 @@ class RopeQuant:
                     used.add(id(b))
                     break
             groups.append(grp)
+        writes = find_cache_writes(graph, ctx) if groups else []
         for grp in groups:
             def heads(mm: RopeMatch) -> Any:
                 return tval(mm.x).shape[mm.head] if mm.head >= 0 else 1
             grp.sort(key=lambda mm: -heads(mm) if isinstance(heads(mm), int) else 0)
             with ctx.candidate(FAMILY, anchors[id(grp[0])]):
                 xv = tval(grp[0].x)
-                if xv.device.type == "cuda":
-                    h = heads(grp[0])
+                cuda = xv.device.type == "cuda"
+                kv = None
+                try:
+                    kv = plan_kv(grp, writes)
+                    if kv is not None and cuda:
+                        why = gating.rejects(FAMILY, scheme=scheme_name(grp) + KV_SUFFIX, hidden=int(xv.shape[-1]),
+                                             dtype=xv.dtype, enabled=gate)
+                        if why:
+                            raise Reject(why)
+                except Reject as r:  # the RoPE still fuses; the cache write stays with Inductor
+                    ctx.near_miss(FAMILY, anchors[id(grp[0])], f"KV-cache write not fused: {r}")
+                    kv = None
+                if cuda and kv is None:
                     why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
                                          dtype=xv.dtype, enabled=gate)
                     if why:
                         raise Reject(why)
-                replaced = rewrite(graph, grp)
-                kernel = "triton:fxfuse_rope_quant" if xv.device.type == "cuda" else "fxfuse::rope_quant"
+                replaced = rewrite(graph, grp, kv)
+                kernel = ("triton:fxfuse_rope_quant" if cuda else
+                          "fxfuse::rope_quant_cache_ref" if kv is not None else "fxfuse::rope_quant")
                 detail = " + ".join(
                     f"{'qk'[i]}[{heads(mm)}x{tval(mm.x).shape[-1]}] {QUANT_NAMES[mm.quant.scheme if mm.quant else 0]}"
                     for i, mm in enumerate(grp)
                 ) + (f" rot={grp[0].rot}" if grp[0].rot != xv.shape[-1] else "") + (" +table" if grp[0].table else "") + (
-                    " +qk_norm" if grp[0].norm is not None else "")
+                    " +qk_norm" if grp[0].norm is not None else "") + (
+                    "" if kv is None else f" +kv_cache{' fp8' if kv.k_fp8 else ''}{' skip<0' if kv.k.neg_skip else ''}")
                 ctx.applied(FAMILY, replaced, kernel, detail)
                 for mm in grp:
                     if mm.quant_miss is not None:
