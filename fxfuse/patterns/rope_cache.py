@@ -18,6 +18,7 @@ contiguous graph input, a cache read anywhere else) stays with Inductor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class CacheWrite:
     slots: fx.Node  # 1-D integer tensor
     neg_skip: bool  # slot < 0 writes nothing (vLLM) instead of wrapping (index_put)
     nodes: set[fx.Node] = field(default_factory=set)  # the write's own nodes (dead once rerouted)
+    prefix: bool = False  # rows are the first len(slots) rows of `rows` (which may hold more)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -57,20 +59,20 @@ def _is_bitcast(n: Any) -> bool:
             and tval(n.args[0]).dtype in BYTE_DTYPES)
 
 
-def _strip_one(n: Any) -> fx.Node | None:
-    """The input of a value-preserving reinterpretation (alias, reshape, full slice, fp8<->uint8
-    bit-cast), else None."""
+def _strip_one(n: Any) -> tuple[fx.Node, bool] | None:
+    """(input, is a dim-0 prefix slice) of a row-preserving reinterpretation (alias, reshape, dim-0
+    slice from 0, fp8<->uint8 bit-cast), else None."""
     if not isinstance(n, fx.Node):
         return None
     if is_op(n, aten.alias.default, *_RESHAPES) or _is_bitcast(n):
-        return n.args[0]
+        return n.args[0], False
     if is_op(n, aten.slice.Tensor):
         a = list(n.args) + [0, None, None, 1][len(n.args) - 1:]
         dim, start, end, step = a[1:5]
         size = tval(n.args[0]).shape[dim]
         full = end is None or (isinstance(end, int) and end >= 2**62) or _same(end, size)
-        if start in (0, None) and (step or 1) == 1 and full:
-            return n.args[0]
+        if start in (0, None) and (step or 1) == 1 and (full or dim == 0):
+            return n.args[0], not full
     return None
 
 
@@ -78,7 +80,7 @@ def _flat_base(base: Any, cache: fx.Node, nodes: set[fx.Node]) -> None:
     """base must be the cache (through clone / reshape / bit-cast) viewed [N, H, D]."""
     n = base
     while n is not cache:
-        if not (is_op(n, aten.clone.default, *_RESHAPES) or _is_bitcast(n)):
+        if not (is_op(n, aten.clone.default, aten.alias.default, *_RESHAPES) or _is_bitcast(n)):
             raise Reject(f"the index_put target is not a view of the cache input ({getattr(n, 'name', n)})")
         nodes.add(n)
         n = n.args[0]
@@ -151,7 +153,7 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
         return None
     nodes: set[fx.Node] = {copy}
     back = src
-    while isinstance(back, fx.Node) and (is_op(back, *_RESHAPES) or _is_bitcast(back)):
+    while isinstance(back, fx.Node) and (is_op(back, aten.alias.default, *_RESHAPES) or _is_bitcast(back)):
         nodes.add(back)
         back = back.args[0]
     if not is_op(back, aten.index_put.default):
@@ -198,29 +200,36 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
     rv = tval(rows)
     if rv.dim() != 3 or not _same(rv.shape[0], tval(slots).shape[0]) or not _same(rv.shape[1], H) or not _same(rv.shape[2], D):
         raise Reject(f"cache write rows are {tuple(rv.shape)}, not [{tval(slots).shape[0]}, {H}, {D}] (broadcast rows)")
-    rows = _rows_source(rows, nodes)
+    rows, prefix = _rows_source(rows, nodes)
     if tval(rows).device != cv.device or tval(slots).device != cv.device:
         raise Reject("cache, rows and slots are on different devices")
-    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=neg_skip, nodes=nodes)
+    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=neg_skip, nodes=nodes, prefix=prefix)
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(_same(x, y) for x, y in zip(a.shape, b.shape))
 
 
-def _rows_source(rows: fx.Node, nodes: set[fx.Node]) -> fx.Node:
-    """The deepest node above `rows`, through value-preserving reinterpretations (alias, reshapes,
-    full slices, fp8<->uint8 bit-casts), that has the rows' shape: the same values row for row."""
-    chain = [rows]
+def _rows_source(rows: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, bool]:
+    """(source, prefix): the deepest node above `rows` whose first rows are the written rows, through
+    row-preserving reinterpretations (every node [tokens, ...] with H*D values per token); `prefix`
+    when a dim-0 slice took the first len(slots) tokens of a longer (or not provably equal) source."""
+    rv = tval(rows)
+    per_tok = rv.shape[1] * rv.shape[2]
+    chain, pref = [rows], [False]
     while True:
         nxt = _strip_one(chain[-1])
         if nxt is None:
             break
-        chain.append(nxt)
-    rv = tval(rows)
-    best = max(i for i, n in enumerate(chain) if _same_shape(tval(n), rv))
+        nv = tval(nxt[0])
+        if nv.dim() < 2 or not _same(math.prod(nv.shape[1:]), per_tok):
+            break
+        chain.append(nxt[0])
+        pref.append(pref[-1] or nxt[1])
+    best = max(i for i, n in enumerate(chain)
+               if tval(n).dim() == 3 and _same(tval(n).shape[1], rv.shape[1]) and _same(tval(n).shape[2], rv.shape[2]))
     nodes |= set(chain[:best])
-    return chain[best]
+    return chain[best], pref[best]
 
 
 @dataclass
@@ -232,6 +241,7 @@ class KVPlan:
     v_src: fx.Node  # v rows as read by the kernel ([n, Hv, D])
     k_fp8: bool  # the k cache gets the fp8 quant of k (else the rope output)
     v_quant: Any = None  # quant.QuantMatch of v's static fp8 quant, or None
+    store_kq: bool = True  # k's fp8 quant is also used outside the cache write (the op outputs it)
 
     @property
     def nodes(self) -> set[fx.Node]:

@@ -83,6 +83,7 @@ class QuantPart:
     scale_out: fx.Node | None  # dynamic scale node (may have users outside)
     nodes: set[fx.Node] = field(default_factory=set)
     via: fx.Node | None = None  # static quant of a reshape of the rope output (vLLM's [T, H*D])
+    prefix: fx.Node | None = None  # static quant of rope_out[:n] (n not provably all tokens): cache rows only
 
 
 @dataclass
@@ -614,9 +615,17 @@ def match_quant(m: RopeMatch) -> None:
     if mul and not depends_on_any(a, {r}):
         a, s = s, a
     src, up = _strip_f32_convert(a)
-    via = None
+    via = prefix = None
     if src is not r and is_op(src, aten.reshape.default, aten.view.default) and src.args[0] is r:
         via = src  # elementwise static quant commutes with the reshape
+        nodes.add(src)
+        src = r
+    elif is_op(src, aten.slice.Tensor) and src.args[0] is r and list(src.args[1:3]) == [0, 0] and (
+            len(src.args) < 5 or src.args[4] == 1):
+        # r[:n] (vLLM's cache write takes the first len(slots) tokens): the same as r when n is
+        # provably all tokens; else the quant is fused only as a KV-cache write's rows
+        if not statically_known_true(tval(src).shape[0] == tval(r).shape[0]):
+            prefix = src
         nodes.add(src)
         src = r
     if src is not r:
@@ -647,14 +656,14 @@ def match_quant(m: RopeMatch) -> None:
             scale = s
     if mul and scheme == QUANT_STATIC and scale is None and sv == 0.0:
         raise Reject("multiplying by a zero scale")
-    if via is not None and scheme != QUANT_STATIC:
-        raise Reject("dynamic fp8 quant of a reshaped rope output (scale is not per head)")
+    if (via is not None or prefix is not None) and scheme != QUANT_STATIC:
+        raise Reject("dynamic fp8 quant of a reshaped or sliced rope output")
     escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
     region = nodes | m.nodes | {r}
     for n in nodes - escape_ok:
         if any(u not in region for u in n.users):
             raise Reject(f"intermediate {n.name} of the quant is used elsewhere")
-    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes, via)
+    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes, via, prefix)
     m.need_rope = any(u not in nodes for u in r.users)
 
 
@@ -785,8 +794,12 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
             raise Reject(f"fp8 k rows go to a {kc.dtype} cache")
     elif kc.dtype != tval(km.out).dtype:
         raise Reject(f"k cache dtype {kc.dtype} differs from the rotated k's {tval(km.out).dtype}")
-    if not statically_known_true(tval(kw.slots).shape[0] == T):
+    n = tval(kw.slots).shape[0]
+    if not (kw.prefix or (k_fp8 and km.quant.prefix is not None)) and not statically_known_true(n == T):
         raise Reject("slot count differs from the token count")
+    store_kq = km.quant is not None and any(u not in kw.nodes for u in km.quant.sink.users)
+    if store_kq and km.quant.prefix is not None:
+        raise Reject("the fp8 quant of the first len(slots) tokens of k is also used outside the cache write")
     vws = [w for w in writes if w is not kw and w.slots is kw.slots]
     if len(vws) != 1:
         raise Reject(f"k cache write has {len(vws)} v cache writes with the same slots, not one")
@@ -797,8 +810,8 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
         raise Reject("k and v are written to the same cache")
     v, vq = v_rows(vw)
     vv, vc = tval(v), tval(vw.cache)
-    if vv.dim() != 3 or not statically_known_true(vv.shape[0] == T) or vv.shape[2] != D:
-        raise Reject(f"v is {tuple(vv.shape)}, not [{T}, heads, {D}]")
+    if vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not statically_known_true(vv.shape[0] == n)):
+        raise Reject(f"v is {tuple(vv.shape)}, not [{n}, heads, {D}]")
     if vv.dtype not in X_DTYPES or not statically_known_true(vv.stride(-1) == 1):
         raise Reject("v is not a contiguous-head_dim bf16/fp16/fp32 tensor")
     if (vc.dtype in BYTE_DTYPES) != (vq is not None) or (vq is None and vc.dtype != vv.dtype):
@@ -813,7 +826,7 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
     for n in (v, kw.slots) + ((vq.scale,) if vq is not None and vq.scale is not None else ()):
         if depends_on_any(n, region | kw.nodes):
             raise Reject(f"{n.name} depends on the fused region")
-    return KVPlan(k=kw, v=vw, v_src=v, k_fp8=k_fp8, v_quant=vq)
+    return KVPlan(k=kw, v=vw, v_src=v, k_fp8=k_fp8, v_quant=vq, store_kq=store_kq)
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -905,7 +918,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     if kv is not None:
         inside = kv.k.nodes | (km.quant.nodes if km.quant else set())
         km.need_rope = any(u not in inside for u in km.out.users)
-        store_kq = km.quant is not None and any(u not in kv.k.nodes for u in km.quant.sink.users)
+        store_kq = kv.store_kq
         vq = kv.v_quant
         has_vs = vq is not None and vq.scale is not None
         inputs += [kv.v_src, kv.k.cache, kv.v.cache, kv.k.slots] + ([vq.scale] if has_vs else [])
@@ -1126,6 +1139,12 @@ class RopeQuant:
                 except Reject as r:  # the RoPE still fuses; the cache write stays with Inductor
                     ctx.near_miss(FAMILY, anchors[id(grp[0])], f"KV-cache write not fused: {r}")
                     kv = None
+                for mm in grp:
+                    if mm.quant is not None and mm.quant.prefix is not None and (
+                            kv is None or mm is not grp[-1] or not kv.k_fp8):
+                        mm.quant_miss = (mm.quant.sink, "fp8 quant after RoPE not fused: it reads the first "
+                                         "len(slots) tokens only, fused only as the rows of a KV-cache write")
+                        mm.quant, mm.need_rope = None, True
                 if cuda and kv is None:
                     why = gating.rejects(FAMILY, scheme=scheme_name(grp), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
                                          dtype=xv.dtype, enabled=gate)
