@@ -272,7 +272,7 @@ def test_qk_norm_fuses_into_the_rope_kernel():
 
 
 def kv_write_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
-    """RoPE then a KV-cache write by slot (index_put_ into graph-input caches, flat and paged)."""
+    """RoPE then a KV-cache write by slot (indexed assignment into graph-input caches, flat and paged)."""
     cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
     qe = q * cos + rotate_half(q) * sin
     ke = k * cos + rotate_half(k) * sin
@@ -281,20 +281,152 @@ def kv_write_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache
     return qe
 
 
-def test_kv_cache_write_stays_correct():
-    """The cache write itself is not fused yet: RoPE fuses, the writes stay, caches equal eager's."""
-    q, k, c, s, pos, _ = table_inputs(seed=13)
-    v = torch.randn_like(k)
-    slots = torch.randperm(32)[: q.shape[0]]
-    caches = (torch.randn(32, 2, 32).to(BF16), torch.randn(4, 8, 2, 32).to(BF16))
-    eager_caches = tuple(t.clone() for t in caches)
+def kv_ops_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
+    """The same through index_put_ (paged k cache) and index_copy_ (flat v cache)."""
+    cos, sin = cos_cached.index_select(0, pos).unsqueeze(-2), sin_cached.index_select(0, pos).unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    k_cache.view(-1, *k.shape[1:]).index_put_((slots,), ke)
+    v_cache.index_copy_(0, slots, v)
+    return qe
+
+
+def kv_fp8_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache, ks, vs):
+    """fp8 e4m3 caches (static per-tensor k/v scales); q stays bf16, k is also returned in fp8."""
+    cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    k_cache[slots] = q_static(ke, ks)[0]
+    v_cache.view(-1, *v.shape[1:])[slots] = q_static(v, vs)[0]
+    return qe
+
+
+def kv_inputs(T=7, seed=13, slots=None, fp8=False, paged_k=False):
+    q, k, c, s, pos, _ = table_inputs(T=T, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(k.shape, generator=g).to(BF16)
+    if slots is None:
+        slots = torch.randperm(32, generator=g)[:T]
+    dt = FP8 if fp8 else BF16
+    kshape = (4, 8, 2, 32) if paged_k else (32, 2, 32)
+    vshape = (32, 2, 32) if paged_k else (4, 8, 2, 32)
+    # random old contents: rows the write does not touch must stay exactly as they were
+    kc, vc = (torch.randn(sh, generator=g).mul(50).to(dt) for sh in (kshape, vshape))
+    return q, k, v, c, s, pos, slots, kc, vc
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def run_kv(fn, args, extra=(), dynamic_dims=None):
+    """Compile fn on args (caches mutated in place) next to eager on clones; return the fused detail."""
+    eager = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     with torch.no_grad():
-        ref = kv_write_model(q, k, v, c, s, pos, slots, *eager_caches)
-    out, _ = compile_and_run(kv_write_model, (q, k, v, c, s, pos, slots, *caches))
-    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+        ref = fn(*eager, *extra)
+    out, leftovers = compile_and_run(fn, (*args, *extra), dynamic_dims=dynamic_dims)
     check_close((out,), (ref,))
-    for got, want in zip(caches, eager_caches):
-        assert torch.equal(got, want)
+    for got, want in zip(args[7:9], eager[7:9]):
+        assert torch.equal(_bits(got), _bits(want))
+    return fxfuse.report()
+
+
+@pytest.mark.parametrize("form", ["setitem", "index_put_copy"])
+def test_kv_cache_write_fuses(form):
+    """k (after RoPE) and v go to the caches from the fused op; the caches equal eager's."""
+    fn = kv_write_model if form == "setitem" else kv_ops_model
+    args = kv_inputs(seed=13, paged_k=form != "setitem")
+    r = run_kv(fn, args)
+    assert fxfuse.counters["rope_quant"] == 1, r
+    assert "+kv_cache" in r.fusions[0].detail and not r.near_misses, r.format(verbose=True)
+    assert not any("index_put" in n for f in r.fusions for n in f.replaced if n.startswith("copy"))
+
+
+def test_kv_cache_write_dynamic_tokens_and_negative_slots():
+    """Dynamic token dim; a negative slot wraps around like the ATen index_put the graph holds."""
+    fn = kv_write_model
+    compiled = None
+    for T in (7, 12):
+        slots = torch.randperm(32, generator=torch.Generator().manual_seed(T))[:T]
+        slots[1] = -1  # index_put semantics: the last row
+        args = kv_inputs(T=T, seed=T, slots=slots)
+        dyn = {0: 0, 1: 0, 2: 0, 5: 0, 6: 0}
+        if compiled is None:
+            r = run_kv(fn, args, dynamic_dims=dyn)
+            assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r
+            compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            eager = [a.clone() for a in args]
+            ref = fn(*eager)
+            for a, d in dyn.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+            check_close((out,), (ref,))
+            assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+
+
+def test_kv_cache_write_fp8():
+    """fp8 caches: k's static fp8 quant and v's go to the caches (k fp8 not needed elsewhere)."""
+    args = kv_inputs(seed=21, fp8=True)
+    r = run_kv(kv_fp8_model, args, extra=(torch.tensor(0.02), torch.tensor(0.03)))
+    assert fxfuse.counters["rope_quant"] == 1, r
+    assert "k[2x32] fp8 static" in r.fusions[0].detail and "+kv_cache fp8" in r.fusions[0].detail, r.fusions[0].detail
+
+
+def _kv_read_after(q, k, v, cc, sc, pos, slots, kc, vc):
+    qe = kv_write_model(q, k, v, cc, sc, pos, slots, kc, vc)
+    return qe, kc.sum()  # the updated cache is read in the graph: the write stays with Inductor
+
+
+def _kv_accumulate(q, k, v, cc, sc, pos, slots, kc, vc):
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    kc.index_put_((slots,), ke, accumulate=True)
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return qe
+
+
+def _kv_other_slots(q, k, v, cc, sc, pos, slots, kc, vc):
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots.flip(0)] = v
+    return qe
+
+
+@pytest.mark.parametrize("fn,reason", [
+    (_kv_read_after, "also used elsewhere"), (_kv_accumulate, "accumulates"), (_kv_other_slots, "v cache writes"),
+])
+def test_kv_cache_near_misses(fn, reason):
+    """Cache writes that must not fuse: the RoPE still fuses, the write stays, the caches equal eager's."""
+    args = kv_inputs(seed=17)
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = fn(*eager)
+    out, _ = compile_and_run(fn, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail, r
+    assert any(reason in m.reason for m in r.near_misses), [m.reason for m in r.near_misses]
+    out = out if isinstance(out, tuple) else (out,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    check_close(out[:1], ref[:1])
+    for o, rr in zip(out[1:], ref[1:]):
+        assert torch.allclose(o.float(), rr.float(), rtol=1e-2, atol=1e-2), (o, rr)
+    assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+
+
+def test_kv_cache_reference_op_opcheck():
+    from fxfuse.kernels import rope_quant as K
+
+    q, k, v, c, s, pos, slots, kc, vc = kv_inputs(seed=5)
+    args = (q.unsqueeze(0), k.unsqueeze(0), c, s, pos, None, None, 32, True, False, BF16, 0, 1.0, [], [], False,
+            0, 1.0, [], [], False, -448.0, 448.0, True, False, [0, 1, 2], [0, 1, 2],
+            v.unsqueeze(0), kc, vc, slots, None, False, False, False, 1.0, False, -448.0, 448.0, True)
+    torch.library.opcheck(torch.ops.fxfuse.rope_quant_cache_ref.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------ forms that must NOT fuse (or not together)
@@ -452,9 +584,10 @@ def test_kernel_under_triton_interpreter():
     assert len(res) == 14 and not bad, bad
 
 
-_PTR_NAMES = {"pos_ptr": "*i64", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
+_PTR_NAMES = {"pos_ptr": "*i64", "slot_ptr": "*i64", "vscale_ptr": "*fp32", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
               "qq_ptr": "*fp8e4nv", "kq_ptr": "*fp8e4nv"}
-_FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qmax q_eps k_eps woff".split())
+_FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qmax q_eps k_eps woff v_static v_qmin "
+                  "v_qmax".split())
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
@@ -473,7 +606,9 @@ def test_kernel_ptx_keeps_product_rounding(dt):
     const = dict(D=128, ROT=128, NEOX=True, COS_HALF=False, OUT_DT=code, HAS_POS=False, Q_NORM=False, K_NORM=False,
                  X_DT=code, NORM_DT=code, WSUM_DT=-1, ROUND_BEFORE_W=True, NEED_Q=True, Q_QUANT=1, Q_SCALE_T=True,
                  Q_MUL=False, QOP0=-1, QOP1=-1, QOP2=-1, QOP3=-1, NEED_K=True, K_QUANT=0, K_SCALE_T=False,
-                 K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True)
+                 K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True,
+                 HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
+                 V_QUANT=False, V_SCALE_T=False, V_MUL=False)
     sig = {}
     for name in inspect.signature(rq._rope_quant_kernel.fn).parameters:
         if name in const:

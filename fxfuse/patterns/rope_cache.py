@@ -53,6 +53,18 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def rows_match(m: Any, n: Any) -> bool:
+    """m rows can be written to n slots: provably m == n, or m is provably >= 2 (index_put
+    broadcasts only a single row; any other mismatch is a runtime error in eager, so the graph
+    only runs with m == n)."""
+    if _same(m, n):
+        return True
+    try:
+        return bool(statically_known_true(m >= 2))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _is_bitcast(n: Any) -> bool:
     """view(dtype) between fp8 and uint8 (same bits)."""
     return (is_op(n, aten.view.dtype) and tval(n).dtype in BYTE_DTYPES
@@ -198,7 +210,7 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
     if any(u not in nodes for u in cache.users):
         raise Reject(f"cache {cache.name} is read elsewhere in the graph")
     rv = tval(rows)
-    if rv.dim() != 3 or not _same(rv.shape[0], tval(slots).shape[0]) or not _same(rv.shape[1], H) or not _same(rv.shape[2], D):
+    if rv.dim() != 3 or not rows_match(rv.shape[0], tval(slots).shape[0]) or not _same(rv.shape[1], H) or not _same(rv.shape[2], D):
         raise Reject(f"cache write rows are {tuple(rv.shape)}, not [{tval(slots).shape[0]}, {H}, {D}] (broadcast rows)")
     rows, prefix = _rows_source(rows, nodes)
     if tval(rows).device != cv.device or tval(slots).device != cv.device:

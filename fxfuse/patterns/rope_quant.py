@@ -60,7 +60,7 @@ from ..fx_utils import (
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
 from .quant import amax_source as _amax_source, scale_chain as _scale_chain, strip_f32_convert as _strip_f32_convert
 from .rmsnorm_quant import NormMatch, match_norm
-from .rope_cache import BYTE_DTYPES, CacheWrite, KVPlan, match_cache_write, v_rows
+from .rope_cache import BYTE_DTYPES, CacheWrite, KVPlan, match_cache_write, rows_match, v_rows
 
 FAMILY = "rope_quant"
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -795,7 +795,7 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
     elif kc.dtype != tval(km.out).dtype:
         raise Reject(f"k cache dtype {kc.dtype} differs from the rotated k's {tval(km.out).dtype}")
     n = tval(kw.slots).shape[0]
-    if not (kw.prefix or (k_fp8 and km.quant.prefix is not None)) and not statically_known_true(n == T):
+    if not (kw.prefix or (k_fp8 and km.quant.prefix is not None)) and not rows_match(T, n):
         raise Reject("slot count differs from the token count")
     store_kq = km.quant is not None and any(u not in kw.nodes for u in km.quant.sink.users)
     if store_kq and km.quant.prefix is not None:
@@ -810,7 +810,7 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
         raise Reject("k and v are written to the same cache")
     v, vq = v_rows(vw)
     vv, vc = tval(v), tval(vw.cache)
-    if vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not statically_known_true(vv.shape[0] == n)):
+    if vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not rows_match(vv.shape[0], n)):
         raise Reject(f"v is {tuple(vv.shape)}, not [{n}, heads, {D}]")
     if vv.dtype not in X_DTYPES or not statically_known_true(vv.stride(-1) == 1):
         raise Reject("v is not a contiguous-head_dim bf16/fp16/fp32 tensor")
