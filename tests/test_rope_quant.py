@@ -671,6 +671,109 @@ def test_cuda_path_traces_to_user_triton_kernel():
     assert len(outs) == 6
 
 
+def _fake_cuda_kv_graph(fp8: bool = False) -> fx.GraphModule:
+    """The functional graph AOTAutograd gives a RoPE + index_put_ KV-cache write on CUDA (fake tensors):
+    index_put results copied back into the cache inputs by final copy_ nodes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import trace_aten
+
+    def rot(x):  # narrow, not x[...]: Python indexing of fake CUDA tensors needs a CUDA build
+        h = x.shape[-1] // 2
+        return torch.cat((-x.narrow(-1, h, h), x.narrow(-1, 0, h)), dim=-1)
+
+    def model(q, k, v, cc, sc, pos, slots, kc, vc, ks, vs):
+        cos, sin = cc.index_select(0, pos).unsqueeze(-2), sc.index_select(0, pos).unsqueeze(-2)
+        qe = q * cos + rot(q) * sin
+        ke = k * cos + rot(k) * sin
+        if fp8:
+            ke, v = q_static(ke, ks)[0], q_static(v, vs)[0]
+        kc.index_put_((slots,), ke)
+        vc.view(-1, *v.shape[1:]).index_put_((slots,), v)
+        return qe, kc, vc
+
+    dt = FP8 if fp8 else BF16
+    with FakeTensorMode():
+        e = lambda *shape, d=BF16: torch.empty(*shape, dtype=d, device="cuda")  # noqa: E731
+        args = (e(7, 32, 128), e(7, 8, 128), e(7, 8, 128), e(64, 128), e(64, 128), e(7, d=torch.int64),
+                e(7, d=torch.int64), e(64, 8, 128, d=dt), e(4, 16, 8, 128, d=dt), e(1, d=torch.float32),
+                e(1, d=torch.float32))
+    gm = trace_aten(model, args, functionalize=True)
+    g = gm.graph
+    out = next(iter(reversed(g.nodes)))
+    ph = [n for n in g.nodes if n.op == "placeholder"]
+    qe, nk, nv = out.args[0]
+    with g.inserting_before(out):
+        for dst, src in ((ph[7], nk), (ph[8], nv)):  # the input-mutation epilogue
+            g.call_function(torch.ops.aten.copy_.default, (dst, src)).meta["val"] = dst.meta["val"]
+    out.args = ((qe,),)
+    g.eliminate_dead_code()
+    return gm
+
+
+@pytest.fixture
+def sm90_target():
+    """Let Triton's TTIR (Inductor's mutation analysis of user kernels) build for sm_90 without a GPU."""
+    from unittest import mock
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class _Driver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
+        yield
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8):
+    """CUDA (fake): the fused op traces to triton_kernel_wrapper_functional that clones exactly the
+    caches and its own outputs; the final copy_ nodes read its results; Inductor's reinplace pass
+    (which runs after the pre-pass) then drops the cache clones and the copy_ nodes: no full-cache copy."""
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+
+    gm = _fake_cuda_kv_graph(fp8)
+    fxfuse.counters.clear()
+    try:
+        fxfuse.FusionPasses(options={"gate": False}, strict=True)(gm.graph)
+    except RuntimeError as e:
+        pytest.skip(f"no NVIDIA Triton backend here: {e}")
+    assert fxfuse.counters["rope_quant"] == 1
+    assert "+kv_cache" in fxfuse.report().fusions[0].detail
+    g = gm.graph
+    (twf,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    ph = [n for n in g.nodes if n.op == "placeholder"]
+    kw = twf.kwargs["kwargs"]
+    assert kw["kc_ptr"] is ph[7] and kw["vc_ptr"] is ph[8]
+    clones = set(twf.kwargs["tensors_to_clone"])
+    assert {"kc_ptr", "vc_ptr"} <= clones
+    assert not clones & {"q_ptr", "k_ptr", "v_ptr", "slot_ptr", "cos_ptr", "sin_ptr"}, clones
+    copies = [n for n in g.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(copies) == 2 and all(c.args[1].args[0] is twf for c in copies)
+    assert not any(n.target is torch.ops.aten.index_put.default for n in g.nodes)
+    reinplace_inplaceable_ops_core(g)
+    assert not {"kc_ptr", "vc_ptr"} & set(twf.kwargs["tensors_to_clone"]), twf.kwargs["tensors_to_clone"]
+    assert not any(n.target is torch.ops.aten.copy_.default for n in g.nodes)
+
+
+def test_kv_cache_write_gated_off_on_cuda_by_default():
+    """Not measured on a GPU yet: on CUDA the cache write ships only ungated; the RoPE alone still fuses."""
+    from fxfuse import gating
+
+    gm = _fake_cuda_kv_graph()
+    fxfuse.counters.clear()
+    fxfuse.passes(gm.graph)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail
+    why = [m.reason for m in r.near_misses if "KV-cache" in m.reason]
+    assert why and "rope_kvcache" in why[0], [m.reason for m in r.near_misses]
+    assert any(n.target is torch.ops.aten.index_put.default for n in gm.graph.nodes)
+    assert gating.rejects("rope_quant", scheme="rope_kvcache", hidden=128, dtype=BF16)
+    assert gating.rejects("rope_quant", scheme="rope_fp8_static_kvcache", hidden=128, dtype=BF16)
+
+
 # ------------------------------------------------------------------ GPU: user Triton kernel in the output code
 UNGATED = fxfuse.FusionPasses(options={"gate": False})
 
