@@ -301,15 +301,15 @@ def kv_fp8_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache, 
     return qe
 
 
-def kv_inputs(T=7, seed=13, slots=None, fp8=False, paged_k=False):
-    q, k, c, s, pos, _ = table_inputs(T=T, seed=seed)
+def kv_inputs(T=7, seed=13, slots=None, fp8=False, paged_k=False, HQ=4, HK=2, D=32):
+    q, k, c, s, pos, _ = table_inputs(T=T, HQ=HQ, HK=HK, D=D, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     v = torch.randn(k.shape, generator=g).to(BF16)
     if slots is None:
         slots = torch.randperm(32, generator=g)[:T]
     dt = FP8 if fp8 else BF16
-    kshape = (4, 8, 2, 32) if paged_k else (32, 2, 32)
-    vshape = (32, 2, 32) if paged_k else (4, 8, 2, 32)
+    kshape = (4, 8, HK, D) if paged_k else (32, HK, D)
+    vshape = (32, HK, D) if paged_k else (4, 8, HK, D)
     # random old contents: rows the write does not touch must stay exactly as they were
     kc, vc = (torch.randn(sh, generator=g).mul(50).to(dt) for sh in (kshape, vshape))
     return q, k, v, c, s, pos, slots, kc, vc
@@ -584,6 +584,58 @@ def test_kernel_under_triton_interpreter():
     assert len(res) == 14 and not bad, bad
 
 
+_INTERP_CACHE = r"""
+import json, torch
+from fxfuse.kernels.rope_quant import rope_quant_cache_reference, rope_quant_cache_triton
+FP8 = torch.float8_e4m3fn
+res = []
+def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(1, T, h, 32, generator=g).to(bf) for h in (4, 2, 2))
+    cs, sn = torch.randn(64, 32, generator=g).to(bf), torch.randn(64, 32, generator=g).to(bf)
+    pos = torch.randint(0, 64, (T,), generator=g)
+    slots = torch.randperm(24, generator=g)[:n]
+    slots[1], slots[4] = -1, -3
+    shape = (3, 8, 2, 32) if paged else (24, 2, 32)
+    base = torch.randint(0, 120, shape, generator=g, dtype=torch.uint8) if fp8 else torch.randn(shape, generator=g).to(bf)
+    if fp8 and cdt == "fp8":
+        base = base.view(FP8)
+    ks, vs = torch.tensor([0.05]), torch.tensor([0.1])
+    a = [q, k, cs, sn, pos, None, ks if fp8 else None, 32, True, False, bf, 0, 1.0, [], [], False, int(fp8), 1.0, [], [],
+         False, -448., 448., True, need_k, [0, 1, 2], [0, 1, 2], v, None, None, slots, vs if fp8 else None, fp8,
+         store_kq and fp8, fp8, 1.0, False, -448., 448., neg_skip]
+    a[28], a[29] = base.clone(), base.clone()
+    ref = rope_quant_cache_reference(*a)
+    want = (a[28], a[29])
+    bad = 0
+    for poison in (7.0, -3.0):
+        a[28], a[29] = base.clone(), base.clone()
+        outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
+        got = rope_quant_cache_triton(*a, out=outs)
+        bits = lambda t: t.view(torch.uint8) if t.dtype == FP8 else t
+        bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip(got, ref) if x.numel())
+        bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip((a[28], a[29]), want))
+    res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n}", bad=bad))
+run(False, False, False, True, False, "bf16", 7)
+run(False, True, True, False, False, "bf16", 5)
+run(True, True, True, False, False, "u8", 7)
+run(True, False, False, True, True, "fp8", 6)
+print(json.dumps(res))
+"""
+
+
+def test_cache_kernel_under_triton_interpreter():
+    """The cache write in the kernel (k rope/fp8, v, fp8 v, uint8/fp8 caches, slot < 0 skipped or
+    wrapped, fewer slots than tokens) is bit-exact vs the reference; untouched cache rows stay."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERP_CACHE], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res) == 4 and not [c for c in res if c["bad"]], res
+
+
 _PTR_NAMES = {"pos_ptr": "*i64", "slot_ptr": "*i64", "vscale_ptr": "*fp32", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
               "qq_ptr": "*fp8e4nv", "kq_ptr": "*fp8e4nv"}
 _FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qmax q_eps k_eps woff v_static v_qmin "
@@ -842,6 +894,35 @@ def test_gpu_kernel_matches_reference_bitwise():
             bad = (a.view(torch.int16 if a.element_size() == 2 else torch.int32)
                    != b.view(torch.int16 if b.element_size() == 2 else torch.int32))
             assert not bad.any(), (i, bad.float().mean().item())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kv_cache_write_in_output_code(fp8):
+    """The cache write runs inside the fused kernel; Inductor reinplaced the caches (no full-cache
+    clone or copy back), and the caches equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    args = _cuda(kv_inputs(T=29, seed=31, fp8=fp8, HQ=32, HK=8, D=128))
+    extra = _cuda((torch.tensor(0.02), torch.tensor(0.03))) if fp8 else ()
+    fn = kv_fp8_model if fp8 else kv_write_model
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = fn(*eager, *extra)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": UNGATED}), *args, *extra)
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in fxfuse.report().fusions[0].detail, fxfuse.report()
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
+    assert "index_put" not in code and ".copy_(" not in code
+    for c in args[7:9]:  # no buffer the size of a cache: no clone of it
+        assert f"empty_strided_cuda({tuple(c.shape)}" not in code, tuple(c.shape)
+    check_close((out,), (ref,))
+    for got, want in zip(args[7:9], eager[7:9]):
+        assert torch.equal(_bits(got), _bits(want))
 
 
 # ------------------------------------------------------------------ _C_cache_ops::reshape_and_cache_flash unwrap
