@@ -379,6 +379,16 @@ def _rope_heads(
 
 
 @triton.jit
+def _slot(raw, n, ok, NEG_SKIP: tl.constexpr):
+    """(row, written?) of a slot in a cache of n rows: slot < 0 skipped (vLLM) or wrapped (index_put)."""
+    if NEG_SKIP:
+        s = raw
+    else:
+        s = tl.where(raw < 0, raw + n, raw)
+    return s, ok & (s >= 0) & (s < n)
+
+
+@triton.jit
 def _cache_store(c_ptr, c_off, c_sh, hh, j, val, mask, ok, U8: tl.constexpr):
     """Store [BLOCK_H, BLOCK_D] rows of one token into its cache slot (fp8 bits as uint8 when U8)."""
     if U8:
@@ -426,7 +436,7 @@ def _rope_quant_kernel(
     KOP0: tl.constexpr, KOP1: tl.constexpr, KOP2: tl.constexpr, KOP3: tl.constexpr,
     HAS_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr = False,
     v_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, vscale_ptr=None,
-    n_slots=0, n_tok=0, n_v=0, HV=0, NKB=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
+    n_slots=0, n_vslots=0, n_tok=0, n_v=0, HV=0, NKB=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
     v_static=1.0, v_qmin=-448.0, v_qmax=448.0,
     HAS_CACHE: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
     K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
@@ -465,19 +475,17 @@ def _rope_quant_kernel(
     else:
         crow = tok
     c_ok = False
+    v_ok = False
     slot = tok * 0
+    vslot = tok * 0
     if HAS_CACHE:
         v_static = tl.cast(v_static, tl.float32)
         v_qmin = tl.cast(v_qmin, tl.float32)
         v_qmax = tl.cast(v_qmax, tl.float32)
         in_rng = tok < n_tok  # slots may cover only the first n_tok tokens (rows = x[:len(slots)])
-        slot = tl.load(slot_ptr + tok, mask=in_rng, other=0).to(tl.int64)
-        if NEG_SKIP:
-            c_ok = slot >= 0
-        else:
-            slot = tl.where(slot < 0, slot + n_slots, slot)
-            c_ok = slot >= 0
-        c_ok = c_ok & (slot < n_slots) & in_rng
+        raw = tl.load(slot_ptr + tok, mask=in_rng, other=0).to(tl.int64)
+        slot, c_ok = _slot(raw, n_slots, in_rng, NEG_SKIP)
+        vslot, v_ok = _slot(raw, n_vslots, in_rng & (tok < n_v), NEG_SKIP)
     if hb < NQB:
         _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     qw_ptr, q_eps, woff, one,
@@ -498,7 +506,7 @@ def _rope_quant_kernel(
                     kc_ptr, slot * skc, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ)
     elif HAS_CACHE:
         _cache_v(v_ptr, vc_ptr, vscale_ptr, b, s_, (hb - NQB - NKB) * BLOCK_H, HV, svb, svs, svh,
-                 slot * svc, c_ok & (tok < n_v), svc_h, v_static, v_qmin, v_qmax,
+                 vslot * svc, v_ok, svc_h, v_static, v_qmin, v_qmax,
                  D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
 
 
@@ -553,7 +561,7 @@ def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, d
     HV = v.shape[2]
     rt = dict(v_ptr=v, kc_ptr=kc, vc_ptr=vc, slot_ptr=c["slots"],
               vscale_ptr=c["v_scale"] if c["v_scale"] is not None else dummy,
-              n_slots=kc.numel() // (H * D), n_tok=c["slots"].shape[0], n_v=v.shape[1], HV=HV, skc=H * D, skc_h=D, svc=vc.shape[-2] * vc.shape[-1],
+              n_slots=kc.numel() // (H * D), n_vslots=vc.numel() // (vc.shape[-2] * vc.shape[-1]), n_tok=c["slots"].shape[0], n_v=v.shape[1], HV=HV, skc=H * D, skc_h=D, svc=vc.shape[-2] * vc.shape[-1],
               svc_h=vc.shape[-1], svb=v.stride(0), svs=v.stride(1), svh=v.stride(2),
               v_static=float(c["v_static"]), v_qmin=float(c["v_qmin"]), v_qmax=float(c["v_qmax"]))
     ce = dict(HAS_CACHE=True, NEG_SKIP=bool(c["neg_skip"]), K_CACHE_FP8=bool(c["k_cache_fp8"]),
@@ -697,8 +705,6 @@ def check_cache_args(c: dict, k: Optional[torch.Tensor], out_dtype: torch.dtype,
     for name, t, h in (("k_cache", kc, k.shape[2]), ("v_cache", vc, v.shape[2])):
         if t.dim() < 3 or t.shape[-2] != h or t.shape[-1] != k.shape[3] or not t.is_contiguous():
             raise ValueError(f"rope_quant_cache: {name} must be contiguous [..., {h}, {k.shape[3]}]")
-    if kc.numel() // (kc.shape[-2] * kc.shape[-1]) != vc.numel() // (vc.shape[-2] * vc.shape[-1]):
-        raise ValueError("rope_quant_cache: k and v caches have different slot counts")
     if slots.dim() != 1 or slots.shape[0] > k.shape[0] * k.shape[1] or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError("rope_quant_cache: slots must be 1-D int32/int64, one per token (the first len(slots) tokens)")
     fp8 = (_QDTYPE, torch.uint8)

@@ -210,6 +210,10 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
     if any(u not in nodes for u in cache.users):
         raise Reject(f"cache {cache.name} is read elsewhere in the graph")
     rv = tval(rows)
+    if rv.dim() == 2 and _same(tval(slots).shape[0], 1) and is_op(rows, *_RESHAPES) and tval(rows.args[0]).dim() == 3:
+        nodes.add(rows)  # one token: [H, D] rows (a squeezed [1, H, D]) broadcast to the one slot
+        rows = rows.args[0]
+        rv = tval(rows)
     if rv.dim() != 3 or not rows_match(rv.shape[0], tval(slots).shape[0]) or not _same(rv.shape[1], H) or not _same(rv.shape[2], D):
         raise Reject(f"cache write rows are {tuple(rv.shape)}, not [{tval(slots).shape[0]}, {H}, {D}] (broadcast rows)")
     rows, prefix = _rows_source(rows, nodes)

@@ -818,8 +818,6 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
         raise Reject(f"v cache dtype {vc.dtype} does not match v's {vv.dtype} (or its fp8 quant)")
     if vq is not None and vq.scale is not None and tval(vq.scale).device != vv.device:
         raise Reject("v scale on another device")
-    if not statically_known_true(kc.numel() // (H * D) == vc.numel() // (vc.shape[-2] * vc.shape[-1])):
-        raise Reject("k and v caches hold different slot counts")
     if not same_device(xv, kc, vc, vv, tval(kw.slots)):
         raise Reject("caches, slots and k/v are on different devices")
     region = set().union(*(mm.nodes | (mm.quant.nodes if mm.quant else set()) for mm in ms))
