@@ -349,6 +349,7 @@ def run_cache(Ms: list[int], rep: int, copy_gbps: float, dev: str, dry: bool) ->
         torch._dynamo.reset()
         stock = torch.compile(form)
         fused = torch.compile(form, options={"post_grad_custom_pre_pass": fx_pass})
+        last: dict[str, Any] = {}
         for M in Ms:
             t0 = time.time()
             args = cache_inputs(scheme, M, dev, c)
@@ -372,10 +373,10 @@ def run_cache(Ms: list[int], rep: int, copy_gbps: float, dev: str, dry: bool) ->
                         out, inl, nlaunch = _compiled(fn, tuple(a))
                         row[f"{vname}_launches"] = nlaunch
                         if vname == "fused":
-                            if inl is not None:
-                                row["fused_kernel_in_code"] = inl
-                            row["fused_regions"] = fxfuse.counters["rope_quant"]
-                            row["fused_detail"] = [f.detail for f in fxfuse.report().fusions]
+                            if fxfuse.report().graphs:  # compiled now (else the graph of a previous M runs)
+                                last = dict(fused_kernel_in_code=inl, fused_regions=fxfuse.counters["rope_quant"],
+                                            fused_detail=[f.detail for f in fxfuse.report().fusions])
+                            row.update(last, fused_recompiled=bool(fxfuse.report().graphs))
                         row["err"][vname] = _err((out,), (ref,))
                         # stock Inductor keeps fp32 between the RoPE products (ulp differences); the fused
                         # kernel rounds like eager, so its cache bytes match but for rare fp8 1-ulp flips

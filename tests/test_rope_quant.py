@@ -826,6 +826,28 @@ def test_kv_cache_write_gated_off_on_cuda_by_default():
     assert gating.rejects("rope_quant", scheme="rope_fp8_static_kvcache", hidden=128, dtype=BF16)
 
 
+def test_write_gates_merges_the_cache_classes(tmp_path, monkeypatch):
+    """bench_rope_quant.py --cache results fill only the rope_*_kvcache classes; the measured RoPE
+    classes stay; a class measured slower than stock stays off on CUDA."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_gates", REPO / "benchmarks" / "write_gates.py")
+    wg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wg)
+    gates = tmp_path / "gates.json"
+    gates.write_text((REPO / "fxfuse" / "gates.json").read_text())
+    res = tmp_path / "rope_cache.json"
+    res.write_text(json.dumps({"family": "rope_quant", "gpu": "H100", "date": "d", "torch": "t", "gates_merge": True,
+                               "gates": {"rope_kvcache": {"128": 1.7}, "rope_fp8_static_kvcache": {"128": 0.9}}}))
+    monkeypatch.setattr(wg, "GATES", gates)
+    monkeypatch.setattr(sys, "argv", ["write_gates.py", str(res)])
+    wg.main()
+    table = json.loads(gates.read_text())["rope_quant"]
+    before = json.loads((REPO / "fxfuse" / "gates.json").read_text())["rope_quant"]
+    assert table["rope_kvcache"] == {"128": 1.7} and table["rope_fp8_static_kvcache"] == {"128": 0.9}
+    assert all(table[k] == v for k, v in before.items() if not k.endswith("_kvcache"))
+
+
 # ------------------------------------------------------------------ GPU: user Triton kernel in the output code
 UNGATED = fxfuse.FusionPasses(options={"gate": False})
 
