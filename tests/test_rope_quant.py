@@ -975,8 +975,11 @@ _cache_lib.impl("reshape_and_cache_flash", _ref_cache, "CPU")
 torch.library.register_fake(f"{CACHE_NS}::reshape_and_cache_flash", lambda *a, **k: None, lib=_cache_lib)
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
-def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,cache_dtype,dynamic", [
+    ("auto", BF16, False), ("fp8", torch.uint8, False), ("fp8", FP8, True),
+])
+def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, dynamic):
+    """The unwrapped vLLM cache op (slot < 0 skipped, rows = x[:len(slots)]) fuses into the RoPE kernel."""
     from fxfuse.patterns import unwrap as unwrap_mod
     from fxfuse.patterns import unwrap_builtin
 
@@ -995,17 +998,20 @@ def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype):
         q, k, c, s, pos, _ = table_inputs(T=6, seed=14)
         v = torch.randn_like(k)
         slots = torch.tensor([5, -1, 0, 11, -1, 3])  # padded tokens (-1) write nothing
-        cdt = BF16 if kv_dtype == "auto" else torch.uint8
-        kc = torch.randint(0, 200, (3, 4, 2, 32), dtype=torch.uint8) if cdt == torch.uint8 else torch.randn(3, 4, 2, 32).to(cdt)
+        cdt = cache_dtype
+        kc = torch.randint(0, 120, (3, 4, 2, 32), dtype=torch.uint8).view(cdt) if cdt != BF16 else torch.randn(3, 4, 2, 32).to(cdt)
         vc = kc.clone()
         scales = (torch.tensor([0.05]), torch.tensor([0.1]))
         eager = [kc.clone(), vc.clone()]
         with torch.no_grad():
             ref = fn(q, k, v, c, s, pos, slots, *eager, *scales)
-        out, _ = compile_and_run(fn, (q, k, v, c, s, pos, slots, kc, vc, *scales))
+        dyn = {0: 0, 1: 0, 2: 0, 5: 0, 6: 0} if dynamic else None
+        out, _ = compile_and_run(fn, (q, k, v, c, s, pos, slots, kc, vc, *scales), dynamic_dims=dyn)
         assert fxfuse.counters["unwrap"] == 1 and fxfuse.counters["rope_quant"] == 1, (fxfuse.report().format(verbose=True), fxfuse.report().graphs[0].errors)
+        detail = fxfuse.report().fusions[-1].detail
+        assert "+kv_cache" in detail and "skip<0" in detail and ("fp8" in detail) == (kv_dtype == "fp8"), detail
         check_close((out,), (ref,))
-        assert torch.equal(kc, eager[0]) and torch.equal(vc, eager[1])
+        assert torch.equal(_bits(kc), _bits(eager[0])) and torch.equal(_bits(vc), _bits(eager[1]))
     finally:
         for key in added:
             unwrap_mod.unregister_unwrap(key)

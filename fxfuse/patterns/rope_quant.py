@@ -17,16 +17,20 @@ and the explicit-halves form (x1*cos - x2*sin, x2*cos + x1*sin; cat or stack) th
 `_C::rotary_embedding` unwraps to; partial rotary (cat with the pass-through part); QK-norm
 (a per-head RMSNorm over head_dim, through a transpose) computed in the same kernel.
 
-KV-cache write (not fused yet; the write stays with Inductor and stays correct, see
-tests/test_rope_quant.py::test_kv_cache_write_stays_correct). Chosen design for it: a second
-`triton_op` with `mutates_args=("k_cache", "v_cache")` that also stores k (rope'd, fp8 or not)
-and v at `slots`, inserted by tracing the replacement with `functionalize=True`. On CUDA that
-gives `triton_kernel_wrapper_functional(..., tensors_to_clone=[caches])` whose outputs replace
-the `index_put` results feeding the graph's final `copy_` into the cache inputs; Inductor's
-reinplace pass (which runs after this pre-pass) drops the clone because the cache is a graph
-input that is only copied back, so no full-cache copy is paid. On CPU the same trace gives
-`auto_functionalized_v2`, decomposed by Inductor. An op returning an updated cache copy would
-be simpler but costs a full cache copy per step, so it was rejected.
+KV-cache write (fxfuse/patterns/rope_cache.py finds it): when rotated k (or its static fp8 quant)
+and v (or its static fp8 quant) are scattered by the same slots into two graph-input caches,
+`torch.ops.fxfuse.rope_quant_cache` (a `triton_op` with `mutates_args=("k_cache", "v_cache")`)
+stores them from the same launch. The replacement is traced with functionalization: on CUDA
+that gives `triton_kernel_wrapper_functional(..., tensors_to_clone=[.., k_cache, v_cache])`,
+whose outputs replace the `index_put` results feeding the graph's final `copy_` into the cache
+inputs; Inductor's reinplace pass (which runs after this pre-pass) drops the clones and the
+copies, since each cache is a graph input only copied back (tests/test_rope_quant.py::
+test_kv_cache_cuda_path_reinplaces_the_caches checks it on the fake-CUDA graph). On CPU the same
+trace gives `auto_functionalized_v2(fxfuse.rope_quant_cache_ref)`, reinplaced the same way.
+Slot semantics follow the graph: the ATen `index_put` wraps a negative slot (slot + num_slots),
+vLLM's unwrapped `reshape_and_cache_flash` skips it; the kernel does whichever the graph does.
+The cache-write region is its own gate class (scheme + "_kvcache"); where it is gated off or a
+check fails, the RoPE still fuses and the write stays with Inductor (near miss with the reason).
 """
 
 from __future__ import annotations
