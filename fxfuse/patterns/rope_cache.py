@@ -12,7 +12,8 @@ result is copied back into the graph-input cache by the graph's final `copy_`:
   exact index/where structure is checked node by node, and the kernel skips slot < 0.
 
 Rows are `x` (k after RoPE, or its static fp8 quant; v, or its static fp8 quant), possibly
-bit-cast to a uint8 cache. Everything else (accumulate, broadcast rows, a cache that is not a
+bit-cast to a uint8 cache. Where eager would raise (a slot >= num_slots, a row count that differs
+from the slot count at run time), the kernel writes nothing for that token instead. Everything else (accumulate, broadcast rows, a cache that is not a
 contiguous graph input, a cache read anywhere else) stays with Inductor.
 """
 
