@@ -183,6 +183,26 @@ def _err(out: tuple, ref: tuple) -> float:
     return worst
 
 
+def _fail(row: dict[str, Any], label: str, vname: str, e: Exception) -> None:
+    """Record a variant that failed (the row stays, with the note and no time)."""
+    msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
+    row["notes"].append(msg)
+    row["us"][vname] = None
+    print(f"[bench] {label} {msg}", flush=True)
+    traceback.print_exc(limit=3)
+
+
+def _finish(row: dict[str, Any], nbytes: int, copy_gbps: float, t0: float) -> tuple[dict, dict, Callable]:
+    """GB/s, fraction of copy bandwidth and speedup vs stock compile per variant; (us, speedups, fmt)."""
+    row["gbps"] = {k: (nbytes / (v * 1e-6) / 1e9 if v else None) for k, v in row["us"].items()}
+    row["frac_copy"] = {k: (g / copy_gbps if g and copy_gbps else None) for k, g in row["gbps"].items()}
+    c = row["us"].get("compile")
+    row["speedup_vs_compile"] = {k: (c / v if (c and v) else None) for k, v in row["us"].items()}
+    row["wall_s"] = round(time.time() - t0, 2)
+    f = lambda v, p=1: f"{v:8.{p}f}" if v is not None else "     n/a"  # noqa: E731
+    return row["us"], row["speedup_vs_compile"], f
+
+
 def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbps: float, dev: str,
         dry: bool) -> list[dict[str, Any]]:
     import fxfuse
@@ -226,19 +246,9 @@ def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbp
                             row["err"][vname] = _err(out, ref)
                         row["us"][vname] = None if dry else bench_us(fn, rep)
                     except Exception as e:  # noqa: BLE001
-                        msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
-                        row["notes"].append(msg)
-                        row["us"][vname] = None
-                        print(f"[bench] {shape} {scheme} M={M} {msg}", flush=True)
-                        traceback.print_exc(limit=3)
-                row["gbps"] = {k: (nbytes / (v * 1e-6) / 1e9 if v else None) for k, v in row["us"].items()}
-                row["frac_copy"] = {k: (g / copy_gbps if g and copy_gbps else None) for k, g in row["gbps"].items()}
-                c = row["us"].get("compile")
-                row["speedup_vs_compile"] = {k: (c / v if (c and v) else None) for k, v in row["us"].items()}
-                row["wall_s"] = round(time.time() - t0, 2)
+                        _fail(row, f"{shape} {scheme} M={M}", vname, e)
+                us, sp, f = _finish(row, nbytes, copy_gbps, t0)
                 rows.append(row)
-                us, sp = row["us"], row["speedup_vs_compile"]
-                f = lambda v, p=1: f"{v:8.{p}f}" if v is not None else "     n/a"  # noqa: E731
                 print(f"{shape:10s} {scheme:17s} M={M:6d} | us eager {f(us.get('eager'))} compile {f(us.get('compile'))} "
                       f"fused {f(us.get('fused'))} op {f(us.get('op'))} | %copy fused "
                       f"{f((row['frac_copy'].get('fused') or 0) * 100)} | x stock {f(sp.get('fused'), 2)} | "
@@ -384,19 +394,9 @@ def run_cache(Ms: list[int], rep: int, copy_gbps: float, dev: str, dry: bool) ->
                             float((_cache_bits(x) != _cache_bits(y)).float().mean()) for x, y in zip(a[7:9], eager_args[7:9]))
                     row["us"][vname] = None if dry else bench_us(lambda: fn(*a), rep)
                 except Exception as e:  # noqa: BLE001
-                    msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
-                    row["notes"].append(msg)
-                    row["us"][vname] = None
-                    print(f"[bench] cache {scheme} M={M} {msg}", flush=True)
-                    traceback.print_exc(limit=3)
-            row["gbps"] = {k: (nbytes / (v * 1e-6) / 1e9 if v else None) for k, v in row["us"].items()}
-            row["frac_copy"] = {k: (g / copy_gbps if g and copy_gbps else None) for k, g in row["gbps"].items()}
-            cu = row["us"].get("compile")
-            row["speedup_vs_compile"] = {k: (cu / v if (cu and v) else None) for k, v in row["us"].items()}
-            row["wall_s"] = round(time.time() - t0, 2)
+                    _fail(row, f"cache {scheme} M={M}", vname, e)
+            us, sp, f = _finish(row, nbytes, copy_gbps, t0)
             rows.append(row)
-            us, sp = row["us"], row["speedup_vs_compile"]
-            f = lambda v, p=1: f"{v:8.{p}f}" if v is not None else "     n/a"  # noqa: E731
             print(f"cache {scheme:24s} M={M:5d} | us eager {f(us.get('eager'))} compile {f(us.get('compile'))} "
                   f"fused {f(us.get('fused'))} | %copy fused {f((row['frac_copy'].get('fused') or 0) * 100)} | "
                   f"x stock {f(sp.get('fused'), 2)} | launches {row.get('fused_launches')}/{row.get('compile_launches')} "

@@ -776,33 +776,6 @@ def _bind_cache(args: tuple, kwargs: dict) -> dict:
     return a
 
 
-@torch.library.custom_op("fxfuse::rope_quant_cache_ref", mutates_args=("k_cache", "v_cache"))
-def _rope_quant_cache_ref_op(
-    q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-    positions: Optional[torch.Tensor], q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
-    rot_dim: int, neox: bool, cos_half: bool, out_dtype: torch.dtype,
-    q_quant: int, q_static: float, q_ops: list[int], q_consts: list[float], q_mul: bool,
-    k_quant: int, k_static: float, k_ops: list[int], k_consts: list[float], k_mul: bool,
-    qmin: float, qmax: float, need_q_rope: bool, need_k_rope: bool, q_order: list[int], k_order: list[int],
-    v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-    v_scale: Optional[torch.Tensor], k_cache_fp8: bool, store_k_fp8: bool, v_quant: bool, v_static: float,
-    v_mul: bool, v_qmin: float, v_qmax: float, neg_skip: bool,
-    q_norm_w: Optional[torch.Tensor] = None, k_norm_w: Optional[torch.Tensor] = None,
-    q_eps: float = 1e-6, k_eps: float = 1e-6, norm_woff: float = 0.0, norm_round_before: bool = True,
-    norm_wsum_dtype: Optional[torch.dtype] = None, norm_dtype: Optional[torch.dtype] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CPU reference of rope_quant_cache (a mutating custom op: auto_functionalized in a compiled graph)."""
-    return rope_quant_cache_reference(**{n: v_ for n, v_ in locals().items()})
-
-
-@_rope_quant_cache_ref_op.register_fake
-def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-    a = _bind_cache(args, kwargs)
-    c = {n: a.pop(n) for n in _CACHE_PARAMS}
-    return tuple(_alloc(a["q"], a["k"], a["out_dtype"], a["q_quant"], a["k_quant"], a["need_q_rope"],
-                        a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"]))
-
-
 @triton_op("fxfuse::rope_quant_cache", mutates_args=("k_cache", "v_cache"))
 def rope_quant_cache(
     q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
@@ -835,6 +808,22 @@ def rope_quant_cache(
     outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order, store_k_fp8)
     _launch(wrap_triton(_rope_quant_kernel), a, outs, cache=c)
     return tuple(outs)
+
+
+# the CPU reference as a mutating custom op of the same schema (auto_functionalized in a compiled graph)
+_SCHEMA = str(rope_quant_cache._opoverload._schema)
+_rope_quant_cache_ref_op = torch.library.custom_op(
+    "fxfuse::rope_quant_cache_ref", rope_quant_cache_reference, mutates_args=("k_cache", "v_cache"),
+    schema=_SCHEMA[_SCHEMA.index("("):],
+)
+
+
+@_rope_quant_cache_ref_op.register_fake
+def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    a = _bind_cache(args, kwargs)
+    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    return tuple(_alloc(a["q"], a["k"], a["out_dtype"], a["q_quant"], a["k_quant"], a["need_q_rope"],
+                        a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"]))
 
 
 def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = None, **kwargs: Any) -> tuple[torch.Tensor, ...]:
