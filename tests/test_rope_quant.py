@@ -241,6 +241,67 @@ def test_gptj_interleaved_form():
     check_close(out, ref)
 
 
+def complex_model(q, k, freqs_cis):
+    """Meta Llama / gpt-fast apply_rotary_emb: adjacent pairs as complex numbers times freqs_cis."""
+    def rot(x):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        f = freqs_cis.view(1, x.shape[1], 1, x.shape[-1] // 2)
+        return torch.view_as_real(xc * f).flatten(3).type_as(x)
+
+    return rot(q), rot(k)
+
+
+def complex_halves_model(q, k, freqs_cis):
+    """Near miss: the complex numbers pair x[j] with x[j + D/2] (a different rotation than the
+    GPT-J pairs the kernel does through view_as_complex); stays with Inductor."""
+    def rot(x):
+        h = x.float().reshape(*x.shape[:-1], 2, -1).transpose(-1, -2).contiguous()
+        f = freqs_cis.view(1, x.shape[1], 1, x.shape[-1] // 2)
+        return torch.view_as_real(torch.view_as_complex(h) * f).flatten(3).type_as(x)
+
+    return rot(q), rot(k)
+
+
+def complex_inputs(B=2, S=5, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, 4, D, generator=g).to(BF16)
+    k = torch.randn(B, S, 2, D, generator=g).to(BF16)
+    return q, k, torch.polar(torch.ones(S, D // 2), torch.rand(S, D // 2, generator=g) * 6.0)
+
+
+def test_complex_form_fuses_like_the_interleaved_one():
+    """view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis -> view_as_real -> flatten: q and k in
+    one op (fp32 math like the complex product; the final type_as stays an Inductor cast); dynamic S."""
+    compiled = None
+    for S in (5, 9):
+        args = complex_inputs(S=S, seed=S)
+        with torch.no_grad():
+            ref = complex_model(*args)
+        if compiled is None:
+            out, _ = compile_and_run(complex_model, args, dynamic_dims={0: 1, 1: 1, 2: 0})
+            r = fxfuse.report()
+            assert fxfuse.counters["rope_quant"] == 1 and not r.near_misses, r.format(verbose=True)
+            assert any(n.startswith("view_as_complex") for n in r.fusions[0].replaced)
+            compiled = torch.compile(complex_model, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            for a, d in {0: 1, 1: 1, 2: 0}.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+        check_close(out, ref)
+
+
+def test_complex_form_near_miss_other_pairing():
+    args = complex_inputs(seed=3)
+    with torch.no_grad():
+        ref = complex_halves_model(*args)
+    out, _ = compile_and_run(complex_halves_model, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 0, r
+    assert any("view_as_complex does not read a reshape" in m.reason for m in r.near_misses), r.near_misses
+    check_close(out, ref)
+
+
 def qk_norm_model(qp, kp, cos, sin, wq, wk, scale):
     """Qwen3: per-head RMSNorm (q_norm/k_norm) on [B, S, H, D], transpose, RoPE, then fp8 of q."""
     def rms(x, w, eps):
@@ -916,6 +977,25 @@ def test_gpu_kernel_matches_reference_bitwise():
             bad = (a.view(torch.int16 if a.element_size() == 2 else torch.int32)
                    != b.view(torch.int16 if b.element_size() == 2 else torch.int32))
             assert not bad.any(), (i, bad.float().mean().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_complex_form_in_output_code():
+    from torch._inductor.utils import run_and_get_code
+
+    args = _cuda(complex_inputs(B=2, S=33, D=128, seed=4))
+    with torch.no_grad():
+        ref = complex_model(*args)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(complex_model, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
+    for o, r in zip(out, ref):  # fp32 complex product: CUDA may contract into FMAs (1-ulp fp32 differences)
+        assert ((o.double() - r.double()).norm() / r.double().norm()).item() < 1e-3
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -14,8 +14,11 @@ are passed as `[M, rot]` rows; when they are gathered from a table by a position
 
 Forms: HF `rotate_half` (cat(-x2, x1)), HF GPT-J `rotate_every_two` (stack(-x_odd, x_even).flatten),
 and the explicit-halves form (x1*cos - x2*sin, x2*cos + x1*sin; cat or stack) that vLLM's
-`_C::rotary_embedding` unwraps to; partial rotary (cat with the pass-through part); QK-norm
-(a per-head RMSNorm over head_dim, through a transpose) computed in the same kernel.
+`_C::rotary_embedding` unwraps to; Meta Llama's complex form (view_as_complex of adjacent pairs
+times a complex64 freqs_cis, view_as_real, flatten: Inductor keeps these complex ops as they
+are, so the fixed chain is matched; cos/sin are freqs' real/imaginary parts, fp32 output);
+partial rotary (cat with the pass-through part); QK-norm (a per-head RMSNorm over head_dim,
+through a transpose) computed in the same kernel.
 
 KV-cache write (fxfuse/patterns/rope_cache.py finds it): when rotated k (or its static fp8 quant)
 and v (or its static fp8 quant) are scattered by the same slots into two graph-input caches,
@@ -104,6 +107,7 @@ class RopeMatch:
     table: tuple[fx.Node, fx.Node, fx.Node] | None = None  # (cos table, sin table, positions)
     table_cols: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)  # column slices of the tables
     cos_half: bool = False  # cos/sin hold one value per rotated pair (rot/2 columns)
+    complex_freqs: bool = False  # cos/sin are the real/imaginary parts of one complex tensor (cos is sin)
     quant: QuantPart | None = None
     need_rope: bool = True
     quant_miss: tuple[fx.Node, str] | None = None  # fp8 quant seen but not fusable: (sink, reason)
@@ -342,6 +346,49 @@ def match_interleaved_hf(cat: fx.Node) -> RopeMatch:
     return _finish_sum(r, x, nodes, neox=False)
 
 
+def looks_like_complex(vr: fx.Node) -> bool:
+    """Cheap screen: view_as_real(view_as_complex(...) * f) (Meta Llama's apply_rotary_emb)."""
+    if not is_op(vr, aten.view_as_real.default) or not is_op(vr.args[0], aten.mul.Tensor):
+        return False
+    return any(is_op(a, aten.view_as_complex.default) for a in vr.args[0].args[:2])
+
+
+def match_complex(vr: fx.Node) -> RopeMatch:
+    """view_as_real(view_as_complex(x.reshape(..., D/2, 2)) * freqs).flatten(-2): GPT-J pairs rotated
+    by cos = freqs.real, sin = freqs.imag (one value per pair), in fp32 like the complex product."""
+    m = vr.args[0]
+    a, b = m.args[:2]
+    xc, f = (a, b) if is_op(a, aten.view_as_complex.default) else (b, a)
+    if not isinstance(f, fx.Node) or tval(f).dtype != torch.complex64:
+        raise Reject("the complex factor is not a complex64 tensor")
+    rs = xc.args[0]
+    if not is_op(rs, aten.reshape.default, aten.view.default):
+        raise Reject("view_as_complex does not read a reshape of x into (pairs, 2)")
+    x = rs.args[0]
+    xv, rv = tval(x), tval(rs)
+    D = xv.shape[-1]
+    if (xv.dim() + 1 != rv.dim() or tuple(rv.shape[:-2]) != tuple(xv.shape[:-1]) or rv.shape[-1] != 2
+            or not isinstance(D, int) or D % 2 or rv.shape[-2] != D // 2):
+        raise Reject(f"x {tuple(xv.shape)} is viewed as {tuple(rv.shape)}, not as adjacent pairs [..., D/2, 2]")
+    users = list(vr.users)
+    out = users[0] if len(users) == 1 else None
+    if not is_op(out, aten.reshape.default, aten.view.default) or tuple(tval(out).shape) != tuple(xv.shape):
+        raise Reject("view_as_real of the product is not flattened back to x's shape")
+    fv = tval(f)
+    if fv.dim() > xv.dim() or fv.shape[-1] != D // 2:
+        raise Reject(f"freqs {tuple(fv.shape)} do not hold one complex value per pair of x {tuple(xv.shape)}")
+    nodes = {rs, xc, m, vr, out}
+    for n in (rs, xc, m, vr):
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"intermediate {n.name} of the complex rotation has other users")
+    rm = RopeMatch(x=x, out=out, cos=f, sin=f, rot=D, neox=False, nodes=nodes, cos_half=True, complex_freqs=True)
+    src, up = _strip_f32_convert(x)
+    if up is not None and tval(src).dtype in X_DTYPES and all(u in nodes for u in x.users):
+        rm.x_src = src  # the kernel upcasts on load (exact)
+        rm.nodes.add(x)
+    return rm
+
+
 def _finish_sum(rot_node: fx.Node, x: fx.Node, nodes: set[fx.Node], neox: bool) -> RopeMatch:
     """From rotate(x): x * cos + rotate(x) * sin."""
     if len(rot_node.users) != 1:
@@ -499,7 +546,7 @@ def resolve_layout(m: RopeMatch) -> None:
     if len(tok) > 2 or (head < 0 and len(tok) > 2):
         raise Reject("more than two token dims")
     m.head, m.tok = head, tok
-    m.table = _table_lookup(m)
+    m.table = None if m.complex_freqs else _table_lookup(m)
 
 
 def _strip_unsqueeze(node: Any) -> Any:
@@ -686,8 +733,10 @@ def check(m: RopeMatch) -> None:
     if not statically_known_true(xv.stride(-1) == 1):
         raise Reject("head_dim of x is not contiguous")
     for n in (m.cos, m.sin):
-        if tval(n).dtype not in X_DTYPES:
+        if tval(n).dtype not in X_DTYPES and not m.complex_freqs:
             raise Reject(f"{n.name} dtype {tval(n).dtype} not supported")
+    if not statically_known_true(tval(m.src).stride(-1) == 1):
+        raise Reject("head_dim of the rotated tensor is not contiguous")
     tensors = [xv, tval(m.cos), tval(m.sin)]
     if m.quant is not None and m.quant.scale is not None:
         tensors.append(tval(m.quant.scale))
@@ -721,8 +770,14 @@ def _same_factor(a: fx.Node, b: fx.Node) -> bool:
     if a is b:
         return True
     av, bv = tval(a), tval(b)
+
+    def base(n: Any) -> Any:  # reshapes/unsqueezes of one tensor to equal shapes hold the same values
+        while is_op(n, aten.unsqueeze.default, aten.reshape.default, aten.view.default):
+            n = n.args[0]
+        return n
+
     return (
-        _strip_unsqueeze(a) is _strip_unsqueeze(b)
+        base(a) is base(b)
         and len(av.shape) == len(bv.shape)
         and all(statically_known_true(x == y) for x, y in zip(av.shape, bv.shape))
     )
@@ -734,7 +789,7 @@ def _norm_key(n: NormMatch) -> tuple:
 
 def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
     """q and k of one attention: same cos/sin nodes, token sizes, rotary dim and dtypes."""
-    if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half:
+    if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half or a.complex_freqs != b.complex_freqs:
         return False
     if a.table is not None and b.table is not None:
         if a.table != b.table or a.table_cols != b.table_cols:
@@ -978,7 +1033,11 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
         if km is not None and km.x_perm is not None:
             xk = xk.permute(km.x_perm)
         if not use_table:
+            if qm.complex_freqs:  # c0 is s0: the complex freqs; the kernel reads its real/imag parts
+                c0, s0 = torch.real(c0).contiguous(), torch.imag(c0).contiguous()
             c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
+            if qm.complex_freqs:
+                c, s = c.contiguous(), s.contiguous()
         q4 = _to4(xq, qm.head, qm.tok)
         k4 = _to4(xk, km.head, km.tok) if km else None
         sc = (None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1))
@@ -1092,6 +1151,8 @@ class RopeQuant:
                 matcher = match_explicit
             elif looks_like_interleaved(node):
                 matcher = match_interleaved_hf
+            elif looks_like_complex(node):
+                matcher = match_complex
             else:
                 continue
             with ctx.candidate(FAMILY, node):
