@@ -816,16 +816,35 @@ def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
 # ----------------------------------------------------------------------------- KV-cache write
 
 
-def find_cache_writes(graph: fx.Graph, ctx: Any) -> list[CacheWrite]:
-    """Every index_put cache write copied back into a graph input (near miss for those that cannot fuse)."""
+def find_cache_writes(graph: fx.Graph, ctx: Any, matches: list[RopeMatch]) -> list[CacheWrite]:
+    """Every index_put cache write copied back into a graph input. A write that cannot fuse is a
+    near miss when it writes a rotated tensor; other graph-input writes are left alone silently."""
+    rotated = {mm.out for mm in matches} | {mm.quant.sink for mm in matches if mm.quant is not None}
     out = []
     for node in graph.nodes:
         if not is_op(node, aten.copy_.default):
             continue
-        with ctx.candidate(FAMILY, node):
+        src = node.args[1]
+        while is_op(src, aten.alias.default, aten.reshape.default, aten.view.default, aten.view.dtype):
+            src = src.args[0]
+        if not is_op(src, aten.index_put.default):
+            continue
+        if depends_on_any(src.args[2], rotated):
+            with ctx.candidate(FAMILY, node):
+                w = match_cache_write(node)
+                if w is not None:
+                    out.append(w)
+            continue
+        try:
             w = match_cache_write(node)
-            if w is not None:
-                out.append(w)
+        except Reject:
+            w = None
+        except Exception:  # noqa: BLE001 - an internal error here only skips this write
+            if ctx.strict:
+                raise
+            w = None
+        if w is not None:
+            out.append(w)
     return out
 
 
@@ -1183,7 +1202,7 @@ class RopeQuant:
                     used.add(id(b))
                     break
             groups.append(grp)
-        writes = find_cache_writes(graph, ctx) if groups else []
+        writes = find_cache_writes(graph, ctx, matches) if groups else []
         for grp in groups:
             def heads(mm: RopeMatch) -> Any:
                 return tval(mm.x).shape[mm.head] if mm.head >= 0 else 1
