@@ -236,9 +236,15 @@ def rope_quant_reference(
     norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None,
     norm_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty."""
+    """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty.
+
+    math_dtype (fp32): the rotation rounds like a float32 computation, the result is cast to
+    out_dtype once at the end (the complex form: fp32 product, then `.type_as(x)`)."""
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
+    if math_dtype is not None and (q_quant or k_quant):
+        raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     nd = norm_dtype or q.dtype
     if q_norm_w is not None:
         q = _qk_norm_ref(q, q_norm_w, q_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
@@ -261,7 +267,7 @@ def rope_quant_reference(
             outs += [empty(out_dtype), empty(_QDTYPE), empty(f32)]
             continue
         H, D = x.shape[2], x.shape[3]
-        o = _rope_one_ref(x, cs, sn, rot_dim, neox, out_dtype)
+        o = _rope_one_ref(x, cs, sn, rot_dim, neox, math_dtype or out_dtype).to(out_dtype)
         outs.append(_laid_out(o.reshape(B, S, H, D), order) if need else empty(out_dtype))
         if scheme == QUANT_NONE:
             outs += [empty(_QDTYPE), empty(f32)]
@@ -350,6 +356,11 @@ def _rope_heads(
     p1 = round_to(x * c[None, :], OUT_DT, NATIVE)
     p2 = round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
     o = round_to(p1 + p2, OUT_DT, NATIVE)
+    # math in fp32 (math_dtype) stored narrower: round once, RNE (a no-op when OUT_DT is the store dtype)
+    if o_ptr.dtype.element_ty == tl.bfloat16:
+        o = round_to(o, 1, NATIVE)
+    elif o_ptr.dtype.element_ty == tl.float16:
+        o = round_to(o, 2, NATIVE)
     o = tl.where(is_rot[None, :], o, x)
     tok = b * S + s_
     oofs = b * sob + s_ * sos + hh[:, None].to(tl.int64) * soh + j[None, :]
@@ -609,7 +620,7 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None)
         float(a["q_static"]), qc[0], qc[1], qc[2], qc[3], float(a["k_static"]), kc[0], kc[1], kc[2], kc[3],
         float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]), 1.0,
         D=D, ROT=int(a["rot_dim"]), NEOX=bool(a["neox"]), COS_HALF=bool(a["cos_half"]),
-        OUT_DT=_DT_CODE[a["out_dtype"]], HAS_POS=positions is not None,
+        OUT_DT=_DT_CODE[a["math_dtype"] or a["out_dtype"]], HAS_POS=positions is not None,  # stores cast to out
         Q_NORM=qw is not None, K_NORM=kw is not None and k is not None, X_DT=_DT_CODE[q.dtype],
         NORM_DT=_DT_CODE[norm_dt], WSUM_DT=-1 if wsum is None else _DT_CODE[wsum],
         ROUND_BEFORE_W=bool(a["norm_round_before"]),
@@ -665,12 +676,13 @@ def rope_quant(
     norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None,
     norm_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused (QK-norm +) RoPE (+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
     args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
             qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, q_norm_w, k_norm_w, q_eps, k_eps,
-            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype)
+            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype, math_dtype)
     if q.device.type == "cpu":
         return _rope_quant_cpu(*args)
     a = _bind(args, {})
@@ -761,7 +773,7 @@ def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor,
 
 
 _NORM_DEFAULTS = dict(q_norm_w=None, k_norm_w=None, q_eps=1e-6, k_eps=1e-6, norm_woff=0.0, norm_round_before=True,
-                      norm_wsum_dtype=None, norm_dtype=None)
+                      norm_wsum_dtype=None, norm_dtype=None, math_dtype=None)
 
 
 def _bind_cache(args: tuple, kwargs: dict) -> dict:
@@ -790,6 +802,7 @@ def rope_quant_cache(
     q_norm_w: Optional[torch.Tensor] = None, k_norm_w: Optional[torch.Tensor] = None,
     q_eps: float = 1e-6, k_eps: float = 1e-6, norm_woff: float = 0.0, norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None, norm_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """rope_quant + the KV-cache write in the same launch: k (rope, or its fp8 quant) and v (fp8 when
     v_quant) stored into k_cache / v_cache (mutated in place) at `slots`.
@@ -851,6 +864,8 @@ def _bind(args: tuple, kwargs: dict) -> dict:
 
 
 def _check(a: dict) -> None:
+    if a.get("math_dtype") is not None and (a["q_quant"] or a["k_quant"]):
+        raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     check_args(a["q"], a["k"], a["cos"], a["sin"], a["positions"], a["rot_dim"], a["cos_half"], a["out_dtype"],
                a["q_quant"], a["k_quant"], a["q_ops"], a["k_ops"], a["norm_dtype"])
 

@@ -108,6 +108,7 @@ class RopeMatch:
     table_cols: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)  # column slices of the tables
     cos_half: bool = False  # cos/sin hold one value per rotated pair (rot/2 columns)
     complex_freqs: bool = False  # cos/sin are the real/imaginary parts of one complex tensor (cos is sin)
+    f32_math: bool = False  # rotation in fp32, `out` is its cast to a narrower dtype (one rounding)
     quant: QuantPart | None = None
     need_rope: bool = True
     quant_miss: tuple[fx.Node, str] | None = None  # fp8 quant seen but not fusable: (sink, reason)
@@ -382,6 +383,10 @@ def match_complex(vr: fx.Node) -> RopeMatch:
         if any(u not in nodes for u in n.users):
             raise Reject(f"intermediate {n.name} of the complex rotation has other users")
     rm = RopeMatch(x=x, out=out, cos=f, sin=f, rot=D, neox=False, nodes=nodes, cos_half=True, complex_freqs=True)
+    casts = list(out.users)
+    if len(casts) == 1 and is_convert(casts[0]) and convert_dtype(casts[0]) in (torch.bfloat16, torch.float16):
+        rm.out, rm.f32_math = casts[0], True  # `.type_as(x)`: the kernel stores the fp32 result cast once
+        rm.nodes.add(casts[0])
     src, up = _strip_f32_convert(x)
     if up is not None and tval(src).dtype in X_DTYPES and all(u in nodes for u in x.users):
         rm.x_src = src  # the kernel upcasts on load (exact)
@@ -634,6 +639,8 @@ def match_quant(m: RopeMatch) -> None:
     sinks = _fp8_sinks(r)
     if not sinks:
         return
+    if m.f32_math:
+        raise Reject("quant of the cast-back fp32 complex rotation is not fused")
     if len(sinks) > 1:
         raise Reject("rope output feeds several fp8 quantizations")
     (sink,) = sinks
@@ -789,7 +796,8 @@ def _norm_key(n: NormMatch) -> tuple:
 
 def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
     """q and k of one attention: same cos/sin nodes, token sizes, rotary dim and dtypes."""
-    if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half or a.complex_freqs != b.complex_freqs:
+    if (a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half or a.complex_freqs != b.complex_freqs
+            or a.f32_math != b.f32_math):
         return False
     if a.table is not None and b.table is not None:
         if a.table != b.table or a.table_cols != b.table_cols:
@@ -1016,6 +1024,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     qmin, qmax = bounds[0] if bounds else (-448.0, 448.0)
     params = dict(
         rot_dim=qm.rot, neox=qm.neox, cos_half=qm.cos_half, out_dtype=out_dtype,
+        math_dtype=torch.float32 if qm.f32_math else None,
         **qparams(qm, "q"), **qparams(km, "k"), qmin=qmin, qmax=qmax,
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
         q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
