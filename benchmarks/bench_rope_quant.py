@@ -363,9 +363,6 @@ def run_cache(Ms: list[int], rep: int, copy_gbps: float, dev: str, dry: bool) ->
         for M in Ms:
             t0 = time.time()
             args = cache_inputs(scheme, M, dev, c)
-            if M > 1:  # one graph for every M > 1 (M = 1 is specialized anyway): fewer compiles
-                for i in (0, 1, 2, 5, 6):
-                    torch._dynamo.mark_dynamic(args[i], 0)
             nbytes = cache_bytes(scheme, M, c)
             row: dict[str, Any] = dict(shape="llama3_8b", scheme=scheme, M=M, head_dim=c["d"], bytes=nbytes, us={},
                                        err={}, notes=[])
@@ -376,6 +373,9 @@ def run_cache(Ms: list[int], rep: int, copy_gbps: float, dev: str, dry: bool) ->
             for vname in ("eager", "compile", "fused"):
                 try:
                     a = [t.clone() for t in args]
+                    if M > 1:  # one graph for every M > 1 (M = 1 is specialized anyway): fewer compiles
+                        for i in (0, 1, 2, 5, 6):
+                            torch._dynamo.mark_dynamic(a[i], 0)
                     fn = {"eager": form, "compile": stock, "fused": fused}[vname]
                     if vname == "eager":
                         out = fn(*a)
