@@ -360,6 +360,15 @@ def kv_ops_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
     return qe
 
 
+def kv_k_first_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
+    """MHA (as many k heads as q heads) with k rotated and written first: k still takes the cache slot."""
+    cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+    ke = k * cos + rotate_half(k) * sin
+    k_cache[slots] = ke
+    v_cache.view(-1, *v.shape[1:])[slots] = v
+    return q * cos + rotate_half(q) * sin
+
+
 def kv_fp8_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache, ks, vs):
     """fp8 e4m3 caches (static per-tensor k/v scales); q stays bf16, k is also returned in fp8."""
     cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
@@ -400,11 +409,11 @@ def run_kv(fn, args, extra=(), dynamic_dims=None):
     return fxfuse.report()
 
 
-@pytest.mark.parametrize("form", ["setitem", "index_put_copy"])
+@pytest.mark.parametrize("form", ["setitem", "index_put_copy", "mha"])
 def test_kv_cache_write_fuses(form):
     """k (after RoPE) and v go to the caches from the fused op; the caches equal eager's."""
-    fn = kv_write_model if form == "setitem" else kv_ops_model
-    args = kv_inputs(seed=13, paged_k=form != "setitem")
+    fn = {"setitem": kv_write_model, "index_put_copy": kv_ops_model, "mha": kv_k_first_model}[form]
+    args = kv_inputs(seed=13, paged_k=form == "index_put_copy", HQ=2 if form == "mha" else 4)
     r = run_kv(fn, args)
     assert fxfuse.counters["rope_quant"] == 1, r
     assert "+kv_cache" in r.fusions[0].detail and not r.near_misses, r.format(verbose=True)

@@ -860,9 +860,15 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
     """The k and v cache writes of the pair (q, k) `ms`, checked; None if k is not written to a cache."""
     if len(ms) != 2:
         return None
+
+    def written(mm: RopeMatch) -> list[CacheWrite]:
+        sink = mm.quant.sink if mm.quant is not None else None
+        return [w for w in writes if w.rows is mm.out or (sink is not None and w.rows is sink)]
+
+    if not written(ms[1]) and written(ms[0]):
+        ms.reverse()  # equal head counts (MHA): the one written to the cache takes the k slot
     km = ms[1]
-    sink = km.quant.sink if km.quant is not None else None
-    kws = [w for w in writes if w.rows is km.out or (sink is not None and w.rows is sink)]
+    kws = written(km)
     if not kws:
         return None
     if len(kws) > 1:
