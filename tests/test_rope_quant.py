@@ -897,6 +897,37 @@ def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8):
     assert not any(n.target is torch.ops.aten.copy_.default for n in g.nodes)
 
 
+def test_cuda_rope_op_clones_only_its_outputs(sm90_target):
+    """Inductor's mutation analysis of the kernel (TTIR for sm_90) sees stores only to the op's own
+    outputs: the inputs are not cloned (it needs every kernel argument passed explicitly)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    with FakeTensorMode():
+        q = torch.empty(1, 7, 32, 128, dtype=BF16, device="cuda")
+        k = torch.empty(1, 7, 8, 128, dtype=BF16, device="cuda")
+        cs = torch.empty(64, 128, dtype=BF16, device="cuda")
+        pos = torch.empty(7, dtype=torch.int64, device="cuda")
+    g = fx.Graph()
+    ph = [g.placeholder(n) for n in ("q", "k", "c", "p")]
+    for p_, v in zip(ph, (q, k, cs, pos)):
+        p_.meta["val"] = v
+    out = g.output(None)
+
+    def repl(q, k, c, p):
+        return torch.ops.fxfuse.rope_quant(q, k, c, c, p, None, None, 128, True, False, BF16, 0, 1.0, [], [],
+                                           False, 0, 1.0, [], [], False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2])
+
+    try:
+        insert_traced(g, repl, ph, before=out, functionalize=True)
+    except RuntimeError as e:
+        pytest.skip(f"no NVIDIA Triton backend here: {e}")
+    (twf,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert set(twf.kwargs["tensors_to_clone"]) <= {"qo_ptr", "ko_ptr", "qq_ptr", "kq_ptr", "qs_ptr", "ks_ptr"}, \
+        twf.kwargs["tensors_to_clone"]
+
+
 def test_kv_cache_write_gated_off_on_cuda_by_default():
     """Not measured on a GPU yet: on CUDA the cache write ships only ungated; the RoPE alone still fuses."""
     from fxfuse import gating

@@ -565,8 +565,12 @@ def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=
 
 def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, dict, dict]:
     """(v head blocks, runtime args, constexprs) of the KV-cache write (`c` None: no write)."""
-    if c is None:
-        return 0, dict(v_ptr=dummy, kc_ptr=dummy, vc_ptr=dummy, slot_ptr=dummy, vscale_ptr=dummy), {}
+    if c is None:  # every argument explicit: Inductor's mutation analysis wants the full signature
+        return 0, dict(v_ptr=dummy, kc_ptr=dummy, vc_ptr=dummy, slot_ptr=dummy, vscale_ptr=dummy, n_slots=0,
+                       n_vslots=0, n_tok=0, n_v=0, HV=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
+                       v_static=1.0, v_qmin=-448.0, v_qmax=448.0), dict(
+            HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
+            V_QUANT=False, V_SCALE_T=False, V_MUL=False)
     v, kc, vc = c["v"], c["k_cache"], c["v_cache"]
     H, D = kc.shape[-2], kc.shape[-1]
     HV = v.shape[2]
