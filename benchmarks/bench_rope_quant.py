@@ -11,7 +11,14 @@ size class, keyed by head_dim (the `hidden` that fxfuse/patterns/rope_quant.py p
 gating.rejects). Shapes: Llama-3-8B-like (32/8 heads x 128) and Qwen3.5-like (16/2 x 256,
 partial rotary 64), M in {1, 16, 256, 4096, 16384}.
 
+--cache: RoPE + KV-cache write (vLLM-like token-major q/k/v, cos/sin table by positions, k and v
+scattered into paged caches by slot; bf16 caches, or fp8 e4m3 caches with static k/v scales),
+Llama-3-8B-like only, M in {1, 256, 4096}: fused (one kernel: RoPE + both cache writes) vs stock
+compile and eager, with CUDA graphs. Its JSON's "gates" fills the rope_kvcache /
+rope_fp8_static_kvcache classes ("gates_merge": write_gates.py adds them to the rope_quant table).
+
 Usage:  python benchmarks/bench_rope_quant.py --out X.json [--quick] [--dry-run]
+        python benchmarks/bench_rope_quant.py --cache --out X.json [--dry-run]
 """
 
 from __future__ import annotations
@@ -176,6 +183,26 @@ def _err(out: tuple, ref: tuple) -> float:
     return worst
 
 
+def _fail(row: dict[str, Any], label: str, vname: str, e: Exception) -> None:
+    """Record a variant that failed (the row stays, with the note and no time)."""
+    msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
+    row["notes"].append(msg)
+    row["us"][vname] = None
+    print(f"[bench] {label} {msg}", flush=True)
+    traceback.print_exc(limit=3)
+
+
+def _finish(row: dict[str, Any], nbytes: int, copy_gbps: float, t0: float) -> tuple[dict, dict, Callable]:
+    """GB/s, fraction of copy bandwidth and speedup vs stock compile per variant; (us, speedups, fmt)."""
+    row["gbps"] = {k: (nbytes / (v * 1e-6) / 1e9 if v else None) for k, v in row["us"].items()}
+    row["frac_copy"] = {k: (g / copy_gbps if g and copy_gbps else None) for k, g in row["gbps"].items()}
+    c = row["us"].get("compile")
+    row["speedup_vs_compile"] = {k: (c / v if (c and v) else None) for k, v in row["us"].items()}
+    row["wall_s"] = round(time.time() - t0, 2)
+    f = lambda v, p=1: f"{v:8.{p}f}" if v is not None else "     n/a"  # noqa: E731
+    return row["us"], row["speedup_vs_compile"], f
+
+
 def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbps: float, dev: str,
         dry: bool) -> list[dict[str, Any]]:
     import fxfuse
@@ -219,19 +246,9 @@ def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbp
                             row["err"][vname] = _err(out, ref)
                         row["us"][vname] = None if dry else bench_us(fn, rep)
                     except Exception as e:  # noqa: BLE001
-                        msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
-                        row["notes"].append(msg)
-                        row["us"][vname] = None
-                        print(f"[bench] {shape} {scheme} M={M} {msg}", flush=True)
-                        traceback.print_exc(limit=3)
-                row["gbps"] = {k: (nbytes / (v * 1e-6) / 1e9 if v else None) for k, v in row["us"].items()}
-                row["frac_copy"] = {k: (g / copy_gbps if g and copy_gbps else None) for k, g in row["gbps"].items()}
-                c = row["us"].get("compile")
-                row["speedup_vs_compile"] = {k: (c / v if (c and v) else None) for k, v in row["us"].items()}
-                row["wall_s"] = round(time.time() - t0, 2)
+                        _fail(row, f"{shape} {scheme} M={M}", vname, e)
+                us, sp, f = _finish(row, nbytes, copy_gbps, t0)
                 rows.append(row)
-                us, sp = row["us"], row["speedup_vs_compile"]
-                f = lambda v, p=1: f"{v:8.{p}f}" if v is not None else "     n/a"  # noqa: E731
                 print(f"{shape:10s} {scheme:17s} M={M:6d} | us eager {f(us.get('eager'))} compile {f(us.get('compile'))} "
                       f"fused {f(us.get('fused'))} op {f(us.get('op'))} | %copy fused "
                       f"{f((row['frac_copy'].get('fused') or 0) * 100)} | x stock {f(sp.get('fused'), 2)} | "
@@ -275,13 +292,174 @@ def gates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {s: {h: round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in hs.items()} for s, hs in out.items()}
 
 
+# ----------------------------------------------------------------------------- + KV-cache write
+
+CACHE_SCHEMES = ("rope_kvcache", "rope_fp8_static_kvcache")
+CACHE_BLOCK = 16
+
+
+def cache_form(scheme: str) -> Callable[..., torch.Tensor]:
+    """vLLM-like prologue: RoPE of q/k from a cos/sin table by positions, then k and v into paged caches."""
+    fp8 = scheme == "rope_fp8_static_kvcache"
+
+    def form(q, k, v, cos_t, sin_t, pos, slots, kc, vc, ks, vs):
+        cos, sin = cos_t[pos].unsqueeze(-2), sin_t[pos].unsqueeze(-2)
+        qe = q * cos + rotate_half(q) * sin
+        ke = k * cos + rotate_half(k) * sin
+        kf, vf = kc.view(-1, *k.shape[1:]), vc.view(-1, *v.shape[1:])
+        if fp8:
+            kf[slots] = _static(ke, ks)
+            vf[slots] = _static(v, vs)
+        else:
+            kf[slots] = ke
+            vf[slots] = v
+        return qe
+
+    return form
+
+
+def cache_inputs(scheme: str, M: int, dev: str, c: dict[str, int]) -> tuple:
+    dt = torch.bfloat16
+    cdt = FP8 if scheme == "rope_fp8_static_kvcache" else dt
+    q = torch.randn(M, c["hq"], c["d"], device=dev, dtype=dt)
+    k = torch.randn(M, c["hk"], c["d"], device=dev, dtype=dt)
+    v = torch.randn(M, c["hk"], c["d"], device=dev, dtype=dt)
+    ang = torch.rand(8192, c["rot"] // 2, device=dev) * 100.0
+    emb = torch.cat((ang, ang), -1)
+    pos = torch.randint(0, 8192, (M,), device=dev)
+    blocks = 2 * 4096 // CACHE_BLOCK  # one cache size for every M (as a server allocates it): no recompiles
+    slots = torch.randperm(blocks * CACHE_BLOCK, device=dev)[:M]
+    kc = torch.randn(blocks, CACHE_BLOCK, c["hk"], c["d"], device=dev).to(cdt)
+    vc = torch.randn(blocks, CACHE_BLOCK, c["hk"], c["d"], device=dev).to(cdt)
+    return (q, k, v, emb.cos().to(dt), emb.sin().to(dt), pos, slots, kc, vc,
+            torch.tensor(0.03, device=dev), torch.tensor(0.02, device=dev))
+
+
+def cache_bytes(scheme: str, M: int, c: dict[str, int]) -> int:
+    """Minimum HBM traffic: read q, k, v, cos/sin rows, positions, slots; write q rope, k and v rows."""
+    es, ces = 2, (1 if scheme == "rope_fp8_static_kvcache" else 2)
+    hq, hk, d = c["hq"], c["hk"], c["d"]
+    return M * ((hq + 2 * hk) * d * es + 2 * c["rot"] * es + 16 + hq * d * es + 2 * hk * d * ces)
+
+
+def _cache_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def run_cache(Ms: list[int], rep: int, copy_gbps: float, dev: str, dry: bool) -> list[dict[str, Any]]:
+    """Fused (RoPE + both cache writes in one kernel) vs stock compile and eager, CUDA graphs."""
+    import fxfuse
+
+    fx_pass = fxfuse.FusionPasses(options={"gate": False})
+    torch._inductor.config.fx_graph_cache = False
+    c = SHAPES["llama3_8b"]
+    rows = []
+    for scheme in CACHE_SCHEMES:
+        form = cache_form(scheme)
+        torch._dynamo.reset()
+        stock = torch.compile(form)
+        fused = torch.compile(form, options={"post_grad_custom_pre_pass": fx_pass})
+        last: dict[str, Any] = {}
+        for M in Ms:
+            t0 = time.time()
+            args = cache_inputs(scheme, M, dev, c)
+            nbytes = cache_bytes(scheme, M, c)
+            row: dict[str, Any] = dict(shape="llama3_8b", scheme=scheme, M=M, head_dim=c["d"], bytes=nbytes, us={},
+                                       err={}, notes=[])
+            eager_args = [a.clone() for a in args]
+            ref = form(*eager_args)
+            fxfuse.counters.clear()
+            fxfuse.report.clear()
+            for vname in ("eager", "compile", "fused"):
+                try:
+                    a = [t.clone() for t in args]
+                    if M > 1:  # one graph for every M > 1 (M = 1 is specialized anyway): fewer compiles
+                        for i in (0, 1, 2, 5, 6):
+                            torch._dynamo.mark_dynamic(a[i], 0)
+                    fn = {"eager": form, "compile": stock, "fused": fused}[vname]
+                    if vname == "eager":
+                        out = fn(*a)
+                    else:
+                        out, inl, nlaunch = _compiled(fn, tuple(a))
+                        row[f"{vname}_launches"] = nlaunch
+                        if vname == "fused":
+                            if fxfuse.report().graphs:  # compiled now (else the graph of a previous M runs)
+                                last = dict(fused_kernel_in_code=inl, fused_regions=fxfuse.counters["rope_quant"],
+                                            fused_detail=[f.detail for f in fxfuse.report().fusions])
+                            row.update(last, fused_recompiled=bool(fxfuse.report().graphs))
+                        row["err"][vname] = _err((out,), (ref,))
+                        # stock Inductor keeps fp32 between the RoPE products (ulp differences); the fused
+                        # kernel rounds like eager, so its cache bytes match but for rare fp8 1-ulp flips
+                        row[f"{vname}_cache_mismatch"] = max(
+                            float((_cache_bits(x) != _cache_bits(y)).float().mean()) for x, y in zip(a[7:9], eager_args[7:9]))
+                    row["us"][vname] = None if dry else bench_us(lambda: fn(*a), rep)
+                except Exception as e:  # noqa: BLE001
+                    _fail(row, f"cache {scheme} M={M}", vname, e)
+            us, sp, f = _finish(row, nbytes, copy_gbps, t0)
+            rows.append(row)
+            print(f"cache {scheme:24s} M={M:5d} | us eager {f(us.get('eager'))} compile {f(us.get('compile'))} "
+                  f"fused {f(us.get('fused'))} | %copy fused {f((row['frac_copy'].get('fused') or 0) * 100)} | "
+                  f"x stock {f(sp.get('fused'), 2)} | launches {row.get('fused_launches')}/{row.get('compile_launches')} "
+                  f"| {row.get('fused_detail')}", flush=True)
+    return rows
+
+
+def cache_gates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Like gates(), only for rows where the cache write was fused and the caches matched eager's."""
+    ok = [r for r in rows if any("+kv_cache" in d for d in r.get("fused_detail", []))
+          and r.get("fused_cache_mismatch", 1.0) < 1e-3]
+    return gates(ok)
+
+
+def cache_dry_problems(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["notes"] or r.get("fused_regions") != 1 or (r["err"].get("fused") or 0) > 0.05
+            or not any("+kv_cache" in d for d in r.get("fused_detail", []))
+            or r.get("fused_cache_mismatch", 1.0) >= 1e-3]
+
+
+def main_cache(args: argparse.Namespace) -> None:
+    if args.dry_run:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = run_cache([1, 5, 9], 1, 0.0, dev, dry=True)
+        bad = cache_dry_problems(rows)
+        for r in bad:
+            print("[dry-run] problem:", r["scheme"], r["M"], r["notes"], r.get("fused_detail"), r["err"])
+        print(f"[dry-run] {len(rows)} cache cases, {len(bad)} problems")
+        sys.exit(1 if bad else 0)
+    if not torch.cuda.is_available():
+        sys.exit("bench_rope_quant --cache: needs a CUDA device (or --dry-run)")
+    import triton
+
+    rep = args.rep or 10
+    t0 = time.time()
+    copy_gbps = copy_bandwidth_gbps(rep)
+    print(f"[bench] {torch.cuda.get_device_name()} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    rows = run_cache([1, 256, 4096], rep, copy_gbps, "cuda", dry=False)
+    result = dict(
+        family="rope_quant", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), copy_gbps=copy_gbps, rep_ms=rep,
+        cache=True, bytes_model="bench_rope_quant.cache_bytes (min HBM read+write)", gate_hidden="head_dim",
+        cases=rows, gates=cache_gates(rows), gates_merge=True, problems=len(cache_dry_problems(rows)),
+        wall_s=round(time.time() - t0, 1),
+    )
+    print("gates:", json.dumps(result["gates"]), "problems:", result["problems"])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"[bench] wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="build and run every variant once at tiny size, no timing (CPU ok)")
     ap.add_argument("--rep", type=int, default=None)
+    ap.add_argument("--cache", action="store_true", help="RoPE + KV-cache write cases (M in 1, 256, 4096; < 60 s)")
     args = ap.parse_args()
+    if args.cache:
+        main_cache(args)
+        return
     if args.dry_run:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         rows = run([1, 5], list(SHAPES), list(SCHEMES), 1, 0.0, dev, dry=True)

@@ -7,6 +7,9 @@ either carries `"gates": {family: {scheme: {size: speedup}}}` (every family but 
 a bench_rmsnorm_quant result, whose cases are turned into gates here.
 
     python benchmarks/write_gates.py benchmarks/results/*_h100.json
+
+A result with `"gates_merge": true` (bench_rope_quant.py --cache: only the rope_*_kvcache classes)
+adds its classes to the family's existing table instead of replacing the table.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def gates_from(result: dict) -> dict:
     if gates and family and family not in gates:  # a bare {scheme: {size: x}} table of one family
         gates = {family: gates}
     if gates:
-        return {**gates, "_source": src}
+        return {**gates, "_source": src, "_merge": bool(result.get("gates_merge"))}
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in result.get("cases", []):
         us = row.get("us", {})
@@ -47,14 +50,19 @@ def main() -> None:
     for path in sys.argv[1:]:
         gates = gates_from(json.loads(pathlib.Path(path).read_text()))
         src = gates.pop("_source", None)
+        merge = gates.pop("_merge", False)
         for family, table in gates.items():
             # a family's table is replaced by this run's; several files of one family (one per
-            # model, say) add their sizes to it
+            # model, say) add their sizes to it; a merge-only result (a subset of the classes)
+            # adds its classes to what the table holds
+            if merge and family not in fresh:
+                fresh[family] = {k: dict(v) for k, v in existing.get(family, {}).items()}
             merged = fresh.setdefault(family, {})
             for scheme, sizes in table.items():
                 merged.setdefault(scheme, {}).update(sizes)
             existing[family] = merged
-            existing.setdefault("_sources", {})[family] = src
+            key = f"{family}:{','.join(sorted(table))}" if merge else family
+            existing.setdefault("_sources", {})[key] = src
     GATES.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
     print(json.dumps(gates, indent=1))
 

@@ -241,6 +241,75 @@ def test_gptj_interleaved_form():
     check_close(out, ref)
 
 
+def complex_model(q, k, freqs_cis):
+    """Meta Llama / gpt-fast apply_rotary_emb: adjacent pairs as complex numbers times freqs_cis."""
+    def rot(x):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        f = freqs_cis.view(1, x.shape[1], 1, x.shape[-1] // 2)
+        return torch.view_as_real(xc * f).flatten(3).type_as(x)
+
+    return rot(q), rot(k)
+
+
+def complex_halves_model(q, k, freqs_cis):
+    """Near miss: the complex numbers pair x[j] with x[j + D/2] (a different rotation than the
+    GPT-J pairs the kernel does through view_as_complex); stays with Inductor."""
+    def rot(x):
+        h = x.float().reshape(*x.shape[:-1], 2, -1).transpose(-1, -2).contiguous()
+        f = freqs_cis.view(1, x.shape[1], 1, x.shape[-1] // 2)
+        return torch.view_as_real(torch.view_as_complex(h) * f).flatten(3).type_as(x)
+
+    return rot(q), rot(k)
+
+
+def complex_inputs(B=2, S=5, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, 4, D, generator=g).to(BF16)
+    k = torch.randn(B, S, 2, D, generator=g).to(BF16)
+    return q, k, torch.polar(torch.ones(S, D // 2), torch.rand(S, D // 2, generator=g) * 6.0)
+
+
+def test_complex_form_fuses_like_the_interleaved_one():
+    """view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis -> view_as_real -> flatten -> type_as:
+    q and k in one op (fp32 math like the complex product, one cast to bf16 at the store); dynamic S."""
+    compiled = None
+    for S in (5, 9):
+        args = complex_inputs(S=S, seed=S)
+        with torch.no_grad():
+            ref = complex_model(*args)
+        if compiled is None:
+            left: list[str] = []
+
+            def after(g: fx.Graph) -> None:
+                left.extend(str(n.target) for n in g.nodes if n.op == "call_function" and (
+                    "view_as_complex" in str(n.target) or (n.target is torch.ops.prims.convert_element_type.default
+                                                   and n.args[1] == BF16)))
+
+            out, _ = compile_and_run(complex_model, args, dynamic_dims={0: 1, 1: 1, 2: 0},
+                                     passes=fxfuse.FusionPasses(after=after))
+            r = fxfuse.report()
+            assert fxfuse.counters["rope_quant"] == 1 and not r.near_misses, r.format(verbose=True)
+            assert not left, left  # the complex ops and the final cast back to bf16 are in the kernel
+            compiled = torch.compile(complex_model, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            for a, d in {0: 1, 1: 1, 2: 0}.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+        check_close(out, ref)
+
+
+def test_complex_form_near_miss_other_pairing():
+    args = complex_inputs(seed=3)
+    with torch.no_grad():
+        ref = complex_halves_model(*args)
+    out, _ = compile_and_run(complex_halves_model, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 0, r
+    assert any("view_as_complex does not read a reshape" in m.reason for m in r.near_misses), r.near_misses
+    check_close(out, ref)
+
+
 def qk_norm_model(qp, kp, cos, sin, wq, wk, scale):
     """Qwen3: per-head RMSNorm (q_norm/k_norm) on [B, S, H, D], transpose, RoPE, then fp8 of q."""
     def rms(x, w, eps):
@@ -272,7 +341,7 @@ def test_qk_norm_fuses_into_the_rope_kernel():
 
 
 def kv_write_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
-    """RoPE then a KV-cache write by slot (index_put_ into graph-input caches, flat and paged)."""
+    """RoPE then a KV-cache write by slot (indexed assignment into graph-input caches, flat and paged)."""
     cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
     qe = q * cos + rotate_half(q) * sin
     ke = k * cos + rotate_half(k) * sin
@@ -281,20 +350,161 @@ def kv_write_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache
     return qe
 
 
-def test_kv_cache_write_stays_correct():
-    """The cache write itself is not fused yet: RoPE fuses, the writes stay, caches equal eager's."""
-    q, k, c, s, pos, _ = table_inputs(seed=13)
-    v = torch.randn_like(k)
-    slots = torch.randperm(32)[: q.shape[0]]
-    caches = (torch.randn(32, 2, 32).to(BF16), torch.randn(4, 8, 2, 32).to(BF16))
-    eager_caches = tuple(t.clone() for t in caches)
+def kv_ops_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
+    """The same through index_put_ (paged k cache) and index_copy_ (flat v cache)."""
+    cos, sin = cos_cached.index_select(0, pos).unsqueeze(-2), sin_cached.index_select(0, pos).unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    k_cache.view(-1, *k.shape[1:]).index_put_((slots,), ke)
+    v_cache.index_copy_(0, slots, v)
+    return qe
+
+
+def kv_k_first_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache):
+    """MHA (as many k heads as q heads) with k rotated and written first: k still takes the cache slot."""
+    cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+    ke = k * cos + rotate_half(k) * sin
+    k_cache[slots] = ke
+    v_cache.view(-1, *v.shape[1:])[slots] = v
+    return q * cos + rotate_half(q) * sin
+
+
+def kv_fp8_model(q, k, v, cos_cached, sin_cached, pos, slots, k_cache, v_cache, ks, vs):
+    """fp8 e4m3 caches (static per-tensor k/v scales); q stays bf16, k is also returned in fp8."""
+    cos, sin = cos_cached[pos].unsqueeze(-2), sin_cached[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    k_cache[slots] = q_static(ke, ks)[0]
+    v_cache.view(-1, *v.shape[1:])[slots] = q_static(v, vs)[0]
+    return qe
+
+
+def kv_inputs(T=7, seed=13, slots=None, fp8=False, paged_k=False, HQ=4, HK=2, D=32):
+    q, k, c, s, pos, _ = table_inputs(T=T, HQ=HQ, HK=HK, D=D, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(k.shape, generator=g).to(BF16)
+    if slots is None:
+        slots = torch.randperm(32, generator=g)[:T]
+    dt = FP8 if fp8 else BF16
+    kshape = (4, 8, HK, D) if paged_k else (32, HK, D)
+    vshape = (32, HK, D) if paged_k else (4, 8, HK, D)
+    # random old contents: rows the write does not touch must stay exactly as they were
+    kc, vc = (torch.randn(sh, generator=g).mul(50).to(dt) for sh in (kshape, vshape))
+    return q, k, v, c, s, pos, slots, kc, vc
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def run_kv(fn, args, extra=(), dynamic_dims=None):
+    """Compile fn on args (caches mutated in place) next to eager on clones; return the fused detail."""
+    eager = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     with torch.no_grad():
-        ref = kv_write_model(q, k, v, c, s, pos, slots, *eager_caches)
-    out, _ = compile_and_run(kv_write_model, (q, k, v, c, s, pos, slots, *caches))
-    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+        ref = fn(*eager, *extra)
+    out, leftovers = compile_and_run(fn, (*args, *extra), dynamic_dims=dynamic_dims)
     check_close((out,), (ref,))
-    for got, want in zip(caches, eager_caches):
-        assert torch.equal(got, want)
+    for got, want in zip(args[7:9], eager[7:9]):
+        assert torch.equal(_bits(got), _bits(want))
+    return fxfuse.report()
+
+
+@pytest.mark.parametrize("form", ["setitem", "index_put_copy", "mha"])
+def test_kv_cache_write_fuses(form):
+    """k (after RoPE) and v go to the caches from the fused op; the caches equal eager's."""
+    fn = {"setitem": kv_write_model, "index_put_copy": kv_ops_model, "mha": kv_k_first_model}[form]
+    args = kv_inputs(seed=13, paged_k=form == "index_put_copy", HQ=2 if form == "mha" else 4)
+    r = run_kv(fn, args)
+    assert fxfuse.counters["rope_quant"] == 1, r
+    assert "+kv_cache" in r.fusions[0].detail and not r.near_misses, r.format(verbose=True)
+    assert not any("index_put" in n for f in r.fusions for n in f.replaced if n.startswith("copy"))
+
+
+def test_kv_cache_write_dynamic_tokens_and_negative_slots():
+    """Dynamic token dim; a negative slot wraps around like the ATen index_put the graph holds."""
+    fn = kv_write_model
+    compiled = None
+    for T in (7, 12):
+        slots = torch.randperm(32, generator=torch.Generator().manual_seed(T))[:T]
+        slots[1] = -1  # index_put semantics: the last row
+        args = kv_inputs(T=T, seed=T, slots=slots)
+        dyn = {0: 0, 1: 0, 2: 0, 5: 0, 6: 0}
+        if compiled is None:
+            r = run_kv(fn, args, dynamic_dims=dyn)
+            assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r
+            compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            eager = [a.clone() for a in args]
+            ref = fn(*eager)
+            for a, d in dyn.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+            check_close((out,), (ref,))
+            assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+
+
+def test_kv_cache_write_fp8():
+    """fp8 caches: k's static fp8 quant and v's go to the caches (k fp8 not needed elsewhere)."""
+    args = kv_inputs(seed=21, fp8=True)
+    r = run_kv(kv_fp8_model, args, extra=(torch.tensor(0.02), torch.tensor(0.03)))
+    assert fxfuse.counters["rope_quant"] == 1, r
+    assert "k[2x32] fp8 static" in r.fusions[0].detail and "+kv_cache fp8" in r.fusions[0].detail, r.fusions[0].detail
+
+
+def _kv_read_after(q, k, v, cc, sc, pos, slots, kc, vc):
+    qe = kv_write_model(q, k, v, cc, sc, pos, slots, kc, vc)
+    return qe, kc.sum()  # the updated cache is read in the graph: the write stays with Inductor
+
+
+def _kv_accumulate(q, k, v, cc, sc, pos, slots, kc, vc):
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    kc.index_put_((slots,), ke, accumulate=True)
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return qe
+
+
+def _kv_other_slots(q, k, v, cc, sc, pos, slots, kc, vc):
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots.flip(0)] = v
+    return qe
+
+
+@pytest.mark.parametrize("fn,reason", [
+    (_kv_read_after, "also used elsewhere"), (_kv_accumulate, "accumulates"), (_kv_other_slots, "v cache writes"),
+])
+def test_kv_cache_near_misses(fn, reason):
+    """Cache writes that must not fuse: the RoPE still fuses, the write stays, the caches equal eager's."""
+    args = kv_inputs(seed=17)
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = fn(*eager)
+    out, _ = compile_and_run(fn, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail, r
+    assert any(reason in m.reason for m in r.near_misses), [m.reason for m in r.near_misses]
+    out = out if isinstance(out, tuple) else (out,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    check_close(out[:1], ref[:1])
+    for o, rr in zip(out[1:], ref[1:]):
+        assert torch.allclose(o.float(), rr.float(), rtol=1e-2, atol=1e-2), (o, rr)
+    assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+
+
+def test_kv_cache_reference_op_opcheck():
+    from fxfuse.kernels import rope_quant as K
+
+    q, k, v, c, s, pos, slots, kc, vc = kv_inputs(seed=5)
+    args = (q.unsqueeze(0), k.unsqueeze(0), c, s, pos, None, None, 32, True, False, BF16, 0, 1.0, [], [], False,
+            0, 1.0, [], [], False, -448.0, 448.0, True, False, [0, 1, 2], [0, 1, 2],
+            v.unsqueeze(0), kc, vc, slots, None, False, False, False, 1.0, False, -448.0, 448.0, True)
+    torch.library.opcheck(torch.ops.fxfuse.rope_quant_cache_ref.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------ forms that must NOT fuse (or not together)
@@ -439,6 +649,15 @@ def run_norm(neox, rot, D, dt=torch.bfloat16):
     res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad))
 run_norm(True, 32, 32)
 run_norm(False, 16, 32)
+# fp32 math stored as bf16 (the complex form: fp32 product, one cast at the end)
+q = torch.randn(2, 3, 4, 32).to(torch.bfloat16); k = torch.randn(2, 3, 2, 32).to(torch.bfloat16)
+args = (q, k, torch.randn(6, 16), torch.randn(6, 16), None, None, None, 32, False, True, torch.bfloat16, 0, 1.0, [], [],
+        False, 0, 1.0, [], [], False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2])
+ref = rope_quant_reference(*args, math_dtype=torch.float32)
+runs = [rope_quant_triton(*args, math_dtype=torch.float32, out=[torch.full(t.shape, p).to(t.dtype) for t in ref])
+        for p in (7.0, -3.0)]
+res.append(dict(case="fp32 math -> bf16", bad=sum(int(not torch.equal(a, b)) + int(not torch.equal(a, c))
+                                              for a, b, c in zip(runs[0], runs[1], ref) if a.numel())))
 print(json.dumps(res))
 """
 
@@ -449,12 +668,65 @@ def test_kernel_under_triton_interpreter():
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     bad = [c for c in res if c["bad"]]
-    assert len(res) == 14 and not bad, bad
+    assert len(res) == 15 and not bad, bad
 
 
-_PTR_NAMES = {"pos_ptr": "*i64", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
+_INTERP_CACHE = r"""
+import json, torch
+from fxfuse.kernels.rope_quant import rope_quant_cache_reference, rope_quant_cache_triton
+FP8 = torch.float8_e4m3fn
+res = []
+def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(1, T, h, 32, generator=g).to(bf) for h in (4, 2, 2))
+    cs, sn = torch.randn(64, 32, generator=g).to(bf), torch.randn(64, 32, generator=g).to(bf)
+    pos = torch.randint(0, 64, (T,), generator=g)
+    slots = torch.randperm(24, generator=g)[:n]
+    slots[1], slots[4] = -1, -3
+    shape = (3, 8, 2, 32) if paged else (24, 2, 32)
+    base = torch.randint(0, 120, shape, generator=g, dtype=torch.uint8) if fp8 else torch.randn(shape, generator=g).to(bf)
+    if fp8 and cdt == "fp8":
+        base = base.view(FP8)
+    ks, vs = torch.tensor([0.05]), torch.tensor([0.1])
+    a = [q, k, cs, sn, pos, None, ks if fp8 else None, 32, True, False, bf, 0, 1.0, [], [], False, int(fp8), 1.0, [], [],
+         False, -448., 448., True, need_k, [0, 1, 2], [0, 1, 2], v, None, None, slots, vs if fp8 else None, fp8,
+         store_kq and fp8, fp8, 1.0, False, -448., 448., neg_skip]
+    a[28], a[29] = base.clone(), base.clone()
+    ref = rope_quant_cache_reference(*a)
+    want = (a[28], a[29])
+    bad = 0
+    for poison in (7.0, -3.0):
+        a[28], a[29] = base.clone(), base.clone()
+        outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
+        got = rope_quant_cache_triton(*a, out=outs)
+        bits = lambda t: t.view(torch.uint8) if t.dtype == FP8 else t
+        bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip(got, ref) if x.numel())
+        bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip((a[28], a[29]), want))
+    res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n}", bad=bad))
+run(False, False, False, True, False, "bf16", 7)
+run(False, True, True, False, False, "bf16", 5)
+run(True, True, True, False, False, "u8", 7)
+run(True, False, False, True, True, "fp8", 6)
+print(json.dumps(res))
+"""
+
+
+def test_cache_kernel_under_triton_interpreter():
+    """The cache write in the kernel (k rope/fp8, v, fp8 v, uint8/fp8 caches, slot < 0 skipped or
+    wrapped, fewer slots than tokens) is bit-exact vs the reference; untouched cache rows stay."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERP_CACHE], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res) == 4 and not [c for c in res if c["bad"]], res
+
+
+_PTR_NAMES = {"pos_ptr": "*i64", "slot_ptr": "*i64", "vscale_ptr": "*fp32", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
               "qq_ptr": "*fp8e4nv", "kq_ptr": "*fp8e4nv"}
-_FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qmax q_eps k_eps woff".split())
+_FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qmax q_eps k_eps woff v_static v_qmin "
+                  "v_qmax".split())
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
@@ -473,7 +745,9 @@ def test_kernel_ptx_keeps_product_rounding(dt):
     const = dict(D=128, ROT=128, NEOX=True, COS_HALF=False, OUT_DT=code, HAS_POS=False, Q_NORM=False, K_NORM=False,
                  X_DT=code, NORM_DT=code, WSUM_DT=-1, ROUND_BEFORE_W=True, NEED_Q=True, Q_QUANT=1, Q_SCALE_T=True,
                  Q_MUL=False, QOP0=-1, QOP1=-1, QOP2=-1, QOP3=-1, NEED_K=True, K_QUANT=0, K_SCALE_T=False,
-                 K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True)
+                 K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True,
+                 HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
+                 V_QUANT=False, V_SCALE_T=False, V_MUL=False)
     sig = {}
     for name in inspect.signature(rq._rope_quant_kernel.fn).parameters:
         if name in const:
@@ -534,6 +808,162 @@ def test_cuda_path_traces_to_user_triton_kernel():
     assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
     assert not any("fxfuse" in str(t) for t in targets)
     assert len(outs) == 6
+
+
+def _fake_cuda_kv_graph(fp8: bool = False) -> fx.GraphModule:
+    """The functional graph AOTAutograd gives a RoPE + index_put_ KV-cache write on CUDA (fake tensors):
+    index_put results copied back into the cache inputs by final copy_ nodes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import trace_aten
+
+    def rot(x):  # narrow, not x[...]: Python indexing of fake CUDA tensors needs a CUDA build
+        h = x.shape[-1] // 2
+        return torch.cat((-x.narrow(-1, h, h), x.narrow(-1, 0, h)), dim=-1)
+
+    def model(q, k, v, cc, sc, pos, slots, kc, vc, ks, vs):
+        cos, sin = cc.index_select(0, pos).unsqueeze(-2), sc.index_select(0, pos).unsqueeze(-2)
+        qe = q * cos + rot(q) * sin
+        ke = k * cos + rot(k) * sin
+        if fp8:
+            ke, v = q_static(ke, ks)[0], q_static(v, vs)[0]
+        kc.index_put_((slots,), ke)
+        vc.view(-1, *v.shape[1:]).index_put_((slots,), v)
+        return qe, kc, vc
+
+    dt = FP8 if fp8 else BF16
+    with FakeTensorMode():
+        e = lambda *shape, d=BF16: torch.empty(*shape, dtype=d, device="cuda")  # noqa: E731
+        args = (e(7, 32, 128), e(7, 8, 128), e(7, 8, 128), e(64, 128), e(64, 128), e(7, d=torch.int64),
+                e(7, d=torch.int64), e(64, 8, 128, d=dt), e(4, 16, 8, 128, d=dt), e(1, d=torch.float32),
+                e(1, d=torch.float32))
+    gm = trace_aten(model, args, functionalize=True)
+    g = gm.graph
+    out = next(iter(reversed(g.nodes)))
+    ph = [n for n in g.nodes if n.op == "placeholder"]
+    qe, nk, nv = out.args[0]
+    with g.inserting_before(out):
+        for dst, src in ((ph[7], nk), (ph[8], nv)):  # the input-mutation epilogue
+            g.call_function(torch.ops.aten.copy_.default, (dst, src)).meta["val"] = dst.meta["val"]
+    out.args = ((qe,),)
+    g.eliminate_dead_code()
+    return gm
+
+
+@pytest.fixture
+def sm90_target():
+    """Let Triton's TTIR (Inductor's mutation analysis of user kernels) build for sm_90 without a GPU."""
+    from unittest import mock
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class _Driver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
+        yield
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8):
+    """CUDA (fake): the fused op traces to triton_kernel_wrapper_functional that clones exactly the
+    caches and its own outputs; the final copy_ nodes read its results; Inductor's reinplace pass
+    (which runs after the pre-pass) then drops the cache clones and the copy_ nodes: no full-cache copy."""
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+
+    gm = _fake_cuda_kv_graph(fp8)
+    fxfuse.counters.clear()
+    try:
+        fxfuse.FusionPasses(options={"gate": False}, strict=True)(gm.graph)
+    except RuntimeError as e:
+        pytest.skip(f"no NVIDIA Triton backend here: {e}")
+    assert fxfuse.counters["rope_quant"] == 1
+    assert "+kv_cache" in fxfuse.report().fusions[0].detail
+    g = gm.graph
+    (twf,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    ph = [n for n in g.nodes if n.op == "placeholder"]
+    kw = twf.kwargs["kwargs"]
+    assert kw["kc_ptr"] is ph[7] and kw["vc_ptr"] is ph[8]
+    clones = set(twf.kwargs["tensors_to_clone"])
+    assert {"kc_ptr", "vc_ptr"} <= clones
+    assert not clones & {"q_ptr", "k_ptr", "v_ptr", "slot_ptr", "cos_ptr", "sin_ptr"}, clones
+    copies = [n for n in g.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(copies) == 2 and all(c.args[1].args[0] is twf for c in copies)
+    assert not any(n.target is torch.ops.aten.index_put.default for n in g.nodes)
+    reinplace_inplaceable_ops_core(g)
+    assert not {"kc_ptr", "vc_ptr"} & set(twf.kwargs["tensors_to_clone"]), twf.kwargs["tensors_to_clone"]
+    assert not any(n.target is torch.ops.aten.copy_.default for n in g.nodes)
+
+
+def test_cuda_rope_op_clones_only_its_outputs(sm90_target):
+    """Inductor's mutation analysis of the kernel (TTIR for sm_90) sees stores only to the op's own
+    outputs: the inputs are not cloned (it needs every kernel argument passed explicitly)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    with FakeTensorMode():
+        q = torch.empty(1, 7, 32, 128, dtype=BF16, device="cuda")
+        k = torch.empty(1, 7, 8, 128, dtype=BF16, device="cuda")
+        cs = torch.empty(64, 128, dtype=BF16, device="cuda")
+        pos = torch.empty(7, dtype=torch.int64, device="cuda")
+    g = fx.Graph()
+    ph = [g.placeholder(n) for n in ("q", "k", "c", "p")]
+    for p_, v in zip(ph, (q, k, cs, pos)):
+        p_.meta["val"] = v
+    out = g.output(None)
+
+    def repl(q, k, c, p):
+        return torch.ops.fxfuse.rope_quant(q, k, c, c, p, None, None, 128, True, False, BF16, 0, 1.0, [], [],
+                                           False, 0, 1.0, [], [], False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2])
+
+    try:
+        insert_traced(g, repl, ph, before=out, functionalize=True)
+    except RuntimeError as e:
+        pytest.skip(f"no NVIDIA Triton backend here: {e}")
+    (twf,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert set(twf.kwargs["tensors_to_clone"]) <= {"qo_ptr", "ko_ptr", "qq_ptr", "kq_ptr", "qs_ptr", "ks_ptr"}, \
+        twf.kwargs["tensors_to_clone"]
+
+
+def test_kv_cache_write_gated_off_on_cuda_by_default():
+    """Not measured on a GPU yet: on CUDA the cache write ships only ungated; the RoPE alone still fuses."""
+    from fxfuse import gating
+
+    gm = _fake_cuda_kv_graph()
+    fxfuse.counters.clear()
+    fxfuse.passes(gm.graph)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail
+    why = [m.reason for m in r.near_misses if "KV-cache" in m.reason]
+    assert why and "rope_kvcache" in why[0], [m.reason for m in r.near_misses]
+    assert any(n.target is torch.ops.aten.index_put.default for n in gm.graph.nodes)
+    assert gating.rejects("rope_quant", scheme="rope_kvcache", hidden=128, dtype=BF16)
+    assert gating.rejects("rope_quant", scheme="rope_fp8_static_kvcache", hidden=128, dtype=BF16)
+
+
+def test_write_gates_merges_the_cache_classes(tmp_path, monkeypatch):
+    """bench_rope_quant.py --cache results fill only the rope_*_kvcache classes; the measured RoPE
+    classes stay; a class measured slower than stock stays off on CUDA."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_gates", REPO / "benchmarks" / "write_gates.py")
+    wg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wg)
+    gates = tmp_path / "gates.json"
+    gates.write_text((REPO / "fxfuse" / "gates.json").read_text())
+    res = tmp_path / "rope_cache.json"
+    res.write_text(json.dumps({"family": "rope_quant", "gpu": "H100", "date": "d", "torch": "t", "gates_merge": True,
+                               "gates": {"rope_kvcache": {"128": 1.7}, "rope_fp8_static_kvcache": {"128": 0.9}}}))
+    monkeypatch.setattr(wg, "GATES", gates)
+    monkeypatch.setattr(sys, "argv", ["write_gates.py", str(res)])
+    wg.main()
+    table = json.loads(gates.read_text())["rope_quant"]
+    before = json.loads((REPO / "fxfuse" / "gates.json").read_text())["rope_quant"]
+    assert table["rope_kvcache"] == {"128": 1.7} and table["rope_fp8_static_kvcache"] == {"128": 0.9}
+    assert all(table[k] == v for k, v in before.items() if not k.endswith("_kvcache"))
 
 
 # ------------------------------------------------------------------ GPU: user Triton kernel in the output code
@@ -606,6 +1036,54 @@ def test_gpu_kernel_matches_reference_bitwise():
             assert not bad.any(), (i, bad.float().mean().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_complex_form_in_output_code():
+    from torch._inductor.utils import run_and_get_code
+
+    args = _cuda(complex_inputs(B=2, S=33, D=128, seed=4))
+    with torch.no_grad():
+        ref = complex_model(*args)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(complex_model, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
+    for o, r in zip(out, ref):  # fp32 complex product: CUDA may contract into FMAs (1-ulp fp32 differences)
+        assert ((o.double() - r.double()).norm() / r.double().norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kv_cache_write_in_output_code(fp8):
+    """The cache write runs inside the fused kernel; Inductor reinplaced the caches (no full-cache
+    clone or copy back), and the caches equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    args = _cuda(kv_inputs(T=29, seed=31, fp8=fp8, HQ=32, HK=8, D=128))
+    extra = _cuda((torch.tensor(0.02), torch.tensor(0.03))) if fp8 else ()
+    fn = kv_fp8_model if fp8 else kv_write_model
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = fn(*eager, *extra)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": UNGATED}), *args, *extra)
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in fxfuse.report().fusions[0].detail, fxfuse.report()
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
+    assert "index_put" not in code and ".copy_(" not in code
+    for c in args[7:9]:  # no buffer the size of a cache: no clone of it
+        assert f"empty_strided_cuda({tuple(c.shape)}" not in code, tuple(c.shape)
+    check_close((out,), (ref,))
+    for got, want in zip(args[7:9], eager[7:9]):
+        assert torch.equal(_bits(got), _bits(want))
+
+
 # ------------------------------------------------------------------ _C_cache_ops::reshape_and_cache_flash unwrap
 CACHE_NS = "fxfuse_rope_cache_test"
 _cache_lib = torch.library.Library(CACHE_NS, "DEF")
@@ -634,8 +1112,11 @@ _cache_lib.impl("reshape_and_cache_flash", _ref_cache, "CPU")
 torch.library.register_fake(f"{CACHE_NS}::reshape_and_cache_flash", lambda *a, **k: None, lib=_cache_lib)
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
-def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,cache_dtype,dynamic", [
+    ("auto", BF16, False), ("fp8", torch.uint8, False), ("fp8", FP8, True),
+])
+def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, dynamic):
+    """The unwrapped vLLM cache op (slot < 0 skipped, rows = x[:len(slots)]) fuses into the RoPE kernel."""
     from fxfuse.patterns import unwrap as unwrap_mod
     from fxfuse.patterns import unwrap_builtin
 
@@ -654,17 +1135,20 @@ def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype):
         q, k, c, s, pos, _ = table_inputs(T=6, seed=14)
         v = torch.randn_like(k)
         slots = torch.tensor([5, -1, 0, 11, -1, 3])  # padded tokens (-1) write nothing
-        cdt = BF16 if kv_dtype == "auto" else torch.uint8
-        kc = torch.randint(0, 200, (3, 4, 2, 32), dtype=torch.uint8) if cdt == torch.uint8 else torch.randn(3, 4, 2, 32).to(cdt)
+        cdt = cache_dtype
+        kc = torch.randint(0, 120, (3, 4, 2, 32), dtype=torch.uint8).view(cdt) if cdt != BF16 else torch.randn(3, 4, 2, 32).to(cdt)
         vc = kc.clone()
         scales = (torch.tensor([0.05]), torch.tensor([0.1]))
         eager = [kc.clone(), vc.clone()]
         with torch.no_grad():
             ref = fn(q, k, v, c, s, pos, slots, *eager, *scales)
-        out, _ = compile_and_run(fn, (q, k, v, c, s, pos, slots, kc, vc, *scales))
+        dyn = {0: 0, 1: 0, 2: 0, 5: 0, 6: 0} if dynamic else None
+        out, _ = compile_and_run(fn, (q, k, v, c, s, pos, slots, kc, vc, *scales), dynamic_dims=dyn)
         assert fxfuse.counters["unwrap"] == 1 and fxfuse.counters["rope_quant"] == 1, (fxfuse.report().format(verbose=True), fxfuse.report().graphs[0].errors)
+        detail = fxfuse.report().fusions[-1].detail
+        assert "+kv_cache" in detail and "skip<0" in detail and ("fp8" in detail) == (kv_dtype == "fp8"), detail
         check_close((out,), (ref,))
-        assert torch.equal(kc, eager[0]) and torch.equal(vc, eager[1])
+        assert torch.equal(_bits(kc), _bits(eager[0])) and torch.equal(_bits(vc), _bits(eager[1]))
     finally:
         for key in added:
             unwrap_mod.unregister_unwrap(key)

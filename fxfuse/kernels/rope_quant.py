@@ -27,7 +27,7 @@ Each of q and k is quantized or not, independently, with its own scale.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import triton
@@ -58,6 +58,9 @@ __all__ = [
     "rope_quant",
     "rope_quant_reference",
     "rope_quant_triton",
+    "rope_quant_cache",
+    "rope_quant_cache_reference",
+    "rope_quant_cache_triton",
     "bytes_moved",
 ]
 
@@ -233,9 +236,15 @@ def rope_quant_reference(
     norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None,
     norm_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty."""
+    """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty.
+
+    math_dtype (fp32): the rotation rounds like a float32 computation, the result is cast to
+    out_dtype once at the end (the complex form: fp32 product, then `.type_as(x)`)."""
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
+    if math_dtype is not None and (q_quant or k_quant):
+        raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     nd = norm_dtype or q.dtype
     if q_norm_w is not None:
         q = _qk_norm_ref(q, q_norm_w, q_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
@@ -258,7 +267,7 @@ def rope_quant_reference(
             outs += [empty(out_dtype), empty(_QDTYPE), empty(f32)]
             continue
         H, D = x.shape[2], x.shape[3]
-        o = _rope_one_ref(x, cs, sn, rot_dim, neox, out_dtype)
+        o = _rope_one_ref(x, cs, sn, rot_dim, neox, math_dtype or out_dtype).to(out_dtype)
         outs.append(_laid_out(o.reshape(B, S, H, D), order) if need else empty(out_dtype))
         if scheme == QUANT_NONE:
             outs += [empty(_QDTYPE), empty(f32)]
@@ -297,8 +306,13 @@ def _rope_heads(
     QUANT_MUL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr,
     NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
     ROUND_BEFORE_W: tl.constexpr,
+    c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
+    STORE_QQ: tl.constexpr,
 ):
-    """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H])."""
+    """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H]).
+
+    CACHE: also store the rope output (or, CACHE_FP8, its fp8 quant; CACHE_U8: as uint8 bits) at
+    cache row offset `c_off` when `c_ok` (the token's slot is written)."""
     hh = h0 + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
     hmask = hh < H
@@ -342,6 +356,11 @@ def _rope_heads(
     p1 = round_to(x * c[None, :], OUT_DT, NATIVE)
     p2 = round_to((xp * sign[None, :]) * sn[None, :], OUT_DT, NATIVE)
     o = round_to(p1 + p2, OUT_DT, NATIVE)
+    # math in fp32 (math_dtype) stored narrower: round once, RNE (a no-op when OUT_DT is the store dtype)
+    if o_ptr.dtype.element_ty == tl.bfloat16:
+        o = round_to(o, 1, NATIVE)
+    elif o_ptr.dtype.element_ty == tl.float16:
+        o = round_to(o, 2, NATIVE)
     o = tl.where(is_rot[None, :], o, x)
     tok = b * S + s_
     oofs = b * sob + s_ * sos + hh[:, None].to(tl.int64) * soh + j[None, :]
@@ -362,7 +381,52 @@ def _rope_heads(
             tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
             sb = sc[:, None] + tl.zeros_like(o)
         qq = quantize(o, sb, qmin, qmax, QUANT_MUL, False, False, NATIVE)
-        tl.store(qo_ptr + oofs, qq, mask=mask)
+        if STORE_QQ:
+            tl.store(qo_ptr + oofs, qq, mask=mask)
+        if CACHE and CACHE_FP8:
+            _cache_store(c_ptr, c_off, c_sh, hh, j, qq, mask, c_ok, CACHE_U8)
+    if CACHE and not CACHE_FP8:
+        _cache_store(c_ptr, c_off, c_sh, hh, j, o, mask, c_ok, False)
+
+
+@triton.jit
+def _slot(raw, n, ok, NEG_SKIP: tl.constexpr):
+    """(row, written?) of a slot in a cache of n rows: slot < 0 skipped (vLLM) or wrapped (index_put)."""
+    if NEG_SKIP:
+        s = raw
+    else:
+        s = tl.where(raw < 0, raw + n, raw)
+    return s, ok & (s >= 0) & (s < n)
+
+
+@triton.jit
+def _cache_store(c_ptr, c_off, c_sh, hh, j, val, mask, ok, U8: tl.constexpr):
+    """Store [BLOCK_H, BLOCK_D] rows of one token into its cache slot (fp8 bits as uint8 when U8)."""
+    if U8:
+        val = val.to(tl.uint8, bitcast=True)
+    offs = c_off + hh[:, None].to(tl.int64) * c_sh + j[None, :]
+    m = mask & (tl.zeros_like(offs) + ok.to(tl.int32) != 0)
+    tl.store(c_ptr + offs, val.to(c_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cache_v(v_ptr, c_ptr, vscale_ptr, b, s_, h0, H, svb, svs, svh, c_off, c_ok, c_sh, v_static, qmin, qmax,
+             D: tl.constexpr, V_QUANT: tl.constexpr, V_SCALE_T: tl.constexpr, V_MUL: tl.constexpr,
+             CACHE_U8: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr):
+    """Copy BLOCK_H heads of v of one token into its cache slot (static fp8 quant when V_QUANT)."""
+    hh = h0 + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_D)
+    mask = (hh < H)[:, None] & (j < D)[None, :]
+    mask = mask & (tl.zeros_like(hh)[:, None] + c_ok.to(tl.int32) != 0)
+    x = tl.load(v_ptr + b * svb + s_ * svs + hh[:, None].to(tl.int64) * svh + j[None, :], mask=mask, other=0.0)
+    if V_QUANT:
+        if V_SCALE_T:
+            sc = tl.load(vscale_ptr).to(tl.float32)
+        else:
+            sc = v_static + 0.0
+        xf = x.to(tl.float32)
+        x = quantize(xf, sc + tl.zeros_like(xf), qmin, qmax, V_MUL, False, False, NATIVE)
+    _cache_store(c_ptr, c_off, c_sh, hh, j, x, mask, c_ok, CACHE_U8)
 
 
 @triton.jit
@@ -382,11 +446,20 @@ def _rope_quant_kernel(
     NEED_K: tl.constexpr, K_QUANT: tl.constexpr, K_SCALE_T: tl.constexpr, K_MUL: tl.constexpr,
     KOP0: tl.constexpr, KOP1: tl.constexpr, KOP2: tl.constexpr, KOP3: tl.constexpr,
     HAS_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr = False,
+    v_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, vscale_ptr=None,
+    n_slots=0, n_vslots=0, n_tok=0, n_v=0, HV=0, NKB=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
+    v_static=1.0, v_qmin=-448.0, v_qmax=448.0,
+    HAS_CACHE: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
+    K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
+    V_QUANT: tl.constexpr = False, V_SCALE_T: tl.constexpr = False, V_MUL: tl.constexpr = False,
 ):
     """Grid (tokens, q head-blocks + k head-blocks): q and k of a token in ONE launch.
 
     cos/sin of a token are read once per head block (L1/L2 hits), x once (+ a partner reload
     of the rotated half from cache); HBM traffic is one read of q/k and one write of each output.
+    HAS_CACHE: k programs also store k (rope or fp8) at the token's slot of kc, and NVB extra
+    head-block programs per token copy v (fp8 when V_QUANT) into vc. A slot < 0 is skipped
+    (NEG_SKIP, vLLM) or wraps to slot + n_slots (ATen index_put); slots >= n_slots are not written.
     """
     q_static = tl.cast(q_static, tl.float32)
     k_static = tl.cast(k_static, tl.float32)
@@ -412,6 +485,18 @@ def _rope_quant_kernel(
         crow = tl.load(pos_ptr + tok).to(tl.int64)
     else:
         crow = tok
+    c_ok = False
+    v_ok = False
+    slot = tok * 0
+    vslot = tok * 0
+    if HAS_CACHE:
+        v_static = tl.cast(v_static, tl.float32)
+        v_qmin = tl.cast(v_qmin, tl.float32)
+        v_qmax = tl.cast(v_qmax, tl.float32)
+        in_rng = tok < n_tok  # slots may cover only the first n_tok tokens (rows = x[:len(slots)])
+        raw = tl.load(slot_ptr + tok, mask=in_rng, other=0).to(tl.int64)
+        slot, c_ok = _slot(raw, n_slots, in_rng, NEG_SKIP)
+        vslot, v_ok = _slot(raw, n_vslots, in_rng & (tok < n_v), NEG_SKIP)
     if hb < NQB:
         _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     qw_ptr, q_eps, woff, one,
@@ -419,15 +504,21 @@ def _rope_quant_kernel(
                     q_static, qc0, qc1, qc2, qc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
                     QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE,
-                    Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
-    elif HAS_K:
+                    Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
+                    qo_ptr, 0, False, 0, False, False, False, True)
+    elif HAS_K and hb < NQB + NKB:
         _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     kw_ptr, k_eps, woff, one,
                     b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh,
                     k_static, kc0, kc1, kc2, kc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
                     KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
-                    K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W)
+                    K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
+                    kc_ptr, slot * skc, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ)
+    elif HAS_CACHE:
+        _cache_v(v_ptr, vc_ptr, vscale_ptr, b, s_, (hb - NQB - NKB) * BLOCK_H, HV, svb, svs, svh,
+                 vslot * svc, v_ok, svc_h, v_static, v_qmin, v_qmax,
+                 D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
 
 
 def _pad(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
@@ -451,10 +542,12 @@ def _strides(shape: Sequence, order: Sequence[int]) -> list:
     return st
 
 
-def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=(0, 1, 2), k_order=(0, 1, 2)):
+def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=(0, 1, 2), k_order=(0, 1, 2),
+           store_k_fp8=True):
     dev = q.device
     outs = []
-    for x, scheme, need, order in ((q, q_quant, need_q_rope, q_order), (k, k_quant, need_k_rope, k_order)):
+    for x, scheme, need, order, keep in ((q, q_quant, need_q_rope, q_order, True),
+                                         (k, k_quant, need_k_rope, k_order, store_k_fp8)):
         if x is None:
             outs += [torch.empty(_EMPTY, dtype=out_dtype, device=dev), torch.empty(_EMPTY, dtype=_QDTYPE, device=dev),
                      torch.empty(_EMPTY, dtype=torch.float32, device=dev)]
@@ -463,21 +556,46 @@ def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=
         st = _strides((B, S, H, D), order)
         outs.append(torch.empty_strided((B, S, H, D), st, dtype=out_dtype, device=dev) if need
                     else torch.empty(_EMPTY, dtype=out_dtype, device=dev))
-        outs.append(torch.empty_strided((B, S, H, D), st, dtype=_QDTYPE, device=dev) if scheme
+        outs.append(torch.empty_strided((B, S, H, D), st, dtype=_QDTYPE, device=dev) if scheme and keep
                     else torch.empty(_EMPTY, dtype=_QDTYPE, device=dev))
         s_shape = {QUANT_NONE: _EMPTY, QUANT_STATIC: (1,), QUANT_DYNAMIC: (B, S, H)}[scheme]
         outs.append(torch.empty(s_shape, dtype=torch.float32, device=dev))
     return outs
 
 
-def _launch(kernel, a: dict, outs, num_warps=None):
+def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, dict, dict]:
+    """(v head blocks, runtime args, constexprs) of the KV-cache write (`c` None: no write)."""
+    if c is None:  # every argument explicit: Inductor's mutation analysis wants the full signature
+        return 0, dict(v_ptr=dummy, kc_ptr=dummy, vc_ptr=dummy, slot_ptr=dummy, vscale_ptr=dummy, n_slots=0,
+                       n_vslots=0, n_tok=0, n_v=0, HV=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
+                       v_static=1.0, v_qmin=-448.0, v_qmax=448.0), dict(
+            HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
+            V_QUANT=False, V_SCALE_T=False, V_MUL=False)
+    v, kc, vc = c["v"], c["k_cache"], c["v_cache"]
+    H, D = kc.shape[-2], kc.shape[-1]
+    HV = v.shape[2]
+    rt = dict(v_ptr=v, kc_ptr=kc, vc_ptr=vc, slot_ptr=c["slots"],
+              vscale_ptr=c["v_scale"] if c["v_scale"] is not None else dummy,
+              n_slots=kc.numel() // (H * D), n_vslots=vc.numel() // (vc.shape[-2] * vc.shape[-1]), n_tok=c["slots"].shape[0], n_v=v.shape[1], HV=HV, skc=H * D, skc_h=D, svc=vc.shape[-2] * vc.shape[-1],
+              svc_h=vc.shape[-1], svb=v.stride(0), svs=v.stride(1), svh=v.stride(2),
+              v_static=float(c["v_static"]), v_qmin=float(c["v_qmin"]), v_qmax=float(c["v_qmax"]))
+    ce = dict(HAS_CACHE=True, NEG_SKIP=bool(c["neg_skip"]), K_CACHE_FP8=bool(c["k_cache_fp8"]),
+              K_CACHE_U8=kc.dtype == torch.uint8, V_CACHE_U8=vc.dtype == torch.uint8,
+              STORE_KQ=bool(c["store_k_fp8"]), V_QUANT=bool(c["v_quant"]), V_SCALE_T=c["v_scale"] is not None,
+              V_MUL=bool(c["v_mul"]))
+    return triton.cdiv(HV, BH), rt, ce
+
+
+def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None):
     q, k, cos, sin, positions = a["q"], a["k"], a["cos"], a["sin"], a["positions"]
     q_scale, k_scale, qw, kw = a["q_scale"], a["k_scale"], a["q_norm_w"], a["k_norm_w"]
     B, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
-    BH = _block_h(D, max(HQ, HK))
+    HV = cache["v"].shape[2] if cache is not None else 0
+    BH = _block_h(D, max(HQ, HK, HV))
     nqb = triton.cdiv(HQ, BH)
     nkb = triton.cdiv(HK, BH) if k is not None else 0
+    nvb, c_rt, c_ce = _cache_args(cache, BH, cos)
     qo, qq, qs, ko, kq, ks = outs
     need_q, need_k = bool(a["need_q_rope"]), bool(a["need_k_rope"]) and k is not None
     oq = qo if need_q else qq
@@ -486,7 +604,7 @@ def _launch(kernel, a: dict, outs, num_warps=None):
     oks = [ok.stride(i) for i in range(3)] if ok.dim() == 4 else [0, 0, 0]
     if need_q and a["q_quant"] and list(qq.stride()) != list(qo.stride()):
         raise ValueError("rope_quant: q rope and fp8 outputs must share a layout")
-    if need_k and a["k_quant"] and list(kq.stride()) != list(ko.stride()):
+    if need_k and a["k_quant"] and kq.dim() == 4 and list(kq.stride()) != list(ko.stride()):
         raise ValueError("rope_quant: k rope and fp8 outputs must share a layout")
     qops, qc = _pad(a["q_ops"], a["q_consts"])
     kops, kc = _pad(a["k_ops"], a["k_consts"])
@@ -494,7 +612,7 @@ def _launch(kernel, a: dict, outs, num_warps=None):
     bd = triton.next_power_of_2(D)
     norm_dt = a["norm_dtype"] or q.dtype
     wsum = a["norm_wsum_dtype"]
-    kernel[(B * S, nqb + nkb)](
+    kernel[(B * S, nqb + nkb + nvb)](
         q, kk, cos, sin, positions if positions is not None else cos,
         q_scale if q_scale is not None else cos, k_scale if k_scale is not None else cos,
         qw if qw is not None else cos, kw if kw is not None else cos,
@@ -506,7 +624,7 @@ def _launch(kernel, a: dict, outs, num_warps=None):
         float(a["q_static"]), qc[0], qc[1], qc[2], qc[3], float(a["k_static"]), kc[0], kc[1], kc[2], kc[3],
         float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]), 1.0,
         D=D, ROT=int(a["rot_dim"]), NEOX=bool(a["neox"]), COS_HALF=bool(a["cos_half"]),
-        OUT_DT=_DT_CODE[a["out_dtype"]], HAS_POS=positions is not None,
+        OUT_DT=_DT_CODE[a["math_dtype"] or a["out_dtype"]], HAS_POS=positions is not None,  # stores cast to out
         Q_NORM=qw is not None, K_NORM=kw is not None and k is not None, X_DT=_DT_CODE[q.dtype],
         NORM_DT=_DT_CODE[norm_dt], WSUM_DT=-1 if wsum is None else _DT_CODE[wsum],
         ROUND_BEFORE_W=bool(a["norm_round_before"]),
@@ -517,6 +635,7 @@ def _launch(kernel, a: dict, outs, num_warps=None):
         KOP0=kops[0], KOP1=kops[1], KOP2=kops[2], KOP3=kops[3],
         HAS_K=k is not None, BLOCK_H=BH, BLOCK_D=bd,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        NKB=nkb, **c_rt, **c_ce,
         num_warps=num_warps or (4 if BH * bd <= 2048 else 8),
     )
 
@@ -561,12 +680,13 @@ def rope_quant(
     norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None,
     norm_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused (QK-norm +) RoPE (+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
     args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
             qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, q_norm_w, k_norm_w, q_eps, k_eps,
-            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype)
+            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype, math_dtype)
     if q.device.type == "cpu":
         return _rope_quant_cpu(*args)
     a = _bind(args, {})
@@ -584,6 +704,160 @@ def _rope_quant_cpu(*args):
 rope_quant.register_kernel("cpu")(_rope_quant_cpu)
 
 
+# ----------------------------------------------------------------------------- + KV-cache write
+
+_ROPE_PARAMS = ("q", "k", "cos", "sin", "positions", "q_scale", "k_scale", "rot_dim", "neox", "cos_half", "out_dtype",
+                "q_quant", "q_static", "q_ops", "q_consts", "q_mul", "k_quant", "k_static", "k_ops", "k_consts",
+                "k_mul", "qmin", "qmax", "need_q_rope", "need_k_rope", "q_order", "k_order")
+_CACHE_PARAMS = ("v", "k_cache", "v_cache", "slots", "v_scale", "k_cache_fp8", "store_k_fp8", "v_quant", "v_static",
+                 "v_mul", "v_qmin", "v_qmax", "neg_skip")
+
+
+def check_cache_args(c: dict, k: Optional[torch.Tensor], out_dtype: torch.dtype, k_quant: int) -> None:
+    """Raise ValueError on an unsupported cache write (the FX side pre-checks all of this)."""
+    v, kc, vc, slots = c["v"], c["k_cache"], c["v_cache"], c["slots"]
+    if k is None or v.dim() != 4 or v.shape[0] != 1 or k.shape[0] != 1 or v.shape[3] != k.shape[3]:
+        raise ValueError("rope_quant_cache: k and v must be token-major [1, T, H, D] (v's T may differ)")
+    for name, t, h in (("k_cache", kc, k.shape[2]), ("v_cache", vc, v.shape[2])):
+        if t.dim() < 3 or t.shape[-2] != h or t.shape[-1] != k.shape[3] or not t.is_contiguous():
+            raise ValueError(f"rope_quant_cache: {name} must be contiguous [..., {h}, {k.shape[3]}]")
+    if slots.dim() != 1 or slots.shape[0] > k.shape[0] * k.shape[1] or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError("rope_quant_cache: slots must be 1-D int32/int64, one per token (the first len(slots) tokens)")
+    fp8 = (_QDTYPE, torch.uint8)
+    if c["k_cache_fp8"] and (k_quant != QUANT_STATIC or kc.dtype not in fp8):
+        raise ValueError("rope_quant_cache: an fp8 k cache needs static fp8 quant of k")
+    if not c["k_cache_fp8"] and kc.dtype != out_dtype:
+        raise ValueError("rope_quant_cache: k cache dtype differs from the rope output dtype")
+    if (vc.dtype in fp8) != bool(c["v_quant"]) or (not c["v_quant"] and vc.dtype != v.dtype):
+        raise ValueError("rope_quant_cache: v cache dtype does not match v (or its fp8 quant)")
+    if not c["store_k_fp8"] and c["k_cache_fp8"] is False and k_quant != QUANT_NONE:
+        raise ValueError("rope_quant_cache: k is quantized but its fp8 output is neither stored nor cached")
+
+
+def _write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, neg_skip: bool) -> None:
+    """cache (viewed [N, H, D]) rows slots[i] <- rows[i]: slot < 0 skipped (neg_skip) or wrapped (index_put)."""
+    H, D = cache.shape[-2], cache.shape[-1]
+    flat = cache.view(-1, H, D)
+    if rows.dtype != cache.dtype:
+        rows = rows.view(cache.dtype)  # fp8 bits into a uint8 cache
+    s = slots.long()
+    if not neg_skip:
+        flat.index_put_((s,), rows)
+        return
+    n = flat.shape[0]
+    pad = torch.cat((flat, flat[:1]))  # row n: where skipped tokens go (no data-dependent shapes)
+    pad.index_put_((torch.where(s >= 0, s, n),), rows)
+    flat.copy_(pad[:n])
+
+
+def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """Oracle of the fused op with the KV-cache write: rope_quant_reference, then k (rope or fp8)
+    and v (fp8 when v_quant) written into k_cache / v_cache (mutated) at `slots`."""
+    a = _bind_cache(args, kwargs)
+    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    check_cache_args(c, a["k"], a["out_dtype"], a["k_quant"])
+    need_k = a["need_k_rope"]
+    a["need_k_rope"] = True
+    outs = list(rope_quant_reference(**a))
+    k = a["k"]
+    B, S, HK, D = k.shape
+    n = c["slots"].shape[0]  # the first n tokens are written (k and v hold at least n in a valid graph)
+    krows = (outs[4] if c["k_cache_fp8"] else outs[3]).reshape(B * S, HK, D)[:n]
+    v = c["v"][0, :n]
+    if c["v_quant"]:
+        sc = c["v_scale"].reshape(()) if c["v_scale"] is not None else torch.tensor(c["v_static"], device=v.device)
+        v, _ = _quant_ref(v, QUANT_STATIC, sc, c["v_static"], [], [], c["v_mul"], c["v_qmin"], c["v_qmax"])
+    _write_rows(c["k_cache"], krows, c["slots"], c["neg_skip"])
+    _write_rows(c["v_cache"], v, c["slots"], c["neg_skip"])
+    if not need_k:
+        outs[3] = torch.empty(_EMPTY, dtype=outs[3].dtype, device=k.device)
+    if not c["store_k_fp8"]:
+        outs[4] = torch.empty(_EMPTY, dtype=_QDTYPE, device=k.device)
+    return tuple(outs)
+
+
+_NORM_DEFAULTS = dict(q_norm_w=None, k_norm_w=None, q_eps=1e-6, k_eps=1e-6, norm_woff=0.0, norm_round_before=True,
+                      norm_wsum_dtype=None, norm_dtype=None, math_dtype=None)
+
+
+def _bind_cache(args: tuple, kwargs: dict) -> dict:
+    """The cache op's arguments by name: rope args, cache args, then the QK-norm ones (defaults filled in)."""
+    names = _ROPE_PARAMS + _CACHE_PARAMS + tuple(_NORM_DEFAULTS)
+    a = dict(_NORM_DEFAULTS)
+    a.update(zip(names, args))
+    a.update(kwargs)
+    missing = [n for n in names if n not in a]
+    if missing:
+        raise TypeError(f"rope_quant_cache: missing arguments {missing}")
+    return a
+
+
+@triton_op("fxfuse::rope_quant_cache", mutates_args=("k_cache", "v_cache"))
+def rope_quant_cache(
+    q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+    positions: Optional[torch.Tensor], q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
+    rot_dim: int, neox: bool, cos_half: bool, out_dtype: torch.dtype,
+    q_quant: int, q_static: float, q_ops: list[int], q_consts: list[float], q_mul: bool,
+    k_quant: int, k_static: float, k_ops: list[int], k_consts: list[float], k_mul: bool,
+    qmin: float, qmax: float, need_q_rope: bool, need_k_rope: bool, q_order: list[int], k_order: list[int],
+    v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    v_scale: Optional[torch.Tensor], k_cache_fp8: bool, store_k_fp8: bool, v_quant: bool, v_static: float,
+    v_mul: bool, v_qmin: float, v_qmax: float, neg_skip: bool,
+    q_norm_w: Optional[torch.Tensor] = None, k_norm_w: Optional[torch.Tensor] = None,
+    q_eps: float = 1e-6, k_eps: float = 1e-6, norm_woff: float = 0.0, norm_round_before: bool = True,
+    norm_wsum_dtype: Optional[torch.dtype] = None, norm_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rope_quant + the KV-cache write in the same launch: k (rope, or its fp8 quant) and v (fp8 when
+    v_quant) stored into k_cache / v_cache (mutated in place) at `slots`.
+
+    Traced under FunctionalTensorMode (the pass does) this becomes, on CUDA,
+    `triton_kernel_wrapper_functional(..., tensors_to_clone=[.., k_cache, v_cache])`, and on CPU
+    `auto_functionalized_v2(fxfuse.rope_quant_cache_ref)`; Inductor's reinplacing then drops the
+    cache clones, as the caches are graph inputs only copied back at the end."""
+    kw = {n: v_ for n, v_ in locals().items()}
+    if q.device.type == "cpu":
+        return _rope_quant_cache_ref_op(**kw)
+    c = {n: kw.pop(n) for n in _CACHE_PARAMS}
+    a = _bind((), kw)
+    _check(a)
+    check_cache_args(c, k, out_dtype, k_quant)
+    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order, store_k_fp8)
+    _launch(wrap_triton(_rope_quant_kernel), a, outs, cache=c)
+    return tuple(outs)
+
+
+# the CPU reference as a mutating custom op of the same schema (auto_functionalized in a compiled graph)
+_SCHEMA = str(rope_quant_cache._opoverload._schema)
+_rope_quant_cache_ref_op = torch.library.custom_op(
+    "fxfuse::rope_quant_cache_ref", rope_quant_cache_reference, mutates_args=("k_cache", "v_cache"),
+    schema=_SCHEMA[_SCHEMA.index("("):],
+)
+
+
+@_rope_quant_cache_ref_op.register_fake
+def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    a = _bind_cache(args, kwargs)
+    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    return tuple(_alloc(a["q"], a["k"], a["out_dtype"], a["q_quant"], a["k_quant"], a["need_q_rope"],
+                        a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"]))
+
+
+def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = None, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """Launch the raw kernel with the cache write (eager CUDA, or CPU under TRITON_INTERPRET=1)."""
+    a = _bind_cache(args, kwargs)
+    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    _check(a)
+    check_cache_args(c, a["k"], a["out_dtype"], a["k_quant"])
+    q = a["q"]
+    outs = list(out) if out is not None else _alloc(q, a["k"], a["out_dtype"], a["q_quant"], a["k_quant"],
+                                                    a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"],
+                                                    c["store_k_fp8"])
+    if q.shape[0] * q.shape[1] > 0:
+        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps, cache=c)
+    return tuple(outs)
+
+
 def _bind(args: tuple, kwargs: dict) -> dict:
     """The op's arguments by name (defaults filled in)."""
     import inspect
@@ -594,6 +868,8 @@ def _bind(args: tuple, kwargs: dict) -> dict:
 
 
 def _check(a: dict) -> None:
+    if a.get("math_dtype") is not None and (a["q_quant"] or a["k_quant"]):
+        raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     check_args(a["q"], a["k"], a["cos"], a["sin"], a["positions"], a["rot_dim"], a["cos_half"], a["out_dtype"],
                a["q_quant"], a["k_quant"], a["q_ops"], a["k_ops"], a["norm_dtype"])
 

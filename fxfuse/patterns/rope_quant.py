@@ -14,19 +14,26 @@ are passed as `[M, rot]` rows; when they are gathered from a table by a position
 
 Forms: HF `rotate_half` (cat(-x2, x1)), HF GPT-J `rotate_every_two` (stack(-x_odd, x_even).flatten),
 and the explicit-halves form (x1*cos - x2*sin, x2*cos + x1*sin; cat or stack) that vLLM's
-`_C::rotary_embedding` unwraps to; partial rotary (cat with the pass-through part); QK-norm
-(a per-head RMSNorm over head_dim, through a transpose) computed in the same kernel.
+`_C::rotary_embedding` unwraps to; Meta Llama's complex form (view_as_complex of adjacent pairs
+times a complex64 freqs_cis, view_as_real, flatten: Inductor keeps these complex ops as they
+are, so the fixed chain is matched; cos/sin are freqs' real/imaginary parts, fp32 output);
+partial rotary (cat with the pass-through part); QK-norm (a per-head RMSNorm over head_dim,
+through a transpose) computed in the same kernel.
 
-KV-cache write (not fused yet; the write stays with Inductor and stays correct, see
-tests/test_rope_quant.py::test_kv_cache_write_stays_correct). Chosen design for it: a second
-`triton_op` with `mutates_args=("k_cache", "v_cache")` that also stores k (rope'd, fp8 or not)
-and v at `slots`, inserted by tracing the replacement with `functionalize=True`. On CUDA that
-gives `triton_kernel_wrapper_functional(..., tensors_to_clone=[caches])` whose outputs replace
-the `index_put` results feeding the graph's final `copy_` into the cache inputs; Inductor's
-reinplace pass (which runs after this pre-pass) drops the clone because the cache is a graph
-input that is only copied back, so no full-cache copy is paid. On CPU the same trace gives
-`auto_functionalized_v2`, decomposed by Inductor. An op returning an updated cache copy would
-be simpler but costs a full cache copy per step, so it was rejected.
+KV-cache write (fxfuse/patterns/rope_cache.py finds it): when rotated k (or its static fp8 quant)
+and v (or its static fp8 quant) are scattered by the same slots into two graph-input caches,
+`torch.ops.fxfuse.rope_quant_cache` (a `triton_op` with `mutates_args=("k_cache", "v_cache")`)
+stores them from the same launch. The replacement is traced with functionalization: on CUDA
+that gives `triton_kernel_wrapper_functional(..., tensors_to_clone=[.., k_cache, v_cache])`,
+whose outputs replace the `index_put` results feeding the graph's final `copy_` into the cache
+inputs; Inductor's reinplace pass (which runs after this pre-pass) drops the clones and the
+copies, since each cache is a graph input only copied back (tests/test_rope_quant.py::
+test_kv_cache_cuda_path_reinplaces_the_caches checks it on the fake-CUDA graph). On CPU the same
+trace gives `auto_functionalized_v2(fxfuse.rope_quant_cache_ref)`, reinplaced the same way.
+Slot semantics follow the graph: the ATen `index_put` wraps a negative slot (slot + num_slots),
+vLLM's unwrapped `reshape_and_cache_flash` skips it; the kernel does whichever the graph does.
+The cache-write region is its own gate class (scheme + "_kvcache"); where it is gated off or a
+check fails, the RoPE still fuses and the write stays with Inductor (near miss with the reason).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from ..fx_utils import (
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
 from .quant import amax_source as _amax_source, scale_chain as _scale_chain, strip_f32_convert as _strip_f32_convert
 from .rmsnorm_quant import NormMatch, match_norm
+from .rope_cache import BYTE_DTYPES, CacheWrite, KVPlan, match_cache_write, rows_match, v_rows
 
 FAMILY = "rope_quant"
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -85,6 +93,7 @@ class QuantPart:
     scale_out: fx.Node | None  # dynamic scale node (may have users outside)
     nodes: set[fx.Node] = field(default_factory=set)
     via: fx.Node | None = None  # static quant of a reshape of the rope output (vLLM's [T, H*D])
+    prefix: fx.Node | None = None  # static quant of rope_out[:n] (n not provably all tokens): cache rows only
 
 
 @dataclass
@@ -101,6 +110,8 @@ class RopeMatch:
     table: tuple[fx.Node, fx.Node, fx.Node] | None = None  # (cos table, sin table, positions)
     table_cols: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)  # column slices of the tables
     cos_half: bool = False  # cos/sin hold one value per rotated pair (rot/2 columns)
+    complex_freqs: bool = False  # cos/sin are the real/imaginary parts of one complex tensor (cos is sin)
+    f32_math: bool = False  # rotation in fp32, `out` is its cast to a narrower dtype (one rounding)
     quant: QuantPart | None = None
     need_rope: bool = True
     quant_miss: tuple[fx.Node, str] | None = None  # fp8 quant seen but not fusable: (sink, reason)
@@ -339,6 +350,53 @@ def match_interleaved_hf(cat: fx.Node) -> RopeMatch:
     return _finish_sum(r, x, nodes, neox=False)
 
 
+def looks_like_complex(vr: fx.Node) -> bool:
+    """Cheap screen: view_as_real(view_as_complex(...) * f) (Meta Llama's apply_rotary_emb)."""
+    if not is_op(vr, aten.view_as_real.default) or not is_op(vr.args[0], aten.mul.Tensor):
+        return False
+    return any(is_op(a, aten.view_as_complex.default) for a in vr.args[0].args[:2])
+
+
+def match_complex(vr: fx.Node) -> RopeMatch:
+    """view_as_real(view_as_complex(x.reshape(..., D/2, 2)) * freqs).flatten(-2): GPT-J pairs rotated
+    by cos = freqs.real, sin = freqs.imag (one value per pair), in fp32 like the complex product."""
+    m = vr.args[0]
+    a, b = m.args[:2]
+    xc, f = (a, b) if is_op(a, aten.view_as_complex.default) else (b, a)
+    if not isinstance(f, fx.Node) or tval(f).dtype != torch.complex64:
+        raise Reject("the complex factor is not a complex64 tensor")
+    rs = xc.args[0]
+    if not is_op(rs, aten.reshape.default, aten.view.default):
+        raise Reject("view_as_complex does not read a reshape of x into (pairs, 2)")
+    x = rs.args[0]
+    xv, rv = tval(x), tval(rs)
+    D = xv.shape[-1]
+    if (xv.dim() + 1 != rv.dim() or tuple(rv.shape[:-2]) != tuple(xv.shape[:-1]) or rv.shape[-1] != 2
+            or not isinstance(D, int) or D % 2 or rv.shape[-2] != D // 2):
+        raise Reject(f"x {tuple(xv.shape)} is viewed as {tuple(rv.shape)}, not as adjacent pairs [..., D/2, 2]")
+    users = list(vr.users)
+    out = users[0] if len(users) == 1 else None
+    if not is_op(out, aten.reshape.default, aten.view.default) or tuple(tval(out).shape) != tuple(xv.shape):
+        raise Reject("view_as_real of the product is not flattened back to x's shape")
+    fv = tval(f)
+    if fv.dim() > xv.dim() or fv.shape[-1] != D // 2:
+        raise Reject(f"freqs {tuple(fv.shape)} do not hold one complex value per pair of x {tuple(xv.shape)}")
+    nodes = {rs, xc, m, vr, out}
+    for n in (rs, xc, m, vr):
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"intermediate {n.name} of the complex rotation has other users")
+    rm = RopeMatch(x=x, out=out, cos=f, sin=f, rot=D, neox=False, nodes=nodes, cos_half=True, complex_freqs=True)
+    casts = list(out.users)
+    if len(casts) == 1 and is_convert(casts[0]) and convert_dtype(casts[0]) in (torch.bfloat16, torch.float16):
+        rm.out, rm.f32_math = casts[0], True  # `.type_as(x)`: the kernel stores the fp32 result cast once
+        rm.nodes.add(casts[0])
+    src, up = _strip_f32_convert(x)
+    if up is not None and tval(src).dtype in X_DTYPES and all(u in nodes for u in x.users):
+        rm.x_src = src  # the kernel upcasts on load (exact)
+        rm.nodes.add(x)
+    return rm
+
+
 def _finish_sum(rot_node: fx.Node, x: fx.Node, nodes: set[fx.Node], neox: bool) -> RopeMatch:
     """From rotate(x): x * cos + rotate(x) * sin."""
     if len(rot_node.users) != 1:
@@ -498,7 +556,7 @@ def resolve_layout(m: RopeMatch) -> None:
     if len(tok) > 2 or (head < 0 and len(tok) > 2):
         raise Reject("more than two token dims")
     m.head, m.tok = head, tok
-    m.table = _table_lookup(m)
+    m.table = None if m.complex_freqs else _table_lookup(m)
 
 
 def _strip_unsqueeze(node: Any) -> Any:
@@ -586,6 +644,8 @@ def match_quant(m: RopeMatch) -> None:
     sinks = _fp8_sinks(r)
     if not sinks:
         return
+    if m.f32_math:
+        raise Reject("quant of the cast-back fp32 complex rotation is not fused")
     if len(sinks) > 1:
         raise Reject("rope output feeds several fp8 quantizations")
     (sink,) = sinks
@@ -618,9 +678,17 @@ def match_quant(m: RopeMatch) -> None:
     if mul and not depends_on_any(a, {r}):
         a, s = s, a
     src, up = _strip_f32_convert(a)
-    via = None
+    via = prefix = None
     if src is not r and is_op(src, aten.reshape.default, aten.view.default) and src.args[0] is r:
         via = src  # elementwise static quant commutes with the reshape
+        nodes.add(src)
+        src = r
+    elif is_op(src, aten.slice.Tensor) and src.args[0] is r and list(src.args[1:3]) == [0, 0] and (
+            len(src.args) < 5 or src.args[4] == 1):
+        # r[:n] (vLLM's cache write takes the first len(slots) tokens): the same as r when n is
+        # provably all tokens; else the quant is fused only as a KV-cache write's rows
+        if not statically_known_true(tval(src).shape[0] == tval(r).shape[0]):
+            prefix = src
         nodes.add(src)
         src = r
     if src is not r:
@@ -651,14 +719,14 @@ def match_quant(m: RopeMatch) -> None:
             scale = s
     if mul and scheme == QUANT_STATIC and scale is None and sv == 0.0:
         raise Reject("multiplying by a zero scale")
-    if via is not None and scheme != QUANT_STATIC:
-        raise Reject("dynamic fp8 quant of a reshaped rope output (scale is not per head)")
+    if (via is not None or prefix is not None) and scheme != QUANT_STATIC:
+        raise Reject("dynamic fp8 quant of a reshaped or sliced rope output")
     escape_ok = {sink} | ({scale_out} if scale_out is not None else set())
     region = nodes | m.nodes | {r}
     for n in nodes - escape_ok:
         if any(u not in region for u in n.users):
             raise Reject(f"intermediate {n.name} of the quant is used elsewhere")
-    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes, via)
+    m.quant = QuantPart(scheme, sink, scale, sv, ops, consts, mul, qmin, qmax, scale_out, nodes, via, prefix)
     m.need_rope = any(u not in nodes for u in r.users)
 
 
@@ -677,8 +745,10 @@ def check(m: RopeMatch) -> None:
     if not statically_known_true(xv.stride(-1) == 1):
         raise Reject("head_dim of x is not contiguous")
     for n in (m.cos, m.sin):
-        if tval(n).dtype not in X_DTYPES:
+        if tval(n).dtype not in X_DTYPES and not m.complex_freqs:
             raise Reject(f"{n.name} dtype {tval(n).dtype} not supported")
+    if not statically_known_true(tval(m.src).stride(-1) == 1):
+        raise Reject("head_dim of the rotated tensor is not contiguous")
     scalars = [tval(m.quant.scale)] if m.quant is not None and m.quant.scale is not None else []
     if not kernel_devices_ok(xv, tval(m.cos), tval(m.sin), scalars=scalars):
         raise Reject("inputs are on different devices")
@@ -695,6 +765,9 @@ def check(m: RopeMatch) -> None:
             raise Reject(f"input {inp.name} depends on the region itself")
 
 
+KV_SUFFIX = "_kvcache"  # gate class of a region that also writes the KV cache (scheme_name + this)
+
+
 def scheme_name(ms: list[RopeMatch]) -> str:
     """Gate key: rope | rope_fp8_static | rope_fp8_dynamic, with _qknorm when the norm is fused."""
     kinds = {mm.quant.scheme if mm.quant else QUANT_NONE for mm in ms}
@@ -707,8 +780,14 @@ def _same_factor(a: fx.Node, b: fx.Node) -> bool:
     if a is b:
         return True
     av, bv = tval(a), tval(b)
+
+    def base(n: Any) -> Any:  # reshapes/unsqueezes of one tensor to equal shapes hold the same values
+        while is_op(n, aten.unsqueeze.default, aten.reshape.default, aten.view.default):
+            n = n.args[0]
+        return n
+
     return (
-        _strip_unsqueeze(a) is _strip_unsqueeze(b)
+        base(a) is base(b)
         and len(av.shape) == len(bv.shape)
         and all(statically_known_true(x == y) for x, y in zip(av.shape, bv.shape))
     )
@@ -720,7 +799,8 @@ def _norm_key(n: NormMatch) -> tuple:
 
 def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
     """q and k of one attention: same cos/sin nodes, token sizes, rotary dim and dtypes."""
-    if a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half:
+    if (a.rot != b.rot or a.neox != b.neox or a.cos_half != b.cos_half or a.complex_freqs != b.complex_freqs
+            or a.f32_math != b.f32_math):
         return False
     if a.table is not None and b.table is not None:
         if a.table != b.table or a.table_cols != b.table_cols:
@@ -742,6 +822,104 @@ def can_pair(a: RopeMatch, b: RopeMatch) -> bool:
         return False
     ra, rb = a.nodes | (a.quant.nodes if a.quant else set()), b.nodes | (b.quant.nodes if b.quant else set())
     return not depends_on_any(b.src, ra) and not depends_on_any(a.src, rb)
+
+
+# ----------------------------------------------------------------------------- KV-cache write
+
+
+def find_cache_writes(graph: fx.Graph, ctx: Any, matches: list[RopeMatch]) -> list[CacheWrite]:
+    """Every index_put cache write copied back into a graph input. A write that cannot fuse is a
+    near miss when it writes a rotated tensor; other graph-input writes are left alone silently."""
+    rotated = {mm.out for mm in matches} | {mm.quant.sink for mm in matches if mm.quant is not None}
+    out = []
+    for node in graph.nodes:
+        if not is_op(node, aten.copy_.default):
+            continue
+        src = node.args[1]
+        while is_op(src, aten.alias.default, aten.reshape.default, aten.view.default, aten.view.dtype):
+            src = src.args[0]
+        if not is_op(src, aten.index_put.default):
+            continue
+        if depends_on_any(src.args[2], rotated):
+            with ctx.candidate(FAMILY, node):
+                w = match_cache_write(node)
+                if w is not None:
+                    out.append(w)
+            continue
+        try:
+            w = match_cache_write(node)
+        except Reject:
+            w = None
+        except Exception:  # noqa: BLE001 - an internal error here only skips this write
+            if ctx.strict:
+                raise
+            w = None
+        if w is not None:
+            out.append(w)
+    return out
+
+
+def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
+    """The k and v cache writes of the pair (q, k) `ms`, checked; None if k is not written to a cache."""
+    if len(ms) != 2:
+        return None
+
+    def written(mm: RopeMatch) -> list[CacheWrite]:
+        sink = mm.quant.sink if mm.quant is not None else None
+        return [w for w in writes if w.rows is mm.out or (sink is not None and w.rows is sink)]
+
+    if not written(ms[1]) and written(ms[0]):
+        ms.reverse()  # equal head counts (MHA): the one written to the cache takes the k slot
+    km = ms[1]
+    kws = written(km)
+    if not kws:
+        return None
+    if len(kws) > 1:
+        raise Reject("k is written to several caches")
+    kw = kws[0]
+    k_fp8 = kw.rows is not km.out
+    xv, kc = tval(km.x), tval(kw.cache)
+    if xv.dim() != 3 or km.head != 1 or km.tok != [0]:
+        raise Reject("k is not token-major [tokens, heads, head_dim]")
+    T, H, D = xv.shape
+    if k_fp8:
+        if km.quant.scheme != QUANT_STATIC or km.quant.via is not None:
+            raise Reject("k's fp8 cache rows are not a static per-tensor quant of the rotated k")
+        if kc.dtype not in BYTE_DTYPES:
+            raise Reject(f"fp8 k rows go to a {kc.dtype} cache")
+    elif kc.dtype != tval(km.out).dtype:
+        raise Reject(f"k cache dtype {kc.dtype} differs from the rotated k's {tval(km.out).dtype}")
+    n = tval(kw.slots).shape[0]
+    if not (kw.prefix or (k_fp8 and km.quant.prefix is not None)) and not rows_match(T, n):
+        raise Reject("slot count differs from the token count")
+    store_kq = km.quant is not None and any(u not in kw.nodes for u in km.quant.sink.users)
+    if store_kq and km.quant.prefix is not None:
+        raise Reject("the fp8 quant of the first len(slots) tokens of k is also used outside the cache write")
+    vws = [w for w in writes if w is not kw and w.slots is kw.slots]
+    if len(vws) != 1:
+        raise Reject(f"k cache write has {len(vws)} v cache writes with the same slots, not one")
+    vw = vws[0]
+    if vw.neg_skip != kw.neg_skip:
+        raise Reject("k and v cache writes treat negative slots differently")
+    if vw.cache is kw.cache:
+        raise Reject("k and v are written to the same cache")
+    v, vq = v_rows(vw)
+    vv, vc = tval(v), tval(vw.cache)
+    if vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not rows_match(vv.shape[0], n)):
+        raise Reject(f"v is {tuple(vv.shape)}, not [{n}, heads, {D}]")
+    if vv.dtype not in X_DTYPES or not statically_known_true(vv.stride(-1) == 1):
+        raise Reject("v is not a contiguous-head_dim bf16/fp16/fp32 tensor")
+    if (vc.dtype in BYTE_DTYPES) != (vq is not None) or (vq is None and vc.dtype != vv.dtype):
+        raise Reject(f"v cache dtype {vc.dtype} does not match v's {vv.dtype} (or its fp8 quant)")
+    if vq is not None and vq.scale is not None and tval(vq.scale).device != vv.device:
+        raise Reject("v scale on another device")
+    if not same_device(xv, kc, vc, vv, tval(kw.slots)):
+        raise Reject("caches, slots and k/v are on different devices")
+    region = set().union(*(mm.nodes | (mm.quant.nodes if mm.quant else set()) for mm in ms))
+    for n in (v, kw.slots) + ((vq.scale,) if vq is not None and vq.scale is not None else ()):
+        if depends_on_any(n, region | kw.nodes):
+            raise Reject(f"{n.name} depends on the fused region")
+    return KVPlan(k=kw, v=vw, v_src=v, k_fp8=k_fp8, v_quant=vq, store_kq=store_kq)
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -809,8 +987,9 @@ def _order_of(mm: RopeMatch) -> list[int]:
     return sorted(range(3), key=functools.cmp_to_key(cmp))
 
 
-def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
-    """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs."""
+def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> list[fx.Node]:
+    """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs; with `kv`, the op
+    also writes the k/v caches and the graph's final copy_ into each cache reads the op's result."""
     from ..kernels import rope_quant as _k  # noqa: F401  (registers torch.ops.fxfuse.rope_quant)
 
     qm = ms[0]
@@ -828,6 +1007,17 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     inputs += norms
     has_qs = qm.quant is not None and qm.quant.scale is not None
     has_ks = km is not None and km.quant is not None and km.quant.scale is not None
+    store_kq = True
+    if kv is not None:
+        inside = kv.k.nodes | (km.quant.nodes if km.quant else set())
+        km.need_rope = any(u not in inside for u in km.out.users)
+        store_kq = kv.store_kq
+        vq = kv.v_quant
+        has_vs = vq is not None and vq.scale is not None
+        inputs += [kv.v_src, kv.k.cache, kv.v.cache, kv.k.slots] + ([vq.scale] if has_vs else [])
+        cparams = dict(k_cache_fp8=kv.k_fp8, store_k_fp8=store_kq, v_quant=vq is not None,
+                       v_static=vq.static_value if vq else 1.0, v_mul=vq.quant_mul if vq else False,
+                       v_qmin=vq.qmin if vq else -448.0, v_qmax=vq.qmax if vq else 448.0, neg_skip=kv.k.neg_skip)
 
     def qparams(mm: RopeMatch | None, p: str) -> dict[str, Any]:
         qq = mm.quant if mm is not None else None
@@ -843,6 +1033,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     qmin, qmax = bounds[0] if bounds else (-448.0, 448.0)
     params = dict(
         rot_dim=qm.rot, neox=qm.neox, cos_half=qm.cos_half, out_dtype=out_dtype,
+        math_dtype=torch.float32 if qm.f32_math else None,
         **qparams(qm, "q"), **qparams(km, "k"), qmin=qmin, qmax=qmax,
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
         q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
@@ -871,38 +1062,50 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         ks = next(it) if has_ks else None
         qw = next(it) if qm.norm is not None else None
         kw = next(it) if km is not None and km.norm is not None else None
+        if kv is not None:
+            v, kc, vc, slots = next(it), next(it), next(it), next(it)
+            vs = next(it) if has_vs else None
         if qm.x_perm is not None:
             xq = xq.permute(qm.x_perm)
         if km is not None and km.x_perm is not None:
             xk = xk.permute(km.x_perm)
         if not use_table:
+            if qm.complex_freqs:  # c0 is s0: the complex freqs; the kernel reads its real/imag parts
+                c0, s0 = torch.real(c0).contiguous(), torch.imag(c0).contiguous()
             c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
+            if qm.complex_freqs:
+                c, s = c.contiguous(), s.contiguous()
         q4 = _to4(xq, qm.head, qm.tok)
         k4 = _to4(xk, km.head, km.tok) if km else None
-        outs = torch.ops.fxfuse.rope_quant(
-            q4, k4, c, s, p, None if qs is None else scalar_on(qs, q4), None if ks is None else scalar_on(ks, q4), **params,
-            q_norm_w=qw, k_norm_w=kw,
-        )
+        sc = (None if qs is None else scalar_on(qs, q4), None if ks is None else scalar_on(ks, q4))
+        if kv is None:
+            outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw)
+        else:
+            outs = torch.ops.fxfuse.rope_quant_cache(
+                q4, k4, c, s, p, *sc, **params, v=v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
+                v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw)
         res = []
         for mm, shp, (o, qo, so) in zip(ms, shapes, (outs[0:3], outs[3:6])):
             if mm.need_rope:
                 res.append(_from4(o, shp, mm.head, mm.tok))
-            if mm.quant is not None:
+            if mm.quant is not None and (mm is qm or store_kq):
                 qx = _from4(qo, shp, mm.head, mm.tok)
                 res.append(qx if mm.quant.via is None else qx.reshape(sink_shapes[id(mm)]))
                 if mm.quant.scheme == QUANT_DYNAMIC:
                     sshape = shp[:-1] + [1]
                     res.append(_from4(so.unsqueeze(-1), sshape, mm.head, mm.tok))
+        if kv is not None:
+            res += [kc, vc]  # the caches as the op left them (functionalized: the op's new values)
         return tuple(res)
 
     on_cuda = tval(qm.x).device.type == "cuda"
-    gm = trace_aten(replacement, [tval(n) for n in inputs], functionalize=on_cuda)
+    gm = trace_aten(replacement, [tval(n) for n in inputs], functionalize=on_cuda or kv is not None)
     outs_v = [n.meta.get("val") for n in next(iter(reversed(gm.graph.nodes))).args[0]]
     olds: list[tuple[fx.Node, bool]] = []  # (old node, exact strides required)
     for mm in ms:
         if mm.need_rope:
             olds.append((mm.out, True))
-        if mm.quant is not None:
+        if mm.quant is not None and (mm is qm or store_kq):
             olds.append((mm.quant.sink, True))
             if mm.quant.scheme == QUANT_DYNAMIC:
                 olds.append((mm.quant.scale_out, False))
@@ -919,8 +1122,11 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
         if _is_scale(old, ms) and not _same_strides(ov, tval(nn)):
             nn = _restride(graph, nn, old)
         old.replace_all_uses_with(nn)
+    if kv is not None:
+        for w, nn in ((kv.k, new[-2]), (kv.v, new[-1])):
+            w.copy.args = (w.cache, nn)
     stable_toposort(graph)
-    replaced: set[fx.Node] = set()
+    replaced: set[fx.Node] = set() if kv is None else kv.nodes - {kv.k.copy, kv.v.copy}
     for mm in ms:
         replaced |= mm.nodes | (mm.quant.nodes if mm.quant else set())
     return sorted(replaced, key=lambda n: n.name)
@@ -982,6 +1188,8 @@ class RopeQuant:
                 matcher = match_explicit
             elif looks_like_interleaved(node):
                 matcher = match_interleaved_hf
+            elif looks_like_complex(node):
+                matcher = match_complex
             else:
                 continue
             with ctx.candidate(FAMILY, node):
@@ -1012,26 +1220,46 @@ class RopeQuant:
                     used.add(id(b))
                     break
             groups.append(grp)
+        writes = find_cache_writes(graph, ctx, matches) if groups else []
         for grp in groups:
             def heads(mm: RopeMatch) -> Any:
                 return tval(mm.x).shape[mm.head] if mm.head >= 0 else 1
             grp.sort(key=lambda mm: -heads(mm) if isinstance(heads(mm), int) else 0)
             with ctx.candidate(FAMILY, anchors[id(grp[0])]):
                 xv = tval(grp[0].x)
-                if xv.device.type == "cuda":
-                    h = heads(grp[0])
-                    scalars = [tval(mm.quant.scale) for mm in grp if mm.quant is not None and mm.quant.scale is not None]
+                cuda = xv.device.type == "cuda"
+                scalars = [tval(mm.quant.scale) for mm in grp if mm.quant is not None and mm.quant.scale is not None]
+                kv = None
+                try:
+                    kv = plan_kv(grp, writes)
+                    if kv is not None and cuda:
+                        why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp) + KV_SUFFIX, xv, scalars),
+                                             hidden=int(xv.shape[-1]), dtype=xv.dtype, enabled=gate)
+                        if why:
+                            raise Reject(why)
+                except Reject as r:  # the RoPE still fuses; the cache write stays with Inductor
+                    ctx.near_miss(FAMILY, anchors[id(grp[0])], f"KV-cache write not fused: {r}")
+                    kv = None
+                for mm in grp:
+                    if mm.quant is not None and mm.quant.prefix is not None and (
+                            kv is None or mm is not grp[-1] or not kv.k_fp8):
+                        mm.quant_miss = (mm.quant.sink, "fp8 quant after RoPE not fused: it reads the first "
+                                         "len(slots) tokens only, fused only as the rows of a KV-cache write")
+                        mm.quant, mm.need_rope = None, True
+                if cuda and kv is None:
                     why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp), xv, scalars), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
                                          dtype=xv.dtype, enabled=gate)
                     if why:
                         raise Reject(why)
-                replaced = rewrite(graph, grp)
-                kernel = "triton:fxfuse_rope_quant" if xv.device.type == "cuda" else "fxfuse::rope_quant"
+                replaced = rewrite(graph, grp, kv)
+                kernel = ("triton:fxfuse_rope_quant" if cuda else
+                          "fxfuse::rope_quant_cache_ref" if kv is not None else "fxfuse::rope_quant")
                 detail = " + ".join(
                     f"{'qk'[i]}[{heads(mm)}x{tval(mm.x).shape[-1]}] {QUANT_NAMES[mm.quant.scheme if mm.quant else 0]}"
                     for i, mm in enumerate(grp)
                 ) + (f" rot={grp[0].rot}" if grp[0].rot != xv.shape[-1] else "") + (" +table" if grp[0].table else "") + (
-                    " +qk_norm" if grp[0].norm is not None else "")
+                    " +qk_norm" if grp[0].norm is not None else "") + (
+                    "" if kv is None else f" +kv_cache{' fp8' if kv.k_fp8 else ''}{' skip<0' if kv.k.neg_skip else ''}")
                 ctx.applied(FAMILY, replaced, kernel, detail)
                 for mm in grp:
                     if mm.quant_miss is not None:

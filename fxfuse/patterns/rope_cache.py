@@ -1,0 +1,289 @@
+"""KV-cache writes after a RoPE: find them so rope_quant can store k and v in the same launch.
+
+A cache write, after functionalization, is `index_put(flat_view(cache), [slots], rows)` whose
+result is copied back into the graph-input cache by the graph's final `copy_`:
+
+* ATen forms (`index_put_`, `index_copy_`, `cache[slots] = x`; flat `[N, H, D]` or paged
+  `[blocks, block_size, H, D]` viewed flat): `slots` is any 1-D integer tensor; a negative slot
+  wraps around (index_put semantics), so the fused kernel wraps too.
+* vLLM's `reshape_and_cache_flash` as fxfuse's built-in unwrap writes it (unwrap_builtin._cache_write):
+  padded tokens (slot < 0) are pointed at the first valid token's slot with that token's row
+  (or row 0 with its own old value when none is valid), i.e. slot < 0 writes nothing; that
+  exact index/where structure is checked node by node, and the kernel skips slot < 0.
+
+Rows are `x` (k after RoPE, or its static fp8 quant; v, or its static fp8 quant), possibly
+bit-cast to a uint8 cache. Where eager would raise (a slot >= num_slots, a row count that differs
+from the slot count at run time), the kernel writes nothing for that token instead. Everything else (accumulate, broadcast rows, a cache that is not a
+contiguous graph input, a cache read anywhere else) stays with Inductor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..fx_utils import Reject, aten, convert_dtype, is_convert, is_op, literal, prims, tval, val
+
+FP8 = torch.float8_e4m3fn
+BYTE_DTYPES = (FP8, torch.uint8)
+_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+@dataclass
+class CacheWrite:
+    cache: fx.Node  # graph input holding the cache
+    copy: fx.Node  # the final copy_(cache, new contents)
+    rows: fx.Node  # tensor whose row i goes to slot i ([n, H, D]; fp8 when the cache holds fp8 bits)
+    slots: fx.Node  # 1-D integer tensor
+    neg_skip: bool  # slot < 0 writes nothing (vLLM) instead of wrapping (index_put)
+    nodes: set[fx.Node] = field(default_factory=set)  # the write's own nodes (dead once rerouted)
+    prefix: bool = False  # rows are the first len(slots) rows of `rows` (which may hold more)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two sizes (ints, SymInts or nodes holding a SymInt) provably equal."""
+    a, b = (val(x) if isinstance(x, fx.Node) else x for x in (a, b))
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def rows_match(m: Any, n: Any) -> bool:
+    """m rows can be written to n slots: provably m == n, or m is provably >= 2 (index_put
+    broadcasts only a single row; any other mismatch is a runtime error in eager, so the graph
+    only runs with m == n)."""
+    if _same(m, n):
+        return True
+    try:
+        return bool(statically_known_true(m >= 2))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _is_bitcast(n: Any) -> bool:
+    """view(dtype) between fp8 and uint8 (same bits)."""
+    return (is_op(n, aten.view.dtype) and tval(n).dtype in BYTE_DTYPES
+            and tval(n.args[0]).dtype in BYTE_DTYPES)
+
+
+def _strip_one(n: Any) -> tuple[fx.Node, bool] | None:
+    """(input, is a dim-0 prefix slice) of a row-preserving reinterpretation (alias, reshape, dim-0
+    slice from 0, fp8<->uint8 bit-cast), else None."""
+    if not isinstance(n, fx.Node):
+        return None
+    if is_op(n, aten.alias.default, *_RESHAPES) or _is_bitcast(n):
+        return n.args[0], False
+    if is_op(n, aten.slice.Tensor):
+        a = list(n.args) + [0, None, None, 1][len(n.args) - 1:]
+        dim, start, end, step = a[1:5]
+        size = tval(n.args[0]).shape[dim]
+        full = end is None or (isinstance(end, int) and end >= 2**62) or _same(end, size)
+        if start in (0, None) and (step or 1) == 1 and (full or dim == 0):
+            return n.args[0], not full
+    return None
+
+
+def _flat_base(base: Any, cache: fx.Node, nodes: set[fx.Node]) -> None:
+    """base must be the cache (through clone / reshape / bit-cast) viewed [N, H, D]."""
+    n = base
+    while n is not cache:
+        if not (is_op(n, aten.clone.default, aten.alias.default, *_RESHAPES) or _is_bitcast(n)):
+            raise Reject(f"the index_put target is not a view of the cache input ({getattr(n, 'name', n)})")
+        nodes.add(n)
+        n = n.args[0]
+
+
+def _where_parts(n: Any) -> tuple[Any, Any, Any] | None:
+    return tuple(n.args[:3]) if is_op(n, aten.where.self) else None
+
+
+def _scalar_of(n: Any) -> Any:
+    """The value of scalar_tensor(v) (an int or a node holding a SymInt), else a sentinel."""
+    if is_op(n, aten.scalar_tensor.default) and tval(n).dtype == torch.int64:
+        return n.args[0]
+    return object()
+
+
+def _match_skip_form(ip: fx.Node, flat: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, fx.Node]:
+    """(rows, slots) of unwrap_builtin._cache_write's index_put, checked node by node."""
+    idx, vals = ip.args[1][0], ip.args[2]
+    if is_convert(idx) and convert_dtype(idx) == torch.int64:
+        nodes.add(idx)
+        idx = idx.args[0]
+    w3 = _where_parts(idx)
+    if w3 is None or not is_op(vals, aten.index.Tensor) or len(vals.args[1]) != 1:
+        raise Reject("cache write indices are computed, not the vLLM slot form")
+    ge, slots, w2 = w3
+    if not (is_op(ge, aten.ge.Scalar) and ge.args[0] is slots and literal(ge.args[1]) == 0.0):
+        raise Reject("cache write: padded-slot mask is not slots >= 0")
+    sv = tval(slots)
+    if sv.dim() != 1 or sv.dtype not in (torch.int32, torch.int64):
+        raise Reject(f"slots are {tuple(sv.shape)} {sv.dtype}, not a 1-D int32/int64 tensor")
+    n = sv.shape[0]
+    anyv, pick, zero = _where_parts(w2) or (None, None, None)
+    if not (is_op(anyv, aten.any.default) and anyv.args[0] is ge) or not _same(_scalar_of(zero), 0):
+        raise Reject("cache write: padded slots do not fall back to the first valid slot or row 0")
+    if not (is_op(pick, aten.index.Tensor) and pick.args[0] is slots and len(pick.args[1]) == 1):
+        raise Reject("cache write: padded slots do not fall back to the first valid slot")
+    first = pick.args[1][0]
+    am = first.args[0] if is_op(first, *_RESHAPES) and list(first.args[1]) == [1] else None
+    cv = am.args[0] if is_op(am, aten.argmax.default) and len(am.args) == 1 and not am.kwargs else None
+    if not (is_convert(cv) and convert_dtype(cv) == torch.int32 and cv.args[0] is ge):
+        raise Reject("cache write: the fallback token is not argmax(slots >= 0)")
+    table, (src,) = vals.args[0], vals.args[1]
+    w1 = _where_parts(src)
+    if w1 is None or w1[0] is not ge:
+        raise Reject("cache write: rows are not selected by the same slot mask")
+    _, iota, w0 = w1
+    if not (is_op(iota, prims.iota.default) and _same(iota.args[0], n) and iota.kwargs.get("start") == 0
+            and iota.kwargs.get("step") == 1):
+        raise Reject("cache write: valid tokens do not write their own row")
+    w0p = _where_parts(w0)
+    if w0p is None or w0p[0] is not anyv or w0p[1] is not first or not _same(_scalar_of(w0p[2]), n):
+        raise Reject("cache write: padded tokens do not repeat the first valid token's row")
+    if not (is_op(table, aten.cat.default) and len(table.args[0]) == 2 and (len(table.args) < 2 or table.args[1] == 0)):
+        raise Reject("cache write: row table is not cat(rows, cache[:1])")
+    rows, row0 = table.args[0]
+    if not (is_op(row0, aten.slice.Tensor) and row0.args[0] is flat and list(row0.args[1:4]) == [0, 0, 1]):
+        raise Reject("cache write: the extra row is not the cache's row 0")
+    if not _same(tval(rows).shape[0], n):
+        raise Reject("cache write: row count differs from the slot count")
+    nodes |= {idx, ge, w2, anyv, zero, pick, first, am, cv, vals, table, src, iota, w0, w0p[2], row0}
+    return rows, slots
+
+
+def match_cache_write(copy: fx.Node) -> CacheWrite | None:
+    """The cache write ending at `copy` (copy_(cache_input, ...)); None if it is not an index_put
+    write at all, Reject (a near miss) if it is one that cannot be fused."""
+    cache, src = copy.args[0], copy.args[1]
+    if not (is_op(copy, aten.copy_.default) and isinstance(cache, fx.Node) and cache.op == "placeholder"):
+        return None
+    nodes: set[fx.Node] = {copy}
+    back = src
+    while isinstance(back, fx.Node) and (is_op(back, aten.alias.default, *_RESHAPES) or _is_bitcast(back)):
+        nodes.add(back)
+        back = back.args[0]
+    if not is_op(back, aten.index_put.default):
+        return None
+    ip = back
+    nodes.add(ip)
+    cv, sv_ = tval(cache), tval(src)
+    if tuple(sv_.shape) != tuple(cv.shape) or sv_.dtype != cv.dtype:
+        raise Reject("cache write: the copied-back tensor does not match the cache's shape/dtype")
+    if len(ip.args) > 3 and ip.args[3] or ip.kwargs.get("accumulate"):
+        raise Reject("cache write accumulates (index_put accumulate=True)")
+    if len(ip.args[1]) != 1 or ip.args[1][0] is None:
+        raise Reject("cache write indexes more than the slot dim")
+    if cv.dim() < 3 or not cv.is_contiguous():
+        raise Reject(f"cache {cache.name} is not a contiguous [..., H, D] tensor")
+    flat = ip.args[0]
+    fv = tval(flat)
+    H, D = cv.shape[-2], cv.shape[-1]
+    if fv.dim() != 3 or not _same(fv.shape[1], H) or not _same(fv.shape[2], D) or not _same(fv.numel(), cv.numel()):
+        raise Reject(f"cache write target is {tuple(fv.shape)}, not the cache viewed as [slots, {H}, {D}]")
+    if not (fv.dtype == cv.dtype or {fv.dtype, cv.dtype} <= set(BYTE_DTYPES)):
+        raise Reject("cache write target reinterprets the cache as another dtype")
+    _flat_base(flat, cache, nodes)
+    vals, idx0 = ip.args[2], ip.args[1][0]
+    if is_convert(idx0):
+        idx0 = idx0.args[0]
+    if is_op(vals, aten.index.Tensor) and is_op(idx0, aten.where.self):
+        rows, slots = _match_skip_form(ip, flat, nodes)
+        neg_skip = True
+    else:
+        rows, slots = vals, ip.args[1][0]
+        if is_convert(slots) and convert_dtype(slots) == torch.int64 and tval(slots.args[0]).dtype == torch.int32:
+            nodes.add(slots)
+            slots = slots.args[0]
+        neg_skip = False
+        slv = tval(slots)
+        if slv.dim() != 1 or slv.dtype not in (torch.int32, torch.int64):
+            raise Reject(f"cache write slots are {tuple(slv.shape)} {slv.dtype}, not a 1-D int32/int64 tensor")
+    for n in nodes - {copy}:  # the flat view may feed the skip form's row-0 slice (now in nodes)
+        if any(u not in nodes for u in n.users):
+            raise Reject(f"cache write: {n.name} is also used elsewhere")
+    if any(u not in nodes for u in cache.users):
+        raise Reject(f"cache {cache.name} is read elsewhere in the graph")
+    rv = tval(rows)
+    if rv.dim() == 2 and _same(tval(slots).shape[0], 1) and is_op(rows, *_RESHAPES) and tval(rows.args[0]).dim() == 3:
+        nodes.add(rows)  # one token: [H, D] rows (a squeezed [1, H, D]) broadcast to the one slot
+        rows = rows.args[0]
+        rv = tval(rows)
+    if rv.dim() != 3 or not rows_match(rv.shape[0], tval(slots).shape[0]) or not _same(rv.shape[1], H) or not _same(rv.shape[2], D):
+        raise Reject(f"cache write rows are {tuple(rv.shape)}, not [{tval(slots).shape[0]}, {H}, {D}] (broadcast rows)")
+    rows, prefix = _rows_source(rows, nodes)
+    if tval(rows).device != cv.device or tval(slots).device != cv.device:
+        raise Reject("cache, rows and slots are on different devices")
+    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=neg_skip, nodes=nodes, prefix=prefix)
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(_same(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def _rows_source(rows: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, bool]:
+    """(source, prefix): the deepest node above `rows` whose first rows are the written rows, through
+    row-preserving reinterpretations (every node [tokens, ...] with H*D values per token); `prefix`
+    when a dim-0 slice took the first len(slots) tokens of a longer (or not provably equal) source."""
+    rv = tval(rows)
+    per_tok = rv.shape[1] * rv.shape[2]
+    chain, pref = [rows], [False]
+    while True:
+        nxt = _strip_one(chain[-1])
+        if nxt is None:
+            break
+        nv = tval(nxt[0])
+        if nv.dim() < 2 or not _same(math.prod(nv.shape[1:]), per_tok):
+            break
+        chain.append(nxt[0])
+        pref.append(pref[-1] or nxt[1])
+    best = max(i for i, n in enumerate(chain)
+               if tval(n).dim() == 3 and _same(tval(n).shape[1], rv.shape[1]) and _same(tval(n).shape[2], rv.shape[2]))
+    nodes |= set(chain[:best])
+    return chain[best], pref[best]
+
+
+@dataclass
+class KVPlan:
+    """The k and v cache writes fused into one rope_quant launch."""
+
+    k: CacheWrite
+    v: CacheWrite
+    v_src: fx.Node  # v rows as read by the kernel ([n, Hv, D])
+    k_fp8: bool  # the k cache gets the fp8 quant of k (else the rope output)
+    v_quant: Any = None  # quant.QuantMatch of v's static fp8 quant, or None
+    store_kq: bool = True  # k's fp8 quant is also used outside the cache write (the op outputs it)
+
+    @property
+    def nodes(self) -> set[fx.Node]:
+        return self.k.nodes | self.v.nodes | (self.v_quant.nodes if self.v_quant is not None else set())
+
+
+def v_rows(w: CacheWrite) -> tuple[fx.Node, Any]:
+    """(v, static fp8 quant match or None) of a v cache write's rows."""
+    from .quant import STATIC, _match_chain, strip_f32_convert
+
+    rows = w.rows
+    if not (is_convert(rows) and convert_dtype(rows) in BYTE_DTYPES):
+        return rows, None
+    t = rows.args[0]
+    while is_op(t, aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default):
+        t = t.args[0]
+    if not is_op(t, aten.div.Tensor, aten.mul.Tensor):
+        raise Reject("v is converted to fp8 without dividing or multiplying by a scale")
+    a = t.args[0]
+    if is_op(t, aten.mul.Tensor) and isinstance(t.args[1], fx.Node) and tval(t.args[1]).numel() != 1:
+        a = t.args[1]
+    v = strip_f32_convert(a)[0]
+    if not isinstance(v, fx.Node):
+        raise Reject("v fp8 quant reads a constant")
+    q = _match_chain(v, rows, {})
+    if q.scheme != STATIC or q.round_to_int or q.qdtype != FP8:
+        raise Reject("v fp8 quant is not a static per-tensor e4m3 quant")
+    return v, q
