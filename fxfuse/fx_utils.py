@@ -6,8 +6,14 @@ rewrite correct (fake values, dtypes, dependency order) live in one place.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
+import enum
+import functools
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import types
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -158,6 +164,103 @@ def fake_mode_of(values: Iterable[Any]) -> Any:
     return detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
 
 
+trace_stats: collections.Counter[str] = collections.Counter()
+"""`traced`: replacements traced with make_fx; `reused`: served from the per-graph trace cache."""
+
+_TRACE_CACHE: contextvars.ContextVar[dict[Any, fx.GraphModule] | None] = contextvars.ContextVar(
+    "fxfuse_trace_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def trace_cache() -> Iterator[None]:
+    """Scope (one graph's pipeline run, one fake mode) in which `trace_aten` reuses the traced
+    graph of an identical replacement: each layer of a model repeats the same rewrites, and every
+    trace costs a make_fx run (on CUDA also Triton's TTIR mutation analysis of each kernel)."""
+    token = _TRACE_CACHE.set({})
+    try:
+        yield
+    finally:
+        _TRACE_CACHE.reset(token)
+
+
+class _NoKey(Exception):
+    """A value the trace cache cannot key exactly: trace without the cache."""
+
+
+def _freeze(x: Any, depth: int = 0) -> Any:
+    """A hashable, type-tagged image of a closure value (1 and 1.0 and True stay distinct)."""
+    if depth > 8:
+        raise _NoKey
+    if x is None or isinstance(x, (bool, int, str)):
+        return (type(x).__name__, x)
+    if isinstance(x, float):
+        return ("float", x.hex())
+    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return (type(x).__name__, str(x))
+    if isinstance(x, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, enum.Enum)):
+        return ("obj", x)
+    if isinstance(x, (list, tuple, torch.Size)):
+        return (type(x).__name__, tuple(_freeze(v, depth + 1) for v in x))
+    if isinstance(x, dict):
+        return ("dict", tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in x.items()))
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return (type(x).__name__, str(x.node.expr))
+    if isinstance(x, types.FunctionType):
+        return _fn_key(x, depth + 1)
+    if isinstance(x, functools.partial):
+        return ("partial", _freeze(x.func, depth + 1), _freeze(x.args, depth + 1), _freeze(x.keywords, depth + 1))
+    raise _NoKey  # fx.Node, tensors, match objects, ...: unknown what the trace reads from them
+
+
+def _fn_key(fn: Any, depth: int = 0) -> Any:
+    """Code plus the values it closes over (globals are module-level and fixed for the process)."""
+    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return ("op", fn)
+    if not isinstance(fn, types.FunctionType):
+        return _freeze(fn, depth)
+    cells = tuple(_freeze(c.cell_contents, depth + 1) for c in (fn.__closure__ or ()))
+    return ("fn", fn.__code__, cells, _freeze(fn.__defaults__, depth + 1), _freeze(fn.__kwdefaults__, depth + 1))
+
+
+def _vals_key(vals: Sequence[Any]) -> Any:
+    """Metadata of the traced inputs, symbolic sizes by expression, plus which inputs share storage."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    out = []
+    storages: dict[Any, int] = {}
+    for i, v in enumerate(vals):
+        if not isinstance(v, torch.Tensor):
+            out.append(_freeze(v))
+            continue
+        ref = StorageWeakRef(v.untyped_storage())
+        first = storages.setdefault(ref, i)
+        out.append((
+            "T", type(v), v.dtype, str(v.device), v.layout, v.requires_grad,
+            _freeze(tuple(v.shape)), _freeze(tuple(v.stride())), _freeze(v.storage_offset()), first,
+        ))
+    return tuple(out)
+
+
+def _trace_key(
+    fn: Callable[..., Any], vals: Sequence[Any], functionalize: bool, table: Mapping[Any, Any] | None, fake_mode: Any
+) -> Any:
+    try:
+        return (_fn_key(fn), _vals_key(vals), functionalize, id(table), id(fake_mode))
+    except _NoKey:
+        return None
+
+
+def _repropagate(gm: fx.GraphModule, vals: Sequence[Any], fake_mode: Any) -> None:
+    """Fresh fake values on a reused trace, computed from this call's inputs: every inserted node
+    gets its own tensors (aliasing as the ops define it), never ones shared with an earlier copy."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    with fake_mode, enable_python_dispatcher():
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+
+
 def trace_aten(
     fn: Callable[..., Any],
     vals: Sequence[Any],
@@ -168,7 +271,10 @@ def trace_aten(
     """Trace `fn(*vals)` (fake tensors of one graph) to an ATen GraphModule without inlining it.
 
     Split out of `insert_traced` so a caller can inspect the traced graph (e.g. reject one
-    that still calls non-ATen ops) before touching the target graph.
+    that still calls non-ATen ops) before touching the target graph. Inside `trace_cache()`, a
+    call with the same function (code and closure values), the same input metadata and the same
+    fake mode returns the earlier trace with fake values recomputed for these inputs; callers
+    must copy it (`inline_graph`), not edit it.
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -178,9 +284,20 @@ def trace_aten(
     fake_mode = fake_mode_of(vals)
     if fake_mode is None:
         raise Reject("no fake mode on the graph's values")
+    cache = _TRACE_CACHE.get()
+    key = _trace_key(fn, vals, functionalize, decomposition_table, fake_mode) if cache is not None else None
+    if key is not None and key in cache:
+        gm = cache[key]
+        _repropagate(gm, vals, fake_mode)
+        trace_stats["reused"] += 1
+        return gm
     target = dispatch_functionalize(fn, FunctionalTensorMode()) if functionalize else fn
     with fake_mode, enable_python_dispatcher(), preserve_node_meta():
-        return make_fx(target, decomposition_table=decomposition_table, tracing_mode="real")(*vals)
+        gm = make_fx(target, decomposition_table=decomposition_table, tracing_mode="real")(*vals)
+    trace_stats["traced"] += 1
+    if key is not None:
+        cache[key] = gm
+    return gm
 
 
 def inline_graph(graph: fx.Graph, gm: fx.GraphModule, inputs: Sequence[Any], before: fx.Node) -> list[fx.Node]:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ._log import log, trace_artifact
-from .fx_utils import Reject, source_location, source_locations
+from .fx_utils import Reject, source_location, source_locations, trace_cache
 from .report import Fusion, GraphReport, NearMiss, PassTiming, report
 
 counters: collections.Counter[str] = collections.Counter()
@@ -239,6 +239,18 @@ class FusionPasses(CustomGraphPass):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fxfuse graph %d before:\n%s", greport.graph_id, graph)
         trace_artifact("fxfuse_graph_before", lambda: str(graph))
+        with trace_cache():
+            changed = self._run_passes(graph, ctx, greport)
+        if changed:
+            graph.eliminate_dead_code()
+            graph.lint()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("fxfuse graph %d after:\n%s", greport.graph_id, graph)
+        if self.after is not None:
+            self.after(graph)
+
+    def _run_passes(self, graph: fx.Graph, ctx: PassContext, greport: GraphReport) -> bool:
+        """Each stage in order, timed; True when any rewrite applied."""
         changed = False
         for p in self.passes():
             t0 = time.perf_counter()
@@ -258,13 +270,7 @@ class FusionPasses(CustomGraphPass):
             if n:
                 changed = True
                 trace_artifact(f"fxfuse_after_{p.name}", lambda: str(graph))
-        if changed:
-            graph.eliminate_dead_code()
-            graph.lint()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("fxfuse graph %d after:\n%s", greport.graph_id, graph)
-        if self.after is not None:
-            self.after(graph)
+        return changed
 
     def uuid(self) -> Any:
         """Cache key of everything that decides the rewrite: sources, config, chained passes."""

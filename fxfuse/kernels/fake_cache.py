@@ -1,0 +1,95 @@
+"""Remember fxfuse ops' CPU fake outputs by argument metadata.
+
+On CPU a `triton_op` body (which doubles as the fake impl) runs the whole reference implementation
+under fake tensors: a Python loop over experts, rotations, quant chains, hundreds of fake ops per
+call, and a compile calls it for every rewrite (seconds per MoE model). The outputs of a fake impl
+depend only on the arguments' metadata, so identical metadata gets fresh outputs of the recorded
+shape/stride/dtype without running the body again. Anything symbolic, or outputs that are not
+fresh dense tensors, is never cached (the body runs as before).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable
+
+import torch
+
+stats: dict[str, int] = {"hits": 0, "misses": 0}
+"""Fake-impl calls served from the cache vs. run (tests read these)."""
+
+
+class _NoKey(Exception):
+    pass
+
+
+def _arg_key(a: Any) -> Any:
+    if a is None or isinstance(a, (bool, int, str)):
+        return (type(a).__name__, a)
+    if isinstance(a, float):
+        return ("float", a.hex())
+    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return (type(a).__name__, str(a))
+    if isinstance(a, enum.Enum):
+        return (type(a), a.value)
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_arg_key(x) for x in a))
+    if isinstance(a, torch.Tensor):
+        if a.device.type != "cpu" or a.requires_grad:
+            raise _NoKey
+        ints = (*a.shape, *a.stride(), a.storage_offset())
+        if not all(type(i) is int for i in ints):  # SymInt: never cached
+            raise _NoKey
+        return ("T", a.dtype, tuple(a.shape), a.stride(), a.storage_offset())
+    raise _NoKey
+
+
+def _owns_dense_storage(t: torch.Tensor) -> bool:
+    """Offset 0 and a storage exactly as large as the strided extent: an output empty_strided recreates."""
+    ints = (*t.shape, *t.stride(), t.storage_offset())
+    if not all(type(i) is int for i in ints) or t.numel() == 0 or t.storage_offset() != 0 or t.requires_grad:
+        return False
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() == extent * t.element_size()
+
+
+def _out_meta(out: Any) -> Any:
+    """(shape, stride, dtype, device) per output, or None when the outputs cannot be recreated exactly."""
+    outs = out if isinstance(out, tuple) else (out,)
+    if not all(isinstance(t, torch.Tensor) and _owns_dense_storage(t) for t in outs):
+        return None
+    if len({t.untyped_storage()._cdata for t in outs}) != len(outs):  # outputs sharing a buffer
+        return None
+    metas = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in outs)
+    return (isinstance(out, tuple), metas)
+
+
+def _make(meta: Any) -> Any:
+    is_tuple, metas = meta
+    outs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype, device in metas)
+    return outs if is_tuple else outs[0]
+
+
+def cache_cpu_fake(op: Any) -> None:
+    """Wrap the fake impl of a `triton_op`/`custom_op` (CustomOpDef) with the metadata cache."""
+    body: Callable[..., Any] = op._abstract_fn
+    cache: dict[Any, Any] = {}
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        try:
+            key = (_arg_key(args), _arg_key(tuple(sorted(kwargs.items()))))
+        except _NoKey:
+            return body(*args, **kwargs)
+        meta = cache.get(key)
+        if meta is not None:
+            stats["hits"] += 1
+            return _make(meta)
+        stats["misses"] += 1
+        out = body(*args, **kwargs)
+        meta = _out_meta(out)
+        if meta is not None:
+            cache[key] = meta
+        return out
+
+    fake.__wrapped__ = body  # type: ignore[attr-defined]
+    op.register_fake(fake)
