@@ -47,9 +47,9 @@ def _arg_key(a: Any) -> Any:
 def _owns_dense_storage(t: torch.Tensor) -> bool:
     """Offset 0 and a storage exactly as large as the strided extent: an output empty_strided recreates."""
     ints = (*t.shape, *t.stride(), t.storage_offset())
-    if not all(type(i) is int for i in ints) or t.numel() == 0 or t.storage_offset() != 0 or t.requires_grad:
+    if not all(type(i) is int for i in ints) or t.storage_offset() != 0 or t.requires_grad:
         return False
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     return t.untyped_storage().nbytes() == extent * t.element_size()
 
 

@@ -852,13 +852,28 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
     shapes = [list(tval(mm.x).shape) for mm in ms]
     sink_shapes = {id(mm): list(tval(mm.quant.sink).shape) for mm in ms if mm.quant is not None}
 
+    # the replacement closes over plain values only (no match objects), so the trace cache can
+    # key it and reuse one trace for every layer's identical q/k rotation
+    has_k = km is not None
+    table_cols = qm.table_cols
+    q_view = (qm.x_perm, qm.head, qm.tok)
+    k_view = (km.x_perm, km.head, km.tok) if km is not None else None
+    has_qw, has_kw = qm.norm is not None, km is not None and km.norm is not None
+    # per output side: (need_rope, has_quant, quant reshaped to its sink's shape or None, dynamic scale, head, tok, shape)
+    out_plan = [
+        (mm.need_rope, mm.quant is not None,
+         sink_shapes[id(mm)] if mm.quant is not None and mm.quant.via is not None else None,
+         mm.quant is not None and mm.quant.scheme == QUANT_DYNAMIC, mm.head, mm.tok, shp)
+        for mm, shp in zip(ms, shapes)
+    ]
+
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
         xq = next(it)
-        xk = next(it) if km else None
+        xk = next(it) if has_k else None
         if use_table:
             ct, st, pos = next(it), next(it), next(it)
-            (cc, sc) = qm.table_cols
+            (cc, sc) = table_cols
             c = ct if cc is None else ct[:, cc[0]:cc[1]]
             s = st if sc is None else st[:, sc[0]:sc[1]]
             p = pos.reshape(-1)
@@ -866,30 +881,32 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch]) -> list[fx.Node]:
             c0, s0 = next(it), next(it)
         qs = next(it) if has_qs else None
         ks = next(it) if has_ks else None
-        qw = next(it) if qm.norm is not None else None
-        kw = next(it) if km is not None and km.norm is not None else None
-        if qm.x_perm is not None:
-            xq = xq.permute(qm.x_perm)
-        if km is not None and km.x_perm is not None:
-            xk = xk.permute(km.x_perm)
+        qw = next(it) if has_qw else None
+        kw = next(it) if has_kw else None
+        if q_view[0] is not None:
+            xq = xq.permute(q_view[0])
+        if k_view is not None and k_view[0] is not None:
+            xk = xk.permute(k_view[0])
         if not use_table:
-            c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
-        q4 = _to4(xq, qm.head, qm.tok)
-        k4 = _to4(xk, km.head, km.tok) if km else None
+            c, s, p = _cos_rows(c0, xq, q_view[1], q_view[2]), _cos_rows(s0, xq, q_view[1], q_view[2]), None
+        q4 = _to4(xq, q_view[1], q_view[2])
+        k4 = _to4(xk, k_view[1], k_view[2]) if k_view is not None else None
         outs = torch.ops.fxfuse.rope_quant(
             q4, k4, c, s, p, None if qs is None else qs.reshape(1), None if ks is None else ks.reshape(1), **params,
             q_norm_w=qw, k_norm_w=kw,
         )
         res = []
-        for mm, shp, (o, qo, so) in zip(ms, shapes, (outs[0:3], outs[3:6])):
-            if mm.need_rope:
-                res.append(_from4(o, shp, mm.head, mm.tok))
-            if mm.quant is not None:
-                qx = _from4(qo, shp, mm.head, mm.tok)
-                res.append(qx if mm.quant.via is None else qx.reshape(sink_shapes[id(mm)]))
-                if mm.quant.scheme == QUANT_DYNAMIC:
+        for (need_rope, has_quant, sink_shape, dynamic, head, tok, shp), (o, qo, so) in zip(
+            out_plan, (outs[0:3], outs[3:6])
+        ):
+            if need_rope:
+                res.append(_from4(o, shp, head, tok))
+            if has_quant:
+                qx = _from4(qo, shp, head, tok)
+                res.append(qx if sink_shape is None else qx.reshape(sink_shape))
+                if dynamic:
                     sshape = shp[:-1] + [1]
-                    res.append(_from4(so.unsqueeze(-1), sshape, mm.head, mm.tok))
+                    res.append(_from4(so.unsqueeze(-1), sshape, head, tok))
         return tuple(res)
 
     on_cuda = tval(qm.x).device.type == "cuda"
