@@ -258,8 +258,13 @@ def _repropagate(gm: fx.GraphModule, vals: Sequence[Any], fake_mode: Any) -> Non
     from torch._dispatch.python import enable_python_dispatcher
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    kinds = {n: type(n.meta.get("val")) for n in gm.graph.nodes}
     with fake_mode, enable_python_dispatcher():
         FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+    for n, kind in kinds.items():  # FakeTensorProp stores containers as fx's immutable_dict/list
+        v = n.meta.get("val")
+        if kind in (dict, list, tuple) and type(v) is not kind and isinstance(v, (dict, list, tuple)):
+            n.meta["val"] = kind(v)
 
 
 def trace_aten(
