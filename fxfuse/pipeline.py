@@ -125,14 +125,24 @@ def _default_passes() -> list[GraphPass]:
     return default_passes()
 
 
+_DIGESTS: dict[Any, str] = {}
+
+
 def _source_digest(root: pathlib.Path | None = None) -> str:
-    """Hash of every fxfuse source file: any edit to a pass, pattern or kernel changes the uuid."""
+    """Hash of every fxfuse source file: any edit to a pass, pattern or kernel changes the uuid.
+    Inductor asks for the uuid on every compile: the files are read again only when their names,
+    sizes or modification times change."""
     root = root or pathlib.Path(__file__).parent
+    files = sorted([*root.rglob("*.py"), *root.rglob("*.json")])
+    stamp = (str(root), tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),)))
+    if stamp in _DIGESTS:
+        return _DIGESTS[stamp]
     h = hashlib.sha256()
-    for p in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+    for p in files:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
-    return h.hexdigest()
+    _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
 
 
 def _callable_identity(fn: Any) -> str | None:
