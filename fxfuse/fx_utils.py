@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
-import enum
 import functools
 import re
 import types
@@ -19,6 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+
+from ._keys import NoKey, freeze
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -174,44 +175,33 @@ _TRACE_CACHE: contextvars.ContextVar[dict[Any, fx.GraphModule] | None] = context
 
 
 @contextlib.contextmanager
-def trace_cache() -> Iterator[None]:
+def trace_cache(graph: fx.Graph | None = None) -> Iterator[None]:
     """Scope (one graph's pipeline run, one fake mode) in which `trace_aten` reuses the traced
     graph of an identical replacement: each layer of a model repeats the same rewrites, and every
-    trace costs a make_fx run (on CUDA also Triton's TTIR mutation analysis of each kernel)."""
+    trace costs a make_fx run (on CUDA also Triton's TTIR mutation analysis of each kernel).
+    On exit, forgets what `inline_graph` recorded for `graph`."""
     token = _TRACE_CACHE.set({})
     try:
         yield
     finally:
         _TRACE_CACHE.reset(token)
+        if graph is not None:
+            _INSERTED.pop(graph, None)
 
 
-class _NoKey(Exception):
-    """A value the trace cache cannot key exactly: trace without the cache."""
-
-
-def _freeze(x: Any, depth: int = 0) -> Any:
-    """A hashable, type-tagged image of a closure value (1 and 1.0 and True stay distinct)."""
-    if depth > 8:
-        raise _NoKey
-    if x is None or isinstance(x, (bool, int, str)):
-        return (type(x).__name__, x)
-    if isinstance(x, float):
-        return ("float", x.hex())
-    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return (type(x).__name__, str(x))
-    if isinstance(x, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, enum.Enum)):
-        return ("obj", x)
-    if isinstance(x, (list, tuple, torch.Size)):
-        return (type(x).__name__, tuple(_freeze(v, depth + 1) for v in x))
-    if isinstance(x, dict):
-        return ("dict", tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in x.items()))
+def _closure_leaf(x: Any, depth: int) -> Any:
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return (type(x).__name__, str(x.node.expr))
+        return (type(x).__name__, str(x.node.expr))  # one shape env per cache scope
     if isinstance(x, types.FunctionType):
         return _fn_key(x, depth + 1)
     if isinstance(x, functools.partial):
         return ("partial", _freeze(x.func, depth + 1), _freeze(x.args, depth + 1), _freeze(x.keywords, depth + 1))
-    raise _NoKey  # fx.Node, tensors, match objects, ...: unknown what the trace reads from them
+    return NotImplemented  # fx.Node, tensors, match objects, ...: unknown what the trace reads from them
+
+
+def _freeze(x: Any, depth: int = 0) -> Any:
+    """A hashable, type-tagged image of a closure value (NoKey when it cannot be exact)."""
+    return freeze(x, _closure_leaf, depth)
 
 
 def _fn_key(fn: Any, depth: int = 0) -> Any:
@@ -220,7 +210,11 @@ def _fn_key(fn: Any, depth: int = 0) -> Any:
         return ("op", fn)
     if not isinstance(fn, types.FunctionType):
         return _freeze(fn, depth)
-    cells = tuple(_freeze(c.cell_contents, depth + 1) for c in (fn.__closure__ or ()))
+    try:
+        contents = [c.cell_contents for c in (fn.__closure__ or ())]
+    except ValueError:  # an empty cell (a name assigned later)
+        raise NoKey from None
+    cells = tuple(_freeze(c, depth + 1) for c in contents)
     return ("fn", fn.__code__, cells, _freeze(fn.__defaults__, depth + 1), _freeze(fn.__kwdefaults__, depth + 1))
 
 
@@ -248,7 +242,7 @@ def _trace_key(
 ) -> Any:
     try:
         return (_fn_key(fn), _vals_key(vals), functionalize, id(table), id(fake_mode))
-    except _NoKey:
+    except NoKey:
         return None
 
 

@@ -249,7 +249,7 @@ class FusionPasses(CustomGraphPass):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fxfuse graph %d before:\n%s", greport.graph_id, graph)
         trace_artifact("fxfuse_graph_before", lambda: str(graph))
-        with trace_cache():
+        with trace_cache(graph):
             changed = self._run_passes(graph, ctx, greport)
         if changed:
             graph.eliminate_dead_code()

@@ -47,6 +47,7 @@ __all__ = [
     "assert_golden",
     "capture_graphs",
     "graph_text",
+    "on_fake_device",
     "load_graph",
     "random_inputs",
     "reapply",
@@ -741,6 +742,23 @@ def _to_device(fake: torch.Tensor, device: str, fake_mode: Any) -> torch.Tensor:
         return fake
     with fake_mode:
         return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=device)
+
+
+def on_fake_device(gm: fx.GraphModule, device: str = "cuda") -> fx.GraphModule:
+    """`gm` (a captured CPU graph) re-propagated with fake tensors on `device`, in place: a CUDA
+    graph for the passes' CUDA path on a machine without a GPU. Factory ops' device kwargs move too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    dev = torch.device(device) if torch.device(device).type != "cuda" else torch.device("cuda", 0)
+    for n in gm.graph.nodes:
+        d = n.kwargs.get("device")
+        if d is not None and torch.device(d).type == "cpu":
+            n.kwargs = {**n.kwargs, "device": dev}
+    mode = FakeTensorMode()
+    ins = [_to_device(p.meta["val"], str(dev), mode) for p in gm.graph.nodes if p.op == "placeholder"]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    return gm
 
 
 def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:

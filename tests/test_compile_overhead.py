@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fxfuse
 from fxfuse import demo, fx_utils
 from fxfuse.kernels import fake_cache
-from fxfuse.testing import graph_text, random_inputs, reapply
+from fxfuse.testing import graph_text, on_fake_device, random_inputs, reapply
 
 pytest.importorskip("transformers")
 
@@ -51,27 +51,10 @@ def _post_grad(module: torch.nn.Module, *args: torch.Tensor) -> fx.GraphModule:
     return grab.gm
 
 
-def _to_fake_cuda(gm: fx.GraphModule) -> fx.GraphModule:
-    """The same graph with fake CUDA values: the rewrites take their CUDA path (functionalized traces)."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    cuda = torch.device("cuda", 0)
-    for n in gm.graph.nodes:
-        dev = n.kwargs.get("device")
-        if dev is not None and torch.device(dev).type == "cpu":
-            n.kwargs = {**n.kwargs, "device": cuda}
-    mode = FakeTensorMode()
-    with mode:
-        ins = [torch.empty_strided(p.meta["val"].shape, p.meta["val"].stride(), dtype=p.meta["val"].dtype, device=cuda)
-               for p in gm.graph.nodes if p.op == "placeholder"]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
-    return gm
-
-
 @contextlib.contextmanager
 def _caches_off(monkeypatch: pytest.MonkeyPatch) -> Any:
     with monkeypatch.context() as m:
-        m.setattr(fxfuse.pipeline, "trace_cache", contextlib.nullcontext)
+        m.setattr(fxfuse.pipeline, "trace_cache", lambda graph: contextlib.nullcontext())
         m.setattr(fake_cache, "ENABLED", False)
         m.setattr(fx_utils, "_local_stable_toposort", lambda graph, inserted: False)
         yield
@@ -114,7 +97,7 @@ def test_moe_demo_graph_on_fake_cuda_same_with_and_without_caches(monkeypatch: p
     """The CUDA path (Triton kernels traced through functionalization) reuses traces too, and the
     reused copies get their own fake values (no tensor shared between two layers' nodes)."""
     dm = demo.build_moe("cpu", True)
-    gm = _to_fake_cuda(_post_grad(dm.module, demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1)))
+    gm = on_fake_device(_post_grad(dm.module, demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1)))
     fast, slow, stats = _run_both(gm, monkeypatch)
     assert fast.counters["moe_experts"] == 2 and fast.counters["moe_routing"] == 2, fast.counters
     assert stats["reused"] >= 2, stats

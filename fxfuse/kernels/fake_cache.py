@@ -10,10 +10,11 @@ fresh dense tensors, is never cached (the body runs as before).
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Callable
 
 import torch
+
+from .._keys import NoKey, freeze
 
 stats: dict[str, int] = {"hits": 0, "misses": 0}
 """Fake-impl calls served from the cache vs. run (tests read these)."""
@@ -22,29 +23,13 @@ ENABLED = True
 """Off: every fake call runs the body (tests compare both)."""
 
 
-class _NoKey(Exception):
-    pass
-
-
-def _arg_key(a: Any) -> Any:
-    if a is None or isinstance(a, (bool, int, str)):
-        return (type(a).__name__, a)
-    if isinstance(a, float):
-        return ("float", a.hex())
-    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return (type(a).__name__, str(a))
-    if isinstance(a, enum.Enum):
-        return (type(a), a.value)
-    if isinstance(a, (list, tuple)):
-        return (type(a).__name__, tuple(_arg_key(x) for x in a))
-    if isinstance(a, torch.Tensor):
-        if a.device.type != "cpu" or a.requires_grad:
-            raise _NoKey
-        ints = (*a.shape, *a.stride(), a.storage_offset())
-        if not all(type(i) is int for i in ints):  # SymInt: never cached
-            raise _NoKey
-        return ("T", a.dtype, tuple(a.shape), a.stride(), a.storage_offset())
-    raise _NoKey
+def _tensor_leaf(a: Any, depth: int) -> Any:
+    if not isinstance(a, torch.Tensor):
+        return NotImplemented
+    ints = (*a.shape, *a.stride(), a.storage_offset())
+    if a.device.type != "cpu" or a.requires_grad or not all(type(i) is int for i in ints):  # SymInt: never cached
+        raise NoKey
+    return ("T", a.dtype, tuple(a.shape), a.stride(), a.storage_offset())
 
 
 def _owns_dense_storage(t: torch.Tensor) -> bool:
@@ -82,8 +67,8 @@ def cache_cpu_fake(op: Any) -> None:
         if not ENABLED:
             return body(*args, **kwargs)
         try:
-            key = (_arg_key(args), _arg_key(tuple(sorted(kwargs.items()))))
-        except _NoKey:
+            key = freeze((args, tuple(sorted(kwargs.items()))), _tensor_leaf)
+        except NoKey:
             return body(*args, **kwargs)
         meta = cache.get(key)
         if meta is not None:
