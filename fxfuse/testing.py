@@ -48,6 +48,7 @@ __all__ = [
     "capture_graphs",
     "graph_text",
     "on_fake_device",
+    "post_grad_graph",
     "load_graph",
     "random_inputs",
     "reapply",
@@ -387,6 +388,46 @@ class _CapturingPass(CustomGraphPass):
 
     def uuid(self) -> Any:
         return None
+
+
+class _StopCompile(Exception):
+    pass
+
+
+class _GrabPass(CustomGraphPass):
+    """Snapshots the post-grad graph and stops the compile there (no lowering, no codegen)."""
+
+    def __init__(self) -> None:
+        self.graph: fx.GraphModule | None = None
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.graph = _snapshot(graph)
+        raise _StopCompile
+
+    def uuid(self) -> Any:
+        return None
+
+
+def post_grad_graph(fn: Callable[..., Any], *args: Any, **compile_kwargs: Any) -> fx.GraphModule:
+    """The post-grad graph Inductor would hand to fxfuse for `fn(*args)` (fake `meta["val"]` on
+    every node), without running fxfuse or compiling the rest: seconds instead of a full compile.
+    For timing the passes (`benchmarks/compile_overhead.py`) and replaying them (`reapply`)."""
+    from torch._inductor.utils import fresh_cache
+
+    grab = _GrabPass()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": grab}, **compile_kwargs)
+    with fresh_cache(), torch.no_grad():
+        try:
+            compiled(*args)
+        except Exception as e:  # noqa: BLE001 - the stop, wrapped by Inductor
+            if grab.graph is None:
+                raise
+            del e
+    torch._dynamo.reset()
+    if grab.graph is None:
+        raise RuntimeError("the compile did not reach the post-grad pass")
+    return grab.graph
 
 
 def _default_passes() -> Any:

@@ -8,7 +8,6 @@ out a result for other shapes, strides, dtypes or closure values.
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 import random
 from typing import Any
@@ -16,39 +15,14 @@ from typing import Any
 import pytest
 import torch
 import torch.fx as fx
-from torch._inductor.utils import fresh_cache
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxfuse
 from fxfuse import demo, fx_utils
 from fxfuse.kernels import fake_cache
-from fxfuse.testing import graph_text, on_fake_device, random_inputs, reapply
+from fxfuse.testing import graph_text, on_fake_device, post_grad_graph, random_inputs, reapply
 
 pytest.importorskip("transformers")
-
-
-class _Stop(Exception):
-    pass
-
-
-class _Grab(fxfuse.FusionPasses):
-    """Keeps a copy of the post-grad graph and stops the compile (no codegen: seconds, not minutes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gm: fx.GraphModule | None = None
-
-    def __call__(self, graph: fx.Graph) -> None:
-        self.gm = fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph))
-        raise _Stop
-
-
-def _post_grad(module: torch.nn.Module, *args: torch.Tensor) -> fx.GraphModule:
-    grab = _Grab()
-    with demo.no_graph_cache(), fresh_cache(), torch.no_grad(), contextlib.suppress(Exception):
-        torch.compile(module, dynamic=False, options={"post_grad_custom_pre_pass": grab})(*args)
-    assert grab.gm is not None, "the compile did not reach the post-grad pass"
-    return grab.gm
 
 
 @contextlib.contextmanager
@@ -78,7 +52,7 @@ def test_dense_demo_graph_same_with_and_without_caches(monkeypatch: pytest.Monke
     """2-layer Llama with fp8 linears: the second layer's rewrites reuse the first layer's traces
     and fake outputs, and the result is the uncached pipeline's graph, bit for bit in its outputs."""
     dm = demo.build_dense("cpu", True, fp8_backend="fxfuse-demo")
-    gm = _post_grad(dm.module, demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1))
+    gm = post_grad_graph(dm.module, demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1), dynamic=False)
     hits0 = fake_cache.stats["hits"]
     fast, slow, stats = _run_both(gm, monkeypatch)
     assert fast.counters["rmsnorm_quant"] == 4 and fast.counters["rope_quant"] == 2, fast.counters
@@ -97,7 +71,8 @@ def test_moe_demo_graph_on_fake_cuda_same_with_and_without_caches(monkeypatch: p
     """The CUDA path (Triton kernels traced through functionalization) reuses traces too, and the
     reused copies get their own fake values (no tensor shared between two layers' nodes)."""
     dm = demo.build_moe("cpu", True)
-    gm = on_fake_device(_post_grad(dm.module, demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1)))
+    ids = demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1)
+    gm = on_fake_device(post_grad_graph(dm.module, ids, dynamic=False))
     fast, slow, stats = _run_both(gm, monkeypatch)
     assert fast.counters["moe_experts"] == 2 and fast.counters["moe_routing"] == 2, fast.counters
     assert stats["reused"] >= 2, stats
