@@ -14,7 +14,8 @@ those of a real step).
 
 Variants (every one timed as CUDA-graph replay, triton.testing.do_bench_cudagraph, median):
   eager; compile (stock torch.compile, default mode, captured in a CUDA graph);
-  compile_max_autotune (mode "max-autotune-no-cudagraphs", captured the same way; off with --quick);
+  compile_max_autotune (mode "max-autotune-no-cudagraphs", captured the same way; off with --quick
+    unless --max-autotune: it autotunes GEMMs for every step shape, not cheap next to a quick sweep);
   fxfuse (torch.compile + fxfuse.passes, gated as users get it; --ungated: gate=False).
 Also: tokens/s, logits error vs eager, compile time (first call, FX graph cache off; the first
 step of each model compiles every variant in a fresh cache dir, so those are cold and comparable) with and
@@ -143,15 +144,16 @@ def _pass_seconds(graphs: list[Any]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def variants(quick: bool, ungated: bool, dry_run: bool) -> dict[str, dict[str, Any]]:
-    """name -> torch.compile kwargs (None: eager)."""
+def variants(quick: bool, ungated: bool, dry_run: bool, max_autotune: bool = False) -> dict[str, dict[str, Any]]:
+    """name -> torch.compile kwargs (None: eager). max-autotune runs without --quick or with
+    --max-autotune: its GEMM autotuning per step shape costs more than the whole quick sweep."""
     passes = fxfuse.FusionPasses(options={"gate": False}) if ungated else fxfuse.passes
     v: dict[str, dict[str, Any]] = {
         "eager": {},
         "compile": {"dynamic": False},
         "fxfuse": {"dynamic": False, "options": {"post_grad_custom_pre_pass": passes}},
     }
-    if not quick:
+    if not quick or max_autotune:
         v["compile_max_autotune"] = {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
     if dry_run:
         v.pop("compile_max_autotune", None)  # CPU max-autotune benchmarks C++ GEMM templates: slow, no value here
@@ -296,6 +298,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--fp8", choices=["auto", "torchao", "own"], default="auto")
     ap.add_argument("--ungated", action="store_true", help="fxfuse with gate=False (every rewrite ships)")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="also stock torch.compile mode max-autotune-no-cudagraphs with --quick (slow: GEMM autotuning)")
     ap.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep (ms)")
     ap.add_argument("--profile-iters", type=int, default=5)
     args = ap.parse_args()
@@ -311,7 +315,7 @@ def main() -> None:
     if args.dry_run:
         decode, prefill = decode[:1], [16]
     rep = args.rep or (20 if args.quick else 50)
-    var = variants(args.quick, args.ungated, args.dry_run)
+    var = variants(args.quick, args.ungated, args.dry_run, args.max_autotune)
     fp8_backend = {"own": "fxfuse-demo"}.get(args.fp8, args.fp8)
     result: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

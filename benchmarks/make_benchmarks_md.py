@@ -276,6 +276,33 @@ def e2e() -> list[str]:
     return out + rows
 
 
+def compile_overhead() -> list[str]:
+    out: list[str] = []
+    for p in sorted(RES.glob("compile_overhead_*.json")):
+        r = json.loads(p.read_text())
+        dev = r.get("gpu") or r["device"]
+        out += ["", f"### Compile time of the fxfuse stages ({dev})", "",
+                f"- Command: `python benchmarks/compile_overhead.py --device {r['device']} --compile --out "
+                f"benchmarks/results/{p.name}`; torch {r['torch']}",
+                "- pass s: the pipeline on a copy of the captured post-grad graph: first run in the process, then "
+                "median with the compile-time caches (per-graph trace cache, CPU fake-impl cache, windowed "
+                "topological sort) and without them (what every compile paid before; a lower bound, since "
+                "the fake mode's own dispatch cache is warm by then); share = stage time inside a cold compile / "
+                "cold stock compile", "",
+                "| model | nodes | fusions | traced / reused | pass s first | cached | uncached | same graph | "
+                "cold compile s stock / fxfuse | stages share |",
+                "|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+        for m in r["models"]:
+            tr = m.get("traces", {})
+            share = m.get("pass_share_of_compile")
+            out.append(f"| {m['title']} | {m['graph_nodes']} | {', '.join(f'{k} {v}' for k, v in m['counters'].items())} | "
+                       f"{tr.get('traced', 0)} / {tr.get('reused', 0)} | {m['pass_s_first']:.3f} | {m['pass_s_cached']:.3f} | "
+                       f"{m['pass_s_uncached']:.3f} | {m['same_graph_cached_vs_uncached']} | "
+                       f"{x(m.get('compile_s_stock'), '{:.1f}')} / {x(m.get('compile_s_fxfuse'), '{:.1f}')} | "
+                       f"{x(share and 100 * share, '{:.1f}%')} |")
+    return out
+
+
 def demo() -> list[str]:
     r = load("demo_h100_quick.json")
     if r is None:
@@ -320,7 +347,7 @@ def gpu_tests() -> list[str]:
 def main() -> None:
     if not (RES / "rmsnorm_quant_h100.json").exists() or not (RES / "unwrap_h100.json").exists():
         print("# Benchmarks")
-        for section in (silu_mul_quant, llama_layer, rope_quant, moe_routing, moe_experts, e2e, demo, gpu_tests):
+        for section in (silu_mul_quant, llama_layer, rope_quant, moe_routing, moe_experts, e2e, compile_overhead, demo, gpu_tests):
             print("\n".join(section()))
         return
     r = json.loads((RES / "rmsnorm_quant_h100.json").read_text())
@@ -413,7 +440,7 @@ def main() -> None:
         "shipped ATen decompositions run op by op, so 'eager' and 'stock compile' call several small torch "
         "kernels per op.",
     ]
-    for section in (silu_mul_quant, llama_layer, rope_quant, moe_routing, moe_experts, e2e, demo, gpu_tests):
+    for section in (silu_mul_quant, llama_layer, rope_quant, moe_routing, moe_experts, e2e, compile_overhead, demo, gpu_tests):
         out += section()
     print("\n".join(out))
 

@@ -6,12 +6,20 @@ rewrite correct (fake values, dtypes, dependency order) live in one place.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
+import functools
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import types
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+
+from ._keys import NoKey, freeze
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -205,6 +213,101 @@ def fake_mode_of(values: Iterable[Any]) -> Any:
     return detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
 
 
+trace_stats: collections.Counter[str] = collections.Counter()
+"""`traced`: replacements traced with make_fx; `reused`: served from the per-graph trace cache."""
+
+_TRACE_CACHE: contextvars.ContextVar[dict[Any, fx.GraphModule] | None] = contextvars.ContextVar(
+    "fxfuse_trace_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def trace_cache(graph: fx.Graph | None = None) -> Iterator[None]:
+    """Scope (one graph's pipeline run, one fake mode) in which `trace_aten` reuses the traced
+    graph of an identical replacement: each layer of a model repeats the same rewrites, and every
+    trace costs a make_fx run (on CUDA also Triton's TTIR mutation analysis of each kernel).
+    On exit, forgets what `inline_graph` recorded for `graph`."""
+    token = _TRACE_CACHE.set({})
+    try:
+        yield
+    finally:
+        _TRACE_CACHE.reset(token)
+        if graph is not None:
+            _INSERTED.pop(graph, None)
+
+
+def _closure_leaf(x: Any, depth: int) -> Any:
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return (type(x).__name__, str(x.node.expr))  # one shape env per cache scope
+    if isinstance(x, types.FunctionType):
+        return _fn_key(x, depth + 1)
+    if isinstance(x, functools.partial):
+        return ("partial", _freeze(x.func, depth + 1), _freeze(x.args, depth + 1), _freeze(x.keywords, depth + 1))
+    return NotImplemented  # fx.Node, tensors, match objects, ...: unknown what the trace reads from them
+
+
+def _freeze(x: Any, depth: int = 0) -> Any:
+    """A hashable, type-tagged image of a closure value (NoKey when it cannot be exact)."""
+    return freeze(x, _closure_leaf, depth)
+
+
+def _fn_key(fn: Any, depth: int = 0) -> Any:
+    """Code plus the values it closes over (globals are module-level and fixed for the process)."""
+    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return ("op", fn)
+    if not isinstance(fn, types.FunctionType):
+        return _freeze(fn, depth)
+    try:
+        contents = [c.cell_contents for c in (fn.__closure__ or ())]
+    except ValueError:  # an empty cell (a name assigned later)
+        raise NoKey from None
+    cells = tuple(_freeze(c, depth + 1) for c in contents)
+    return ("fn", fn.__code__, cells, _freeze(fn.__defaults__, depth + 1), _freeze(fn.__kwdefaults__, depth + 1))
+
+
+def _vals_key(vals: Sequence[Any]) -> Any:
+    """Metadata of the traced inputs, symbolic sizes by expression, plus which inputs share storage."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    out = []
+    storages: dict[Any, int] = {}
+    for i, v in enumerate(vals):
+        if not isinstance(v, torch.Tensor):
+            out.append(_freeze(v))
+            continue
+        ref = StorageWeakRef(v.untyped_storage())
+        first = storages.setdefault(ref, i)
+        out.append((
+            "T", type(v), v.dtype, str(v.device), v.layout, v.requires_grad,
+            _freeze(tuple(v.shape)), _freeze(tuple(v.stride())), _freeze(v.storage_offset()), first,
+        ))
+    return tuple(out)
+
+
+def _trace_key(
+    fn: Callable[..., Any], vals: Sequence[Any], functionalize: bool, table: Mapping[Any, Any] | None, fake_mode: Any
+) -> Any:
+    try:
+        return (_fn_key(fn), _vals_key(vals), functionalize, id(table), id(fake_mode))
+    except NoKey:
+        return None
+
+
+def _repropagate(gm: fx.GraphModule, vals: Sequence[Any], fake_mode: Any) -> None:
+    """Fresh fake values on a reused trace, computed from this call's inputs: every inserted node
+    gets its own tensors (aliasing as the ops define it), never ones shared with an earlier copy."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    kinds = {n: type(n.meta.get("val")) for n in gm.graph.nodes}
+    with fake_mode, enable_python_dispatcher():
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+    for n, kind in kinds.items():  # FakeTensorProp stores containers as fx's immutable_dict/list
+        v = n.meta.get("val")
+        if kind in (dict, list, tuple) and type(v) is not kind and isinstance(v, (dict, list, tuple)):
+            n.meta["val"] = kind(v)
+
+
 def trace_aten(
     fn: Callable[..., Any],
     vals: Sequence[Any],
@@ -215,7 +318,10 @@ def trace_aten(
     """Trace `fn(*vals)` (fake tensors of one graph) to an ATen GraphModule without inlining it.
 
     Split out of `insert_traced` so a caller can inspect the traced graph (e.g. reject one
-    that still calls non-ATen ops) before touching the target graph.
+    that still calls non-ATen ops) before touching the target graph. Inside `trace_cache()`, a
+    call with the same function (code and closure values), the same input metadata and the same
+    fake mode returns the earlier trace with fake values recomputed for these inputs; callers
+    must copy it (`inline_graph`), not edit it.
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -225,9 +331,20 @@ def trace_aten(
     fake_mode = fake_mode_of(vals)
     if fake_mode is None:
         raise Reject("no fake mode on the graph's values")
+    cache = _TRACE_CACHE.get()
+    key = _trace_key(fn, vals, functionalize, decomposition_table, fake_mode) if cache is not None else None
+    if key is not None and key in cache:
+        gm = cache[key]
+        _repropagate(gm, vals, fake_mode)
+        trace_stats["reused"] += 1
+        return gm
     target = dispatch_functionalize(fn, FunctionalTensorMode()) if functionalize else fn
     with fake_mode, enable_python_dispatcher(), preserve_node_meta():
-        return make_fx(target, decomposition_table=decomposition_table, tracing_mode="real")(*vals)
+        gm = make_fx(target, decomposition_table=decomposition_table, tracing_mode="real")(*vals)
+    trace_stats["traced"] += 1
+    if key is not None:
+        cache[key] = gm
+    return gm
 
 
 def inline_graph(graph: fx.Graph, gm: fx.GraphModule, inputs: Sequence[Any], before: fx.Node) -> list[fx.Node]:
@@ -236,6 +353,9 @@ def inline_graph(graph: fx.Graph, gm: fx.GraphModule, inputs: Sequence[Any], bef
     val_map: dict[fx.Node, Any] = dict(zip(placeholders, inputs))
     with graph.inserting_before(before):
         out = graph.graph_copy(gm.graph, val_map)
+    _INSERTED.setdefault(graph, []).extend(
+        v for k, v in val_map.items() if k.op != "placeholder" and isinstance(v, fx.Node)
+    )
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
@@ -265,9 +385,76 @@ def insert_traced(
     return inline_graph(graph, gm, inputs, before)
 
 
+_INSERTED: weakref.WeakKeyDictionary[fx.Graph, list[fx.Node]] = weakref.WeakKeyDictionary()
+"""Nodes `inline_graph` added to a graph since its last `stable_toposort`."""
+
+
+def _local_stable_toposort(graph: fx.Graph, inserted: list[fx.Node]) -> bool:
+    """Inductor's `stable_topological_sort`, run only from the first out-of-order node to the point
+    past the last one where nothing is left waiting: nodes before and after that window would not
+    move, so the result is the whole-graph sort's. The graph was in order before the rewrite, and a
+    rewrite only adds nodes and reroutes uses to them, so the out-of-order nodes are the inserted
+    nodes with a later input and the users placed before an inserted node. False: not applicable
+    (caller runs the whole-graph sort)."""
+    from torch._inductor.pattern_matcher import _args
+
+    bad: list[fx.Node] = []
+    for n in inserted:
+        if getattr(n, "_erased", False) or n.graph is not graph:
+            return False
+        if any(not i < n for i in n.all_input_nodes):
+            bad.append(n)
+        bad.extend(u for u in n.users if not n < u)
+    if not bad:
+        return True
+    first, last = min(bad), max(bad)
+    nodes = list(graph.nodes)
+    rest = nodes[nodes.index(first):]
+    prefix_end = first.prev if first.prev.op != "root" else None  # prefix nodes never move
+
+    ready: set[fx.Node] = set()
+    waiting: dict[fx.Node, list[fx.Node]] = collections.defaultdict(list)
+    requeued: list[fx.Node] = []  # the sort's `pending` stack above the untouched tail
+    pos, past_last = 0, False
+    cursor = prefix_end
+    while True:
+        if requeued:
+            node = requeued.pop()
+        else:
+            if past_last and not waiting:
+                break  # the rest is in order and would be placed where it is
+            if pos == len(rest):
+                break
+            node = rest[pos]
+            pos += 1
+            past_last = past_last or node is last
+        waiting_for = [
+            x for x in _args(node) if x not in ready and not (prefix_end is not None and x <= prefix_end)
+        ]
+        if waiting_for:
+            waiting[waiting_for[-1]].append(node)
+        else:
+            ready.add(node)
+            if cursor is not None and cursor.next is not node:
+                cursor.append(node)
+            cursor = node
+            requeued.extend(reversed(waiting.pop(node, ())))
+    return not waiting and _edges_ok([*inserted, *bad])
+
+
+def _edges_ok(nodes: Iterable[fx.Node]) -> bool:
+    return all(all(i < n for i in n.all_input_nodes) and all(n < u for u in n.users) for n in nodes)
+
+
 def stable_toposort(graph: fx.Graph) -> None:
+    """Restore topological order after a rewrite, as Inductor's `stable_topological_sort` does, but
+    in O(window) instead of O(graph) when `inline_graph` recorded what the rewrite inserted (a
+    whole-graph sort per rewrite is quadratic in the layer count)."""
     from torch._inductor.pattern_matcher import stable_topological_sort
 
+    inserted = _INSERTED.pop(graph, None)
+    if inserted is not None and _local_stable_toposort(graph, inserted):
+        return
     stable_topological_sort(graph)
 
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ._log import log, trace_artifact
-from .fx_utils import Reject, source_location, source_locations
+from .fx_utils import Reject, source_location, source_locations, trace_cache
 from .report import Fusion, GraphReport, NearMiss, PassTiming, report
 
 counters: collections.Counter[str] = collections.Counter()
@@ -125,14 +125,24 @@ def _default_passes() -> list[GraphPass]:
     return default_passes()
 
 
+_DIGESTS: dict[Any, str] = {}
+
+
 def _source_digest(root: pathlib.Path | None = None) -> str:
-    """Hash of every fxfuse source file: any edit to a pass, pattern or kernel changes the uuid."""
+    """Hash of every fxfuse source file: any edit to a pass, pattern or kernel changes the uuid.
+    Inductor asks for the uuid on every compile: the files are read again only when their names,
+    sizes or modification times change."""
     root = root or pathlib.Path(__file__).parent
+    files = sorted([*root.rglob("*.py"), *root.rglob("*.json")])
+    stamp = (str(root), tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),)))
+    if stamp in _DIGESTS:
+        return _DIGESTS[stamp]
     h = hashlib.sha256()
-    for p in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+    for p in files:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
-    return h.hexdigest()
+    _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
 
 
 def _callable_identity(fn: Any) -> str | None:
@@ -239,6 +249,18 @@ class FusionPasses(CustomGraphPass):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fxfuse graph %d before:\n%s", greport.graph_id, graph)
         trace_artifact("fxfuse_graph_before", lambda: str(graph))
+        with trace_cache(graph):
+            changed = self._run_passes(graph, ctx, greport)
+        if changed:
+            graph.eliminate_dead_code()
+            graph.lint()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("fxfuse graph %d after:\n%s", greport.graph_id, graph)
+        if self.after is not None:
+            self.after(graph)
+
+    def _run_passes(self, graph: fx.Graph, ctx: PassContext, greport: GraphReport) -> bool:
+        """Each stage in order, timed; True when any rewrite applied."""
         changed = False
         for p in self.passes():
             t0 = time.perf_counter()
@@ -258,13 +280,7 @@ class FusionPasses(CustomGraphPass):
             if n:
                 changed = True
                 trace_artifact(f"fxfuse_after_{p.name}", lambda: str(graph))
-        if changed:
-            graph.eliminate_dead_code()
-            graph.lint()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("fxfuse graph %d after:\n%s", greport.graph_id, graph)
-        if self.after is not None:
-            self.after(graph)
+        return changed
 
     def uuid(self) -> Any:
         """Cache key of everything that decides the rewrite: sources, config, chained passes."""

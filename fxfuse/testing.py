@@ -47,6 +47,8 @@ __all__ = [
     "assert_golden",
     "capture_graphs",
     "graph_text",
+    "on_fake_device",
+    "post_grad_graph",
     "load_graph",
     "random_inputs",
     "reapply",
@@ -386,6 +388,46 @@ class _CapturingPass(CustomGraphPass):
 
     def uuid(self) -> Any:
         return None
+
+
+class _StopCompile(Exception):
+    pass
+
+
+class _GrabPass(CustomGraphPass):
+    """Snapshots the post-grad graph and stops the compile there (no lowering, no codegen)."""
+
+    def __init__(self) -> None:
+        self.graph: fx.GraphModule | None = None
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.graph = _snapshot(graph)
+        raise _StopCompile
+
+    def uuid(self) -> Any:
+        return None
+
+
+def post_grad_graph(fn: Callable[..., Any], *args: Any, **compile_kwargs: Any) -> fx.GraphModule:
+    """The post-grad graph Inductor would hand to fxfuse for `fn(*args)` (fake `meta["val"]` on
+    every node), without running fxfuse or compiling the rest: seconds instead of a full compile.
+    For timing the passes (`benchmarks/compile_overhead.py`) and replaying them (`reapply`)."""
+    from torch._inductor.utils import fresh_cache
+
+    grab = _GrabPass()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": grab}, **compile_kwargs)
+    with fresh_cache(), torch.no_grad():
+        try:
+            compiled(*args)
+        except Exception as e:  # noqa: BLE001 - the stop, wrapped by Inductor
+            if grab.graph is None:
+                raise
+            del e
+    torch._dynamo.reset()
+    if grab.graph is None:
+        raise RuntimeError("the compile did not reach the post-grad pass")
+    return grab.graph
 
 
 def _default_passes() -> Any:
@@ -741,6 +783,23 @@ def _to_device(fake: torch.Tensor, device: str, fake_mode: Any) -> torch.Tensor:
         return fake
     with fake_mode:
         return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=device)
+
+
+def on_fake_device(gm: fx.GraphModule, device: str = "cuda") -> fx.GraphModule:
+    """`gm` (a captured CPU graph) re-propagated with fake tensors on `device`, in place: a CUDA
+    graph for the passes' CUDA path on a machine without a GPU. Factory ops' device kwargs move too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    dev = torch.device(device) if torch.device(device).type != "cuda" else torch.device("cuda", 0)
+    for n in gm.graph.nodes:
+        d = n.kwargs.get("device")
+        if d is not None and torch.device(d).type == "cpu":
+            n.kwargs = {**n.kwargs, "device": dev}
+    mode = FakeTensorMode()
+    ins = [_to_device(p.meta["val"], str(dev), mode) for p in gm.graph.nodes if p.op == "placeholder"]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    return gm
 
 
 def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._inductor.utils import fresh_cache
 
 import fxfuse
+from fxfuse.testing import on_fake_device
 
 transformers = pytest.importorskip("transformers")
 from transformers import MixtralConfig, Qwen3MoeConfig  # noqa: E402
@@ -64,26 +65,11 @@ class _Capture(fxfuse.FusionPasses):
 
 def _post_grad_on_fake_cuda(fn: torch.nn.Module, *args: torch.Tensor) -> fx.GraphModule:
     """Compile on CPU, capture the post-grad graph, re-propagate it with fake CUDA tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     cap = _Capture()
     torch._dynamo.reset()
     with fresh_cache(), torch.no_grad():
         torch.compile(fn, dynamic=False, options={"post_grad_custom_pre_pass": cap})(*args)
-    gm = cap.graphs[0]
-    cuda = torch.device("cuda", 0)
-    for n in gm.graph.nodes:
-        dev = n.kwargs.get("device")
-        if dev is not None and torch.device(dev).type == "cpu":
-            n.kwargs = {**n.kwargs, "device": cuda}
-    mode = FakeTensorMode()
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    with mode:
-        ins = [torch.empty_strided(p.meta["val"].shape, p.meta["val"].stride(), dtype=p.meta["val"].dtype,
-                                   device=cuda) for p in phs]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
-    return gm
+    return on_fake_device(cap.graphs[0], "cuda")
 
 
 @pytest.mark.parametrize(

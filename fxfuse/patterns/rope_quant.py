@@ -1007,7 +1007,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     inputs += norms
     has_qs = qm.quant is not None and qm.quant.scale is not None
     has_ks = km is not None and km.quant is not None and km.quant.scale is not None
-    store_kq = True
+    store_kq, has_vs, cparams = True, False, {}
     if kv is not None:
         inside = kv.k.nodes | (km.quant.nodes if km.quant else set())
         km.need_rope = any(u not in inside for u in km.out.users)
@@ -1046,13 +1046,29 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     shapes = [list(tval(mm.x).shape) for mm in ms]
     sink_shapes = {id(mm): list(tval(mm.quant.sink).shape) for mm in ms if mm.quant is not None}
 
+    # the replacement closes over plain values only (no match objects), so the trace cache can
+    # key it and reuse one trace for every layer's identical q/k rotation
+    has_k = km is not None
+    table_cols = qm.table_cols
+    q_view = (qm.x_perm, qm.head, qm.tok)
+    k_view = (km.x_perm, km.head, km.tok) if km is not None else None
+    has_qw, has_kw = qm.norm is not None, km is not None and km.norm is not None
+    # per output side: (need_rope, has_quant, quant reshaped to its sink's shape or None, dynamic scale, head, tok, shape)
+    has_kv, complex_freqs = kv is not None, qm.complex_freqs
+    out_plan = [
+        (mm.need_rope, mm.quant is not None and (mm is qm or store_kq),
+         sink_shapes[id(mm)] if mm.quant is not None and mm.quant.via is not None else None,
+         mm.quant is not None and mm.quant.scheme == QUANT_DYNAMIC, mm.head, mm.tok, shp)
+        for mm, shp in zip(ms, shapes)
+    ]
+
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
         xq = next(it)
-        xk = next(it) if km else None
+        xk = next(it) if has_k else None
         if use_table:
             ct, st, pos = next(it), next(it), next(it)
-            (cc, sc) = qm.table_cols
+            (cc, sc) = table_cols
             c = ct if cc is None else ct[:, cc[0]:cc[1]]
             s = st if sc is None else st[:, sc[0]:sc[1]]
             p = pos.reshape(-1)
@@ -1060,41 +1076,43 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
             c0, s0 = next(it), next(it)
         qs = next(it) if has_qs else None
         ks = next(it) if has_ks else None
-        qw = next(it) if qm.norm is not None else None
-        kw = next(it) if km is not None and km.norm is not None else None
-        if kv is not None:
+        qw = next(it) if has_qw else None
+        kw = next(it) if has_kw else None
+        if has_kv:
             v, kc, vc, slots = next(it), next(it), next(it), next(it)
             vs = next(it) if has_vs else None
-        if qm.x_perm is not None:
-            xq = xq.permute(qm.x_perm)
-        if km is not None and km.x_perm is not None:
-            xk = xk.permute(km.x_perm)
+        if q_view[0] is not None:
+            xq = xq.permute(q_view[0])
+        if k_view is not None and k_view[0] is not None:
+            xk = xk.permute(k_view[0])
         if not use_table:
-            if qm.complex_freqs:  # c0 is s0: the complex freqs; the kernel reads its real/imag parts
+            if complex_freqs:  # c0 is s0: the complex freqs; the kernel reads its real/imag parts
                 c0, s0 = torch.real(c0).contiguous(), torch.imag(c0).contiguous()
-            c, s, p = _cos_rows(c0, xq, qm.head, qm.tok), _cos_rows(s0, xq, qm.head, qm.tok), None
-            if qm.complex_freqs:
+            c, s, p = _cos_rows(c0, xq, q_view[1], q_view[2]), _cos_rows(s0, xq, q_view[1], q_view[2]), None
+            if complex_freqs:
                 c, s = c.contiguous(), s.contiguous()
-        q4 = _to4(xq, qm.head, qm.tok)
-        k4 = _to4(xk, km.head, km.tok) if km else None
+        q4 = _to4(xq, q_view[1], q_view[2])
+        k4 = _to4(xk, k_view[1], k_view[2]) if k_view is not None else None
         sc = (None if qs is None else scalar_on(qs, q4), None if ks is None else scalar_on(ks, q4))
-        if kv is None:
+        if not has_kv:
             outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw)
         else:
             outs = torch.ops.fxfuse.rope_quant_cache(
                 q4, k4, c, s, p, *sc, **params, v=v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
                 v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw)
         res = []
-        for mm, shp, (o, qo, so) in zip(ms, shapes, (outs[0:3], outs[3:6])):
-            if mm.need_rope:
-                res.append(_from4(o, shp, mm.head, mm.tok))
-            if mm.quant is not None and (mm is qm or store_kq):
-                qx = _from4(qo, shp, mm.head, mm.tok)
-                res.append(qx if mm.quant.via is None else qx.reshape(sink_shapes[id(mm)]))
-                if mm.quant.scheme == QUANT_DYNAMIC:
+        for (need_rope, has_quant, sink_shape, dynamic, head, tok, shp), (o, qo, so) in zip(
+            out_plan, (outs[0:3], outs[3:6])
+        ):
+            if need_rope:
+                res.append(_from4(o, shp, head, tok))
+            if has_quant:
+                qx = _from4(qo, shp, head, tok)
+                res.append(qx if sink_shape is None else qx.reshape(sink_shape))
+                if dynamic:
                     sshape = shp[:-1] + [1]
-                    res.append(_from4(so.unsqueeze(-1), sshape, mm.head, mm.tok))
-        if kv is not None:
+                    res.append(_from4(so.unsqueeze(-1), sshape, head, tok))
+        if has_kv:
             res += [kc, vc]  # the caches as the op left them (functionalized: the op's new values)
         return tuple(res)
 

@@ -317,6 +317,7 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
         ub_slot=q.ub_slot,
     )
     has_s, has_ub = q.scale is not None, q.scale_ub is not None
+    per_row_scale = q.scheme in (PER_TOKEN, PER_GROUP)  # a plain value: the trace cache keys the closure
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -333,7 +334,7 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
             **params,
         )
         qo = qo.reshape(*lead, *q_tail)
-        if q.scheme in (PER_TOKEN, PER_GROUP):
+        if per_row_scale:
             so = so.reshape(*lead, *s_tail) if s_tail is not None else so
         else:
             so = so.reshape(s_static_shape)

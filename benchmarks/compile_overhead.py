@@ -1,0 +1,130 @@
+"""What the fxfuse stages cost at compile time, on the demo's models.
+
+    python benchmarks/compile_overhead.py --out benchmarks/results/compile_overhead_cpu.json [--device cuda]
+        [--models dense_fp8,moe] [--layers 2] [--compile]
+
+For each model: the post-grad graph Inductor hands to fxfuse is captured once (no codegen), then the
+pipeline runs on copies of it: the first run in the process (cold: nothing cached yet), then the
+median of `--reps` runs, each with fxfuse's compile-time caches on and off (the trace cache per graph,
+the CPU fake-impl cache, the windowed topological sort; "off" is what every compile paid before
+them). The rewritten graphs of both must be identical (checked). With `--compile`, also a cold
+`torch.compile` (fresh Inductor cache) with and without fxfuse, for the stages' share of a compile,
+the number the issue's "at most 10% of compile time" target is about (e2e.py's
+fxfuse_pass_share_of_compile). On CPU the models are the demo's tiny ones; on CUDA real layer sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+
+import fxfuse
+from fxfuse import demo, fx_utils, pipeline
+from fxfuse.kernels import fake_cache
+from fxfuse.testing import graph_text, post_grad_graph
+
+
+@contextlib.contextmanager
+def caches_off() -> Iterator[None]:
+    """The pipeline as it was before its compile-time caches."""
+    saved = (pipeline.trace_cache, fake_cache.ENABLED, fx_utils._local_stable_toposort)
+    pipeline.trace_cache = lambda graph=None: contextlib.nullcontext()  # type: ignore[assignment]
+    fake_cache.ENABLED = False
+    fx_utils._local_stable_toposort = lambda graph, inserted: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        pipeline.trace_cache, fake_cache.ENABLED, fx_utils._local_stable_toposort = saved
+
+
+def run_once(gm: fx.GraphModule, passes: fxfuse.FusionPasses) -> tuple[float, str, dict[str, int]]:
+    g = copy.deepcopy(gm.graph)
+    fxfuse.counters.clear()
+    t0 = time.perf_counter()
+    passes(g)
+    dt = time.perf_counter() - t0
+    return dt, graph_text(g), dict(fxfuse.counters)
+
+
+def cold_compile_s(module: torch.nn.Module, ids: torch.Tensor, passes: Any | None) -> float:
+    from torch._inductor.utils import fresh_cache
+
+    torch._dynamo.reset()
+    opts = {"post_grad_custom_pre_pass": passes} if passes is not None else None
+    fn = torch.compile(module, dynamic=False, options=opts)
+    with demo.no_graph_cache(), fresh_cache(), torch.no_grad():
+        t0 = time.perf_counter()
+        fn(ids)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_compile: bool) -> dict[str, Any]:
+    dm = demo.BUILDERS[name](device, False, layers=layers)
+    ids = demo.random_ids(dm.vocab, tokens, device, seed=1).reshape(1, -1)
+    t0 = time.perf_counter()
+    gm = post_grad_graph(dm.module, ids, dynamic=False)
+    capture_s = time.perf_counter() - t0
+    passes = fxfuse.FusionPasses()
+    fx_utils.trace_stats.clear()
+    first_s, text, counters = run_once(gm, passes)
+    stats = dict(fx_utils.trace_stats)
+    on = [run_once(gm, passes)[0] for _ in range(reps)]
+    with caches_off():
+        off_runs = [run_once(gm, passes) for _ in range(reps)]
+    same = all(t == text and c == counters for _, t, c in off_runs)
+    res: dict[str, Any] = {
+        "model": name, "title": dm.title, "layers": layers, "tokens": tokens,
+        "graph_nodes": len(gm.graph.nodes), "capture_s": round(capture_s, 3), "counters": counters,
+        "pass_s_first": round(first_s, 4), "pass_s_cached": round(statistics.median(on), 4),
+        "pass_s_uncached": round(statistics.median(off_runs[i][0] for i in range(reps)), 4),
+        "traces": stats, "same_graph_cached_vs_uncached": same,
+    }
+    if with_compile:
+        for variant, p in (("stock", None), ("fxfuse", fxfuse.passes)):
+            n0 = len(fxfuse.report)
+            res[f"compile_s_{variant}"] = round(cold_compile_s(dm.module, ids, p), 2)
+            if p is not None:
+                res["pass_s_in_compile"] = round(sum(t.seconds for g in fxfuse.report.since(n0) for t in g.timings), 4)
+        res["pass_share_of_compile"] = round(res["pass_s_in_compile"] / res["compile_s_stock"], 4)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--models", default="dense_fp8,moe")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also cold torch.compile with and without fxfuse")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compile_overhead: no CUDA device")
+    demo.quiet_warnings()
+    demo.allow_recompiles()
+    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "models": []}
+    if args.device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+    for name in [m for m in args.models.split(",") if m]:
+        out["models"].append(measure(name, args.device, args.layers, args.reps, args.tokens, args.compile))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
