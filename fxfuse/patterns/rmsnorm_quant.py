@@ -42,7 +42,9 @@ from .quant import (
     QUANT_DTYPES,
     SCHEME_NAMES,
     QuantMatch,
+    build_shape,
     match_quant as _match_quant,
+    reroute_shape_reads,
     strip_f32_convert as _strip_f32_convert,
 )
 
@@ -241,9 +243,6 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
             raise Reject(f"{node.name} is not contiguous")
     if norm.weight is not None and tval(norm.weight).stride(0) != 1:
         raise Reject("weight is not contiguous")
-    qv, lead = tval(q.sink), len(tval(q.sink).shape) - xv.dim()
-    if q.scheme != PER_GROUP and (lead < 0 or any(d != 1 for d in qv.shape[:lead])):
-        raise Reject(f"quant output shape {tuple(qv.shape)} is not the input's shape {tuple(xv.shape)}")
     if q.scheme == PER_GROUP and (q.group_size & (q.group_size - 1) or H % q.group_size):
         raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
     # dependency order: inputs must not be computed from the region
@@ -287,13 +286,8 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         ub_slot=q.ub_slot,
     )
     scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
-    # the written shapes past the token dims: [.., G, g] / [.., H] for q, [.., 1] / [.., G, 1] / [.., G] scales;
-    # a one-element static scale of higher rank broadcasts q up first: y / s.reshape(1, 1, 1)
-    lead_n = xv.dim() - 1
-    sink_shape = tuple(tval(q.sink).shape)
-    extra = max(0, len(sink_shape) - lead_n - (2 if q.scheme == PER_GROUP else 1))
-    q_tail = sink_shape[extra + lead_n:]
-    s_tail = tuple(tval(q.scale_out).shape[lead_n:]) if q.scale_out is not None else None
+    # q / scale outputs in their written shapes (token dims as in x, or flattened: `shape_recipe`)
+    q_shape, s_shape = q.q_shape, q.s_shape
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -311,9 +305,9 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             scale_ub=None if ub is None else ub.reshape(1),
             **params,
         )
-        qo = qo.reshape(*((1,) * extra), *lead, *q_tail)
-        if s_tail is not None:
-            so = so.reshape(*lead, *s_tail)
+        qo = qo.reshape(build_shape(q_shape, lead))
+        if s_shape is not None:
+            so = so.reshape(build_shape(s_shape, lead))
         else:
             so = so.reshape(scale_shape_static or (1,))
         ho = ho.reshape(x.shape) if need_h else ho
@@ -323,6 +317,7 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
     q_new, s_new, h_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
     for sink in q.sinks or [q.sink]:
         sink.replace_all_uses_with(q_new)
+    reroute_shape_reads(graph, q, q_new)
     for scale_out in q.scale_outs or ([q.scale_out] if q.scale_out is not None else []):
         scale_out.replace_all_uses_with(s_new)
     if need_h:

@@ -34,7 +34,18 @@ from ..fx_utils import (
     tval,
 )
 from ..kernels.silu_mul_quant import ACT_GELU_TANH, ACT_NAMES, ACT_SILU, MAX_INTER
-from .quant import PER_GROUP, PER_TOKEN, QUANT_DTYPES, SCHEME_NAMES, QuantMatch, find_sinks, match_quant, strip_f32_convert
+from .quant import (
+    PER_GROUP,
+    PER_TOKEN,
+    QUANT_DTYPES,
+    SCHEME_NAMES,
+    QuantMatch,
+    build_shape,
+    find_sinks,
+    match_quant,
+    reroute_shape_reads,
+    strip_f32_convert,
+)
 
 FAMILY = "silu_mul_quant"
 IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -289,11 +300,9 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
 
     gv = tval(m.gate)
     inter = gv.shape[-1]
-    lead_n = gv.dim() - 1
     sinks = q.sinks or [q.sink]
     scale_outs = q.scale_outs or ([q.scale_out] if q.scale_out is not None else [])
-    q_tail = tuple(tval(sinks[0]).shape[lead_n:])
-    s_tail = tuple(tval(scale_outs[0]).shape[lead_n:]) if scale_outs else None
+    q_shape, s_shape = q.q_shape, q.s_shape  # written shapes over the token dims (maybe flattened)
     s_static_shape = tuple(tval(q.scale).shape) if q.scale is not None else (1,)
     merged = m.merged is not None
     inputs = ([m.merged] if merged else [m.gate, m.up]) + [n for n in (q.scale, q.scale_ub) if n is not None]
@@ -329,9 +338,9 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
             scale_ub=None if ub is None else ub.reshape(1),
             **params,
         )
-        qo = qo.reshape(*lead, *q_tail)
+        qo = qo.reshape(build_shape(q_shape, lead))
         if q.scheme in (PER_TOKEN, PER_GROUP):
-            so = so.reshape(*lead, *s_tail) if s_tail is not None else so
+            so = so.reshape(build_shape(s_shape, lead)) if s_shape is not None else so
         else:
             so = so.reshape(s_static_shape)
         return qo, so
@@ -340,6 +349,7 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
     q_new, s_new = insert_traced(graph, replacement, inputs, before=sinks[0], functionalize=on_cuda)
     for sink in sinks:
         sink.replace_all_uses_with(q_new)
+    reroute_shape_reads(graph, q, q_new)
     for so in scale_outs:
         so.replace_all_uses_with(s_new)
     stable_toposort(graph)
