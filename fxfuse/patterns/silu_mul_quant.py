@@ -364,7 +364,7 @@ def _looks_like_candidate(node: fx.Node) -> bool:
     quantization; anything else (attention softmax exps, router sigmoids) is not reported at all."""
     frontier, seen = [node], {node}
     muls = 0
-    for _ in range(10):
+    for _ in range(14):  # activation -> product -> flatten/group views -> scale math -> convert
         nxt = []
         for n in frontier:
             for u in n.users:
