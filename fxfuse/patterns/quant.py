@@ -89,6 +89,40 @@ class QuantMatch:
     # `sym_size` users of replaced nodes, with the dim of the quantized output that has that size
     shape_reads: list[tuple[fx.Node, int]] = field(default_factory=list)
 
+    def op_params(self) -> dict[str, Any]:
+        """The quant half of a fused op's keyword arguments (same names in every family's op)."""
+        return dict(
+            quant_dtype=self.qdtype,
+            scheme=self.scheme,
+            group_size=self.group_size,
+            static_scale_value=self.static_value,
+            scale_ops=list(self.scale_ops),
+            scale_consts=list(self.scale_consts),
+            quant_mul=self.quant_mul,
+            qmin=self.qmin,
+            qmax=self.qmax,
+            round_to_int=self.round_to_int,
+            ub_slot=self.ub_slot,
+        )
+
+    def written_outputs(self, qo: torch.Tensor, so: torch.Tensor, lead: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused op's [M, H] q and its scales in the shapes the graph wrote (called while
+        tracing the rewrite; `lead` are the fused inputs' token dims)."""
+        qo = qo.reshape(build_shape(self.q_shape, lead))
+        if self.s_shape is not None:
+            return qo, so.reshape(build_shape(self.s_shape, lead))
+        if self.scheme == STATIC:
+            return qo, so.reshape(tuple(tval(self.scale).shape) if self.scale is not None else (1,))
+        return qo, so  # a dynamic scale nobody reads
+
+    def reroute(self, graph: fx.Graph, q_new: fx.Node, s_new: fx.Node) -> None:
+        """Point every quantized output, scale output and size read at the fused op's outputs."""
+        for sink in self.sinks or [self.sink]:
+            sink.replace_all_uses_with(q_new)
+        for so in self.scale_outs or ([self.scale_out] if self.scale_out is not None else []):
+            so.replace_all_uses_with(s_new)
+        reroute_shape_reads(graph, self, q_new)
+
     def signature(self) -> tuple:
         """What decides the quantized bits: equal signatures compute the same (q, scale)."""
         return (

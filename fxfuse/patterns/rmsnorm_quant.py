@@ -42,9 +42,7 @@ from .quant import (
     QUANT_DTYPES,
     SCHEME_NAMES,
     QuantMatch,
-    build_shape,
     match_quant as _match_quant,
-    reroute_shape_reads,
     strip_f32_convert as _strip_f32_convert,
 )
 
@@ -272,22 +270,9 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         weight_sum_dtype=norm.weight_sum_dtype,
         round_before_weight=norm.round_before_weight,
         norm_dtype=tval(norm.y).dtype,
-        quant_dtype=q.qdtype,
-        scheme=q.scheme,
-        group_size=q.group_size,
-        static_scale_value=q.static_value,
-        scale_ops=list(q.scale_ops),
-        scale_consts=list(q.scale_consts),
-        quant_mul=q.quant_mul,
-        qmin=q.qmin,
-        qmax=q.qmax,
-        round_to_int=q.round_to_int,
         need_residual_out=need_h,
-        ub_slot=q.ub_slot,
+        **q.op_params(),
     )
-    scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
-    # q / scale outputs in their written shapes (token dims as in x, or flattened: `shape_recipe`)
-    q_shape, s_shape = q.q_shape, q.s_shape
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -305,21 +290,13 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             scale_ub=None if ub is None else ub.reshape(1),
             **params,
         )
-        qo = qo.reshape(build_shape(q_shape, lead))
-        if s_shape is not None:
-            so = so.reshape(build_shape(s_shape, lead))
-        else:
-            so = so.reshape(scale_shape_static or (1,))
+        qo, so = q.written_outputs(qo, so, lead)  # token dims as in x, or flattened
         ho = ho.reshape(x.shape) if need_h else ho
         return qo, so, ho
 
     on_cuda = xv.device.type == "cuda"
     q_new, s_new, h_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
-    for sink in q.sinks or [q.sink]:
-        sink.replace_all_uses_with(q_new)
-    reroute_shape_reads(graph, q, q_new)
-    for scale_out in q.scale_outs or ([q.scale_out] if q.scale_out is not None else []):
-        scale_out.replace_all_uses_with(s_new)
+    q.reroute(graph, q_new, s_new)
     if need_h:
         for u in list(norm.h.users):
             if u not in norm.nodes:

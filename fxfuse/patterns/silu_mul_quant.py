@@ -36,14 +36,11 @@ from ..fx_utils import (
 from ..kernels.silu_mul_quant import ACT_GELU_TANH, ACT_NAMES, ACT_SILU, MAX_INTER
 from .quant import (
     PER_GROUP,
-    PER_TOKEN,
     QUANT_DTYPES,
     SCHEME_NAMES,
     QuantMatch,
-    build_shape,
     find_sinks,
     match_quant,
-    reroute_shape_reads,
     strip_f32_convert,
 )
 
@@ -300,27 +297,13 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
 
     gv = tval(m.gate)
     inter = gv.shape[-1]
-    sinks = q.sinks or [q.sink]
-    scale_outs = q.scale_outs or ([q.scale_out] if q.scale_out is not None else [])
-    q_shape, s_shape = q.q_shape, q.s_shape  # written shapes over the token dims (maybe flattened)
-    s_static_shape = tuple(tval(q.scale).shape) if q.scale is not None else (1,)
     merged = m.merged is not None
     inputs = ([m.merged] if merged else [m.gate, m.up]) + [n for n in (q.scale, q.scale_ub) if n is not None]
     params = dict(
         act=m.act,
         act_dtype=m.act_dtype,
         out_dtype=m.out_dtype,
-        quant_dtype=q.qdtype,
-        scheme=q.scheme,
-        group_size=q.group_size,
-        static_scale_value=q.static_value,
-        scale_ops=list(q.scale_ops),
-        scale_consts=list(q.scale_consts),
-        quant_mul=q.quant_mul,
-        qmin=q.qmin,
-        qmax=q.qmax,
-        round_to_int=q.round_to_int,
-        ub_slot=q.ub_slot,
+        **q.op_params(),
     )
     has_s, has_ub = q.scale is not None, q.scale_ub is not None
 
@@ -338,20 +321,11 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
             scale_ub=None if ub is None else ub.reshape(1),
             **params,
         )
-        qo = qo.reshape(build_shape(q_shape, lead))
-        if q.scheme in (PER_TOKEN, PER_GROUP):
-            so = so.reshape(build_shape(s_shape, lead)) if s_shape is not None else so
-        else:
-            so = so.reshape(s_static_shape)
-        return qo, so
+        return q.written_outputs(qo, so, lead)  # token dims as in gate, or flattened
 
     on_cuda = gv.device.type == "cuda"
-    q_new, s_new = insert_traced(graph, replacement, inputs, before=sinks[0], functionalize=on_cuda)
-    for sink in sinks:
-        sink.replace_all_uses_with(q_new)
-    reroute_shape_reads(graph, q, q_new)
-    for so in scale_outs:
-        so.replace_all_uses_with(s_new)
+    q_new, s_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
+    q.reroute(graph, q_new, s_new)
     stable_toposort(graph)
     return sorted(m.nodes | q.nodes, key=lambda n: n.name)
 
