@@ -234,12 +234,12 @@ def shape_recipe(shape: Sequence[Any], lead: Sequence[Any], numel: Any, what: st
         j = next((k for k, t in enumerate(lead) if _known_eq(d, t)), None)
         if j is not None:
             out.append(("dim", j))
-        elif -1 in out or 0 in out:
+        elif -1 in out:
             raise Reject(f"{what} shape {tuple(shape)} is not the token dims or one flatten of them")
         else:
             out.append(-1)
     if -1 in out and 0 in out:
-        raise Reject(f"{what} shape {tuple(shape)} is empty; the flattened dim cannot be inferred")
+        raise Reject(f"{what} shape {tuple(shape)} has a 0 dim; its flattened dim cannot be inferred")
     return tuple(out)
 
 
