@@ -176,3 +176,74 @@ def test_reshape_near_miss(family, name):
     misses = [m.reason for m in fxfuse.report().near_misses if m.family == family]
     assert any(reason in r for r in misses), misses
     assert_identical(tuple(out), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["rmsnorm_quant", "silu_mul_quant"])
+def test_gpu_flatten_fuses_into_triton_kernel(family):
+    """On CUDA the flattened form compiles to the family's user Triton kernel, dynamic token dim."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    if family == "rmsnorm_quant":
+        args = make_inputs((2, 37), 1024, torch.bfloat16, device="cuda", seed=51)
+
+        def fn(x, res, w, scale):
+            return QUANTS["token"](_flat(NORMS["hf"](x + res, w, 1e-6)), scale)
+
+        kernel = "_rms_norm_quant_kernel"
+    else:
+        gu, up, scale = make_args((2, 37), 1024, torch.bfloat16, "chunk", seed=52)
+        args = (gu.cuda(), up.cuda(), scale.cuda())
+
+        def fn(gu, up, scale):
+            g, u = gu.chunk(2, dim=-1)
+            return QUANTS["group128"](_flat(F.silu(g) * u), scale)
+
+        kernel = "_silu_mul_quant_kernel"
+    torch._dynamo.mark_dynamic(args[0], 1)
+    with torch.no_grad():
+        ref = fn(*args)
+    passes = fxfuse.FusionPasses(options={"gate": False})
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": passes}), *args)
+    assert fxfuse.counters[family] == 1, fxfuse.report()
+    code = "\n".join(codes)
+    assert kernel in code and "torch.ops.fxfuse" not in code
+    assert not dequant_close(tuple(out), tuple(ref))
+
+
+@pytest.mark.parametrize("family", ["rmsnorm_quant", "silu_mul_quant"])
+def test_fake_cuda_flatten_traces_to_triton_kernel(family):
+    """The CUDA rewrite of a flattened form with a symbolic token dim: a user Triton kernel node
+    (no opaque op call left), outputs in the written [B*T, ...] shapes. Fake CUDA tensors, so CPU
+    CI runs it."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    def norm(x, w):
+        return QUANTS["token"](_flat(NORMS["hf"](x, w, 1e-6)), None)
+
+    def silu(gu):
+        g, u = gu.chunk(2, dim=-1)
+        return q_group_2d(_flat(F.silu(g) * u), None)
+
+    fn, shapes = (norm, [(2, None, 256), (256,)]) if family == "rmsnorm_quant" else (silu, [(2, None, 512)])
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    T = env.create_symintnode(env.create_symbol(5, ConstantSource("T"), dynamic_dim=DimDynamic.DYNAMIC), hint=5)
+    with mode:
+        ins = [torch.empty([T if d is None else d for d in s], dtype=torch.bfloat16, device="cuda") for s in shapes]
+        with enable_python_dispatcher():
+            gm = make_fx(fn, tracing_mode="real")(*ins)
+    fxfuse.FusionPasses(options={"gate": False}, strict=True)(gm.graph)
+    assert fxfuse.counters[family] == 1, fxfuse.report()
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
+    assert not any("fxfuse" in str(t) for t in targets), targets
+    (outs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+    q_shape = tuple(outs[0].meta["val"].shape)
+    assert q_shape == (2 * T, 256), q_shape
