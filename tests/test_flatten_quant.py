@@ -104,7 +104,9 @@ SILU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", SILU_CASES, ids=["-".join([c[0], c[1], "dyn" if c[3] is not None else "static"]) for c in SILU_CASES])
+@pytest.mark.parametrize(
+    "case", SILU_CASES, ids=["-".join([c[0], c[1], "dyn" if c[3] is not None else "static"]) for c in SILU_CASES]
+)
 def test_silu_flatten_fuses(case):
     layout, quant, lead, dyn = case
     qf = _quant(quant)

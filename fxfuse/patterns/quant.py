@@ -3,9 +3,10 @@
 The same written forms follow an RMSNorm, a SiLU-and-mul or a RoPE: divide or multiply by a
 scale; clamp; round for int8; a static scale (tensor or literal), a per-token amax, or a
 per-group amax over `y.reshape(..., G, g)`; also after a row-preserving flatten of the token dims
-(`y.reshape(-1, H)`, as quantized linears write it for a 3-D activation). This module *captures* them (scheme, group size,
-the amax -> scale op chain, clamp bounds) into a `QuantMatch`; the family's own module matches
-what produces `y` and decides the rewrite. Op codes come from the kernel module, one definition.
+(`y.reshape(-1, H)`, as quantized linears write it for a 3-D activation). This module *captures*
+them (scheme, group size, the amax -> scale op chain, clamp bounds, the written output shapes)
+into a `QuantMatch`; the family's own module matches what produces `y` and decides the rewrite.
+Op codes come from the kernel module, one definition.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ class QuantMatch:
             ub_slot=self.ub_slot,
         )
 
-    def written_outputs(self, qo: torch.Tensor, so: torch.Tensor, lead: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def written_outputs(
+        self, qo: torch.Tensor, so: torch.Tensor, lead: Sequence[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused op's [M, H] q and its scales in the shapes the graph wrote (called while
         tracing the rewrite; `lead` are the fused inputs' token dims)."""
         qo = qo.reshape(build_shape(self.q_shape, lead))
