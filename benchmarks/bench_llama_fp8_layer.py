@@ -8,7 +8,11 @@ vs eager, median layer time (do_bench_cudagraph) for stock and fxfuse, speedup. 
 torchao is used when importable (`--quantizer torchao|fallback|auto`); the fallback quantizes
 each linear's input like torchao does (tests/fp8_linear.py's form) and runs torch._scaled_mm.
 
+The JSON is rewritten after every (scheme, tokens) row, so a run stopped by a timeout keeps the
+rows it finished (`complete: false`, `running` names the case it was in).
+
 Usage:  python benchmarks/bench_llama_fp8_layer.py --out X.json [--quick] [--dry-run]
+            [--schemes row,tensor] [--tokens 1,16,256,4096]
 """
 
 from __future__ import annotations
@@ -117,22 +121,35 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+SCHEMES = ("row", "tensor")
+
+
+def default_tokens(dry: bool, quick: bool) -> list[int]:
+    return [1, 9] if dry else ([1, 256, 4096] if quick else [1, 16, 256, 4096])
+
+
+def run(args: argparse.Namespace, on_progress: Any = None) -> dict[str, Any]:
+    """Every (scheme, tokens) case; `on_progress(doc)` gets the partial result after each row
+    (and with `running` set before each case), so the caller can write it out."""
     import fxfuse
 
     dry = args.dry_run
     dev = "cpu" if dry else "cuda"
-    tokens = [1, 9] if dry else ([1, 256, 4096] if args.quick else [1, 16, 256, 4096])
+    tokens = args.tokens or default_tokens(dry, args.quick)
     rep = args.rep or (10 if args.quick else 25)
     passes = fxfuse.FusionPasses(options={"gate": not args.ungated})
     torch._inductor.config.fx_graph_cache = False
-    rows = []
-    quantizers = {}
-    for gran in args.granularity.split(","):
+    rows: list[dict[str, Any]] = []
+    quantizers: dict[str, str] = {}
+    doc: dict[str, Any] = dict(cases=rows, quantizers=quantizers, running=None)
+    for gran in args.schemes:
         layer, rope, used = build(gran, args.quantizer, dev, tiny=dry)
         quantizers[gran] = used
         for T in tokens:
             t0 = time.time()
+            doc["running"] = dict(granularity=gran, tokens=T)
+            if on_progress:
+                on_progress(doc)
             H = layer.hidden_size if hasattr(layer, "hidden_size") else layer.input_layernorm.weight.shape[0]
             x = torch.randn(1, T, H, device=dev, dtype=BF16)
             cos, sin = rope(x, torch.arange(T, device=dev)[None])
@@ -165,12 +182,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 traceback.print_exc(limit=6)
             row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
+            doc["running"] = None
+            if on_progress:
+                on_progress(doc)
             print(f"[layer] {gran:6s} T={T:5d} counters={row.get('counters')} err={row['err']} "
                   f"us={row['us']} x{row.get('speedup_vs_compile')}", flush=True)
             for nm in row.get("near_misses", []):
                 print(f"          near miss: {nm}", flush=True)
         del layer
-    return dict(cases=rows, quantizers=quantizers)
+    return doc
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or any(t <= 0 for t in out):
+        raise argparse.ArgumentTypeError(f"expected positive token counts, got {text!r}")
+    return out
+
+
+def _schemes(text: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in SCHEMES]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"schemes are a comma-separated subset of {','.join(SCHEMES)}, got {text!r}")
+    return out
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename): a kill mid-write leaves the previous version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -179,22 +225,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny layer, no timing")
     ap.add_argument("--rep", type=int, default=None)
-    ap.add_argument("--granularity", default="row,tensor")
+    ap.add_argument("--schemes", "--granularity", dest="schemes", type=_schemes, default=list(SCHEMES),
+                    help="torchao scaling schemes to run, comma-separated (row = per-row, tensor = per-tensor)")
+    ap.add_argument("--tokens", type=_int_list, default=None,
+                    help="token counts, comma-separated (default 1,16,256,4096; --quick 1,256,4096; --dry-run 1,9)")
     ap.add_argument("--quantizer", default="auto", choices=["auto", "torchao", "fallback"])
     ap.add_argument("--ungated", action="store_true", help="ignore fxfuse/gates.json (measure every fusion)")
     args = ap.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench_llama_fp8_layer: needs a CUDA device (or --dry-run)")
     t0 = time.time()
-    res = run(args)
-    result = dict(
+    head = dict(
         gpu="cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(), torch=torch.__version__,
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), ungated=args.ungated, **res,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), ungated=args.ungated,
+        schemes=args.schemes, tokens=args.tokens or default_tokens(args.dry_run, args.quick),
     )
-    result["wall_s"] = round(time.time() - t0, 1)
+
+    def progress(doc: dict[str, Any], complete: bool = False) -> None:
+        if args.out:
+            write_json(args.out, dict(head, **doc, complete=complete, wall_s=round(time.time() - t0, 1)))
+
+    res = run(args, progress)
+    progress(res, complete=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
         print(f"[bench] wrote {args.out}")
 
 

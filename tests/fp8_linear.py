@@ -5,6 +5,8 @@ users get from `Float8DynamicActivationFloat8WeightConfig`. Test-only (not in th
 Row-wise: per token, scale = amax(|x|) over the last dim / 448 (in the input dtype, as torchao
 divides before casting the scale to fp32), clamped away from 0; q = clamp(x.f32 / scale) to fp8.
 Per-tensor: one amax over the whole tensor. The weight is quantized once, row-wise, at build.
+`flatten=True` flattens a 3-D input to [tokens, K] before quantizing, as many fp8 linears do
+(the GEMM is 2-D); the output is reshaped back.
 The GEMM is an fp32 dequantized matmul so CPU runs it (torch._scaled_mm is what torchao calls).
 """
 
@@ -33,7 +35,7 @@ def quantize_input(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Ten
 class Fp8Linear(torch.nn.Module):
     """y = dequant(quant(x)) @ dequant(W_q).T (+ bias), output in x's dtype."""
 
-    def __init__(self, linear: torch.nn.Linear, granularity: Granularity = "row") -> None:
+    def __init__(self, linear: torch.nn.Linear, granularity: Granularity = "row", flatten: bool = False) -> None:
         super().__init__()
         w = linear.weight.detach().float()
         w_scale = (w.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
@@ -41,21 +43,24 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("w_scale", w_scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
         self.granularity = granularity
+        self.flatten = flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = quantize_input(x, self.granularity)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]) if self.flatten else x
+        q, s = quantize_input(x2, self.granularity)
         w = self.w_q.to(torch.float32) * self.w_scale
         y = (q.to(torch.float32) * s) @ w.t()
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype)
+        return y.to(x.dtype).reshape(*lead, -1)
 
 
-def quantize_linears(module: torch.nn.Module, granularity: Granularity = "row") -> torch.nn.Module:
+def quantize_linears(module: torch.nn.Module, granularity: Granularity = "row", flatten: bool = False) -> torch.nn.Module:
     """Swap every nn.Linear inside `module` for an Fp8Linear (in place); returns module."""
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Fp8Linear(child, granularity))
+            setattr(module, name, Fp8Linear(child, granularity, flatten))
         else:
-            quantize_linears(child, granularity)
+            quantize_linears(child, granularity, flatten)
     return module

@@ -115,3 +115,24 @@ def test_markdown_section() -> None:
     text = "\n".join(plot_e2e.markdown(_fake_result(), "benchmarks/results/e2e.png"))
     assert "| decode | 1 |" in text and "1.200x" in text and "![speedup vs tokens]" in text
     assert "Cold compile (decode M=1)" in text and "+5.0%" in text
+
+
+def test_llama_layer_bench_subset_args_and_incremental_json(tmp_path: pathlib.Path) -> None:
+    """bench_llama_fp8_layer: --tokens/--schemes parse (bad values are argparse errors), and the
+    JSON is replaced atomically (a kill mid-run leaves the last complete version, no temp file)."""
+    import argparse
+
+    import bench_llama_fp8_layer as B
+
+    assert B._int_list("1,16,4096") == [1, 16, 4096]
+    assert B._schemes("tensor") == ["tensor"] and B._schemes("row,tensor") == ["row", "tensor"]
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            B._int_list(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        B._schemes("row,blockwise")
+    out = tmp_path / "res" / "layer.json"
+    B.write_json(out, dict(cases=[dict(tokens=1)], complete=False))
+    B.write_json(out, dict(cases=[dict(tokens=1), dict(tokens=16)], complete=False))
+    assert [c["tokens"] for c in json.loads(out.read_text())["cases"]] == [1, 16]
+    assert [p.name for p in out.parent.iterdir()] == ["layer.json"]

@@ -26,28 +26,35 @@ def _jit_functions(module: object) -> list[JITFunction]:
     return [v for v in vars(module).values() if isinstance(v, JITFunction)]
 
 
-@pytest.mark.parametrize("name", _kernel_modules())
-def test_jit_helpers_are_referenced_by_their_own_names(name: str) -> None:
-    mod = importlib.import_module(f"fxfuse.kernels.{name}")
+def _walk(mod: object) -> tuple[set[str], list[str]]:
+    """Every JIT function reachable from the module's own, and the calls made under an alias."""
     bad = []
-    seen: set[int] = set()
+    seen: dict[int, str] = {}
     stack = _jit_functions(mod)
     while stack:
         fn = stack.pop()
         if id(fn) in seen:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn.fn.__name__
         for sym in fn.fn.__code__.co_names:
             target = fn.fn.__globals__.get(sym)
             if isinstance(target, JITFunction):
                 if sym != target.fn.__name__:
                     bad.append(f"{fn.fn.__name__} calls {target.fn.__name__} as {sym!r}")
                 stack.append(target)
+    return set(seen.values()), bad
+
+
+@pytest.mark.parametrize("name", _kernel_modules())
+def test_jit_helpers_are_referenced_by_their_own_names(name: str) -> None:
+    _, bad = _walk(importlib.import_module(f"fxfuse.kernels.{name}"))
     assert not bad, "aliased Triton helpers break Inductor codegen: " + "; ".join(bad)
 
 
-def test_walk_finds_the_kernels() -> None:
-    """The check above must see real kernels (it would pass vacuously on an empty walk)."""
-    mod = importlib.import_module("fxfuse.kernels.rmsnorm_quant")
-    names = {f.fn.__name__ for f in _jit_functions(mod)}
-    assert {"_rms_norm_quant_kernel", "quantize", "scale_chain"} <= names
+@pytest.mark.parametrize("name", ["rmsnorm_quant", "silu_mul_quant"])
+def test_walk_finds_the_kernels(name: str) -> None:
+    """The check above must see real kernels and the shared epilogue they call (it would pass
+    vacuously on an empty walk)."""
+    names, _ = _walk(importlib.import_module(f"fxfuse.kernels.{name}"))
+    assert {"quantize_store_row", "quantize", "scale_chain", "absmax", "load_ub", "round_to"} <= names, names
+    assert any(n.endswith("_kernel") for n in names), names

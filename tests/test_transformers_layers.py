@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 BF16 = torch.bfloat16
 
 
-def _layer(kind: str, granularity: str):
+def _layer(kind: str, granularity: str, flatten: bool = False):
     common = dict(
         hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         rms_norm_eps=1e-6, vocab_size=64, max_position_embeddings=64,
@@ -36,7 +36,7 @@ def _layer(kind: str, granularity: str):
         for mod in layer.modules():
             if type(mod).__name__.endswith("RMSNorm"):
                 mod.weight.copy_(1.0 + 0.2 * torch.randn_like(mod.weight))
-    layer = quantize_linears(layer, granularity).to(BF16).eval()
+    layer = quantize_linears(layer, granularity, flatten).to(BF16).eval()
     return layer, Rope(cfg)
 
 
@@ -66,9 +66,12 @@ def _run(layer, args, passes):
         return torch.compile(fn, fullgraph=True, **opts)(*args)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "llama_flatten"])
 def test_rowwise_layer_fuses(kind):
-    layer, rope = _layer(kind, "row")
+    """`llama_flatten`: each linear flattens [B, T, K] to [B*T, K] before its quant."""
+    flatten = kind.endswith("_flatten")
+    kind = kind.removesuffix("_flatten")
+    layer, rope = _layer(kind, "row", flatten)
     args = _inputs(rope, 9, seed=1)
     with torch.no_grad():
         ref = layer(args[0], position_embeddings=(args[1], args[2]))

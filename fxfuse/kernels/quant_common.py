@@ -7,6 +7,8 @@ bits the same way, and the pattern modules take the op codes from here. Knows no
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,7 @@ DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 SCALE_NOP = -1  # padding for unused slots (kernel only)
 MAX_SCALE_OPS = 4
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
 def _fp8_cast_saturates() -> bool:
@@ -208,6 +211,117 @@ def load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT: tl.constexpr):
         else:
             c3 = ub
     return c0, c1, c2, c3
+
+
+@triton.jit
+def quantize_store_row(
+    y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+    static_scale_value, c0, c1, c2, c3, qmin, qmax,
+    HAS_SCALE_T: tl.constexpr, SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, NATIVE: tl.constexpr,
+):
+    """The quant epilogue of a row-per-program kernel: scale, quantize, store q and the scales.
+
+    `y` is the row's fp32 [BLOCK_R, BLOCK_G] tile (a group per tile row for the per-group
+    scheme), `offs`/`mask` its element offsets in the row, `g_idx` the tile-row index. The static
+    scale is a tensor (HAS_SCALE_T) or `static_scale_value`; dynamic scales are the NaN-propagating
+    amax per tile row (masked lanes must be 0) through the captured scale chain. Scalars are cast
+    to fp32 here: Inductor may pass Python floats as fp64, and the graph's constants are
+    fp32-rounded already, so this matches eager.
+    """
+    static_scale_value = tl.cast(static_scale_value, tl.float32)
+    c0 = tl.cast(c0, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
+    c2 = tl.cast(c2, tl.float32)
+    c3 = tl.cast(c3, tl.float32)
+    qmin = tl.cast(qmin, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
+    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    if SCHEME == 0:
+        if HAS_SCALE_T:
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = static_scale_value + 0.0
+    else:
+        s = absmax(y, 1)  # [BLOCK_R]: one amax per group (or per row)
+    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+    if SCHEME == 0:
+        sb = s + tl.zeros_like(y)
+        if tl.program_id(0) == 0:
+            tl.store(s_out_ptr, s)
+    else:
+        sb = s[:, None] + tl.zeros_like(y)
+        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
+    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+
+
+# ----------------------------------------------------------------------------- host-side helpers
+
+
+def pad_scale_chain(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
+    """Scale-chain ops and constants padded to MAX_SCALE_OPS kernel slots (SCALE_NOP, 0.0)."""
+    return ([int(o) for o in ops] + [SCALE_NOP] * (MAX_SCALE_OPS - len(ops)),
+            [float(c) for c in consts] + [0.0] * (MAX_SCALE_OPS - len(consts)))
+
+
+def scales_shape(M: int, H: int, scheme: int, group_size: int) -> tuple[tuple[int, ...], int]:
+    """(shape of the scales output, groups per row) of a scheme for an [M, H] quantized tensor."""
+    if scheme == SCHEME_STATIC:
+        return (1,), 1
+    if scheme == SCHEME_PER_TOKEN:
+        return (M,), 1
+    return (M, H // group_size), H // group_size
+
+
+def row_tile(H: int, scheme: int, group_size: int) -> tuple[int, int, int]:
+    """(padded row width, BLOCK_G, BLOCK_R): a row as one tile row, or one group per tile row."""
+    block = triton.next_power_of_2(H)
+    if scheme == SCHEME_PER_GROUP:
+        return block, group_size, max(block // group_size, 1)
+    return block, block, 1
+
+
+def check_quant_args(
+    op: str,
+    H: int,
+    device: torch.device,
+    scale: "torch.Tensor | None",
+    quant_dtype: torch.dtype,
+    scheme: int,
+    group_size: int,
+    scale_ops: Sequence[int],
+    scale_consts: Sequence[float],
+    for_triton: bool,
+) -> None:
+    """ValueError on quant arguments a fused op cannot take (the quant half of its check_args)."""
+    if quant_dtype not in QUANT_DTYPES:
+        raise ValueError(f"{op}: quant_dtype {quant_dtype} unsupported (float8_e4m3fn/int8)")
+    if scheme not in (SCHEME_STATIC, SCHEME_PER_TOKEN, SCHEME_PER_GROUP):
+        raise ValueError(f"{op}: scheme {scheme} unknown (0 static, 1 per-token, 2 per-group)")
+    if scale is not None:
+        if scheme != SCHEME_STATIC:
+            raise ValueError(f"{op}: a scale tensor is only valid with the static scheme")
+        if scale.numel() != 1 or not scale.dtype.is_floating_point:
+            raise ValueError(f"{op}: a scale tensor must be one floating-point element")
+        if scale.device != device:
+            raise ValueError(f"{op}: scale on a different device")
+    if scheme == SCHEME_PER_GROUP:
+        if group_size <= 0 or H % group_size:
+            raise ValueError(f"{op}: row length {H} not divisible by group_size={group_size}")
+        if for_triton and group_size & (group_size - 1):
+            raise ValueError(f"{op}: group_size={group_size} must be a power of two")
+    if len(scale_ops) != len(scale_consts) or len(scale_ops) > MAX_SCALE_OPS:
+        raise ValueError(f"{op}: scale_ops/scale_consts differ in length or exceed {MAX_SCALE_OPS}")
+    for o in scale_ops:
+        if o not in range(SCALE_MUL, SCALE_ROUND_F16 + 1):
+            raise ValueError(f"{op}: unknown scale op code {o}")
+
+
+def scales_bytes(M: int, H: int, scheme: int, group_size: int) -> int:
+    """HBM bytes of the fp32 scales output (traffic models)."""
+    return 4 * (1 if scheme == SCHEME_STATIC else M * scales_shape(M, H, scheme, group_size)[1])
 
 
 def quantize_reference(

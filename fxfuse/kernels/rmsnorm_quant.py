@@ -46,7 +46,6 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCALE_DIV,
     SCALE_MUL,
     DT_CODE as _DT_CODE,
-    SCALE_NOP as _SCALE_NOP,
     SCALE_RDIV,
     SCALE_RECIP,
     SCALE_ROUND_BF16,
@@ -54,12 +53,14 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
-    absmax,
-    load_ub,
-    quantize,
+    check_quant_args,
+    pad_scale_chain,
     quantize_reference,
+    quantize_store_row,
     round_to,
-    scale_chain,
+    row_tile,
+    scales_bytes,
+    scales_shape,
 )
 
 __all__ = [
@@ -88,7 +89,6 @@ __all__ = [
 # ----------------------------------------------------------------------------
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 # ----------------------------------------------------------------------------
 # Validation
@@ -140,36 +140,13 @@ def check_args(
         raise ValueError(f"rms_norm_quant: weight_sum_dtype {weight_sum_dtype} unsupported")
     if norm_dtype not in _NORM_DTYPES:
         raise ValueError(f"rms_norm_quant: norm_dtype {norm_dtype} unsupported")
-    if quant_dtype not in _QUANT_DTYPES:
-        raise ValueError(f"rms_norm_quant: quant_dtype {quant_dtype} unsupported (float8_e4m3fn/int8)")
-    if scheme not in (SCHEME_STATIC, SCHEME_PER_TOKEN, SCHEME_PER_GROUP):
-        raise ValueError(f"rms_norm_quant: scheme {scheme} unknown (0 static, 1 per-token, 2 per-group)")
-    if scale is not None:
-        if scheme != SCHEME_STATIC:
-            raise ValueError("rms_norm_quant: a scale tensor is only valid with the static scheme")
-        if scale.numel() != 1:
-            raise ValueError(f"rms_norm_quant: scale must have numel 1, got {scale.numel()}")
-        if not scale.dtype.is_floating_point:
-            raise ValueError(f"rms_norm_quant: scale dtype {scale.dtype} must be floating point")
-        if scale.device != x.device:
-            raise ValueError("rms_norm_quant: scale on a different device than x")
+    check_quant_args("rms_norm_quant", H, x.device, scale, quant_dtype, scheme, group_size, scale_ops,
+                     scale_consts, for_triton)
     if eps_tensor is not None:
         if eps_tensor.numel() != 1 or eps_tensor.dtype != torch.float32:
             raise ValueError("rms_norm_quant: eps_tensor must be one float32 element")
         if eps_tensor.device != x.device:
             raise ValueError("rms_norm_quant: eps_tensor on a different device than x")
-    if scheme == SCHEME_PER_GROUP:
-        if group_size <= 0 or H % group_size != 0:
-            raise ValueError(f"rms_norm_quant: H={H} not divisible by group_size={group_size}")
-        if for_triton and (group_size & (group_size - 1)) != 0:
-            raise ValueError(f"rms_norm_quant: group_size={group_size} must be a power of two")
-    if len(scale_ops) != len(scale_consts):
-        raise ValueError("rms_norm_quant: scale_ops and scale_consts differ in length")
-    if len(scale_ops) > MAX_SCALE_OPS:
-        raise ValueError(f"rms_norm_quant: at most {MAX_SCALE_OPS} scale ops, got {len(scale_ops)}")
-    for op in scale_ops:
-        if op not in range(SCALE_MUL, SCALE_ROUND_F16 + 1):
-            raise ValueError(f"rms_norm_quant: unknown scale op code {op}")
 
 
 # ----------------------------------------------------------------------------
@@ -268,20 +245,12 @@ def _rms_norm_quant_kernel(
     read x (+residual, weight), write h, q, scales.
     """
     # Inductor may pass Python floats as fp64 scalars: all scalar math here is fp32 (the graph's
-    # constants are fp32-rounded already, so this matches eager)
+    # constants are fp32-rounded already, so this matches eager); the quant epilogue casts its own
     if EPS_T:
         eps = tl.load(eps_ptr).to(tl.float32)  # a lifted float attribute: read on every call
     else:
         eps = tl.cast(eps, tl.float32)
     weight_offset = tl.cast(weight_offset, tl.float32)
-    static_scale_value = tl.cast(static_scale_value, tl.float32)
-    c0 = tl.cast(c0, tl.float32)
-    c1 = tl.cast(c1, tl.float32)
-    c2 = tl.cast(c2, tl.float32)
-    c3 = tl.cast(c3, tl.float32)
-    qmin = tl.cast(qmin, tl.float32)
-    qmax = tl.cast(qmax, tl.float32)
-    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
     row = tl.program_id(0).to(tl.int64)
     g_idx = tl.arange(0, BLOCK_R)
     offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -308,27 +277,10 @@ def _rms_norm_quant_kernel(
         if WSUM_DT >= 0:
             w = round_to(w, WSUM_DT, NATIVE)
         n = n * w
-    y = round_to(n, NORM_DT, NATIVE)
-
-    if SCHEME == 0:
-        if HAS_SCALE_T:
-            s = tl.load(scale_ptr).to(tl.float32)
-        else:
-            s = static_scale_value + 0.0
-    else:
-        s = absmax(y, 1)  # [BLOCK_R]: one amax per group (or per row), NaN-propagating
-    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
-
-    if SCHEME == 0:
-        sb = s + tl.zeros_like(y)
-        if tl.program_id(0) == 0:
-            tl.store(s_out_ptr, s)
-    else:
-        sb = s[:, None] + tl.zeros_like(y)
-        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
-
-    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
-    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+    y = round_to(n, NORM_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
+    quantize_store_row(y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                       static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                       HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
 
 
 def default_num_warps(block: int) -> int:
@@ -360,15 +312,8 @@ def _kernel_meta(
     num_warps: Optional[int],
 ) -> dict:
     """Constexpr kwargs + num_warps for the kernel (pure Python on shapes: fake-safe)."""
-    H = x.shape[1]
-    block = triton.next_power_of_2(H)
-    if scheme == SCHEME_PER_GROUP:
-        block_g = group_size
-        block_r = max(block // group_size, 1)
-    else:
-        block_g = block
-        block_r = 1
-    ops = [int(o) for o in scale_ops] + [_SCALE_NOP] * (MAX_SCALE_OPS - len(scale_ops))
+    block, block_g, block_r = row_tile(x.shape[1], scheme, group_size)
+    ops, _ = pad_scale_chain(scale_ops, ())
     return dict(
         HAS_RES=residual is not None,
         HAS_W=weight is not None,
@@ -390,24 +335,11 @@ def _kernel_meta(
     )
 
 
-def _pad_consts(scale_consts: Sequence[float]) -> list[float]:
-    return [float(c) for c in scale_consts] + [0.0] * (MAX_SCALE_OPS - len(scale_consts))
-
-
-def _num_scales(M: int, H: int, scheme: int, group_size: int) -> tuple[tuple, int]:
-    """(scales shape, groups per row) for a scheme."""
-    if scheme == SCHEME_STATIC:
-        return (1,), 1
-    if scheme == SCHEME_PER_TOKEN:
-        return (M,), 1
-    return (M, H // group_size), H // group_size
-
-
 def _alloc_outputs(x: torch.Tensor, quant_dtype: torch.dtype, scheme: int, group_size: int,
                    need_residual_out: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, H = x.shape
     q = torch.empty((M, H), dtype=quant_dtype, device=x.device)
-    s_shape, _ = _num_scales(M, H, scheme, group_size)
+    s_shape, _ = scales_shape(M, H, scheme, group_size)
     scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     h_shape = (M, H) if need_residual_out else (0,)
     h = torch.empty(h_shape, dtype=x.dtype, device=x.device)
@@ -464,7 +396,7 @@ def rms_norm_quant(
     meta = _kernel_meta(x, residual, weight, scale, weight_sum_dtype, round_before_weight,
                         norm_dtype, quant_dtype, scheme, group_size, scale_ops, quant_mul,
                         round_to_int, need_residual_out, None)
-    c = _pad_consts(scale_consts)
+    _, c = pad_scale_chain((), scale_consts)
     ng = H // group_size if scheme == SCHEME_PER_GROUP else 1
     res_arg = residual if residual is not None else x
     w_arg = weight if weight is not None else x
@@ -569,7 +501,7 @@ def rms_norm_quant_triton(
         q, scales, h = _alloc_outputs(x, quant_dtype, scheme, group_size, need_residual_out)
     else:
         q, scales, h = out
-        s_shape, _ = _num_scales(M, H, scheme, group_size)
+        s_shape, _ = scales_shape(M, H, scheme, group_size)
         if q.shape != (M, H) or q.dtype != quant_dtype or q.stride(1) != 1:
             raise ValueError("rms_norm_quant: out q has wrong shape/dtype/layout")
         if tuple(scales.shape) != s_shape or scales.dtype != torch.float32 or not scales.is_contiguous():
@@ -579,7 +511,7 @@ def rms_norm_quant_triton(
     meta = _kernel_meta(x, residual, weight, scale, weight_sum_dtype, round_before_weight,
                         norm_dtype, quant_dtype, scheme, group_size, scale_ops, quant_mul,
                         round_to_int, need_residual_out, num_warps)
-    c = _pad_consts(scale_consts)
+    _, c = pad_scale_chain((), scale_consts)
     ng = H // group_size if scheme == SCHEME_PER_GROUP else 1
     if M > 0:
         _rms_norm_quant_kernel[(M,)](
@@ -629,10 +561,4 @@ def bytes_moved(
     write = M * H * qs
     if need_residual_out:
         write += M * H * xs
-    if scheme == SCHEME_STATIC:
-        write += 4
-    elif scheme == SCHEME_PER_TOKEN:
-        write += M * 4
-    else:
-        write += M * (H // group_size) * 4
-    return read + write
+    return read + write + scales_bytes(M, H, scheme, group_size)

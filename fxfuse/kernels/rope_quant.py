@@ -46,6 +46,7 @@ from .quant_common import (
     SCALE_ROUND_F16,
     absmax,
     apply_scale_op_ref,
+    pad_scale_chain,
     quantize,
     round_to,
     scale_chain,
@@ -521,11 +522,6 @@ def _rope_quant_kernel(
                  D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
 
 
-def _pad(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
-    return ([int(o) for o in ops] + [-1] * (MAX_SCALE_OPS - len(ops)),
-            [float(c) for c in consts] + [0.0] * (MAX_SCALE_OPS - len(consts)))
-
-
 def _block_h(D: int, H: int) -> int:
     """Heads per program: ~2K elements per program, at most the head count."""
     bd = triton.next_power_of_2(D)
@@ -606,8 +602,8 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None)
         raise ValueError("rope_quant: q rope and fp8 outputs must share a layout")
     if need_k and a["k_quant"] and kq.dim() == 4 and list(kq.stride()) != list(ko.stride()):
         raise ValueError("rope_quant: k rope and fp8 outputs must share a layout")
-    qops, qc = _pad(a["q_ops"], a["q_consts"])
-    kops, kc = _pad(a["k_ops"], a["k_consts"])
+    qops, qc = pad_scale_chain(a["q_ops"], a["q_consts"])
+    kops, kc = pad_scale_chain(a["k_ops"], a["k_consts"])
     kk = k if k is not None else q
     bd = triton.next_power_of_2(D)
     norm_dt = a["norm_dtype"] or q.dtype

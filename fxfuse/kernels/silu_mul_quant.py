@@ -34,19 +34,17 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .quant_common import (
-    MAX_SCALE_OPS,
-    SCALE_MUL,
-    SCALE_NOP as _SCALE_NOP,
-    SCALE_ROUND_F16,
+    DT_CODE as _DT_CODE,
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
-    SCHEME_STATIC,
-    absmax,
-    load_ub,
-    quantize,
+    check_quant_args,
+    pad_scale_chain,
     quantize_reference,
+    quantize_store_row,
     round_to,
-    scale_chain,
+    row_tile,
+    scales_bytes,
+    scales_shape,
 )
 
 __all__ = [
@@ -65,8 +63,6 @@ ACT_GELU_TANH = 1
 ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu_tanh"}
 MAX_INTER = 32768  # one row per program, whole row in registers
 _IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
-_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _split(x: torch.Tensor, up: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,27 +107,10 @@ def check_args(
         raise ValueError(f"silu_mul_quant: act {act} unknown")
     if act_dtype not in _IN_DTYPES or out_dtype not in _IN_DTYPES:
         raise ValueError("silu_mul_quant: act_dtype/out_dtype must be bf16/fp16/fp32")
-    if quant_dtype not in _QUANT_DTYPES:
-        raise ValueError(f"silu_mul_quant: quant_dtype {quant_dtype} unsupported (float8_e4m3fn/int8)")
-    if scheme not in (SCHEME_STATIC, SCHEME_PER_TOKEN, SCHEME_PER_GROUP):
-        raise ValueError(f"silu_mul_quant: scheme {scheme} unknown")
-    if scale is not None:
-        if scheme != SCHEME_STATIC or scale.numel() != 1 or not scale.dtype.is_floating_point:
-            raise ValueError("silu_mul_quant: a scale tensor must be one floating element, static scheme")
-        if scale.device != x.device:
-            raise ValueError("silu_mul_quant: scale on a different device")
-    if scheme == SCHEME_PER_GROUP:
-        if group_size <= 0 or inter % group_size:
-            raise ValueError(f"silu_mul_quant: I={inter} not divisible by group_size={group_size}")
-        if for_triton and group_size & (group_size - 1):
-            raise ValueError(f"silu_mul_quant: group_size={group_size} must be a power of two")
     if for_triton and inter > MAX_INTER:
         raise ValueError(f"silu_mul_quant: I={inter} above {MAX_INTER}")
-    if len(scale_ops) != len(scale_consts) or len(scale_ops) > MAX_SCALE_OPS:
-        raise ValueError(f"silu_mul_quant: scale_ops/scale_consts lengths (at most {MAX_SCALE_OPS})")
-    for op in scale_ops:
-        if op not in range(SCALE_MUL, SCALE_ROUND_F16 + 1):
-            raise ValueError(f"silu_mul_quant: unknown scale op code {op}")
+    check_quant_args("silu_mul_quant", inter, x.device, scale, quant_dtype, scheme, group_size, scale_ops,
+                     scale_consts, for_triton)
 
 
 # ----------------------------------------------------------------------------
@@ -213,14 +192,6 @@ def _silu_mul_quant_kernel(
 ):
     """One program per row, held as a [BLOCK_R, BLOCK_G] tile (a group per tile row for the
     per-group scheme): gate and up are read once, q and the scales written once."""
-    static_scale_value = tl.cast(static_scale_value, tl.float32)
-    c0 = tl.cast(c0, tl.float32)
-    c1 = tl.cast(c1, tl.float32)
-    c2 = tl.cast(c2, tl.float32)
-    c3 = tl.cast(c3, tl.float32)
-    qmin = tl.cast(qmin, tl.float32)
-    qmax = tl.cast(qmax, tl.float32)
-    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
     row = tl.program_id(0).to(tl.int64)
     g_idx = tl.arange(0, BLOCK_R)
     offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -229,25 +200,10 @@ def _silu_mul_quant_kernel(
     g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
     a = round_to(_act(g, ACT), ACT_DT, NATIVE)
-    y = round_to(a * u, OUT_DT, NATIVE)
-
-    if SCHEME == 0:
-        if HAS_SCALE_T:
-            s = tl.load(scale_ptr).to(tl.float32)
-        else:
-            s = static_scale_value + 0.0
-    else:
-        s = absmax(y, 1)  # [BLOCK_R]: one amax per group (or per row), NaN-propagating; masked lanes are 0
-    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
-    if SCHEME == 0:
-        sb = s + tl.zeros_like(y)
-        if tl.program_id(0) == 0:
-            tl.store(s_out_ptr, s)
-    else:
-        sb = s[:, None] + tl.zeros_like(y)
-        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
-    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
-    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+    y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
+    quantize_store_row(y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                       static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                       HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
 
 
 def default_num_warps(block: int) -> int:
@@ -265,12 +221,8 @@ def _kernel_meta(inter: int, dtype: torch.dtype, scale: Optional[torch.Tensor], 
                  out_dtype: torch.dtype, quant_dtype: torch.dtype, scheme: int, group_size: int,
                  scale_ops: Sequence[int], quant_mul: bool, round_to_int: bool, num_warps: Optional[int]) -> dict:
     """Constexpr kwargs + num_warps (pure Python on shapes: fake-safe)."""
-    block = triton.next_power_of_2(inter)
-    if scheme == SCHEME_PER_GROUP:
-        block_g, block_r = group_size, max(block // group_size, 1)
-    else:
-        block_g, block_r = block, 1
-    ops = [int(o) for o in scale_ops] + [_SCALE_NOP] * (MAX_SCALE_OPS - len(scale_ops))
+    block, block_g, block_r = row_tile(inter, scheme, group_size)
+    ops, _ = pad_scale_chain(scale_ops, ())
     return dict(
         ACT=int(act), ACT_DT=_DT_CODE[act_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_SCALE_T=scale is not None,
         SCHEME=int(scheme), OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
@@ -281,18 +233,6 @@ def _kernel_meta(inter: int, dtype: torch.dtype, scale: Optional[torch.Tensor], 
     )
 
 
-def _scales_shape(M: int, inter: int, scheme: int, group_size: int) -> tuple[tuple, int]:
-    if scheme == SCHEME_STATIC:
-        return (1,), 1
-    if scheme == SCHEME_PER_TOKEN:
-        return (M,), 1
-    return (M, inter // group_size), inter // group_size
-
-
-def _pad(scale_consts: Sequence[float]) -> list[float]:
-    return [float(c) for c in scale_consts] + [0.0] * (MAX_SCALE_OPS - len(scale_consts))
-
-
 def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
             static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, scale_ub=None,
             ub_slot=-1, num_warps=None):
@@ -300,7 +240,7 @@ def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dt
     inter = x.shape[1] if up is not None else x.shape[1] // 2  # no slicing: the kernel offsets up itself
     meta = _kernel_meta(inter, x.dtype, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
                         scale_ops, quant_mul, round_to_int, num_warps)
-    c = _pad(scale_consts)
+    _, c = pad_scale_chain((), scale_consts)
     ng = inter // group_size if scheme == SCHEME_PER_GROUP else 1
     # merged gate_up: pass the base tensor twice and offset up's pointer by I inside the row
     u_arg = x if up is None else up
@@ -351,7 +291,7 @@ def silu_mul_quant(
     M = x.shape[0]
     inter = x.shape[1] if up is not None else x.shape[1] // 2
     q = torch.empty((M, inter), dtype=quant_dtype, device=x.device)
-    s_shape, _ = _scales_shape(M, inter, scheme, group_size)
+    s_shape, _ = scales_shape(M, inter, scheme, group_size)
     scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     _launch(wrap_triton(_silu_mul_quant_kernel), x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype,
             scheme, group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
@@ -420,7 +360,7 @@ def silu_mul_quant_triton(
                scale_consts, for_triton=True)
     M = x.shape[0]
     inter = x.shape[1] if up is not None else x.shape[1] // 2
-    s_shape, _ = _scales_shape(M, inter, scheme, group_size)
+    s_shape, _ = scales_shape(M, inter, scheme, group_size)
     if out is None:
         q = torch.empty((M, inter), dtype=quant_dtype, device=x.device)
         scales = torch.empty(s_shape, dtype=torch.float32, device=x.device)
@@ -443,6 +383,4 @@ def bytes_moved(M: int, inter: int, dtype: torch.dtype = torch.bfloat16,
     """Minimum HBM bytes read + written by one call: gate and up once, q and scales once."""
     xs = torch.empty((), dtype=dtype).element_size()
     qs = torch.empty((), dtype=quant_dtype).element_size()
-    _, ng = _scales_shape(M, inter, scheme, group_size)
-    n_scales = 1 if scheme == SCHEME_STATIC else M * ng
-    return 2 * M * inter * xs + M * inter * qs + 4 * n_scales
+    return 2 * M * inter * xs + M * inter * qs + scales_bytes(M, inter, scheme, group_size)

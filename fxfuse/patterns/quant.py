@@ -2,9 +2,11 @@
 
 The same written forms follow an RMSNorm, a SiLU-and-mul or a RoPE: divide or multiply by a
 scale; clamp; round for int8; a static scale (tensor or literal), a per-token amax, or a
-per-group amax over `y.reshape(..., G, g)`. This module *captures* them (scheme, group size,
-the amax -> scale op chain, clamp bounds) into a `QuantMatch`; the family's own module matches
-what produces `y` and decides the rewrite. Op codes come from the kernel module, one definition.
+per-group amax over `y.reshape(..., G, g)`; also after a row-preserving flatten of the token dims
+(`y.reshape(-1, H)`, as quantized linears write it for a 3-D activation). This module *captures*
+them (scheme, group size, the amax -> scale op chain, clamp bounds, the written output shapes)
+into a `QuantMatch`; the family's own module matches what produces `y` and decides the rewrite.
+Op codes come from the kernel module, one definition.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..fx_utils import (
     LIFTED_SCALAR_HINT,
@@ -27,6 +30,7 @@ from ..fx_utils import (
     is_last_dim_reduction,
     is_lifted_scalar,
     is_op,
+    is_row_contiguous,
     literal,
     norm_dims,
     runtime_scalar,
@@ -51,6 +55,10 @@ from ..kernels.quant_common import (  # noqa: E402
     SCHEME_STATIC as STATIC,
 )
 SCHEME_NAMES = {STATIC: "static", PER_TOKEN: "per-token", PER_GROUP: "per-group"}
+
+# How to rebuild a written output shape from the fused op's token dims at run time: a static size
+# (int >= 0), ("dim", i) for token dim i, or -1 (inferred: the one flattened product of token dims).
+ShapeRecipe = tuple[Any, ...]
 
 
 @dataclass
@@ -78,6 +86,43 @@ class QuantMatch:
     # slot whose constant the kernel loads from it
     scale_ub: fx.Node | None = None
     ub_slot: int = -1
+    # the sink's / scale output's written shapes as recipes over y's token dims (`build_shape`)
+    q_shape: ShapeRecipe = ()
+    s_shape: ShapeRecipe | None = None
+    # `sym_size` users of replaced nodes, with the dim of the quantized output that has that size
+    shape_reads: list[tuple[fx.Node, int]] = field(default_factory=list)
+
+    def op_params(self) -> dict[str, Any]:
+        """The quant half of a fused op's keyword arguments (same names in every family's op)."""
+        return dict(
+            quant_dtype=self.qdtype,
+            scheme=self.scheme,
+            group_size=self.group_size,
+            static_scale_value=self.static_value,
+            scale_ops=list(self.scale_ops),
+            scale_consts=list(self.scale_consts),
+            quant_mul=self.quant_mul,
+            qmin=self.qmin,
+            qmax=self.qmax,
+            round_to_int=self.round_to_int,
+            ub_slot=self.ub_slot,
+        )
+
+    def output_plan(self) -> OutputPlan:
+        """Plain values (no nodes) that `written_outputs` needs, so a replacement closing over them
+        can be keyed by the trace cache: (q recipe, scale recipe, static scale shape)."""
+        static = None
+        if self.s_shape is None and self.scheme == STATIC:
+            static = tuple(tval(self.scale).shape) if self.scale is not None else (1,)
+        return self.q_shape, self.s_shape, static
+
+    def reroute(self, graph: fx.Graph, q_new: fx.Node, s_new: fx.Node) -> None:
+        """Point every quantized output, scale output and size read at the fused op's outputs."""
+        for sink in self.sinks or [self.sink]:
+            sink.replace_all_uses_with(q_new)
+        for so in self.scale_outs or ([self.scale_out] if self.scale_out is not None else []):
+            so.replace_all_uses_with(s_new)
+        reroute_shape_reads(graph, self, q_new)
 
     def signature(self) -> tuple:
         """What decides the quantized bits: equal signatures compute the same (q, scale)."""
@@ -118,26 +163,107 @@ def find_sinks(y: fx.Node, depth: int = 8) -> list[fx.Node]:
     return out
 
 
-def value_source(a: Any, y: fx.Node, nodes: set[fx.Node]) -> tuple[str, int]:
-    """Classify the tensor being quantized: ('row', 0) for y, ('group', g) for y viewed as groups."""
-    a, up = strip_f32_convert(a)
-    if up is not None:
-        nodes.add(up)
-    if a is y:
-        return "row", 0
-    if is_op(a, aten.reshape.default):
-        src, up2 = strip_f32_convert(a.args[0])
-        if src is y:
-            yv, av = tval(y), tval(a)
-            if av.dim() == yv.dim() + 1 and tuple(av.shape[:-2]) == tuple(yv.shape[:-1]):
-                g = av.shape[-1]
-                if isinstance(g, int) and g * av.shape[-2] == yv.shape[-1]:
-                    nodes.add(a)
-                    if up2 is not None:
-                        nodes.add(up2)
-                    return "group", g
-            raise Reject(f"quantized tensor is y reshaped to {tuple(av.shape)}, not [..., groups, group_size]")
-    raise Reject("quantization reads a different tensor than the normalized output")
+def _known_eq(a: Any, b: Any) -> bool:
+    return bool(statically_known_true(a == b))
+
+
+def _same_dims(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(_known_eq(x, z) for x, z in zip(a, b))
+
+
+def value_source(a: Any, y: fx.Node, nodes: set[fx.Node]) -> tuple[str, int, tuple[Any, ...]]:
+    """Classify the tensor being quantized as a view of y: (kind, group size, token dims).
+
+    ('row', 0, dims): y itself, or y with its token dims merged (`y.reshape(-1, H)`); the last dim
+    is unchanged, so each row is one of y's rows, in order. ('group', g, dims): y viewed as
+    [*dims, H/g, g]. `dims` are the view's token dims (their product is y's token count). Any
+    chain of reshapes and fp32 upcasts leads there; a reshape that mixes rows or splits the last
+    dim otherwise is a near miss.
+    """
+    chain: list[fx.Node] = []
+    cur = a
+    while cur is not y and len(chain) < 8:
+        src, up = strip_f32_convert(cur)
+        if up is not None:
+            chain.append(up)
+            cur = src
+        elif is_op(cur, aten.reshape.default):
+            chain.append(cur)
+            cur = cur.args[0]
+        else:
+            break
+    if cur is not y:
+        raise Reject("quantization reads a different tensor than the normalized output")
+    yv, av = tval(y), tval(a)
+    H, ylead = yv.shape[-1], tuple(yv.shape[:-1])
+    kind, g, dims = "row", 0, ylead
+    if any(is_op(n, aten.reshape.default) for n in chain):
+        n_tok = math.prod(ylead)
+        if av.dim() >= 1 and _known_eq(av.shape[-1], H) and _known_eq(math.prod(av.shape[:-1]), n_tok):
+            dims = tuple(av.shape[:-1])
+        elif (
+            av.dim() >= 2
+            and isinstance(av.shape[-1], int)
+            and _known_eq(av.shape[-2] * av.shape[-1], H)
+            and _known_eq(math.prod(av.shape[:-2]), n_tok)
+        ):
+            kind, g, dims = "group", av.shape[-1], tuple(av.shape[:-2])
+        else:
+            raise Reject(
+                f"quantized tensor is y{tuple(yv.shape)} reshaped to {tuple(av.shape)}: the reshape changes the "
+                "last dim (only merging the token dims, [..., H] -> [-1, H], or splitting it into "
+                "[..., groups, group_size] keeps every row whole)"
+            )
+    nodes.update(chain)
+    return kind, g, dims
+
+
+def shape_recipe(shape: Sequence[Any], lead: Sequence[Any], numel: Any, what: str) -> ShapeRecipe:
+    """The recipe that rebuilds `shape` (a written output's shape) from token dims `lead`.
+
+    Static sizes stay; a symbolic size equal to a token dim reads that dim at run time; at most
+    one other symbolic size (a flatten of token dims, e.g. B*T) is inferred with -1, which is
+    exact because `shape` must hold `numel` elements (checked symbolically).
+    """
+    if not _known_eq(math.prod(shape), numel):
+        raise Reject(f"{what} shape {tuple(shape)} does not hold the {numel} elements the fused op writes")
+    out: list[Any] = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+            continue
+        j = next((k for k, t in enumerate(lead) if _known_eq(d, t)), None)
+        if j is not None:
+            out.append(("dim", j))
+        elif -1 in out:
+            raise Reject(f"{what} shape {tuple(shape)} is not the token dims or one flatten of them")
+        else:
+            out.append(-1)
+    if -1 in out and 0 in out:
+        raise Reject(f"{what} shape {tuple(shape)} has a 0 dim; its flattened dim cannot be inferred")
+    return tuple(out)
+
+
+OutputPlan = tuple  # (ShapeRecipe, ShapeRecipe | None, static scale shape | None)
+
+
+def written_outputs(
+    plan: OutputPlan, qo: torch.Tensor, so: torch.Tensor, lead: Sequence[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op's [M, H] q and its scales in the shapes the graph wrote (called while tracing
+    the rewrite; `lead` are the fused inputs' token dims, `plan` is `QuantMatch.output_plan()`)."""
+    q_shape, s_shape, static = plan
+    qo = qo.reshape(build_shape(q_shape, lead))
+    if s_shape is not None:
+        return qo, so.reshape(build_shape(s_shape, lead))
+    if static is not None:
+        return qo, so.reshape(static)
+    return qo, so  # a dynamic scale nobody reads
+
+
+def build_shape(recipe: ShapeRecipe, lead: Sequence[Any]) -> list[Any]:
+    """A shape recipe evaluated on the fused op's token dims (called while tracing the rewrite)."""
+    return [lead[r[1]] if isinstance(r, tuple) else r for r in recipe]
 
 
 def scale_chain(
@@ -354,11 +480,49 @@ def match_quant(
     escape_ok = set(q.sinks) | set(q.scale_outs)
     region = nodes | owner
     for node in nodes - escape_ok:
-        if any(u not in region for u in node.users):
+        if _outside_users(node, region, q):
             raise Reject(f"intermediate {node.name} of the quant is used elsewhere")
-    if any(u not in region for u in y.users):
+    if _outside_users(y, region, q):
         raise Reject(f"{what} is also used outside the quantization")
+    yv = tval(y)
+    lead, n_tok = tuple(yv.shape[:-1]), math.prod(yv.shape[:-1])
+    sv = tval(q.sink)
+    if not is_row_contiguous(sv):
+        raise Reject(f"quantized output {q.sink.name} is not contiguous; the fused op writes rows in order")
+    q.q_shape = shape_recipe(tuple(sv.shape), lead, n_tok * yv.shape[-1], "quant output")
+    if q.scale_out is not None:
+        per_row = yv.shape[-1] // q.group_size if q.scheme == PER_GROUP else 1
+        q.s_shape = shape_recipe(tuple(tval(q.scale_out).shape), lead, n_tok * per_row, "scale")
     return q
+
+
+def _outside_users(node: fx.Node, region: set[fx.Node], q: QuantMatch) -> list[fx.Node]:
+    """Users of `node` outside the region, except size reads (`sym_size`, e.g. of a flattened view
+    for a later `q.reshape(view.shape)`) of a size the quantized output also has: those are
+    recorded in `q.shape_reads` and rerouted to the fused output by `reroute_shape_reads`."""
+    out = []
+    for u in node.users:
+        if u in region:
+            continue
+        if is_op(u, aten.sym_size.int) and isinstance(u.args[1], int):
+            size = tval(node).shape[u.args[1]]
+            j = next((k for k, d in enumerate(tval(q.sink).shape) if _known_eq(d, size)), None)
+            if j is not None:
+                q.shape_reads.append((u, j))
+                continue
+        out.append(u)
+    return out
+
+
+def reroute_shape_reads(graph: fx.Graph, q: QuantMatch, q_new: fx.Node) -> None:
+    """Point the recorded size reads of replaced nodes at the same size of the fused q output."""
+    for u, j in q.shape_reads:
+        with graph.inserting_after(q_new):
+            n = graph.call_function(aten.sym_size.int, (q_new, j))
+        n.meta.update(u.meta)
+        u.replace_all_uses_with(n)
+        graph.erase_node(u)
+    q.shape_reads.clear()
 
 
 _SIGNATURE_FIELDS = (
@@ -415,7 +579,7 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
     src0 = strip_f32_convert(a)[0]
     if src0 in inputs:
         raise Reject(inputs[src0])
-    kind, g = value_source(a, y, nodes)
+    kind, g, dims = value_source(a, y, nodes)
 
     scheme, static_value, scale_node, scale_out = STATIC, 1.0, None, None
     scale_ub, ub_slot = None, -1
@@ -443,9 +607,14 @@ def _match_chain(y: fx.Node, sink: fx.Node, inputs: Mapping[fx.Node, str]) -> Qu
                 if is_op(base, aten.div.Tensor, aten.mul.Tensor) and any(is_lifted_scalar(x) for x in base.args):
                     raise Reject(f"a scale constant is a graph input, not a constant: {LIFTED_SCALAR_HINT}")
                 raise Reject(f"scale is derived from the tensor by an unsupported op ({getattr(base, 'name', base)})")
-            src_kind, src_g = value_source(src, y, chain_nodes)
+            src_kind, src_g, src_dims = value_source(src, y, chain_nodes)
             if (src_kind, src_g) != (kind, g):
                 raise Reject("scale groups differ from the quantized groups")
+            if not _same_dims(src_dims, dims):
+                raise Reject(
+                    f"scale rows {tuple(src_dims)} differ from the quantized rows {tuple(dims)} "
+                    "(the amax and the divide read differently flattened views)"
+                )
             scheme = PER_GROUP if kind == "group" else PER_TOKEN
             scale_out = s_eff
             if ub_out:

@@ -47,6 +47,7 @@ from .quant import (
     QuantMatch,
     match_quant as _match_quant,
     strip_f32_convert as _strip_f32_convert,
+    written_outputs,
 )
 
 FAMILY = "rmsnorm_quant"
@@ -263,9 +264,6 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
             raise Reject(f"{node.name} is not contiguous")
     if norm.weight is not None and tval(norm.weight).stride(0) != 1:
         raise Reject("weight is not contiguous")
-    qv, lead = tval(q.sink), len(tval(q.sink).shape) - xv.dim()
-    if q.scheme != PER_GROUP and (lead < 0 or any(d != 1 for d in qv.shape[:lead])):
-        raise Reject(f"quant output shape {tuple(qv.shape)} is not the input's shape {tuple(xv.shape)}")
     if q.scheme == PER_GROUP and (q.group_size & (q.group_size - 1) or H % q.group_size):
         raise Reject(f"group size {q.group_size} must be a power of two dividing {H}")
     # dependency order: inputs must not be computed from the region
@@ -296,27 +294,11 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
         weight_sum_dtype=norm.weight_sum_dtype,
         round_before_weight=norm.round_before_weight,
         norm_dtype=tval(norm.y).dtype,
-        quant_dtype=q.qdtype,
-        scheme=q.scheme,
-        group_size=q.group_size,
-        static_scale_value=q.static_value,
-        scale_ops=list(q.scale_ops),
-        scale_consts=list(q.scale_consts),
-        quant_mul=q.quant_mul,
-        qmin=q.qmin,
-        qmax=q.qmax,
-        round_to_int=q.round_to_int,
         need_residual_out=need_h,
-        ub_slot=q.ub_slot,
+        **q.op_params(),
     )
-    scale_shape_static = tuple(tval(q.scale).shape) if has_s else None
-    # the written shapes past the token dims: [.., G, g] / [.., H] for q, [.., 1] / [.., G, 1] / [.., G] scales;
-    # a one-element static scale of higher rank broadcasts q up first: y / s.reshape(1, 1, 1)
-    lead_n = xv.dim() - 1
-    sink_shape = tuple(tval(q.sink).shape)
-    extra = max(0, len(sink_shape) - lead_n - (2 if q.scheme == PER_GROUP else 1))
-    q_tail = sink_shape[extra + lead_n:]
-    s_tail = tuple(tval(q.scale_out).shape[lead_n:]) if q.scale_out is not None else None
+
+    plan = q.output_plan()  # plain values: the trace cache keys the closure
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -337,20 +319,13 @@ def rewrite(graph: fx.Graph, norm: NormMatch, q: QuantMatch) -> list[fx.Node]:
             **params,
             **runtime,
         )
-        qo = qo.reshape(*((1,) * extra), *lead, *q_tail)
-        if s_tail is not None:
-            so = so.reshape(*lead, *s_tail)
-        else:
-            so = so.reshape(scale_shape_static or (1,))
+        qo, so = written_outputs(plan, qo, so, lead)  # token dims as in x, or flattened
         ho = ho.reshape(x.shape) if need_h else ho
         return qo, so, ho
 
     on_cuda = xv.device.type == "cuda"
     q_new, s_new, h_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
-    for sink in q.sinks or [q.sink]:
-        sink.replace_all_uses_with(q_new)
-    for scale_out in q.scale_outs or ([q.scale_out] if q.scale_out is not None else []):
-        scale_out.replace_all_uses_with(s_new)
+    q.reroute(graph, q_new, s_new)
     if need_h:
         for u in list(norm.h.users):
             if u not in norm.nodes:

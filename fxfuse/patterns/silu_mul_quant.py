@@ -36,7 +36,16 @@ from ..fx_utils import (
     tval,
 )
 from ..kernels.silu_mul_quant import ACT_GELU_TANH, ACT_NAMES, ACT_SILU, MAX_INTER
-from .quant import PER_GROUP, PER_TOKEN, QUANT_DTYPES, SCHEME_NAMES, QuantMatch, find_sinks, match_quant, strip_f32_convert
+from .quant import (
+    PER_GROUP,
+    QUANT_DTYPES,
+    SCHEME_NAMES,
+    QuantMatch,
+    find_sinks,
+    match_quant,
+    strip_f32_convert,
+    written_outputs,
+)
 
 FAMILY = "silu_mul_quant"
 IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -292,32 +301,16 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
 
     gv = tval(m.gate)
     inter = gv.shape[-1]
-    lead_n = gv.dim() - 1
-    sinks = q.sinks or [q.sink]
-    scale_outs = q.scale_outs or ([q.scale_out] if q.scale_out is not None else [])
-    q_tail = tuple(tval(sinks[0]).shape[lead_n:])
-    s_tail = tuple(tval(scale_outs[0]).shape[lead_n:]) if scale_outs else None
-    s_static_shape = tuple(tval(q.scale).shape) if q.scale is not None else (1,)
     merged = m.merged is not None
     inputs = ([m.merged] if merged else [m.gate, m.up]) + [n for n in (q.scale, q.scale_ub) if n is not None]
     params = dict(
         act=m.act,
         act_dtype=m.act_dtype,
         out_dtype=m.out_dtype,
-        quant_dtype=q.qdtype,
-        scheme=q.scheme,
-        group_size=q.group_size,
-        static_scale_value=q.static_value,
-        scale_ops=list(q.scale_ops),
-        scale_consts=list(q.scale_consts),
-        quant_mul=q.quant_mul,
-        qmin=q.qmin,
-        qmax=q.qmax,
-        round_to_int=q.round_to_int,
-        ub_slot=q.ub_slot,
+        **q.op_params(),
     )
     has_s, has_ub = q.scale is not None, q.scale_ub is not None
-    per_row_scale = q.scheme in (PER_TOKEN, PER_GROUP)  # a plain value: the trace cache keys the closure
+    plan = q.output_plan()  # plain values: the trace cache keys the closure
 
     def replacement(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -333,19 +326,11 @@ def rewrite(graph: fx.Graph, m: ActMulMatch, q: QuantMatch) -> list[fx.Node]:
             scale_ub=None if ub is None else scalar_on(ub, x),
             **params,
         )
-        qo = qo.reshape(*lead, *q_tail)
-        if per_row_scale:
-            so = so.reshape(*lead, *s_tail) if s_tail is not None else so
-        else:
-            so = so.reshape(s_static_shape)
-        return qo, so
+        return written_outputs(plan, qo, so, lead)  # token dims as in gate, or flattened
 
     on_cuda = gv.device.type == "cuda"
-    q_new, s_new = insert_traced(graph, replacement, inputs, before=sinks[0], functionalize=on_cuda)
-    for sink in sinks:
-        sink.replace_all_uses_with(q_new)
-    for so in scale_outs:
-        so.replace_all_uses_with(s_new)
+    q_new, s_new = insert_traced(graph, replacement, inputs, before=q.sink, functionalize=on_cuda)
+    q.reroute(graph, q_new, s_new)
     stable_toposort(graph)
     return sorted(m.nodes | q.nodes, key=lambda n: n.name)
 
@@ -358,7 +343,7 @@ def _looks_like_candidate(node: fx.Node) -> bool:
     quantization; anything else (attention softmax exps, router sigmoids) is not reported at all."""
     frontier, seen = [node], {node}
     muls = 0
-    for _ in range(10):
+    for _ in range(14):  # activation -> product -> flatten/group views -> scale math -> convert
         nxt = []
         for n in frontier:
             for u in n.users:
