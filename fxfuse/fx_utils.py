@@ -353,10 +353,14 @@ def inline_graph(graph: fx.Graph, gm: fx.GraphModule, inputs: Sequence[Any], bef
     val_map: dict[fx.Node, Any] = dict(zip(placeholders, inputs))
     with graph.inserting_before(before):
         out = graph.graph_copy(gm.graph, val_map)
-    _INSERTED.setdefault(graph, []).extend(
-        v for k, v in val_map.items() if k.op != "placeholder" and isinstance(v, fx.Node)
-    )
+    record_inserted(graph, [v for k, v in val_map.items() if k.op != "placeholder" and isinstance(v, fx.Node)])
     return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def record_inserted(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
+    """Tell `stable_toposort` about nodes a rewrite created outside `inline_graph` (e.g. size reads
+    rerouted to a fused output): its windowed sort only checks the edges of recorded nodes."""
+    _INSERTED.setdefault(graph, []).extend(nodes)
 
 
 def insert_traced(

@@ -24,6 +24,7 @@ from ..fx_utils import (
     LIFTED_SCALAR_HINT,
     Reject,
     aten,
+    record_inserted,
     convert_dtype,
     depends_on_any,
     is_convert,
@@ -522,6 +523,7 @@ def reroute_shape_reads(graph: fx.Graph, q: QuantMatch, q_new: fx.Node) -> None:
         n.meta.update(u.meta)
         u.replace_all_uses_with(n)
         graph.erase_node(u)
+        record_inserted(graph, [n])  # its users may sit before it: the toposort must see them
     q.shape_reads.clear()
 
 
