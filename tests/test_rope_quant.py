@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 import torch.fx as fx
@@ -928,20 +930,38 @@ def test_cuda_rope_op_clones_only_its_outputs(sm90_target):
         twf.kwargs["tensors_to_clone"]
 
 
-def test_kv_cache_write_gated_off_on_cuda_by_default():
-    """Not measured on a GPU yet: on CUDA the cache write ships only ungated; the RoPE alone still fuses."""
+def test_kv_cache_write_gate_on_cuda(tmp_path, monkeypatch):
+    """On CUDA the cache write ships where a GPU benchmark recorded it faster (head_dim 128, measured
+    on H200 2026-12-01); with that class unmeasured it is a near miss naming the class, the RoPE
+    alone still fuses and the index_put stays with Inductor."""
     from fxfuse import gating
 
+    assert not gating.rejects("rope_quant", scheme="rope_kvcache", hidden=128, dtype=BF16)
+    assert not gating.rejects("rope_quant", scheme="rope_fp8_static_kvcache", hidden=128, dtype=BF16)
     gm = _fake_cuda_kv_graph()
     fxfuse.counters.clear()
     fxfuse.passes(gm.graph)
-    r = fxfuse.report()
-    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail
-    why = [m.reason for m in r.near_misses if "KV-cache" in m.reason]
-    assert why and "rope_kvcache" in why[0], [m.reason for m in r.near_misses]
-    assert any(n.target is torch.ops.aten.index_put.default for n in gm.graph.nodes)
-    assert gating.rejects("rope_quant", scheme="rope_kvcache", hidden=128, dtype=BF16)
-    assert gating.rejects("rope_quant", scheme="rope_fp8_static_kvcache", hidden=128, dtype=BF16)
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in fxfuse.report().fusions[0].detail
+
+    table = json.loads(gating.GATES_PATH.read_text())
+    table["rope_quant"]["rope_kvcache"] = {}
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(gating, "GATES_PATH", path)
+    gating.reload()
+    try:
+        gm = _fake_cuda_kv_graph()
+        fxfuse.counters.clear()
+        fxfuse.report.clear()
+        fxfuse.passes(gm.graph)
+        r = fxfuse.report()
+        assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail
+        why = [m.reason for m in r.near_misses if "KV-cache" in m.reason]
+        assert why and "rope_kvcache" in why[0], [m.reason for m in r.near_misses]
+        assert any(n.target is torch.ops.aten.index_put.default for n in gm.graph.nodes)
+    finally:
+        monkeypatch.undo()
+        gating.reload()
 
 
 def test_write_gates_merges_the_cache_classes(tmp_path, monkeypatch):
@@ -1076,7 +1096,9 @@ def test_gpu_kv_cache_write_in_output_code(fp8):
     assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in fxfuse.report().fusions[0].detail, fxfuse.report()
     code = "\n".join(codes)
     assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
-    assert "index_put" not in code and ".copy_(" not in code
+    # no ATen index_put left (fallback call or Inductor kernel; the Triton kernel's own docstring
+    # mentions index_put, so match calls and kernel names only) and no copy back into the caches
+    assert not re.search(r"aten\.index_put|fused_index_put|index_put_\(|\.copy_\(", code)
     for c in args[7:9]:  # no buffer the size of a cache: no clone of it
         assert f"empty_strided_cuda({tuple(c.shape)}" not in code, tuple(c.shape)
     check_close((out,), (ref,))
