@@ -468,6 +468,24 @@ def _kv_accumulate(q, k, v, cc, sc, pos, slots, kc, vc):
     return qe
 
 
+def _kv_fp8_v_scale_chain(q, k, v, cc, sc, pos, slots, kc, vc, ks, vs):
+    """v's fp8 scale is vs * 0.5: the cache kernel divides by the scale tensor as is, so no fusion
+    (it once dropped the * 0.5 and wrote v / vs into the cache)."""
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    qe = q * cos + rotate_half(q) * sin
+    ke = k * cos + rotate_half(k) * sin
+    kc[slots] = q_static(ke, ks)[0]
+    vc.view(-1, *v.shape[1:])[slots] = (v.float() / (vs * 0.5)).clamp(-448.0, 448.0).to(FP8)
+    return qe
+
+
+def test_kv_cache_fp8_v_scale_chain_near_miss():
+    args = kv_inputs(seed=21, fp8=True)
+    r = run_kv(_kv_fp8_v_scale_chain, args, extra=(torch.tensor(0.02), torch.tensor(0.03)))
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail, r
+    assert any("v fp8 scale is computed" in m.reason for m in r.near_misses), [m.reason for m in r.near_misses]
+
+
 def _kv_other_slots(q, k, v, cc, sc, pos, slots, kc, vc):
     cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
     qe = q * cos + rotate_half(q) * sin

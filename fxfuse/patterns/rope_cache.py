@@ -286,4 +286,6 @@ def v_rows(w: CacheWrite) -> tuple[fx.Node, Any]:
     q = _match_chain(v, rows, {})
     if q.scheme != STATIC or q.round_to_int or q.qdtype != FP8:
         raise Reject("v fp8 quant is not a static per-tensor e4m3 quant")
+    if q.scale_ops:  # the cache kernel divides by the scale tensor as is (no scale chain for v)
+        raise Reject("v fp8 scale is computed from the scale tensor (e.g. scale * c); only a plain scale is fused")
     return v, q
