@@ -479,6 +479,37 @@ def _kv_fp8_v_scale_chain(q, k, v, cc, sc, pos, slots, kc, vc, ks, vs):
     return qe
 
 
+def _kv_complex(q, k, v, freqs, pos, slots, kc, vc):
+    """Meta Llama's complex rotation by positions-indexed freqs_cis, then the cache write."""
+    def rot(x, fr):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
+        return torch.view_as_real(xc * fr).flatten(-2).type_as(x)
+
+    fr = freqs[pos].unsqueeze(1)
+    qe, ke = rot(q, fr), rot(k, fr)
+    kc[slots] = ke
+    vc[slots] = v
+    return qe
+
+
+@pytest.mark.parametrize("T", [0, 1, 7])
+def test_kv_cache_write_complex_form_and_edge_token_counts(T):
+    """Complex form + cache write fuses and equals eager bit for bit, for no token, one and several."""
+    g = torch.Generator().manual_seed(40 + T)
+    q, k, v = (torch.randn(T, h, 32, generator=g).to(BF16) for h in (4, 2, 2))
+    freqs = torch.polar(torch.ones(64, 16), torch.rand(64, 16, generator=g) * 6.0)
+    pos, slots = torch.randint(0, 64, (T,), generator=g), torch.randperm(32, generator=g)[:T]
+    kc, vc = (torch.randn(32, 2, 32, generator=g).to(BF16) for _ in range(2))
+    args = [q, k, v, freqs, pos, slots, kc, vc]
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = _kv_complex(*eager)
+    out, _ = compile_and_run(_kv_complex, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
+    assert torch.equal(out, ref) and torch.equal(kc, eager[6]) and torch.equal(vc, eager[7])
+
+
 def test_kv_cache_fp8_v_scale_chain_near_miss():
     args = kv_inputs(seed=21, fp8=True)
     r = run_kv(_kv_fp8_v_scale_chain, args, extra=(torch.tensor(0.02), torch.tensor(0.03)))
@@ -495,8 +526,48 @@ def _kv_other_slots(q, k, v, cc, sc, pos, slots, kc, vc):
     return qe
 
 
+def _kv_rope(q, k, cc, sc, pos):
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def _kv_attend_after(q, k, v, cc, sc, pos, slots, kc, vc):
+    """Write k/v, then attend over the written cache rows (the common decode pattern)."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    kk, vv = kc[slots], vc.view(-1, *v.shape[1:])[slots]
+    return qe, torch.einsum("thd,tgd->thg", qe[:, :2].float(), kk.float()), vv.float().sum()
+
+
+def _kv_read_before(q, k, v, cc, sc, pos, slots, kc, vc):
+    old = kc[slots].float().sum()  # the old contents: the write must stay after this read
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return qe, old
+
+
+def _kv_written_twice(q, k, v, cc, sc, pos, slots, kc, vc):
+    """The k cache is written twice; the rotated k goes in last, over the first write."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots.flip(0)] = k
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return qe
+
+
+def _kv_v_from_rotated_k(q, k, v, cc, sc, pos, slots, kc, vc):
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = ke * 2
+    return qe
+
+
 @pytest.mark.parametrize("fn,reason", [
     (_kv_read_after, "also used elsewhere"), (_kv_accumulate, "accumulates"), (_kv_other_slots, "v cache writes"),
+    (_kv_attend_after, "also used elsewhere"), (_kv_read_before, "read elsewhere"),
+    (_kv_written_twice, "not a view of the cache input"), (_kv_v_from_rotated_k, "depends on the fused region"),
 ])
 def test_kv_cache_near_misses(fn, reason):
     """Cache writes that must not fuse: the RoPE still fuses, the write stays, the caches equal eager's."""
