@@ -270,6 +270,9 @@ def v_rows(w: CacheWrite) -> tuple[fx.Node, Any]:
     from .quant import STATIC, _match_chain, strip_f32_convert
 
     rows = w.rows
+    if is_convert(rows) and convert_dtype(rows).is_floating_point and convert_dtype(rows).itemsize == 1 \
+            and convert_dtype(rows) != FP8:
+        raise Reject(f"v is quantized to {convert_dtype(rows)}; only e4m3fn caches are fused")
     if not (is_convert(rows) and convert_dtype(rows) in BYTE_DTYPES):
         return rows, None
     t = rows.args[0]
