@@ -337,3 +337,12 @@ def test_lifted_scalars_track_eager_when_changed(kind, fused):
         out2, ref2 = f(x2), m(x2)
     for out, ref in ((out1, ref1), (out2, ref2)):
         assert all(_bits(a, b) for a, b in zip(out, ref)), kind
+
+
+def test_uuid_covers_the_ungated_switch(monkeypatch):
+    """FXFUSE_UNGATED decides CUDA rewrites: Inductor's FX graph cache must not serve a graph
+    compiled under the other setting."""
+    monkeypatch.delenv("FXFUSE_UNGATED", raising=False)
+    base = fxfuse.FusionPasses().uuid()
+    monkeypatch.setenv("FXFUSE_UNGATED", "1")
+    assert fxfuse.FusionPasses().uuid() != base
