@@ -346,3 +346,27 @@ def test_uuid_covers_the_ungated_switch(monkeypatch):
     base = fxfuse.FusionPasses().uuid()
     monkeypatch.setenv("FXFUSE_UNGATED", "1")
     assert fxfuse.FusionPasses().uuid() != base
+
+
+def test_silu_chunk_of_a_symbolic_row_is_a_near_miss_not_an_internal_error():
+    """dynamic=True on the gate/up input makes its last dim symbolic: the split sizes are graph
+    nodes (was: TypeError in _half_of, candidate skipped as an internal error)."""
+
+    def fn(gu):
+        g, u = gu.chunk(2, -1)
+        y = torch.nn.functional.silu(g) * u
+        s = (y.abs().amax(-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    with fresh_cache(), torch.no_grad():
+        strict = fxfuse.FusionPasses(strict=True)  # an internal error raises
+        out = torch.compile(fn, dynamic=True, options={"post_grad_custom_pre_pass": strict})(x)
+        torch._dynamo.reset()
+        ref = torch.compile(fn, dynamic=True)(x)
+    assert fxfuse.counters["silu_mul_quant"] == 0
+    assert _reasons(), "a near miss says why"
+    assert_identical(tuple(out), tuple(ref))
