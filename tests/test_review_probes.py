@@ -307,6 +307,12 @@ class _Lifted(torch.nn.Module):
             amax = torch.minimum(y.abs().amax(-1, keepdim=True).float(), torch.tensor(self.ub))
             s = (amax / self.fp8_max).clamp(min=1e-12)
             return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
+        if k == "rdiv-torchao":  # the lifted value divided by the amax (RDIV slot), a multiply by it
+            s = self.fp8_max / torch.clamp(y.abs().amax(-1, keepdim=True).float(), min=1e-12)
+            return (y.float() * s).clamp(-448.0, 448.0).to(FP8), s.reciprocal()
+        if k == "mul-inverse":
+            s = (y.abs().amax(-1, keepdim=True).float() * (1.0 / self.fp8_max)).clamp(min=1e-12)
+            return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
         s = (y.abs().amax(-1, keepdim=True).float() / self.fp8_max).clamp(min=1e-12)
         return (y.float() / s).clamp(-448.0, 448.0).to(FP8), s
 
@@ -317,7 +323,7 @@ def _bits(a, b):
 
 
 LIFTED = [("int-fp8-max", 1), ("eps-fp32-input", 1), ("scale-used-elsewhere", 1), ("eps-used-elsewhere", 1),
-          ("ub-and-lifted", 0)]
+          ("ub-and-lifted", 0), ("rdiv-torchao", 1), ("mul-inverse", 1)]
 
 
 @pytest.mark.parametrize("kind,fused", LIFTED, ids=[k for k, _ in LIFTED])
