@@ -11,6 +11,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import os
 import pathlib
 import time
 from typing import Any, Callable, Iterable, Iterator, Literal, Protocol
@@ -292,6 +293,9 @@ class FusionPasses(CustomGraphPass):
             repr(self.unwrap),
             repr(sorted(self.options.items())),
             torch.__version__,
+            # gating.rejects reads it on every CUDA candidate: a graph cached under the other
+            # setting would keep (or lack) the ungated kernels
+            "ungated=" + repr(os.environ.get("FXFUSE_UNGATED") == "1"),
         ]
         for user_pass in (self.before, self.after):
             if user_pass is None:

@@ -165,10 +165,14 @@ def _half_of(node: fx.Node) -> tuple[fx.Node, int] | None:
         dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
         if dim % bv.dim() != bv.dim() - 1:
             return None
+        if not isinstance(W, int):  # a symbolic row (dynamic=True on the input): sizes are graph nodes
+            return None
         sizes = sp.args[1]
         if isinstance(sizes, int):
             sizes = [sizes, W - sizes] if 2 * sizes == W else None
-        if sizes is None or len(sizes) != 2 or sizes[0] != sizes[1] or 2 * sizes[0] != W:
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != 2 or not all(type(z) is int for z in sizes):
+            return None
+        if sizes[0] != sizes[1] or 2 * sizes[0] != W:
             return None
         return base, int(node.args[1])
     if is_op(node, aten.slice.Tensor):
@@ -181,6 +185,8 @@ def _half_of(node: fx.Node) -> tuple[fx.Node, int] | None:
         if dim % bv.dim() != bv.dim() - 1 or step != 1:
             return None
         W = bv.shape[-1]
+        if not isinstance(W, int):  # symbolic: a comparison would guard (specialize) on it
+            return None
         half = W // 2
         if (start in (None, 0)) and end == half and 2 * half == W:
             return base, 0
