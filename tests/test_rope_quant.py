@@ -873,22 +873,30 @@ def test_op_cpu_matches_reference_and_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_cuda_path_traces_to_user_triton_kernel():
-    """On CUDA the op must trace (functionalized) to triton_kernel_wrapper_functional; fake CUDA tensors."""
+def _fake_cuda_op_graph(**makers) -> tuple[fx.Graph, list[fx.Node], fx.Node]:
+    """An empty FX graph whose placeholders (named as the keywords) carry fake CUDA tensors made by
+    the given factories: the input side of a test that traces an fxfuse op on the CUDA path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    with FakeTensorMode():
+        vals = {name: make() for name, make in makers.items()}
+    g = fx.Graph()
+    ph = [g.placeholder(name) for name in vals]
+    for node, v in zip(ph, vals.values()):
+        node.meta["val"] = v
+    return g, ph, g.output(None)
+
+
+def test_cuda_path_traces_to_user_triton_kernel():
+    """On CUDA the op must trace (functionalized) to triton_kernel_wrapper_functional; fake CUDA tensors."""
     from fxfuse.fx_utils import insert_traced
 
-    with FakeTensorMode():
-        q = torch.empty(2, 4, 5, 32, dtype=BF16, device="cuda").transpose(1, 2)
-        k = torch.empty(2, 5, 2, 32, dtype=BF16, device="cuda")
-        cs = torch.empty(64, 32, dtype=BF16, device="cuda")
-        pos = torch.empty(10, dtype=torch.int64, device="cuda")
-    g = fx.Graph()
-    ph = [g.placeholder(n) for n in ("q", "k", "c", "p")]
-    for p, v in zip(ph, (q, k, cs, pos)):
-        p.meta["val"] = v
-    out = g.output(None)
+    g, ph, out = _fake_cuda_op_graph(
+        q=lambda: torch.empty(2, 4, 5, 32, dtype=BF16, device="cuda").transpose(1, 2),
+        k=lambda: torch.empty(2, 5, 2, 32, dtype=BF16, device="cuda"),
+        c=lambda: torch.empty(64, 32, dtype=BF16, device="cuda"),
+        p=lambda: torch.empty(10, dtype=torch.int64, device="cuda"),
+    )
 
     def repl(q, k, c, p):
         return torch.ops.fxfuse.rope_quant(q, k, c, c, p, None, None, 32, True, False, BF16, 2, 1.0, [1], [448.0],
@@ -991,20 +999,14 @@ def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8):
 def test_cuda_rope_op_clones_only_its_outputs(sm90_target):
     """Inductor's mutation analysis of the kernel (TTIR for sm_90) sees stores only to the op's own
     outputs: the inputs are not cloned (it needs every kernel argument passed explicitly)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from fxfuse.fx_utils import insert_traced
 
-    with FakeTensorMode():
-        q = torch.empty(1, 7, 32, 128, dtype=BF16, device="cuda")
-        k = torch.empty(1, 7, 8, 128, dtype=BF16, device="cuda")
-        cs = torch.empty(64, 128, dtype=BF16, device="cuda")
-        pos = torch.empty(7, dtype=torch.int64, device="cuda")
-    g = fx.Graph()
-    ph = [g.placeholder(n) for n in ("q", "k", "c", "p")]
-    for p_, v in zip(ph, (q, k, cs, pos)):
-        p_.meta["val"] = v
-    out = g.output(None)
+    g, ph, out = _fake_cuda_op_graph(
+        q=lambda: torch.empty(1, 7, 32, 128, dtype=BF16, device="cuda"),
+        k=lambda: torch.empty(1, 7, 8, 128, dtype=BF16, device="cuda"),
+        c=lambda: torch.empty(64, 128, dtype=BF16, device="cuda"),
+        p=lambda: torch.empty(7, dtype=torch.int64, device="cuda"),
+    )
 
     def repl(q, k, c, p):
         return torch.ops.fxfuse.rope_quant(q, k, c, c, p, None, None, 128, True, False, BF16, 0, 1.0, [], [],
