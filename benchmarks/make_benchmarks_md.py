@@ -345,6 +345,16 @@ def demo() -> list[str]:
     return out
 
 
+def _pytest_summary(log: pathlib.Path) -> tuple[str, list[str]]:
+    """A pytest log's final summary line and the ids of its failed tests."""
+    import re
+
+    text = log.read_text().splitlines()
+    summ = [ln.strip("= ") for ln in text if re.search(r"\d+ (passed|failed)", ln) and " in " in ln]
+    fails = [ln.split(" - ")[0].replace("FAILED ", "") for ln in text if ln.startswith("FAILED ")]
+    return (summ[-1] if summ else "no summary line"), fails
+
+
 def gpu_tests() -> list[str]:
     import re
 
@@ -358,18 +368,14 @@ def gpu_tests() -> list[str]:
            "which runs `python3 -m pytest -m gpu -q tests`; runs 4 and 5 selected fewer tests (see the deselected counts).", ""]
     for p in logs:
         n = int(re.search(r"run(\d+)", p.name)[1])
-        text = p.read_text().splitlines()
-        summ = [ln.strip("= ") for ln in text if re.search(r"\d+ (passed|failed)", ln) and " in " in ln]
-        fails = [ln.split(" - ")[0].replace("FAILED ", "") for ln in text if ln.startswith("FAILED ")]
+        summ, fails = _pytest_summary(p)
         tail = f"; failed: {', '.join(fails)}" if fails and len(fails) <= 3 else ""
-        out.append(f"- run {n} (`benchmarks/results/{p.name}`), {what.get(n, '')}: {summ[-1] if summ else 'no summary line'}{tail}")
+        out.append(f"- run {n} (`benchmarks/results/{p.name}`), {what.get(n, '')}: {summ}{tail}")
     out.append("- remaining failure after run 5: `tests/test_gpu_moe_experts.py::test_weights_not_cloned[64]`")
     for p in sorted(RES.glob("gpu_tests_h200_*.log")):
-        text = p.read_text().splitlines()
-        summ = [ln.strip("= ") for ln in text if re.search(r"\d+ (passed|failed)", ln) and " in " in ln]
-        fails = [ln.split(" - ")[0].replace("FAILED ", "") for ln in text if ln.startswith("FAILED ")]
+        summ, fails = _pytest_summary(p)
         out.append(f"- NVIDIA H200, torch 2.11, 2026-12-01, `benchmarks/results/{p.name}` (selected GPU tests of the "
-                   f"families changed that day): {summ[-1] if summ else 'no summary line'}; failed: {', '.join(fails) or 'none'}")
+                   f"families changed that day): {summ}; failed: {', '.join(fails) or 'none'}")
     out.append("- The 2026-12-01 failures are test defects, fixed after the run and not re-run on a GPU (no device time "
                "left): text matches on kernel docstrings/names (`index_put`, `_to_copy_`), `mode=` together with "
                "`options=` (torch 2.11 refuses it), and a residual not marked dynamic. `test_weights_not_cloned` now "
