@@ -123,7 +123,8 @@ def _kernel_in_code(fn: Callable, args: tuple) -> tuple[Any, Optional[bool]]:
     if not codes:
         return out, None
     code = "\n".join(codes)
-    return out, ("_moe_decode_gate_up_kernel" in code or "_moe_gemm1_kernel" in code) and "torch.ops.fxfuse" not in code
+    names = ("_moe_decode_gate_up_kernel", "_moe_decode_gate_up_dot_kernel", "_moe_gemm1_kernel")
+    return out, any(n in code for n in names) and "torch.ops.fxfuse" not in code
 
 
 def path_name(M: int, shape: dict[str, int]) -> str:

@@ -21,7 +21,7 @@ pytestmark = [
 transformers = pytest.importorskip("transformers")
 
 UNGATED = fxfuse.FusionPasses(options={"gate": False})
-KERNELS = ("_moe_decode_gate_up_kernel", "_moe_gemm1_kernel")
+KERNELS = ("_moe_decode_gate_up_kernel", "_moe_decode_gate_up_dot_kernel", "_moe_gemm1_kernel")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -111,7 +111,8 @@ def decode_config(H: int, I: int, K: int = 8) -> dict:
     k_pad = triton.next_power_of_2(K)
     b_bk = min(256 if k_pad >= 8 else 512, triton.next_power_of_2(I))
     b_bn = max(1, min(16, 8192 // (k_pad * b_bk)))
-    return dict(A_BN=a_bn, A_BK=a_bk, A_WARPS=4, B_BN=b_bn, B_BK=b_bk, B_WARPS=4)
+    return dict(A_BN=a_bn, A_BK=a_bk, A_WARPS=4, A_DOT=0, A_STAGES=4, B_BN=b_bn, B_BK=b_bk, B_WARPS=4,
+                B_DOT=0, B_STAGES=4)
 
 
 def prefill_config(S: object, H: int, I: int, E: int) -> dict:
@@ -184,6 +185,56 @@ def _moe_decode_gate_up_kernel(
 
 
 @triton.jit
+def _moe_decode_gate_up_dot_kernel(
+    x_ptr, ids_ptr, w1_ptr, h_ptr,
+    stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    E, H, I,
+    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Kernel A as a 16-row ``tl.dot`` (row 0 is x[token], the rest masked to zero).
+
+    Same arithmetic as the vector form (fp32 accumulation of one row), but the weight loads feed a
+    dot, so Triton's software pipeliner keeps ``num_stages`` tiles in flight per program: a decode
+    step is bound by how many weight bytes are in flight, not by FLOPs (15 wasted rows are free).
+    """
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    slot = pair % K_TOP
+    e = tl.load(ids_ptr + tok * stride_idm + slot * stride_idk).to(tl.int64)
+    valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    r = tl.arange(0, 16)
+    first = r == 0
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok.to(tl.int64) * stride_xm + r[:, None] * 0 + offs_k[None, :]
+    bg_ptrs = w1_ptr + e * stride_w1e + offs_k[:, None] * stride_w1k + offs_n[None, :].to(tl.int64) * stride_w1n
+    bu_ptrs = bg_ptrs + I * stride_w1n
+    acc_g = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        mk = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=first[:, None] & mk[None, :], other=0.0)
+        bg = tl.load(bg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        bu = tl.load(bu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        if not NATIVE:  # the interpreter's bf16 dot is wrong; fp32 inputs are exact here
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+        a_ptrs += BLOCK_K
+        bg_ptrs += BLOCK_K * stride_w1k
+        bu_ptrs += BLOCK_K * stride_w1k
+    h = _silu_mul(acc_g, acc_u, ACT, NATIVE)
+    h = tl.where(valid, h, 0.0)
+    h_ptrs = h_ptr + pair.to(tl.int64) * stride_hm + r[:, None] * 0 + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=first[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _moe_decode_down_kernel(
     h_ptr, ids_ptr, tw_ptr, w2_ptr, out_ptr,
     stride_hm, stride_idm, stride_idk, stride_twm, stride_twk,
@@ -219,6 +270,49 @@ def _moe_decode_down_kernel(
     out = tl.sum(tl.where(valid[:, None], c, 0.0), axis=0)
     out = round_to(out, SUM, NATIVE)
     tl.store(out_ptr + tok * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _moe_decode_down_dot_kernel(
+    h_ptr, ids_ptr, tw_ptr, w2_ptr, out_ptr,
+    stride_hm, stride_idm, stride_idk, stride_twm, stride_twk,
+    stride_w2e, stride_w2k, stride_w2n, stride_om,
+    E, H, I,
+    K_TOP: tl.constexpr, K_PAD: tl.constexpr, ACT: tl.constexpr, PROD: tl.constexpr, SUM: tl.constexpr,
+    NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Kernel B as 16-row ``tl.dot`` products (row 0 real), one pipelined I-loop per slot; slots
+    are combined in slot order in fp32 (deterministic)."""
+    tok = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    r = tl.arange(0, 16)
+    first = r == 0
+    offs_k = tl.arange(0, BLOCK_K)
+    out = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(K_TOP):
+        e = tl.load(ids_ptr + tok * stride_idm + j * stride_idk).to(tl.int64)
+        valid = (e >= 0) & (e < E)
+        e = tl.where(valid, e, 0)
+        wt = tl.load(tw_ptr + tok * stride_twm + j * stride_twk).to(tl.float32)
+        a_ptrs = h_ptr + (tok * K_TOP + j) * stride_hm + r[:, None] * 0 + offs_k[None, :]
+        b_ptrs = w2_ptr + e * stride_w2e + offs_k[:, None] * stride_w2k + offs_n[None, :].to(tl.int64) * stride_w2n
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            mk = offs_k < I - k0
+            a = tl.load(a_ptrs, mask=first[:, None] & mk[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)  # e clamped: in bounds
+            if not NATIVE:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_w2k
+        c = round_to(round_to(acc, ACT, NATIVE) * wt, PROD, NATIVE)
+        out += tl.where(valid, c, 0.0)
+    out = round_to(out, SUM, NATIVE)
+    o_ptrs = out_ptr + tok * stride_om + r[:, None] * 0 + offs_n[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=first[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -382,20 +476,25 @@ def _launch(
         h = torch.empty((S, I), dtype=x.dtype, device=x.device)
         if out is None:
             out = torch.empty((M, H), dtype=out_dtype, device=x.device)
-        wrap(_moe_decode_gate_up_kernel)[(S, triton.cdiv(I, c["A_BN"]))](
+        kern_a = _moe_decode_gate_up_dot_kernel if c.get("A_DOT") else _moe_decode_gate_up_kernel
+        extra_a = {"num_stages": c["A_STAGES"]} if native and c.get("A_DOT") else {}
+        wrap(kern_a)[(S, triton.cdiv(I, c["A_BN"]))](
             x, topk_ids, w1, h,
             x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             h.stride(0),
             E, H, I,
             K_TOP=K, ACT=act, NATIVE=native, BLOCK_N=c["A_BN"], BLOCK_K=c["A_BK"], num_warps=c["A_WARPS"],
+            **extra_a,
         )
-        wrap(_moe_decode_down_kernel)[(M, triton.cdiv(H, c["B_BN"]))](
+        kern_b = _moe_decode_down_dot_kernel if c.get("B_DOT") else _moe_decode_down_kernel
+        extra_b = {"num_stages": c["B_STAGES"]} if native and c.get("B_DOT") else {}
+        wrap(kern_b)[(M, triton.cdiv(H, c["B_BN"]))](
             h, topk_ids, topk_w, w2, out,
             h.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_w.stride(0), topk_w.stride(1),
             w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
             E, H, I,
             K_TOP=K, K_PAD=triton.next_power_of_2(K), ACT=act, PROD=prod, SUM=sm, NATIVE=native,
-            BLOCK_N=c["B_BN"], BLOCK_K=c["B_BK"], num_warps=c["B_WARPS"],
+            BLOCK_N=c["B_BN"], BLOCK_K=c["B_BK"], num_warps=c["B_WARPS"], **extra_b,
         )
         return out
     c = {**prefill_config(S, H, I, E), **(config or {})}

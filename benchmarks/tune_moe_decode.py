@@ -1,0 +1,115 @@
+"""Sweep the MoE decode kernels' block sizes and forms (vector vs pipelined 16-row tl.dot).
+
+The decode path streams only the selected experts' weights; its speed is set by how many weight
+bytes each SM keeps in flight.  This sweep times the raw op (routing precomputed) under CUDA
+graphs for each candidate config of kernel A (gate_up + SiLU-mul) with kernel B at its default,
+then kernel B (down + combine) with the best A, and reports each against the weight-streaming
+floor (selected experts' bytes / this run's measured copy bandwidth).  Every candidate's output is
+compared with the default config's (relative error) so a fast but wrong config cannot win.
+
+Usage:  python benchmarks/tune_moe_decode.py --out X.json [--quick] [--rep MS]
+The best configs feed ``decode_config`` in fxfuse/kernels/moe_experts.py (no autotuning at compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_moe_experts import MODELS, bench_us, copy_bandwidth_gbps, rel_err  # noqa: E402
+
+from fxfuse.kernels import moe_experts as K  # noqa: E402
+
+SHAPES = [("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 4), ("mixtral_8x7b", 1), ("mixtral_8x7b", 2)]
+
+
+def a_candidates(quick: bool) -> list[dict[str, int]]:
+    vec = [dict(A_DOT=0, A_BN=bn, A_BK=bk, A_WARPS=w)
+           for bn, bk, w in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8))]
+    dot = [dict(A_DOT=1, A_BN=bn, A_BK=bk, A_STAGES=st, A_WARPS=4)
+           for bn, bk, st in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 6))]
+    return (vec[::3] + dot[::2]) if quick else (vec + dot)
+
+
+def b_candidates(quick: bool) -> list[dict[str, int]]:
+    vec = [dict(B_DOT=0, B_BN=bn, B_BK=bk, B_WARPS=w)
+           for bn, bk, w in itertools.product((2, 4, 8), (128, 256, 512), (4, 8))]
+    dot = [dict(B_DOT=1, B_BN=bn, B_BK=bk, B_STAGES=st, B_WARPS=4)
+           for bn, bk, st in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 6))]
+    return (vec[::3] + dot[::2]) if quick else (vec + dot)
+
+
+def make_case(model: str, M: int, seed: int) -> tuple:
+    s = MODELS[model]
+    E, k, H, I = s["E"], s["K"], s["H"], s["I"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16, generator=g)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).permute(0, 2, 1)
+    w2 = (torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).permute(0, 2, 1)
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(M)])
+    tw = torch.softmax(torch.randn(M, k, device="cuda", generator=g), -1)
+    return x, tw, ids, w1, w2
+
+
+def time_cfg(args: tuple, cfg: dict[str, int], ref: torch.Tensor, rep: int) -> dict[str, Any]:
+    x, tw, ids, w1, w2 = args
+    out = torch.full_like(ref, float("nan"))
+    try:
+        K.moe_experts_triton(x, tw, ids, w1, w2, path=K.PATH_DECODE, out=out, config=cfg)
+        torch.cuda.synchronize()
+        err = rel_err(out, ref)
+        us = bench_us(lambda: K.moe_experts_triton(x, tw, ids, w1, w2, path=K.PATH_DECODE, out=out, config=cfg),
+                      rep)
+        return dict(cfg=cfg, us=us, err=err, ok=bool(err < 1e-2 and torch.isfinite(out).all()))
+    except Exception as e:  # out of shared memory / registers: that config is simply not a candidate
+        return dict(cfg=cfg, us=None, err=None, ok=False, error=f"{type(e).__name__}: {str(e)[:160]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rep", type=int, default=30)
+    a = ap.parse_args()
+    copy = copy_bandwidth_gbps(100)
+    res: dict[str, Any] = dict(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbps=copy,
+        command="benchmarks/tune_moe_decode.py " + " ".join(sys.argv[1:]), shapes=[])
+    for model, M in (SHAPES[::2] if a.quick else SHAPES):
+        s = MODELS[model]
+        args = make_case(model, M, seed=M)
+        ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
+        K.moe_experts_triton(*args, path=K.PATH_DECODE, out=ref)
+        floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy * 1e9) * 1e6
+        base = time_cfg(args, {}, ref, a.rep)
+        rows_a = [time_cfg(args, c, ref, a.rep) for c in a_candidates(a.quick)]
+        ok_a = [r for r in rows_a if r["ok"]]
+        best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base
+        rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep) for c in b_candidates(a.quick)]
+        best = min([r for r in rows_b if r["ok"]] + [best_a], key=lambda r: r["us"])
+        entry = dict(model=model, M=M, floor_us=floor_us, default=base, best=best,
+                     default_x_floor=(base["us"] or 0) / floor_us, best_x_floor=(best["us"] or 0) / floor_us,
+                     a_rows=rows_a, b_rows=rows_b)
+        res["shapes"].append(entry)
+        print(f"{model} M={M}: floor {floor_us:.1f} us, default {base['us']:.1f} us "
+              f"({entry['default_x_floor']:.2f}x), best {best['us']:.1f} us ({entry['best_x_floor']:.2f}x) "
+              f"{best['cfg']}", flush=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"copy {copy:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
