@@ -296,7 +296,17 @@ _INTERP_CASES = [
     ("prefill-bm64", 40, 2, 2, 32, 16, "bfloat16", "bfloat16", 2, "random"),
     ("prefill-bad-id", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 2, "bad"),
     ("decode-bad-id", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 1, "bad"),
+    ("decode-k8", 2, 16, 8, 32, 16, "bfloat16", "float32", 1, "random"),  # kernel B's 3-D vector form
+    ("decode-vector-forms", 3, 4, 2, 32, 16, "float16", "float16", 1, "random"),
+    ("decode-vector-bad-id", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 1, "bad"),
+    ("decode-dot-forms-k8", 2, 16, 8, 32, 16, "bfloat16", "bfloat16", 1, "random"),
 ]
+# decode_config overrides: every kernel form (vector / pipelined dot) of both decode kernels runs
+_INTERP_CONFIG = {
+    "decode-vector-forms": {"A_DOT": 0, "B_DOT": 0, "A_BN": 8, "A_BK": 16, "B_BN": 4, "B_BK": 8},
+    "decode-vector-bad-id": {"A_DOT": 0, "B_DOT": 0},
+    "decode-dot-forms-k8": {"A_DOT": 1, "B_DOT": 1, "A_BN": 16, "A_BK": 16, "B_BN": 16, "B_BK": 16},
+}
 
 
 def _interp_main() -> None:
@@ -327,7 +337,7 @@ def _interp_main() -> None:
         outs = []
         for poison in (float("nan"), 7.0):
             o = torch.full((M, H_), poison, dtype=dt)
-            outs.append(Km.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=o))
+            outs.append(Km.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=o, config=_INTERP_CONFIG.get(cid)))
         res[cid] = {"same": bool(torch.equal(outs[0], outs[1])), "err": _rel(outs[0], ref),
                     "finite": bool(torch.isfinite(outs[0]).all())}
     print(json.dumps(res))

@@ -26,11 +26,12 @@ Pairs with an id outside [0, E) contribute zero.
 
 Two paths, chosen from the static token count (symbolic token counts take the tiled path):
 
-* decode (``M*K*4 <= E`` or tiny M): kernel A, one program per (pair, N-block) doing
-  vector-matrix products for gate and up rows, writes the SiLU-mul intermediate [S, I];
-  kernel B, one program per (token, H-block), loops over the K slots (unrolled), streams
-  ``w2[e]`` rows and combines deterministically in fp32 -> out [M, H].  All selected experts'
-  weights are streamed in parallel by many programs (N-split), loads contiguous along H / I.
+* decode (``M*K*4 <= E`` or tiny M): kernel A, one program per (pair, N-block), a pipelined
+  16-row ``tl.dot`` (row 0 = x[token]) over gate and up weight tiles, writes the SiLU-mul
+  intermediate [S, I]; kernel B, one program per (token, H-block), streams ``w2[e]`` for the K
+  slots and combines deterministically in fp32 -> out [M, H].  All selected experts' weights are
+  streamed in parallel by many programs (N-split), loads contiguous along H / I.  Which form
+  (vector or dot) and which tiles come from ``decode_config`` (measured, per shape class).
 * prefill: an align step on the GPU (torch ops with static upper bounds: ``S + E*(BM-1)``
   padded rows, vLLM's moe_align_block_size idea) sorts pairs by expert in BLOCK_M tiles; then
   two tiled ``tl.dot`` grouped GEMM kernels; tiles past the padded count exit early after
@@ -99,20 +100,22 @@ def choose_path(M: object, K: int, E: int) -> int:
 
 
 def decode_config(H: int, I: int, K: int = 8) -> dict:
-    """Block sizes and warps for decode kernels A and B by shape class (no autotuning).
+    """Block sizes, forms and warps for decode kernels A and B by shape class (no autotuning).
 
-    Both stream weights with vector-matrix products; tiles hold ~8K elements (16 KB of bf16) so
-    each program keeps a large load in flight, and the grid has hundreds of programs at M=1.
+    From benchmarks/tune_moe_decode.py on an H200 (benchmarks/results/tune_moe_decode_h200.json):
+    kernel A as a pipelined 16-row ``tl.dot`` (64 x 128 weight tiles, 4 stages) beat the best
+    vector form at both Qwen3-30B-A3B and Mixtral shapes (the pipeliner keeps 3 tiles in flight per
+    program); kernel B keeps the 3-D vector tile when K >= 8 (all K experts' streams in flight in
+    one program) and takes the pipelined dot form for small K (few, long expert streams).
     """
-    # kernel A: (pair, N-block) programs; gate and up tiles [A_BN, A_BK] each.
-    a_bn = 16 if I <= 2048 else 32
-    a_bk = min(256, triton.next_power_of_2(H))
-    # kernel B: (token, H-block) programs; one [K, B_BN, B_BK] tile covers all selected experts.
+    del H, I  # one class per K today: both measured shapes agree on A; B splits on K
     k_pad = triton.next_power_of_2(K)
-    b_bk = min(256 if k_pad >= 8 else 512, triton.next_power_of_2(I))
-    b_bn = max(1, min(16, 8192 // (k_pad * b_bk)))
-    return dict(A_BN=a_bn, A_BK=a_bk, A_WARPS=4, A_DOT=0, A_STAGES=4, B_BN=b_bn, B_BK=b_bk, B_WARPS=4,
-                B_DOT=0, B_STAGES=4)
+    a = dict(A_DOT=1, A_BN=64, A_BK=128, A_STAGES=4, A_WARPS=4)
+    if k_pad >= 8:
+        b = dict(B_DOT=0, B_BN=2, B_BK=256, B_WARPS=8, B_STAGES=4)
+    else:
+        b = dict(B_DOT=1, B_BN=32, B_BK=256, B_WARPS=4, B_STAGES=4)
+    return {**a, **b}
 
 
 def prefill_config(S: object, H: int, I: int, E: int) -> dict:
