@@ -51,6 +51,14 @@ def b_candidates(quick: bool) -> list[dict[str, int]]:
     return (vec[::3] + dot[::2]) if quick else (vec + dot)
 
 
+PREFILL_SHAPES = [("qwen3_30b_a3b", 2048), ("qwen3_30b_a3b", 64)]
+
+
+def prefill_candidates() -> list[dict[str, int]]:
+    return [dict(BM=bm, BN1=bn1, BK1=64, BN2=bn2, BK2=64, WARPS=w, STAGES=st)
+            for bm, bn1, bn2, (w, st) in itertools.product((64, 128), (64, 128), (64, 128), ((4, 3), (8, 3), (8, 4)))]
+
+
 def make_case(model: str, M: int, seed: int) -> tuple:
     s = MODELS[model]
     E, k, H, I = s["E"], s["K"], s["H"], s["I"]
@@ -63,15 +71,15 @@ def make_case(model: str, M: int, seed: int) -> tuple:
     return x, tw, ids, w1, w2
 
 
-def time_cfg(args: tuple, cfg: dict[str, int], ref: torch.Tensor, rep: int) -> dict[str, Any]:
+def time_cfg(args: tuple, cfg: dict[str, int], ref: torch.Tensor, rep: int,
+             path: int = K.PATH_DECODE) -> dict[str, Any]:
     x, tw, ids, w1, w2 = args
     out = torch.full_like(ref, float("nan"))
     try:
-        K.moe_experts_triton(x, tw, ids, w1, w2, path=K.PATH_DECODE, out=out, config=cfg)
+        K.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=out, config=cfg)
         torch.cuda.synchronize()
         err = rel_err(out, ref)
-        us = bench_us(lambda: K.moe_experts_triton(x, tw, ids, w1, w2, path=K.PATH_DECODE, out=out, config=cfg),
-                      rep)
+        us = bench_us(lambda: K.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=out, config=cfg), rep)
         return dict(cfg=cfg, us=us, err=err, ok=bool(err < 1e-2 and torch.isfinite(out).all()))
     except Exception as e:  # out of shared memory / registers: that config is simply not a candidate
         return dict(cfg=cfg, us=None, err=None, ok=False, error=f"{type(e).__name__}: {str(e)[:160]}")
@@ -82,12 +90,30 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rep", type=int, default=30)
+    ap.add_argument("--prefill", action="store_true", help="sweep the tiled (prefill) path's tiles instead")
     a = ap.parse_args()
     copy = copy_bandwidth_gbps(100)
     res: dict[str, Any] = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbps=copy,
         command="benchmarks/tune_moe_decode.py " + " ".join(sys.argv[1:]), shapes=[])
+    if a.prefill:
+        for model, M in PREFILL_SHAPES:
+            s = MODELS[model]
+            args = make_case(model, M, seed=M)
+            ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
+            K.moe_experts_triton(*args, path=K.PATH_PREFILL, out=ref)
+            floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy * 1e9) * 1e6
+            base = time_cfg(args, {}, ref, a.rep, K.PATH_PREFILL)
+            rows = [time_cfg(args, c, ref, a.rep, K.PATH_PREFILL) for c in prefill_candidates()]
+            best = min([r for r in rows if r["ok"]] + [base], key=lambda r: r["us"])
+            res["shapes"].append(dict(model=model, M=M, path="prefill", floor_us=floor_us, default=base, best=best,
+                                      default_x_floor=base["us"] / floor_us, best_x_floor=best["us"] / floor_us,
+                                      rows=rows))
+            print(f"prefill {model} M={M}: floor {floor_us:.1f} us, default {base['us']:.1f} us, "
+                  f"best {best['us']:.1f} us {best['cfg']}", flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     for model, M in (SHAPES[::2] if a.quick else SHAPES):
         s = MODELS[model]
         args = make_case(model, M, seed=M)
