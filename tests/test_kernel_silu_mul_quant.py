@@ -66,6 +66,10 @@ INTERP_CASES = [
           consts=[0.0, 1e-12], qd=FP8, qmin=-448.0, qmax=448.0, ub=100.0, ub_slot=0),
     _case("static_literal_fp8", dtype=BF16, M=2, inter=64, scheme=0, gs=0, ops=[SCALE_MUL], consts=[2.0], qd=FP8,
           qmin=-448.0, qmax=448.0),
+    # small static M, rows wider than K.SPLIT_CHUNK: column-split launches (last chunk partial)
+    _case("split_static_fp8", dtype=BF16, M=2, inter=2304, scheme=0, gs=0, ops=[], consts=[], qd=FP8,
+          qmin=-448.0, qmax=448.0, scale_t=True),
+    _case("split_grp128_merged", dtype=BF16, M=1, inter=2304, merged=True, **{**GROUP, "gs": 128}),
 ]
 
 

@@ -249,7 +249,8 @@ def quantize_store_row(
     if SCHEME == 0:
         sb = s + tl.zeros_like(y)
         if tl.program_id(0) == 0:
-            tl.store(s_out_ptr, s)
+            if tl.program_id(1) == 0:  # column-split launches: one program writes the scale
+                tl.store(s_out_ptr, s)
     else:
         sb = s[:, None] + tl.zeros_like(y)
         tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
