@@ -323,6 +323,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "variants": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in var.items()},
         "ungated": args.ungated, "rep_ms": rep, "models": [],
+        "command": "benchmarks/e2e.py " + " ".join(sys.argv[1:]),
         "method": "no KV cache; decode = M sequences x 1 token, prefill = 1 x M; CUDA-graph replay median "
                   "(triton.testing.do_bench_cudagraph); compile_s = first call with the FX graph cache off; "
                   "rows with compile_cold compiled each variant in a fresh cache dir (compile_overhead only there)",

@@ -215,7 +215,8 @@ def moe_routing() -> list[str]:
 
 def moe_experts() -> list[str]:
     out: list[str] = []
-    runs = [("moe_experts_qwen_h100_quick.json", "Qwen3-30B-A3B (run 5, grouped_mm only)"),
+    runs = [("moe_experts_qwen_h200_quick.json", "Qwen3-30B-A3B, H200, pipelined decode kernels (2026-12-01, grouped_mm only)"),
+            ("moe_experts_qwen_h100_quick.json", "Qwen3-30B-A3B (run 5, grouped_mm only; before the decode-kernel change)"),
             ("moe_experts_mixtral_h100_quick.json", "Mixtral 8x7B (run 4)")]
     for name, title in runs:
         r = load(name)
@@ -227,7 +228,8 @@ def moe_experts() -> list[str]:
                    "'x floor' = time / floor_us (below 1.0 means the clone figure understates achievable bandwidth)."]
         impls = [i for i in ("grouped_mm", "batched_mm") if any(f"{i}/compile" in c["us"] for c in r["cases"])]
         out += ["", f"### {title}", ""]
-        out += run_lines(r, f"`QUICK=1 bash benchmarks/gpu_run.sh experts`, which ran `python3 {r.get('command', '?').replace('/root/out', '$OUT')}`", name)
+        how = "`bash benchmarks/gpu_call.sh`" if "h200" in name else "`QUICK=1 bash benchmarks/gpu_run.sh experts`"
+        out += run_lines(r, f"{how}, which ran `python3 {r.get('command', '?').replace('/root/out', '$OUT')}`", name)
         hdr = " | ".join(f"{i} stock us | {i} fused us | {i} fused x floor | {i} x stock" for i in impls)
         out += ["", f"| M | path | experts hit | floor us | raw op us | {hdr} |", "|---:|---|---:|---:|---:|" + "---:|" * (4 * len(impls))]
         for c in r["cases"]:
@@ -262,22 +264,38 @@ def moe_experts() -> list[str]:
 
 
 def e2e() -> list[str]:
-    runs = sorted(RES.glob("e2e*.json"))
-    if not runs:
+    """One section per GPU (newest GPU first): runs of one GPU merge into one table set."""
+    paths = sorted(RES.glob("e2e*.json"))
+    if not paths:
         return []
+    by_gpu: dict[str, list[pathlib.Path]] = {}
+    for p in paths:
+        by_gpu.setdefault(json.loads(p.read_text()).get("gpu", "?"), []).append(p)
+    out: list[str] = []
+    for gpu in sorted(by_gpu, key=lambda g: "H200" not in g):
+        out += _e2e_section(by_gpu[gpu])
+    return out
+
+
+def _e2e_section(runs: list[pathlib.Path]) -> list[str]:
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import plot_e2e
 
     rs = [json.loads(p.read_text()) for p in runs]
-    pngs = sorted(RES.glob("e2e*.png"))
+    tag = "h200" if "H200" in str(rs[0].get("gpu")) else "h100"
+    pngs = sorted(RES.glob(f"e2e*{tag}*.png"))
     png = f"benchmarks/results/{pngs[0].name}" if pngs else None
     cmd = ("- Commands (device call, " + "; ".join(f"`{p.name}` {str(r.get('date'))[:16]}" for p, r in zip(runs, rs)) + "): "
-           "`python3 benchmarks/e2e.py --quick --models moe` and `python3 benchmarks/e2e.py --quick --models dense_fp8 "
-           "--decode 1 --prefill 2048`; plot: `python benchmarks/plot_e2e.py " + " ".join(f"benchmarks/results/{p.name}" for p in runs)
-           + f" {png or 'e2e.png'}`; copy bandwidth in the same runs: " + ", ".join(f"{r['copy_gbps']:.0f}" for r in rs if r.get("copy_gbps")) + " GB/s")
+           + "; ".join(f"`python3 {r.get('command', 'benchmarks/e2e.py').replace('/root/out', '$OUT')}`" if r.get("command")
+                       else "`python3 benchmarks/e2e.py --quick --models " + ",".join(m["model"] for m in r["models"]) + "`"
+                       for r in rs)
+           + "; plot: `python benchmarks/plot_e2e.py " + " ".join(f"benchmarks/results/{p.name}" for p in runs)
+           + f" {png or 'e2e.png'}`; copy bandwidth in the same runs: "
+           + (", ".join(f"{r['copy_gbps']:.0f}" for r in rs if r.get("copy_gbps")) or "not recorded") + " GB/s")
     out = [""] + plot_e2e.markdown(plot_e2e.merge(rs), png, cmd)
+    out[1] = out[1] + f" ({rs[0].get('gpu')})"
     s: dict = {}
     for r in rs:
         s.update(r.get("summary") or {})
