@@ -251,6 +251,7 @@ def test_cuda_path_traces_to_user_triton_kernels(M):
 
     from fxfuse.fx_utils import insert_traced
 
+    expect = 2 if M == 1 else 4  # decode: gate_up + down; tiled: align + scatter (GPU sort) + 2 grouped GEMMs
     mode = FakeTensorMode(shape_env=ShapeEnv())
     if M == "dynamic":
         ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
@@ -273,7 +274,7 @@ def test_cuda_path_traces_to_user_triton_kernels(M):
 
     insert_traced(g, repl, ph, before=out, functionalize=True)
     kernels = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(kernels) == 2
+    assert len(kernels) == expect, [n.kwargs.get("kernel_idx") for n in kernels]
     assert not any("fxfuse" in str(n.target) for n in g.nodes)
     syncs = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default}
     assert not any(n.target in syncs for n in g.nodes), "host sync in the fused path"
@@ -340,7 +341,34 @@ def _interp_main() -> None:
             outs.append(Km.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=o, config=_INTERP_CONFIG.get(cid)))
         res[cid] = {"same": bool(torch.equal(outs[0], outs[1])), "err": _rel(outs[0], ref),
                     "finite": bool(torch.isfinite(outs[0]).all())}
+    for cid, S, E_, bm, bad in _ALIGN_CASES:
+        torch.manual_seed(S + E_)
+        ids = torch.randint(0, E_, (S,))
+        if bad:
+            ids[::5] = E_ + 3  # dropped pairs
+            ids[1::7] = -1
+        want = Km._align(ids, E_, bm)
+        got = Km._align_triton(lambda k: k, ids, E_, bm)
+        res[cid] = _align_agree(want, got, S)
     print(json.dumps(res))
+
+
+# (id, pairs S, experts E, BLOCK_M, with dropped ids)
+_ALIGN_CASES = [("align-16", 37, 8, 16, False), ("align-bad", 50, 6, 16, True), ("align-big", 3000, 128, 64, True),
+                ("align-one-tile", 3, 4, 16, False), ("align-bm128", 700, 5, 128, False)]
+
+
+def _align_agree(want: tuple, got: tuple, S: int) -> dict:
+    """The Triton align tiles like the torch one: same padded count, tile experts on the used tiles,
+    and each tile holds the same set of pairs (their order inside an expert may differ)."""
+    (ws, we, wn, wt), (gs, ge, gn, gt) = want, got
+    n = int(wn.item())
+    bm = (ws.numel() - 1) // wt
+    sets_equal = all(sorted(ws[t * bm:(t + 1) * bm].tolist()) == sorted(gs[t * bm:(t + 1) * bm].tolist())
+                     for t in range(n // bm))
+    return {"npad": n == int(gn.item()), "tiles": wt == gt, "sets": sets_equal,
+            "experts": bool(torch.equal(we[: n // bm], ge[: n // bm])), "pad_fill": bool((gs[n:] == S).all())}
+
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +378,12 @@ def interp_results() -> dict:
                        timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cid", [c[0] for c in _ALIGN_CASES])
+def test_triton_align_matches_torch_align(interp_results, cid):
+    """The two-launch Triton align (histogram + cumsum, atomic scatter) tiles as the torch-op one."""
+    assert all(interp_results[cid].values()), interp_results[cid]
 
 
 @pytest.mark.parametrize("cid", [c[0] for c in _INTERP_CASES])

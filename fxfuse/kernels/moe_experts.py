@@ -438,6 +438,73 @@ def _align(ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, 
     return sorted_ids, block_e, npad, n_tiles
 
 
+ALIGN_MAX_BINS = 4096  # experts + 1 a Triton align histogram holds; more take the torch-op align
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr, sorted_ptr, block_e_ptr, npad_ptr, cursor_ptr,
+    S, E, P, NT,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: per-expert counts (histogram), BLOCK_M-padded offsets (cumsum), each tile's
+    expert, the padded count, the padding fill of the sorted ids, and a per-expert write cursor."""
+    bins = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for s0 in range(0, S, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        m = offs < S
+        e = tl.load(ids_ptr + offs, mask=m, other=-1)
+        e = tl.where(m & (e >= 0) & (e < E), e, E).to(tl.int32)  # dropped pairs and lanes: bin E
+        counts += tl.histogram(e, E_PAD)
+    real = bins < E
+    padded = tl.where(real, (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M, 0)
+    pad_end = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + bins, pad_end - padded)
+    tl.store(npad_ptr, tl.sum(padded, 0))
+    for t0 in range(0, NT, BLOCK_T):  # tile t's expert: searchsorted(pad_end, t * BLOCK_M, right)
+        t = t0 + tl.arange(0, BLOCK_T)
+        below = (pad_end[None, :] <= (t * BLOCK_M)[:, None]) & real[None, :]
+        tl.store(block_e_ptr + t, tl.minimum(tl.sum(below.to(tl.int32), axis=1), E - 1), mask=t < NT)
+    for p0 in range(0, P + 1, BLOCK_S):  # padding rows point at pair S (the kernels mask it)
+        p = p0 + tl.arange(0, BLOCK_S)
+        tl.store(sorted_ptr + p, tl.zeros([BLOCK_S], dtype=tl.int32) + S, mask=p <= P)
+
+
+@triton.jit
+def _moe_scatter_kernel(ids_ptr, sorted_ptr, cursor_ptr, S, E, BLOCK: tl.constexpr):
+    """Each valid pair takes the next row of its expert's padded range (atomic cursor). The order
+    within an expert is not fixed, which changes nothing: every output row of the grouped GEMMs
+    depends on its own pair only, and pairs are summed per token in slot order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < S
+    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    valid = m & (e >= 0) & (e < E)
+    slot = tl.atomic_add(cursor_ptr + tl.where(valid, e, 0), 1, mask=valid)
+    tl.store(sorted_ptr + slot, offs.to(tl.int32), mask=valid)
+
+
+def _align_triton(wrap, ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor, object]:
+    """`_align` in two launches (vs a dozen torch kernels): same tiles, experts and padded count;
+    pairs of one expert may sit in another order inside its range."""
+    S = ids_flat.shape[0]
+    dev = ids_flat.device
+    n_tiles = (S + E * (block_m - 1) + block_m - 1) // block_m
+    P = n_tiles * block_m
+    e_pad = triton.next_power_of_2(E + 1)
+    sorted_ids = torch.empty((P + 1,), dtype=torch.int32, device=dev)
+    block_e = torch.empty((n_tiles,), dtype=torch.int32, device=dev)
+    npad = torch.empty((1,), dtype=torch.int32, device=dev)
+    cursor = torch.empty((e_pad,), dtype=torch.int32, device=dev)
+    wrap(_moe_align_kernel)[(1,)](
+        ids_flat, sorted_ids, block_e, npad, cursor, S, E, P, n_tiles,
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=1024, BLOCK_T=max(1, min(64, 16384 // e_pad)), num_warps=4,
+    )
+    wrap(_moe_scatter_kernel)[(triton.cdiv(S, 256),)](ids_flat, sorted_ids, cursor, S, E, BLOCK=256, num_warps=4)
+    return sorted_ids, block_e, npad, n_tiles
+
+
 # ----------------------------------------------------------------------------
 # Launch (shared by the triton_op body and the plain launcher)
 # ----------------------------------------------------------------------------
@@ -503,7 +570,13 @@ def _launch(
         return out
     c = {**prefill_config(S, H, I, E), **(config or {})}
     bm = c["BM"]
-    sorted_ids, block_e, npad, n_tiles = _align(topk_ids.reshape(-1), E, bm)
+    ids_flat = topk_ids.reshape(-1)
+    if ids_flat.stride(0) != 1:  # a strided view of the ids: the align kernels read them densely
+        ids_flat = ids_flat.contiguous()
+    if E + 1 <= ALIGN_MAX_BINS:
+        sorted_ids, block_e, npad, n_tiles = _align_triton(wrap, ids_flat, E, bm)
+    else:
+        sorted_ids, block_e, npad, n_tiles = _align(ids_flat, E, bm)
     tw = topk_w.reshape(-1)
     if tw.stride(0) != 1:
         tw = tw.contiguous()
