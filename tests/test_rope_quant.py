@@ -548,6 +548,25 @@ def _kv_read_before(q, k, v, cc, sc, pos, slots, kc, vc):
     return qe, old
 
 
+def _kv_old_read_after(q, k, v, cc, sc, pos, slots, kc, vc):
+    """The old k cache contents (a clone taken before the write) are read after the write."""
+    old = kc.clone()
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return qe, (kc.float() - old.float()).abs().sum()
+
+
+def _kv_q_from_new_cache(q, k, v, cc, sc, pos, slots, kc, vc):
+    """q's RoPE input is computed from the written v cache: the op would read its own output."""
+    cos, sin = cc[pos].unsqueeze(-2), sc[pos].unsqueeze(-2)
+    ke = k * cos + rotate_half(k) * sin
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    q2 = q + vc.view(-1, *v.shape[1:])[:1].sum()
+    return q2 * cos + rotate_half(q2) * sin
+
+
 def _kv_written_twice(q, k, v, cc, sc, pos, slots, kc, vc):
     """The k cache is written twice; the rotated k goes in last, over the first write."""
     qe, ke = _kv_rope(q, k, cc, sc, pos)
@@ -565,8 +584,9 @@ def _kv_v_from_rotated_k(q, k, v, cc, sc, pos, slots, kc, vc):
 
 
 @pytest.mark.parametrize("fn,reason", [
-    (_kv_read_after, "also used elsewhere"), (_kv_accumulate, "accumulates"), (_kv_other_slots, "v cache writes"),
-    (_kv_attend_after, "also used elsewhere"), (_kv_read_before, "read elsewhere"),
+    (_kv_accumulate, "accumulates"), (_kv_other_slots, "v cache writes"),
+    (_kv_read_before, "read elsewhere"), (_kv_old_read_after, "reads the old contents"),
+    (_kv_q_from_new_cache, "reads the new contents of cache"),
     (_kv_written_twice, "not a view of the cache input"), (_kv_v_from_rotated_k, "depends on the fused region"),
 ])
 def test_kv_cache_near_misses(fn, reason):
@@ -585,6 +605,182 @@ def test_kv_cache_near_misses(fn, reason):
     for o, rr in zip(out[1:], ref[1:]):
         assert torch.allclose(o.float(), rr.float(), rtol=1e-2, atol=1e-2), (o, rr)
     assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+
+
+def _attend(qe, kc, vc):
+    """Attention of every token over the whole (written) caches, GQA (q heads grouped per kv head)."""
+    T, HQ, D = qe.shape
+    K, V = kc.reshape(-1, *kc.shape[-2:]).float(), vc.reshape(-1, *vc.shape[-2:]).float()
+    HK = K.shape[1]
+    s = torch.einsum("tgrd,sgd->tgrs", qe.float().reshape(T, HK, HQ // HK, D), K) / D ** 0.5
+    return torch.einsum("tgrs,sgd->tgrd", s.softmax(-1), V).reshape(T, HQ, D)
+
+
+def _kv_attend_setitem(q, k, v, cc, sc, pos, slots, kc, vc):
+    """Indexed assignment (flat k, paged v), then attention over the whole new caches."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return qe, _attend(qe, kc, vc)
+
+
+def _kv_attend_ops(q, k, v, cc, sc, pos, slots, kc, vc):
+    """index_put_ into a paged k cache, index_copy_ into a flat v cache, then attention over both."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc.view(-1, *k.shape[1:]).index_put_((slots,), ke)
+    vc.index_copy_(0, slots, v)
+    return qe, _attend(qe, kc, vc), ke
+
+
+def _kv_attend_ops_v_paged(q, k, v, cc, sc, pos, slots, kc, vc):
+    """index_copy_ into a flat k cache, index_put_ into a paged v cache (viewed flat), attention."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc.index_copy_(0, slots, ke)
+    vc.view(-1, *v.shape[1:]).index_put_((slots,), v)
+    return qe, _attend(qe, kc, vc)
+
+
+def _kv_gather_after(q, k, v, cc, sc, pos, slots, kc, vc):
+    """Write k/v, then read back the written rows and a reduction of the whole cache."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    kk, vv = kc[slots], vc.view(-1, *v.shape[1:])[slots]
+    return qe, torch.einsum("thd,tgd->thg", qe[:, :2].float(), kk.float()), vv.float().sum(), kc.float().sum()
+
+
+def _compile_no_index_put(fn, args, dynamic_dims=None):
+    """compile_and_run, also asserting that no index_put is left after fxfuse: every reader of the
+    written caches reads the fused op's cache output (not an index_put kept alive for it)."""
+    left: list[str] = []
+
+    def after(g: fx.Graph) -> None:
+        left.extend(n.name for n in g.nodes if n.op == "call_function" and n.target is torch.ops.aten.index_put.default)
+
+    out, _ = compile_and_run(fn, args, dynamic_dims=dynamic_dims, passes=fxfuse.FusionPasses(after=after))
+    assert not left, left
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check_outs(out, ref, tol=1e-3):
+    """q (and k) RoPE outputs as eager (dequant_close), everything after within `tol` relative error."""
+    assert len(out) == len(ref)
+    check_close(out[:1], ref[:1])
+    for o, r in zip(out[1:], ref[1:]):
+        assert o.shape == r.shape and o.dtype == r.dtype, (o.shape, r.shape)
+        assert _rel(o, r) < tol, _rel(o, r)
+
+
+def _kv_v_read_first(q, k, v, cc, sc, pos, slots, kc, vc):
+    """v is written and its new cache read before the RoPE is computed (the fused op moves above
+    the reader)."""
+    vc.view(-1, *v.shape[1:])[slots] = v
+    vsum = vc.float().sum()
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    return qe, vsum, _attend(qe, kc, vc)
+
+
+KV_READ_FORMS = {"v_read_first": (_kv_v_read_first, False), "attend_setitem": (_kv_attend_setitem, False), "attend_ops": (_kv_attend_ops, True),
+                 "attend_v_paged": (_kv_attend_ops_v_paged, False), "gather": (_kv_gather_after, False),
+                 "sum": (_kv_read_after, False)}
+
+
+@pytest.mark.parametrize("form", list(KV_READ_FORMS))
+def test_kv_cache_reads_after_the_write_fuse(form):
+    """Reads of the new cache contents (attention over the whole cache, gathers, sums) read the
+    fused op's cache output: the write fuses, outputs match eager, the caches equal eager's bit for bit."""
+    fn, paged_k = KV_READ_FORMS[form]
+    args = kv_inputs(seed=31, paged_k=paged_k)
+    args = (*args[:7], *(c.div(50) for c in args[7:9]))  # attention over O(1) old rows, not one-hot
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = fn(*eager)
+    out = _compile_no_index_put(fn, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1, r.format(verbose=True)
+    assert "+kv_cache" in r.fusions[0].detail and not r.near_misses, r.format(verbose=True)
+    _check_outs(out, ref)
+    assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+    assert not torch.equal(args[7], args[7].clone().zero_())  # (the caches hold data)
+
+
+def test_kv_cache_reads_after_the_write_dynamic_tokens():
+    """Attention over the written caches with a dynamic token dim: one compile serves T = 7 and 12."""
+    fn = _kv_attend_ops
+    dyn = {0: 0, 1: 0, 2: 0, 5: 0, 6: 0}
+    compiled = None
+    for T in (7, 12):
+        args = kv_inputs(T=T, seed=40 + T, paged_k=True)
+        args = (*args[:7], *(c.div(50) for c in args[7:9]))
+        eager = [a.clone() for a in args]
+        with torch.no_grad():
+            ref = fn(*eager)
+        if compiled is None:
+            out = _compile_no_index_put(fn, args, dynamic_dims=dyn)
+            r = fxfuse.report()
+            assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
+            compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            for a, d in dyn.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+        _check_outs(out, ref)
+        assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
+    assert not any("KV-cache" in m.reason for m in fxfuse.report().near_misses), fxfuse.report().format(verbose=True)
+
+
+def _two_layers(h, wq1, wk1, wv1, wq2, wk2, wv2, wo, cc, sc, pos, slots, kc1, vc1, kc2, vc2):
+    """Two attention layers sharing the slots: layer 1 writes a flat k / paged v cache by indexed
+    assignment, layer 2 (input: layer 1's attention output) a paged k / flat v cache by
+    index_put_ / index_copy_; each attends over its whole cache."""
+    T = h.shape[0]
+    q1, k1, v1 = (h @ wq1).view(T, 4, 32), (h @ wk1).view(T, 2, 32), (h @ wv1).view(T, 2, 32)
+    qe1, ke1 = _kv_rope(q1, k1, cc, sc, pos)
+    kc1[slots] = ke1
+    vc1.view(-1, 2, 32)[slots] = v1
+    h2 = _attend(qe1, kc1, vc1).to(h.dtype).reshape(T, 128) @ wo
+    q2, k2, v2 = (h2 @ wq2).view(T, 4, 32), (h2 @ wk2).view(T, 2, 32), (h2 @ wv2).view(T, 2, 32)
+    qe2, ke2 = _kv_rope(q2, k2, cc, sc, pos)
+    kc2.view(-1, 2, 32).index_put_((slots,), ke2)
+    vc2.index_copy_(0, slots, v2)
+    return qe1, _attend(qe2, kc2, vc2), h2
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_kv_cache_two_layers_share_slots(dynamic):
+    """Each layer's k write pairs with its own v write (the other layer's v depends on the region,
+    or is nearer to the other k): two fused regions, caches and outputs as eager."""
+    g = torch.Generator().manual_seed(77)
+    T = 7
+    h = torch.randn(T, 128, generator=g).to(BF16)
+    ws = [(torch.randn(128, n, generator=g) / 128 ** 0.5).to(BF16) for n in (128, 64, 64, 128, 64, 64, 128)]
+    _, _, cc, sc, pos, _ = table_inputs(T=T, seed=78)
+    slots = torch.randperm(32, generator=g)[:T]
+    caches = [torch.randn(sh, generator=g).to(BF16) for sh in ((32, 2, 32), (4, 8, 2, 32), (4, 8, 2, 32), (32, 2, 32))]
+    args = [h, *ws, cc, sc, pos, slots, *caches]
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = _two_layers(*eager)
+    out = _compile_no_index_put(_two_layers, args, dynamic_dims={0: 0, 10: 0, 11: 0} if dynamic else None)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 2, r.format(verbose=True)
+    assert all("+kv_cache" in f.detail for f in r.fusions) and not r.near_misses, r.format(verbose=True)
+    _check_outs(out, ref, tol=2e-2)
+    idx = torch.zeros(32, dtype=torch.bool)
+    idx[slots] = True
+    for i, (got, want) in enumerate(zip(args[12:], eager[12:])):
+        got, want = got.reshape(32, 2, 32), want.reshape(32, 2, 32)
+        if i < 2:  # layer 1: k = RoPE of the same inputs, v = h @ wv1: bit-equal
+            assert torch.equal(got, want), i
+        else:  # layer 2 reads layer 1's attention (summation order may differ): untouched rows equal
+            assert torch.equal(got[~idx], want[~idx]) and _rel(got[idx], want[idx]) < 2e-2, i
+            assert not torch.equal(got[idx], want[idx].zero_())
 
 
 def test_kv_cache_reference_op_opcheck():
@@ -909,9 +1105,10 @@ def test_cuda_path_traces_to_user_triton_kernel():
     assert len(outs) == 6
 
 
-def _fake_cuda_kv_graph(fp8: bool = False) -> fx.GraphModule:
+def _fake_cuda_kv_graph(fp8: bool = False, read_after: bool = False) -> fx.GraphModule:
     """The functional graph AOTAutograd gives a RoPE + index_put_ KV-cache write on CUDA (fake tensors):
-    index_put results copied back into the cache inputs by final copy_ nodes."""
+    index_put results copied back into the cache inputs by final copy_ nodes (read_after: the new
+    caches are also read, as attention over the whole cache reads them)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fxfuse.fx_utils import trace_aten
@@ -928,6 +1125,9 @@ def _fake_cuda_kv_graph(fp8: bool = False) -> fx.GraphModule:
             ke, v = q_static(ke, ks)[0], q_static(v, vs)[0]
         kc.index_put_((slots,), ke)
         vc.view(-1, *v.shape[1:]).index_put_((slots,), v)
+        if read_after:
+            qe = qe + (kc.view(torch.uint8).float().sum() if fp8 else kc.float().sum()).to(qe.dtype)
+            qe = qe * (vc.view(torch.uint8).float().amax() if fp8 else vc.float().amax()).to(qe.dtype)
         return qe, kc, vc
 
     dt = FP8 if fp8 else BF16
@@ -965,14 +1165,14 @@ def sm90_target():
         yield
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8):
+@pytest.mark.parametrize("fp8,read_after", [(False, False), (True, False), (False, True), (True, True)])
+def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8, read_after):
     """CUDA (fake): the fused op traces to triton_kernel_wrapper_functional that clones exactly the
     caches and its own outputs; the final copy_ nodes read its results; Inductor's reinplace pass
     (which runs after the pre-pass) then drops the cache clones and the copy_ nodes: no full-cache copy."""
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
-    gm = _fake_cuda_kv_graph(fp8)
+    gm = _fake_cuda_kv_graph(fp8, read_after)
     fxfuse.counters.clear()
     try:
         fxfuse.FusionPasses(options={"gate": False}, strict=True)(gm.graph)
@@ -991,6 +1191,8 @@ def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8):
     copies = [n for n in g.nodes if n.target is torch.ops.aten.copy_.default]
     assert len(copies) == 2 and all(c.args[1].args[0] is twf for c in copies)
     assert not any(n.target is torch.ops.aten.index_put.default for n in g.nodes)
+    readers = [u for c in copies for u in c.args[1].users if u is not c]
+    assert bool(readers) == read_after, readers  # reads of the new caches read the op's outputs
     reinplace_inplaceable_ops_core(g)
     assert not {"kc_ptr", "vc_ptr"} & set(twf.kwargs["tensors_to_clone"]), twf.kwargs["tensors_to_clone"]
     assert not any(n.target is torch.ops.aten.copy_.default for n in g.nodes)
