@@ -709,6 +709,26 @@ def test_kv_cache_reads_after_the_write_fuse(form):
     assert not torch.equal(args[7], args[7].clone().zero_())  # (the caches hold data)
 
 
+def _kv_fp8_attend(q, k, v, cc, sc, pos, slots, kc, vc, ks, vs):
+    """fp8 caches (k's and v's static quant written), then attention over the dequantized caches."""
+    qe = kv_fp8_model(q, k, v, cc, sc, pos, slots, kc, vc, ks, vs)
+    return qe, _attend(qe, kc.float() * ks, vc.float() * vs)
+
+
+def test_kv_cache_fp8_reads_after_the_write_fuse():
+    args = kv_inputs(seed=23, fp8=True)
+    extra = (torch.tensor(0.02), torch.tensor(0.03))
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = _kv_fp8_attend(*eager, *extra)
+    out = _compile_no_index_put(_kv_fp8_attend, (*args, *extra))
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache fp8" in r.fusions[0].detail, r.format(verbose=True)
+    assert not r.near_misses, r.format(verbose=True)
+    _check_outs(out, ref)
+    assert torch.equal(_bits(args[7]), _bits(eager[7])) and torch.equal(_bits(args[8]), _bits(eager[8]))
+
+
 def test_kv_cache_reads_after_the_write_dynamic_tokens():
     """Attention over the written caches with a dynamic token dim: one compile serves T = 7 and 12."""
     fn = _kv_attend_ops
@@ -781,6 +801,38 @@ def test_kv_cache_two_layers_share_slots(dynamic):
         else:  # layer 2 reads layer 1's attention (summation order may differ): untouched rows equal
             assert torch.equal(got[~idx], want[~idx]) and _rel(got[idx], want[idx]) < 2e-2, i
             assert not torch.equal(got[idx], want[idx].zero_())
+
+
+def test_transformers_static_cache_layout_near_miss():
+    """transformers' StaticCache ([B, Hkv, max_len, D], written by index_copy_(2, cache_position, k)) in a
+    real LlamaModel decode step: each layer's RoPE fuses, the cache writes stay with Inductor with a
+    reason naming the layout; hidden states and caches match eager."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaModel, StaticCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    m = LlamaModel(cfg).to(BF16).eval()
+    caches = [StaticCache(config=cfg, max_cache_len=16) for _ in range(2)]
+    prompt, step = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 1))
+    with torch.no_grad():
+        for c in caches:  # prefill eagerly: the caches exist (graph inputs) before the compiled step
+            m(input_ids=prompt, past_key_values=c, use_cache=True, cache_position=torch.arange(5))
+        ref = m(input_ids=step, past_key_values=caches[0], use_cache=True, cache_position=torch.arange(5, 6))
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out = torch.compile(m, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)(
+            input_ids=step, past_key_values=caches[1], use_cache=True, cache_position=torch.arange(5, 6))
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 2 and not any("+kv_cache" in f.detail for f in r.fusions), r.format(verbose=True)
+    why = [m.reason for m in r.near_misses if m.family == "rope_quant"]
+    assert why and all("StaticCache" in w and "not fused" in w for w in why), why
+    assert _rel(out.last_hidden_state, ref.last_hidden_state) < 2e-2
+    for le, lc in zip(caches[0].layers, caches[1].layers):
+        for a, b in ((le.keys, lc.keys), (le.values, lc.values)):
+            assert torch.equal(a[:, :, 6:], b[:, :, 6:]) and _rel(b[:, :, :6], a[:, :, :6]) < 2e-2
 
 
 def test_kv_cache_reference_op_opcheck():

@@ -192,6 +192,12 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
     if len(ip.args) > 3 and ip.args[3] or ip.kwargs.get("accumulate"):
         raise Reject("cache write accumulates (index_put accumulate=True)")
     if len(ip.args[1]) != 1 or ip.args[1][0] is None:
+        idx = list(ip.args[1])
+        if cv.dim() == 4 and len(idx) == 3 and idx[:2] == [None, None] and idx[2] is not None:
+            raise Reject(f"cache write: {cache.name} is a [batch, kv_heads, max_len, head_dim] cache written along "
+                         "dim 2 (transformers StaticCache's index_copy_(2, cache_position, k)); that layout is not "
+                         "fused, only [slots, kv_heads, head_dim] or paged [blocks, block_size, kv_heads, head_dim] "
+                         "caches written along the slot dim")
         raise Reject("cache write indexes more than the slot dim")
     if cv.dim() < 3 or not cv.is_contiguous():
         raise Reject(f"cache {cache.name} is not a contiguous [..., H, D] tensor")
