@@ -4,6 +4,7 @@ The Triton kernel itself is checked under TRITON_INTERPRET=1 in a subprocess (bi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -755,15 +756,19 @@ def test_kv_cache_reads_after_the_write_dynamic_tokens():
     assert not any("KV-cache" in m.reason for m in fxfuse.report().near_misses), fxfuse.report().format(verbose=True)
 
 
-def _two_layers(h, wq1, wk1, wv1, wq2, wk2, wv2, wo, cc, sc, pos, slots, kc1, vc1, kc2, vc2):
+def _two_layers(h, wq1, wk1, wv1, wq2, wk2, wv2, wo, cc, sc, pos, slots, kc1, vc1, kc2, vc2, v_first=False):
     """Two attention layers sharing the slots: layer 1 writes a flat k / paged v cache by indexed
     assignment, layer 2 (input: layer 1's attention output) a paged k / flat v cache by
-    index_put_ / index_copy_; each attends over its whole cache."""
+    index_put_ / index_copy_; each attends over its whole cache. v_first: layer 1 writes v before
+    its q/k projections and RoPE (in program order)."""
     T = h.shape[0]
+    if v_first:
+        vc1.view(-1, 2, 32)[slots] = (h @ wv1).view(T, 2, 32)
     q1, k1, v1 = (h @ wq1).view(T, 4, 32), (h @ wk1).view(T, 2, 32), (h @ wv1).view(T, 2, 32)
     qe1, ke1 = _kv_rope(q1, k1, cc, sc, pos)
     kc1[slots] = ke1
-    vc1.view(-1, 2, 32)[slots] = v1
+    if not v_first:
+        vc1.view(-1, 2, 32)[slots] = v1
     h2 = _attend(qe1, kc1, vc1).to(h.dtype).reshape(T, 128) @ wo
     q2, k2, v2 = (h2 @ wq2).view(T, 4, 32), (h2 @ wk2).view(T, 2, 32), (h2 @ wv2).view(T, 2, 32)
     qe2, ke2 = _kv_rope(q2, k2, cc, sc, pos)
@@ -772,8 +777,25 @@ def _two_layers(h, wq1, wk1, wv1, wq2, wk2, wv2, wo, cc, sc, pos, slots, kc1, vc
     return qe1, _attend(qe2, kc2, vc2), h2
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_kv_cache_two_layers_share_slots(dynamic):
+def _two_layers_cross(h, wq1, wk1, wv1, wq2, wk2, wv2, wo, cc, sc, pos, slots, kc1, vc1, kc2, vc2):
+    """Layer 2's v rows come from layer 1's rotated q and are written (in program order) right after
+    layer 1's k write: layer 1 must not take that v write (its rows depend on the region), layer 2 does."""
+    T = h.shape[0]
+    q1, k1 = (h @ wq1).view(T, 4, 32), (h @ wk1).view(T, 2, 32)
+    qe1, ke1 = _kv_rope(q1, k1, cc, sc, pos)
+    kc1[slots] = ke1
+    vc2.index_copy_(0, slots, qe1[:, :2] * 2)
+    v1 = (torch.tanh(h @ wq2).to(h.dtype) @ wv1).view(T, 2, 32)
+    vc1.view(-1, 2, 32)[slots] = v1
+    h2 = _attend(qe1, kc1, vc1).to(h.dtype).reshape(T, 128) @ wo
+    q2, k2 = (h2 @ wq2).view(T, 4, 32), (h2 @ wk2).view(T, 2, 32)
+    qe2, ke2 = _kv_rope(q2, k2, cc, sc, pos)
+    kc2.view(-1, 2, 32).index_put_((slots,), ke2)
+    return qe1, _attend(qe2, kc2, vc2), h2
+
+
+@pytest.mark.parametrize("dynamic,v_first", [(False, False), (True, False), (False, True), (False, "cross")])
+def test_kv_cache_two_layers_share_slots(dynamic, v_first):
     """Each layer's k write pairs with its own v write (the other layer's v depends on the region,
     or is nearer to the other k): two fused regions, caches and outputs as eager."""
     g = torch.Generator().manual_seed(77)
@@ -785,9 +807,10 @@ def test_kv_cache_two_layers_share_slots(dynamic):
     caches = [torch.randn(sh, generator=g).to(BF16) for sh in ((32, 2, 32), (4, 8, 2, 32), (4, 8, 2, 32), (32, 2, 32))]
     args = [h, *ws, cc, sc, pos, slots, *caches]
     eager = [a.clone() for a in args]
+    fn = _two_layers_cross if v_first == "cross" else functools.partial(_two_layers, v_first=v_first)
     with torch.no_grad():
-        ref = _two_layers(*eager)
-    out = _compile_no_index_put(_two_layers, args, dynamic_dims={0: 0, 10: 0, 11: 0} if dynamic else None)
+        ref = fn(*eager)
+    out = _compile_no_index_put(fn, args, dynamic_dims={0: 0, 10: 0, 11: 0} if dynamic else None)
     r = fxfuse.report()
     assert fxfuse.counters["rope_quant"] == 2, r.format(verbose=True)
     assert all("+kv_cache" in f.detail for f in r.fusions) and not r.near_misses, r.format(verbose=True)
