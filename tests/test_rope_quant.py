@@ -1502,11 +1502,13 @@ _cache_lib.impl("reshape_and_cache_flash", _ref_cache, "CPU")
 torch.library.register_fake(f"{CACHE_NS}::reshape_and_cache_flash", lambda *a, **k: None, lib=_cache_lib)
 
 
-@pytest.mark.parametrize("kv_dtype,cache_dtype,dynamic", [
-    ("auto", BF16, False), ("fp8", torch.uint8, False), ("fp8", FP8, True),
+@pytest.mark.parametrize("kv_dtype,cache_dtype,dynamic,read_after", [
+    ("auto", BF16, False, False), ("fp8", torch.uint8, False, False), ("fp8", FP8, True, False),
+    ("auto", BF16, True, True), ("fp8", torch.uint8, False, True),
 ])
-def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, dynamic):
-    """The unwrapped vLLM cache op (slot < 0 skipped, rows = x[:len(slots)]) fuses into the RoPE kernel."""
+def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, dynamic, read_after):
+    """The unwrapped vLLM cache op (slot < 0 skipped, rows = x[:len(slots)]) fuses into the RoPE kernel;
+    read_after: attention over the whole written caches reads the fused op's cache outputs."""
     from fxfuse.patterns import unwrap as unwrap_mod
     from fxfuse.patterns import unwrap_builtin
 
@@ -1520,7 +1522,10 @@ def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, d
             qe = q * cos + rotate_half(q) * sin
             ke = k * cos + rotate_half(k) * sin
             op(ke, v, kc, vc, slots, kv_dtype, ks, vs)
-            return qe
+            if not read_after:
+                return qe
+            kd, vd = (kc.view(torch.uint8).view(FP8), vc.view(torch.uint8).view(FP8)) if kv_dtype == "fp8" else (kc, vc)
+            return qe, _attend(qe, kd.float() * (ks if kv_dtype == "fp8" else 1), vd.float() * (vs if kv_dtype == "fp8" else 1))
 
         q, k, c, s, pos, _ = table_inputs(T=6, seed=14)
         v = torch.randn_like(k)
@@ -1537,7 +1542,10 @@ def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, d
         assert fxfuse.counters["unwrap"] == 1 and fxfuse.counters["rope_quant"] == 1, (fxfuse.report().format(verbose=True), fxfuse.report().graphs[0].errors)
         detail = fxfuse.report().fusions[-1].detail
         assert "+kv_cache" in detail and "skip<0" in detail and ("fp8" in detail) == (kv_dtype == "fp8"), detail
-        check_close((out,), (ref,))
+        if read_after:
+            _check_outs(out, ref)
+        else:
+            check_close((out,), (ref,))
         assert torch.equal(_bits(kc), _bits(eager[0])) and torch.equal(_bits(vc), _bits(eager[1]))
     finally:
         for key in added:
