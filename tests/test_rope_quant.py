@@ -1038,15 +1038,15 @@ import json, torch
 from fxfuse.kernels.rope_quant import rope_quant_cache_reference, rope_quant_cache_triton
 FP8 = torch.float8_e4m3fn
 res = []
-def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0):
+def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0):
     g = torch.Generator().manual_seed(seed)
     bf = torch.bfloat16
-    q, k, v = (torch.randn(1, T, h, 32, generator=g).to(bf) for h in (4, 2, 2))
+    q, k, v = (torch.randn(B or 1, T, h, 32, generator=g).to(bf) for h in (4, 2, 2))
     cs, sn = torch.randn(64, 32, generator=g).to(bf), torch.randn(64, 32, generator=g).to(bf)
-    pos = torch.randint(0, 64, (T,), generator=g)
+    pos = torch.randint(0, 64, ((B or 1) * T,), generator=g)
     slots = torch.randperm(24, generator=g)[:n]
     slots[1], slots[4] = -1, -3
-    shape = (3, 8, 2, 32) if paged else (24, 2, 32)
+    shape = (B, 2, 24, 32) if B else (3, 8, 2, 32) if paged else (24, 2, 32)
     base = torch.randint(0, 120, shape, generator=g, dtype=torch.uint8) if fp8 else torch.randn(shape, generator=g).to(bf)
     if fp8 and cdt == "fp8":
         base = base.view(FP8)
@@ -1055,34 +1055,38 @@ def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0):
          False, -448., 448., True, need_k, [0, 1, 2], [0, 1, 2], v, None, None, slots, vs if fp8 else None, fp8,
          store_kq and fp8, fp8, 1.0, False, -448., 448., neg_skip]
     a[28], a[29] = base.clone(), base.clone()
-    ref = rope_quant_cache_reference(*a)
+    ref = rope_quant_cache_reference(*a, cache_bhsd=bool(B))
     want = (a[28], a[29])
     bad = 0
     for poison in (7.0, -3.0):
         a[28], a[29] = base.clone(), base.clone()
         outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
-        got = rope_quant_cache_triton(*a, out=outs)
+        got = rope_quant_cache_triton(*a, out=outs, cache_bhsd=bool(B))
         bits = lambda t: t.view(torch.uint8) if t.dtype == FP8 else t
         bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip(got, ref) if x.numel())
         bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip((a[28], a[29]), want))
-    res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n}", bad=bad))
+    res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n} B={B}",
+                    bad=bad))
 run(False, False, False, True, False, "bf16", 7)
 run(False, True, True, False, False, "bf16", 5)
 run(True, True, True, False, False, "u8", 7)
 run(True, False, False, True, True, "fp8", 6)
+run(False, False, False, True, False, "bf16", 7, B=2)  # [B, H, max_len, D] (StaticCache) caches
+run(True, True, False, False, False, "u8", 5, B=3)
 print(json.dumps(res))
 """
 
 
 def test_cache_kernel_under_triton_interpreter():
     """The cache write in the kernel (k rope/fp8, v, fp8 v, uint8/fp8 caches, slot < 0 skipped or
-    wrapped, fewer slots than tokens) is bit-exact vs the reference; untouched cache rows stay."""
+    wrapped, fewer slots than tokens, [B, H, max_len, D] StaticCache caches) is bit-exact vs the
+    reference; untouched cache rows stay."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _INTERP_CACHE], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 4 and not [c for c in res if c["bad"]], res
+    assert len(res) == 6 and not [c for c in res if c["bad"]], res
 
 
 _PTR_NAMES = {"pos_ptr": "*i64", "slot_ptr": "*i64", "vscale_ptr": "*fp32", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
