@@ -826,10 +826,11 @@ def test_kv_cache_two_layers_share_slots(dynamic, v_first):
             assert not torch.equal(got[idx], want[idx].zero_())
 
 
-def test_transformers_static_cache_layout_near_miss():
+@pytest.mark.parametrize("B,prompt_len,step_len", [(1, 5, 1), (2, 3, 4)])
+def test_transformers_static_cache_fuses(B, prompt_len, step_len):
     """transformers' StaticCache ([B, Hkv, max_len, D], written by index_copy_(2, cache_position, k)) in a
-    real LlamaModel decode step: each layer's RoPE fuses, the cache writes stay with Inductor with a
-    reason naming the layout; hidden states and caches match eager."""
+    real LlamaModel step: each layer's RoPE and its k/v cache writes are one fused op (attention over
+    the whole cache reads the op's cache outputs); hidden states and caches match eager."""
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaModel, StaticCache
 
@@ -838,24 +839,93 @@ def test_transformers_static_cache_layout_near_miss():
                       num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
     m = LlamaModel(cfg).to(BF16).eval()
     caches = [StaticCache(config=cfg, max_cache_len=16) for _ in range(2)]
-    prompt, step = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 1))
+    prompt, step = torch.randint(0, 64, (B, prompt_len)), torch.randint(0, 64, (B, step_len))
+    cpos = torch.arange(prompt_len, prompt_len + step_len)
     with torch.no_grad():
         for c in caches:  # prefill eagerly: the caches exist (graph inputs) before the compiled step
-            m(input_ids=prompt, past_key_values=c, use_cache=True, cache_position=torch.arange(5))
-        ref = m(input_ids=step, past_key_values=caches[0], use_cache=True, cache_position=torch.arange(5, 6))
+            m(input_ids=prompt, past_key_values=c, use_cache=True, cache_position=torch.arange(prompt_len))
+        ref = m(input_ids=step, past_key_values=caches[0], use_cache=True, cache_position=cpos)
     torch._dynamo.reset()
     fxfuse.counters.clear()
     with fresh_cache(), torch.no_grad():
         out = torch.compile(m, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)(
-            input_ids=step, past_key_values=caches[1], use_cache=True, cache_position=torch.arange(5, 6))
+            input_ids=step, past_key_values=caches[1], use_cache=True, cache_position=cpos)
     r = fxfuse.report()
-    assert fxfuse.counters["rope_quant"] == 2 and not any("+kv_cache" in f.detail for f in r.fusions), r.format(verbose=True)
-    why = [m.reason for m in r.near_misses if m.family == "rope_quant"]
-    assert why and all("StaticCache" in w and "not fused" in w for w in why), why
+    assert fxfuse.counters["rope_quant"] == 2 and all("+kv_cache" in f.detail for f in r.fusions), r.format(verbose=True)
+    assert not [m.reason for m in r.near_misses if m.family == "rope_quant"], r.format(verbose=True)
     assert _rel(out.last_hidden_state, ref.last_hidden_state) < 2e-2
+    end = prompt_len + step_len
     for le, lc in zip(caches[0].layers, caches[1].layers):
         for a, b in ((le.keys, lc.keys), (le.values, lc.values)):
-            assert torch.equal(a[:, :, 6:], b[:, :, 6:]) and _rel(b[:, :, :6], a[:, :, :6]) < 2e-2
+            assert torch.equal(a[:, :, :prompt_len], b[:, :, :prompt_len]) and torch.equal(a[:, :, end:], b[:, :, end:])
+            assert _rel(b[:, :, prompt_len:end], a[:, :, prompt_len:end]) < 2e-2 and b[:, :, prompt_len:end].abs().sum() > 0
+
+
+def _static_model(q, k, v, cos, sin, cpos, kc, vc):
+    """HF-layout q/k/v [B, H, T, D] (transposed projections), RoPE, StaticCache-style writes, attention
+    over the whole caches (GQA by repeat_interleave)."""
+    qe, ke = apply_rope(q, k, cos, sin)
+    kc.index_copy_(2, cpos, ke)
+    vc.index_copy_(2, cpos, v)
+    rep = q.shape[1] // kc.shape[1]
+    kk, vv = kc.repeat_interleave(rep, 1).float(), vc.repeat_interleave(rep, 1).float()
+    return qe, ((qe.float() @ kk.transpose(-1, -2)) / 32 ** 0.5).softmax(-1) @ vv
+
+
+def _static_mixed(q, k, v, cos, sin, cpos, kc, vc):
+    """k to a [B, H, max_len, D] cache, v to a flat [slots, H, D] one: different layouts, not fused."""
+    qe, ke = apply_rope(q, k, cos, sin)
+    kc.index_copy_(2, cpos, ke)
+    vc.view(-1, *vc.shape[-2:])[cpos] = v[0].transpose(0, 1)
+    return qe
+
+
+def _static_inputs(B, S, L=16, seed=0, flat_v=False):
+    q, k, cos, sin, _ = hf_inputs(B=B, S=S, HQ=4, HK=2, D=32, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(B, S, 2, 32, generator=g).to(BF16).transpose(1, 2)
+    cpos = torch.randperm(L, generator=g)[:S]
+    kc = torch.randn(B, 2, L, 32, generator=g).to(BF16)
+    vc = torch.randn(L, 2, 32, generator=g).to(BF16) if flat_v else torch.randn(B, 2, L, 32, generator=g).to(BF16)
+    return [q, k, v, cos, sin, cpos, kc, vc]
+
+
+def test_static_cache_layout_dynamic_tokens():
+    """[B, H, max_len, D] caches written at cache positions, dynamic token dim: one compile for S = 3
+    and S = 6; q and attention as eager, caches bit-equal."""
+    dyn = {0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 0}
+    compiled = None
+    for S in (3, 6):
+        args = _static_inputs(B=2, S=S, seed=S)
+        eager = [a.clone() for a in args]
+        with torch.no_grad():
+            ref = _static_model(*eager)
+        if compiled is None:
+            out = _compile_no_index_put(_static_model, args, dynamic_dims=dyn)
+            r = fxfuse.report()
+            assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
+            assert not r.near_misses, r.format(verbose=True)
+            compiled = torch.compile(_static_model, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            for a, d in dyn.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+        _check_outs(out, ref)
+        assert torch.equal(args[6], eager[6]) and torch.equal(args[7], eager[7])
+
+
+def test_static_cache_mixed_layouts_near_miss():
+    args = _static_inputs(B=1, S=3, seed=9, flat_v=True)
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = _static_mixed(*eager)
+    out, _ = compile_and_run(_static_mixed, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail, r.format(verbose=True)
+    assert any("different layouts" in m.reason for m in r.near_misses), [m.reason for m in r.near_misses]
+    check_close((out,), (ref,))
+    assert torch.equal(args[6], eager[6]) and torch.equal(args[7], eager[7])
 
 
 def test_kv_cache_reference_op_opcheck():

@@ -48,6 +48,7 @@ class CacheWrite:
     base: list[fx.Node] = field(default_factory=list)  # cache -> index_put target views, in order
     post: list[fx.Node] = field(default_factory=list)  # index_put, then its views up to the copy_ source
     reads: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # post node -> readers of the new contents
+    bhsd: bool = False  # [B, H, max_len, D] cache written along dim 2 (StaticCache); rows [B, H, n, D]
 
     def readers(self) -> list[fx.Node]:
         return [u for us in self.reads.values() for u in us]
@@ -191,13 +192,10 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
         raise Reject("cache write: the copied-back tensor does not match the cache's shape/dtype")
     if len(ip.args) > 3 and ip.args[3] or ip.kwargs.get("accumulate"):
         raise Reject("cache write accumulates (index_put accumulate=True)")
-    if len(ip.args[1]) != 1 or ip.args[1][0] is None:
-        idx = list(ip.args[1])
-        if cv.dim() == 4 and len(idx) == 3 and idx[:2] == [None, None] and idx[2] is not None:
-            raise Reject(f"cache write: {cache.name} is a [batch, kv_heads, max_len, head_dim] cache written along "
-                         "dim 2 (transformers StaticCache's index_copy_(2, cache_position, k)); that layout is not "
-                         "fused, only [slots, kv_heads, head_dim] or paged [blocks, block_size, kv_heads, head_dim] "
-                         "caches written along the slot dim")
+    idx = list(ip.args[1])
+    if cv.dim() == 4 and len(idx) == 3 and idx[:2] == [None, None] and idx[2] is not None:
+        return _match_bhsd(copy, ip, cache, nodes, post)
+    if len(idx) != 1 or idx[0] is None:
         raise Reject("cache write indexes more than the slot dim")
     if cv.dim() < 3 or not cv.is_contiguous():
         raise Reject(f"cache {cache.name} is not a contiguous [..., H, D] tensor")
@@ -227,20 +225,7 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
         slv = tval(slots)
         if slv.dim() != 1 or slv.dtype not in (torch.int32, torch.int64):
             raise Reject(f"cache write slots are {tuple(slv.shape)} {slv.dtype}, not a 1-D int32/int64 tensor")
-    # readers of the new contents (the index_put result and its views) are rerouted to the fused
-    # op's cache output; anything else reading the write's nodes (the old contents through the
-    # target view, the skip form's intermediates) or the cache input itself stays unfused
-    reads = {n: [u for u in n.users if u not in nodes] for n in post}
-    reads = {n: us for n, us in reads.items() if us}
-    for n in nodes - {copy} - set(post):  # the flat view may feed the skip form's row-0 slice (now in nodes)
-        us = [u for u in n.users if u not in nodes]
-        if us:
-            what = "old contents of the cache" if n in base else "write's intermediate"
-            raise Reject(f"cache write: {n.name} is also used elsewhere ({us[0].name} reads the {what})")
-    old_reads = [u for u in cache.users if u not in nodes]
-    if old_reads:
-        raise Reject(f"cache {cache.name} is read elsewhere in the graph ({old_reads[0].name} reads the old "
-                     "contents, not the written ones)")
+    reads = _uses(cache, copy, nodes, base, post)
     rv = tval(rows)
     if rv.dim() == 2 and _same(tval(slots).shape[0], 1) and is_op(rows, *_RESHAPES) and tval(rows.args[0]).dim() == 3:
         nodes.add(rows)  # one token: [H, D] rows (a squeezed [1, H, D]) broadcast to the one slot
@@ -253,6 +238,62 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
         raise Reject("cache, rows and slots are on different devices")
     return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=neg_skip, nodes=nodes, prefix=prefix,
                       base=base, post=post, reads=reads)
+
+
+def _uses(cache: fx.Node, copy: fx.Node, nodes: set[fx.Node], base: list[fx.Node],
+          post: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """Readers of the new contents (the index_put result and its views), which `reroute_reads`
+    points at the fused op's cache output; Reject if anything else reads the write's nodes (the old
+    contents through the target view, the skip form's intermediates) or the cache input itself."""
+    reads = {n: [u for u in n.users if u not in nodes] for n in post}
+    reads = {n: us for n, us in reads.items() if us}
+    for n in nodes - {copy} - set(post):  # the flat view may feed the skip form's row-0 slice (now in nodes)
+        us = [u for u in n.users if u not in nodes]
+        if us:
+            what = "old contents of the cache" if n in base else "write's intermediate"
+            raise Reject(f"cache write: {n.name} is also used elsewhere ({us[0].name} reads the {what})")
+    old_reads = [u for u in cache.users if u not in nodes]
+    if old_reads:
+        raise Reject(f"cache {cache.name} is read elsewhere in the graph ({old_reads[0].name} reads the old "
+                     "contents, not the written ones)")
+    return reads
+
+
+def _match_bhsd(copy: fx.Node, ip: fx.Node, cache: fx.Node, nodes: set[fx.Node], post: list[fx.Node]) -> CacheWrite:
+    """index_put(cache, [None, None, slots], rows): a contiguous [B, H, max_len, D] cache (transformers
+    StaticCache's index_copy_(2, cache_position, k)) with rows [B, H, n, D]."""
+    cv = tval(cache)
+    if not cv.is_contiguous():
+        raise Reject(f"[B, H, max_len, D] cache {cache.name} is not contiguous")
+    flat = ip.args[0]
+    fv, iv = tval(flat), tval(ip)
+    if not (_same_shape(fv, cv) and fv.dtype == cv.dtype and _same_shape(iv, cv) and _same_strides(iv, cv)
+            and _same_strides(fv, cv)):
+        raise Reject("cache write: the index_put target is not the [B, H, max_len, D] cache as it is")
+    base = _flat_base(flat, cache, nodes)
+    slots = ip.args[1][2]
+    if is_convert(slots) and convert_dtype(slots) == torch.int64 and tval(slots.args[0]).dtype == torch.int32:
+        nodes.add(slots)
+        slots = slots.args[0]
+    slv = tval(slots)
+    if slv.dim() != 1 or slv.dtype not in (torch.int32, torch.int64):
+        raise Reject(f"cache write positions are {tuple(slv.shape)} {slv.dtype}, not a 1-D int32/int64 tensor")
+    reads = _uses(cache, copy, nodes, base, post)
+    rows = ip.args[2]
+    if _is_bitcast(rows):
+        nodes.add(rows)
+        rows = rows.args[0]
+    rv = tval(rows)
+    if not (rv.dim() == 4 and all(_same(rv.shape[i], cv.shape[i]) for i in (0, 1, 3))
+            and rows_match(rv.shape[2], slv.shape[0])):
+        raise Reject(f"cache write rows are {tuple(rv.shape)}, not [{cv.shape[0]}, {cv.shape[1]}, {slv.shape[0]}, "
+                     f"{cv.shape[3]}] (broadcast rows)")
+    if not (rv.dtype == cv.dtype or {rv.dtype, cv.dtype} <= set(BYTE_DTYPES)):
+        raise Reject(f"cache write rows are {rv.dtype}, the cache {cv.dtype}")
+    if rv.device != cv.device or slv.device != cv.device:
+        raise Reject("cache, rows and slots are on different devices")
+    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=False, nodes=nodes, base=base,
+                      post=post, reads=reads, bhsd=True)
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:

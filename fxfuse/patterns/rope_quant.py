@@ -884,9 +884,14 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite], taken: set[int] | Non
     kw = kws[0]
     k_fp8 = kw.rows is not km.out
     xv, kc = tval(km.x), tval(kw.cache)
-    if xv.dim() != 3 or km.head != 1 or km.tok != [0]:
+    if kw.bhsd:  # StaticCache: k as HF holds it, [B, H, T, D]
+        if xv.dim() != 4 or km.head != 1 or km.tok != [0, 2]:
+            raise Reject("k written to a [B, H, max_len, D] cache is not [B, H, T, D]")
+        T, D = xv.shape[2], xv.shape[3]
+    elif xv.dim() != 3 or km.head != 1 or km.tok != [0]:
         raise Reject("k is not token-major [tokens, heads, head_dim]")
-    T, H, D = xv.shape
+    else:
+        T, H, D = xv.shape
     if k_fp8:
         if km.quant.scheme != QUANT_STATIC or km.quant.via is not None:
             raise Reject("k's fp8 cache rows are not a static per-tensor quant of the rotated k")
@@ -928,11 +933,17 @@ def _check_v(ms: list[RopeMatch], kw: CacheWrite, vw: CacheWrite, region: set[fx
     """(v rows, v's static fp8 quant or None) of `vw` as the v write of k's write `kw`, checked."""
     if vw.neg_skip != kw.neg_skip:
         raise Reject("k and v cache writes treat negative slots differently")
+    if vw.bhsd != kw.bhsd:
+        raise Reject("k and v caches have different layouts ([B, H, max_len, D] and [slots, H, D])")
     if vw.cache is kw.cache:
         raise Reject("k and v are written to the same cache")
     v, vq = v_rows(vw)
     vv, vc = tval(v), tval(vw.cache)
-    if vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not rows_match(vv.shape[0], n)):
+    if kw.bhsd:
+        B = tval(ms[1].x).shape[0]
+        if vv.dim() != 4 or not statically_known_true(vv.shape[0] == B) or vv.shape[3] != D or not rows_match(vv.shape[2], n):
+            raise Reject(f"v is {tuple(vv.shape)}, not [{B}, heads, {n}, {D}]")
+    elif vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not rows_match(vv.shape[0], n)):
         raise Reject(f"v is {tuple(vv.shape)}, not [{n}, heads, {D}]")
     if vv.dtype not in X_DTYPES or not statically_known_true(vv.stride(-1) == 1):
         raise Reject("v is not a contiguous-head_dim bf16/fp16/fp32 tensor")
@@ -1047,6 +1058,8 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
         cparams = dict(k_cache_fp8=kv.k_fp8, store_k_fp8=store_kq, v_quant=vq is not None,
                        v_static=vq.static_value if vq else 1.0, v_mul=vq.quant_mul if vq else False,
                        v_qmin=vq.qmin if vq else -448.0, v_qmax=vq.qmax if vq else 448.0, neg_skip=kv.k.neg_skip)
+        if kv.k.bhsd:
+            cparams["cache_bhsd"] = True
 
     def qparams(mm: RopeMatch | None, p: str) -> dict[str, Any]:
         qq = mm.quant if mm is not None else None
@@ -1084,6 +1097,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     has_qw, has_kw = qm.norm is not None, km is not None and km.norm is not None
     # per output side: (need_rope, has_quant, quant reshaped to its sink's shape or None, dynamic scale, head, tok, shape)
     has_kv, complex_freqs = kv is not None, qm.complex_freqs
+    bhsd = kv is not None and kv.k.bhsd
     out_plan = [
         (mm.need_rope, mm.quant is not None and (mm is qm or store_kq),
          sink_shapes[id(mm)] if mm.quant is not None and mm.quant.via is not None else None,
@@ -1127,7 +1141,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
             outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw)
         else:
             outs = torch.ops.fxfuse.rope_quant_cache(
-                q4, k4, c, s, p, *sc, **params, v=v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
+                q4, k4, c, s, p, *sc, **params, v=v.permute(0, 2, 1, 3) if bhsd else v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
                 v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw)
         res = []
         for (need_rope, has_quant, sink_shape, dynamic, head, tok, shp), (o, qo, so) in zip(
