@@ -1347,6 +1347,55 @@ def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8, read_after):
     assert not any(n.target is torch.ops.aten.copy_.default for n in g.nodes)
 
 
+def test_static_cache_cuda_path_reinplaces_the_caches(sm90_target):
+    """CUDA (fake): a [B, H, max_len, D] (StaticCache) write read by attention afterwards traces to the
+    user Triton kernel with SLOT_BY_S and batch strides; reinplacing drops the cache clones and copy_."""
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import trace_aten
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x.narrow(-1, h, h), x.narrow(-1, 0, h)), dim=-1)
+
+    def model(q, k, v, cos, sin, cpos, kc, vc):
+        c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+        qe, ke = q * c + rot(q) * s_, k * c + rot(k) * s_
+        torch.ops.aten.index_put_(kc, [None, None, cpos], ke)  # index_copy_(2, ...) as Inductor decomposes it
+        torch.ops.aten.index_put_(vc, [None, None, cpos], v)
+        return qe + kc.float().sum().to(qe.dtype) * vc.float().amax().to(qe.dtype), kc, vc
+
+    with FakeTensorMode():
+        e = lambda *shape, d=BF16: torch.empty(*shape, dtype=d, device="cuda")  # noqa: E731
+        args = (e(2, 3, 32, 128).transpose(1, 2), e(2, 3, 8, 128).transpose(1, 2), e(2, 3, 8, 128).transpose(1, 2),
+                e(2, 3, 128), e(2, 3, 128), e(3, d=torch.int64), e(2, 8, 64, 128), e(2, 8, 64, 128))
+    gm = trace_aten(model, args, functionalize=True)
+    g = gm.graph
+    out = next(iter(reversed(g.nodes)))
+    ph = [n for n in g.nodes if n.op == "placeholder"]
+    qe, nk, nv = out.args[0]
+    with g.inserting_before(out):
+        for dst, src in ((ph[6], nk), (ph[7], nv)):
+            g.call_function(torch.ops.aten.copy_.default, (dst, src)).meta["val"] = dst.meta["val"]
+    out.args = ((qe,),)
+    g.eliminate_dead_code()
+    fxfuse.counters.clear()
+    try:
+        fxfuse.FusionPasses(options={"gate": False}, strict=True)(g)
+    except RuntimeError as ex:
+        pytest.skip(f"no NVIDIA Triton backend here: {ex}")
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in fxfuse.report().fusions[0].detail, fxfuse.report()
+    (twf,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    kw = twf.kwargs["kwargs"]
+    assert kw["kc_ptr"] is ph[6] and kw["vc_ptr"] is ph[7] and kw["SLOT_BY_S"] is True
+    assert (kw["skc"], kw["skc_h"], kw["skc_b"], kw["n_slots"]) == (128, 64 * 128, 8 * 64 * 128, 64), kw
+    assert not any(n.target is torch.ops.aten.index_put.default for n in g.nodes)
+    reinplace_inplaceable_ops_core(g)
+    assert not {"kc_ptr", "vc_ptr"} & set(twf.kwargs["tensors_to_clone"]), twf.kwargs["tensors_to_clone"]
+    assert not any(n.target is torch.ops.aten.copy_.default for n in g.nodes)
+
+
 def test_cuda_rope_op_clones_only_its_outputs(sm90_target):
     """Inductor's mutation analysis of the kernel (TTIR for sm_90) sees stores only to the op's own
     outputs: the inputs are not cloned (it needs every kernel argument passed explicitly)."""

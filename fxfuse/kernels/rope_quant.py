@@ -582,8 +582,8 @@ def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, d
               svc_h=vc.shape[-1], svb=v.stride(0), svs=v.stride(1), svh=v.stride(2),
               v_static=float(c["v_static"]), v_qmin=float(c["v_qmin"]), v_qmax=float(c["v_qmax"]), skc_b=0, svc_b=0)
     if c["cache_bhsd"]:  # contiguous [B, H, max_len, D]: slot stride D, head stride max_len * D
-        rt.update(n_slots=kc.shape[2], n_vslots=vc.shape[2], skc=D, skc_h=kc.shape[2] * D, skc_b=kc[0].numel(),
-                  svc=D, svc_h=vc.shape[2] * D, svc_b=vc[0].numel())
+        rt.update(n_slots=kc.shape[2], n_vslots=vc.shape[2], skc=kc.stride(2), skc_h=kc.stride(1), skc_b=kc.stride(0),
+                  svc=vc.stride(2), svc_h=vc.stride(1), svc_b=vc.stride(0))
     ce = dict(HAS_CACHE=True, SLOT_BY_S=bool(c["cache_bhsd"]), NEG_SKIP=bool(c["neg_skip"]), K_CACHE_FP8=bool(c["k_cache_fp8"]),
               K_CACHE_U8=kc.dtype == torch.uint8, V_CACHE_U8=vc.dtype == torch.uint8,
               STORE_KQ=bool(c["store_k_fp8"]), V_QUANT=bool(c["v_quant"]), V_SCALE_T=c["v_scale"] is not None,
