@@ -1183,7 +1183,7 @@ def test_kernel_ptx_keeps_product_rounding(dt):
                  Q_MUL=False, QOP0=-1, QOP1=-1, QOP2=-1, QOP3=-1, NEED_K=True, K_QUANT=0, K_SCALE_T=False,
                  K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True,
                  HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
-                 V_QUANT=False, V_SCALE_T=False, V_MUL=False)
+                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False)
     sig = {}
     for name in inspect.signature(rq._rope_quant_kernel.fn).parameters:
         if name in const:

@@ -6,6 +6,9 @@ result is copied back into the graph-input cache by the graph's final `copy_`:
 * ATen forms (`index_put_`, `index_copy_`, `cache[slots] = x`; flat `[N, H, D]` or paged
   `[blocks, block_size, H, D]` viewed flat): `slots` is any 1-D integer tensor; a negative slot
   wraps around (index_put semantics), so the fused kernel wraps too.
+* transformers' StaticCache (`index_copy_(2, cache_position, k)` or `cache[:, :, pos] = k`): a
+  contiguous `[B, H, max_len, D]` cache, `index_put(cache, [None, None, pos], rows [B, H, n, D])`
+  (`CacheWrite.bhsd`); position s of batch row b goes to slot pos[s] of row b.
 * vLLM's `reshape_and_cache_flash` as fxfuse's built-in unwrap writes it (unwrap_builtin._cache_write):
   padded tokens (slot < 0) are pointed at the first valid token's slot with that token's row
   (or row 0 with its own old value when none is valid), i.e. slot < 0 writes nothing; that

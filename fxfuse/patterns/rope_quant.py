@@ -34,6 +34,13 @@ Slot semantics follow the graph: the ATen `index_put` wraps a negative slot (slo
 vLLM's unwrapped `reshape_and_cache_flash` skips it; the kernel does whichever the graph does.
 The cache-write region is its own gate class (scheme + "_kvcache"); where it is gated off or a
 check fails, the RoPE still fuses and the write stays with Inductor (near miss with the reason).
+Reads of the written caches (attention over the whole cache after the write) read the op's cache
+outputs, viewed as the graph viewed the index_put results (rope_cache.reroute_reads); reads of
+the old contents stay near misses. Several layers writing with the same slots: each k write takes
+the nearest v write with those slots that keeps the graph acyclic (v rows, slots and v scale not
+computed from the region or k's write; no fused input computed from either new cache), each v
+write at most once. transformers' StaticCache ([B, H, max_len, D] written along dim 2 at
+cache_position) is the `cache_bhsd` form of the op: k and v in HF layout [B, H, T, D].
 """
 
 from __future__ import annotations
