@@ -174,11 +174,30 @@ def other_arg(node: fx.Node, known: Any) -> Any:
     raise Reject(f"{node.name} does not read {_name(known)}")
 
 
-def depends_on_any(node: Any, targets: set[fx.Node], limit: int = 2000) -> bool:
-    """True if `node` (transitively) reads any of `targets`. Bounded, conservative (True on limit)."""
+def depends_on_any(node: Any, targets: set[fx.Node], limit: int = 2000, ordered: bool = False) -> bool:
+    """True if `node` (transitively) reads any of `targets`. Bounded, conservative (True on limit).
+    `ordered`: the graph is in topological order, so nodes placed before every target are not
+    walked (a deep model's whole prefix need not count against the limit)."""
     if not isinstance(node, fx.Node):
         return False
-    seen: set[fx.Node] = set()
+    if ordered and targets:
+        lo = min(targets)
+        if node < lo:
+            return False
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in targets:
+                return True
+            if n in seen:
+                continue
+            seen.add(n)
+            if len(seen) > limit:
+                return True
+            stack.extend(i for i in n.all_input_nodes if not i < lo)
+        return False
+    seen = set()
     stack = [node]
     while stack:
         n = stack.pop()

@@ -449,8 +449,8 @@ def _rope_quant_kernel(
     HAS_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr = False,
     v_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, vscale_ptr=None,
     n_slots=0, n_vslots=0, n_tok=0, n_v=0, HV=0, NKB=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
-    v_static=1.0, v_qmin=-448.0, v_qmax=448.0,
-    HAS_CACHE: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
+    v_static=1.0, v_qmin=-448.0, v_qmax=448.0, skc_b=0, svc_b=0,
+    HAS_CACHE: tl.constexpr = False, SLOT_BY_S: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
     K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
     V_QUANT: tl.constexpr = False, V_SCALE_T: tl.constexpr = False, V_MUL: tl.constexpr = False,
 ):
@@ -461,6 +461,8 @@ def _rope_quant_kernel(
     HAS_CACHE: k programs also store k (rope or fp8) at the token's slot of kc, and NVB extra
     head-block programs per token copy v (fp8 when V_QUANT) into vc. A slot < 0 is skipped
     (NEG_SKIP, vLLM) or wraps to slot + n_slots (ATen index_put); slots >= n_slots are not written.
+    SLOT_BY_S: [B, H, max_len, D] caches (transformers StaticCache): position s of every batch row b
+    goes to slot slots[s] of batch row b (cache offsets slot * skc + b * skc_b + head * skc_h).
     """
     q_static = tl.cast(q_static, tl.float32)
     k_static = tl.cast(k_static, tl.float32)
@@ -494,10 +496,14 @@ def _rope_quant_kernel(
         v_static = tl.cast(v_static, tl.float32)
         v_qmin = tl.cast(v_qmin, tl.float32)
         v_qmax = tl.cast(v_qmax, tl.float32)
-        in_rng = tok < n_tok  # slots may cover only the first n_tok tokens (rows = x[:len(slots)])
-        raw = tl.load(slot_ptr + tok, mask=in_rng, other=0).to(tl.int64)
+        if SLOT_BY_S:
+            sidx = s_
+        else:
+            sidx = tok
+        in_rng = sidx < n_tok  # slots may cover only the first n_tok tokens (rows = x[:len(slots)])
+        raw = tl.load(slot_ptr + sidx, mask=in_rng, other=0).to(tl.int64)
         slot, c_ok = _slot(raw, n_slots, in_rng, NEG_SKIP)
-        vslot, v_ok = _slot(raw, n_vslots, in_rng & (tok < n_v), NEG_SKIP)
+        vslot, v_ok = _slot(raw, n_vslots, in_rng & (sidx < n_v), NEG_SKIP)
     if hb < NQB:
         _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     qw_ptr, q_eps, woff, one,
@@ -515,10 +521,10 @@ def _rope_quant_kernel(
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
                     KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
                     K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
-                    kc_ptr, slot * skc, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ)
+                    kc_ptr, slot * skc + b * skc_b, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ)
     elif HAS_CACHE:
         _cache_v(v_ptr, vc_ptr, vscale_ptr, b, s_, (hb - NQB - NKB) * BLOCK_H, HV, svb, svs, svh,
-                 vslot * svc, v_ok, svc_h, v_static, v_qmin, v_qmax,
+                 vslot * svc + b * svc_b, v_ok, svc_h, v_static, v_qmin, v_qmax,
                  D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
 
 
@@ -564,8 +570,8 @@ def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, d
     if c is None:  # every argument explicit: Inductor's mutation analysis wants the full signature
         return 0, dict(v_ptr=dummy, kc_ptr=dummy, vc_ptr=dummy, slot_ptr=dummy, vscale_ptr=dummy, n_slots=0,
                        n_vslots=0, n_tok=0, n_v=0, HV=0, skc=0, skc_h=0, svc=0, svc_h=0, svb=0, svs=0, svh=0,
-                       v_static=1.0, v_qmin=-448.0, v_qmax=448.0), dict(
-            HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
+                       v_static=1.0, v_qmin=-448.0, v_qmax=448.0, skc_b=0, svc_b=0), dict(
+            HAS_CACHE=False, SLOT_BY_S=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
             V_QUANT=False, V_SCALE_T=False, V_MUL=False)
     v, kc, vc = c["v"], c["k_cache"], c["v_cache"]
     H, D = kc.shape[-2], kc.shape[-1]
@@ -574,8 +580,11 @@ def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, d
               vscale_ptr=c["v_scale"] if c["v_scale"] is not None else dummy,
               n_slots=kc.numel() // (H * D), n_vslots=vc.numel() // (vc.shape[-2] * vc.shape[-1]), n_tok=c["slots"].shape[0], n_v=v.shape[1], HV=HV, skc=H * D, skc_h=D, svc=vc.shape[-2] * vc.shape[-1],
               svc_h=vc.shape[-1], svb=v.stride(0), svs=v.stride(1), svh=v.stride(2),
-              v_static=float(c["v_static"]), v_qmin=float(c["v_qmin"]), v_qmax=float(c["v_qmax"]))
-    ce = dict(HAS_CACHE=True, NEG_SKIP=bool(c["neg_skip"]), K_CACHE_FP8=bool(c["k_cache_fp8"]),
+              v_static=float(c["v_static"]), v_qmin=float(c["v_qmin"]), v_qmax=float(c["v_qmax"]), skc_b=0, svc_b=0)
+    if c["cache_bhsd"]:  # contiguous [B, H, max_len, D]: slot stride D, head stride max_len * D
+        rt.update(n_slots=kc.shape[2], n_vslots=vc.shape[2], skc=kc.stride(2), skc_h=kc.stride(1), skc_b=kc.stride(0),
+                  svc=vc.stride(2), svc_h=vc.stride(1), svc_b=vc.stride(0))
+    ce = dict(HAS_CACHE=True, SLOT_BY_S=bool(c["cache_bhsd"]), NEG_SKIP=bool(c["neg_skip"]), K_CACHE_FP8=bool(c["k_cache_fp8"]),
               K_CACHE_U8=kc.dtype == torch.uint8, V_CACHE_U8=vc.dtype == torch.uint8,
               STORE_KQ=bool(c["store_k_fp8"]), V_QUANT=bool(c["v_quant"]), V_SCALE_T=c["v_scale"] is not None,
               V_MUL=bool(c["v_mul"]))
@@ -707,17 +716,27 @@ _ROPE_PARAMS = ("q", "k", "cos", "sin", "positions", "q_scale", "k_scale", "rot_
                 "k_mul", "qmin", "qmax", "need_q_rope", "need_k_rope", "q_order", "k_order")
 _CACHE_PARAMS = ("v", "k_cache", "v_cache", "slots", "v_scale", "k_cache_fp8", "store_k_fp8", "v_quant", "v_static",
                  "v_mul", "v_qmin", "v_qmax", "neg_skip")
+_CACHE_ALL = _CACHE_PARAMS + ("cache_bhsd",)  # cache_bhsd: keyword (default False) after the QK-norm ones
 
 
 def check_cache_args(c: dict, k: Optional[torch.Tensor], out_dtype: torch.dtype, k_quant: int) -> None:
     """Raise ValueError on an unsupported cache write (the FX side pre-checks all of this)."""
     v, kc, vc, slots = c["v"], c["k_cache"], c["v_cache"], c["slots"]
-    if k is None or v.dim() != 4 or v.shape[0] != 1 or k.shape[0] != 1 or v.shape[3] != k.shape[3]:
-        raise ValueError("rope_quant_cache: k and v must be token-major [1, T, H, D] (v's T may differ)")
-    for name, t, h in (("k_cache", kc, k.shape[2]), ("v_cache", vc, v.shape[2])):
-        if t.dim() < 3 or t.shape[-2] != h or t.shape[-1] != k.shape[3] or not t.is_contiguous():
-            raise ValueError(f"rope_quant_cache: {name} must be contiguous [..., {h}, {k.shape[3]}]")
-    if slots.dim() != 1 or slots.shape[0] > k.shape[0] * k.shape[1] or slots.dtype not in (torch.int32, torch.int64):
+    if c["cache_bhsd"]:  # [B, H, max_len, D] caches; k, v [B, S, H, D]; position s -> slot slots[s] of row b
+        if k is None or v.dim() != 4 or v.shape[0] != k.shape[0] or v.shape[3] != k.shape[3]:
+            raise ValueError("rope_quant_cache: k and v must be [B, S, H, D] with the same B and D")
+        for name, t, h in (("k_cache", kc, k.shape[2]), ("v_cache", vc, v.shape[2])):
+            if t.dim() != 4 or tuple(t.shape[:2]) != (k.shape[0], h) or t.shape[3] != k.shape[3] or not t.is_contiguous():
+                raise ValueError(f"rope_quant_cache: {name} must be contiguous [{k.shape[0]}, {h}, max_len, {k.shape[3]}]")
+        n_max = k.shape[1]
+    else:
+        if k is None or v.dim() != 4 or v.shape[0] != 1 or k.shape[0] != 1 or v.shape[3] != k.shape[3]:
+            raise ValueError("rope_quant_cache: k and v must be token-major [1, T, H, D] (v's T may differ)")
+        for name, t, h in (("k_cache", kc, k.shape[2]), ("v_cache", vc, v.shape[2])):
+            if t.dim() < 3 or t.shape[-2] != h or t.shape[-1] != k.shape[3] or not t.is_contiguous():
+                raise ValueError(f"rope_quant_cache: {name} must be contiguous [..., {h}, {k.shape[3]}]")
+        n_max = k.shape[0] * k.shape[1]
+    if slots.dim() != 1 or slots.shape[0] > n_max or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError("rope_quant_cache: slots must be 1-D int32/int64, one per token (the first len(slots) tokens)")
     fp8 = (_QDTYPE, torch.uint8)
     if c["k_cache_fp8"] and (k_quant != QUANT_STATIC or kc.dtype not in fp8):
@@ -746,11 +765,22 @@ def _write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, ne
     flat.copy_(pad[:n])
 
 
+def _write_rows_bhsd(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, neg_skip: bool) -> None:
+    """cache [B, H, L, D] at [:, :, slots[i]] <- rows[:, i] ([B, n, H, D]); slot < 0 skipped or wrapped."""
+    if rows.dtype != cache.dtype:
+        rows = rows.view(cache.dtype)
+    s = slots.long()
+    if neg_skip:
+        keep = s >= 0
+        s, rows = s[keep], rows[:, keep]
+    cache[:, :, s] = rows.permute(0, 2, 1, 3)
+
+
 def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
     """Oracle of the fused op with the KV-cache write: rope_quant_reference, then k (rope or fp8)
     and v (fp8 when v_quant) written into k_cache / v_cache (mutated) at `slots`."""
     a = _bind_cache(args, kwargs)
-    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    c = {n: a.pop(n) for n in _CACHE_ALL}
     check_cache_args(c, a["k"], a["out_dtype"], a["k_quant"])
     need_k = a["need_k_rope"]
     a["need_k_rope"] = True
@@ -758,13 +788,16 @@ def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor,
     k = a["k"]
     B, S, HK, D = k.shape
     n = c["slots"].shape[0]  # the first n tokens are written (k and v hold at least n in a valid graph)
-    krows = (outs[4] if c["k_cache_fp8"] else outs[3]).reshape(B * S, HK, D)[:n]
-    v = c["v"][0, :n]
+    kout = outs[4] if c["k_cache_fp8"] else outs[3]
+    bhsd = c["cache_bhsd"]
+    krows = kout[:, :n] if bhsd else kout.reshape(B * S, HK, D)[:n]
+    v = c["v"][:, :n] if bhsd else c["v"][0, :n]
     if c["v_quant"]:
         sc = c["v_scale"].reshape(()) if c["v_scale"] is not None else torch.tensor(c["v_static"], device=v.device)
         v, _ = _quant_ref(v, QUANT_STATIC, sc, c["v_static"], [], [], c["v_mul"], c["v_qmin"], c["v_qmax"])
-    _write_rows(c["k_cache"], krows, c["slots"], c["neg_skip"])
-    _write_rows(c["v_cache"], v, c["slots"], c["neg_skip"])
+    write = _write_rows_bhsd if bhsd else _write_rows
+    write(c["k_cache"], krows, c["slots"], c["neg_skip"])
+    write(c["v_cache"], v, c["slots"], c["neg_skip"])
     if not need_k:
         outs[3] = torch.empty(_EMPTY, dtype=outs[3].dtype, device=k.device)
     if not c["store_k_fp8"]:
@@ -773,7 +806,7 @@ def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor,
 
 
 _NORM_DEFAULTS = dict(q_norm_w=None, k_norm_w=None, q_eps=1e-6, k_eps=1e-6, norm_woff=0.0, norm_round_before=True,
-                      norm_wsum_dtype=None, norm_dtype=None, math_dtype=None)
+                      norm_wsum_dtype=None, norm_dtype=None, math_dtype=None, cache_bhsd=False)
 
 
 def _bind_cache(args: tuple, kwargs: dict) -> dict:
@@ -802,7 +835,7 @@ def rope_quant_cache(
     q_norm_w: Optional[torch.Tensor] = None, k_norm_w: Optional[torch.Tensor] = None,
     q_eps: float = 1e-6, k_eps: float = 1e-6, norm_woff: float = 0.0, norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None, norm_dtype: Optional[torch.dtype] = None,
-    math_dtype: Optional[torch.dtype] = None,
+    math_dtype: Optional[torch.dtype] = None, cache_bhsd: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """rope_quant + the KV-cache write in the same launch: k (rope, or its fp8 quant) and v (fp8 when
     v_quant) stored into k_cache / v_cache (mutated in place) at `slots`.
@@ -814,7 +847,7 @@ def rope_quant_cache(
     kw = {n: v_ for n, v_ in locals().items()}
     if q.device.type == "cpu":
         return _rope_quant_cache_ref_op(**kw)
-    c = {n: kw.pop(n) for n in _CACHE_PARAMS}
+    c = {n: kw.pop(n) for n in _CACHE_ALL}
     a = _bind((), kw)
     _check(a)
     check_cache_args(c, k, out_dtype, k_quant)
@@ -834,7 +867,7 @@ _rope_quant_cache_ref_op = torch.library.custom_op(
 @_rope_quant_cache_ref_op.register_fake
 def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
     a = _bind_cache(args, kwargs)
-    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    c = {n: a.pop(n) for n in _CACHE_ALL}
     return tuple(_alloc(a["q"], a["k"], a["out_dtype"], a["q_quant"], a["k_quant"], a["need_q_rope"],
                         a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"]))
 
@@ -842,7 +875,7 @@ def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
 def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = None, **kwargs: Any) -> tuple[torch.Tensor, ...]:
     """Launch the raw kernel with the cache write (eager CUDA, or CPU under TRITON_INTERPRET=1)."""
     a = _bind_cache(args, kwargs)
-    c = {n: a.pop(n) for n in _CACHE_PARAMS}
+    c = {n: a.pop(n) for n in _CACHE_ALL}
     _check(a)
     check_cache_args(c, a["k"], a["out_dtype"], a["k_quant"])
     q = a["q"]

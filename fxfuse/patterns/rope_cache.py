@@ -6,6 +6,9 @@ result is copied back into the graph-input cache by the graph's final `copy_`:
 * ATen forms (`index_put_`, `index_copy_`, `cache[slots] = x`; flat `[N, H, D]` or paged
   `[blocks, block_size, H, D]` viewed flat): `slots` is any 1-D integer tensor; a negative slot
   wraps around (index_put semantics), so the fused kernel wraps too.
+* transformers' StaticCache (`index_copy_(2, cache_position, k)` or `cache[:, :, pos] = k`): a
+  contiguous `[B, H, max_len, D]` cache, `index_put(cache, [None, None, pos], rows [B, H, n, D])`
+  (`CacheWrite.bhsd`); position s of batch row b goes to slot pos[s] of row b.
 * vLLM's `reshape_and_cache_flash` as fxfuse's built-in unwrap writes it (unwrap_builtin._cache_write):
   padded tokens (slot < 0) are pointed at the first valid token's slot with that token's row
   (or row 0 with its own old value when none is valid), i.e. slot < 0 writes nothing; that
@@ -14,7 +17,9 @@ result is copied back into the graph-input cache by the graph's final `copy_`:
 Rows are `x` (k after RoPE, or its static fp8 quant; v, or its static fp8 quant), possibly
 bit-cast to a uint8 cache. Where eager would raise (a slot >= num_slots, a row count that differs
 from the slot count at run time), the kernel writes nothing for that token instead. Everything else (accumulate, broadcast rows, a cache that is not a
-contiguous graph input, a cache read anywhere else) stays with Inductor.
+contiguous graph input, a read of the cache's old contents) stays with Inductor. Reads of the new
+contents (attention over the whole cache after the write) read the fused op's cache output instead
+(`reroute_reads`), viewed the way the graph viewed the index_put result.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..fx_utils import Reject, aten, convert_dtype, is_convert, is_op, literal, prims, tval, val
+from ..fx_utils import Reject, aten, convert_dtype, fake_mode_of, is_convert, is_op, literal, prims, tval, val
 
 FP8 = torch.float8_e4m3fn
 BYTE_DTYPES = (FP8, torch.uint8)
@@ -43,6 +48,13 @@ class CacheWrite:
     neg_skip: bool  # slot < 0 writes nothing (vLLM) instead of wrapping (index_put)
     nodes: set[fx.Node] = field(default_factory=set)  # the write's own nodes (dead once rerouted)
     prefix: bool = False  # rows are the first len(slots) rows of `rows` (which may hold more)
+    base: list[fx.Node] = field(default_factory=list)  # cache -> index_put target views, in order
+    post: list[fx.Node] = field(default_factory=list)  # index_put, then its views up to the copy_ source
+    reads: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # post node -> readers of the new contents
+    bhsd: bool = False  # [B, H, max_len, D] cache written along dim 2 (StaticCache); rows [B, H, n, D]
+
+    def readers(self) -> list[fx.Node]:
+        return [u for us in self.reads.values() for u in us]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -89,14 +101,17 @@ def _strip_one(n: Any) -> tuple[fx.Node, bool] | None:
     return None
 
 
-def _flat_base(base: Any, cache: fx.Node, nodes: set[fx.Node]) -> None:
-    """base must be the cache (through clone / reshape / bit-cast) viewed [N, H, D]."""
-    n = base
+def _flat_base(base: Any, cache: fx.Node, nodes: set[fx.Node]) -> list[fx.Node]:
+    """base must be the cache (through clone / reshape / bit-cast) viewed [N, H, D]; returns that
+    chain of nodes from the one reading the cache to `base`."""
+    n, chain = base, []
     while n is not cache:
         if not (is_op(n, aten.clone.default, aten.alias.default, *_RESHAPES) or _is_bitcast(n)):
             raise Reject(f"the index_put target is not a view of the cache input ({getattr(n, 'name', n)})")
         nodes.add(n)
+        chain.append(n)
         n = n.args[0]
+    return chain[::-1]
 
 
 def _where_parts(n: Any) -> tuple[Any, Any, Any] | None:
@@ -165,20 +180,25 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
     if not (is_op(copy, aten.copy_.default) and isinstance(cache, fx.Node) and cache.op == "placeholder"):
         return None
     nodes: set[fx.Node] = {copy}
-    back = src
+    back, post = src, []
     while isinstance(back, fx.Node) and (is_op(back, aten.alias.default, *_RESHAPES) or _is_bitcast(back)):
         nodes.add(back)
+        post.append(back)
         back = back.args[0]
     if not is_op(back, aten.index_put.default):
         return None
     ip = back
     nodes.add(ip)
+    post = [ip] + post[::-1]
     cv, sv_ = tval(cache), tval(src)
     if tuple(sv_.shape) != tuple(cv.shape) or sv_.dtype != cv.dtype:
         raise Reject("cache write: the copied-back tensor does not match the cache's shape/dtype")
     if len(ip.args) > 3 and ip.args[3] or ip.kwargs.get("accumulate"):
         raise Reject("cache write accumulates (index_put accumulate=True)")
-    if len(ip.args[1]) != 1 or ip.args[1][0] is None:
+    idx = list(ip.args[1])
+    if cv.dim() == 4 and len(idx) == 3 and idx[:2] == [None, None] and idx[2] is not None:
+        return _match_bhsd(copy, ip, cache, nodes, post)
+    if len(idx) != 1 or idx[0] is None:
         raise Reject("cache write indexes more than the slot dim")
     if cv.dim() < 3 or not cv.is_contiguous():
         raise Reject(f"cache {cache.name} is not a contiguous [..., H, D] tensor")
@@ -189,7 +209,10 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
         raise Reject(f"cache write target is {tuple(fv.shape)}, not the cache viewed as [slots, {H}, {D}]")
     if not (fv.dtype == cv.dtype or {fv.dtype, cv.dtype} <= set(BYTE_DTYPES)):
         raise Reject("cache write target reinterprets the cache as another dtype")
-    _flat_base(flat, cache, nodes)
+    base = _flat_base(flat, cache, nodes)
+    fl, iv = tval(flat), tval(ip)
+    if not (_same_shape(fl, iv) and fl.dtype == iv.dtype and _same_strides(fl, iv)):
+        raise Reject("cache write: the index_put result is not laid out like its target")
     vals, idx0 = ip.args[2], ip.args[1][0]
     if is_convert(idx0):
         idx0 = idx0.args[0]
@@ -205,11 +228,7 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
         slv = tval(slots)
         if slv.dim() != 1 or slv.dtype not in (torch.int32, torch.int64):
             raise Reject(f"cache write slots are {tuple(slv.shape)} {slv.dtype}, not a 1-D int32/int64 tensor")
-    for n in nodes - {copy}:  # the flat view may feed the skip form's row-0 slice (now in nodes)
-        if any(u not in nodes for u in n.users):
-            raise Reject(f"cache write: {n.name} is also used elsewhere")
-    if any(u not in nodes for u in cache.users):
-        raise Reject(f"cache {cache.name} is read elsewhere in the graph")
+    reads = _uses(cache, copy, nodes, base, post)
     rv = tval(rows)
     if rv.dim() == 2 and _same(tval(slots).shape[0], 1) and is_op(rows, *_RESHAPES) and tval(rows.args[0]).dim() == 3:
         nodes.add(rows)  # one token: [H, D] rows (a squeezed [1, H, D]) broadcast to the one slot
@@ -220,11 +239,127 @@ def match_cache_write(copy: fx.Node) -> CacheWrite | None:
     rows, prefix = _rows_source(rows, nodes)
     if tval(rows).device != cv.device or tval(slots).device != cv.device:
         raise Reject("cache, rows and slots are on different devices")
-    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=neg_skip, nodes=nodes, prefix=prefix)
+    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=neg_skip, nodes=nodes, prefix=prefix,
+                      base=base, post=post, reads=reads)
+
+
+def _uses(cache: fx.Node, copy: fx.Node, nodes: set[fx.Node], base: list[fx.Node],
+          post: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """Readers of the new contents (the index_put result and its views), which `reroute_reads`
+    points at the fused op's cache output; Reject if anything else reads the write's nodes (the old
+    contents through the target view, the skip form's intermediates) or the cache input itself."""
+    reads = {n: [u for u in n.users if u not in nodes] for n in post}
+    reads = {n: us for n, us in reads.items() if us}
+    for n in nodes - {copy} - set(post):  # the flat view may feed the skip form's row-0 slice (now in nodes)
+        us = [u for u in n.users if u not in nodes]
+        if us:
+            what = "old contents of the cache" if n in base else "write's intermediate"
+            raise Reject(f"cache write: {n.name} is also used elsewhere ({us[0].name} reads the {what})")
+    old_reads = [u for u in cache.users if u not in nodes]
+    if old_reads:
+        raise Reject(f"cache {cache.name} is read elsewhere in the graph ({old_reads[0].name} reads the old "
+                     "contents, not the written ones)")
+    return reads
+
+
+def _match_bhsd(copy: fx.Node, ip: fx.Node, cache: fx.Node, nodes: set[fx.Node], post: list[fx.Node]) -> CacheWrite:
+    """index_put(cache, [None, None, slots], rows): a contiguous [B, H, max_len, D] cache (transformers
+    StaticCache's index_copy_(2, cache_position, k)) with rows [B, H, n, D]."""
+    cv = tval(cache)
+    if not cv.is_contiguous():
+        raise Reject(f"[B, H, max_len, D] cache {cache.name} is not contiguous")
+    flat = ip.args[0]
+    fv, iv = tval(flat), tval(ip)
+    if not (_same_shape(fv, cv) and fv.dtype == cv.dtype and _same_shape(iv, cv) and _same_strides(iv, cv)
+            and _same_strides(fv, cv)):
+        raise Reject("cache write: the index_put target is not the [B, H, max_len, D] cache as it is")
+    base = _flat_base(flat, cache, nodes)
+    slots = ip.args[1][2]
+    if is_convert(slots) and convert_dtype(slots) == torch.int64 and tval(slots.args[0]).dtype == torch.int32:
+        nodes.add(slots)
+        slots = slots.args[0]
+    slv = tval(slots)
+    if slv.dim() != 1 or slv.dtype not in (torch.int32, torch.int64):
+        raise Reject(f"cache write positions are {tuple(slv.shape)} {slv.dtype}, not a 1-D int32/int64 tensor")
+    reads = _uses(cache, copy, nodes, base, post)
+    rows = ip.args[2]
+    if _is_bitcast(rows):
+        nodes.add(rows)
+        rows = rows.args[0]
+    rv = tval(rows)
+    if not (rv.dim() == 4 and all(_same(rv.shape[i], cv.shape[i]) for i in (0, 1, 3))
+            and rows_match(rv.shape[2], slv.shape[0])):
+        raise Reject(f"cache write rows are {tuple(rv.shape)}, not [{cv.shape[0]}, {cv.shape[1]}, {slv.shape[0]}, "
+                     f"{cv.shape[3]}] (broadcast rows)")
+    if not (rv.dtype == cv.dtype or {rv.dtype, cv.dtype} <= set(BYTE_DTYPES)):
+        raise Reject(f"cache write rows are {rv.dtype}, the cache {cv.dtype}")
+    if rv.device != cv.device or slv.device != cv.device:
+        raise Reject("cache, rows and slots are on different devices")
+    return CacheWrite(cache=cache, copy=copy, rows=rows, slots=slots, neg_skip=False, nodes=nodes, base=base,
+                      post=post, reads=reads, bhsd=True)
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(_same(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Strides equal wherever they matter (size-1 dims ignored), provably for symbolic sizes."""
+    return all(_same(sa, sb) for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if not _same(n, 1))
+
+
+def reroute_vals(w: CacheWrite, new_val: torch.Tensor) -> list[torch.Tensor]:
+    """Values of the views `reroute_reads` makes of the fused op's new cache `new_val` (laid out
+    like the cache input): the target view chain, then the post-write views. Each is a fresh view
+    of `new_val` (not of the cache input: Inductor's reinplacing tells the cache's views apart by
+    their values' storage) with the shape, dtype and strides of the node it stands for; Reject if not."""
+    if not w.reads:
+        return []
+    cv = tval(w.cache)
+    if not (_same_shape(new_val, cv) and new_val.dtype == cv.dtype and _same_strides(new_val, cv)):
+        raise Reject(f"fused cache output {tuple(new_val.shape)} {new_val.stride()} is not laid out like {w.cache.name}")
+    fake_mode = fake_mode_of([new_val])
+    vals, cur = [], new_val
+    for old in w.base + w.post[1:]:
+        args = (cur, *fx.node.map_arg(old.args[1:], val))
+        with fake_mode:
+            cur = old.target(*args, **fx.node.map_arg(dict(old.kwargs), val))
+        ov = tval(old)
+        if not (_same_shape(cur, ov) and cur.dtype == ov.dtype and _same_strides(cur, ov)):
+            raise Reject(f"cache write: {old.name} of the fused cache would be {tuple(cur.shape)} {cur.stride()}, "
+                         f"not {tuple(ov.shape)} {ov.stride()}")
+        vals.append(cur)
+    return vals
+
+
+def reroute_reads(graph: fx.Graph, w: CacheWrite, new_cache: fx.Node, vals: list[torch.Tensor]) -> list[fx.Node]:
+    """Point every reader of the written contents (the index_put result and its views) at
+    `new_cache` (the cache input's new value), viewed the same way: the target view chain and the
+    post-write views are replayed on it, with the values `reroute_vals` gave. Returns the nodes added."""
+    if not w.reads:
+        return []
+    added: list[fx.Node] = []
+    anchor = new_cache.next
+    it = iter(vals)
+
+    def replay(old: fx.Node, inp: fx.Node) -> fx.Node:
+        with graph.inserting_before(anchor):
+            nn = graph.call_function(old.target, (inp, *old.args[1:]), dict(old.kwargs))
+        nn.meta.update({k: x for k, x in old.meta.items() if k not in ("val", "tensor_meta")})
+        nn.meta["val"] = next(it)
+        added.append(nn)
+        return nn
+
+    cur = new_cache
+    for b in w.base:
+        cur = replay(b, cur)
+    new = {w.post[0]: cur}
+    for p in w.post[1:]:
+        new[p] = replay(p, new[p.args[0]])
+    for n, users in w.reads.items():
+        for u in users:
+            u.replace_input_with(n, new[n])
+    return added
 
 
 def _rows_source(rows: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, bool]:

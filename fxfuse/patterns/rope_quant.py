@@ -34,6 +34,13 @@ Slot semantics follow the graph: the ATen `index_put` wraps a negative slot (slo
 vLLM's unwrapped `reshape_and_cache_flash` skips it; the kernel does whichever the graph does.
 The cache-write region is its own gate class (scheme + "_kvcache"); where it is gated off or a
 check fails, the RoPE still fuses and the write stays with Inductor (near miss with the reason).
+Reads of the written caches (attention over the whole cache after the write) read the op's cache
+outputs, viewed as the graph viewed the index_put results (rope_cache.reroute_reads); reads of
+the old contents stay near misses. Several layers writing with the same slots: each k write takes
+the nearest v write with those slots that keeps the graph acyclic (v rows, slots and v scale not
+computed from the region or k's write; no fused input computed from either new cache), each v
+write at most once. transformers' StaticCache ([B, H, max_len, D] written along dim 2 at
+cache_position) is the `cache_bhsd` form of the op: k and v in HF layout [B, H, T, D].
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from ..fx_utils import (
     kernel_devices_ok,
     literal,
     other_arg,
+    record_inserted,
     same_device,
     scalar_on,
     stable_toposort,
@@ -70,7 +78,7 @@ from ..fx_utils import (
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
 from .quant import amax_source as _amax_source, scale_chain as _scale_chain, strip_f32_convert as _strip_f32_convert
 from .rmsnorm_quant import NormMatch, match_norm
-from .rope_cache import BYTE_DTYPES, CacheWrite, KVPlan, match_cache_write, rows_match, v_rows
+from .rope_cache import BYTE_DTYPES, CacheWrite, KVPlan, match_cache_write, reroute_reads, reroute_vals, rows_match, v_rows
 
 FAMILY = "rope_quant"
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -859,10 +867,14 @@ def find_cache_writes(graph: fx.Graph, ctx: Any, matches: list[RopeMatch]) -> li
     return out
 
 
-def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
-    """The k and v cache writes of the pair (q, k) `ms`, checked; None if k is not written to a cache."""
+def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite], taken: set[int] | None = None) -> KVPlan | None:
+    """The k and v cache writes of the pair (q, k) `ms`, checked; None if k is not written to a cache.
+    `taken`: ids of writes that are no v write here (written rotated tensors, writes already planned).
+    Of several v writes with k's slots (one per layer), the nearest one in node order that keeps
+    the graph acyclic is taken."""
     if len(ms) != 2:
         return None
+    taken = set() if taken is None else taken
 
     def written(mm: RopeMatch) -> list[CacheWrite]:
         sink = mm.quant.sink if mm.quant is not None else None
@@ -879,9 +891,14 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
     kw = kws[0]
     k_fp8 = kw.rows is not km.out
     xv, kc = tval(km.x), tval(kw.cache)
-    if xv.dim() != 3 or km.head != 1 or km.tok != [0]:
+    if kw.bhsd:  # StaticCache: k as HF holds it, [B, H, T, D]
+        if xv.dim() != 4 or km.head != 1 or km.tok != [0, 2]:
+            raise Reject("k written to a [B, H, max_len, D] cache is not [B, H, T, D]")
+        T, D = xv.shape[2], xv.shape[3]
+    elif xv.dim() != 3 or km.head != 1 or km.tok != [0]:
         raise Reject("k is not token-major [tokens, heads, head_dim]")
-    T, H, D = xv.shape
+    else:
+        T, H, D = xv.shape
     if k_fp8:
         if km.quant.scheme != QUANT_STATIC or km.quant.via is not None:
             raise Reject("k's fp8 cache rows are not a static per-tensor quant of the rotated k")
@@ -895,17 +912,45 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
     store_kq = km.quant is not None and any(u not in kw.nodes for u in km.quant.sink.users)
     if store_kq and km.quant.prefix is not None:
         raise Reject("the fp8 quant of the first len(slots) tokens of k is also used outside the cache write")
-    vws = [w for w in writes if w is not kw and w.slots is kw.slots]
-    if len(vws) != 1:
-        raise Reject(f"k cache write has {len(vws)} v cache writes with the same slots, not one")
-    vw = vws[0]
+    region = set().union(*(mm.nodes | (mm.quant.nodes if mm.quant else set()) for mm in ms))
+    outs = [mm.out for mm in ms] + [mm.quant.sink for mm in ms if mm.quant is not None]
+    for o in outs:  # q (or k's norm, cos/sin, scales) computed from the new k cache: the op would read its own output
+        if depends_on_any(o, kw.nodes, ordered=True):
+            raise Reject(f"{o.name} reads the new contents of cache {kw.cache.name}")
+    vws = [w for w in writes if w is not kw and w.slots is kw.slots and id(w) not in taken]
+    if not vws:
+        raise Reject("k cache write has 0 v cache writes with the same slots, not one")
+    here = _order(kw.copy.graph, kw.post[0])
+    vws.sort(key=lambda w: abs(_order(w.copy.graph, w.post[0]) - here))
+    first: Reject | None = None
+    for vw in vws:
+        try:
+            v, vq = _check_v(ms, kw, vw, region, outs, D, n)
+        except Reject as r:
+            first = first or r
+            continue
+        return KVPlan(k=kw, v=vw, v_src=v, k_fp8=k_fp8, v_quant=vq, store_kq=store_kq)
+    if len(vws) == 1:
+        raise first
+    raise Reject(f"none of the {len(vws)} v cache writes with the same slots fits; the nearest: {first}")
+
+
+def _check_v(ms: list[RopeMatch], kw: CacheWrite, vw: CacheWrite, region: set[fx.Node], outs: list[fx.Node],
+             D: Any, n: Any) -> tuple[fx.Node, Any]:
+    """(v rows, v's static fp8 quant or None) of `vw` as the v write of k's write `kw`, checked."""
     if vw.neg_skip != kw.neg_skip:
         raise Reject("k and v cache writes treat negative slots differently")
+    if vw.bhsd != kw.bhsd:
+        raise Reject("k and v caches have different layouts ([B, H, max_len, D] and [slots, H, D])")
     if vw.cache is kw.cache:
         raise Reject("k and v are written to the same cache")
     v, vq = v_rows(vw)
     vv, vc = tval(v), tval(vw.cache)
-    if vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not rows_match(vv.shape[0], n)):
+    if kw.bhsd:
+        B = tval(ms[1].x).shape[0]
+        if vv.dim() != 4 or not statically_known_true(vv.shape[0] == B) or vv.shape[3] != D or not rows_match(vv.shape[2], n):
+            raise Reject(f"v is {tuple(vv.shape)}, not [{B}, heads, {n}, {D}]")
+    elif vv.dim() != 3 or vv.shape[2] != D or (not vw.prefix and not rows_match(vv.shape[0], n)):
         raise Reject(f"v is {tuple(vv.shape)}, not [{n}, heads, {D}]")
     if vv.dtype not in X_DTYPES or not statically_known_true(vv.stride(-1) == 1):
         raise Reject("v is not a contiguous-head_dim bf16/fp16/fp32 tensor")
@@ -913,13 +958,15 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite]) -> KVPlan | None:
         raise Reject(f"v cache dtype {vc.dtype} does not match v's {vv.dtype} (or its fp8 quant)")
     if vq is not None and vq.scale is not None and tval(vq.scale).device != vv.device:
         raise Reject("v scale on another device")
-    if not same_device(xv, kc, vc, vv, tval(kw.slots)):
+    if not same_device(tval(ms[1].x), tval(kw.cache), vc, vv, tval(kw.slots)):
         raise Reject("caches, slots and k/v are on different devices")
-    region = set().union(*(mm.nodes | (mm.quant.nodes if mm.quant else set()) for mm in ms))
-    for n in (v, kw.slots) + ((vq.scale,) if vq is not None and vq.scale is not None else ()):
-        if depends_on_any(n, region | kw.nodes):
-            raise Reject(f"{n.name} depends on the fused region")
-    return KVPlan(k=kw, v=vw, v_src=v, k_fp8=k_fp8, v_quant=vq, store_kq=store_kq)
+    for x in (v, kw.slots) + ((vq.scale,) if vq is not None and vq.scale is not None else ()):
+        if depends_on_any(x, region | kw.nodes, ordered=True):
+            raise Reject(f"{x.name} depends on the fused region")
+    for o in outs:
+        if depends_on_any(o, vw.nodes, ordered=True):
+            raise Reject(f"{o.name} reads the new contents of cache {vw.cache.name}")
+    return v, vq
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -1018,6 +1065,8 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
         cparams = dict(k_cache_fp8=kv.k_fp8, store_k_fp8=store_kq, v_quant=vq is not None,
                        v_static=vq.static_value if vq else 1.0, v_mul=vq.quant_mul if vq else False,
                        v_qmin=vq.qmin if vq else -448.0, v_qmax=vq.qmax if vq else 448.0, neg_skip=kv.k.neg_skip)
+        if kv.k.bhsd:
+            cparams["cache_bhsd"] = True
 
     def qparams(mm: RopeMatch | None, p: str) -> dict[str, Any]:
         qq = mm.quant if mm is not None else None
@@ -1055,6 +1104,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     has_qw, has_kw = qm.norm is not None, km is not None and km.norm is not None
     # per output side: (need_rope, has_quant, quant reshaped to its sink's shape or None, dynamic scale, head, tok, shape)
     has_kv, complex_freqs = kv is not None, qm.complex_freqs
+    bhsd = kv is not None and kv.k.bhsd
     out_plan = [
         (mm.need_rope, mm.quant is not None and (mm is qm or store_kq),
          sink_shapes[id(mm)] if mm.quant is not None and mm.quant.via is not None else None,
@@ -1098,7 +1148,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
             outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw)
         else:
             outs = torch.ops.fxfuse.rope_quant_cache(
-                q4, k4, c, s, p, *sc, **params, v=v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
+                q4, k4, c, s, p, *sc, **params, v=v.permute(0, 2, 1, 3) if bhsd else v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
                 v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw)
         res = []
         for (need_rope, has_quant, sink_shape, dynamic, head, tok, shp), (o, qo, so) in zip(
@@ -1133,6 +1183,8 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
             raise Reject(f"fused output for {old.name} has shape {tuple(nv.shape)} {nv.dtype}, expected {tuple(ov.shape)} {ov.dtype}")
         if exact and not _same_strides(ov, nv):
             raise Reject(f"fused output layout {nv.stride()} differs from {old.name}'s {ov.stride()}")
+    # the readers of the written caches read the op's cache outputs, viewed as they viewed the writes
+    reads = [reroute_vals(kv.k, outs_v[-2]), reroute_vals(kv.v, outs_v[-1])] if kv is not None else []
     first = min((n for mm in ms for n in mm.nodes), key=lambda n: _order(graph, n))
     new = inline_graph(graph, gm, inputs, first)
     for (old, _), nn in zip(olds, new):
@@ -1141,8 +1193,9 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
             nn = _restride(graph, nn, old)
         old.replace_all_uses_with(nn)
     if kv is not None:
-        for w, nn in ((kv.k, new[-2]), (kv.v, new[-1])):
+        for w, nn, vals in ((kv.k, new[-2], reads[0]), (kv.v, new[-1], reads[1])):
             w.copy.args = (w.cache, nn)
+            record_inserted(graph, reroute_reads(graph, w, nn, vals))
     stable_toposort(graph)
     replaced: set[fx.Node] = set() if kv is None else kv.nodes - {kv.k.copy, kv.v.copy}
     for mm in ms:
@@ -1239,6 +1292,8 @@ class RopeQuant:
                     break
             groups.append(grp)
         writes = find_cache_writes(graph, ctx, matches) if groups else []
+        rotated = {mm.out for mm in matches} | {mm.quant.sink for mm in matches if mm.quant is not None}
+        taken = {id(w) for w in writes if w.rows in rotated}  # k writes (of any region) are no v writes
         for grp in groups:
             def heads(mm: RopeMatch) -> Any:
                 return tval(mm.x).shape[mm.head] if mm.head >= 0 else 1
@@ -1249,7 +1304,7 @@ class RopeQuant:
                 scalars = [tval(mm.quant.scale) for mm in grp if mm.quant is not None and mm.quant.scale is not None]
                 kv = None
                 try:
-                    kv = plan_kv(grp, writes)
+                    kv = plan_kv(grp, writes, taken)
                     if kv is not None and cuda:
                         why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp) + KV_SUFFIX, xv, scalars),
                                              hidden=int(xv.shape[-1]), dtype=xv.dtype, enabled=gate)
@@ -1270,6 +1325,8 @@ class RopeQuant:
                     if why:
                         raise Reject(why)
                 replaced = rewrite(graph, grp, kv)
+                if kv is not None:
+                    taken.add(id(kv.v))
                 kernel = ("triton:fxfuse_rope_quant" if cuda else
                           "fxfuse::rope_quant_cache_ref" if kv is not None else "fxfuse::rope_quant")
                 detail = " + ".join(
