@@ -1673,3 +1673,41 @@ def test_reshape_and_cache_flash_unwraps_and_rope_fuses(kv_dtype, cache_dtype, d
     finally:
         for key in added:
             unwrap_mod.unregister_unwrap(key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_transformers_static_cache_in_output_code():
+    """A real LlamaModel decode step with transformers' StaticCache on CUDA, gated as users get it:
+    each layer's RoPE + k/v cache write is the user Triton kernel in Inductor's output code (no
+    index_put / index_copy left, no Python op call), attention reads the written caches, and hidden
+    states and caches match eager."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig, LlamaModel, StaticCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=256)
+    m = LlamaModel(cfg).to("cuda", BF16).eval()
+    caches = [StaticCache(config=cfg, max_cache_len=64) for _ in range(2)]
+    prompt, step = torch.randint(0, 64, (1, 9), device="cuda"), torch.randint(0, 64, (1, 1), device="cuda")
+    cpos = torch.arange(9, 10, device="cuda")
+    with torch.no_grad():
+        for c in caches:
+            m(input_ids=prompt, past_key_values=c, use_cache=True, cache_position=torch.arange(9, device="cuda"))
+        ref = m(input_ids=step, past_key_values=caches[0], use_cache=True, cache_position=cpos)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(m, options={"post_grad_custom_pre_pass": fxfuse.passes}),
+                                      input_ids=step, past_key_values=caches[1], use_cache=True, cache_position=cpos)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 2 and all("+kv_cache" in f.detail for f in r.fusions), r.format(verbose=True)
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
+    assert not re.search(r"aten\.index_put|aten\.index_copy|fused_index_put|index_put_\(", code)
+    assert _rel(out.last_hidden_state, ref.last_hidden_state) < 2e-2
+    for le, lc in zip(caches[0].layers, caches[1].layers):
+        for a, b in ((le.keys, lc.keys), (le.values, lc.values)):
+            assert torch.equal(a[:, :, :9], b[:, :, :9]) and torch.equal(a[:, :, 10:], b[:, :, 10:])
+            assert _rel(b[:, :, 9:10], a[:, :, 9:10]) < 2e-2 and b[:, :, 9:10].abs().sum() > 0
