@@ -258,12 +258,14 @@ def sweep(models: list[str], Ms: list[int], rep: int, dry: bool) -> list[dict[st
 
 
 def gates_from(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{scheme "<impl>/<path>": {hidden: geomean(stock compile us / fused us)}} over M in that class."""
+    """{scheme "<impl>/<class>": {hidden: geomean(stock compile us / fused us)}} over M in that class
+    (K.gate_classes: decode, prefill, prefill-large)."""
     acc: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         for impl, s in (r.get("speedup") or {}).items():
             if s and (r.get("kernel_in_code") or {}).get(impl, True):
-                acc.setdefault(f"{impl}/{r['path']}", {}).setdefault(str(r["H"]), []).append(s)
+                (cls,) = K.gate_classes(r["M"], r["K"], r["E"])  # static M: one class
+                acc.setdefault(f"{impl}/{cls}", {}).setdefault(str(r["H"]), []).append(s)
     return {sch: {h: round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in hs.items()}
             for sch, hs in acc.items()}
 

@@ -59,6 +59,7 @@ __all__ = [
     "moe_experts_triton",
     "choose_path",
     "decode_config",
+    "gate_classes",
     "prefill_config",
     "selected_weight_bytes",
     "check_args",
@@ -99,6 +100,23 @@ def choose_path(M: object, K: int, E: int) -> int:
     return PATH_DECODE if (M * K * 4 <= E or M <= 2) else PATH_PREFILL
 
 
+LARGE_PER_EXPERT = 96  # mean pairs per expert above which the tiled path uses 128-row tiles
+
+
+def gate_classes(M: object, K: int, E: int) -> list[str]:
+    """The benchmark shape classes a call must have measured faster than stock to ship.
+
+    decode; prefill (tiled, up to LARGE_PER_EXPERT pairs per expert); prefill-large (compute-bound
+    128-row tiles, where cuBLAS grouped GEMMs can win: Mixtral at 2048 tokens measured 0.80x on an
+    H200). A symbolic M may be either tiled class at run time, so it needs both.
+    """
+    if choose_path(M, K, E) == PATH_DECODE:
+        return ["decode"]
+    if not isinstance(M, int):
+        return ["prefill", "prefill-large"]
+    return ["prefill-large" if M * K / E > LARGE_PER_EXPERT else "prefill"]
+
+
 def decode_config(H: int, I: int, K: int = 8) -> dict:
     """Block sizes, forms and warps for decode kernels A and B by shape class (no autotuning).
 
@@ -125,7 +143,7 @@ def prefill_config(S: object, H: int, I: int, E: int) -> dict:
     N-block; a symbolic pair count (dynamic M) takes a middle size (any size is correct).
     """
     per_expert = S / E if isinstance(S, int) else 64
-    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= LARGE_PER_EXPERT else 128
     big = bm >= 64
     # 4 warps at every BM: the H200 sweep (tune_moe_decode.py --prefill) had 8 warps 7% slower at BM=128
     return dict(BM=bm, BN1=64, BK1=64, BN2=128 if big else 64, BK2=64, WARPS=4, STAGES=3)

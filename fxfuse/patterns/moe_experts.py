@@ -638,7 +638,7 @@ def match_dense(any_mm2: fx.Node) -> MoEMatch:
 
 
 def check(m: MoEMatch, gate: bool = True) -> None:
-    from ..kernels.moe_experts import choose_path
+    from ..kernels.moe_experts import gate_classes
 
     xv, iv, tv = tval(m.x), tval(m.ids), tval(m.tw)
     w1v, w2v = tval(m.w1), tval(m.w2)
@@ -668,10 +668,10 @@ def check(m: MoEMatch, gate: bool = True) -> None:
         if depends_on_any(inp, m.nodes):
             raise Reject(f"input {inp.name} depends on the MoE region itself")
     if dev == "cuda":
-        path = "decode" if choose_path(xv.shape[0], m.K, m.E) == 1 else "prefill"
-        why = gating.rejects(FAMILY, scheme=f"{m.form}/{path}", hidden=m.H, dtype=xv.dtype, enabled=gate)
-        if why:
-            raise Reject(why)
+        for cls in gate_classes(xv.shape[0], m.K, m.E):
+            why = gating.rejects(FAMILY, scheme=f"{m.form}/{cls}", hidden=m.H, dtype=xv.dtype, enabled=gate)
+            if why:
+                raise Reject(why)
 
 
 def rewrite(graph: fx.Graph, m: MoEMatch) -> list[fx.Node]:
