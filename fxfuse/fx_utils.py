@@ -180,24 +180,10 @@ def depends_on_any(node: Any, targets: set[fx.Node], limit: int = 2000, ordered:
     walked (a deep model's whole prefix need not count against the limit)."""
     if not isinstance(node, fx.Node):
         return False
-    if ordered and targets:
-        lo = min(targets)
-        if node < lo:
-            return False
-        seen: set[fx.Node] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n in targets:
-                return True
-            if n in seen:
-                continue
-            seen.add(n)
-            if len(seen) > limit:
-                return True
-            stack.extend(i for i in n.all_input_nodes if not i < lo)
+    lo = min(targets) if ordered and targets else None
+    if lo is not None and node < lo:
         return False
-    seen = set()
+    seen: set[fx.Node] = set()
     stack = [node]
     while stack:
         n = stack.pop()
@@ -208,7 +194,7 @@ def depends_on_any(node: Any, targets: set[fx.Node], limit: int = 2000, ordered:
         seen.add(n)
         if len(seen) > limit:
             return True
-        stack.extend(n.all_input_nodes)
+        stack.extend(n.all_input_nodes if lo is None else (i for i in n.all_input_nodes if not i < lo))
     return False
 
 

@@ -170,6 +170,32 @@ def _silu_mul(g, u, ACT: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _gate_up_acc(a_ptrs, rmask, bg_ptrs, bu_ptrs, mask_n, H, stride_w1k,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr):
+    """Gate and up accumulators [ROWS, BLOCK_N] (fp32) of x rows (`rmask`) times an expert's w1 tiles
+    over H. The weight loads feed ``tl.dot``, so the pipeliner keeps ``num_stages`` tiles in flight;
+    shared by the decode (one real row of 16) and the grouped (BLOCK_M rows) kernels."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        mk = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=rmask[:, None] & mk[None, :], other=0.0)
+        bg = tl.load(bg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        bu = tl.load(bu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        if not NATIVE:  # the interpreter's bf16 dot is wrong; fp32 inputs are exact here
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+        a_ptrs += BLOCK_K
+        bg_ptrs += BLOCK_K * stride_w1k
+        bu_ptrs += BLOCK_K * stride_w1k
+    return acc_g, acc_u
+
+
+@triton.jit
 def _moe_decode_gate_up_kernel(
     x_ptr, ids_ptr, w1_ptr, h_ptr,
     stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
@@ -233,23 +259,8 @@ def _moe_decode_gate_up_dot_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok.to(tl.int64) * stride_xm + r[:, None] * 0 + offs_k[None, :]
     bg_ptrs = w1_ptr + e * stride_w1e + offs_k[:, None] * stride_w1k + offs_n[None, :].to(tl.int64) * stride_w1n
-    bu_ptrs = bg_ptrs + I * stride_w1n
-    acc_g = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        mk = offs_k < H - k0
-        a = tl.load(a_ptrs, mask=first[:, None] & mk[None, :], other=0.0)
-        bg = tl.load(bg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        bu = tl.load(bu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        if not NATIVE:  # the interpreter's bf16 dot is wrong; fp32 inputs are exact here
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
-        a_ptrs += BLOCK_K
-        bg_ptrs += BLOCK_K * stride_w1k
-        bu_ptrs += BLOCK_K * stride_w1k
+    acc_g, acc_u = _gate_up_acc(a_ptrs, first, bg_ptrs, bg_ptrs + I * stride_w1n, mask_n, H, stride_w1k,
+                                16, BLOCK_N, BLOCK_K, NATIVE)
     h = _silu_mul(acc_g, acc_u, ACT, NATIVE)
     h = tl.where(valid, h, 0.0)
     h_ptrs = h_ptr + pair.to(tl.int64) * stride_hm + r[:, None] * 0 + offs_n[None, :]
@@ -359,23 +370,8 @@ def _moe_gemm1_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     bg_ptrs = w1_ptr + e * stride_w1e + offs_k[:, None] * stride_w1k + offs_n[None, :].to(tl.int64) * stride_w1n
-    bu_ptrs = bg_ptrs + I * stride_w1n
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        mk = offs_k < H - k0
-        a = tl.load(a_ptrs, mask=rmask[:, None] & mk[None, :], other=0.0)
-        bg = tl.load(bg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        bu = tl.load(bu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        if not NATIVE:  # the interpreter's bf16 dot is wrong; fp32 inputs are exact here
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
-        a_ptrs += BLOCK_K
-        bg_ptrs += BLOCK_K * stride_w1k
-        bu_ptrs += BLOCK_K * stride_w1k
+    acc_g, acc_u = _gate_up_acc(a_ptrs, rmask, bg_ptrs, bg_ptrs + I * stride_w1n, mask_n, H, stride_w1k,
+                                BLOCK_M, BLOCK_N, BLOCK_K, NATIVE)
     h = _silu_mul(acc_g, acc_u, ACT, NATIVE)
     tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=rmask[:, None] & mask_n[None, :])
