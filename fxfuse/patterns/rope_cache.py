@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..fx_utils import Reject, aten, convert_dtype, fake_mode_of, is_convert, is_op, literal, prims, tval, val
+from ..fx_utils import (Reject, aten, convert_dtype, fake_mode_of, is_convert, is_op, literal, prims,
+                        record_inserted, tval, val)
 
 FP8 = torch.float8_e4m3fn
 BYTE_DTYPES = (FP8, torch.uint8)
@@ -335,7 +336,8 @@ def reroute_vals(w: CacheWrite, new_val: torch.Tensor) -> list[torch.Tensor]:
 def reroute_reads(graph: fx.Graph, w: CacheWrite, new_cache: fx.Node, vals: list[torch.Tensor]) -> list[fx.Node]:
     """Point every reader of the written contents (the index_put result and its views) at
     `new_cache` (the cache input's new value), viewed the same way: the target view chain and the
-    post-write views are replayed on it, with the values `reroute_vals` gave. Returns the nodes added."""
+    post-write views are replayed on it, with the values `reroute_vals` gave. Returns the nodes added
+    (recorded for the pipeline's final sort)."""
     if not w.reads:
         return []
     added: list[fx.Node] = []
@@ -359,6 +361,7 @@ def reroute_reads(graph: fx.Graph, w: CacheWrite, new_cache: fx.Node, vals: list
     for n, users in w.reads.items():
         for u in users:
             u.replace_input_with(n, new[n])
+    record_inserted(graph, added)  # the windowed stable_toposort checks only recorded nodes' edges
     return added
 
 

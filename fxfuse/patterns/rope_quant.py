@@ -67,7 +67,6 @@ from ..fx_utils import (
     kernel_devices_ok,
     literal,
     other_arg,
-    record_inserted,
     same_device,
     scalar_on,
     stable_toposort,
@@ -1195,7 +1194,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     if kv is not None:
         for w, nn, vals in ((kv.k, new[-2], reads[0]), (kv.v, new[-1], reads[1])):
             w.copy.args = (w.cache, nn)
-            record_inserted(graph, reroute_reads(graph, w, nn, vals))
+            reroute_reads(graph, w, nn, vals)
     stable_toposort(graph)
     replaced: set[fx.Node] = set() if kv is None else kv.nodes - {kv.k.copy, kv.v.copy}
     for mm in ms:
