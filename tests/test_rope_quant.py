@@ -826,6 +826,61 @@ def test_kv_cache_two_layers_share_slots(dynamic, v_first):
             assert not torch.equal(got[idx], want[idx].zero_())
 
 
+def _v_from_new_k_prefix(q1, k1, q2, k2, v1, cc, sc, pos, slots, kc1, vc1, kc2, vc2):
+    """Layer 2's v rows are the first len(slots) rows of layer 1's NEW k cache (kc1[:T] after the write)."""
+    qe1, ke1 = _kv_rope(q1, k1, cc, sc, pos)
+    kc1[slots] = ke1
+    vc1[slots] = v1
+    qe2, ke2 = _kv_rope(q2, k2, cc.flip(0), sc.flip(0), pos)
+    kc2[slots] = ke2
+    vc2[slots] = kc1[:q1.shape[0]]
+    return qe1, qe2
+
+
+def _v_from_new_k_whole(q1, k1, q2, k2, v1, cc, sc, pos, slots, kc1, vc1, kc2, vc2):
+    """As above with as many slots as cache rows: layer 2's v rows are layer 1's whole new k cache."""
+    qe1, ke1 = _kv_rope(q1, k1, cc, sc, pos)
+    kc1[slots] = ke1
+    vc1[slots] = v1
+    qe2, ke2 = _kv_rope(q2, k2, cc.flip(0), sc.flip(0), pos)
+    kc2[slots] = ke2
+    vc2[slots] = kc1
+    return qe1, qe2
+
+
+@pytest.mark.parametrize("form", ["prefix", "whole"])
+def test_kv_cache_v_rows_are_another_layers_new_cache(form):
+    """Layer 2's v rows read layer 1's new k cache. The v write's rows must stay a reader of that
+    write (rerouted to layer 1's fused cache output), not the index_put itself: before the fix layer
+    2's op read the index_put, which layer 1's fusion had rerouted away, so it was kept alive and
+    recomputed (its rows in Inductor's own precision) and vc2 differed from eager."""
+    T = 5 if form == "prefix" else 32
+    q1, k1, cc, sc, pos, _ = table_inputs(T=T, seed=3)
+    q2, k2, _, _, _, _ = table_inputs(T=T, seed=4)
+    g = torch.Generator().manual_seed(9)
+    v1 = torch.randn(k1.shape, generator=g).to(BF16)
+    slots = torch.randperm(32, generator=g)[:T]
+    caches = [torch.randn(32, 2, 32, generator=g).to(BF16) for _ in range(4)]
+    args = [q1, k1, q2, k2, v1, cc, sc, pos, slots, *caches]
+    eager = [a.clone() for a in args]
+    fn = _v_from_new_k_prefix if form == "prefix" else _v_from_new_k_whole
+    with torch.no_grad():
+        ref = fn(*eager)
+    out = _compile_no_index_put(fn, args) if form == "prefix" else compile_and_run(fn, args)[0]
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 2, r.format(verbose=True)
+    kv = [f for f in r.fusions if "+kv_cache" in f.detail]
+    if form == "prefix":  # both layers fuse their writes
+        assert len(kv) == 2 and not r.near_misses, r.format(verbose=True)
+    else:  # layer 2's v would be layer 1's index_put itself: a near miss
+        assert len(kv) == 1, r.format(verbose=True)
+        assert any("new contents of another cache write" in m.reason for m in r.near_misses), r.format(verbose=True)
+    for o, rr in zip(out, ref):
+        assert torch.equal(o, rr)
+    for i, (a, b) in enumerate(zip(args, eager)):
+        assert torch.equal(a, b), i
+
+
 @pytest.mark.parametrize("B,prompt_len,step_len", [(1, 5, 1), (2, 3, 4)])
 def test_transformers_static_cache_fuses(B, prompt_len, step_len):
     """transformers' StaticCache ([B, Hkv, max_len, D], written by index_copy_(2, cache_position, k)) in a

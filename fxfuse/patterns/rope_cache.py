@@ -365,6 +365,13 @@ def reroute_reads(graph: fx.Graph, w: CacheWrite, new_cache: fx.Node, vals: list
     return added
 
 
+def _write_result(n: Any) -> bool:
+    """n is an index_put result (a cache write's new contents) or a view of one."""
+    while is_op(n, aten.alias.default, aten.slice.Tensor, *_RESHAPES) or _is_bitcast(n):
+        n = n.args[0]
+    return is_op(n, aten.index_put.default)
+
+
 def _rows_source(rows: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, bool]:
     """(source, prefix): the deepest node above `rows` whose first rows are the written rows, through
     row-preserving reinterpretations (every node [tokens, ...] with H*D values per token); `prefix`
@@ -374,8 +381,8 @@ def _rows_source(rows: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, bool]:
     chain, pref = [rows], [False]
     while True:
         nxt = _strip_one(chain[-1])
-        if nxt is None:
-            break
+        if nxt is None or _write_result(nxt[0]):  # a read of another cache's new contents stays a reader
+            break                                   # (reroute_reads points readers, not CacheWrite.rows, at the op)
         nv = tval(nxt[0])
         if nv.dim() < 2 or not _same(math.prod(nv.shape[1:]), per_tok):
             break

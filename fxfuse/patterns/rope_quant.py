@@ -921,10 +921,11 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite], taken: set[int] | Non
         raise Reject("k cache write has 0 v cache writes with the same slots, not one")
     here = _order(kw.copy.graph, kw.post[0])
     vws.sort(key=lambda w: abs(_order(w.copy.graph, w.post[0]) - here))
+    posts = {p for w in writes for p in w.post}
     first: Reject | None = None
     for vw in vws:
         try:
-            v, vq = _check_v(ms, kw, vw, region, outs, D, n)
+            v, vq = _check_v(ms, kw, vw, region, outs, D, n, posts)
         except Reject as r:
             first = first or r
             continue
@@ -935,8 +936,9 @@ def plan_kv(ms: list[RopeMatch], writes: list[CacheWrite], taken: set[int] | Non
 
 
 def _check_v(ms: list[RopeMatch], kw: CacheWrite, vw: CacheWrite, region: set[fx.Node], outs: list[fx.Node],
-             D: Any, n: Any) -> tuple[fx.Node, Any]:
-    """(v rows, v's static fp8 quant or None) of `vw` as the v write of k's write `kw`, checked."""
+             D: Any, n: Any, posts: set[fx.Node] = frozenset()) -> tuple[fx.Node, Any]:
+    """(v rows, v's static fp8 quant or None) of `vw` as the v write of k's write `kw`, checked.
+    `posts`: every cache write's index_put result and views (the new contents as written)."""
     if vw.neg_skip != kw.neg_skip:
         raise Reject("k and v cache writes treat negative slots differently")
     if vw.bhsd != kw.bhsd:
@@ -944,6 +946,8 @@ def _check_v(ms: list[RopeMatch], kw: CacheWrite, vw: CacheWrite, region: set[fx
     if vw.cache is kw.cache:
         raise Reject("k and v are written to the same cache")
     v, vq = v_rows(vw)
+    if v in posts:  # the op would read that write's index_put itself, which its own fusion reroutes away
+        raise Reject(f"v is {v.name}, the new contents of another cache write as written")
     vv, vc = tval(v), tval(vw.cache)
     if kw.bhsd:
         B = tval(ms[1].x).shape[0]
