@@ -881,6 +881,41 @@ def test_kv_cache_v_rows_are_another_layers_new_cache(form):
         assert torch.equal(a, b), i
 
 
+def _q_is_new_k_cache(q1, k1, k2, v1, cc, sc, pos, slots, kc1, vc1):
+    """Layer 2 rotates layer 1's whole new k cache (as many tokens as cache rows): its RoPE input is
+    the index_put result itself."""
+    qe1, ke1 = _kv_rope(q1, k1, cc, sc, pos)
+    kc1[slots] = ke1
+    vc1[slots] = v1
+    cos, sin = cc.flip(0)[pos].unsqueeze(-2), sc.flip(0)[pos].unsqueeze(-2)
+    return qe1, kc1 * cos + rotate_half(kc1) * sin, k2 * cos + rotate_half(k2) * sin
+
+
+def test_kv_cache_rope_input_is_another_writes_index_put():
+    """A RoPE whose input is a fused write's index_put result itself stays with Inductor (near miss):
+    before the fix its fused op read that index_put, which layer 1's fusion had rerouted away; it was
+    kept alive and recomputed from Inductor's own RoPE of k1, so layer 2 did not rotate the cache
+    contents the program wrote (and the index_put ran twice)."""
+    T = 32
+    q1, k1, cc, sc, pos, _ = table_inputs(T=T, seed=3)
+    _, k2, _, _, _, _ = table_inputs(T=T, seed=4)
+    g = torch.Generator().manual_seed(9)
+    v1 = torch.randn(k1.shape, generator=g).to(BF16)
+    slots = torch.randperm(32, generator=g)
+    args = [q1, k1, k2, v1, cc, sc, pos, slots, *(torch.randn(32, 2, 32, generator=g).to(BF16) for _ in range(2))]
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = _q_is_new_k_cache(*eager)
+    out = _compile_no_index_put(_q_is_new_k_cache, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
+    assert any("is an input of the fused op" in m.reason for m in r.near_misses), r.format(verbose=True)
+    assert torch.equal(out[0], ref[0])
+    _check_outs(out, ref, tol=1e-2)  # layer 2 as Inductor computes it
+    for i, (a, b) in enumerate(zip(args, eager)):
+        assert torch.equal(a, b), i
+
+
 @pytest.mark.parametrize("B,prompt_len,step_len", [(1, 5, 1), (2, 3, 4)])
 def test_transformers_static_cache_fuses(B, prompt_len, step_len):
     """transformers' StaticCache ([B, Hkv, max_len, D], written by index_copy_(2, cache_position, k)) in a

@@ -1037,9 +1037,12 @@ def _order_of(mm: RopeMatch) -> list[int]:
     return sorted(range(3), key=functools.cmp_to_key(cmp))
 
 
-def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> list[fx.Node]:
+def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
+            posts: set[fx.Node] = frozenset()) -> list[fx.Node]:
     """Insert one fused op for 1 or 2 matches (q [, k]) and reroute outputs; with `kv`, the op
-    also writes the k/v caches and the graph's final copy_ into each cache reads the op's result."""
+    also writes the k/v caches and the graph's final copy_ into each cache reads the op's result.
+    `posts`: the graph's cache writes' index_put results and views; an input among them is a near
+    miss (a fused write reroutes the readers it found at match time, not the op made here)."""
     from ..kernels import rope_quant as _k  # noqa: F401  (registers torch.ops.fxfuse.rope_quant)
 
     qm = ms[0]
@@ -1055,6 +1058,9 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None) -> l
     inputs += scales
     norms = [mm.norm.weight for mm in ms if mm.norm is not None]
     inputs += norms
+    stale = [n for n in inputs if n in posts]
+    if stale:
+        raise Reject(f"{stale[0].name}, the new contents of a cache write as written, is an input of the fused op")
     has_qs = qm.quant is not None and qm.quant.scale is not None
     has_ks = km is not None and km.quant is not None and km.quant.scale is not None
     store_kq, has_vs, cparams = True, False, {}
@@ -1297,6 +1303,7 @@ class RopeQuant:
         writes = find_cache_writes(graph, ctx, matches) if groups else []
         rotated = {mm.out for mm in matches} | {mm.quant.sink for mm in matches if mm.quant is not None}
         taken = {id(w) for w in writes if w.rows in rotated}  # k writes (of any region) are no v writes
+        posts = {p for w in writes for p in w.post}
         for grp in groups:
             def heads(mm: RopeMatch) -> Any:
                 return tval(mm.x).shape[mm.head] if mm.head >= 0 else 1
@@ -1327,7 +1334,7 @@ class RopeQuant:
                                          dtype=xv.dtype, enabled=gate)
                     if why:
                         raise Reject(why)
-                replaced = rewrite(graph, grp, kv)
+                replaced = rewrite(graph, grp, kv, posts)
                 if kv is not None:
                     taken.add(id(kv.v))
                 kernel = ("triton:fxfuse_rope_quant" if cuda else
