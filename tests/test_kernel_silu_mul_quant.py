@@ -70,6 +70,11 @@ INTERP_CASES = [
     _case("split_static_fp8", dtype=BF16, M=2, inter=2304, scheme=0, gs=0, ops=[], consts=[], qd=FP8,
           qmin=-448.0, qmax=448.0, scale_t=True),
     _case("split_grp128_merged", dtype=BF16, M=1, inter=2304, merged=True, **{**GROUP, "gs": 128}),
+    # width not a multiple of SPLIT_CHUNK: the last chunk holds 1 of its 16 groups (the rest masked)
+    _case("split_grp64_merged_1088", dtype=BF16, M=2, inter=1088, merged=True, **{**GROUP, "gs": 64}),
+    # SPLIT_MAX_M: 64 rows split, 65 do not (int8 static, odd width)
+    _case("split_static_int8_m64", dtype=F16, M=64, inter=1100, **STATIC_I8),
+    _case("nosplit_static_int8_m65", dtype=F16, M=65, inter=1100, **STATIC_I8),
 ]
 
 
@@ -136,6 +141,15 @@ def test_interp_kernel(interp_results: dict[str, Any], cid: str) -> None:
     assert m["stable"] == 1.0, "kernel left output elements unwritten"
     assert m["scale_rel"] <= 1e-6, m
     assert m["q_mismatch"] == 0.0, m
+
+
+def test_split_cases_take_the_launch_they_name() -> None:
+    """The interpreter's split_* cases run the column-split launch, nosplit_* the row-per-program one."""
+    for c in INTERP_CASES:
+        split = K.column_split(c["M"], c["inter"], c["scheme"], c["gs"])
+        if c["id"].startswith(("split_", "nosplit_")):
+            assert split == c["id"].startswith("split_"), c["id"]
+    assert not K.column_split(1, 4096, 2, 2048)  # groups wider than a chunk do not split
 
 
 def test_bad_inputs_raise_value_error() -> None:
