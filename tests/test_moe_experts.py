@@ -301,6 +301,8 @@ _INTERP_CASES = [
     ("decode-vector-forms", 3, 4, 2, 32, 16, "float16", "float16", 1, "random"),
     ("decode-vector-bad-id", 3, 4, 2, 32, 16, "bfloat16", "bfloat16", 1, "bad"),
     ("decode-dot-forms-k8", 2, 16, 8, 32, 16, "bfloat16", "bfloat16", 1, "random"),
+    ("prefill-e7-bad-id", 9, 7, 3, 32, 16, "bfloat16", "bfloat16", 2, "bad"),  # E + 1 a power of two
+    ("prefill-e1-one", 12, 1, 2, 32, 16, "float16", "float16", 2, "one"),  # every pair on the one expert
 ]
 # decode_config overrides: every kernel form (vector / pipelined dot) of both decode kernels runs
 _INTERP_CONFIG = {
@@ -347,6 +349,8 @@ def _interp_main() -> None:
         if bad:
             ids[::5] = E_ + 3  # dropped pairs
             ids[1::7] = -1
+        if bad == "int32":
+            ids = ids.to(torch.int32)
         want = Km._align(ids, E_, bm)
         got = Km._align_triton(lambda k: k, ids, E_, bm)
         res[cid] = _align_agree(want, got, S)
@@ -355,7 +359,9 @@ def _interp_main() -> None:
 
 # (id, pairs S, experts E, BLOCK_M, with dropped ids)
 _ALIGN_CASES = [("align-16", 37, 8, 16, False), ("align-bad", 50, 6, 16, True), ("align-big", 3000, 128, 64, True),
-                ("align-one-tile", 3, 4, 16, False), ("align-bm128", 700, 5, 128, False)]
+                ("align-one-tile", 3, 4, 16, False), ("align-bm128", 700, 5, 128, False),
+                ("align-e15-bad", 2100, 15, 16, True), ("align-e1-many", 2100, 1, 64, True),
+                ("align-e3-bad-int32", 300, 3, 64, "int32")]
 
 
 def _align_agree(want: tuple, got: tuple, S: int) -> dict:
