@@ -686,7 +686,17 @@ def _kv_v_read_first(q, k, v, cc, sc, pos, slots, kc, vc):
     return qe, vsum, _attend(qe, kc, vc)
 
 
-KV_READ_FORMS = {"v_read_first": (_kv_v_read_first, False), "attend_setitem": (_kv_attend_setitem, False), "attend_ops": (_kv_attend_ops, True),
+def _kv_other_views_after(q, k, v, cc, sc, pos, slots, kc, vc):
+    """Reads of the new contents through other views than the written one: flat, row slices,
+    a column slice, a transpose, and the (mutated) caches returned."""
+    qe, ke = _kv_rope(q, k, cc, sc, pos)
+    kc[slots] = ke
+    vc.view(-1, *v.shape[1:])[slots] = v
+    return (qe, kc.view(-1)[:300].float().sum(), vc.view(-1, 32)[3:9].float(), kc.transpose(0, 1).float().sum(0),
+            kc[:5].float() * 1, kc[:, 1].float() * 2, vc[1:3].float() + 0)
+
+
+KV_READ_FORMS = {"other_views": (_kv_other_views_after, False), "v_read_first": (_kv_v_read_first, False), "attend_setitem": (_kv_attend_setitem, False), "attend_ops": (_kv_attend_ops, True),
                  "attend_v_paged": (_kv_attend_ops_v_paged, False), "gather": (_kv_gather_after, False),
                  "sum": (_kv_read_after, False)}
 
@@ -978,6 +988,32 @@ def _static_inputs(B, S, L=16, seed=0, flat_v=False):
     kc = torch.randn(B, 2, L, 32, generator=g).to(BF16)
     vc = torch.randn(L, 2, 32, generator=g).to(BF16) if flat_v else torch.randn(B, 2, L, 32, generator=g).to(BF16)
     return [q, k, v, cos, sin, cpos, kc, vc]
+
+
+def _static_read_views(q, k, v, cos, sin, cpos, kc, vc):
+    """StaticCache writes (index_copy_ and indexed assignment), then reads of the new contents through
+    slices, a transpose, a flat view and gathers at the written positions."""
+    qe, ke = apply_rope(q, k, cos, sin)
+    kc.index_copy_(2, cpos, ke)
+    vc[:, :, cpos] = v
+    return (qe, kc[:, :, :7].float().sum(-1), vc.transpose(1, 2).reshape(vc.shape[0], vc.shape[2], -1).float()[:, 3],
+            kc.view(-1)[5:900].float(), kc.index_select(2, cpos).float(), vc[:, :, cpos].float())
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_static_cache_reads_through_other_views(dynamic):
+    args = _static_inputs(B=2, S=3, seed=5)
+    eager = [a.clone() for a in args]
+    with torch.no_grad():
+        ref = _static_read_views(*eager)
+    out = _compile_no_index_put(_static_read_views, args,
+                                dynamic_dims={0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 0} if dynamic else None)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
+    assert not r.near_misses, r.format(verbose=True)
+    for o, rr in zip(out, ref):
+        assert torch.equal(o, rr)
+    assert torch.equal(args[6], eager[6]) and torch.equal(args[7], eager[7])
 
 
 def test_static_cache_layout_dynamic_tokens():
