@@ -1,4 +1,5 @@
-# One device call of this session (lead's script; see benchmarks/gpu_run.sh for the full menu).
+# The device call script of the latest session (rewritten per call; BENCHMARKS.md cites the exact python command of each
+# result, which is what to rerun). benchmarks/gpu_run.sh holds the full menu of steps.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p $OUT/res
