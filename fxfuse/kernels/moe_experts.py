@@ -32,7 +32,7 @@ Two paths, chosen from the static token count (symbolic token counts take the ti
   slots and combines deterministically in fp32 -> out [M, H].  All selected experts' weights are
   streamed in parallel by many programs (N-split), loads contiguous along H / I.  Which form
   (vector or dot) and which tiles come from ``decode_config`` (measured, per shape class).
-* prefill: an align step on the GPU (torch ops with static upper bounds: ``S + E*(BM-1)``
+* prefill: an align step on the GPU (two Triton launches with static upper bounds: ``S + E*(BM-1)``
   padded rows, vLLM's moe_align_block_size idea) sorts pairs by expert in BLOCK_M tiles; then
   two tiled ``tl.dot`` grouped GEMM kernels; tiles past the padded count exit early after
   reading that count from device memory.  Per-pair outputs are summed over K (deterministic).
@@ -114,7 +114,14 @@ def gate_classes(M: object, K: int, E: int) -> list[str]:
         return ["decode"]
     if not isinstance(M, int):
         return ["prefill", "prefill-large"]
-    return ["prefill-large" if M * K / E > LARGE_PER_EXPERT else "prefill"]
+    return ["prefill-large" if _tile_rows(M * K, E) == 128 else "prefill"]
+
+
+def _tile_rows(S: object, E: int) -> int:
+    """BLOCK_M of the tiled path: the mean pairs per expert, so each expert's weights stream about
+    once per N-block; a symbolic pair count (dynamic M) takes a middle size (any size is correct)."""
+    per_expert = S / E if isinstance(S, int) else 64
+    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= LARGE_PER_EXPERT else 128
 
 
 def decode_config(H: int, I: int, K: int = 8) -> dict:
@@ -139,11 +146,9 @@ def decode_config(H: int, I: int, K: int = 8) -> dict:
 def prefill_config(S: object, H: int, I: int, E: int) -> dict:
     """Tile sizes for the grouped GEMMs by shape class (no autotuning).
 
-    BLOCK_M follows the mean pairs per expert, so each expert's weights stream about once per
-    N-block; a symbolic pair count (dynamic M) takes a middle size (any size is correct).
+    BLOCK_M from `_tile_rows` (the same rule picks the benchmark class in `gate_classes`).
     """
-    per_expert = S / E if isinstance(S, int) else 64
-    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= LARGE_PER_EXPERT else 128
+    bm = _tile_rows(S, E)
     big = bm >= 64
     # 4 warps at every BM: the H200 sweep (tune_moe_decode.py --prefill) had 8 warps 7% slower at BM=128
     return dict(BM=bm, BN1=64, BK1=64, BN2=128 if big else 64, BK2=64, WARPS=4, STAGES=3)
@@ -196,6 +201,17 @@ def _gate_up_acc(a_ptrs, rmask, bg_ptrs, bu_ptrs, mask_n, H, stride_w1k,
 
 
 @triton.jit
+def _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP: tl.constexpr):
+    """(pair, token, expert, valid) of a decode program: pair = program_id(0); an id outside
+    [0, E) is clamped to 0 (loads stay in bounds) and marked invalid (its output is zero)."""
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    e = tl.load(ids_ptr + tok * stride_idm + (pair % K_TOP) * stride_idk).to(tl.int64)
+    valid = (e >= 0) & (e < E)
+    return pair, tok, tl.where(valid, e, 0), valid
+
+
+@triton.jit
 def _moe_decode_gate_up_kernel(
     x_ptr, ids_ptr, w1_ptr, h_ptr,
     stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
@@ -204,12 +220,7 @@ def _moe_decode_gate_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per (pair, N-block): gate and up rows of expert ids[pair] times x[token]."""
-    pair = tl.program_id(0)
-    tok = pair // K_TOP
-    slot = pair % K_TOP
-    e = tl.load(ids_ptr + tok * stride_idm + slot * stride_idk).to(tl.int64)
-    valid = (e >= 0) & (e < E)
-    e = tl.where(valid, e, 0)
+    pair, tok, e, valid = _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -246,12 +257,7 @@ def _moe_decode_gate_up_dot_kernel(
     dot, so Triton's software pipeliner keeps ``num_stages`` tiles in flight per program: a decode
     step is bound by how many weight bytes are in flight, not by FLOPs (15 wasted rows are free).
     """
-    pair = tl.program_id(0)
-    tok = pair // K_TOP
-    slot = pair % K_TOP
-    e = tl.load(ids_ptr + tok * stride_idm + slot * stride_idk).to(tl.int64)
-    valid = (e >= 0) & (e < E)
-    e = tl.where(valid, e, 0)
+    pair, tok, e, valid = _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     r = tl.arange(0, 16)
