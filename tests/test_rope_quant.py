@@ -663,6 +663,26 @@ def _compile_no_index_put(fn, args, dynamic_dims=None):
     return out
 
 
+def _compiled_once(fn, arg_sets, dyn):
+    """Yield (args, eager args, compiled out, eager out) per argument set: the first set compiles
+    with the dims `dyn` dynamic (no index_put left); later sets reuse that compile with the same
+    dims marked dynamic. The report after the first yield is the first compile's."""
+    compiled = None
+    for args in arg_sets:
+        eager = [a.clone() for a in args]
+        with torch.no_grad():
+            ref = fn(*eager)
+        if compiled is None:
+            out = _compile_no_index_put(fn, args, dynamic_dims=dyn)
+            compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
+        else:
+            for a, d in dyn.items():
+                torch._dynamo.mark_dynamic(args[a], d)
+            with torch.no_grad():
+                out = compiled(*args)
+        yield args, eager, out, ref
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -742,25 +762,16 @@ def test_kv_cache_fp8_reads_after_the_write_fuse():
 
 def test_kv_cache_reads_after_the_write_dynamic_tokens():
     """Attention over the written caches with a dynamic token dim: one compile serves T = 7 and 12."""
-    fn = _kv_attend_ops
     dyn = {0: 0, 1: 0, 2: 0, 5: 0, 6: 0}
-    compiled = None
-    for T in (7, 12):
+
+    def inputs(T):
         args = kv_inputs(T=T, seed=40 + T, paged_k=True)
-        args = (*args[:7], *(c.div(50) for c in args[7:9]))
-        eager = [a.clone() for a in args]
-        with torch.no_grad():
-            ref = fn(*eager)
-        if compiled is None:
-            out = _compile_no_index_put(fn, args, dynamic_dims=dyn)
+        return (*args[:7], *(c.div(50) for c in args[7:9]))
+
+    for i, (args, eager, out, ref) in enumerate(_compiled_once(_kv_attend_ops, map(inputs, (7, 12)), dyn)):
+        if i == 0:
             r = fxfuse.report()
             assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
-            compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
-        else:
-            for a, d in dyn.items():
-                torch._dynamo.mark_dynamic(args[a], d)
-            with torch.no_grad():
-                out = compiled(*args)
         _check_outs(out, ref)
         assert torch.equal(args[7], eager[7]) and torch.equal(args[8], eager[8])
     assert not any("KV-cache" in m.reason for m in fxfuse.report().near_misses), fxfuse.report().format(verbose=True)
@@ -1020,23 +1031,12 @@ def test_static_cache_layout_dynamic_tokens():
     """[B, H, max_len, D] caches written at cache positions, dynamic token dim: one compile for S = 3
     and S = 6; q and attention as eager, caches bit-equal."""
     dyn = {0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 0}
-    compiled = None
-    for S in (3, 6):
-        args = _static_inputs(B=2, S=S, seed=S)
-        eager = [a.clone() for a in args]
-        with torch.no_grad():
-            ref = _static_model(*eager)
-        if compiled is None:
-            out = _compile_no_index_put(_static_model, args, dynamic_dims=dyn)
+    arg_sets = (_static_inputs(B=2, S=S, seed=S) for S in (3, 6))
+    for i, (args, eager, out, ref) in enumerate(_compiled_once(_static_model, arg_sets, dyn)):
+        if i == 0:
             r = fxfuse.report()
             assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in r.fusions[0].detail, r.format(verbose=True)
             assert not r.near_misses, r.format(verbose=True)
-            compiled = torch.compile(_static_model, options={"post_grad_custom_pre_pass": fxfuse.passes}, fullgraph=True)
-        else:
-            for a, d in dyn.items():
-                torch._dynamo.mark_dynamic(args[a], d)
-            with torch.no_grad():
-                out = compiled(*args)
         _check_outs(out, ref)
         assert torch.equal(args[6], eager[6]) and torch.equal(args[7], eager[7])
 
