@@ -177,6 +177,11 @@ def run(args: argparse.Namespace, on_progress: Any = None) -> dict[str, Any]:
                         row["us"]["compile"] = bench_us(lambda: stock(x, cos, sin), rep)
                         row["us"]["fused"] = bench_us(lambda: fused(x, cos, sin), rep)
                         row["speedup_vs_compile"] = row["us"]["compile"] / row["us"]["fused"]
+                        if T in args.profile:  # where the layer's kernel time goes, stock vs fused
+                            from e2e import profile_share
+
+                            row["profile"] = {k: profile_share(lambda f=f: f(x, cos, sin), dev, iters=3, top=20)
+                                              for k, f in (("compile", stock), ("fused", fused))}
             except Exception as e:  # noqa: BLE001 - record and continue
                 row["notes"].append(f"{type(e).__name__}: {str(e)[:400]}")
                 traceback.print_exc(limit=6)
@@ -231,6 +236,8 @@ def main() -> None:
                     help="token counts, comma-separated (default 1,16,256,4096; --quick 1,256,4096; --dry-run 1,9)")
     ap.add_argument("--quantizer", default="auto", choices=["auto", "torchao", "fallback"])
     ap.add_argument("--ungated", action="store_true", help="ignore fxfuse/gates.json (measure every fusion)")
+    ap.add_argument("--profile", type=_int_list, default=[],
+                    help="token counts whose stock and fused layers are also profiled (top kernels, us per call)")
     args = ap.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench_llama_fp8_layer: needs a CUDA device (or --dry-run)")

@@ -98,8 +98,12 @@ def copy_bandwidth_gbps(rep: int) -> float:
     return 2 * n * 2 / (us * 1e-6) / 1e9
 
 
-def profile_share(fn: Callable[[], Any], device: str, iters: int = 5) -> dict[str, Any]:
-    """GPU kernel time of `iters` calls, split into fxfuse kernels vs the rest (torch.profiler)."""
+TOP_KERNELS = 0  # --top: kernels listed per profiled step
+
+
+def profile_share(fn: Callable[[], Any], device: str, iters: int = 5, top: int = 0) -> dict[str, Any]:
+    """GPU kernel time of `iters` calls, split into fxfuse kernels vs the rest (torch.profiler);
+    `top` > 0 also lists the `top` costliest kernels (us per call), to see where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -114,11 +118,13 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5) -> dict[st
     names = demo.fxfuse_kernel_names()
     total = ours = 0.0
     per: dict[str, float] = {}
+    every: dict[str, float] = {}
     for ev in prof.events():
         if str(getattr(ev, "device_type", "")).split(".")[-1] != "CUDA":
             continue
         t = float(ev.time_range.elapsed_us())  # a device event: its own kernel time
         total += t
+        every[ev.name] = every.get(ev.name, 0.0) + t
         if any(n in ev.name for n in names):
             ours += t
             per[ev.name] = per.get(ev.name, 0.0) + t
@@ -127,6 +133,8 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5) -> dict[st
         "fxfuse_us_per_step": ours / iters if total else None,
         "fxfuse_share": ours / total if total else None,
         "fxfuse_kernels": {k: v / iters for k, v in sorted(per.items())},
+        **({"top_kernels": [[k[:120], round(v / iters, 2)] for k, v in sorted(every.items(), key=lambda kv: -kv[1])[:top]]}
+           if top else {}),
     }
 
 
@@ -221,7 +229,10 @@ def run_model(
                     traceback.print_exc(limit=3)
             if "fxfuse" in compiled and profile_iters > 0:
                 try:
-                    row["profile"] = profile_share(lambda: compiled["fxfuse"](ids), device, profile_iters)
+                    row["profile"] = profile_share(lambda: compiled["fxfuse"](ids), device, profile_iters, TOP_KERNELS)
+                    if TOP_KERNELS and "compile" in compiled:  # the stock step's costliest kernels, to compare
+                        row["profile_compile"] = profile_share(lambda: compiled["compile"](ids), device, profile_iters,
+                                                               TOP_KERNELS)
                 except Exception as e:  # noqa: BLE001
                     row["notes"].append(f"profile: {type(e).__name__}: {e}")
         base = row["us"].get("compile")
@@ -302,6 +313,7 @@ def main() -> None:
                     help="also stock torch.compile mode max-autotune-no-cudagraphs with --quick (slow: GEMM autotuning)")
     ap.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep (ms)")
     ap.add_argument("--profile-iters", type=int, default=5)
+    ap.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of the fxfuse and stock steps")
     args = ap.parse_args()
 
     demo.quiet_warnings()
@@ -341,6 +353,8 @@ def main() -> None:
     def write() -> None:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
+    global TOP_KERNELS
+    TOP_KERNELS = args.top
     t0 = time.time()
     if device == "cuda":
         result["copy_gbps"] = copy_bandwidth_gbps(rep)
