@@ -32,10 +32,11 @@ Two paths, chosen from the static token count (symbolic token counts take the ti
   slots and combines deterministically in fp32 -> out [M, H].  All selected experts' weights are
   streamed in parallel by many programs (N-split), loads contiguous along H / I.  Which form
   (vector or dot) and which tiles come from ``decode_config`` (measured, per shape class).
-* prefill: an align step on the GPU (two Triton launches with static upper bounds: ``S + E*(BM-1)``
-  padded rows, vLLM's moe_align_block_size idea) sorts pairs by expert in BLOCK_M tiles; then
-  two tiled ``tl.dot`` grouped GEMM kernels; tiles past the padded count exit early after
-  reading that count from device memory.  Per-pair outputs are summed over K (deterministic).
+* prefill: an align step on the GPU (Triton, static upper bounds: ``S + E*(BM-1)`` padded rows,
+  vLLM's moe_align_block_size idea; one launch for a static pair count <= 1024, else histogram +
+  atomic scatter) sorts pairs by expert in BLOCK_M tiles; then two tiled ``tl.dot`` grouped GEMM
+  kernels; tiles past the padded count exit early after reading that count from device memory.
+  A combine kernel sums each token's per-pair outputs over K in slot order (deterministic).
 """
 
 from __future__ import annotations
@@ -459,6 +460,7 @@ def _align(ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, 
 
 
 ALIGN_MAX_BINS = 4096  # experts + 1 a Triton align histogram holds; more take the torch-op align
+ALIGN_ONE_LAUNCH = 1024  # static pair counts up to one histogram chunk: align and scatter in one launch
 
 
 @triton.jit
@@ -466,9 +468,13 @@ def _moe_align_kernel(
     ids_ptr, sorted_ptr, block_e_ptr, npad_ptr, cursor_ptr,
     S, E, P, NT,
     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+    SCATTER: tl.constexpr = False,
 ):
     """One program: per-expert counts (histogram), BLOCK_M-padded offsets (cumsum), each tile's
-    expert, the padded count, the padding fill of the sorted ids, and a per-expert write cursor."""
+    expert, the padded count, the padding fill of the sorted ids, and a per-expert write cursor.
+
+    SCATTER (all pairs in one BLOCK_S chunk, decode-sized batches): the program also places the
+    pairs (the `_moe_scatter_kernel` step) after a barrier, saving a launch and its gap."""
     bins = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for s0 in range(0, S, BLOCK_S):
@@ -489,6 +495,14 @@ def _moe_align_kernel(
     for p0 in range(0, P + 1, BLOCK_S):  # padding rows point at pair S (the kernels mask it)
         p = p0 + tl.arange(0, BLOCK_S)
         tl.store(sorted_ptr + p, tl.zeros([BLOCK_S], dtype=tl.int32) + S, mask=p <= P)
+    if SCATTER:
+        tl.debug_barrier()  # the cursor and the padding fill are in memory before pairs take rows
+        offs = tl.arange(0, BLOCK_S)
+        m = offs < S
+        e = tl.load(ids_ptr + offs, mask=m, other=-1)
+        valid = m & (e >= 0) & (e < E)
+        slot = tl.atomic_add(cursor_ptr + tl.where(valid, e, 0), 1, mask=valid)
+        tl.store(sorted_ptr + slot, offs.to(tl.int32), mask=valid)
 
 
 @triton.jit
@@ -517,12 +531,36 @@ def _align_triton(wrap, ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[t
     block_e = torch.empty((n_tiles,), dtype=torch.int32, device=dev)
     npad = torch.empty((1,), dtype=torch.int32, device=dev)
     cursor = torch.empty((e_pad,), dtype=torch.int32, device=dev)
+    one = isinstance(S, int) and S <= ALIGN_ONE_LAUNCH  # static and small: scatter in the same program
     wrap(_moe_align_kernel)[(1,)](
         ids_flat, sorted_ids, block_e, npad, cursor, S, E, P, n_tiles,
-        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=1024, BLOCK_T=max(1, min(64, 16384 // e_pad)), num_warps=4,
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=1024, BLOCK_T=max(1, min(64, 16384 // e_pad)), SCATTER=one,
+        num_warps=4,
     )
-    wrap(_moe_scatter_kernel)[(triton.cdiv(S, 256),)](ids_flat, sorted_ids, cursor, S, E, BLOCK=256, num_warps=4)
+    if not one:
+        wrap(_moe_scatter_kernel)[(triton.cdiv(S, 256),)](ids_flat, sorted_ids, cursor, S, E, BLOCK=256,
+                                                           num_warps=4)
     return sorted_ids, block_e, npad, n_tiles
+
+
+@triton.jit
+def _moe_combine_kernel(pair_ptr, ids_ptr, out_ptr, stride_p, stride_im, stride_ik, stride_o, E, H,
+                        K_TOP: tl.constexpr, SUM: tl.constexpr, OUT: tl.constexpr, NATIVE: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """out[m] = sum over the token's K slots, in slot order, of its weighted expert outputs (fp32;
+    dropped ids add 0), rounded to the sum dtype: `where(valid, pair_out, 0).sum(1, fp32)`, one
+    launch reading each pair row once (Inductor's reduction over the middle dim ran at ~0.2 TB/s)."""
+    m = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < H
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(K_TOP):
+        e = tl.load(ids_ptr + m * stride_im + k * stride_ik)
+        ok = (e >= 0) & (e < E)
+        v = tl.load(pair_ptr + (m * K_TOP + k) * stride_p + n, mask=nm, other=0.0).to(tl.float32)
+        acc += tl.where(ok, v, 0.0)  # a dropped pair's row was never written (any bits, NaN too)
+    acc = round_to(round_to(acc, SUM, NATIVE), OUT, NATIVE)  # RNE under the interpreter too
+    tl.store(out_ptr + m * stride_o + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
 
 # ----------------------------------------------------------------------------
@@ -618,14 +656,14 @@ def _launch(
         ACT=act, PROD=prod, NATIVE=native, BLOCK_M=bm, BLOCK_N=c["BN2"], BLOCK_K=c["BK2"],
         num_warps=c["WARPS"], **extra,
     )
-    ids = topk_ids.reshape(M, K)
-    valid = ((ids >= 0) & (ids < E)).unsqueeze(-1)
-    summed = torch.where(valid, pair_out.view(M, K, H), 0.0).sum(1, dtype=torch.float32)
-    res = summed.to(sum_dtype).to(out_dtype)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    if out is None:
+        out = torch.empty((M, H), dtype=out_dtype, device=x.device)
+    bn = min(1024, triton.next_power_of_2(H))
+    wrap(_moe_combine_kernel)[(M, triton.cdiv(H, bn))](
+        pair_out, topk_ids, out, pair_out.stride(0), topk_ids.stride(0), topk_ids.stride(1), out.stride(0), E, H,
+        K_TOP=K, SUM=sm, OUT=_DT_CODE[out_dtype], NATIVE=native, BLOCK_N=bn, num_warps=4,
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------
