@@ -76,6 +76,14 @@ INTERP_CASES = [
     _case("split_static_int8_m64", dtype=F16, M=64, inter=1100, **STATIC_I8),
     _case("nosplit_static_int8_m65", dtype=F16, M=65, inter=1100, **STATIC_I8),
 ]
+# ROWS token rows per program (launch_config override), M = 7 not a multiple of ROWS (masked tail
+# rows), each scheme: per-token fp8 / int8 / scale_ub, per-group 64 (padded groups) / 128, static
+ROWS_BASE = ["tok_bf16", "tok_bf16_merged", "tok_int8_bf16_gelu_merged", "tok_scale_ub_bf16", "grp64_bf16_merged",
+             "grp128_f16", "static_int8_f32", "static_literal_fp8"]
+ROWS_CASES = [dict(next(c for c in INTERP_CASES if c["id"] == b), id=f"{b}_rows{r}", M=7, rows=r)
+              for b in ROWS_BASE for r in (1, 2, 4)]
+ROWS_CASES.append(dict(INTERP_CASES[0], id="tok_bf16_rows8_m3", M=3, rows=8))  # one program, 5 rows masked
+ALL_CASES = INTERP_CASES + ROWS_CASES
 
 
 def make_inputs(case: dict[str, Any], device: str = "cpu", seed: int = 0):
@@ -119,9 +127,15 @@ def compare(case: dict[str, Any], run, device: str = "cpu", seed: int = 0) -> di
     )
 
 
+def _cfg(case: dict[str, Any]) -> dict[str, int] | None:
+    """The case's launch override: ROWS rows per program (None: launch_config's default)."""
+    return {"ROWS": case["rows"]} if "rows" in case else None
+
+
 def _interp_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    res = {c["id"]: compare(c, lambda a, out: K.silu_mul_quant_triton(*a, out=out)) for c in INTERP_CASES}
+    res = {c["id"]: compare(c, lambda a, out, c=c: K.silu_mul_quant_triton(*a, out=out, config=_cfg(c)))
+           for c in ALL_CASES}
     print(json.dumps(res))
 
 
@@ -135,7 +149,7 @@ def interp_results() -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("cid", [c["id"] for c in INTERP_CASES])
+@pytest.mark.parametrize("cid", [c["id"] for c in ALL_CASES])
 def test_interp_kernel(interp_results: dict[str, Any], cid: str) -> None:
     m = interp_results[cid]
     assert m["stable"] == 1.0, "kernel left output elements unwritten"
@@ -150,6 +164,26 @@ def test_split_cases_take_the_launch_they_name() -> None:
         if c["id"].startswith(("split_", "nosplit_")):
             assert split == c["id"].startswith("split_"), c["id"]
     assert not K.column_split(1, 4096, 2, 2048)  # groups wider than a chunk do not split
+
+
+def test_launch_config() -> None:
+    """Defaults are one row per program at default_num_warps; overrides stack; M only splits when
+    it is a static int (a symbolic M never picks a config); split launches refuse ROWS > 1."""
+    assert K.launch_config(768, 1, 0, 4096) == dict(ROWS=1, num_warps=K.default_num_warps(1024), split=False)
+    assert K.launch_config(768, 2, 128, None) == K.launch_config(768, 2, 128, 4096)
+    assert K.launch_config(14336, 0, 0, 1)["split"] and not K.launch_config(14336, 0, 0, object())["split"]
+    assert K.launch_config(768, 1, 0, 8, {"ROWS": 4, "num_warps": 2}) == dict(ROWS=4, num_warps=2, split=False)
+    K.LAUNCH_OVERRIDE["ROWS"] = 2
+    try:
+        assert K.launch_config(768, 1, 0, 8)["ROWS"] == 2
+        assert K.launch_config(768, 1, 0, 8, {"ROWS": 8})["ROWS"] == 8
+    finally:
+        K.LAUNCH_OVERRIDE.clear()
+    for bad in ({"ROWS": 3}, {"num_warps": 6}, {"ROWS": 0}, {"ROWS": 128}):  # 128 x 1024 > MAX_TILE
+        with pytest.raises(ValueError):
+            K.launch_config(768, 1, 0, 4096, bad)
+    with pytest.raises(ValueError, match="column-split"):
+        K.launch_config(14336, 0, 0, 1, {"ROWS": 4})
 
 
 def test_bad_inputs_raise_value_error() -> None:
