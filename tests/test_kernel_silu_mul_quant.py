@@ -234,6 +234,45 @@ def test_cuda_path_traces_to_user_triton_kernel(merged: bool) -> None:
     assert len(outs) == 2
 
 
+def test_symbolic_m_rows_launch() -> None:
+    """A symbolic token count with ROWS=4: grid cdiv(M, 4), M passed to the kernel (tail mask), and
+    no guard on M (the config never looks at it). Fake CUDA tensors, so CPU CI runs it."""
+    import torch.fx as fx
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from fxfuse.fx_utils import insert_traced
+
+    env = ShapeEnv()
+    M = env.create_symintnode(env.create_symbol(4096, ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC), hint=4096)
+    with FakeTensorMode(shape_env=env):
+        x = torch.empty(M, 1536, dtype=BF16, device="cuda")
+    g = fx.Graph()
+    ph = g.placeholder("x")
+    ph.meta["val"] = x
+    out = g.output(None)
+
+    def repl(x):
+        return torch.ops.fxfuse.silu_mul_quant(x, None, None, K.ACT_SILU, BF16, BF16, FP8, 1, 0, 1.0,
+                                               [SCALE_DIV, SCALE_CLAMP_MIN], [448.0, 1e-12], False, -448.0, 448.0,
+                                               False)
+
+    K.LAUNCH_OVERRIDE.update(ROWS=4, num_warps=2)
+    try:
+        outs = insert_traced(g, repl, [ph], before=out, functionalize=True)
+    finally:
+        K.LAUNCH_OVERRIDE.clear()
+    (node,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    kw = node.kwargs["kwargs"]
+    assert kw["ROWS"] == 4 and isinstance(kw["M"], fx.Node), kw
+    (grid,) = node.kwargs["grid"]
+    expr = grid[0].meta["val"].node.expr  # cdiv(M, 4) in M's symbol
+    assert [int(expr.subs(M.node.expr, m)) for m in (1, 4, 5, 4097)] == [1, 1, 2, 1025], expr
+    assert not env.guards, env.guards
+    assert [tuple(o.meta["val"].shape) for o in outs] == [(M, 768), (M,)]
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.parametrize("M,inter", [(1, 14336), (4096, 14336), (333, 18432), (64, 768)])
