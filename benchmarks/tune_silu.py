@@ -1,8 +1,9 @@
 """Sweep the silu_mul_quant launch config (ROWS rows per program x num_warps) on the raw launcher.
 
 Why: at M >= 4096 a narrow row (I = 768: one 1024-lane tile, 4096 tiny programs) reached only
-76% of copy bandwidth on an H200; several rows per program and fewer/more warps may close that.
-Per (scheme, M, I): every pruned (ROWS, num_warps) config is launched into NaN-poisoned outputs
+76% of copy bandwidth on an H200; several rows per program and fewer/more warps may close that,
+and for static / per-group the FLAT layout drops the padding of a row to a power of 2.
+Per (scheme, M, I): every pruned (ROWS, num_warps[, FLAT]) config is launched into NaN-poisoned outputs
 and must match the ROWS=1 default bitwise (q bytes and scale bits), then timed with CUDA graphs
 (do_bench_cudagraph, median); copy bandwidth is measured in the same run. `suggested_tuned` is
 the per-(scheme, padded row width) config with the best geomean time over M, in the form of
@@ -46,19 +47,24 @@ WARPS = (1, 2, 4, 8, 16)
 CASE_SCHEMES = ("per_token_fp8", "per_group128_fp8", "static_fp8")
 
 
-def configs(inter: int, scheme: int, min_pt: int, max_pt: int, prune: bool = True) -> list[dict[str, int]]:
+def configs(inter: int, scheme: int, min_pt: int, max_pt: int, prune: bool = True,
+            flat: bool = True) -> list[dict[str, int]]:
     """(ROWS, num_warps) grid minus oversized tiles (> K.MAX_TILE) and, when `prune`, configs
-    outside [min_pt, max_pt] elements per thread per operand; the default config always stays."""
+    outside [min_pt, max_pt] elements per thread per operand; the default config always stays.
+    With `flat`, a row width that is not a power of 2 also gets each config as FLAT (unpadded
+    chunks) where the scheme allows it (static, per-group)."""
     block = row_tile(inter, scheme, GROUP)[0]
     d = K.launch_config(inter, scheme, GROUP, None)
-    out = [dict(ROWS=d["ROWS"], num_warps=d["num_warps"])]
-    for r in ROWS:
-        for w in WARPS:
-            per_thread = r * block / (32 * w)
-            if r * block > K.MAX_TILE or (prune and not min_pt <= per_thread <= max_pt):
-                continue
-            if dict(ROWS=r, num_warps=w) not in out:
-                out.append(dict(ROWS=r, num_warps=w))
+    out = [{k: d[k] for k in ("ROWS", "num_warps", "FLAT")}]
+    flats = (0, 1) if flat and block != inter and K.flat_chunk(inter, scheme, GROUP) else (0,)
+    for f in flats:
+        for r in ROWS:
+            for w in WARPS:
+                per_thread = r * block / (32 * w)
+                if r * block > K.MAX_TILE or (prune and not min_pt <= per_thread <= max_pt):
+                    continue
+                if dict(ROWS=r, num_warps=w, FLAT=f) not in out:
+                    out.append(dict(ROWS=r, num_warps=w, FLAT=f))
     return out
 
 
@@ -97,14 +103,14 @@ def _precompile(job: tuple[str, int, list[dict[str, int]]]) -> str:
 
 
 def sweep(Ms: list[int], Is: list[int], names: list[str], rep: int, copy_gbps: float, dev: str, dry: bool,
-          min_pt: int, max_pt: int) -> list[dict[str, Any]]:
+          min_pt: int, max_pt: int, flat: bool) -> list[dict[str, Any]]:
     cases = []
     for name in names:
         scheme = SCHEMES[name]["scheme"]
         for inter in Is:
-            cfgs = configs(inter, scheme, min_pt, max_pt, prune=not dry)
+            cfgs = configs(inter, scheme, min_pt, max_pt, prune=not dry, flat=flat)
             block = row_tile(inter, scheme, GROUP)[0]
-            ref_cfg = dict(ROWS=1, num_warps=K.default_num_warps(block))  # today's launch: the bitwise oracle
+            ref_cfg = dict(ROWS=1, num_warps=K.default_num_warps(block), FLAT=0)  # today's launch: bitwise oracle
             for M in Ms:
                 t0 = time.time()
                 _, oargs = make_inputs(name, M, inter, dev)
@@ -128,8 +134,8 @@ def sweep(Ms: list[int], Is: list[int], names: list[str], rep: int, copy_gbps: f
                     rows.append(rec)
                 timed = [r for r in rows if r["ok"] and r["us"]]
                 best = min(timed, key=lambda r: r["us"]) if timed else None
-                d_us = next((r["us"] for r in rows if r["config"] == {k: default[k] for k in ("ROWS", "num_warps")}),
-                            None)
+                d_us = next((r["us"] for r in rows
+                             if r["config"] == {k: default[k] for k in ("ROWS", "num_warps", "FLAT")}), None)
                 case = dict(scheme=name, M=M, I=inter, bytes=nbytes, default=default, default_us=d_us,
                             best=best and dict(config=best["config"], us=best["us"], frac_copy=best["frac_copy"]),
                             all=rows, wall_s=round(time.time() - t0, 2))
@@ -185,6 +191,7 @@ def main() -> None:
     ap.add_argument("--schemes", default=",".join(CASE_SCHEMES))
     ap.add_argument("--min-per-thread", type=int, default=4, help="prune: fewest elements per thread per operand")
     ap.add_argument("--max-per-thread", type=int, default=64, help="prune: most elements per thread (registers)")
+    ap.add_argument("--no-flat", action="store_true", help="skip the FLAT (unpadded row) variants")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes precompiling the configs (0: compile serially while timing)")
     args = ap.parse_args()
@@ -200,8 +207,8 @@ def main() -> None:
     names = [n for n in args.schemes.split(",") if n]
     t0 = time.time()
     if not dry and args.jobs > 0:
-        jobs = [(n, i, configs(i, SCHEMES[n]["scheme"], args.min_per_thread, args.max_per_thread))
-                for n in names for i in Is]
+        jobs = [(n, i, configs(i, SCHEMES[n]["scheme"], args.min_per_thread, args.max_per_thread,
+                               flat=not args.no_flat)) for n in names for i in Is]
         try:  # only fills Triton's cache: on failure the timing loop compiles each config itself
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as ex:
                 for msg in ex.map(_precompile, jobs):
@@ -213,7 +220,8 @@ def main() -> None:
     gpu = "cpu (dry run)" if dry else torch.cuda.get_device_name()
     print(f"[tune] {gpu} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     with torch.no_grad():
-        cases = sweep(Ms, Is, names, args.rep, copy_gbps, dev, dry, args.min_per_thread, args.max_per_thread)
+        cases = sweep(Ms, Is, names, args.rep, copy_gbps, dev, dry, args.min_per_thread, args.max_per_thread,
+                      not args.no_flat)
     result = dict(
         family="silu_mul_quant_tune", gpu=gpu, torch=torch.__version__, triton=triton.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -61,6 +61,7 @@ __all__ = [
     "silu_mul_quant_triton",
     "bytes_moved",
     "check_args",
+    "flat_chunk",
     "launch_config",
 ]
 
@@ -233,7 +234,8 @@ def _silu_mul_quant_kernel(
     SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr = 1, NATIVE: tl.constexpr = False,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr = 1, FLAT: tl.constexpr = False,
+    NATIVE: tl.constexpr = False,
 ):
     """ROWS token rows per program (ROWS = 1: one row per program), each held as BLOCK_R tile rows
     of BLOCK_G (a group per tile row for the per-group scheme): gate and up are read once, q and
@@ -241,8 +243,13 @@ def _silu_mul_quant_kernel(
     little work per program); its [ROWS * BLOCK_R, BLOCK_G] tile row t is token row
     program_id(0) * ROWS + t // BLOCK_R, tile row t % BLOCK_R of it. Static and per-group scales
     need no row reduction, so small-M launches split the row over a second grid dim
-    (program_id(1) = chunk of BLOCK_R tile rows; ROWS = 1) to spread one row over many SMs."""
-    if ROWS == 1:
+    (program_id(1) = chunk of BLOCK_R tile rows; ROWS = 1) to spread one row over many SMs.
+
+    FLAT (static, per-group): no padding to a power-of-2 row. A row is NG chunks of BLOCK_G
+    (its groups, or for static the largest power-of-2 divisor of I), the M * NG chunks are
+    numbered flat and tile row t is chunk program_id(0) * ROWS * BLOCK_R + t, so I = 768 runs as
+    3 x 256 (static) or 6 x 128 (groups) with no masked lanes but the last program's tail."""
+    if ROWS == 1 and not FLAT:
         row = tl.program_id(0).to(tl.int64)
         g_idx = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -257,10 +264,17 @@ def _silu_mul_quant_kernel(
                            HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
     else:
         t = tl.arange(0, ROWS * BLOCK_R)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + t // BLOCK_R  # [T] token row of each tile row
-        g_idx = tl.program_id(1) * BLOCK_R + t % BLOCK_R
-        offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]  # element offsets in the row
-        mask = (offs < INTER) & (rows < M)[:, None]
+        if FLAT:
+            chunk = tl.program_id(0).to(tl.int64) * (ROWS * BLOCK_R) + t  # [T] flat chunk index
+            rows = chunk // NG
+            g_idx = chunk % NG
+            offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+            mask = (rows < M)[:, None] & (tl.arange(0, BLOCK_G) < BLOCK_G)[None, :]
+        else:
+            rows = tl.program_id(0).to(tl.int64) * ROWS + t // BLOCK_R  # [T] token row of each tile row
+            g_idx = tl.program_id(1) * BLOCK_R + t % BLOCK_R
+            offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]  # element offsets in the row
+            mask = (offs < INTER) & (rows < M)[:, None]
 
         g = tl.load(g_ptr + rows[:, None] * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + rows[:, None] * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
@@ -303,11 +317,24 @@ TUNED: dict[tuple[int, int], dict[str, int]] = {}
 # Applied over every default (tests, sweeps): e.g. {"ROWS": 4, "num_warps": 2}; empty = off.
 LAUNCH_OVERRIDE: dict[str, int] = {}
 MAX_TILE = 65536  # elements of one program's tile (ROWS * padded row): register budget
+MIN_FLAT_CHUNK = 64  # narrowest static FLAT chunk (a power-of-2 divisor of I)
+
+
+def flat_chunk(inter: int, scheme: int, group_size: int) -> Optional[int]:
+    """Chunk width of the unpadded FLAT layout: the group (per-group), the largest power-of-2
+    divisor of I (static); None where FLAT does not apply (per-token needs
+    a whole row per tile row for its amax)."""
+    if scheme == SCHEME_PER_GROUP:
+        return group_size
+    if scheme != SCHEME_STATIC:
+        return None
+    c = inter & -inter
+    return c if c >= MIN_FLAT_CHUNK else None
 
 
 def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
                   override: Optional[dict[str, int]] = None) -> dict[str, Any]:
-    """{"ROWS", "num_warps", "split"} of a launch, for the eager launcher and the triton_op alike.
+    """{"ROWS", "num_warps", "FLAT", "split"} of a launch, for the eager launcher and the triton_op.
 
     Pure Python on static shape facts (inter, scheme, group): M only enables the column split,
     and only when it is a static int (column_split); a symbolic M never picks a config, so no
@@ -315,19 +342,22 @@ def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
     """
     split = column_split(M, inter, scheme, group_size)
     block = SPLIT_CHUNK if split else row_tile(inter, scheme, group_size)[0]
-    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block))
+    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block), FLAT=0)
     if not split:  # a split launch is one row (chunk) per program
         cfg.update(TUNED.get((int(scheme), block), {}))
     cfg.update(LAUNCH_OVERRIDE)
     cfg.update(override or {})
-    rows, nw = int(cfg["ROWS"]), int(cfg["num_warps"])
+    rows, nw, flat = int(cfg["ROWS"]), int(cfg["num_warps"]), int(bool(cfg["FLAT"]))
     if rows < 1 or rows & (rows - 1) or nw < 1 or nw & (nw - 1):
         raise ValueError(f"silu_mul_quant: ROWS={rows}, num_warps={nw} must be powers of 2")
     if split and rows != 1:
         raise ValueError("silu_mul_quant: a column-split launch (small static M) takes ROWS=1")
     if rows * block > MAX_TILE and rows > 1:
         raise ValueError(f"silu_mul_quant: ROWS={rows} x {block}-wide rows exceeds {MAX_TILE} elements")
-    return dict(ROWS=rows, num_warps=nw, split=split)
+    if flat and (split or flat_chunk(inter, scheme, group_size) is None):
+        raise ValueError(f"silu_mul_quant: FLAT needs static (I with a power-of-2 divisor >= {MIN_FLAT_CHUNK}) "
+                         "or per-group, and no column split")
+    return dict(ROWS=rows, num_warps=nw, FLAT=flat, split=split)
 
 
 def _kernel_meta(inter: int, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
@@ -337,12 +367,15 @@ def _kernel_meta(inter: int, scale: Optional[torch.Tensor], act: int, act_dtype:
     block, block_g, block_r = row_tile(inter, scheme, group_size)
     if cfg["split"]:  # static: [1, SPLIT_CHUNK] tiles; per-group: SPLIT_CHUNK // group groups per program
         block_g, block_r = (SPLIT_CHUNK, 1) if scheme == SCHEME_STATIC else (group_size, SPLIT_CHUNK // group_size)
+    if cfg["FLAT"]:  # tiles of ROWS * block elements, as wide as one chunk
+        block_g = flat_chunk(inter, scheme, group_size)
+        block_r = block // block_g
     ops, _ = pad_scale_chain(scale_ops, ())
     return dict(
         ACT=int(act), ACT_DT=_DT_CODE[act_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_SCALE_T=scale is not None,
         SCHEME=int(scheme), OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
         QUANT_MUL=bool(quant_mul), ROUND_INT=bool(round_to_int), Q_INT8=quant_dtype == torch.int8,
-        BLOCK_G=block_g, BLOCK_R=block_r, ROWS=cfg["ROWS"],
+        BLOCK_G=block_g, BLOCK_R=block_r, ROWS=cfg["ROWS"], FLAT=bool(cfg["FLAT"]),
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=cfg["num_warps"],
     )
@@ -358,10 +391,15 @@ def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dt
                         scale_ops, quant_mul, round_to_int, cfg)
     _, c = pad_scale_chain((), scale_consts)
     ng = inter // group_size if scheme == SCHEME_PER_GROUP else 1
+    if cfg["FLAT"]:  # chunks per row; the grid covers the M * ng chunks
+        ng = inter // meta["BLOCK_G"]
     # merged gate_up: pass the base tensor twice and offset up's pointer by I inside the row
     u_arg = x if up is None else up
     u_off = inter if up is None else 0
-    grid = (triton.cdiv(M, cfg["ROWS"]), triton.cdiv(inter, SPLIT_CHUNK) if cfg["split"] else 1)
+    if cfg["FLAT"]:
+        grid = (triton.cdiv(M * ng, cfg["ROWS"] * meta["BLOCK_R"]), 1)
+    else:
+        grid = (triton.cdiv(M, cfg["ROWS"]), triton.cdiv(inter, SPLIT_CHUNK) if cfg["split"] else 1)
     kernel[grid](
         x, u_arg, scale if scale is not None else x, scale_ub if scale_ub is not None else x, q, scales,
         x.stride(0), u_arg.stride(0), q.stride(0), u_off,
