@@ -6,6 +6,8 @@ This module knows nothing about FX. It provides:
 * ``torch.ops.fxfuse.silu_mul_quant`` -- a ``torch.library.triton_op`` launching through
   ``wrap_triton`` (becomes ``triton_kernel_wrapper_functional`` under torch.compile);
 * :func:`silu_mul_quant_triton` -- plain launcher (eager CUDA, or CPU under TRITON_INTERPRET=1);
+* :func:`launch_config` -- rows per program / warps / layout of both launch paths (TUNED table,
+  LAUNCH_OVERRIDE and a ``config=`` keyword for sweeps: benchmarks/tune_silu.py);
 * :func:`bytes_moved` -- HBM traffic model for benchmarks.
 
 Why one kernel: stock Inductor computes the per-token amax in one loop and the quantized product
@@ -35,19 +37,19 @@ from torch.library import triton_op, wrap_triton
 
 from .quant_common import (
     DT_CODE as _DT_CODE,
-    absmax,
-    load_ub,
-    quantize,
-    scale_chain,
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
+    absmax,
     check_quant_args,
+    load_ub,
     pad_scale_chain,
+    quantize,
     quantize_reference,
     quantize_store_row,
     round_to,
     row_tile,
+    scale_chain,
     scales_bytes,
     scales_shape,
 )
@@ -311,10 +313,12 @@ def default_num_warps(block: int) -> int:
     return 32  # 32768-wide rows (I up to 32768): 32 values/thread per operand, no spills
 
 
-# Tuned launch configs by (scheme, padded row width): {"ROWS": r, "num_warps": w}. Empty until GPU
-# sweeps (benchmarks/tune_silu.py) say otherwise: every shape keeps ROWS=1 + default_num_warps.
+# Tuned launch configs by (scheme, padded row width): {"ROWS": r, "num_warps": w[, "FLAT": 1]}.
+# Empty until GPU sweeps (benchmarks/tune_silu.py: its suggested_tuned) say otherwise: every shape
+# keeps today's launch, ROWS=1 at default_num_warps.
 TUNED: dict[tuple[int, int], dict[str, int]] = {}
-# Applied over every default (tests, sweeps): e.g. {"ROWS": 4, "num_warps": 2}; empty = off.
+# Applied over every default (tests, sweeps; also read when torch.compile traces the op): e.g.
+# {"ROWS": 4, "num_warps": 2}; empty = off.
 LAUNCH_OVERRIDE: dict[str, int] = {}
 MAX_TILE = 65536  # elements of one program's tile (ROWS * padded row): register budget
 MIN_FLAT_CHUNK = 64  # narrowest static FLAT chunk (a power-of-2 divisor of I)
@@ -322,8 +326,8 @@ MIN_FLAT_CHUNK = 64  # narrowest static FLAT chunk (a power-of-2 divisor of I)
 
 def flat_chunk(inter: int, scheme: int, group_size: int) -> Optional[int]:
     """Chunk width of the unpadded FLAT layout: the group (per-group), the largest power-of-2
-    divisor of I (static); None where FLAT does not apply (per-token needs
-    a whole row per tile row for its amax)."""
+    divisor of I (static); None where FLAT does not apply (per-token needs a whole row per tile
+    row for its amax; a static I with only a narrow power-of-2 divisor would vectorize poorly)."""
     if scheme == SCHEME_PER_GROUP:
         return group_size
     if scheme != SCHEME_STATIC:
@@ -511,7 +515,7 @@ def silu_mul_quant_triton(
     """Launch the raw kernel (no dispatcher): eager CUDA, or CPU under TRITON_INTERPRET=1.
 
     `out=(q, scales)` writes into caller buffers (tests poison them to catch unwritten elements).
-    `config` ({"ROWS", "num_warps"}) and `num_warps` override launch_config (sweeps, tests).
+    `config` ({"ROWS", "num_warps", "FLAT"}) and `num_warps` override launch_config (sweeps, tests).
     """
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
                scale_consts, for_triton=True)
