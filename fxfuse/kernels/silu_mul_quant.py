@@ -189,15 +189,16 @@ def _act(g, ACT: tl.constexpr):
 
 @triton.jit
 def _quant_store_rows(
-    y, rows, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
+    y, rows, rel, row0, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
     static_scale_value, c0, c1, c2, c3, qmin, qmax,
     HAS_SCALE_T: tl.constexpr, SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """quantize_store_row for a tile whose rows belong to several token rows (`rows` [T]: each
-    tile row's token row, int64; `g_idx` [T]: its group, or 0): the same per-element math, so
-    ROWS > 1 is bit-identical to one row per program; rows >= M are masked (last program)."""
+    tile row's token row, int64, = row0 + rel: FLAT's int32 rows from its first, else row0 = 0;
+    `g_idx` [T]: its group, or 0): the same per-element math, so ROWS > 1 is bit-identical to
+    one row per program; rows >= M are masked (last program)."""
     static_scale_value = tl.cast(static_scale_value, tl.float32)
     c0 = tl.cast(c0, tl.float32)
     c1 = tl.cast(c1, tl.float32)
@@ -223,7 +224,7 @@ def _quant_store_rows(
         sb = s[:, None] + tl.zeros_like(y)
         tl.store(s_out_ptr + rows * NG + g_idx, s, mask=(g_idx < NG) & (rows < M))
     qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
-    tl.store(q_ptr + rows[:, None] * stride_q + offs, qo, mask=mask)
+    tl.store(q_ptr + row0 * stride_q + (rel[:, None] * stride_q + offs), qo, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -267,22 +268,26 @@ def _silu_mul_quant_kernel(
     else:
         t = tl.arange(0, ROWS * BLOCK_R)
         if FLAT:
-            chunk = tl.program_id(0).to(tl.int64) * (ROWS * BLOCK_R) + t  # [T] flat chunk index
-            rows = chunk // NG
-            g_idx = chunk % NG
-            offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
-            mask = (rows < M)[:, None] & (tl.arange(0, BLOCK_G) < BLOCK_G)[None, :]
+            # a scalar int64 first row plus int32 rows from it: int64 // NG per tile row spills
+            chunk0 = tl.program_id(0).to(tl.int64) * (ROWS * BLOCK_R)  # first flat chunk index
+            row0 = chunk0 // NG
+            local = (chunk0 - row0 * NG).to(tl.int32) + t  # chunk index counted from row0's first
+            rel = local // NG  # [T] token row of each tile row, from row0
+            g_idx = local % NG
         else:
-            rows = tl.program_id(0).to(tl.int64) * ROWS + t // BLOCK_R  # [T] token row of each tile row
+            row0 = 0
+            rel = tl.program_id(0).to(tl.int64) * ROWS + t // BLOCK_R  # [T] token row of each tile row
             g_idx = tl.program_id(1) * BLOCK_R + t % BLOCK_R
-            offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]  # element offsets in the row
-            mask = (offs < INTER) & (rows < M)[:, None]
+        rows = row0 + rel  # [T] int64
+        offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]  # element offsets in the row
+        mask = (offs < INTER) & (rows < M)[:, None]
 
-        g = tl.load(g_ptr + rows[:, None] * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + rows[:, None] * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row0 * stride_g + (rel[:, None] * stride_g + offs), mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row0 * stride_u + u_off + (rel[:, None] * stride_u + offs), mask=mask,
+                    other=0.0).to(tl.float32)
         a = round_to(_act(g, ACT), ACT_DT, NATIVE)
         y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
-        _quant_store_rows(y, rows, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
+        _quant_store_rows(y, rows, rel, row0, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
                           static_scale_value, c0, c1, c2, c3, qmin, qmax,
                           HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
 
@@ -397,6 +402,10 @@ def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dt
     ng = inter // group_size if scheme == SCHEME_PER_GROUP else 1
     if cfg["FLAT"]:  # chunks per row; the grid covers the M * ng chunks
         ng = inter // meta["BLOCK_G"]
+        span = cfg["ROWS"] * meta["BLOCK_R"] // ng + 2  # rows one program touches, at most
+        for st in (x.stride(0), up.stride(0) if up is not None else 0, q.stride(0)):
+            if isinstance(st, int) and st * span >= 2**31:  # the kernel's int32 row offsets
+                raise ValueError(f"silu_mul_quant: FLAT with row stride {st} overflows int32 offsets")
     # merged gate_up: pass the base tensor twice and offset up's pointer by I inside the row
     u_arg = x if up is None else up
     u_off = inter if up is None else 0
