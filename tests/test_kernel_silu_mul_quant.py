@@ -76,6 +76,19 @@ INTERP_CASES = [
     _case("split_static_int8_m64", dtype=F16, M=64, inter=1100, **STATIC_I8),
     _case("nosplit_static_int8_m65", dtype=F16, M=65, inter=1100, **STATIC_I8),
 ]
+# ROWS token rows per program (launch_config override), M = 7 not a multiple of ROWS (masked tail
+# rows), each scheme: per-token fp8 / int8 / scale_ub, per-group 64 (padded groups) / 128, static
+ROWS_BASE = ["tok_bf16", "tok_bf16_merged", "tok_int8_bf16_gelu_merged", "tok_scale_ub_bf16", "grp64_bf16_merged",
+             "grp128_f16", "static_int8_f32", "static_literal_fp8"]
+ROWS_CASES = [dict(next(c for c in INTERP_CASES if c["id"] == b), id=f"{b}_rows{r}", M=7, rows=r)
+              for b in ROWS_BASE for r in (1, 2, 4)]
+ROWS_CASES.append(dict(INTERP_CASES[0], id="tok_bf16_rows8_m3", M=3, rows=8))  # one program, 5 rows masked
+# FLAT (unpadded chunks numbered across rows, tail chunks masked in the last program): per-group
+# 3 x 64 / 3 x 128 groups a row, static 3 x 128 (int8, tensor scale) and 5 x 64 (fp8) chunks a row
+FLAT_BASE = {"grp64_bf16_merged": 192, "grp128_f16": 384, "static_int8_f32": 384, "static_literal_fp8": 320}
+ROWS_CASES += [dict(next(c for c in INTERP_CASES if c["id"] == b), id=f"{b}_flat_rows{r}", M=7, inter=i, rows=r,
+                    flat=1) for b, i in FLAT_BASE.items() for r in (1, 2, 4)]
+ALL_CASES = INTERP_CASES + ROWS_CASES
 
 
 def make_inputs(case: dict[str, Any], device: str = "cpu", seed: int = 0):
@@ -119,9 +132,15 @@ def compare(case: dict[str, Any], run, device: str = "cpu", seed: int = 0) -> di
     )
 
 
+def _cfg(case: dict[str, Any]) -> dict[str, int] | None:
+    """The case's launch override: ROWS rows per program (None: launch_config's default)."""
+    return {"ROWS": case["rows"], "FLAT": case.get("flat", 0)} if "rows" in case else None
+
+
 def _interp_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    res = {c["id"]: compare(c, lambda a, out: K.silu_mul_quant_triton(*a, out=out)) for c in INTERP_CASES}
+    res = {c["id"]: compare(c, lambda a, out, c=c: K.silu_mul_quant_triton(*a, out=out, config=_cfg(c)))
+           for c in ALL_CASES}
     print(json.dumps(res))
 
 
@@ -135,7 +154,7 @@ def interp_results() -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("cid", [c["id"] for c in INTERP_CASES])
+@pytest.mark.parametrize("cid", [c["id"] for c in ALL_CASES])
 def test_interp_kernel(interp_results: dict[str, Any], cid: str) -> None:
     m = interp_results[cid]
     assert m["stable"] == 1.0, "kernel left output elements unwritten"
@@ -150,6 +169,32 @@ def test_split_cases_take_the_launch_they_name() -> None:
         if c["id"].startswith(("split_", "nosplit_")):
             assert split == c["id"].startswith("split_"), c["id"]
     assert not K.column_split(1, 4096, 2, 2048)  # groups wider than a chunk do not split
+
+
+def test_launch_config() -> None:
+    """Defaults are one row per program at default_num_warps; overrides stack; M only splits when
+    it is a static int (a symbolic M never picks a config); split launches refuse ROWS > 1."""
+    assert K.launch_config(768, 1, 0, 4096) == dict(ROWS=1, num_warps=K.default_num_warps(1024), FLAT=0,
+                                                            split=False)
+    assert K.launch_config(768, 2, 128, None) == K.launch_config(768, 2, 128, 4096)
+    assert K.launch_config(14336, 0, 0, 1)["split"] and not K.launch_config(14336, 0, 0, object())["split"]
+    assert K.launch_config(768, 1, 0, 8, {"ROWS": 4, "num_warps": 2}) == dict(ROWS=4, num_warps=2, FLAT=0, split=False)
+    K.LAUNCH_OVERRIDE["ROWS"] = 2
+    try:
+        assert K.launch_config(768, 1, 0, 8)["ROWS"] == 2
+        assert K.launch_config(768, 1, 0, 8, {"ROWS": 8})["ROWS"] == 8
+    finally:
+        K.LAUNCH_OVERRIDE.clear()
+    for bad in ({"ROWS": 3}, {"num_warps": 6}, {"ROWS": 0}, {"ROWS": 128}):  # 128 x 1024 > MAX_TILE
+        with pytest.raises(ValueError):
+            K.launch_config(768, 1, 0, 4096, bad)
+    with pytest.raises(ValueError, match="column-split"):
+        K.launch_config(14336, 0, 0, 1, {"ROWS": 4})
+    assert [K.flat_chunk(i, 0, 0) for i in (768, 14336, 18432, 2048, 1100)] == [256, 2048, 2048, 2048, None]
+    assert K.flat_chunk(768, 2, 128) == 128 and K.flat_chunk(768, 1, 0) is None
+    for inter, scheme, gs, M in ((768, 1, 0, 4096), (1100, 0, 0, 4096), (14336, 0, 0, 1)):  # per-token, 4 | I, split
+        with pytest.raises(ValueError, match="FLAT"):
+            K.launch_config(inter, scheme, gs, M, {"FLAT": 1})
 
 
 def test_bad_inputs_raise_value_error() -> None:
@@ -198,6 +243,48 @@ def test_cuda_path_traces_to_user_triton_kernel(merged: bool) -> None:
     assert not any("fxfuse" in str(t) for t in targets)
     assert not any("slice" in str(t) or "clone" in str(t) for t in targets), targets
     assert len(outs) == 2
+
+
+@pytest.mark.parametrize("flat", [0, 1], ids=["rows", "flat"])
+def test_symbolic_m_rows_launch(flat: int) -> None:
+    """A symbolic token count with ROWS=4: grid cdiv(M, 4) (FLAT per-group 128 at I = 768: 6 groups
+    a row, 4 x 8 per program: cdiv(6 M, 32)), M passed to the kernel (tail mask), and no guard on M
+    (the config never looks at it). Fake CUDA tensors, so CPU CI runs it."""
+    import torch.fx as fx
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from fxfuse.fx_utils import insert_traced
+
+    env = ShapeEnv()
+    M = env.create_symintnode(env.create_symbol(4096, ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC), hint=4096)
+    with FakeTensorMode(shape_env=env):
+        x = torch.empty(M, 1536, dtype=BF16, device="cuda")
+    g = fx.Graph()
+    ph = g.placeholder("x")
+    ph.meta["val"] = x
+    out = g.output(None)
+
+    def repl(x):
+        return torch.ops.fxfuse.silu_mul_quant(x, None, None, K.ACT_SILU, BF16, BF16, FP8, 2 if flat else 1,
+                                               128 if flat else 0, 1.0, [SCALE_DIV, SCALE_CLAMP_MIN], [448.0, 1e-12],
+                                               False, -448.0, 448.0, False)
+
+    K.LAUNCH_OVERRIDE.update(ROWS=4, num_warps=2, FLAT=flat)
+    try:
+        outs = insert_traced(g, repl, [ph], before=out, functionalize=True)
+    finally:
+        K.LAUNCH_OVERRIDE.clear()
+    (node,) = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    kw = node.kwargs["kwargs"]
+    assert kw["ROWS"] == 4 and isinstance(kw["M"], fx.Node), kw
+    (grid,) = node.kwargs["grid"]
+    expr = grid[0].meta["val"].node.expr  # cdiv(M, 4) | cdiv(6 M, 32) in M's symbol
+    want = [-(-6 * m // 32) if flat else -(-m // 4) for m in (1, 4, 5, 4097)]
+    assert [int(expr.subs(M.node.expr, m)) for m in (1, 4, 5, 4097)] == want, expr
+    assert not env.guards, env.guards
+    assert [tuple(o.meta["val"].shape) for o in outs] == [(M, 768), (M, 6) if flat else (M,)]
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -6,6 +6,8 @@ This module knows nothing about FX. It provides:
 * ``torch.ops.fxfuse.silu_mul_quant`` -- a ``torch.library.triton_op`` launching through
   ``wrap_triton`` (becomes ``triton_kernel_wrapper_functional`` under torch.compile);
 * :func:`silu_mul_quant_triton` -- plain launcher (eager CUDA, or CPU under TRITON_INTERPRET=1);
+* :func:`launch_config` -- rows per program / warps / layout of both launch paths (TUNED table,
+  LAUNCH_OVERRIDE and a ``config=`` keyword for sweeps: benchmarks/tune_silu.py);
 * :func:`bytes_moved` -- HBM traffic model for benchmarks.
 
 Why one kernel: stock Inductor computes the per-token amax in one loop and the quantized product
@@ -26,7 +28,7 @@ one merged [M, 2I] ``gate_up`` (``up is None``)::
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import triton
@@ -38,12 +40,16 @@ from .quant_common import (
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
+    absmax,
     check_quant_args,
+    load_ub,
     pad_scale_chain,
+    quantize,
     quantize_reference,
     quantize_store_row,
     round_to,
     row_tile,
+    scale_chain,
     scales_bytes,
     scales_shape,
 )
@@ -57,6 +63,8 @@ __all__ = [
     "silu_mul_quant_triton",
     "bytes_moved",
     "check_args",
+    "flat_chunk",
+    "launch_config",
 ]
 
 ACT_SILU = 0
@@ -180,33 +188,108 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _quant_store_rows(
+    y, rows, rel, row0, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
+    static_scale_value, c0, c1, c2, c3, qmin, qmax,
+    HAS_SCALE_T: tl.constexpr, SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, NATIVE: tl.constexpr,
+):
+    """quantize_store_row for a tile whose rows belong to several token rows (`rows` [T]: each
+    tile row's token row, int64, = row0 + rel: FLAT's int32 rows from its first, else row0 = 0;
+    `g_idx` [T]: its group, or 0): the same per-element math, so ROWS > 1 is bit-identical to
+    one row per program; rows >= M are masked (last program)."""
+    static_scale_value = tl.cast(static_scale_value, tl.float32)
+    c0 = tl.cast(c0, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
+    c2 = tl.cast(c2, tl.float32)
+    c3 = tl.cast(c3, tl.float32)
+    qmin = tl.cast(qmin, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
+    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    if SCHEME == 0:
+        if HAS_SCALE_T:
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = static_scale_value + 0.0
+    else:
+        s = absmax(y, 1)  # [T]: one amax per tile row (a token row, or one of its groups)
+    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+    if SCHEME == 0:
+        sb = s + tl.zeros_like(y)
+        if tl.program_id(0) == 0:
+            if tl.program_id(1) == 0:
+                tl.store(s_out_ptr, s)
+    else:
+        sb = s[:, None] + tl.zeros_like(y)
+        tl.store(s_out_ptr + rows * NG + g_idx, s, mask=(g_idx < NG) & (rows < M))
+    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    tl.store(q_ptr + row0 * stride_q + (rel[:, None] * stride_q + offs), qo, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _silu_mul_quant_kernel(
     g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr,
     stride_g, stride_u, stride_q, u_off,
-    INTER, NG,
+    INTER, NG, M,
     static_scale_value, c0, c1, c2, c3, qmin, qmax,
     ACT: tl.constexpr, ACT_DT: tl.constexpr, OUT_DT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
     SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr = False,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr = 1, FLAT: tl.constexpr = False,
+    NATIVE: tl.constexpr = False,
 ):
-    """One program per row, held as a [BLOCK_R, BLOCK_G] tile (a group per tile row for the
-    per-group scheme): gate and up are read once, q and the scales written once. Static and
-    per-group scales need no row reduction, so small-M launches split the row over a second grid
-    dim (program_id(1) = chunk of BLOCK_R tile rows) to spread one row over many SMs."""
-    row = tl.program_id(0).to(tl.int64)
-    g_idx = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
-    mask = offs < INTER
+    """ROWS token rows per program (ROWS = 1: one row per program), each held as BLOCK_R tile rows
+    of BLOCK_G (a group per tile row for the per-group scheme): gate and up are read once, q and
+    the scales written once. ROWS > 1 serves narrow rows (I = 768: one 1024-lane row is too
+    little work per program); its [ROWS * BLOCK_R, BLOCK_G] tile row t is token row
+    program_id(0) * ROWS + t // BLOCK_R, tile row t % BLOCK_R of it. Static and per-group scales
+    need no row reduction, so small-M launches split the row over a second grid dim
+    (program_id(1) = chunk of BLOCK_R tile rows; ROWS = 1) to spread one row over many SMs.
 
-    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
-    a = round_to(_act(g, ACT), ACT_DT, NATIVE)
-    y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
-    quantize_store_row(y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
-                       static_scale_value, c0, c1, c2, c3, qmin, qmax,
-                       HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    FLAT (static, per-group): no padding to a power-of-2 row. A row is NG chunks of BLOCK_G
+    (its groups, or for static the largest power-of-2 divisor of I), the M * NG chunks are
+    numbered flat and tile row t is chunk program_id(0) * ROWS * BLOCK_R + t, so I = 768 runs as
+    3 x 256 (static) or 6 x 128 (groups) with no masked lanes but the last program's tail."""
+    if ROWS == 1 and not FLAT:
+        row = tl.program_id(0).to(tl.int64)
+        g_idx = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+        mask = offs < INTER
+
+        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
+        a = round_to(_act(g, ACT), ACT_DT, NATIVE)
+        y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
+        quantize_store_row(y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                           static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                           HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    else:
+        t = tl.arange(0, ROWS * BLOCK_R)
+        if FLAT:
+            # a scalar int64 first row plus int32 rows from it: int64 // NG per tile row spills
+            chunk0 = tl.program_id(0).to(tl.int64) * (ROWS * BLOCK_R)  # first flat chunk index
+            row0 = chunk0 // NG
+            local = (chunk0 - row0 * NG).to(tl.int32) + t  # chunk index counted from row0's first
+            rel = local // NG  # [T] token row of each tile row, from row0
+            g_idx = local % NG
+        else:
+            row0 = 0
+            rel = tl.program_id(0).to(tl.int64) * ROWS + t // BLOCK_R  # [T] token row of each tile row
+            g_idx = tl.program_id(1) * BLOCK_R + t % BLOCK_R
+        rows = row0 + rel  # [T] int64
+        offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]  # element offsets in the row
+        mask = (offs < INTER) & (rows < M)[:, None]
+
+        g = tl.load(g_ptr + row0 * stride_g + (rel[:, None] * stride_g + offs), mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row0 * stride_u + u_off + (rel[:, None] * stride_u + offs), mask=mask,
+                    other=0.0).to(tl.float32)
+        a = round_to(_act(g, ACT), ACT_DT, NATIVE)
+        y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
+        _quant_store_rows(y, rows, rel, row0, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
+                          static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                          HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
 
 
 SPLIT_CHUNK = 1024  # row elements per program in a column-split launch
@@ -235,43 +318,105 @@ def default_num_warps(block: int) -> int:
     return 32  # 32768-wide rows (I up to 32768): 32 values/thread per operand, no spills
 
 
-def _kernel_meta(inter: int, dtype: torch.dtype, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
+# Tuned launch configs by (scheme, padded row width): {"ROWS": r, "num_warps": w[, "FLAT": 1]}.
+# Empty until GPU sweeps (benchmarks/tune_silu.py: its suggested_tuned) say otherwise: every shape
+# keeps today's launch, ROWS=1 at default_num_warps.
+TUNED: dict[tuple[int, int], dict[str, int]] = {}
+# Applied over every default (tests, sweeps; also read when torch.compile traces the op): e.g.
+# {"ROWS": 4, "num_warps": 2}; empty = off.
+LAUNCH_OVERRIDE: dict[str, int] = {}
+MAX_TILE = 65536  # elements of one program's tile (ROWS * padded row): register budget
+MIN_FLAT_CHUNK = 64  # narrowest static FLAT chunk (a power-of-2 divisor of I)
+
+
+def flat_chunk(inter: int, scheme: int, group_size: int) -> Optional[int]:
+    """Chunk width of the unpadded FLAT layout: the group (per-group), the largest power-of-2
+    divisor of I (static); None where FLAT does not apply (per-token needs a whole row per tile
+    row for its amax; a static I with only a narrow power-of-2 divisor would vectorize poorly)."""
+    if scheme == SCHEME_PER_GROUP:
+        return group_size
+    if scheme != SCHEME_STATIC:
+        return None
+    c = inter & -inter
+    return c if c >= MIN_FLAT_CHUNK else None
+
+
+def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
+                  override: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """{"ROWS", "num_warps", "FLAT", "split"} of a launch, for the eager launcher and the triton_op.
+
+    Pure Python on static shape facts (inter, scheme, group): M only enables the column split,
+    and only when it is a static int (column_split); a symbolic M never picks a config, so no
+    guard is added. Precedence: defaults < TUNED < LAUNCH_OVERRIDE < `override`.
+    """
+    split = column_split(M, inter, scheme, group_size)
+    block = SPLIT_CHUNK if split else row_tile(inter, scheme, group_size)[0]
+    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block), FLAT=0)
+    if not split:  # a split launch is one row (chunk) per program
+        cfg.update(TUNED.get((int(scheme), block), {}))
+    cfg.update(LAUNCH_OVERRIDE)
+    cfg.update(override or {})
+    rows, nw, flat = int(cfg["ROWS"]), int(cfg["num_warps"]), int(bool(cfg["FLAT"]))
+    if rows < 1 or rows & (rows - 1) or nw < 1 or nw & (nw - 1):
+        raise ValueError(f"silu_mul_quant: ROWS={rows}, num_warps={nw} must be powers of 2")
+    if split and rows != 1:
+        raise ValueError("silu_mul_quant: a column-split launch (small static M) takes ROWS=1")
+    if rows * block > MAX_TILE and rows > 1:
+        raise ValueError(f"silu_mul_quant: ROWS={rows} x {block}-wide rows exceeds {MAX_TILE} elements")
+    if flat and (split or flat_chunk(inter, scheme, group_size) is None):
+        raise ValueError(f"silu_mul_quant: FLAT needs static (I with a power-of-2 divisor >= {MIN_FLAT_CHUNK}) "
+                         "or per-group, and no column split")
+    return dict(ROWS=rows, num_warps=nw, FLAT=flat, split=split)
+
+
+def _kernel_meta(inter: int, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
                  out_dtype: torch.dtype, quant_dtype: torch.dtype, scheme: int, group_size: int,
-                 scale_ops: Sequence[int], quant_mul: bool, round_to_int: bool, num_warps: Optional[int],
-                 split: bool = False) -> dict:
+                 scale_ops: Sequence[int], quant_mul: bool, round_to_int: bool, cfg: dict[str, Any]) -> dict:
     """Constexpr kwargs + num_warps (pure Python on shapes: fake-safe)."""
     block, block_g, block_r = row_tile(inter, scheme, group_size)
-    if split:  # static: [1, SPLIT_CHUNK] tiles; per-group: SPLIT_CHUNK // group groups per program
-        block = SPLIT_CHUNK
+    if cfg["split"]:  # static: [1, SPLIT_CHUNK] tiles; per-group: SPLIT_CHUNK // group groups per program
         block_g, block_r = (SPLIT_CHUNK, 1) if scheme == SCHEME_STATIC else (group_size, SPLIT_CHUNK // group_size)
+    if cfg["FLAT"]:  # tiles of ROWS * block elements, as wide as one chunk
+        block_g = flat_chunk(inter, scheme, group_size)
+        block_r = block // block_g
     ops, _ = pad_scale_chain(scale_ops, ())
     return dict(
         ACT=int(act), ACT_DT=_DT_CODE[act_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_SCALE_T=scale is not None,
         SCHEME=int(scheme), OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
         QUANT_MUL=bool(quant_mul), ROUND_INT=bool(round_to_int), Q_INT8=quant_dtype == torch.int8,
-        BLOCK_G=block_g, BLOCK_R=block_r,
+        BLOCK_G=block_g, BLOCK_R=block_r, ROWS=cfg["ROWS"], FLAT=bool(cfg["FLAT"]),
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
-        num_warps=num_warps if num_warps is not None else default_num_warps(block),
+        num_warps=cfg["num_warps"],
     )
 
 
 def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
             static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int, scale_ub=None,
-            ub_slot=-1, num_warps=None):
+            ub_slot=-1, override=None):
     M = x.shape[0]
     inter = x.shape[1] if up is not None else x.shape[1] // 2  # no slicing: the kernel offsets up itself
-    split = column_split(M, inter, scheme, group_size)
-    meta = _kernel_meta(inter, x.dtype, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
-                        scale_ops, quant_mul, round_to_int, num_warps, split)
+    cfg = launch_config(inter, scheme, group_size, M, override)
+    meta = _kernel_meta(inter, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
+                        scale_ops, quant_mul, round_to_int, cfg)
     _, c = pad_scale_chain((), scale_consts)
     ng = inter // group_size if scheme == SCHEME_PER_GROUP else 1
+    if cfg["FLAT"]:  # chunks per row; the grid covers the M * ng chunks
+        ng = inter // meta["BLOCK_G"]
+        span = cfg["ROWS"] * meta["BLOCK_R"] // ng + 2  # rows one program touches, at most
+        for st in (x.stride(0), up.stride(0) if up is not None else 0, q.stride(0)):
+            if isinstance(st, int) and st * span >= 2**31:  # the kernel's int32 row offsets
+                raise ValueError(f"silu_mul_quant: FLAT with row stride {st} overflows int32 offsets")
     # merged gate_up: pass the base tensor twice and offset up's pointer by I inside the row
     u_arg = x if up is None else up
     u_off = inter if up is None else 0
-    kernel[(M, triton.cdiv(inter, SPLIT_CHUNK) if split else 1)](
+    if cfg["FLAT"]:
+        grid = (triton.cdiv(M * ng, cfg["ROWS"] * meta["BLOCK_R"]), 1)
+    else:
+        grid = (triton.cdiv(M, cfg["ROWS"]), triton.cdiv(inter, SPLIT_CHUNK) if cfg["split"] else 1)
+    kernel[grid](
         x, u_arg, scale if scale is not None else x, scale_ub if scale_ub is not None else x, q, scales,
         x.stride(0), u_arg.stride(0), q.stride(0), u_off,
-        inter, ng,
+        inter, ng, M,
         float(static_scale_value), c[0], c[1], c[2], c[3], float(qmin), float(qmax),
         UB_SLOT=int(ub_slot) if scale_ub is not None else -1,
         **meta,
@@ -374,10 +519,12 @@ def silu_mul_quant_triton(
     *,
     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     num_warps: Optional[int] = None,
+    config: Optional[dict[str, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the raw kernel (no dispatcher): eager CUDA, or CPU under TRITON_INTERPRET=1.
 
     `out=(q, scales)` writes into caller buffers (tests poison them to catch unwritten elements).
+    `config` ({"ROWS", "num_warps", "FLAT"}) and `num_warps` override launch_config (sweeps, tests).
     """
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
                scale_consts, for_triton=True)
@@ -396,7 +543,7 @@ def silu_mul_quant_triton(
     if M > 0:
         _launch(_silu_mul_quant_kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dtype, scheme,
                 group_size, static_scale_value, scale_ops, scale_consts, quant_mul, qmin, qmax, round_to_int,
-                scale_ub, ub_slot, num_warps)
+                scale_ub, ub_slot, {**(config or {}), **({} if num_warps is None else {"num_warps": num_warps})})
     return q, scales
 
 
