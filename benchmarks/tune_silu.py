@@ -44,6 +44,7 @@ from fxfuse.kernels.quant_common import row_tile  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
 WARPS = (1, 2, 4, 8, 16)
+CHUNKS = (512, 1024, 2048, 4096)  # per-token row-loop widths
 CASE_SCHEMES = ("per_token_fp8", "per_group128_fp8", "static_fp8")
 
 
@@ -65,6 +66,11 @@ def configs(inter: int, scheme: int, min_pt: int, max_pt: int, prune: bool = Tru
                     continue
                 if dict(ROWS=r, num_warps=w, FLAT=f) not in out:
                     out.append(dict(ROWS=r, num_warps=w, FLAT=f))
+    if scheme == K.SCHEME_PER_TOKEN and block != inter:  # the per-token row loop (two passes over CHUNKs)
+        for ch in CHUNKS:
+            for w in WARPS:
+                if ch < inter and (not prune or min_pt // 2 <= ch / (32 * w) <= max_pt):
+                    out.append(dict(ROWS=1, num_warps=w, FLAT=0, CHUNK=ch))
     return out
 
 
@@ -203,7 +209,7 @@ def main() -> None:
     K.LAUNCH_OVERRIDE.clear()
     dev = "cpu" if dry else "cuda"
     Ms = [5, 16] if dry else [4096] if args.quick else [int(v) for v in args.Ms.split(",")]
-    Is = [384] if dry else [768, 14336] if args.quick else [int(v) for v in args.Is.split(",")]
+    Is = [384, 1200] if dry else [768, 14336] if args.quick else [int(v) for v in args.Is.split(",")]
     names = [n for n in args.schemes.split(",") if n]
     t0 = time.time()
     if not dry and args.jobs > 0:

@@ -88,6 +88,11 @@ ROWS_CASES.append(dict(INTERP_CASES[0], id="tok_bf16_rows8_m3", M=3, rows=8))  #
 FLAT_BASE = {"grp64_bf16_merged": 192, "grp128_f16": 384, "static_int8_f32": 384, "static_literal_fp8": 320}
 ROWS_CASES += [dict(next(c for c in INTERP_CASES if c["id"] == b), id=f"{b}_flat_rows{r}", M=7, inter=i, rows=r,
                     flat=1) for b, i in FLAT_BASE.items() for r in (1, 2, 4)]
+# CHUNK (per-token row loop: amax pass, then quant pass), widths not a multiple of the chunk
+CHUNK_BASE = {"tok_bf16": 200, "tok_int8_bf16_gelu_merged": 136, "tok_scale_ub_bf16": 130, "tok_runtime_div_bf16": 96,
+              "torchao_bf16_f32act": 160}
+ROWS_CASES += [dict(next(c for c in INTERP_CASES if c["id"] == b), id=f"{b}_chunk{ch}", inter=i, rows=1, chunk=ch)
+               for b, i in CHUNK_BASE.items() for ch in (32, 64)]
 ALL_CASES = INTERP_CASES + ROWS_CASES
 
 
@@ -134,7 +139,7 @@ def compare(case: dict[str, Any], run, device: str = "cpu", seed: int = 0) -> di
 
 def _cfg(case: dict[str, Any]) -> dict[str, int] | None:
     """The case's launch override: ROWS rows per program (None: launch_config's default)."""
-    return {"ROWS": case["rows"], "FLAT": case.get("flat", 0)} if "rows" in case else None
+    return {"ROWS": case["rows"], "FLAT": case.get("flat", 0), "CHUNK": case.get("chunk", 0)} if "rows" in case else None
 
 
 def _interp_main() -> None:
@@ -174,11 +179,12 @@ def test_split_cases_take_the_launch_they_name() -> None:
 def test_launch_config() -> None:
     """Defaults are one row per program at default_num_warps; overrides stack; M only splits when
     it is a static int (a symbolic M never picks a config); split launches refuse ROWS > 1."""
-    assert K.launch_config(768, 1, 0, 4096) == dict(ROWS=1, num_warps=K.default_num_warps(1024), FLAT=0,
-                                                            split=False)
+    want = dict(ROWS=1, num_warps=K.default_num_warps(1024), FLAT=0, CHUNK=0, split=False)
+    assert K.launch_config(768, 1, 0, 4096) == {**want, **K.TUNED.get((1, 1024), {})}
     assert K.launch_config(768, 2, 128, None) == K.launch_config(768, 2, 128, 4096)
     assert K.launch_config(14336, 0, 0, 1)["split"] and not K.launch_config(14336, 0, 0, object())["split"]
-    assert K.launch_config(768, 1, 0, 8, {"ROWS": 4, "num_warps": 2}) == dict(ROWS=4, num_warps=2, FLAT=0, split=False)
+    assert K.launch_config(768, 1, 0, 8, {"ROWS": 4, "num_warps": 2}) == dict(ROWS=4, num_warps=2, FLAT=0, CHUNK=0,
+                                                                              split=False)
     K.LAUNCH_OVERRIDE["ROWS"] = 2
     try:
         assert K.launch_config(768, 1, 0, 8)["ROWS"] == 2
@@ -195,6 +201,28 @@ def test_launch_config() -> None:
     for inter, scheme, gs, M in ((768, 1, 0, 4096), (1100, 0, 0, 4096), (14336, 0, 0, 1)):  # per-token, 4 | I, split
         with pytest.raises(ValueError, match="FLAT"):
             K.launch_config(inter, scheme, gs, M, {"FLAT": 1})
+
+
+def test_launch_config_chunk_and_tuned_entries() -> None:
+    """The per-token row loop takes a power-of-2 CHUNK and nothing else (ROWS, FLAT, other
+    schemes); a TUNED entry that does not fit the exact row (FLAT with no power-of-2 divisor of I,
+    a row loop for another scheme) is skipped, not an error."""
+    assert K.launch_config(18432, 1, 0, 4096, {"CHUNK": 2048})["CHUNK"] == 2048
+    for bad in ({"CHUNK": 1000}, {"CHUNK": 64, "ROWS": 2}):
+        with pytest.raises(ValueError, match="CHUNK"):
+            K.launch_config(18432, 1, 0, 4096, bad)
+    with pytest.raises(ValueError, match="CHUNK"):
+        K.launch_config(18432, 2, 128, 4096, {"CHUNK": 64})
+    saved = dict(K.TUNED)
+    try:
+        K.TUNED[(0, 2048)] = {"FLAT": 1, "ROWS": 2, "num_warps": 4}
+        K.TUNED[(2, 32768)] = {"CHUNK": 2048, "num_warps": 8}
+        assert K.launch_config(1100, 0, 0, 4096)["FLAT"] == 0  # 1100 = 4 x 275: no FLAT chunk
+        assert K.launch_config(1536, 0, 0, 4096)["FLAT"] == 1
+        assert K.launch_config(18432, 2, 128, 4096)["CHUNK"] == 0
+    finally:
+        K.TUNED.clear()
+        K.TUNED.update(saved)
 
 
 def test_bad_inputs_raise_value_error() -> None:

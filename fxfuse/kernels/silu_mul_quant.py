@@ -227,6 +227,50 @@ def _quant_store_rows(
     tl.store(q_ptr + row0 * stride_q + (rel[:, None] * stride_q + offs), qo, mask=mask)
 
 
+@triton.jit
+def _silu_mul_quant_row_loop(
+    g_ptr, u_ptr, ub_ptr, q_ptr, s_out_ptr, stride_g, stride_u, stride_q, u_off, INTER,
+    c0, c1, c2, c3, qmin, qmax, ACT: tl.constexpr, ACT_DT: tl.constexpr, OUT_DT: tl.constexpr,
+    UB_SLOT: tl.constexpr, OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, CHUNK: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
+    """Per-token quant of one row in CHUNK-wide steps: pass 1 the amax (NaN kept), pass 2 the
+    quantization; the same per-element math as the one-tile path (bit-identical)."""
+    c0 = tl.cast(c0, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
+    c2 = tl.cast(c2, tl.float32)
+    c3 = tl.cast(c3, tl.float32)
+    qmin = tl.cast(qmin, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
+    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CHUNK)
+    run = tl.zeros([CHUNK], dtype=tl.float32)  # lane-wise running max of |y|
+    nan = tl.zeros([CHUNK], dtype=tl.int32)
+    for k0 in range(0, INTER, CHUNK):
+        offs = k0 + cols
+        m = offs < INTER
+        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=m, other=0.0).to(tl.float32)
+        y = round_to(round_to(_act(g, ACT), ACT_DT, NATIVE) * u, OUT_DT, NATIVE)
+        a = tl.abs(y)
+        run = tl.maximum(run, a)
+        nan = nan | (a != a).to(tl.int32)
+    s = tl.max(run, axis=0)
+    s = tl.where(tl.max(nan, axis=0) > 0, float("nan"), s)  # like torch.amax
+    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+    tl.store(s_out_ptr + row, s)
+    for k0 in range(0, INTER, CHUNK):
+        offs = k0 + cols
+        m = offs < INTER
+        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=m, other=0.0).to(tl.float32)
+        y = round_to(round_to(_act(g, ACT), ACT_DT, NATIVE) * u, OUT_DT, NATIVE)
+        qo = quantize(y, s + tl.zeros_like(y), qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+        tl.store(q_ptr + row * stride_q + offs, qo, mask=m)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _silu_mul_quant_kernel(
     g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr,
@@ -238,7 +282,7 @@ def _silu_mul_quant_kernel(
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr = 1, FLAT: tl.constexpr = False,
-    NATIVE: tl.constexpr = False,
+    NATIVE: tl.constexpr = False, CHUNK: tl.constexpr = 0,
 ):
     """ROWS token rows per program (ROWS = 1: one row per program), each held as BLOCK_R tile rows
     of BLOCK_G (a group per tile row for the per-group scheme): gate and up are read once, q and
@@ -251,8 +295,16 @@ def _silu_mul_quant_kernel(
     FLAT (static, per-group): no padding to a power-of-2 row. A row is NG chunks of BLOCK_G
     (its groups, or for static the largest power-of-2 divisor of I), the M * NG chunks are
     numbered flat and tile row t is chunk program_id(0) * ROWS * BLOCK_R + t, so I = 768 runs as
-    3 x 256 (static) or 6 x 128 (groups) with no masked lanes but the last program's tail."""
-    if ROWS == 1 and not FLAT:
+    3 x 256 (static) or 6 x 128 (groups) with no masked lanes but the last program's tail.
+
+    CHUNK > 0 (per-token, wide rows not a power of 2: I = 18432 padded to 32768 held 44% masked
+    lanes and ran at 65% of copy bandwidth): one row per program in CHUNK-wide steps, twice --
+    the amax, then the quantization, re-reading the row (an L2 hit: it was just read)."""
+    if CHUNK > 0:
+        _silu_mul_quant_row_loop(g_ptr, u_ptr, ub_ptr, q_ptr, s_out_ptr, stride_g, stride_u, stride_q, u_off, INTER,
+                                 c0, c1, c2, c3, qmin, qmax, ACT, ACT_DT, OUT_DT, UB_SLOT, OP0, OP1, OP2, OP3,
+                                 QUANT_MUL, ROUND_INT, Q_INT8, CHUNK, NATIVE)
+    elif ROWS == 1 and not FLAT:
         row = tl.program_id(0).to(tl.int64)
         g_idx = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
@@ -318,10 +370,16 @@ def default_num_warps(block: int) -> int:
     return 32  # 32768-wide rows (I up to 32768): 32 values/thread per operand, no spills
 
 
-# Tuned launch configs by (scheme, padded row width): {"ROWS": r, "num_warps": w[, "FLAT": 1]}.
-# Empty until GPU sweeps (benchmarks/tune_silu.py: its suggested_tuned) say otherwise: every shape
-# keeps today's launch, ROWS=1 at default_num_warps.
-TUNED: dict[tuple[int, int], dict[str, int]] = {}
+# Tuned launch configs by (scheme, padded row width): {"ROWS": r, "num_warps": w[, "FLAT": 1][, "CHUNK": c]},
+# from benchmarks/tune_silu.py on an H200 (benchmarks/results/tune_silu_h200*.json: suggested_tuned,
+# entries >= 1.01x the default launch); other shapes keep ROWS=1 at default_num_warps.
+TUNED: dict[tuple[int, int], dict[str, int]] = {
+    (0, 1024): {"FLAT": 1, "ROWS": 2, "num_warps": 4},  # static I=768: 1.13x
+    (0, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # static I=18432: 1.24x
+    (1, 1024): {"ROWS": 1, "num_warps": 1},  # per-token I=768: 1.12x
+    (2, 1024): {"FLAT": 1, "ROWS": 1, "num_warps": 2},  # per-group I=768: 1.17x
+    (2, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # per-group I=18432: 1.40x
+}
 # Applied over every default (tests, sweeps; also read when torch.compile traces the op): e.g.
 # {"ROWS": 4, "num_warps": 2}; empty = off.
 LAUNCH_OVERRIDE: dict[str, int] = {}
@@ -351,12 +409,15 @@ def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
     """
     split = column_split(M, inter, scheme, group_size)
     block = SPLIT_CHUNK if split else row_tile(inter, scheme, group_size)[0]
-    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block), FLAT=0)
-    if not split:  # a split launch is one row (chunk) per program
-        cfg.update(TUNED.get((int(scheme), block), {}))
+    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block), FLAT=0, CHUNK=0)
+    tuned = {} if split else TUNED.get((int(scheme), block), {})  # a split launch: one row chunk per program
+    if tuned and _applicable(tuned, inter, scheme, group_size):  # else this shape keeps the defaults
+        cfg.update(tuned)
     cfg.update(LAUNCH_OVERRIDE)
     cfg.update(override or {})
-    rows, nw, flat = int(cfg["ROWS"]), int(cfg["num_warps"]), int(bool(cfg["FLAT"]))
+    rows, nw, flat, chunk = int(cfg["ROWS"]), int(cfg["num_warps"]), int(bool(cfg["FLAT"])), int(cfg["CHUNK"])
+    if chunk and (chunk & (chunk - 1) or scheme != SCHEME_PER_TOKEN or split or rows != 1 or flat):
+        raise ValueError(f"silu_mul_quant: CHUNK={chunk} needs a power of 2, per-token, ROWS=1, no FLAT or split")
     if rows < 1 or rows & (rows - 1) or nw < 1 or nw & (nw - 1):
         raise ValueError(f"silu_mul_quant: ROWS={rows}, num_warps={nw} must be powers of 2")
     if split and rows != 1:
@@ -366,7 +427,15 @@ def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
     if flat and (split or flat_chunk(inter, scheme, group_size) is None):
         raise ValueError(f"silu_mul_quant: FLAT needs static (I with a power-of-2 divisor >= {MIN_FLAT_CHUNK}) "
                          "or per-group, and no column split")
-    return dict(ROWS=rows, num_warps=nw, FLAT=flat, split=split)
+    return dict(ROWS=rows, num_warps=nw, FLAT=flat, CHUNK=chunk, split=split)
+
+
+def _applicable(tuned: dict[str, int], inter: int, scheme: int, group_size: int) -> bool:
+    """A TUNED entry (keyed by padded width) fits this exact row: FLAT needs a chunk of I, and the
+    row loop is per-token only (an entry that does not fit is skipped, never an error)."""
+    if tuned.get("FLAT") and flat_chunk(inter, scheme, group_size) is None:
+        return False
+    return not (tuned.get("CHUNK") and scheme != SCHEME_PER_TOKEN)
 
 
 def _kernel_meta(inter: int, scale: Optional[torch.Tensor], act: int, act_dtype: torch.dtype,
@@ -384,7 +453,7 @@ def _kernel_meta(inter: int, scale: Optional[torch.Tensor], act: int, act_dtype:
         ACT=int(act), ACT_DT=_DT_CODE[act_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_SCALE_T=scale is not None,
         SCHEME=int(scheme), OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
         QUANT_MUL=bool(quant_mul), ROUND_INT=bool(round_to_int), Q_INT8=quant_dtype == torch.int8,
-        BLOCK_G=block_g, BLOCK_R=block_r, ROWS=cfg["ROWS"], FLAT=bool(cfg["FLAT"]),
+        BLOCK_G=block_g, BLOCK_R=block_r, ROWS=cfg["ROWS"], FLAT=bool(cfg["FLAT"]), CHUNK=cfg["CHUNK"],
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=cfg["num_warps"],
     )
@@ -400,12 +469,17 @@ def _launch(kernel, x, up, scale, q, scales, act, act_dtype, out_dtype, quant_dt
                         scale_ops, quant_mul, round_to_int, cfg)
     _, c = pad_scale_chain((), scale_consts)
     ng = inter // group_size if scheme == SCHEME_PER_GROUP else 1
+    if cfg["FLAT"]:
+        span = cfg["ROWS"] * meta["BLOCK_R"] // (inter // meta["BLOCK_G"]) + 2  # rows one program touches, at most
+        strides = (x.stride(0), up.stride(0) if up is not None else 0, q.stride(0))
+        if not all(isinstance(st, int) and st * span < 2**31 for st in strides):  # the kernel's int32 row offsets
+            if {**LAUNCH_OVERRIDE, **(override or {})}.get("FLAT"):
+                raise ValueError(f"silu_mul_quant: FLAT with row strides {strides} overflows int32 offsets")
+            cfg = dict(cfg, FLAT=0, ROWS=1, num_warps=default_num_warps(row_tile(inter, scheme, group_size)[0]))
+            meta = _kernel_meta(inter, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size,
+                                scale_ops, quant_mul, round_to_int, cfg)
     if cfg["FLAT"]:  # chunks per row; the grid covers the M * ng chunks
         ng = inter // meta["BLOCK_G"]
-        span = cfg["ROWS"] * meta["BLOCK_R"] // ng + 2  # rows one program touches, at most
-        for st in (x.stride(0), up.stride(0) if up is not None else 0, q.stride(0)):
-            if isinstance(st, int) and st * span >= 2**31:  # the kernel's int32 row offsets
-                raise ValueError(f"silu_mul_quant: FLAT with row stride {st} overflows int32 offsets")
     # merged gate_up: pass the base tensor twice and offset up's pointer by I inside the row
     u_arg = x if up is None else up
     u_off = inter if up is None else 0
