@@ -1356,6 +1356,28 @@ def test_kernel_ptx_keeps_product_rounding(dt, split):
     assert ptx.count(f"cvt.rn.{pt}.f32") + ptx.count(f"cvt.rn.{pt}x2.f32") > 0
 
 
+def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
+    """Config selection is pure Python on static shapes: an unbacked (symbolic) M is never branched
+    on and reads as large; CONFIG_OVERRIDE < FXFUSE_ROPE_CONFIG < override; SPLIT needs a pow2 half."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxfuse.kernels import rope_quant as rq
+
+    sym = ShapeEnv().create_unbacked_symint()
+    llama = dict(SPLIT=0, BLOCK_H=16, num_warps=4)  # today's defaults
+    assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == rq.launch_config(128, 128, 32, 8, 0, M=16384) == llama
+    assert rq.launch_config(256, 64, 16, 2, 0, M=sym) == dict(SPLIT=0, BLOCK_H=8, num_warps=4)
+    monkeypatch.setitem(rq.CONFIG_OVERRIDE, "SPLIT", 1)
+    monkeypatch.setitem(rq.CONFIG_OVERRIDE, "num_warps", 2)
+    monkeypatch.setenv("FXFUSE_ROPE_CONFIG", "BLOCK_H=4,num_warps=8")
+    assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == dict(SPLIT=1, BLOCK_H=4, num_warps=8)
+    assert rq.launch_config(128, 128, 32, 8, 0, override={"BLOCK_H": 1}) == dict(SPLIT=1, BLOCK_H=1, num_warps=8)
+    assert rq.launch_config(32, 24, 4, 2, 0)["SPLIT"] == 0  # half 12: the gather path
+    for bad in ({"BLOCK_H": 3}, {"num_warps": 3}, {"WARPS": 4}):
+        with pytest.raises(ValueError):
+            rq.launch_config(128, 128, 32, 8, 0, override=bad)
+
+
 def test_op_cpu_matches_reference_and_opcheck():
     from fxfuse.kernels.rope_quant import rope_quant_reference
 
