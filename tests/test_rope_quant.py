@@ -1199,7 +1199,7 @@ run(False, False, 8, 24, False, 0, 1, torch.float32, torch.float32)
 run(True, False, 16, 16, False, 0, 0, torch.bfloat16, torch.float32, has_k=False)
 run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, HQ=3, HK=1)
 run(True, True, 24, 32, False, 2, 1, torch.bfloat16, torch.bfloat16)  # half 12: not a power of 2 (gather path)
-run(False, True, 16, 48, True, 1, 2, torch.bfloat16, torch.bfloat16, HQ=5, HK=3)  # passthrough 32, odd head counts
+run(False, True, 16, 72, True, 1, 2, torch.bfloat16, torch.bfloat16, HQ=5, HK=3)  # passthrough 32 + 24 (masked 32), odd heads
 # QK-norm before the rotation
 def run_norm(neox, rot, D, dt=torch.bfloat16):
     q = torch.randn(2, 3, 4, D).to(dt); k = torch.randn(2, 3, 2, D).to(dt)
@@ -1336,7 +1336,8 @@ def test_kernel_ptx_keeps_product_rounding(dt, split):
                  Q_MUL=False, QOP0=-1, QOP1=-1, QOP2=-1, QOP3=-1, NEED_K=True, K_QUANT=0, K_SCALE_T=False,
                  K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True,
                  HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
-                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False, SPLIT=split, BLOCK_P=1)
+                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False, SPLIT=split, BLOCK_P=1,
+                 BLOCK_P2=0)
     sig = {}
     for name in inspect.signature(rq._rope_quant_kernel.fn).parameters:
         if name in const:

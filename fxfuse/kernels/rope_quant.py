@@ -311,7 +311,7 @@ def _rope_heads(
     ROUND_BEFORE_W: tl.constexpr,
     c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
     STORE_QQ: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_P2: tl.constexpr,
 ):
     """Dispatch: SPLIT (contiguous halves, see _rope_heads_split) or the gathered-partner path."""
     if SPLIT:
@@ -320,7 +320,7 @@ def _rope_heads(
             b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, static_value, c0, c1, c2, c3, qmin, qmax,
             D, ROT, NEOX, COS_HALF, OUT_DT, NEED_ROPE, QUANT, HAS_SCALE_T, OP0, OP1, OP2, OP3,
             QUANT_MUL, BLOCK_H, BLOCK_D, NATIVE, NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
-            c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ, BLOCK_P)
+            c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ, BLOCK_P, BLOCK_P2)
     else:
         _rope_heads_gather(
             x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
@@ -377,12 +377,13 @@ def _rope_heads_split(
     ROUND_BEFORE_W: tl.constexpr,
     c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
     STORE_QQ: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_P2: tl.constexpr,
 ):
     """The gather path's math with every operand loaded contiguously: neox as the two halves
     [BLOCK_H, HALF] (x1 = x[:HALF], x2 = x[HALF:ROT]), gpt-j as one [BLOCK_H, HALF, 2] block split
-    into even/odd lanes (joined again to store), and partial rotary's x[ROT:D] as its own
-    [BLOCK_H, BLOCK_P] block. No partner reload, no per-element index math (HALF a power of 2)."""
+    into even/odd lanes (joined again to store), and partial rotary's x[ROT:D] as a [BLOCK_H, BLOCK_P]
+    block (BLOCK_P the largest power of 2 <= D - ROT) plus, for the rest, a masked [BLOCK_H, BLOCK_P2]
+    one (0: none; 192 = 128 + 64 idles no lane). No partner reload, no per-element index math."""
     HALF: tl.constexpr = ROT // 2
     hh = h0 + tl.arange(0, BLOCK_H)
     hmask = hh < H
@@ -430,10 +431,17 @@ def _rope_heads_split(
         pcol = ROT + pj[None, :]
         pm = hmask[:, None] & (pcol < D)
         xp = tl.load(xrow + hh[:, None] * sxh + pcol, mask=pm, other=0.0).to(tl.float32)
+        if BLOCK_P2 > 0:
+            pj2 = tl.arange(0, BLOCK_P2)
+            pcol2 = ROT + BLOCK_P + pj2[None, :]
+            pm2 = hmask[:, None] & (pcol2 < D)
+            xp2 = tl.load(xrow + hh[:, None] * sxh + pcol2, mask=pm2, other=0.0).to(tl.float32)
     if NORM:  # per-head RMSNorm over head_dim before the rotation: sum of squares over the parts
         ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
         if ROT < D:
             ss = ss + tl.sum(xp * xp, axis=1)
+            if BLOCK_P2 > 0:
+                ss = ss + tl.sum(xp2 * xp2, axis=1)
         ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
         rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
         x1 = _qk_norm(x1, rstd, w1, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
@@ -441,6 +449,9 @@ def _rope_heads_split(
         if ROT < D:
             wp = tl.load(w_ptr + ROT + pj, mask=ROT + pj < D, other=0.0).to(tl.float32)
             xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+            if BLOCK_P2 > 0:
+                wp2 = tl.load(w_ptr + ROT + BLOCK_P + pj2, mask=ROT + BLOCK_P + pj2 < D, other=0.0).to(tl.float32)
+                xp2 = _qk_norm(xp2, rstd, wp2, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
     o1, o2 = _rope_out(x1, x2, ca, sa, cb, sb_, one, OUT_DT, NATIVE)
     # math in fp32 (math_dtype) stored narrower: round once, RNE (a no-op when OUT_DT is the store dtype)
     if o_ptr.dtype.element_ty == tl.bfloat16:
@@ -464,6 +475,8 @@ def _rope_heads_split(
                         propagate_nan=tl.PropagateNan.ALL)
         if ROT < D:
             am = tl.maximum(am, absmax(tl.where(pm, xp, 0.0), 1), propagate_nan=tl.PropagateNan.ALL)
+            if BLOCK_P2 > 0:
+                am = tl.maximum(am, absmax(tl.where(pm2, xp2, 0.0), 1), propagate_nan=tl.PropagateNan.ALL)
         sc = scale_chain(am, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
         tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
     sc2 = sc  # the scale broadcast over a [BLOCK_H, n] part
@@ -484,6 +497,9 @@ def _rope_heads_split(
     if ROT < D:
         _rope_emit(xp, hh[:, None], pcol, pm, sc2, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok, c_sh,
                    NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+        if BLOCK_P2 > 0:
+            _rope_emit(xp2, hh[:, None], pcol2, pm2, sc2, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok,
+                       c_sh, NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
 
 
 @triton.jit
@@ -651,7 +667,7 @@ def _rope_quant_kernel(
     HAS_CACHE: tl.constexpr = False, SLOT_BY_S: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
     K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
     V_QUANT: tl.constexpr = False, V_SCALE_T: tl.constexpr = False, V_MUL: tl.constexpr = False,
-    SPLIT: tl.constexpr = False, BLOCK_P: tl.constexpr = 1,
+    SPLIT: tl.constexpr = False, BLOCK_P: tl.constexpr = 1, BLOCK_P2: tl.constexpr = 0,
 ):
     """Grid (tokens, q head-blocks + k head-blocks): q and k of a token in ONE launch.
 
@@ -662,7 +678,7 @@ def _rope_quant_kernel(
     (NEG_SKIP, vLLM) or wraps to slot + n_slots (ATen index_put); slots >= n_slots are not written.
     SLOT_BY_S: [B, H, max_len, D] caches (transformers StaticCache): position s of every batch row b
     goes to slot slots[s] of batch row b (cache offsets slot * skc + b * skc_b + head * skc_h).
-    SPLIT: contiguous loads of the rotated halves (no partner gather); BLOCK_P: pow2 >= D - ROT.
+    SPLIT: contiguous loads of the rotated halves (no partner gather); BLOCK_P/BLOCK_P2: passthrough chunks.
     """
     q_static = tl.cast(q_static, tl.float32)
     k_static = tl.cast(k_static, tl.float32)
@@ -712,7 +728,7 @@ def _rope_quant_kernel(
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
                     QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE,
                     Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
-                    qo_ptr, 0, False, 0, False, False, False, True, SPLIT, BLOCK_P)
+                    qo_ptr, 0, False, 0, False, False, False, True, SPLIT, BLOCK_P, BLOCK_P2)
     elif HAS_K and hb < NQB + NKB:
         _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     kw_ptr, k_eps, woff, one,
@@ -722,7 +738,7 @@ def _rope_quant_kernel(
                     KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
                     K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
                     kc_ptr, slot * skc + b * skc_b, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ,
-                    SPLIT, BLOCK_P)
+                    SPLIT, BLOCK_P, BLOCK_P2)
     elif HAS_CACHE:
         _cache_v(v_ptr, vc_ptr, vscale_ptr, b, s_, (hb - NQB - NKB) * BLOCK_H, HV, svb, svs, svh,
                  vslot * svc + b * svc_b, v_ok, svc_h, v_static, v_qmin, v_qmax,
@@ -778,6 +794,14 @@ def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, ne
         raise ValueError(f"rope_quant launch config: BLOCK_H must be a power of 2, num_warps 1..32: {cfg}")
     cfg["SPLIT"] = int(bool(cfg["SPLIT"]) and split_ok(D, rot))
     return cfg
+
+
+def _pass_blocks(n: int) -> tuple[int, int]:
+    """SPLIT's passthrough chunks of n = D - ROT columns: (largest pow2 <= n, pow2 >= the rest or 0)."""
+    if n <= 0:
+        return 1, 0
+    p1 = 1 << (n.bit_length() - 1)
+    return p1, (triton.next_power_of_2(n - p1) if n > p1 else 0)
 
 
 def _strides(shape: Sequence, order: Sequence[int]) -> list:
@@ -868,6 +892,7 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
     bd = triton.next_power_of_2(D)
     norm_dt = a["norm_dtype"] or q.dtype
     wsum = a["norm_wsum_dtype"]
+    p1, p2 = _pass_blocks(D - rot)
     kernel[(B * S, nqb + nkb + nvb)](
         q, kk, cos, sin, positions if positions is not None else cos,
         q_scale if q_scale is not None else cos, k_scale if k_scale is not None else cos,
@@ -892,7 +917,7 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
         HAS_K=k is not None, BLOCK_H=BH, BLOCK_D=bd,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         NKB=nkb, **c_rt, **c_ce,
-        SPLIT=bool(cfg["SPLIT"]), BLOCK_P=triton.next_power_of_2(max(D - rot, 1)),
+        SPLIT=bool(cfg["SPLIT"]), BLOCK_P=p1, BLOCK_P2=p2,
         num_warps=num_warps or cfg["num_warps"],
     )
 
