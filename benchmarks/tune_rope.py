@@ -11,7 +11,7 @@ Compiles dominate a cold run: they are done first by --jobs worker processes (ea
 share of the configs once at a small M of the same Triton specialization, filling Triton's disk
 cache), so the timing loop only loads kernels.
 
-Usage:  python benchmarks/tune_rope.py --out X.json [--all] [--rep MS] [--jobs N]
+Usage:  python benchmarks/tune_rope.py --out X.json [--all | --quick] [--rep MS] [--jobs N]
         python benchmarks/tune_rope.py --dry-run        (CPU, TRITON_INTERPRET=1, tiny M, no timing)
 """
 
@@ -63,9 +63,9 @@ FP8_MAX = 448.0
 Config = dict[str, int]
 
 
-def case_list(full: bool) -> list[tuple[str, str, int]]:
+def case_list(full: bool, quick: bool = False) -> list[tuple[str, str, int]]:
     """(shape, scheme, M): both shapes x the 4 schemes, + the llama KV-cache variants (as bench --cache)."""
-    Ms = [1, 256, 4096, 16384] if full else [4096, 16384]
+    Ms = [1, 256, 4096, 16384] if full else [16384] if quick else [4096, 16384]
     cases = [(sh, sc, M) for sh in SHAPES for sc in SCHEMES for M in Ms]
     return cases + [("llama3_8b", sc, M) for sc in CACHE_SCHEMES for M in Ms]
 
@@ -243,6 +243,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--all", action="store_true", help="also M = 1 and 256")
+    ap.add_argument("--quick", action="store_true", help="M = 16384 only")
     ap.add_argument("--rep", type=int, default=10, help="do_bench_cudagraph rep (ms) per config")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="compile worker processes")
     ap.add_argument("--dry-run", action="store_true", help="every config once at tiny M on CPU (interpreter)")
@@ -260,7 +261,7 @@ def main() -> None:
         sys.exit(1 if bad else 0)
     if not torch.cuda.is_available():
         sys.exit("tune_rope: needs a CUDA device (or --dry-run)")
-    cases = case_list(args.all)
+    cases = case_list(args.all, args.quick)
     warm_compile(cases, args.jobs)
     copy_gbps = copy_bandwidth_gbps(args.rep)
     print(f"[tune] {torch.cuda.get_device_name()} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
