@@ -1162,9 +1162,13 @@ def test_transformers_attention_rope_fuses(kind):
 # ------------------------------------------------------------------ the Triton kernel under TRITON_INTERPRET=1
 _INTERP = r"""
 import itertools, json, sys, torch
-from fxfuse.kernels.rope_quant import rope_quant_reference, rope_quant_triton
+from fxfuse.kernels.rope_quant import launch_config, rope_quant_reference, rope_quant_triton
 torch.manual_seed(0)
+CFG = json.loads(sys.argv[1])  # launch-config override ({} = the defaults)
 res = []
+def path(q, k, rot, neox):
+    return launch_config(q.shape[3], rot, q.shape[2], k.shape[2] if k is not None else 0, 0, neox=neox,
+                         override=CFG)["SPLIT"]
 def run(neox, half, rot, D, pos, qq, kq, dt, out_dt, B=2, S=3, HQ=4, HK=2, hf_layout=True, has_k=True):
     q = torch.randn(B, HQ, S, D).to(dt).transpose(1, 2) if hf_layout else torch.randn(B, S, HQ, D).to(dt)
     k = torch.randn(B, S, HK, D).to(dt) if has_k else None
@@ -1181,18 +1185,21 @@ def run(neox, half, rot, D, pos, qq, kq, dt, out_dt, B=2, S=3, HQ=4, HK=2, hf_la
     runs = []
     for poison in (7.0, -3.0):
         outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
-        runs.append(rope_quant_triton(*args, out=outs))
+        runs.append(rope_quant_triton(*args, out=outs, config=CFG))
     bad = 0
     for a, b, c in zip(runs[0], runs[1], ref):
         if a.numel():
             bad += int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
-    res.append(dict(case=f"neox={neox} half={half} rot={rot} D={D} pos={pos} q={qq} k={kq} {dt}->{out_dt}", bad=bad))
+    res.append(dict(case=f"neox={neox} half={half} rot={rot} D={D} pos={pos} q={qq} k={kq} {dt}->{out_dt}", bad=bad,
+                    split=path(q, k, rot, neox)))
 for neox, half, pos in itertools.product([True, False], [True, False], [True, False]):
     run(neox, half, 16, 16, pos, 1, 2, torch.bfloat16, torch.bfloat16)
 run(True, True, 8, 16, True, 2, 0, torch.float16, torch.float16, hf_layout=False)
 run(False, False, 8, 24, False, 0, 1, torch.float32, torch.float32)
 run(True, False, 16, 16, False, 0, 0, torch.bfloat16, torch.float32, has_k=False)
 run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, HQ=3, HK=1)
+run(True, True, 24, 32, False, 2, 1, torch.bfloat16, torch.bfloat16)  # half 12: not a power of 2 (gather path)
+run(False, True, 16, 72, True, 1, 2, torch.bfloat16, torch.bfloat16, HQ=5, HK=3)  # passthrough 32 + 24 (masked 32), odd heads
 # QK-norm before the rotation
 def run_norm(neox, rot, D, dt=torch.bfloat16):
     q = torch.randn(2, 3, 4, D).to(dt); k = torch.randn(2, 3, 2, D).to(dt)
@@ -1201,44 +1208,60 @@ def run_norm(neox, rot, D, dt=torch.bfloat16):
     args = (q, k, cos, sin, None, None, None, rot, neox, False, dt, 2, 1.0, [1], [448.0], False, 0, 1.0, [], [], False,
             -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2], wq, wk, 1e-6, 1e-5, 0.0, True, None, dt)
     ref = rope_quant_reference(*args)
-    runs = [rope_quant_triton(*args, out=[torch.full(t.shape, p).to(t.dtype) for t in ref]) for p in (7.0, -3.0)]
+    runs = [rope_quant_triton(*args, config=CFG, out=[torch.full(t.shape, p).to(t.dtype) for t in ref])
+            for p in (7.0, -3.0)]
     bad = sum(int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
               for a, b, c in zip(runs[0], runs[1], ref) if a.numel())
-    res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad))
+    res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad, split=path(q, k, rot, neox)))
 run_norm(True, 32, 32)
 run_norm(False, 16, 32)
+run_norm(True, 16, 64)  # Qwen3.5-like: QK-norm + partial neox rotary
 # fp32 math stored as bf16 (the complex form: fp32 product, one cast at the end)
 q = torch.randn(2, 3, 4, 32).to(torch.bfloat16); k = torch.randn(2, 3, 2, 32).to(torch.bfloat16)
 args = (q, k, torch.randn(6, 16), torch.randn(6, 16), None, None, None, 32, False, True, torch.bfloat16, 0, 1.0, [], [],
         False, 0, 1.0, [], [], False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2])
 ref = rope_quant_reference(*args, math_dtype=torch.float32)
-runs = [rope_quant_triton(*args, math_dtype=torch.float32, out=[torch.full(t.shape, p).to(t.dtype) for t in ref])
-        for p in (7.0, -3.0)]
+runs = [rope_quant_triton(*args, math_dtype=torch.float32, config=CFG,
+                          out=[torch.full(t.shape, p).to(t.dtype) for t in ref]) for p in (7.0, -3.0)]
 res.append(dict(case="fp32 math -> bf16", bad=sum(int(not torch.equal(a, b)) + int(not torch.equal(a, c))
-                                              for a, b, c in zip(runs[0], runs[1], ref) if a.numel())))
+                                              for a, b, c in zip(runs[0], runs[1], ref) if a.numel()),
+                split=path(q, k, 32, False)))
 print(json.dumps(res))
 """
 
 
-def test_kernel_under_triton_interpreter():
+# launch configs the interpreter tests run: the defaults, the SPLIT path at its default block, and
+# small head blocks / warp counts on both paths (a program per 1 or 2 heads, masked tails)
+_INTERP_CONFIGS = [{}, {"SPLIT": 1}, {"SPLIT": 1, "BLOCK_H": 1, "num_warps": 1},
+                   {"SPLIT": 1, "BLOCK_H": 2, "num_warps": 8}, {"SPLIT": 0, "BLOCK_H": 2, "num_warps": 2}]
+
+
+@pytest.mark.parametrize("cfg", _INTERP_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_kernel_under_triton_interpreter(cfg):
+    """Bit-exact vs the reference (outputs poisoned twice) for every case on both paths (SPLIT
+    where the half is a power of 2, else the gather fallback) and several head blocks / warps."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _INTERP], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", _INTERP, json.dumps(cfg)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     bad = [c for c in res if c["bad"]]
-    assert len(res) == 15 and not bad, bad
+    assert len(res) == 18 and not bad, bad
+    split = [c["case"] for c in res if c["split"]]
+    assert len(split) == (17 if cfg.get("SPLIT") else 0), split  # all but the half-12 case
 
 
 _INTERP_CACHE = r"""
-import json, torch
+import json, sys, torch
 from fxfuse.kernels.rope_quant import rope_quant_cache_reference, rope_quant_cache_triton
 FP8 = torch.float8_e4m3fn
+CFG = json.loads(sys.argv[1])  # launch-config override ({} = the defaults)
 res = []
-def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0):
+def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0, rot=32, neox=True):
     g = torch.Generator().manual_seed(seed)
     bf = torch.bfloat16
     q, k, v = (torch.randn(B or 1, T, h, 32, generator=g).to(bf) for h in (4, 2, 2))
-    cs, sn = torch.randn(64, 32, generator=g).to(bf), torch.randn(64, 32, generator=g).to(bf)
+    cs, sn = torch.randn(64, rot, generator=g).to(bf), torch.randn(64, rot, generator=g).to(bf)
     pos = torch.randint(0, 64, ((B or 1) * T,), generator=g)
     slots = torch.randperm(24, generator=g)[:n]
     slots[1], slots[4] = -1, -3
@@ -1247,7 +1270,7 @@ def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0):
     if fp8 and cdt == "fp8":
         base = base.view(FP8)
     ks, vs = torch.tensor([0.05]), torch.tensor([0.1])
-    a = [q, k, cs, sn, pos, None, ks if fp8 else None, 32, True, False, bf, 0, 1.0, [], [], False, int(fp8), 1.0, [], [],
+    a = [q, k, cs, sn, pos, None, ks if fp8 else None, rot, neox, False, bf, 0, 1.0, [], [], False, int(fp8), 1.0, [], [],
          False, -448., 448., True, need_k, [0, 1, 2], [0, 1, 2], v, None, None, slots, vs if fp8 else None, fp8,
          store_kq and fp8, fp8, 1.0, False, -448., 448., neg_skip]
     a[28], a[29] = base.clone(), base.clone()
@@ -1257,32 +1280,35 @@ def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0):
     for poison in (7.0, -3.0):
         a[28], a[29] = base.clone(), base.clone()
         outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
-        got = rope_quant_cache_triton(*a, out=outs, cache_bhsd=bool(B))
+        got = rope_quant_cache_triton(*a, out=outs, cache_bhsd=bool(B), config=CFG)
         bits = lambda t: t.view(torch.uint8) if t.dtype == FP8 else t
         bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip(got, ref) if x.numel())
         bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip((a[28], a[29]), want))
-    res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n} B={B}",
-                    bad=bad))
+    res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n} B={B} "
+                         f"rot={rot} neox={neox}", bad=bad))
 run(False, False, False, True, False, "bf16", 7)
 run(False, True, True, False, False, "bf16", 5)
 run(True, True, True, False, False, "u8", 7)
 run(True, False, False, True, True, "fp8", 6)
 run(False, False, False, True, False, "bf16", 7, B=2)  # [B, H, max_len, D] (StaticCache) caches
 run(True, True, False, False, False, "u8", 5, B=3)
+run(True, False, True, True, True, "fp8", 6, rot=16, neox=False)  # gpt-j, partial rotary, fp8 cache
+run(False, True, False, True, False, "bf16", 7, rot=16)  # neox partial rotary, bf16 cache
 print(json.dumps(res))
 """
 
 
-def test_cache_kernel_under_triton_interpreter():
+@pytest.mark.parametrize("cfg", _INTERP_CONFIGS[:3], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_cache_kernel_under_triton_interpreter(cfg):
     """The cache write in the kernel (k rope/fp8, v, fp8 v, uint8/fp8 caches, slot < 0 skipped or
-    wrapped, fewer slots than tokens, [B, H, max_len, D] StaticCache caches) is bit-exact vs the
-    reference; untouched cache rows stay."""
+    wrapped, fewer slots than tokens, [B, H, max_len, D] StaticCache caches, partial rotary, gpt-j)
+    is bit-exact vs the reference on both paths (SPLIT, small head blocks); untouched rows stay."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _INTERP_CACHE], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-c", _INTERP_CACHE, json.dumps(cfg)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 6 and not [c for c in res if c["bad"]], res
+    assert len(res) == 8 and not [c for c in res if c["bad"]], res
 
 
 _PTR_NAMES = {"pos_ptr": "*i64", "slot_ptr": "*i64", "vscale_ptr": "*fp32", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
@@ -1291,8 +1317,9 @@ _FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qm
                   "v_qmax".split())
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-def test_kernel_ptx_keeps_product_rounding(dt):
+def test_kernel_ptx_keeps_product_rounding(dt, split):
     """Compiled for sm_90 (no GPU needed): eager rounds x*cos and rot(x)*sin to the out dtype before
     the sum, so no fma may appear (LLVM narrowed the product to bf16 and contracted it into
     fma.rn.bf16: 1-ulp differences in many elements on the H100)."""
@@ -1309,7 +1336,8 @@ def test_kernel_ptx_keeps_product_rounding(dt):
                  Q_MUL=False, QOP0=-1, QOP1=-1, QOP2=-1, QOP3=-1, NEED_K=True, K_QUANT=0, K_SCALE_T=False,
                  K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True,
                  HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
-                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False)
+                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False, SPLIT=split, BLOCK_P=1,
+                 BLOCK_P2=0)
     sig = {}
     for name in inspect.signature(rq._rope_quant_kernel.fn).parameters:
         if name in const:
@@ -1327,6 +1355,28 @@ def test_kernel_ptx_keeps_product_rounding(dt):
     assert "fma." not in ptx, [ln for ln in ptx.splitlines() if "fma." in ln][:4]
     pt = "bf16" if dt == "bf16" else "f16"
     assert ptx.count(f"cvt.rn.{pt}.f32") + ptx.count(f"cvt.rn.{pt}x2.f32") > 0
+
+
+def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
+    """Config selection is pure Python on static shapes: an unbacked (symbolic) M is never branched
+    on and reads as large; CONFIG_OVERRIDE < FXFUSE_ROPE_CONFIG < override; SPLIT needs a pow2 half."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxfuse.kernels import rope_quant as rq
+
+    sym = ShapeEnv().create_unbacked_symint()
+    llama = dict(SPLIT=0, BLOCK_H=16, num_warps=4)  # today's defaults
+    assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == rq.launch_config(128, 128, 32, 8, 0, M=16384) == llama
+    assert rq.launch_config(256, 64, 16, 2, 0, M=sym) == dict(SPLIT=0, BLOCK_H=8, num_warps=4)
+    monkeypatch.setitem(rq.CONFIG_OVERRIDE, "SPLIT", 1)
+    monkeypatch.setitem(rq.CONFIG_OVERRIDE, "num_warps", 2)
+    monkeypatch.setenv("FXFUSE_ROPE_CONFIG", "BLOCK_H=4,num_warps=8")
+    assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == dict(SPLIT=1, BLOCK_H=4, num_warps=8)
+    assert rq.launch_config(128, 128, 32, 8, 0, override={"BLOCK_H": 1}) == dict(SPLIT=1, BLOCK_H=1, num_warps=8)
+    assert rq.launch_config(32, 24, 4, 2, 0)["SPLIT"] == 0  # half 12: the gather path
+    for bad in ({"BLOCK_H": 3}, {"num_warps": 3}, {"WARPS": 4}):
+        with pytest.raises(ValueError):
+            rq.launch_config(128, 128, 32, 8, 0, override=bad)
 
 
 def test_op_cpu_matches_reference_and_opcheck():

@@ -63,6 +63,8 @@ __all__ = [
     "rope_quant_cache_reference",
     "rope_quant_cache_triton",
     "bytes_moved",
+    "launch_config",
+    "CONFIG_OVERRIDE",
 ]
 
 QUANT_NONE = 0
@@ -309,6 +311,212 @@ def _rope_heads(
     ROUND_BEFORE_W: tl.constexpr,
     c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
     STORE_QQ: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_P2: tl.constexpr,
+):
+    """Dispatch: SPLIT (contiguous halves, see _rope_heads_split) or the gathered-partner path."""
+    if SPLIT:
+        _rope_heads_split(
+            x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
+            b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, static_value, c0, c1, c2, c3, qmin, qmax,
+            D, ROT, NEOX, COS_HALF, OUT_DT, NEED_ROPE, QUANT, HAS_SCALE_T, OP0, OP1, OP2, OP3,
+            QUANT_MUL, BLOCK_H, BLOCK_D, NATIVE, NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
+            c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ, BLOCK_P, BLOCK_P2)
+    else:
+        _rope_heads_gather(
+            x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
+            b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, static_value, c0, c1, c2, c3, qmin, qmax,
+            D, ROT, NEOX, COS_HALF, OUT_DT, NEED_ROPE, QUANT, HAS_SCALE_T, OP0, OP1, OP2, OP3,
+            QUANT_MUL, BLOCK_H, BLOCK_D, NATIVE, NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
+            c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+
+
+@triton.jit
+def _rope_emit(o, hcol, col, m, sb, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok, c_sh,
+               NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, QUANT_MUL: tl.constexpr, NATIVE: tl.constexpr,
+               CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr, STORE_QQ: tl.constexpr):
+    """Store one part (rope output, its fp8 quant by scale `sb`, the cache row) at heads hcol, columns col."""
+    oofs = obase + hcol.to(tl.int64) * soh + col
+    if NEED_ROPE:
+        tl.store(o_ptr + oofs, o.to(o_ptr.dtype.element_ty), mask=m)
+    if QUANT != 0:
+        qq = quantize(o, sb + tl.zeros_like(o), qmin, qmax, QUANT_MUL, False, False, NATIVE)
+        if STORE_QQ:
+            tl.store(qo_ptr + oofs, qq, mask=m)
+        if CACHE and CACHE_FP8:
+            _cache_put(c_ptr, c_off, c_sh, hcol, col, qq, m, c_ok, CACHE_U8)
+    if CACHE and not CACHE_FP8:
+        _cache_put(c_ptr, c_off, c_sh, hcol, col, o, m, c_ok, False)
+
+
+@triton.jit
+def _rope_out(x1, x2, ca, sa, cb, sb, one, OUT_DT: tl.constexpr, NATIVE: tl.constexpr):
+    """(o1, o2) = (x1*ca - x2*sa, x2*cb + x1*sb), each product and the sum rounded like the gather path."""
+    ca = ca * one  # see the `* one` comment in _rope_heads_gather (no narrowed product -> no fma)
+    sa = sa * one
+    cb = cb * one
+    sb = sb * one
+    o1 = round_to(round_to(x1 * ca[None, :], OUT_DT, NATIVE) + round_to((x2 * -1.0) * sa[None, :], OUT_DT, NATIVE),
+                  OUT_DT, NATIVE)
+    o2 = round_to(round_to(x2 * cb[None, :], OUT_DT, NATIVE) + round_to(x1 * sb[None, :], OUT_DT, NATIVE),
+                  OUT_DT, NATIVE)
+    return o1, o2
+
+
+@triton.jit
+def _rope_heads_split(
+    x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
+    cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
+    b, s_, h0, H, S,
+    sxb, sxs, sxh, sob, sos, soh,
+    static_value, c0, c1, c2, c3, qmin, qmax,
+    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
+    OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr,
+    NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+    ROUND_BEFORE_W: tl.constexpr,
+    c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
+    STORE_QQ: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_P2: tl.constexpr,
+):
+    """The gather path's math with every operand loaded contiguously: neox as the two halves
+    [BLOCK_H, HALF] (x1 = x[:HALF], x2 = x[HALF:ROT]), gpt-j as one [BLOCK_H, HALF, 2] block split
+    into even/odd lanes (joined again to store), and partial rotary's x[ROT:D] as a [BLOCK_H, BLOCK_P]
+    block (BLOCK_P the largest power of 2 <= D - ROT) plus, for the rest, a masked [BLOCK_H, BLOCK_P2]
+    one (0: none; 192 = 128 + 64 idles no lane). No partner reload, no per-element index math."""
+    HALF: tl.constexpr = ROT // 2
+    hh = h0 + tl.arange(0, BLOCK_H)
+    hmask = hh < H
+    i = tl.arange(0, HALF)
+    xrow = x_ptr + b * sxb + s_ * sxs
+    crow_c = cos_ptr + crow * s_cos
+    crow_s = sin_ptr + crow * s_sin
+    if NEOX:
+        hcol = hh[:, None]
+        cola = i[None, :]
+        colb = cola + HALF
+        m = hmask[:, None] & (cola < HALF)
+        x1 = tl.load(xrow + hcol * sxh + cola, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xrow + hcol * sxh + colb, mask=m, other=0.0).to(tl.float32)
+        ca = tl.load(crow_c + i).to(tl.float32)
+        sa = tl.load(crow_s + i).to(tl.float32)
+        if COS_HALF:
+            cb = ca
+            sb_ = sa
+        else:
+            cb = tl.load(crow_c + HALF + i).to(tl.float32)
+            sb_ = tl.load(crow_s + HALF + i).to(tl.float32)
+        if NORM:
+            w1 = tl.load(w_ptr + i).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + i).to(tl.float32)
+    else:
+        t = tl.arange(0, 2)
+        hcol = hh[:, None, None]
+        cola = 2 * i[None, :, None] + t[None, None, :]
+        m = hmask[:, None, None] & (cola < ROT)
+        x1, x2 = tl.split(tl.load(xrow + hcol * sxh + cola, mask=m, other=0.0).to(tl.float32))
+        if COS_HALF:
+            ca = tl.load(crow_c + i).to(tl.float32)
+            sa = tl.load(crow_s + i).to(tl.float32)
+            cb = ca
+            sb_ = sa
+        else:
+            ci = 2 * i[:, None] + t[None, :]
+            ca, cb = tl.split(tl.load(crow_c + ci).to(tl.float32))
+            sa, sb_ = tl.split(tl.load(crow_s + ci).to(tl.float32))
+        if NORM:
+            w1, w2 = tl.split(tl.load(w_ptr + 2 * i[:, None] + t[None, :]).to(tl.float32))
+    if ROT < D:
+        pj = tl.arange(0, BLOCK_P)
+        pcol = ROT + pj[None, :]
+        pm = hmask[:, None] & (pcol < D)
+        xp = tl.load(xrow + hh[:, None] * sxh + pcol, mask=pm, other=0.0).to(tl.float32)
+        if BLOCK_P2 > 0:
+            pj2 = tl.arange(0, BLOCK_P2)
+            pcol2 = ROT + BLOCK_P + pj2[None, :]
+            pm2 = hmask[:, None] & (pcol2 < D)
+            xp2 = tl.load(xrow + hh[:, None] * sxh + pcol2, mask=pm2, other=0.0).to(tl.float32)
+    if NORM:  # per-head RMSNorm over head_dim before the rotation: sum of squares over the parts
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if ROT < D:
+            ss = ss + tl.sum(xp * xp, axis=1)
+            if BLOCK_P2 > 0:
+                ss = ss + tl.sum(xp2 * xp2, axis=1)
+        ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
+        rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+        x1 = _qk_norm(x1, rstd, w1, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+        x2 = _qk_norm(x2, rstd, w2, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+        if ROT < D:
+            wp = tl.load(w_ptr + ROT + pj, mask=ROT + pj < D, other=0.0).to(tl.float32)
+            xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+            if BLOCK_P2 > 0:
+                wp2 = tl.load(w_ptr + ROT + BLOCK_P + pj2, mask=ROT + BLOCK_P + pj2 < D, other=0.0).to(tl.float32)
+                xp2 = _qk_norm(xp2, rstd, wp2, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+    o1, o2 = _rope_out(x1, x2, ca, sa, cb, sb_, one, OUT_DT, NATIVE)
+    # math in fp32 (math_dtype) stored narrower: round once, RNE (a no-op when OUT_DT is the store dtype)
+    if o_ptr.dtype.element_ty == tl.bfloat16:
+        o1 = round_to(o1, 1, NATIVE)
+        o2 = round_to(o2, 1, NATIVE)
+    elif o_ptr.dtype.element_ty == tl.float16:
+        o1 = round_to(o1, 2, NATIVE)
+        o2 = round_to(o2, 2, NATIVE)
+    tok = b * S + s_
+    sc = 0.0
+    if QUANT == 1:
+        if HAS_SCALE_T:
+            sc = tl.load(scale_ptr).to(tl.float32)
+        else:
+            sc = static_value + 0.0
+        if (tok == 0) & (h0 == 0):
+            tl.store(s_ptr, sc)
+    elif QUANT == 2:
+        hm2 = hmask[:, None]
+        am = tl.maximum(absmax(tl.where(hm2, o1, 0.0), 1), absmax(tl.where(hm2, o2, 0.0), 1),
+                        propagate_nan=tl.PropagateNan.ALL)
+        if ROT < D:
+            am = tl.maximum(am, absmax(tl.where(pm, xp, 0.0), 1), propagate_nan=tl.PropagateNan.ALL)
+            if BLOCK_P2 > 0:
+                am = tl.maximum(am, absmax(tl.where(pm2, xp2, 0.0), 1), propagate_nan=tl.PropagateNan.ALL)
+        sc = scale_chain(am, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+        tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
+    sc2 = sc  # the scale broadcast over a [BLOCK_H, n] part
+    if QUANT == 2:
+        sc2 = sc[:, None]
+    obase = b * sob + s_ * sos
+    if NEOX:
+        _rope_emit(o1, hcol, cola, m, sc2, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok, c_sh,
+                   NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+        _rope_emit(o2, hcol, colb, m, sc2, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok, c_sh,
+                   NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+    else:
+        sc3 = sc
+        if QUANT == 2:
+            sc3 = sc[:, None, None]
+        _rope_emit(tl.join(o1, o2), hcol, cola, m, sc3, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok,
+                   c_sh, NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+    if ROT < D:
+        _rope_emit(xp, hh[:, None], pcol, pm, sc2, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok, c_sh,
+                   NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+        if BLOCK_P2 > 0:
+            _rope_emit(xp2, hh[:, None], pcol2, pm2, sc2, obase, soh, o_ptr, qo_ptr, qmin, qmax, c_ptr, c_off, c_ok,
+                       c_sh, NEED_ROPE, QUANT, QUANT_MUL, NATIVE, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+
+
+@triton.jit
+def _rope_heads_gather(
+    x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
+    cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
+    b, s_, h0, H, S,
+    sxb, sxs, sxh, sob, sos, soh,
+    static_value, c0, c1, c2, c3, qmin, qmax,
+    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
+    OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+    QUANT_MUL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE: tl.constexpr,
+    NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
+    ROUND_BEFORE_W: tl.constexpr,
+    c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
+    STORE_QQ: tl.constexpr,
 ):
     """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H]).
 
@@ -403,9 +611,15 @@ def _slot(raw, n, ok, NEG_SKIP: tl.constexpr):
 @triton.jit
 def _cache_store(c_ptr, c_off, c_sh, hh, j, val, mask, ok, U8: tl.constexpr):
     """Store [BLOCK_H, BLOCK_D] rows of one token into its cache slot (fp8 bits as uint8 when U8)."""
+    _cache_put(c_ptr, c_off, c_sh, hh[:, None], j[None, :], val, mask, ok, U8)
+
+
+@triton.jit
+def _cache_put(c_ptr, c_off, c_sh, hcol, col, val, mask, ok, U8: tl.constexpr):
+    """Store `val` at heads `hcol`, columns `col` (broadcast to val's shape) of one token's cache slot."""
     if U8:
         val = val.to(tl.uint8, bitcast=True)
-    offs = c_off + hh[:, None].to(tl.int64) * c_sh + j[None, :]
+    offs = c_off + hcol.to(tl.int64) * c_sh + col
     m = mask & (tl.zeros_like(offs) + ok.to(tl.int32) != 0)
     tl.store(c_ptr + offs, val.to(c_ptr.dtype.element_ty), mask=m)
 
@@ -453,6 +667,7 @@ def _rope_quant_kernel(
     HAS_CACHE: tl.constexpr = False, SLOT_BY_S: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
     K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
     V_QUANT: tl.constexpr = False, V_SCALE_T: tl.constexpr = False, V_MUL: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, BLOCK_P: tl.constexpr = 1, BLOCK_P2: tl.constexpr = 0,
 ):
     """Grid (tokens, q head-blocks + k head-blocks): q and k of a token in ONE launch.
 
@@ -463,6 +678,7 @@ def _rope_quant_kernel(
     (NEG_SKIP, vLLM) or wraps to slot + n_slots (ATen index_put); slots >= n_slots are not written.
     SLOT_BY_S: [B, H, max_len, D] caches (transformers StaticCache): position s of every batch row b
     goes to slot slots[s] of batch row b (cache offsets slot * skc + b * skc_b + head * skc_h).
+    SPLIT: contiguous loads of the rotated halves (no partner gather); BLOCK_P/BLOCK_P2: passthrough chunks.
     """
     q_static = tl.cast(q_static, tl.float32)
     k_static = tl.cast(k_static, tl.float32)
@@ -512,7 +728,7 @@ def _rope_quant_kernel(
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
                     QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE,
                     Q_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
-                    qo_ptr, 0, False, 0, False, False, False, True)
+                    qo_ptr, 0, False, 0, False, False, False, True, SPLIT, BLOCK_P, BLOCK_P2)
     elif HAS_K and hb < NQB + NKB:
         _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     kw_ptr, k_eps, woff, one,
@@ -521,7 +737,8 @@ def _rope_quant_kernel(
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
                     KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
                     K_NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
-                    kc_ptr, slot * skc + b * skc_b, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ)
+                    kc_ptr, slot * skc + b * skc_b, c_ok, skc_h, HAS_CACHE, K_CACHE_FP8, K_CACHE_U8, STORE_KQ,
+                    SPLIT, BLOCK_P, BLOCK_P2)
     elif HAS_CACHE:
         _cache_v(v_ptr, vc_ptr, vscale_ptr, b, s_, (hb - NQB - NKB) * BLOCK_H, HV, svb, svs, svh,
                  vslot * svc + b * svc_b, v_ok, svc_h, v_static, v_qmin, v_qmax,
@@ -532,6 +749,59 @@ def _block_h(D: int, H: int) -> int:
     """Heads per program: ~2K elements per program, at most the head count."""
     bd = triton.next_power_of_2(D)
     return max(1, min(triton.next_power_of_2(max(H, 1)), max(1, 2048 // bd)))
+
+
+# Launch-config override for tuning sweeps: keys SPLIT / BLOCK_H / num_warps (any subset). Also read
+# from the env var FXFUSE_ROPE_CONFIG ("SPLIT=1,BLOCK_H=8,num_warps=4"); a `config=` keyword wins.
+CONFIG_OVERRIDE: dict[str, int] = {}
+_CONFIG_KEYS = ("SPLIT", "BLOCK_H", "num_warps")
+
+
+def split_ok(D: int, rot: int) -> bool:
+    """The SPLIT path needs a power-of-2 half (tl.arange sizes); the passthrough is masked."""
+    half = rot // 2
+    return 0 < rot <= D and rot % 2 == 0 and half & (half - 1) == 0
+
+
+def _env_config() -> dict[str, int]:
+    raw = os.environ.get("FXFUSE_ROPE_CONFIG", "").strip()
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        k, _, v = item.partition("=")
+        if k.strip() not in _CONFIG_KEYS:
+            raise ValueError(f"FXFUSE_ROPE_CONFIG: unknown key {k!r} (want {_CONFIG_KEYS})")
+        out[k.strip()] = int(v)
+    return out
+
+
+def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, neox: bool = True,
+                  q_quant: int = QUANT_NONE, k_quant: int = QUANT_NONE, norm: bool = False, cache: bool = False,
+                  override: Optional[dict[str, int]] = None) -> dict[str, int]:
+    """dict(SPLIT, BLOCK_H, num_warps) of one launch: pure Python on static shapes (fake-tensor safe).
+
+    M (tokens) may be symbolic or None: read as "large", never branched on. Defaults are today's
+    (gathered partner, ~2K elements per program, 4/8 warps) until GPU sweeps (benchmarks/tune_rope.py)
+    say otherwise; CONFIG_OVERRIDE, FXFUSE_ROPE_CONFIG, then `override` replace any of the keys. A
+    SPLIT that the rotary dim does not allow (split_ok) falls back to the gather path."""
+    bh = _block_h(D, max(HQ, HK, HV))
+    cfg = dict(SPLIT=0, BLOCK_H=bh, num_warps=4 if bh * triton.next_power_of_2(D) <= 2048 else 8)
+    for o in (CONFIG_OVERRIDE, _env_config(), override or {}):
+        bad = set(o) - set(_CONFIG_KEYS)
+        if bad:
+            raise ValueError(f"rope_quant launch config: unknown keys {sorted(bad)}")
+        cfg.update({k: int(v) for k, v in o.items()})
+    if cfg["BLOCK_H"] < 1 or cfg["BLOCK_H"] & (cfg["BLOCK_H"] - 1) or cfg["num_warps"] not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"rope_quant launch config: BLOCK_H must be a power of 2, num_warps 1..32: {cfg}")
+    cfg["SPLIT"] = int(bool(cfg["SPLIT"]) and split_ok(D, rot))
+    return cfg
+
+
+def _pass_blocks(n: int) -> tuple[int, int]:
+    """SPLIT's passthrough chunks of n = D - ROT columns: (largest pow2 <= n, pow2 >= the rest or 0)."""
+    if n <= 0:
+        return 1, 0
+    p1 = 1 << (n.bit_length() - 1)
+    return p1, (triton.next_power_of_2(n - p1) if n > p1 else 0)
 
 
 def _strides(shape: Sequence, order: Sequence[int]) -> list:
@@ -591,13 +861,18 @@ def _cache_args(c: Optional[dict], BH: int, dummy: torch.Tensor) -> tuple[int, d
     return triton.cdiv(HV, BH), rt, ce
 
 
-def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None):
+def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
+            config: Optional[dict[str, int]] = None):
     q, k, cos, sin, positions = a["q"], a["k"], a["cos"], a["sin"], a["positions"]
     q_scale, k_scale, qw, kw = a["q_scale"], a["k_scale"], a["q_norm_w"], a["k_norm_w"]
     B, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     HV = cache["v"].shape[2] if cache is not None else 0
-    BH = _block_h(D, max(HQ, HK, HV))
+    rot = int(a["rot_dim"])
+    cfg = launch_config(D, rot, HQ, HK, HV, B * S, bool(a["neox"]), int(a["q_quant"]),
+                        int(a["k_quant"]) if k is not None else 0, qw is not None or kw is not None,
+                        cache is not None, override=config)
+    BH = cfg["BLOCK_H"]
     nqb = triton.cdiv(HQ, BH)
     nkb = triton.cdiv(HK, BH) if k is not None else 0
     nvb, c_rt, c_ce = _cache_args(cache, BH, cos)
@@ -617,6 +892,7 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None)
     bd = triton.next_power_of_2(D)
     norm_dt = a["norm_dtype"] or q.dtype
     wsum = a["norm_wsum_dtype"]
+    p1, p2 = _pass_blocks(D - rot)
     kernel[(B * S, nqb + nkb + nvb)](
         q, kk, cos, sin, positions if positions is not None else cos,
         q_scale if q_scale is not None else cos, k_scale if k_scale is not None else cos,
@@ -641,7 +917,8 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None)
         HAS_K=k is not None, BLOCK_H=BH, BLOCK_D=bd,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         NKB=nkb, **c_rt, **c_ce,
-        num_warps=num_warps or (4 if BH * bd <= 2048 else 8),
+        SPLIT=bool(cfg["SPLIT"]), BLOCK_P=p1, BLOCK_P2=p2,
+        num_warps=num_warps or cfg["num_warps"],
     )
 
 
@@ -872,8 +1149,11 @@ def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
                         a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"]))
 
 
-def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = None, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-    """Launch the raw kernel with the cache write (eager CUDA, or CPU under TRITON_INTERPRET=1)."""
+def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = None,
+                            config: Optional[dict[str, int]] = None, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """Launch the raw kernel with the cache write (eager CUDA, or CPU under TRITON_INTERPRET=1).
+
+    `config` overrides launch_config's keys (tuning sweeps)."""
     a = _bind_cache(args, kwargs)
     c = {n: a.pop(n) for n in _CACHE_ALL}
     _check(a)
@@ -883,7 +1163,7 @@ def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = Non
                                                     a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"],
                                                     c["store_k_fp8"])
     if q.shape[0] * q.shape[1] > 0:
-        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps, cache=c)
+        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps, cache=c, config=config)
     return tuple(outs)
 
 
@@ -903,10 +1183,12 @@ def _check(a: dict) -> None:
                a["q_quant"], a["k_quant"], a["q_ops"], a["k_ops"], a["norm_dtype"])
 
 
-def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None, **kwargs) -> tuple[torch.Tensor, ...]:
+def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None, config: Optional[dict[str, int]] = None,
+                      **kwargs) -> tuple[torch.Tensor, ...]:
     """Launch the raw kernel (eager CUDA, or CPU under TRITON_INTERPRET=1); same args as the op.
 
-    `out` (6 tensors) lets tests poison the outputs before the launch.
+    `out` (6 tensors) lets tests poison the outputs before the launch; `config` overrides
+    launch_config's keys (tuning sweeps).
     """
     a = _bind(args, kwargs)
     _check(a)
@@ -914,7 +1196,7 @@ def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None, **kwargs
     outs = list(out) if out is not None else _alloc(q, a["k"], a["out_dtype"], a["q_quant"], a["k_quant"],
                                                     a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"])
     if q.shape[0] * q.shape[1] > 0:
-        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps)
+        _launch(_rope_quant_kernel, a, outs, num_warps=num_warps, config=config)
     return tuple(outs)
 
 
