@@ -5,10 +5,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p $OUT/res
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $OUT/res/env.txt
 PT="python3 -m pytest -q -p no:cacheprovider -rf"
-timeout 150 $PT -m gpu -o faulthandler_timeout=120 tests/test_gpu_moe_experts.py -k "launcher_real_shapes or output_code or replay" \
-  > $OUT/res/gpu_tests_f.log 2>&1
-echo "tests rc=$?"; grep -E "passed|failed|FAILED|ERROR|Timeout" $OUT/res/gpu_tests_f.log | tail -15
-timeout 130 python3 benchmarks/tune_silu.py --out $OUT/res/tune_silu_h200.json > $OUT/res/tune_silu.log 2>&1; echo "tune silu rc=$?"; tail -30 $OUT/res/tune_silu.log
-timeout 130 python3 benchmarks/bench_moe_experts.py --quick --models qwen3_30b_a3b,mixtral_8x7b --impls grouped_mm \
-  --out $OUT/res/moe_experts_h200_quick.json > $OUT/res/moe_experts.log 2>&1; echo "moe rc=$?"; tail -12 $OUT/res/moe_experts.log
-timeout 100 python3 benchmarks/e2e.py --quick --models moe --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1; echo "e2e moe rc=$?"; tail -14 $OUT/res/e2e_moe.log
+timeout 40 python3 benchmarks/tune_moe_align.py --out $OUT/res/tune_moe_align_h200.json > $OUT/res/tune_moe_align.log 2>&1; echo "align rc=$?"; cat $OUT/res/tune_moe_align.log | tail -6
+timeout 200 python3 benchmarks/tune_rope.py --out $OUT/res/tune_rope_h200.json > $OUT/res/tune_rope.log 2>&1; echo "tune rope rc=$?"; grep -v "^\[tune\] precompiled" $OUT/res/tune_rope.log | tail -32
+timeout 70 python3 benchmarks/tune_silu.py --schemes per_token_fp8 --Is 14336,18432 --out $OUT/res/tune_silu_chunk_h200.json > $OUT/res/tune_silu_chunk.log 2>&1; echo "tune silu rc=$?"; grep -E "M=|TUNED" $OUT/res/tune_silu_chunk.log | tail -8
+timeout 150 $PT -m gpu -o faulthandler_timeout=120 tests/test_rope_quant.py tests/test_kernel_silu_mul_quant.py \
+  "tests/test_gpu_moe_experts.py::test_launcher_real_shapes" > $OUT/res/gpu_tests_g.log 2>&1
+echo "tests rc=$?"; grep -E "passed|failed|FAILED|ERROR|Timeout" $OUT/res/gpu_tests_g.log | tail -15

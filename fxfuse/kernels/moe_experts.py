@@ -468,7 +468,7 @@ def _moe_align_kernel(
     ids_ptr, sorted_ptr, block_e_ptr, npad_ptr, cursor_ptr,
     S, E, P, NT,
     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-    SCATTER: tl.constexpr = False,
+    SCATTER: tl.constexpr = False, FILL: tl.constexpr = 1024,
 ):
     """One program: per-expert counts (histogram), BLOCK_M-padded offsets (cumsum), each tile's
     expert, the padded count, the padding fill of the sorted ids, and a per-expert write cursor.
@@ -492,9 +492,9 @@ def _moe_align_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         below = (pad_end[None, :] <= (t * BLOCK_M)[:, None]) & real[None, :]
         tl.store(block_e_ptr + t, tl.minimum(tl.sum(below.to(tl.int32), axis=1), E - 1), mask=t < NT)
-    for p0 in range(0, P + 1, BLOCK_S):  # padding rows point at pair S (the kernels mask it)
-        p = p0 + tl.arange(0, BLOCK_S)
-        tl.store(sorted_ptr + p, tl.zeros([BLOCK_S], dtype=tl.int32) + S, mask=p <= P)
+    for p0 in range(0, P + 1, FILL):  # padding rows point at pair S (the kernels mask it)
+        p = p0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + p, tl.zeros([FILL], dtype=tl.int32) + S, mask=p <= P)
     if SCATTER:
         tl.debug_barrier()  # the cursor and the padding fill are in memory before pairs take rows
         offs = tl.arange(0, BLOCK_S)
@@ -518,10 +518,21 @@ def _moe_scatter_kernel(ids_ptr, sorted_ptr, cursor_ptr, S, E, BLOCK: tl.constex
     tl.store(sorted_ptr + slot, offs.to(tl.int32), mask=valid)
 
 
+def align_config(S: object, E: int) -> dict:
+    """Histogram chunk, tiles per searchsorted step and warps of the align program (pure Python on
+    static shapes; a symbolic pair count takes the full 1024-lane chunk)."""
+    e_pad = triton.next_power_of_2(E + 1)
+    block_s = 1024 if not isinstance(S, int) else max(16, min(1024, triton.next_power_of_2(S)))
+    return dict(BLOCK_S=block_s, BLOCK_T=max(1, min(64, 16384 // e_pad)), WARPS=4)
+
+
+ALIGN_OVERRIDE: dict[str, int] = {}  # sweeps (benchmarks/tune_moe_align.py): applied over align_config
+
+
 def _align_triton(wrap, ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor, object]:
-    """`_align` in two launches (vs a dozen torch kernels): same tiles, experts and padded count;
-    pairs of one expert may sit in another order inside its range."""
+    """`_align` in one or two launches (vs a dozen torch kernels): same tiles, experts and padded
+    count; pairs of one expert may sit in another order inside its range."""
     S = ids_flat.shape[0]
     dev = ids_flat.device
     n_tiles = (S + E * (block_m - 1) + block_m - 1) // block_m
@@ -532,10 +543,13 @@ def _align_triton(wrap, ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[t
     npad = torch.empty((1,), dtype=torch.int32, device=dev)
     cursor = torch.empty((e_pad,), dtype=torch.int32, device=dev)
     one = isinstance(S, int) and S <= ALIGN_ONE_LAUNCH  # static and small: scatter in the same program
+    c = {**align_config(S, E), **ALIGN_OVERRIDE}
+    if one and c["BLOCK_S"] < S:  # the one-launch scatter covers the pairs in one chunk
+        c["BLOCK_S"] = triton.next_power_of_2(S)
     wrap(_moe_align_kernel)[(1,)](
         ids_flat, sorted_ids, block_e, npad, cursor, S, E, P, n_tiles,
-        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=1024, BLOCK_T=max(1, min(64, 16384 // e_pad)), SCATTER=one,
-        num_warps=4,
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=c["BLOCK_S"], BLOCK_T=c["BLOCK_T"], SCATTER=one,
+        num_warps=c["WARPS"],
     )
     if not one:
         wrap(_moe_scatter_kernel)[(triton.cdiv(S, 256),)](ids_flat, sorted_ids, cursor, S, E, BLOCK=256,
