@@ -1248,7 +1248,11 @@ def test_kernel_under_triton_interpreter(cfg):
     bad = [c for c in res if c["bad"]]
     assert len(res) == 18 and not bad, bad
     split = [c["case"] for c in res if c["split"]]
-    assert len(split) == (17 if cfg.get("SPLIT") else 0), split  # all but the half-12 case
+    if "SPLIT" in cfg:
+        assert len(split) == (17 if cfg["SPLIT"] else 0), split  # all but the half-12 case
+    else:  # defaults: partial rotary takes SPLIT, full rotary the gathered partner
+        dims = [tuple(int(re.search(f"{k}=(\\d+)", c).group(1)) for k in ("rot", "D")) for c in split]
+        assert split and all(rot < d for rot, d in dims), split
 
 
 _INTERP_CACHE = r"""
@@ -1365,9 +1369,12 @@ def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
     from fxfuse.kernels import rope_quant as rq
 
     sym = ShapeEnv().create_unbacked_symint()
-    llama = dict(SPLIT=0, BLOCK_H=16, num_warps=4)  # today's defaults
+    llama = dict(SPLIT=0, BLOCK_H=8, num_warps=1)  # the H200 sweep's defaults
     assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == rq.launch_config(128, 128, 32, 8, 0, M=16384) == llama
-    assert rq.launch_config(256, 64, 16, 2, 0, M=sym) == dict(SPLIT=0, BLOCK_H=8, num_warps=4)
+    assert rq.launch_config(256, 64, 16, 2, 0, M=sym) == dict(SPLIT=1, BLOCK_H=4, num_warps=2)  # partial rotary
+    assert rq.launch_config(256, 64, 16, 2, 0, q_quant=rq.QUANT_DYNAMIC)["BLOCK_H"] == 8
+    assert rq.launch_config(256, 64, 16, 2, 0, norm=True) == dict(SPLIT=0, BLOCK_H=2, num_warps=1)
+    assert rq.launch_config(128, 128, 4, 2, 0)["BLOCK_H"] == 4  # never more heads than the tensors have
     monkeypatch.setitem(rq.CONFIG_OVERRIDE, "SPLIT", 1)
     monkeypatch.setitem(rq.CONFIG_OVERRIDE, "num_warps", 2)
     monkeypatch.setenv("FXFUSE_ROPE_CONFIG", "BLOCK_H=4,num_warps=8")

@@ -745,12 +745,6 @@ def _rope_quant_kernel(
                  D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
 
 
-def _block_h(D: int, H: int) -> int:
-    """Heads per program: ~2K elements per program, at most the head count."""
-    bd = triton.next_power_of_2(D)
-    return max(1, min(triton.next_power_of_2(max(H, 1)), max(1, 2048 // bd)))
-
-
 # Launch-config override for tuning sweeps: keys SPLIT / BLOCK_H / num_warps (any subset). Also read
 # from the env var FXFUSE_ROPE_CONFIG ("SPLIT=1,BLOCK_H=8,num_warps=4"); a `config=` keyword wins.
 CONFIG_OVERRIDE: dict[str, int] = {}
@@ -779,12 +773,23 @@ def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, ne
                   override: Optional[dict[str, int]] = None) -> dict[str, int]:
     """dict(SPLIT, BLOCK_H, num_warps) of one launch: pure Python on static shapes (fake-tensor safe).
 
-    M (tokens) may be symbolic or None: read as "large", never branched on. Defaults are today's
-    (gathered partner, ~2K elements per program, 4/8 warps) until GPU sweeps (benchmarks/tune_rope.py)
-    say otherwise; CONFIG_OVERRIDE, FXFUSE_ROPE_CONFIG, then `override` replace any of the keys. A
-    SPLIT that the rotary dim does not allow (split_ok) falls back to the gather path."""
-    bh = _block_h(D, max(HQ, HK, HV))
-    cfg = dict(SPLIT=0, BLOCK_H=bh, num_warps=4 if bh * triton.next_power_of_2(D) <= 2048 else 8)
+    M (tokens) may be symbolic or None: read as "large", never branched on. Defaults from the H200
+    sweep (benchmarks/tune_rope.py; benchmarks/results/tune_rope_h200.json): small programs of ~1K
+    elements on 1 warp (head_dim <= 128) or 2 (256) beat 2K-element 4-warp ones by 1.1-1.9x
+    (Llama fp8 static at 16384 tokens 127.6 -> 95.3 us, Qwen3.5 129.4 -> 68.8 us); partial rotary
+    takes the SPLIT path (passthrough as its own chunks), full rotary the gathered partner (the
+    sweep's winner there); dynamic fp8 at head_dim 256 takes 8 heads; QK-norm keeps the gathered
+    path (its sum of squares then adds in the same order as every other config).
+    CONFIG_OVERRIDE, FXFUSE_ROPE_CONFIG, then `override` replace any of the keys. A SPLIT that the
+    rotary dim does not allow (split_ok) falls back to the gather path."""
+    bd = triton.next_power_of_2(D)
+    hmax = triton.next_power_of_2(max(HQ, HK, HV, 1))
+    if norm:
+        bh, split = (8 if bd <= 128 else 2), 0
+    else:
+        per = 2048 if (bd > 128 and QUANT_DYNAMIC in (q_quant, k_quant)) else 1024  # elements per program
+        bh, split = max(1, per // bd), int(rot < D)
+    cfg = dict(SPLIT=split, BLOCK_H=max(1, min(hmax, bh)), num_warps=1 if bd <= 128 or norm else 2)
     for o in (CONFIG_OVERRIDE, _env_config(), override or {}):
         bad = set(o) - set(_CONFIG_KEYS)
         if bad:

@@ -377,6 +377,7 @@ TUNED: dict[tuple[int, int], dict[str, int]] = {
     (0, 1024): {"FLAT": 1, "ROWS": 2, "num_warps": 4},  # static I=768: 1.13x
     (0, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # static I=18432: 1.24x
     (1, 1024): {"ROWS": 1, "num_warps": 1},  # per-token I=768: 1.12x
+    (1, 32768): {"CHUNK": 2048, "ROWS": 1, "num_warps": 16},  # per-token I=18432, row loop: 1.32x
     (2, 1024): {"FLAT": 1, "ROWS": 1, "num_warps": 2},  # per-group I=768: 1.17x
     (2, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # per-group I=18432: 1.40x
 }
