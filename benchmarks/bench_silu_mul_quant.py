@@ -262,6 +262,8 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--sweep-warps", action="store_true", help="also sweep num_warps of the raw kernel")
+    ap.add_argument("--Ms", default=None, help="token counts, comma-separated (overrides the default set)")
+    ap.add_argument("--Is", default=None, help="intermediate sizes, comma-separated (overrides the default set)")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -276,6 +278,10 @@ def main() -> None:
         Ms, Is = [1, 256, 4096], [768, 14336]
     else:
         Ms, Is = [1, 16, 256, 4096, 16384], [768, 14336, 18432]
+    if args.Ms and not dry:
+        Ms = [int(v) for v in args.Ms.split(",")]
+    if args.Is and not dry:
+        Is = [int(v) for v in args.Is.split(",")]
     names = [n for n in args.schemes.split(",") if n]
     t0 = time.time()
     copy_gbps = 0.0 if dry else copy_bandwidth_gbps(rep)
