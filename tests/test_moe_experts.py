@@ -22,6 +22,7 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 import fxfuse
+from kernel_checks import assert_full_signatures
 
 transformers = pytest.importorskip("transformers")
 from transformers import MixtralConfig, Qwen3MoeConfig  # noqa: E402
@@ -277,6 +278,7 @@ def test_cuda_path_traces_to_user_triton_kernels(M):
     insert_traced(g, repl, ph, before=out, functionalize=True)
     kernels = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
     assert len(kernels) == expect, [n.kwargs.get("kernel_idx") for n in kernels]
+    assert_full_signatures(kernels)
     assert not any("fxfuse" in str(n.target) for n in g.nodes)
     syncs = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default}
     assert not any(n.target in syncs for n in g.nodes), "host sync in the fused path"

@@ -549,8 +549,8 @@ def _align_triton(wrap, ids_flat: torch.Tensor, E: int, block_m: int) -> tuple[t
         c["BLOCK_S"] = triton.next_power_of_2(S)
     wrap(_moe_align_kernel)[(1,)](
         ids_flat, sorted_ids, block_e, npad, cursor, S, E, P, n_tiles,
-        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=c["BLOCK_S"], BLOCK_T=c["BLOCK_T"], SCATTER=one,
-        num_warps=c["WARPS"],
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK_S=c["BLOCK_S"], BLOCK_T=c["BLOCK_T"], SCATTER=one, FILL=1024,
+        num_warps=c["WARPS"],  # every argument explicit: Inductor's traced launch passes no defaults
     )
     if not one:
         wrap(_moe_scatter_kernel)[(triton.cdiv(S, 256),)](ids_flat, sorted_ids, cursor, S, E, BLOCK=256,
