@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 
 from fxfuse.kernels import silu_mul_quant as K  # noqa: E402
 from fxfuse.kernels.quant_common import SCALE_CLAMP_MAX, SCALE_CLAMP_MIN, SCALE_DIV, SCALE_MUL, SCALE_RECIP  # noqa: E402
+from kernel_checks import assert_full_signatures  # noqa: E402
 
 FP8, I8 = torch.float8_e4m3fn, torch.int8
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -270,6 +271,7 @@ def test_cuda_path_traces_to_user_triton_kernel(merged: bool) -> None:
     assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
     assert not any("fxfuse" in str(t) for t in targets)
     assert not any("slice" in str(t) or "clone" in str(t) for t in targets), targets
+    assert_full_signatures(n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
     assert len(outs) == 2
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-
-import re
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from torch._inductor.utils import fresh_cache
 
 import fxfuse
 from forms import assert_identical, dequant_close, stock_compile
+from kernel_checks import assert_full_signatures
 
 REPO = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn
@@ -1435,6 +1435,7 @@ def test_cuda_path_traces_to_user_triton_kernel():
     assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
     assert not any("fxfuse" in str(t) for t in targets)
     assert len(outs) == 6
+    assert_full_signatures(n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
 
 
 def _fake_cuda_kv_graph(fp8: bool = False, read_after: bool = False) -> fx.GraphModule:
