@@ -35,16 +35,6 @@ from fxfuse.kernels import moe_experts as K  # noqa: E402
 CASES = [(64, 128), (512, 128), (16384, 128), (16, 8), (4096, 8)]  # (pairs S, experts E): Qwen M=8/64/2048, Mixtral
 
 
-def agree(want: tuple, got: tuple) -> bool:
-    (ws, we, wn, wt), (gs, ge, gn, gt) = want, got
-    n = int(wn.item())
-    if n != int(gn.item()) or wt != gt:
-        return False
-    bm = (ws.numel() - 1) // wt
-    return bool(torch.equal(we[: n // bm], ge[: n // bm])) and all(
-        sorted(ws[t * bm:(t + 1) * bm].tolist()) == sorted(gs[t * bm:(t + 1) * bm].tolist()) for t in range(n // bm))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
@@ -68,7 +58,7 @@ def main() -> None:
             K.ALIGN_OVERRIDE.clear()
             K.ALIGN_OVERRIDE.update(cfg)
             got = K._align_triton(lambda k: k, ids, E, bm)
-            ok = agree(want, got)
+            ok = K.aligns_equivalent(want, got)
             us = None if a.dry_run or not ok else bench_us(lambda: K._align_triton(lambda k: k, ids, E, bm), a.rep)
             rows.append(dict(cfg=cfg, ok=ok, us=us))
         K.ALIGN_OVERRIDE.clear()

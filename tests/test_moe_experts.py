@@ -369,15 +369,12 @@ _ALIGN_CASES = [("align-16", 37, 8, 16, False), ("align-bad", 50, 6, 16, True), 
 
 
 def _align_agree(want: tuple, got: tuple, S: int) -> dict:
-    """The Triton align tiles like the torch one: same padded count, tile experts on the used tiles,
-    and each tile holds the same set of pairs (their order inside an expert may differ)."""
-    (ws, we, wn, wt), (gs, ge, gn, gt) = want, got
-    n = int(wn.item())
-    bm = (ws.numel() - 1) // wt
-    sets_equal = all(sorted(ws[t * bm:(t + 1) * bm].tolist()) == sorted(gs[t * bm:(t + 1) * bm].tolist())
-                     for t in range(n // bm))
-    return {"npad": n == int(gn.item()), "tiles": wt == gt, "sets": sets_equal,
-            "experts": bool(torch.equal(we[: n // bm], ge[: n // bm])), "pad_fill": bool((gs[n:] == S).all())}
+    """The Triton align tiles like the torch one (kernels.moe_experts.aligns_equivalent: padded count,
+    tile experts, each expert's pairs over its range), and the padding past the count points at S."""
+    from fxfuse.kernels import moe_experts as Km
+
+    n = int(want[2].item())
+    return {"equivalent": Km.aligns_equivalent(want, got), "pad_fill": bool((got[0][n:] == S).all())}
 
 
 
@@ -405,3 +402,21 @@ def test_triton_kernels_interpreted(interp_results, cid):
 
 if __name__ == "__main__" and "--interp-json" in sys.argv:
     _interp_main()
+
+
+def test_aligns_equivalent_detects_a_moved_pair():
+    """The align check itself can fail: a pair moved to another expert's range, or a changed padded
+    count, is not equivalent; reordering pairs inside one expert's range is."""
+    from fxfuse.kernels import moe_experts as Km
+
+    ids = torch.tensor([0, 1, 1, 2, 0, 2, 2, 1])
+    a = Km._align(ids, 3, 4)
+    assert Km.aligns_equivalent(a, a)
+    s, e, n, t = a
+    same = s.clone()
+    same[0], same[1] = s[1].item(), s[0].item()  # both in expert 0's range
+    assert Km.aligns_equivalent(a, (same, e, n, t))
+    moved = s.clone()
+    moved[0], moved[4] = s[4].item(), s[0].item()  # expert 0's first pair swapped with expert 1's
+    assert not Km.aligns_equivalent(a, (moved, e, n, t))
+    assert not Km.aligns_equivalent(a, (s, e, n + 4, t))

@@ -518,6 +518,24 @@ def _moe_scatter_kernel(ids_ptr, sorted_ptr, cursor_ptr, S, E, BLOCK: tl.constex
     tl.store(sorted_ptr + slot, offs.to(tl.int32), mask=valid)
 
 
+def aligns_equivalent(a: tuple, b: tuple) -> bool:
+    """Two align results tile alike: same padded count, tile count and tile experts, and each
+    expert's padded range holds the same pairs (an atomic scatter may order them differently)."""
+    (sa, ea, na, ta), (sb, eb, nb, tb) = a, b
+    n = int(na.item())
+    if n != int(nb.item()) or ta != tb:
+        return False
+    bm = (sa.numel() - 1) // ta
+    if not torch.equal(ea[: n // bm].cpu(), eb[: n // bm].cpu()):
+        return False
+    per_a: dict[int, list[int]] = {}
+    per_b: dict[int, list[int]] = {}
+    for e, x, y in zip(ea[: n // bm].repeat_interleave(bm).tolist(), sa[:n].tolist(), sb[:n].tolist()):
+        per_a.setdefault(e, []).append(x)
+        per_b.setdefault(e, []).append(y)
+    return all(sorted(v) == sorted(per_b.get(e, [])) for e, v in per_a.items())
+
+
 def align_config(S: object, E: int) -> dict:
     """Histogram chunk, tiles per searchsorted step and warps of the align program (pure Python on
     static shapes; a symbolic pair count takes the full 1024-lane chunk)."""
