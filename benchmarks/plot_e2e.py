@@ -109,7 +109,10 @@ def markdown(result: dict[str, Any], png: str | None = None, command: str | None
                        f"{r.get('fxfuse_pass_s', 0):.2f} s ({100 * (r.get('fxfuse_pass_share_of_compile') or 0):.1f}% "
                        "of the stock compile; target <= 10%).")
         out.append("")
-        out.append(f"Fusions: {m.get('counters') or 'none'}; near misses: {len(m.get('near_misses') or [])}.")
+        if "counters" in m:
+            out.append(f"Fusions: {m.get('counters') or 'none'}; near misses: {len(m.get('near_misses') or [])}.")
+        else:  # the counters are written when a model's steps finish
+            out.append("Fusions: not recorded (the run was cut short by its time limit after the rows above).")
     return out
 
 
