@@ -197,6 +197,19 @@ def quantize(y, sb, qmin, qmax, QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr
 
 
 @triton.jit
+def f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT: tl.constexpr):
+    """The scale-chain constants and quant bounds as fp32 (Inductor may pass Python floats as fp64;
+    the graph's constants are fp32-rounded already, so this matches eager), with slot UB_SLOT read
+    from `ub_ptr` (load_ub)."""
+    c0 = tl.cast(c0, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
+    c2 = tl.cast(c2, tl.float32)
+    c3 = tl.cast(c3, tl.float32)
+    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    return c0, c1, c2, c3, tl.cast(qmin, tl.float32), tl.cast(qmax, tl.float32)
+
+
+@triton.jit
 def load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT: tl.constexpr):
     """A one-element runtime tensor replaces the constant of slot UB_SLOT (UB_SLOT < 0: none): a
     scale_ub bound (SCALE_CLAMP_MAX) or a float attribute lifted into a graph input (MUL/DIV)."""
@@ -231,13 +244,7 @@ def quantize_store_row(
     fp32-rounded already, so this matches eager.
     """
     static_scale_value = tl.cast(static_scale_value, tl.float32)
-    c0 = tl.cast(c0, tl.float32)
-    c1 = tl.cast(c1, tl.float32)
-    c2 = tl.cast(c2, tl.float32)
-    c3 = tl.cast(c3, tl.float32)
-    qmin = tl.cast(qmin, tl.float32)
-    qmax = tl.cast(qmax, tl.float32)
-    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
     if SCHEME == 0:
         if HAS_SCALE_T:
             s = tl.load(scale_ptr).to(tl.float32)

@@ -42,7 +42,7 @@ from .quant_common import (
     SCHEME_STATIC,
     absmax,
     check_quant_args,
-    load_ub,
+    f32_chain_consts,
     pad_scale_chain,
     quantize,
     quantize_reference,
@@ -200,13 +200,7 @@ def _quant_store_rows(
     `g_idx` [T]: its group, or 0): the same per-element math, so ROWS > 1 is bit-identical to
     one row per program; rows >= M are masked (last program)."""
     static_scale_value = tl.cast(static_scale_value, tl.float32)
-    c0 = tl.cast(c0, tl.float32)
-    c1 = tl.cast(c1, tl.float32)
-    c2 = tl.cast(c2, tl.float32)
-    c3 = tl.cast(c3, tl.float32)
-    qmin = tl.cast(qmin, tl.float32)
-    qmax = tl.cast(qmax, tl.float32)
-    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
     if SCHEME == 0:
         if HAS_SCALE_T:
             s = tl.load(scale_ptr).to(tl.float32)
@@ -237,13 +231,7 @@ def _silu_mul_quant_row_loop(
 ):
     """Per-token quant of one row in CHUNK-wide steps: pass 1 the amax (NaN kept), pass 2 the
     quantization; the same per-element math as the one-tile path (bit-identical)."""
-    c0 = tl.cast(c0, tl.float32)
-    c1 = tl.cast(c1, tl.float32)
-    c2 = tl.cast(c2, tl.float32)
-    c3 = tl.cast(c3, tl.float32)
-    qmin = tl.cast(qmin, tl.float32)
-    qmax = tl.cast(qmax, tl.float32)
-    c0, c1, c2, c3 = load_ub(ub_ptr, c0, c1, c2, c3, UB_SLOT)
+    c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, CHUNK)
     run = tl.zeros([CHUNK], dtype=tl.float32)  # lane-wise running max of |y|
