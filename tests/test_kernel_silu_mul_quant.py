@@ -364,3 +364,41 @@ def test_gpu_fused_kernel_in_output_code(layout: str) -> None:
 if __name__ == "__main__":
     if "--interp-json" in sys.argv:
         _interp_main()
+
+
+class _Record:
+    """Stands in for the kernel in K._launch: records the grid and the keyword constexprs."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid: tuple) -> Any:
+        return lambda *a, **kw: self.calls.append((grid, kw))
+
+
+def test_tuned_flat_falls_back_when_int32_row_offsets_would_overflow() -> None:
+    """A TUNED FLAT launch whose row stride times the rows one program spans reaches 2^31 takes the
+    padded one-row launch instead (an explicit FLAT override raises): never a wrong address."""
+    M, inter = 4, 768
+    x = torch.empty_strided((M, inter), (2**31, 1), dtype=BF16, device="meta")  # huge stride, no storage
+    up = torch.empty_strided((M, inter), (2**31, 1), dtype=BF16, device="meta")
+    q = torch.empty((M, inter), dtype=FP8, device="meta")
+    s = torch.empty((M, inter // 128), dtype=torch.float32, device="meta")
+    args = (x, up, None, q, s, K.ACT_SILU, BF16, BF16, FP8, 2, 128, 1.0, [SCALE_DIV], [448.0], False, -448.0, 448.0,
+            False)
+    saved = dict(K.TUNED)
+    try:
+        K.TUNED[(2, 1024)] = {"FLAT": 1, "ROWS": 1, "num_warps": 2}
+        rec = _Record()
+        K._launch(rec, *args)
+        (grid, kw), = rec.calls
+        assert not kw["FLAT"] and kw["ROWS"] == 1 and grid == (M, 1), (grid, kw)
+        ok = torch.empty((M, inter), dtype=BF16, device="meta")  # a normal stride keeps the TUNED FLAT launch
+        rec = _Record()
+        K._launch(rec, ok, torch.empty_like(ok), *args[2:])
+        assert rec.calls[0][1]["FLAT"]
+        with pytest.raises(ValueError, match="overflows int32"):
+            K._launch(_Record(), *args, override={"FLAT": 1})
+    finally:
+        K.TUNED.clear()
+        K.TUNED.update(saved)
