@@ -2,7 +2,7 @@
 # One device call: environment, GPU tests, then benchmarks; everything lands in $OUT.
 #   bash benchmarks/gpu_run.sh [STEP]...   (default: all)
 # Steps: tests | rmsnorm | rmsnorm-quick | unwrap | aoti | silu | llama | rope | routing | experts | tune | tune-silu |
-#        tune-rope | demo |
+#        tune-rope | tune-align | demo |
 #        e2e-quick | e2e | e2e-router | all (all = tests + the per-family benchmarks; whole-model steps are separate)
 # Every JSON goes to $OUT/res/; the folder is also packed into $OUT/results.tgz (the device tool
 # returns at most 8 files). QUICK=1 shrinks every sweep.
@@ -44,6 +44,7 @@ for step in "${@:-all}"; do
           bench tune_moe_prefill 120 benchmarks/tune_moe_decode.py --prefill ;;
     tune-silu) bench tune_silu 240 benchmarks/tune_silu.py ;;
     tune-rope) bench tune_rope 240 benchmarks/tune_rope.py ;;
+    tune-align) bench tune_moe_align 60 benchmarks/tune_moe_align.py ;;
     demo) echo "=== demo"; timeout 300 python3 -m fxfuse demo --quick --json "$RES/demo.json" > "$RES/demo.log" 2>&1
           echo "rc=$?"; tail -60 "$RES/demo.log" ;;
     e2e-quick) bench e2e_quick 590 benchmarks/e2e.py --quick ;;

@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--rep", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="accepted for gpu_run.sh (the sweep is short already)")
     a = ap.parse_args()
     dev = "cpu" if a.dry_run else "cuda"
     res = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
