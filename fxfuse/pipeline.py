@@ -22,6 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ._log import log, trace_artifact
 from .fx_utils import Reject, source_location, source_locations, trace_cache
+from .kernels import launch_overrides_digest
 from .report import Fusion, GraphReport, NearMiss, PassTiming, report
 
 counters: collections.Counter[str] = collections.Counter()
@@ -296,6 +297,7 @@ class FusionPasses(CustomGraphPass):
             # gating.rejects reads it on every CUDA candidate: a graph cached under the other
             # setting would keep (or lack) the ungated kernels
             "ungated=" + repr(os.environ.get("FXFUSE_UNGATED") == "1"),
+            launch_overrides_digest(),
         ]
         for user_pass in (self.before, self.after):
             if user_pass is None:

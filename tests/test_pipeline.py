@@ -194,3 +194,23 @@ def test_cuda_path_traces_to_user_triton_kernel():
     assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets
     assert not any("fxfuse" in str(t) for t in targets)
     assert len(outs) == 3
+
+
+def test_uuid_covers_kernel_launch_overrides(monkeypatch):
+    """Launch knobs outside the sources (sweep overrides, FXFUSE_ROPE_CONFIG, the tuned table as
+    mutated in memory) change the inserted kernels, so they change the cache key."""
+    from fxfuse.kernels import moe_experts, rope_quant, silu_mul_quant
+
+    p = fxfuse.FusionPasses()
+    base = p.uuid()
+    monkeypatch.setitem(rope_quant.CONFIG_OVERRIDE, "BLOCK_H", 2)
+    k1 = p.uuid()
+    monkeypatch.setenv("FXFUSE_ROPE_CONFIG", "num_warps=2")
+    k2 = p.uuid()
+    monkeypatch.setitem(silu_mul_quant.TUNED, (1, 1 << 20), {"ROWS": 2})
+    k3 = p.uuid()
+    monkeypatch.setitem(moe_experts.ALIGN_OVERRIDE, "WARPS", 8)
+    k4 = p.uuid()
+    assert len({base, k1, k2, k3, k4}) == 5
+    monkeypatch.undo()
+    assert p.uuid() == base
