@@ -246,6 +246,7 @@ def main() -> None:
         gpu="cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(), torch=torch.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), ungated=args.ungated,
         schemes=args.schemes, tokens=args.tokens or default_tokens(args.dry_run, args.quick),
+        command="python3 benchmarks/bench_llama_fp8_layer.py " + " ".join(sys.argv[1:]),
     )
 
     def progress(doc: dict[str, Any], complete: bool = False) -> None:

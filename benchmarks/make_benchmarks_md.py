@@ -38,6 +38,12 @@ def run_lines(r: dict, command: str, json_name: str) -> list[str]:
     return out
 
 
+def ran(r: dict, fallback: str) -> str:
+    """`bash benchmarks/gpu_call.sh`, which ran <the JSON's own command> (device paths as $OUT)."""
+    cmd = (r.get("command") or fallback).replace("/root/out", "$OUT")
+    return f"`bash benchmarks/gpu_call.sh`, which ran `{cmd if cmd.startswith('python') else 'python3 ' + cmd}`"
+
+
 def silu_mul_quant() -> list[str]:
     name = "silu_mul_quant_h200_quick.json"
     r = load(name)
@@ -115,7 +121,7 @@ def silu_sweep() -> tuple[list[str], float | None]:
     code = {"static_fp8": 0, "per_token_fp8": 1, "per_group128_fp8": 2}
     out = ["", "### SiLU kernel launch sweep (raw op; ROWS / FLAT / row loop; H200)", ""]
     for n, r in runs:
-        out += run_lines(r, f"`bash benchmarks/gpu_call.sh`, which ran `python3 {r.get('command', '?')}`", n)
+        out += run_lines(r, ran(r, "benchmarks/tune_silu.py"), n)
     out += ["", "TUNED (`fxfuse/kernels/silu_mul_quant.py`) holds the winners by (scheme, padded row width); every config "
             "was checked bitwise against the default launch (outputs NaN-poisoned first).", "",
             "| scheme | M | I | default launch us | TUNED launch | TUNED us | % copy |", "|---|---:|---:|---:|---|---:|---:|"]
@@ -239,8 +245,7 @@ def rope_quant() -> list[str]:
     t = load("tune_rope_h200.json")
     if t:
         out += ["", "### RoPE launch sweep (raw op, H200)", ""]
-        out += run_lines(t, f"`bash benchmarks/gpu_call.sh`, which ran `python3 {t.get('command', 'benchmarks/tune_rope.py')}`",
-                         "tune_rope_h200.json")
+        out += run_lines(t, ran(t, "benchmarks/tune_rope.py"), "tune_rope_h200.json")
         out += ["", "Old default: 2K-element programs on 4 warps, gathered partner. Winners became `launch_config`'s "
                 "defaults. 'configs differing' counts configs whose output was not bitwise equal to the old default: "
                 "QK-norm's sum of squares adds in another order under other layouts (1-ulp rstd); its default keeps an "
@@ -378,7 +383,7 @@ def moe_align() -> list[str]:
     if not r:
         return []
     out = ["", "### MoE align launch sweep (H200)", ""]
-    out += run_lines(r, f"`bash benchmarks/gpu_call.sh`, which ran `python3 {r.get('command')}`", "tune_moe_align_h200.json")
+    out += run_lines(r, ran(r, "benchmarks/tune_moe_align.py"), "tune_moe_align_h200.json")
     out += ["", "| pairs S | experts E | BM | default us | best us | best config | agreement check |", "|---:|---:|---:|---:|---:|---|---|"]
     for c in r["cases"]:
         b = c.get("best") or {}
