@@ -240,11 +240,15 @@ def rope_quant_reference(
     norm_wsum_dtype: Optional[torch.dtype] = None,
     norm_dtype: Optional[torch.dtype] = None,
     math_dtype: Optional[torch.dtype] = None,
+    q_scale_order: Optional[Sequence[int]] = None,
+    k_scale_order: Optional[Sequence[int]] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty.
 
     math_dtype (fp32): the rotation rounds like a float32 computation, the result is cast to
-    out_dtype once at the end (the complex form: fp32 product, then `.type_as(x)`)."""
+    out_dtype once at the end (the complex form: fp32 product, then `.type_as(x)`).
+    q/k_scale_order: memory order of a dynamic scale's [B, S, H] dims (None: contiguous), so the
+    scale lands in the layout its consumer expects (no copy after the op)."""
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
     if math_dtype is not None and (q_quant or k_quant):
         raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
@@ -261,9 +265,9 @@ def rope_quant_reference(
     cs = _expand_cs(cs.to(f32), neox, cos_half)
     sn = _expand_cs(sn.to(f32), neox, cos_half)
     outs: list[torch.Tensor] = []
-    for x, scheme, scale, sv, ops, consts, mul, need, order in (
-        (q, q_quant, q_scale, q_static, q_ops, q_consts, q_mul, need_q_rope, q_order),
-        (k, k_quant, k_scale, k_static, k_ops, k_consts, k_mul, need_k_rope, k_order),
+    for x, scheme, scale, sv, ops, consts, mul, need, order, sorder in (
+        (q, q_quant, q_scale, q_static, q_ops, q_consts, q_mul, need_q_rope, q_order, q_scale_order),
+        (k, k_quant, k_scale, k_static, k_ops, k_consts, k_mul, need_k_rope, k_order, k_scale_order),
     ):
         empty = lambda dt: torch.empty(_EMPTY, dtype=dt, device=q.device)  # noqa: E731
         if x is None:
@@ -277,7 +281,11 @@ def rope_quant_reference(
             continue
         qv, s = _quant_ref(o, scheme, scale, sv, ops, consts, mul, qmin, qmax)
         outs.append(_laid_out(qv.reshape(B, S, H, D), order))
-        outs.append(s.reshape(1).clone() if scheme == QUANT_STATIC else s.reshape(B, S, H).contiguous())
+        if scheme == QUANT_STATIC:
+            outs.append(s.reshape(1).clone())
+        else:
+            st = _scale_strides((B, S, H), sorder)
+            outs.append(torch.empty_strided((B, S, H), st, dtype=f32, device=q.device).copy_(s.reshape(B, S, H)))
     return tuple(outs)
 
 
@@ -301,7 +309,7 @@ def _rope_heads(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
     cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
     b, s_, h0, H, S,
-    sxb, sxs, sxh, sob, sos, soh,
+    sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh,
     static_value, c0, c1, c2, c3, qmin, qmax,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
@@ -317,14 +325,14 @@ def _rope_heads(
     if SPLIT:
         _rope_heads_split(
             x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
-            b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, static_value, c0, c1, c2, c3, qmin, qmax,
+            b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh, static_value, c0, c1, c2, c3, qmin, qmax,
             D, ROT, NEOX, COS_HALF, OUT_DT, NEED_ROPE, QUANT, HAS_SCALE_T, OP0, OP1, OP2, OP3,
             QUANT_MUL, BLOCK_H, BLOCK_D, NATIVE, NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
             c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ, BLOCK_P, BLOCK_P2)
     else:
         _rope_heads_gather(
             x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
-            b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, static_value, c0, c1, c2, c3, qmin, qmax,
+            b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh, static_value, c0, c1, c2, c3, qmin, qmax,
             D, ROT, NEOX, COS_HALF, OUT_DT, NEED_ROPE, QUANT, HAS_SCALE_T, OP0, OP1, OP2, OP3,
             QUANT_MUL, BLOCK_H, BLOCK_D, NATIVE, NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
             c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
@@ -367,7 +375,7 @@ def _rope_heads_split(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
     cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
     b, s_, h0, H, S,
-    sxb, sxs, sxh, sob, sos, soh,
+    sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh,
     static_value, c0, c1, c2, c3, qmin, qmax,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
@@ -478,7 +486,7 @@ def _rope_heads_split(
             if BLOCK_P2 > 0:
                 am = tl.maximum(am, absmax(tl.where(pm2, xp2, 0.0), 1), propagate_nan=tl.PropagateNan.ALL)
         sc = scale_chain(am, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
-        tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
+        tl.store(s_ptr + b.to(tl.int64) * ssb + s_.to(tl.int64) * sss + hh.to(tl.int64) * ssh, sc, mask=hmask)
     sc2 = sc  # the scale broadcast over a [BLOCK_H, n] part
     if QUANT == 2:
         sc2 = sc[:, None]
@@ -507,7 +515,7 @@ def _rope_heads_gather(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
     cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
     b, s_, h0, H, S,
-    sxb, sxs, sxh, sob, sos, soh,
+    sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh,
     static_value, c0, c1, c2, c3, qmin, qmax,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, NEED_ROPE: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE_T: tl.constexpr,
@@ -587,7 +595,7 @@ def _rope_heads_gather(
         else:
             sc = absmax(tl.where(mask, o, 0.0), 1)  # [BLOCK_H], NaN kept like torch.amax
             sc = scale_chain(sc, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
-            tl.store(s_ptr + tok.to(tl.int64) * H + hh, sc, mask=hmask)
+            tl.store(s_ptr + b.to(tl.int64) * ssb + s_.to(tl.int64) * sss + hh.to(tl.int64) * ssh, sc, mask=hmask)
             sb = sc[:, None] + tl.zeros_like(o)
         qq = quantize(o, sb, qmin, qmax, QUANT_MUL, False, False, NATIVE)
         if STORE_QQ:
@@ -651,6 +659,7 @@ def _rope_quant_kernel(
     S, HQ, HK, NQB,
     sqb, sqs, sqh, skb, sks, skh, s_cos, s_sin,
     soqb, soqs, soqh, sokb, soks, sokh,
+    ssqb, ssqs, ssqh, sskb, ssks, sskh,
     q_static, qc0, qc1, qc2, qc3, k_static, kc0, kc1, kc2, kc3, qmin, qmax, q_eps, k_eps, woff, one,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, COS_HALF: tl.constexpr,
     OUT_DT: tl.constexpr, HAS_POS: tl.constexpr,
@@ -723,7 +732,7 @@ def _rope_quant_kernel(
     if hb < NQB:
         _rope_heads(q_ptr, qo_ptr, qq_ptr, qs_ptr, qscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     qw_ptr, q_eps, woff, one,
-                    b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh, soqb, soqs, soqh,
+                    b, s_, hb * BLOCK_H, HQ, S, sqb, sqs, sqh, soqb, soqs, soqh, ssqb, ssqs, ssqh,
                     q_static, qc0, qc1, qc2, qc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_Q, Q_QUANT, Q_SCALE_T,
                     QOP0, QOP1, QOP2, QOP3, Q_MUL, BLOCK_H, BLOCK_D, NATIVE,
@@ -732,7 +741,7 @@ def _rope_quant_kernel(
     elif HAS_K and hb < NQB + NKB:
         _rope_heads(k_ptr, ko_ptr, kq_ptr, ks_ptr, kscale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin,
                     kw_ptr, k_eps, woff, one,
-                    b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh,
+                    b, s_, (hb - NQB) * BLOCK_H, HK, S, skb, sks, skh, sokb, soks, sokh, sskb, ssks, sskh,
                     k_static, kc0, kc1, kc2, kc3, qmin, qmax,
                     D, ROT, NEOX, COS_HALF, OUT_DT, NEED_K, K_QUANT, K_SCALE_T,
                     KOP0, KOP1, KOP2, KOP3, K_MUL, BLOCK_H, BLOCK_D, NATIVE,
@@ -819,12 +828,19 @@ def _strides(shape: Sequence, order: Sequence[int]) -> list:
     return st
 
 
+def _scale_strides(shape: Sequence, order: Optional[Sequence[int]]) -> list:
+    """Strides of a dynamic scale [B, S, H] laid out with dims `order` (None: contiguous)."""
+    if order is not None and sorted(order) != [0, 1, 2]:
+        raise ValueError(f"rope_quant: scale order {list(order)} is not a permutation of [0, 1, 2]")
+    return _strides(list(shape) + [1], (0, 1, 2) if order is None else order)[:3]
+
+
 def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=(0, 1, 2), k_order=(0, 1, 2),
-           store_k_fp8=True):
+           store_k_fp8=True, q_scale_order=None, k_scale_order=None):
     dev = q.device
     outs = []
-    for x, scheme, need, order, keep in ((q, q_quant, need_q_rope, q_order, True),
-                                         (k, k_quant, need_k_rope, k_order, store_k_fp8)):
+    for x, scheme, need, order, keep, sorder in ((q, q_quant, need_q_rope, q_order, True, q_scale_order),
+                                                 (k, k_quant, need_k_rope, k_order, store_k_fp8, k_scale_order)):
         if x is None:
             outs += [torch.empty(_EMPTY, dtype=out_dtype, device=dev), torch.empty(_EMPTY, dtype=_QDTYPE, device=dev),
                      torch.empty(_EMPTY, dtype=torch.float32, device=dev)]
@@ -835,8 +851,11 @@ def _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order=
                     else torch.empty(_EMPTY, dtype=out_dtype, device=dev))
         outs.append(torch.empty_strided((B, S, H, D), st, dtype=_QDTYPE, device=dev) if scheme and keep
                     else torch.empty(_EMPTY, dtype=_QDTYPE, device=dev))
-        s_shape = {QUANT_NONE: _EMPTY, QUANT_STATIC: (1,), QUANT_DYNAMIC: (B, S, H)}[scheme]
-        outs.append(torch.empty(s_shape, dtype=torch.float32, device=dev))
+        if scheme == QUANT_DYNAMIC:
+            outs.append(torch.empty_strided((B, S, H), _scale_strides((B, S, H), sorder), dtype=torch.float32,
+                                            device=dev))
+        else:
+            outs.append(torch.empty(_EMPTY if scheme == QUANT_NONE else (1,), dtype=torch.float32, device=dev))
     return outs
 
 
@@ -887,6 +906,8 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
     ok = ko if need_k else kq
     oqs = [oq.stride(i) for i in range(3)] if oq.dim() == 4 else [0, 0, 0]
     oks = [ok.stride(i) for i in range(3)] if ok.dim() == 4 else [0, 0, 0]
+    sqs_ = list(qs.stride()) if qs.dim() == 3 else [0, 0, 0]  # dynamic scales [B, S, H], any layout
+    sks_ = list(ks.stride()) if ks.dim() == 3 else [0, 0, 0]
     if need_q and a["q_quant"] and list(qq.stride()) != list(qo.stride()):
         raise ValueError("rope_quant: q rope and fp8 outputs must share a layout")
     if need_k and a["k_quant"] and kq.dim() == 4 and list(kq.stride()) != list(ko.stride()):
@@ -907,6 +928,7 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
         q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         cos.stride(0), sin.stride(0),
         oqs[0], oqs[1], oqs[2], oks[0], oks[1], oks[2],
+        sqs_[0], sqs_[1], sqs_[2], sks_[0], sks_[1], sks_[2],
         float(a["q_static"]), qc[0], qc[1], qc[2], qc[3], float(a["k_static"]), kc[0], kc[1], kc[2], kc[3],
         float(a["qmin"]), float(a["qmax"]), float(a["q_eps"]), float(a["k_eps"]), float(a["norm_woff"]), 1.0,
         D=D, ROT=int(a["rot_dim"]), NEOX=bool(a["neox"]), COS_HALF=bool(a["cos_half"]),
@@ -968,17 +990,20 @@ def rope_quant(
     norm_wsum_dtype: Optional[torch.dtype] = None,
     norm_dtype: Optional[torch.dtype] = None,
     math_dtype: Optional[torch.dtype] = None,
+    q_scale_order: Optional[list[int]] = None,
+    k_scale_order: Optional[list[int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused (QK-norm +) RoPE (+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
     args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
             qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, q_norm_w, k_norm_w, q_eps, k_eps,
-            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype, math_dtype)
+            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype, math_dtype, q_scale_order, k_scale_order)
     if q.device.type == "cpu":
         return _rope_quant_cpu(*args)
     a = _bind(args, {})
     _check(a)
-    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order)
+    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order,
+                  q_scale_order=q_scale_order, k_scale_order=k_scale_order)
     _launch(wrap_triton(_rope_quant_kernel), a, outs)
     return tuple(outs)
 
@@ -1088,7 +1113,8 @@ def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor,
 
 
 _NORM_DEFAULTS = dict(q_norm_w=None, k_norm_w=None, q_eps=1e-6, k_eps=1e-6, norm_woff=0.0, norm_round_before=True,
-                      norm_wsum_dtype=None, norm_dtype=None, math_dtype=None, cache_bhsd=False)
+                      norm_wsum_dtype=None, norm_dtype=None, math_dtype=None, cache_bhsd=False,
+                      q_scale_order=None, k_scale_order=None)
 
 
 def _bind_cache(args: tuple, kwargs: dict) -> dict:
@@ -1118,6 +1144,7 @@ def rope_quant_cache(
     q_eps: float = 1e-6, k_eps: float = 1e-6, norm_woff: float = 0.0, norm_round_before: bool = True,
     norm_wsum_dtype: Optional[torch.dtype] = None, norm_dtype: Optional[torch.dtype] = None,
     math_dtype: Optional[torch.dtype] = None, cache_bhsd: bool = False,
+    q_scale_order: Optional[list[int]] = None, k_scale_order: Optional[list[int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """rope_quant + the KV-cache write in the same launch: k (rope, or its fp8 quant) and v (fp8 when
     v_quant) stored into k_cache / v_cache (mutated in place) at `slots`.
@@ -1133,7 +1160,8 @@ def rope_quant_cache(
     a = _bind((), kw)
     _check(a)
     check_cache_args(c, k, out_dtype, k_quant)
-    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order, store_k_fp8)
+    outs = _alloc(q, k, out_dtype, q_quant, k_quant, need_q_rope, need_k_rope, q_order, k_order, store_k_fp8,
+                  q_scale_order, k_scale_order)
     _launch(wrap_triton(_rope_quant_kernel), a, outs, cache=c)
     return tuple(outs)
 
@@ -1151,7 +1179,8 @@ def _(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
     a = _bind_cache(args, kwargs)
     c = {n: a.pop(n) for n in _CACHE_ALL}
     return tuple(_alloc(a["q"], a["k"], a["out_dtype"], a["q_quant"], a["k_quant"], a["need_q_rope"],
-                        a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"]))
+                        a["need_k_rope"], a["q_order"], a["k_order"], c["store_k_fp8"], a["q_scale_order"],
+                        a["k_scale_order"]))
 
 
 def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = None,
@@ -1166,7 +1195,7 @@ def rope_quant_cache_triton(*args: Any, out=None, num_warps: Optional[int] = Non
     q = a["q"]
     outs = list(out) if out is not None else _alloc(q, a["k"], a["out_dtype"], a["q_quant"], a["k_quant"],
                                                     a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"],
-                                                    c["store_k_fp8"])
+                                                    c["store_k_fp8"], a["q_scale_order"], a["k_scale_order"])
     if q.shape[0] * q.shape[1] > 0:
         _launch(_rope_quant_kernel, a, outs, num_warps=num_warps, cache=c, config=config)
     return tuple(outs)
@@ -1199,7 +1228,8 @@ def rope_quant_triton(*args, out=None, num_warps: Optional[int] = None, config: 
     _check(a)
     q = a["q"]
     outs = list(out) if out is not None else _alloc(q, a["k"], a["out_dtype"], a["q_quant"], a["k_quant"],
-                                                    a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"])
+                                                    a["need_q_rope"], a["need_k_rope"], a["q_order"], a["k_order"],
+                                                    q_scale_order=a["q_scale_order"], k_scale_order=a["k_scale_order"])
     if q.shape[0] * q.shape[1] > 0:
         _launch(_rope_quant_kernel, a, outs, num_warps=num_warps, config=config)
     return tuple(outs)
