@@ -120,6 +120,44 @@ def test_other_dtypes(dtype):
     check_close(out, ref)
 
 
+def _bench_dynamic_capture():
+    """The benchmark's HF dynamic-fp8 form (Llama-3 8B heads, 4 tokens) compiled on CPU, and eager's outputs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_rope_quant as bench
+
+    from fxfuse.testing import capture_graphs
+
+    fargs = bench.make_inputs("llama3_8b", 4, "cpu", "rope_fp8_dynamic")
+    with torch.no_grad():
+        ref = bench.form_rope_fp8_dynamic(*fargs)
+        cap = capture_graphs(bench.form_rope_fp8_dynamic, *fargs)
+    assert cap.counters["rope_quant"] == 1, cap.report
+    return cap, ref
+
+
+def test_dynamic_scales_written_in_the_layout_eager_gives():
+    """Eager's amax(-1, keepdim=True) on the HF [B, H, S, D] view is a contiguous [B, H, S, 1]: the op
+    writes each scale in that layout (q/k_scale_order), so no empty_strided + copy follows it."""
+    cap, ref = _bench_dynamic_capture()
+    text = cap.after_text
+    assert "copy" not in text and "empty_strided" not in text, text
+    assert "[0, 2, 1], [0, 2, 1])" in text, text  # both scale orders: H outermost, then S
+    check_close(cap.outputs, ref)
+
+
+def test_dynamic_scale_restride_fallback(monkeypatch):
+    """A scale layout no order expresses keeps today's restride copy. A keepdim amax (and its
+    elementwise scale chain) is always dense over x's dims, so every real layout has an order:
+    the fallback is forced here by withholding the order."""
+    from fxfuse.patterns import rope_quant as pat
+
+    monkeypatch.setattr(pat, "_scale_order_of", lambda mm: None)
+    cap, ref = _bench_dynamic_capture()
+    text = cap.after_text
+    assert text.count("= aten.empty_strided(") == 2 and text.count("= aten.copy(") == 2, text
+    check_close(cap.outputs, ref)
+
+
 def test_dynamic_token_dim():
     fn = make_hf("static", "dynamic")
     compiled = None

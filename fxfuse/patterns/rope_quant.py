@@ -1011,10 +1011,22 @@ def _cos_rows(c: torch.Tensor, x: torch.Tensor, head: int, tok: list[int]) -> to
 
 def _order_of(mm: RopeMatch) -> list[int]:
     """Memory order (outermost first) of the [B, S, H] dims of the output the graph expects."""
+    use_sink = mm.quant is not None and not mm.need_rope and mm.quant.via is None
+    return _dims_order(tval(mm.quant.sink if use_sink else mm.out), mm)
+
+
+def _scale_order_of(mm: RopeMatch) -> list[int] | None:
+    """Memory order of the [B, S, H] dims of the dynamic scale the graph expects (its [..., 1]
+    keepdim amax has x's dims): the op then writes it in place, no restride copy."""
+    if mm.quant is None or mm.quant.scheme != QUANT_DYNAMIC:
+        return None
+    return _dims_order(tval(mm.quant.scale_out), mm)
+
+
+def _dims_order(ov: torch.Tensor, mm: RopeMatch) -> list[int]:
+    """Memory order (outermost first) of ov's token and head dims, as the [B, S, H] dims of _to4."""
     import functools
 
-    use_sink = mm.quant is not None and not mm.need_rope and mm.quant.via is None
-    ov = tval(mm.quant.sink if use_sink else mm.out)
     dims = mm.tok + ([mm.head] if mm.head >= 0 else [])
     st: list[Any] = [ov.stride(i) for i in dims]
     sz: list[Any] = [ov.shape[i] for i in dims]
@@ -1096,6 +1108,10 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
         q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
     )
+    for p, mm in (("q", qm), ("k", km)):
+        so = _scale_order_of(mm) if mm is not None and (mm is qm or store_kq) else None
+        if so is not None:  # a layout the order cannot express still gets the restride copy below
+            params[f"{p}_scale_order"] = so
     if qm.norm is not None:
         nm = qm.norm
         params.update(q_eps=nm.eps, k_eps=km.norm.eps if km is not None and km.norm is not None else 1e-6,
