@@ -1207,7 +1207,10 @@ res = []
 def path(q, k, rot, neox):
     return launch_config(q.shape[3], rot, q.shape[2], k.shape[2] if k is not None else 0, 0, neox=neox,
                          override=CFG)["SPLIT"]
-def run(neox, half, rot, D, pos, qq, kq, dt, out_dt, B=2, S=3, HQ=4, HK=2, hf_layout=True, has_k=True):
+def poisoned(ref, poison):  # outputs in the reference's layouts (the kernel stores with the outputs' strides)
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(torch.full(t.shape, poison).to(t.dtype))
+            for t in ref]
+def run(neox, half, rot, D, pos, qq, kq, dt, out_dt, B=2, S=3, HQ=4, HK=2, hf_layout=True, has_k=True, so=None):
     q = torch.randn(B, HQ, S, D).to(dt).transpose(1, 2) if hf_layout else torch.randn(B, S, HQ, D).to(dt)
     k = torch.randn(B, S, HK, D).to(dt) if has_k else None
     C = rot // 2 if half else rot
@@ -1219,24 +1222,33 @@ def run(neox, half, rot, D, pos, qq, kq, dt, out_dt, B=2, S=3, HQ=4, HK=2, hf_la
             qq, 1.0, [1] if qq == 2 else [], [448.0] if qq == 2 else [], False,
             kq, 0.02, [1, 3] if kq == 2 else [], [448.0, 1e-6] if kq == 2 else [], kq == 1,
             -448.0, 448.0, True, True, [0, 2, 1] if hf_layout else [0, 1, 2], [1, 0, 2])
-    ref = rope_quant_reference(*args)
+    sord = dict(q_scale_order=so, k_scale_order=so[::-1]) if so else {}  # dynamic scales' [B, S, H] memory orders
+    ref = rope_quant_reference(*args, **sord)
     runs = []
     for poison in (7.0, -3.0):
-        outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
-        runs.append(rope_quant_triton(*args, out=outs, config=CFG))
+        runs.append(rope_quant_triton(*args, **sord, out=poisoned(ref, poison), config=CFG))
     bad = 0
     for a, b, c in zip(runs[0], runs[1], ref):
         if a.numel():
             bad += int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
-    res.append(dict(case=f"neox={neox} half={half} rot={rot} D={D} pos={pos} q={qq} k={kq} {dt}->{out_dt}", bad=bad,
+    if so:  # the reference lays the scales out as ordered
+        for t, o in ((ref[2], so), (ref[5], so[::-1])):
+            if t.dim() == 3:
+                st = [0, 0, 0]
+                acc = 1
+                for d in reversed(o):
+                    st[d] = acc
+                    acc *= t.shape[d]
+                bad += int(list(t.stride()) != st)
+    res.append(dict(case=f"neox={neox} half={half} rot={rot} D={D} pos={pos} q={qq} k={kq} {dt}->{out_dt} so={so}", bad=bad,
                     split=path(q, k, rot, neox)))
 for neox, half, pos in itertools.product([True, False], [True, False], [True, False]):
-    run(neox, half, 16, 16, pos, 1, 2, torch.bfloat16, torch.bfloat16)
-run(True, True, 8, 16, True, 2, 0, torch.float16, torch.float16, hf_layout=False)
+    run(neox, half, 16, 16, pos, 1, 2, torch.bfloat16, torch.bfloat16, so=[0, 2, 1] if pos else None)
+run(True, True, 8, 16, True, 2, 0, torch.float16, torch.float16, hf_layout=False, so=[2, 0, 1])
 run(False, False, 8, 24, False, 0, 1, torch.float32, torch.float32)
 run(True, False, 16, 16, False, 0, 0, torch.bfloat16, torch.float32, has_k=False)
-run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, HQ=3, HK=1)
-run(True, True, 24, 32, False, 2, 1, torch.bfloat16, torch.bfloat16)  # half 12: not a power of 2 (gather path)
+run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, HQ=3, HK=1, so=[1, 2, 0])
+run(True, True, 24, 32, False, 2, 1, torch.bfloat16, torch.bfloat16, so=[2, 1, 0])  # half 12: not a power of 2 (gather)
 run(False, True, 16, 72, True, 1, 2, torch.bfloat16, torch.bfloat16, HQ=5, HK=3)  # passthrough 32 + 24 (masked 32), odd heads
 # QK-norm before the rotation
 def run_norm(neox, rot, D, dt=torch.bfloat16):
@@ -1299,7 +1311,7 @@ from fxfuse.kernels.rope_quant import rope_quant_cache_reference, rope_quant_cac
 FP8 = torch.float8_e4m3fn
 CFG = json.loads(sys.argv[1])  # launch-config override ({} = the defaults)
 res = []
-def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0, rot=32, neox=True):
+def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0, rot=32, neox=True, q_so=None):
     g = torch.Generator().manual_seed(seed)
     bf = torch.bfloat16
     q, k, v = (torch.randn(B or 1, T, h, 32, generator=g).to(bf) for h in (4, 2, 2))
@@ -1316,18 +1328,25 @@ def run(fp8, neg_skip, paged, need_k, store_kq, cdt, n, T=7, seed=0, B=0, rot=32
          False, -448., 448., True, need_k, [0, 1, 2], [0, 1, 2], v, None, None, slots, vs if fp8 else None, fp8,
          store_kq and fp8, fp8, 1.0, False, -448., 448., neg_skip]
     a[28], a[29] = base.clone(), base.clone()
-    ref = rope_quant_cache_reference(*a, cache_bhsd=bool(B))
+    kw = dict(cache_bhsd=bool(B))
+    if q_so:  # dynamic fp8 q, its scale laid out in memory order q_so of [B, S, H]
+        a[11], a[13], a[14] = 2, [1], [448.0]
+        kw["q_scale_order"] = q_so
+    ref = rope_quant_cache_reference(*a, **kw)
     want = (a[28], a[29])
     bad = 0
     for poison in (7.0, -3.0):
         a[28], a[29] = base.clone(), base.clone()
-        outs = [torch.full(t.shape, poison).to(t.dtype) for t in ref]
-        got = rope_quant_cache_triton(*a, out=outs, cache_bhsd=bool(B), config=CFG)
+        outs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(torch.full(t.shape, poison).to(t.dtype))
+                for t in ref]
+        got = rope_quant_cache_triton(*a, out=outs, **kw, config=CFG)
         bits = lambda t: t.view(torch.uint8) if t.dtype == FP8 else t
         bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip(got, ref) if x.numel())
         bad += sum(int(not torch.equal(bits(x), bits(y))) for x, y in zip((a[28], a[29]), want))
+    if q_so:
+        bad += int(ref[2].stride() != (T, 1, (B or 1) * T))  # q_so [2, 0, 1]: H, then B, then S
     res.append(dict(case=f"fp8={fp8}/{cdt} skip={neg_skip} paged={paged} need_k={need_k} store_kq={store_kq} n={n} B={B} "
-                         f"rot={rot} neox={neox}", bad=bad))
+                         f"rot={rot} neox={neox} q_so={q_so}", bad=bad))
 run(False, False, False, True, False, "bf16", 7)
 run(False, True, True, False, False, "bf16", 5)
 run(True, True, True, False, False, "u8", 7)
@@ -1336,6 +1355,7 @@ run(False, False, False, True, False, "bf16", 7, B=2)  # [B, H, max_len, D] (Sta
 run(True, True, False, False, False, "u8", 5, B=3)
 run(True, False, True, True, True, "fp8", 6, rot=16, neox=False)  # gpt-j, partial rotary, fp8 cache
 run(False, True, False, True, False, "bf16", 7, rot=16)  # neox partial rotary, bf16 cache
+run(True, False, False, True, True, "fp8", 6, B=2, q_so=[2, 0, 1])  # dynamic q, its scale H-major
 print(json.dumps(res))
 """
 
@@ -1350,7 +1370,7 @@ def test_cache_kernel_under_triton_interpreter(cfg):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 8 and not [c for c in res if c["bad"]], res
+    assert len(res) == 9 and not [c for c in res if c["bad"]], res
 
 
 _PTR_NAMES = {"pos_ptr": "*i64", "slot_ptr": "*i64", "vscale_ptr": "*fp32", "qscale_ptr": "*fp32", "kscale_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
