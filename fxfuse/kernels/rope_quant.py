@@ -526,7 +526,7 @@ def _rope_heads_gather(
     c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
     STORE_QQ: tl.constexpr,
 ):
-    """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs strided, scales [B,S,H]).
+    """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs and [B,S,H] scales strided).
 
     CACHE: also store the rope output (or, CACHE_FP8, its fp8 quant; CACHE_U8: as uint8 bits) at
     cache row offset `c_off` when `c_ok` (the token's slot is written)."""
