@@ -188,6 +188,17 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _act_mul(g_ptrs, u_ptrs, mask, ACT: tl.constexpr, ACT_DT: tl.constexpr, OUT_DT: tl.constexpr,
+             NATIVE: tl.constexpr):
+    """round(round(act(gate)) * up) in fp32 from the gate/up pointers: the one definition of the
+    product every launch form (one row, ROWS / FLAT tiles, the row loop) quantizes, so they stay
+    bit-identical. Masked lanes are 0 and do not raise an amax."""
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return round_to(round_to(_act(g, ACT), ACT_DT, NATIVE) * u, OUT_DT, NATIVE)
+
+
+@triton.jit
 def _quant_store_rows(
     y, rows, rel, row0, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
     static_scale_value, c0, c1, c2, c3, qmin, qmax,
@@ -239,9 +250,8 @@ def _silu_mul_quant_row_loop(
     for k0 in range(0, INTER, CHUNK):
         offs = k0 + cols
         m = offs < INTER
-        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=m, other=0.0).to(tl.float32)
-        y = round_to(round_to(_act(g, ACT), ACT_DT, NATIVE) * u, OUT_DT, NATIVE)
+        y = _act_mul(g_ptr + row * stride_g + offs, u_ptr + row * stride_u + u_off + offs, m, ACT, ACT_DT, OUT_DT,
+                     NATIVE)
         a = tl.abs(y)
         run = tl.maximum(run, a)
         nan = nan | (a != a).to(tl.int32)
@@ -252,9 +262,8 @@ def _silu_mul_quant_row_loop(
     for k0 in range(0, INTER, CHUNK):
         offs = k0 + cols
         m = offs < INTER
-        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=m, other=0.0).to(tl.float32)
-        y = round_to(round_to(_act(g, ACT), ACT_DT, NATIVE) * u, OUT_DT, NATIVE)
+        y = _act_mul(g_ptr + row * stride_g + offs, u_ptr + row * stride_u + u_off + offs, m, ACT, ACT_DT, OUT_DT,
+                     NATIVE)
         qo = quantize(y, s + tl.zeros_like(y), qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
         tl.store(q_ptr + row * stride_q + offs, qo, mask=m)
 
@@ -298,10 +307,8 @@ def _silu_mul_quant_kernel(
         offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
         mask = offs < INTER
 
-        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + row * stride_u + u_off + offs, mask=mask, other=0.0).to(tl.float32)
-        a = round_to(_act(g, ACT), ACT_DT, NATIVE)
-        y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
+        y = _act_mul(g_ptr + row * stride_g + offs, u_ptr + row * stride_u + u_off + offs, mask, ACT, ACT_DT,
+                     OUT_DT, NATIVE)
         quantize_store_row(y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
                            static_scale_value, c0, c1, c2, c3, qmin, qmax,
                            HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
@@ -322,11 +329,8 @@ def _silu_mul_quant_kernel(
         offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]  # element offsets in the row
         mask = (offs < INTER) & (rows < M)[:, None]
 
-        g = tl.load(g_ptr + row0 * stride_g + (rel[:, None] * stride_g + offs), mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + row0 * stride_u + u_off + (rel[:, None] * stride_u + offs), mask=mask,
-                    other=0.0).to(tl.float32)
-        a = round_to(_act(g, ACT), ACT_DT, NATIVE)
-        y = round_to(a * u, OUT_DT, NATIVE)  # masked lanes are 0: they do not raise the amax
+        y = _act_mul(g_ptr + row0 * stride_g + (rel[:, None] * stride_g + offs),
+                     u_ptr + row0 * stride_u + u_off + (rel[:, None] * stride_u + offs), mask, ACT, ACT_DT, OUT_DT, NATIVE)
         _quant_store_rows(y, rows, rel, row0, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG, M,
                           static_scale_value, c0, c1, c2, c3, qmin, qmax,
                           HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
