@@ -243,6 +243,24 @@ def quantize_store_row(
     to fp32 here: Inductor may pass Python floats as fp64, and the graph's constants are
     fp32-rounded already, so this matches eager.
     """
+    s, sb, qmin, qmax = tile_scales(y, s_out_ptr, scale_ptr, ub_ptr, static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                                    HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3)
+    if SCHEME != 0:
+        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
+    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+
+
+@triton.jit
+def tile_scales(
+    y, s_out_ptr, scale_ptr, ub_ptr, static_scale_value, c0, c1, c2, c3, qmin, qmax,
+    HAS_SCALE_T: tl.constexpr, SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
+):
+    """(scales, scales broadcast over `y`, qmin, qmax) of a quant epilogue's fp32 tile `y`: the
+    static scale (a tensor or a constant; program (0, 0) writes it out) or the NaN-propagating amax
+    per tile row (masked lanes must be 0), through the captured chain. The caller stores
+    per-row/group scales (their addresses depend on the launch form)."""
     static_scale_value = tl.cast(static_scale_value, tl.float32)
     c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
     if SCHEME == 0:
@@ -251,7 +269,7 @@ def quantize_store_row(
         else:
             s = static_scale_value + 0.0
     else:
-        s = absmax(y, 1)  # [BLOCK_R]: one amax per group (or per row)
+        s = absmax(y, 1)  # one amax per tile row (a row, or one of its groups)
     s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
     if SCHEME == 0:
         sb = s + tl.zeros_like(y)
@@ -260,9 +278,7 @@ def quantize_store_row(
                 tl.store(s_out_ptr, s)
     else:
         sb = s[:, None] + tl.zeros_like(y)
-        tl.store(s_out_ptr + row * NG + g_idx, s, mask=g_idx < NG)
-    qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
-    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+    return s, sb, qmin, qmax
 
 
 # ----------------------------------------------------------------------------- host-side helpers

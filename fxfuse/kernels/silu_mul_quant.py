@@ -40,7 +40,6 @@ from .quant_common import (
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
-    absmax,
     check_quant_args,
     f32_chain_consts,
     pad_scale_chain,
@@ -52,6 +51,7 @@ from .quant_common import (
     scale_chain,
     scales_bytes,
     scales_shape,
+    tile_scales,
 )
 
 __all__ = [
@@ -210,23 +210,9 @@ def _quant_store_rows(
     tile row's token row, int64, = row0 + rel: FLAT's int32 rows from its first, else row0 = 0;
     `g_idx` [T]: its group, or 0): the same per-element math, so ROWS > 1 is bit-identical to
     one row per program; rows >= M are masked (last program)."""
-    static_scale_value = tl.cast(static_scale_value, tl.float32)
-    c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
-    if SCHEME == 0:
-        if HAS_SCALE_T:
-            s = tl.load(scale_ptr).to(tl.float32)
-        else:
-            s = static_scale_value + 0.0
-    else:
-        s = absmax(y, 1)  # [T]: one amax per tile row (a token row, or one of its groups)
-    s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
-    if SCHEME == 0:
-        sb = s + tl.zeros_like(y)
-        if tl.program_id(0) == 0:
-            if tl.program_id(1) == 0:
-                tl.store(s_out_ptr, s)
-    else:
-        sb = s[:, None] + tl.zeros_like(y)
+    s, sb, qmin, qmax = tile_scales(y, s_out_ptr, scale_ptr, ub_ptr, static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                                    HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3)
+    if SCHEME != 0:  # [T]: one scale per tile row (a token row, or one of its groups)
         tl.store(s_out_ptr + rows * NG + g_idx, s, mask=(g_idx < NG) & (rows < M))
     qo = quantize(y, sb, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
     tl.store(q_ptr + row0 * stride_q + (rel[:, None] * stride_q + offs), qo, mask=mask)
