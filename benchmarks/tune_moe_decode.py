@@ -7,7 +7,7 @@ then kernel B (down + combine) with the best A, and reports each against the wei
 floor (selected experts' bytes / this run's measured copy bandwidth).  Every candidate's output is
 compared with the default config's (relative error) so a fast but wrong config cannot win.
 
-Usage:  python benchmarks/tune_moe_decode.py --out X.json [--quick] [--rep MS]
+Usage:  python benchmarks/tune_moe_decode.py --out X.json [--quick | --prefill | --small] [--rep MS]
 The best configs feed ``decode_config`` in fxfuse/kernels/moe_experts.py (no autotuning at compile).
 """
 
@@ -59,6 +59,19 @@ def prefill_candidates() -> list[dict[str, int]]:
             for bm, bn1, bn2, (w, st) in itertools.product((64, 128), (64, 128), (64, 128), ((4, 3), (8, 3), (8, 4)))]
 
 
+SMALL_SHAPES = [("qwen3_30b_a3b", 8), ("mixtral_8x7b", 8)]  # the BM=16 tiled class (a few pairs per expert)
+
+
+def small_gemm1_candidates() -> list[dict[str, int]]:
+    return [dict(BM=16, BN1=bn, BK1=bk, WARPS=w, STAGES=st)
+            for bn, bk, (w, st) in itertools.product((32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (4, 5), (8, 4)))]
+
+
+def small_gemm2_candidates() -> list[dict[str, int]]:
+    return [dict(BN2=bn, BK2=bk, WARPS2=w, STAGES2=st)
+            for bn, bk, (w, st) in itertools.product((32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (4, 5), (8, 4)))]
+
+
 def make_case(model: str, M: int, seed: int) -> tuple:
     s = MODELS[model]
     E, k, H, I = s["E"], s["K"], s["H"], s["I"]
@@ -91,12 +104,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--prefill", action="store_true", help="sweep the tiled (prefill) path's tiles instead")
+    ap.add_argument("--small", action="store_true", help="sweep the tiled path's BM=16 (decode-sized) tiles instead")
     a = ap.parse_args()
     copy = copy_bandwidth_gbps(100)
     res: dict[str, Any] = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbps=copy,
         command="benchmarks/tune_moe_decode.py " + " ".join(sys.argv[1:]), shapes=[])
+    if a.small:  # two stages: the gate_up GEMM's tiles (down GEMM at its default), then the down GEMM's
+        for model, M in SMALL_SHAPES:
+            s = MODELS[model]
+            args = make_case(model, M, seed=M)
+            ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
+            K.moe_experts_triton(*args, path=K.PATH_PREFILL, out=ref)
+            floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy * 1e9) * 1e6
+            base = time_cfg(args, {}, ref, a.rep, K.PATH_PREFILL)
+            rows1 = [time_cfg(args, c, ref, a.rep, K.PATH_PREFILL) for c in small_gemm1_candidates()]
+            best1 = min([r for r in rows1 if r["ok"]] + [base], key=lambda r: r["us"])
+            rows2 = [time_cfg(args, {**best1["cfg"], **c}, ref, a.rep, K.PATH_PREFILL) for c in small_gemm2_candidates()]
+            best = min([r for r in rows2 if r["ok"]] + [best1], key=lambda r: r["us"])
+            res["shapes"].append(dict(model=model, M=M, path="tiled-small", floor_us=floor_us, default=base, best=best,
+                                      default_x_floor=base["us"] / floor_us, best_x_floor=best["us"] / floor_us,
+                                      rows=rows1 + rows2))
+            print(f"tiled-small {model} M={M}: floor {floor_us:.1f} us, default {base['us']:.1f} us, "
+                  f"best {best['us']:.1f} us {best['cfg']}", flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     if a.prefill:
         for model, M in PREFILL_SHAPES:
             s = MODELS[model]

@@ -152,7 +152,15 @@ def prefill_config(S: object, H: int, I: int, E: int) -> dict:
     bm = _tile_rows(S, E)
     big = bm >= 64
     # 4 warps at every BM: the H200 sweep (tune_moe_decode.py --prefill) had 8 warps 7% slower at BM=128
-    return dict(BM=bm, BN1=64, BK1=64, BN2=128 if big else 64, BK2=64, WARPS=4, STAGES=3)
+    cfg = dict(BM=bm, BN1=64, BK1=64, BN2=128 if big else 64, BK2=64, WARPS=4, STAGES=3)
+    cfg.update(TILED_TUNED.get(bm, {}))
+    return cfg
+
+
+# Measured tiles by BLOCK_M (benchmarks/tune_moe_decode.py --prefill); WARPS2/STAGES2 (the down GEMM's
+# warps and stages) default to WARPS/STAGES. BM=16 is the decode-sized tiled class (a few pairs per
+# expert, e.g. Qwen3-30B-A3B at 8 tokens), bound by streaming the selected experts' weights.
+TILED_TUNED: dict[int, dict[str, int]] = {}
 
 
 def selected_weight_bytes(ids: torch.Tensor, E: int, H: int, I: int, elem: int = 2) -> int:
@@ -675,6 +683,7 @@ def _launch(
     # per-pair products are already rounded to prod_dtype: storing them in it is lossless
     pair_out = torch.empty((S, H), dtype=prod_dtype, device=x.device)
     extra = {} if not native else {"num_stages": c["STAGES"]}
+    extra2 = {} if not native else {"num_stages": c.get("STAGES2", c["STAGES"])}
     wrap(_moe_gemm1_kernel)[(n_tiles, triton.cdiv(I, c["BN1"]))](
         x, w1, h, sorted_ids, block_e, npad,
         x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0),
@@ -687,7 +696,7 @@ def _launch(
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
         S, H, I,
         ACT=act, PROD=prod, NATIVE=native, BLOCK_M=bm, BLOCK_N=c["BN2"], BLOCK_K=c["BK2"],
-        num_warps=c["WARPS"], **extra,
+        num_warps=c.get("WARPS2", c["WARPS"]), **extra2,
     )
     if out is None:
         out = torch.empty((M, H), dtype=out_dtype, device=x.device)
