@@ -5,7 +5,8 @@ torch.compile with the fxfuse pass (ungated), and the raw op; median us via do_b
 GB/s from the minimum-traffic model (fxfuse.kernels.silu_mul_quant.bytes_moved), fraction of
 the device copy bandwidth measured in the same run, speedup vs stock compile, dequantized error
 vs eager, whether Inductor's output code holds our Triton kernel. `summary.gates` holds the
-per-(scheme, I) geomeans over M that benchmarks/write_gates.py turns into fxfuse/gates.json.
+per-(scheme, I) geomeans over M, and per (scheme/M class, I), that benchmarks/write_gates.py turns
+into fxfuse/gates.json.
 
 Usage:  python benchmarks/bench_silu_mul_quant.py --out X.json [--quick] [--dry-run]
 """
@@ -31,6 +32,7 @@ for p in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_rmsnorm_quant import bench_us, copy_bandwidth_gbps, load_pass, rel_err  # noqa: E402
+from fxfuse.gating import M_CLASSES, m_class  # noqa: E402
 from fxfuse.kernels import silu_mul_quant as K  # noqa: E402
 from fxfuse.kernels.quant_common import SCALE_CLAMP_MIN, SCALE_DIV, SCHEME_PER_GROUP, SCHEME_PER_TOKEN, SCHEME_STATIC  # noqa: E402
 
@@ -245,6 +247,12 @@ def summarize(rows: list[dict[str, Any]], copy_gbps: float) -> dict[str, Any]:
                       if GATE_SCHEME[r["scheme"]] == scheme and r["I"] == inter and r.get("fused_kernel_in_code", True)])
             if g is not None:
                 gates.setdefault(scheme, {})[str(inter)] = round(g, 3)
+            for cls, _ in M_CLASSES:  # per token-count class (fxfuse.gating.m_classes picks them)
+                g = _geo([r["speedup_vs_compile"].get("fused") for r in rows
+                          if GATE_SCHEME[r["scheme"]] == scheme and r["I"] == inter and m_class(r["M"]) == cls
+                          and r.get("fused_kernel_in_code", True)])
+                if g is not None:
+                    gates.setdefault(f"{scheme}/{cls}", {})[str(inter)] = round(g, 3)
     s["gates"] = gates
     errs = [e for r in rows for k, e in r["err"].items() if e is not None and k in ("fused", "op")]
     s["max_deq_rel_err_vs_eager"] = max(errs) if errs else None

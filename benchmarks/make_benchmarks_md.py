@@ -65,8 +65,14 @@ def silu_mul_quant() -> list[str]:
                    f"{x(us.get('fused'), '{:.1f}')} | {x(us.get('op'), '{:.1f}')} | {x(100 * c['frac_copy']['fused'] if c['frac_copy'].get('fused') is not None else None, '{:.0f}%')} | "
                    f"{x(c['speedup_vs_compile'].get('fused'))} |")
     gates = s.get("gates", {})
-    off = [f"{sc} I={i} ({g:.3f}x)" for sc, d in gates.items() for i, g in d.items() if g < 1.0]
-    out += ["", "Gate geomeans (fused vs stock compile over the M measured, per (scheme, I)); below 1.0 the class is gated off on CUDA:", "",
+    by_class = any("/M" in sc for sc in gates)  # per token-count class (fxfuse.gating.m_classes) decide
+    off = [f"{sc} I={i} ({g:.3f}x)" for sc, d in gates.items() for i, g in d.items()
+           if g < 1.0 and ("/M" in sc or not by_class)]
+    out += ["", ("Gate geomeans (fused vs stock compile over the M measured, per (scheme, I) and per (scheme/M class, I)); "
+                 "on CUDA a static M needs its class >= 1.0, a symbolic M needs all three (the plain scheme row, a "
+                 "geomean over every M, is shown for reference):" if by_class else
+                 "Gate geomeans (fused vs stock compile over the M measured, per (scheme, I)); below 1.0 the class is "
+                 "gated off on CUDA:"), "",
             "| scheme | " + " | ".join(f"I={i}" for i in sorted({i for d in gates.values() for i in d}, key=int)) + " |"]
     Is = sorted({i for d in gates.values() for i in d}, key=int)
     out.append("|---|" + "---:|" * len(Is))

@@ -10,6 +10,7 @@ matcher (`patterns/quant.py`). Every failed check becomes a near miss; nothing e
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,7 +298,8 @@ def check(m: ActMulMatch, q: QuantMatch, gate: bool = True) -> None:
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
         scheme = gate_class(SCHEME_NAMES[q.scheme], gv, scalars)
-        why = gating.rejects(FAMILY, scheme=scheme, hidden=inter, dtype=gv.dtype, enabled=gate)
+        rows = math.prod(gv.shape[:-1])  # the token count: an int, or a SymInt under dynamic shapes
+        why = gating.rejects(FAMILY, scheme=scheme, hidden=inter, dtype=gv.dtype, enabled=gate, M=rows)
         if why:
             raise Reject(why)
 
