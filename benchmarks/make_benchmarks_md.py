@@ -12,6 +12,11 @@ import pathlib
 RES = pathlib.Path(__file__).parent / "results"
 
 
+
+def _gates() -> dict:
+    """The shipped gate table (fxfuse/gates.json)."""
+    return json.loads((RES.parent.parent / "fxfuse" / "gates.json").read_text())
+
 def geo(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -455,7 +460,7 @@ def _e2e_section(runs: list[pathlib.Path]) -> list[str]:
         rows.append(f"| dense fp8 decode no slower than stock | {v:.3f}x | {yes(v >= 1.0)} |")
     sh = {k.split("_max_")[0]: v for k, v in s.items() if k.endswith("max_fxfuse_pass_share_of_compile")}
     if sh:
-        rows.append(f"| fxfuse stages <= 10% of compile time | max_fxfuse_pass_share_of_compile: "
+        rows.append("| fxfuse stages <= 10% of compile time | max_fxfuse_pass_share_of_compile: "
                     + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sh.items()) + f" | {yes(max(sh.values()) <= 0.10)} |")
     return out + rows
 
@@ -620,10 +625,11 @@ def main() -> None:
     out += [
         "",
         "Stock torch.compile (torch 2.11) already turns this HF-written form into one persistent-reduction kernel "
-        "near bandwidth, so per-token and static gains are small at large M; per-group 128 gains 1.4-1.8x. Every "
-        "(scheme, H) class measured >= 1.0x geomean, so `fxfuse/gates.json` (from `benchmarks/write_gates.py`) "
-        "ships all of them. Single points below 1.0 exist (static fp8 at M=1, H=2048: 0.89x); the gate is per "
-        "shape class because M is dynamic.",
+        "near bandwidth, so per-token and static gains are small at large M; per-group 128 gains 1.4-1.8x. "
+        "`fxfuse/gates.json` (from `benchmarks/write_gates.py`) gates each (scheme/M class, H), M classes M<=16, "
+        "M<=256, M>=4096 (a symbolic M needs all three). Gated off: "
+        + (", ".join(f"{k} H={h} ({v:.3f}x)" for k, d in sorted(_gates().get("rmsnorm_quant", {}).items()) if "/M" in k
+                     for h, v in sorted(d.items(), key=lambda t: int(t[0])) if v < 1.0) or "none") + ".",
         "",
         "One kernel change, predicted then measured (same device, `--quick`, "
         "`benchmarks/results/rmsnorm_quant_h100_quick_before_native_casts.json`): the first kernel rounded to "

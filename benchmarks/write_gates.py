@@ -20,6 +20,9 @@ import pathlib
 import sys
 from collections import defaultdict
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from fxfuse.gating import m_class  # noqa: E402
+
 SCHEME_OF = {"per_token_fp8_res": "per-token", "per_group128_fp8": "per-group", "static_fp8": "static"}
 GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
@@ -36,7 +39,9 @@ def gates_from(result: dict) -> dict:
     for row in result.get("cases", []):
         us = row.get("us", {})
         if us.get("compile") and us.get("fused") and row.get("fused_kernel_in_code", True):
-            ratios[SCHEME_OF.get(row["scheme"], row["scheme"])][row["H"]].append(us["compile"] / us["fused"])
+            scheme = SCHEME_OF.get(row["scheme"], row["scheme"])
+            for key in (scheme, f"{scheme}/{m_class(row['M'])}"):  # the per-M-class entries decide (gating.py)
+                ratios[key][row["H"]].append(us["compile"] / us["fused"])
     table = {
         scheme: {str(h): round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in sorted(hs.items())}
         for scheme, hs in ratios.items()

@@ -11,6 +11,8 @@ escapes the region. The first failed check becomes the near-miss reason.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,7 +275,8 @@ def check(norm: NormMatch, q: QuantMatch, gate: bool = True) -> None:
             raise Reject(f"input {inp.name} depends on the region itself")
     if dev == "cuda":
         scheme = gate_class(SCHEME_NAMES[q.scheme], xv, scalars)
-        why = gating.rejects(FAMILY, scheme=scheme, hidden=H, dtype=xv.dtype, enabled=gate)
+        why = gating.rejects(FAMILY, scheme=scheme, hidden=H, dtype=xv.dtype, enabled=gate,
+                             M=math.prod(xv.shape[:-1]))  # token count: int, or SymInt (dynamic)
         if why:
             raise Reject(why)
 
