@@ -123,7 +123,11 @@ def main() -> None:
             best1 = min([r for r in rows1 if r["ok"]] + [base], key=lambda r: r["us"])
             rows2 = [time_cfg(args, {**best1["cfg"], **c}, ref, a.rep, K.PATH_PREFILL) for c in small_gemm2_candidates()]
             best = min([r for r in rows2 if r["ok"]] + [best1], key=lambda r: r["us"])
+            # the per-pair decode path at this M (reads an expert once per pair, no align step)
+            dec = time_cfg(args, {}, ref, a.rep, K.PATH_DECODE)
+            print(f"tiled-small {model} M={M}: decode path {dec['us']} us (ok {dec['ok']})", flush=True)
             res["shapes"].append(dict(model=model, M=M, path="tiled-small", floor_us=floor_us, default=base, best=best,
+                                      decode_path=dec,
                                       default_x_floor=base["us"] / floor_us, best_x_floor=best["us"] / floor_us,
                                       rows=rows1 + rows2))
             print(f"tiled-small {model} M={M}: floor {floor_us:.1f} us, default {base['us']:.1f} us, "
