@@ -125,7 +125,7 @@ def silu_sweep() -> tuple[list[str], float | None]:
     sys.path.insert(0, str(RES.parents[1]))
     from fxfuse.kernels import silu_mul_quant as K
 
-    runs = [(n, load(n)) for n in ("tune_silu_h200.json", "tune_silu_chunk_h200.json")]
+    runs = [(n, load(n)) for n in ("tune_silu_h200.json", "tune_silu_chunk_h200.json", "tune_silu_pieces_h200.json")]
     runs = [(n, r) for n, r in runs if r]
     if not runs:
         return [], None
@@ -143,11 +143,11 @@ def silu_sweep() -> tuple[list[str], float | None]:
     fr = []
     for (sc, M, I), c in sorted(latest.items()):
         cfg = K.launch_config(I, code[sc], 128, M)
-        pick = next((a for a in c["all"] if all(a["config"].get(k, 0) == cfg[k] for k in ("ROWS", "num_warps", "FLAT", "CHUNK"))),
+        pick = next((a for a in c["all"] if all(a["config"].get(k, 0) == cfg[k] for k in ("ROWS", "num_warps", "FLAT", "CHUNK", "PIECES"))),
                     None)
         if pick and M >= 4096:
             fr.append(pick["frac_copy"])
-        desc = ", ".join(f"{k}={cfg[k]}" for k in ("ROWS", "num_warps", "FLAT", "CHUNK") if cfg[k] or k in ("ROWS", "num_warps"))
+        desc = ", ".join(f"{k}={cfg[k]}" for k in ("ROWS", "num_warps", "FLAT", "CHUNK", "PIECES") if cfg[k] or k in ("ROWS", "num_warps"))
         out.append(f"| {sc} | {M} | {I} | {x(c['default_us'], '{:.1f}')} | {desc} | {x(pick and pick['us'], '{:.1f}')} | "
                    f"{x(pick and 100 * pick['frac_copy'], '{:.0f}%')} |")
     out += ["", "Below 90%: per-token at I = 768, M = 4096 (a 15 MB problem: launch and tail weigh) and per-token "

@@ -1,15 +1,19 @@
-"""Sweep the silu_mul_quant launch config (ROWS rows per program x num_warps) on the raw launcher.
+"""Sweep the silu_mul_quant launch config (ROWS rows per program x num_warps, and the FLAT / CHUNK /
+PIECES row layouts) on the raw launcher.
 
 Why: at M >= 4096 a narrow row (I = 768: one 1024-lane tile, 4096 tiny programs) reached only
 76% of copy bandwidth on an H200; several rows per program and fewer/more warps may close that,
-and for static / per-group the FLAT layout drops the padding of a row to a power of 2.
-Per (scheme, M, I): every pruned (ROWS, num_warps[, FLAT]) config is launched into NaN-poisoned outputs
-and must match the ROWS=1 default bitwise (q bytes and scale bits), then timed with CUDA graphs
+and for static / per-group the FLAT layout drops the padding of a row to a power of 2; for rows not
+a power of 2, per-token CHUNK (a two-pass row loop) and PIECES (the row as I's power-of-2 pieces,
+read once: per-token and per-group) do too.
+Every config names all of ROWS, num_warps, FLAT, CHUNK and PIECES, so no TUNED layout leaks into it.
+Per (scheme, M, I): every pruned config is launched into NaN-poisoned outputs and must match the
+padded ROWS=1 launch bitwise (q bytes and scale bits), then timed with CUDA graphs
 (do_bench_cudagraph, median); copy bandwidth is measured in the same run. `suggested_tuned` is
 the per-(scheme, padded row width) config with the best geomean time over M, in the form of
 fxfuse.kernels.silu_mul_quant.TUNED.
 
-Usage:  python benchmarks/tune_silu.py --out X.json [--jobs 8] [--rep 10] [--quick]
+Usage:  python benchmarks/tune_silu.py --out X.json [--jobs 8] [--rep 10] [--quick] [--pieces-only]
         python benchmarks/tune_silu.py --dry-run      (CPU, TRITON_INTERPRET=1, tiny shapes)
 """
 
@@ -45,18 +49,28 @@ from fxfuse.kernels.quant_common import row_tile  # noqa: E402
 ROWS = (1, 2, 4, 8, 16)
 WARPS = (1, 2, 4, 8, 16)
 CHUNKS = (512, 1024, 2048, 4096)  # per-token row-loop widths
+PIECE_WARPS = (1, 2, 4, 8, 16, 32)  # 4, 8, 16 always; the others within the per-thread bounds
+KEYS = ("ROWS", "num_warps", "FLAT", "CHUNK", "PIECES")  # a config names every key: no TUNED layout leaks in
 CASE_SCHEMES = ("per_token_fp8", "per_group128_fp8", "static_fp8")
 
 
 def configs(inter: int, scheme: int, min_pt: int, max_pt: int, prune: bool = True,
-            flat: bool = True) -> list[dict[str, int]]:
+            flat: bool = True, pieces_only: bool = False) -> list[dict[str, int]]:
     """(ROWS, num_warps) grid minus oversized tiles (> K.MAX_TILE) and, when `prune`, configs
     outside [min_pt, max_pt] elements per thread per operand; the default config always stays.
     With `flat`, a row width that is not a power of 2 also gets each config as FLAT (unpadded
-    chunks) where the scheme allows it (static, per-group)."""
+    chunks) where the scheme allows it (static, per-group); such a row also gets the per-token
+    row loop (CHUNK) and, per-token and per-group, PIECES at num_warps 4/8/16 (and 1, 2, 32
+    within the per-thread bounds). `pieces_only`: the default config and the PIECES ones."""
     block = row_tile(inter, scheme, GROUP)[0]
     d = K.launch_config(inter, scheme, GROUP, None)
-    out = [{k: d[k] for k in ("ROWS", "num_warps", "FLAT")}]
+    out = [{k: d[k] for k in KEYS}]
+
+    def add(**cfg: int) -> None:
+        cfg = {**dict(ROWS=1, FLAT=0, CHUNK=0, PIECES=0), **cfg}
+        if cfg not in out:
+            out.append(cfg)
+
     flats = (0, 1) if flat and block != inter and K.flat_chunk(inter, scheme, GROUP) else (0,)
     for f in flats:
         for r in ROWS:
@@ -64,14 +78,31 @@ def configs(inter: int, scheme: int, min_pt: int, max_pt: int, prune: bool = Tru
                 per_thread = r * block / (32 * w)
                 if r * block > K.MAX_TILE or (prune and not min_pt <= per_thread <= max_pt):
                     continue
-                if dict(ROWS=r, num_warps=w, FLAT=f) not in out:
-                    out.append(dict(ROWS=r, num_warps=w, FLAT=f))
+                add(ROWS=r, num_warps=w, FLAT=f)
     if scheme == K.SCHEME_PER_TOKEN and block != inter:  # the per-token row loop (two passes over CHUNKs)
         for ch in CHUNKS:
             for w in WARPS:
                 if ch < inter and (not prune or min_pt // 2 <= ch / (32 * w) <= max_pt):
-                    out.append(dict(ROWS=1, num_warps=w, FLAT=0, CHUNK=ch))
-    return out
+                    add(num_warps=w, CHUNK=ch)
+    if scheme in (K.SCHEME_PER_TOKEN, K.SCHEME_PER_GROUP) and block != inter:  # the row as power-of-2 pieces
+        for w in PIECE_WARPS:
+            if w in (4, 8, 16) or not prune or min_pt // 2 <= inter / (32 * w) <= max_pt:
+                add(num_warps=w, PIECES=1)
+    return [c for c in out if c["PIECES"] or c == out[0]] if pieces_only else out
+
+
+def _fits(scheme: int, inter: int) -> bool:
+    """The scheme takes rows this wide (per-group: whole groups; the dry run's I = 1200 is not)."""
+    return scheme != K.SCHEME_PER_GROUP or inter % GROUP == 0
+
+
+def _takes(inter: int, scheme: int, M: int, cfg: dict[str, int]) -> bool:
+    """launch_config accepts `cfg` at this M (a small static M splits rows: ROWS, FLAT, PIECES refused)."""
+    try:
+        K.launch_config(inter, scheme, GROUP, M, cfg)
+    except ValueError:
+        return False
+    return True
 
 
 def _poisoned(M: int, inter: int, scheme: int, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,26 +128,32 @@ class _Warmup:
 
 
 def _precompile(job: tuple[str, int, list[dict[str, int]]]) -> str:
-    """Worker: compile one (scheme, I)'s configs at M=16 (same dtypes, strides and alignments as
-    the timed shapes; M is not specialized), so the timing loop finds them in Triton's cache."""
+    """Worker: compile one (scheme, I)'s configs at M = SPLIT_MAX_M + 1 (same dtypes, strides and
+    alignments as the timed shapes; M is not specialized, and rows this many do not column-split,
+    which would compile other tiles or refuse ROWS / FLAT / PIECES), so the timing loop finds them
+    in Triton's cache."""
     name, inter, cfgs = job
-    _, oargs = make_inputs(name, 16, inter, "cuda")
+    M = K.SPLIT_MAX_M + 1
+    _, oargs = make_inputs(name, M, inter, "cuda")
     x, up, scale, *rest = oargs
-    q, s = _poisoned(16, inter, SCHEMES[name]["scheme"], "cuda")
+    q, s = _poisoned(M, inter, SCHEMES[name]["scheme"], "cuda")
     for cfg in cfgs:
         K._launch(_Warmup(), x, up, scale, q, s, *rest, override=cfg)
     return f"{name} I={inter}: {len(cfgs)} configs"
 
 
 def sweep(Ms: list[int], Is: list[int], names: list[str], rep: int, copy_gbps: float, dev: str, dry: bool,
-          min_pt: int, max_pt: int, flat: bool) -> list[dict[str, Any]]:
+          min_pt: int, max_pt: int, flat: bool, pieces_only: bool = False) -> list[dict[str, Any]]:
     cases = []
     for name in names:
         scheme = SCHEMES[name]["scheme"]
         for inter in Is:
-            cfgs = configs(inter, scheme, min_pt, max_pt, prune=not dry, flat=flat)
+            if not _fits(scheme, inter):
+                continue
+            cfgs = configs(inter, scheme, min_pt, max_pt, prune=not dry, flat=flat, pieces_only=pieces_only)
             block = row_tile(inter, scheme, GROUP)[0]
-            ref_cfg = dict(ROWS=1, num_warps=K.default_num_warps(block), FLAT=0)  # today's launch: bitwise oracle
+            # the padded one-row launch: bitwise oracle (every key named: TUNED's layout does not apply)
+            ref_cfg = dict(ROWS=1, num_warps=K.default_num_warps(block), FLAT=0, CHUNK=0, PIECES=0)
             for M in Ms:
                 t0 = time.time()
                 _, oargs = make_inputs(name, M, inter, dev)
@@ -125,7 +162,7 @@ def sweep(Ms: list[int], Is: list[int], names: list[str], rep: int, copy_gbps: f
                 ref_ok = not (torch.isnan(ref[0].float()).any() or torch.isnan(ref[1]).any())
                 default = K.launch_config(inter, scheme, GROUP, M)
                 rows: list[dict[str, Any]] = []
-                for cfg in cfgs:
+                for cfg in (c for c in cfgs if _takes(inter, scheme, M, c)):
                     rec: dict[str, Any] = dict(config=cfg, us=None, frac_copy=None, ok=False)
                     try:
                         out = _poisoned(M, inter, scheme, dev)
@@ -140,8 +177,7 @@ def sweep(Ms: list[int], Is: list[int], names: list[str], rep: int, copy_gbps: f
                     rows.append(rec)
                 timed = [r for r in rows if r["ok"] and r["us"]]
                 best = min(timed, key=lambda r: r["us"]) if timed else None
-                d_us = next((r["us"] for r in rows
-                             if r["config"] == {k: default[k] for k in ("ROWS", "num_warps", "FLAT")}), None)
+                d_us = next((r["us"] for r in rows if r["config"] == {k: default[k] for k in KEYS}), None)
                 case = dict(scheme=name, M=M, I=inter, bytes=nbytes, default=default, default_us=d_us,
                             best=best and dict(config=best["config"], us=best["us"], frac_copy=best["frac_copy"]),
                             all=rows, wall_s=round(time.time() - t0, 2))
@@ -198,6 +234,7 @@ def main() -> None:
     ap.add_argument("--min-per-thread", type=int, default=4, help="prune: fewest elements per thread per operand")
     ap.add_argument("--max-per-thread", type=int, default=64, help="prune: most elements per thread (registers)")
     ap.add_argument("--no-flat", action="store_true", help="skip the FLAT (unpadded row) variants")
+    ap.add_argument("--pieces-only", action="store_true", help="only the default and the PIECES configs")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes precompiling the configs (0: compile serially while timing)")
     args = ap.parse_args()
@@ -214,7 +251,8 @@ def main() -> None:
     t0 = time.time()
     if not dry and args.jobs > 0:
         jobs = [(n, i, configs(i, SCHEMES[n]["scheme"], args.min_per_thread, args.max_per_thread,
-                               flat=not args.no_flat)) for n in names for i in Is]
+                               flat=not args.no_flat, pieces_only=args.pieces_only))
+                for n in names for i in Is if _fits(SCHEMES[n]["scheme"], i)]
         try:  # only fills Triton's cache: on failure the timing loop compiles each config itself
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as ex:
                 for msg in ex.map(_precompile, jobs):
@@ -227,7 +265,7 @@ def main() -> None:
     print(f"[tune] {gpu} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     with torch.no_grad():
         cases = sweep(Ms, Is, names, args.rep, copy_gbps, dev, dry, args.min_per_thread, args.max_per_thread,
-                      not args.no_flat)
+                      not args.no_flat, args.pieces_only)
     result = dict(
         family="silu_mul_quant_tune", gpu=gpu, torch=torch.__version__, triton=triton.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -94,13 +94,42 @@ CHUNK_BASE = {"tok_bf16": 200, "tok_int8_bf16_gelu_merged": 136, "tok_scale_ub_b
               "torchao_bf16_f32act": 160}
 ROWS_CASES += [dict(next(c for c in INTERP_CASES if c["id"] == b), id=f"{b}_chunk{ch}", inter=i, rows=1, chunk=ch)
                for b, i in CHUNK_BASE.items() for ch in (32, 64)]
+# PIECES (one row per program as I's power-of-2 pieces, row_pieces): 2, 3 and 4 exact pieces, a
+# narrow exact piece (200 = 128 + 64 + 8), a masked tail (248 = 128 + 64 + 32 + 24 -> 32; 1100 =
+# 1024 + 64 + 12 -> 16; per-group 16: 496 = 256 + 128 + 64 + 48 -> 64), each scheme, fp8 and int8
+PIECES_BASE = {"tok_bf16": 48, "tok_bf16_merged": 112, "tok_f16_gelu": 240, "tok_int8_bf16_gelu_merged": 200,
+               "tok_scale_ub_bf16": 248, "tok_runtime_div_bf16": 1100, "torchao_bf16_f32act": 96,
+               "grp64_bf16_merged": 960, "grp128_f16": 384, "static_int8_f32": 96, "static_literal_fp8": 80}
+_BY_ID = {c["id"]: c for c in INTERP_CASES}
+ROWS_CASES += [dict(_BY_ID[b], id=f"{b}_pieces{i}", M=7, inter=i, rows=1, pieces=1) for b, i in PIECES_BASE.items()]
+ROWS_CASES.append(dict(_BY_ID["grp64_bf16_merged"], id="grp16_bf16_merged_pieces496", M=7, inter=496, gs=16, rows=1,
+                       pieces=1))
+# special rows (make_inputs): a NaN gate element in the row's last piece, an all-zero row, an inf up
+# element; through the one-row, row-loop and PIECES launches alike (NaN rows fp8 only: NaN -> int8
+# is undefined)
+SPECIAL = [("tok_bf16", 112, {}), ("tok_bf16", 112, dict(rows=1, chunk=32)), ("tok_bf16", 112, dict(rows=1, pieces=1)),
+           ("tok_f16_gelu", 240, {}), ("tok_f16_gelu", 240, dict(rows=1, pieces=1)),
+           ("torchao_bf16_f32act", 96, dict(rows=1, pieces=1)), ("grp64_bf16_merged", 960, dict(rows=1, pieces=1)),
+           ("tok_scale_ub_bf16", 248, dict(rows=1, pieces=1))]
+ROWS_CASES += [dict(_BY_ID[b], id=f"{b}_special{i}_" + ("_".join(f"{k}{v}" for k, v in o.items()) or "default"),
+                    M=5, inter=i, special=("nan", "zero", "inf"), **o) for b, i, o in SPECIAL]
+ROWS_CASES += [dict(_BY_ID["tok_int8_bf16_gelu_merged"], id=f"tok_int8_zero_row200_{k}", M=4, inter=200,
+                    special=("zero",), **o) for k, o in (("default", {}), ("pieces", dict(rows=1, pieces=1)))]
 ALL_CASES = INTERP_CASES + ROWS_CASES
 
 
 def make_inputs(case: dict[str, Any], device: str = "cpu", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     M, inter = case["M"], case["inter"]
-    x = (3 * torch.randn(M, 2 * inter, generator=g)).to(case["dtype"]).to(device)
+    x = (3 * torch.randn(M, 2 * inter, generator=g)).to(case["dtype"])
+    special = case.get("special", ())
+    if "nan" in special:  # row 0: one NaN gate element, in the row's last piece
+        x[0, inter - 1] = float("nan")
+    if "zero" in special:  # row 1: all zero (amax 0: the scale chain's clamp)
+        x[1] = 0
+    if "inf" in special:  # row 2: an inf up element (amax inf)
+        x[2, inter] = float("inf")
+    x = x.to(device)
     if case["merged"]:
         gate_up = (x, None)
     else:
@@ -130,17 +159,24 @@ def compare(case: dict[str, Any], run, device: str = "cpu", seed: int = 0) -> di
         s = torch.full(sr.shape, poison, device=device)
         outs.append(run(args, (q, s)))
     (q1, s1), (q2, s2) = outs
+    # NaN matches NaN (NaN rows: the payload and, for fp8 q, the sign of torch's NaN are not specified;
+    # the two kernel runs must still agree bit for bit)
+    rel = torch.where((s1 == sr) | (s1.isnan() & sr.isnan()), 0.0, (s1 - sr).abs() / sr.abs())  # inf == inf
+    qf, qrf = q1.float(), qr.float()
     return dict(
-        stable=float(torch.equal(_bits(q1), _bits(q2)) and torch.equal(s1, s2)),
-        scale_rel=float(((s1 - sr).abs() / sr.abs()).max()),
-        scale_off_frac=float((((s1 - sr).abs() / sr.abs()) > 2e-6).float().mean()),
-        q_mismatch=float((q1.float() != qr.float()).float().mean()),
+        stable=float(torch.equal(_bits(q1), _bits(q2)) and torch.equal(s1.view(torch.int32), s2.view(torch.int32))),
+        scale_rel=float(rel.max()),
+        scale_off_frac=float((rel > 2e-6).float().mean()),
+        q_mismatch=float(((qf != qrf) & ~(qf.isnan() & qrf.isnan())).float().mean()),
     )
 
 
 def _cfg(case: dict[str, Any]) -> dict[str, int] | None:
     """The case's launch override: ROWS rows per program (None: launch_config's default)."""
-    return {"ROWS": case["rows"], "FLAT": case.get("flat", 0), "CHUNK": case.get("chunk", 0)} if "rows" in case else None
+    if "rows" not in case:
+        return None
+    return {"ROWS": case["rows"], "FLAT": case.get("flat", 0), "CHUNK": case.get("chunk", 0),
+            "PIECES": case.get("pieces", 0)}
 
 
 def _interp_main() -> None:
@@ -180,12 +216,12 @@ def test_split_cases_take_the_launch_they_name() -> None:
 def test_launch_config() -> None:
     """Defaults are one row per program at default_num_warps; overrides stack; M only splits when
     it is a static int (a symbolic M never picks a config); split launches refuse ROWS > 1."""
-    want = dict(ROWS=1, num_warps=K.default_num_warps(1024), FLAT=0, CHUNK=0, split=False)
+    want = dict(ROWS=1, num_warps=K.default_num_warps(1024), FLAT=0, CHUNK=0, PIECES=0, split=False)
     assert K.launch_config(768, 1, 0, 4096) == {**want, **K.TUNED.get((1, 1024), {})}
     assert K.launch_config(768, 2, 128, None) == K.launch_config(768, 2, 128, 4096)
     assert K.launch_config(14336, 0, 0, 1)["split"] and not K.launch_config(14336, 0, 0, object())["split"]
     assert K.launch_config(768, 1, 0, 8, {"ROWS": 4, "num_warps": 2}) == dict(ROWS=4, num_warps=2, FLAT=0, CHUNK=0,
-                                                                              split=False)
+                                                                              PIECES=0, split=False)
     K.LAUNCH_OVERRIDE["ROWS"] = 2
     try:
         assert K.launch_config(768, 1, 0, 8)["ROWS"] == 2
@@ -224,6 +260,110 @@ def test_launch_config_chunk_and_tuned_entries() -> None:
     finally:
         K.TUNED.clear()
         K.TUNED.update(saved)
+
+
+def test_row_pieces() -> None:
+    """I's binary representation, largest first; past MAX_PIECES - 1 exact pieces (or below
+    MIN_PIECE) the rest is one power-of-2 tail piece, masked (its index returned)."""
+    assert K.row_pieces(18432) == ([16384, 2048], -1)
+    assert K.row_pieces(14336) == ([8192, 4096, 2048], -1)
+    assert K.row_pieces(768) == ([512, 256], -1)
+    assert K.row_pieces(11008) == ([8192, 2048, 512, 256], -1)
+    assert K.row_pieces(4096) == ([4096], -1)
+    assert K.row_pieces(29568) == ([16384, 8192, 4096, 1024], 3)  # 29568 = ... + 896
+    assert K.row_pieces(1100) == ([1024, 64, 16], 2)  # 12 < MIN_PIECE
+    assert K.row_pieces(200) == ([128, 64, 8], -1)  # a narrow power-of-2 rest stays exact
+    for inter in range(1, 3000):
+        widths, tail = K.row_pieces(inter)
+        assert len(widths) <= K.MAX_PIECES and all(w & (w - 1) == 0 for w in widths), inter
+        assert widths == sorted(widths, reverse=True) or tail == len(widths) - 1, inter
+        exact = sum(widths[:tail] if tail >= 0 else widths)
+        assert (sum(widths) == inter) if tail < 0 else (exact < inter < exact + widths[tail]), inter
+        off = 0
+        for w in widths:  # every piece starts at a multiple of its width (aligned vector accesses)
+            assert off % w == 0, inter
+            off += w
+
+
+def test_launch_config_pieces() -> None:
+    """PIECES takes one row per program, any scheme, and no other layout (ROWS > 1, FLAT, CHUNK, a
+    column split raise); an override naming it replaces a TUNED layout (the per-token row loop)
+    without naming "CHUNK": 0; the kernel gets the piece widths as constexprs."""
+    cfg = K.launch_config(18432, 1, 0, 4096, {"PIECES": 1, "num_warps": 16})
+    assert cfg == dict(ROWS=1, num_warps=16, FLAT=0, CHUNK=0, PIECES=1, split=False), cfg
+    assert K.launch_config(18432, 2, 128, 4096, {"PIECES": 1})["PIECES"] == 1
+    assert K.launch_config(768, 0, 0, 4096, {"PIECES": 1, "ROWS": 1})["FLAT"] == 0  # over TUNED static FLAT
+    for bad in ({"PIECES": 1, "ROWS": 2}, {"PIECES": 1, "CHUNK": 64}, {"PIECES": 1, "FLAT": 1, "ROWS": 1}):
+        with pytest.raises(ValueError, match="PIECES|CHUNK"):
+            K.launch_config(18432, 1, 0, 4096, bad)
+    with pytest.raises(ValueError, match="PIECES"):
+        K.launch_config(14336, 0, 0, 1, {"PIECES": 1})  # small static M: column split
+    with pytest.raises(ValueError, match="PIECES"):
+        K.launch_config(768, 0, 0, 4096, {"PIECES": 1})  # TUNED (0, 1024) has ROWS=2: ROWS is not a layout
+    K.LAUNCH_OVERRIDE.update(PIECES=1, num_warps=8)
+    try:
+        assert K.launch_config(18432, 1, 0, 4096)["PIECES"] == 1
+        assert K.launch_config(18432, 1, 0, 4096, {"CHUNK": 1024})["PIECES"] == 0  # a later layer's layout wins
+    finally:
+        K.LAUNCH_OVERRIDE.clear()
+    saved = dict(K.TUNED)
+    try:
+        K.TUNED[(1, 32768)] = {"PIECES": 1, "ROWS": 1, "num_warps": 16}
+        assert K.launch_config(18432, 1, 0, 4096)["PIECES"] == 1
+    finally:
+        K.TUNED.clear()
+        K.TUNED.update(saved)
+    rec = _Record()
+    x = torch.empty((4, 2 * 14336), dtype=BF16, device="meta")
+    q = torch.empty((4, 14336), dtype=FP8, device="meta")
+    s = torch.empty((4,), dtype=torch.float32, device="meta")
+    K._launch(rec, x, None, None, q, s, K.ACT_SILU, BF16, BF16, FP8, 1, 0, 1.0, [SCALE_DIV], [448.0], False, -448.0,
+              448.0, False, override={"PIECES": 1, "num_warps": 16})
+    (grid, kw), = rec.calls
+    assert grid == (4, 1) and kw["num_warps"] == 16 and not kw["CHUNK"], (grid, kw)
+    assert [kw[f"P{i}"] for i in range(4)] == [8192, 4096, 2048, 0] and kw["P_MASKED"] == -1, kw
+    rec = _Record()
+    K._launch(rec, x, None, None, q, s, K.ACT_SILU, BF16, BF16, FP8, 1, 0, 1.0, [SCALE_DIV], [448.0], False, -448.0,
+              448.0, False)
+    assert rec.calls[0][1]["P0"] == 0  # PIECES off: the other launch forms
+
+
+def test_pieces_ptx_sm90() -> None:
+    """Compiled for sm_90 (no GPU needed), per-token I = 18432 as 16384 + 2048 at 16 warps: every
+    gate/up load a full unpredicated vector, no layout conversion (a [1]-shaped amax per piece
+    made Triton move a whole piece through shared memory), one reduction per piece."""
+    import inspect
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    cfg = K.launch_config(18432, 1, 0, 4096, {"PIECES": 1, "num_warps": 16})
+    meta = K._kernel_meta(18432, None, K.ACT_SILU, BF16, BF16, FP8, 1, 0, [SCALE_DIV, SCALE_CLAMP_MIN], False, False,
+                          cfg)
+    nw = meta.pop("num_warps")
+    meta.update(NATIVE=True, UB_SLOT=-1)
+    ptrs = dict(g_ptr="*bf16", u_ptr="*bf16", scale_ptr="*bf16", ub_ptr="*bf16", q_ptr="*fp8e4nv", s_out_ptr="*fp32")
+    floats = set("static_scale_value c0 c1 c2 c3 qmin qmax".split())
+    div16 = set(ptrs) | set("stride_g stride_u stride_q u_off INTER NG".split())  # as a launch specializes them
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(K._silu_mul_quant_kernel.fn).parameters):
+        sig[name] = "constexpr" if name in meta else ptrs.get(name, "fp32" if name in floats else "i32")
+        if name in div16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        k = triton.compile(triton.compiler.ASTSource(fn=K._silu_mul_quant_kernel, signature=sig, constexprs=meta,
+                                                     attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
+    except Exception as e:  # no NVIDIA backend / ptxas in this install
+        pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    loads = re.findall(r"^\s*(@%p\d+ )?ld\.global\.(\S+)", ptx, re.M)
+    # 16384 / 512 threads = 32 elements = 4 x v4.b32 per operand, 2048 -> 4 elements = 1 x v2.b32
+    assert sorted(v for _, v in loads) == ["v2.b32"] * 2 + ["v4.b32"] * 8, loads
+    assert not any(p for p, _ in loads), "predicated loads"
+    assert "convert_layout" not in ttgir
+    assert ttgir.count('"tt.reduce"') == 2
 
 
 def test_bad_inputs_raise_value_error() -> None:
@@ -273,6 +413,41 @@ def test_cuda_path_traces_to_user_triton_kernel(merged: bool) -> None:
     assert not any("slice" in str(t) or "clone" in str(t) for t in targets), targets
     assert_full_signatures(n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
     assert len(outs) == 2
+
+
+@pytest.mark.parametrize("scheme", [1, 2], ids=["token", "group128"])
+def test_cuda_path_pieces_launch_passes_every_constexpr(scheme: int) -> None:
+    """A PIECES launch (LAUNCH_OVERRIDE) traced for Inductor passes every kernel parameter, the
+    piece widths included (fake CUDA tensors: CPU CI)."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import insert_traced
+
+    with FakeTensorMode():
+        x = torch.empty(8, 2 * 768, dtype=BF16, device="cuda")
+    g = fx.Graph()
+    ph = g.placeholder("x")
+    ph.meta["val"] = x
+    out = g.output(None)
+
+    def repl(x):
+        return torch.ops.fxfuse.silu_mul_quant(x, None, None, K.ACT_SILU, BF16, BF16, FP8, scheme,
+                                               128 if scheme == 2 else 0, 1.0, [SCALE_DIV, SCALE_CLAMP_MIN],
+                                               [448.0, 1e-12], False, -448.0, 448.0, False)
+
+    K.LAUNCH_OVERRIDE.update(PIECES=1, ROWS=1, num_warps=4)
+    try:
+        insert_traced(g, repl, [ph], before=out, functionalize=True)
+    finally:
+        K.LAUNCH_OVERRIDE.clear()
+    nodes = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert_full_signatures(nodes)
+    (node,) = nodes
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kw = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
+    assert (kw["P0"], kw["P1"], kw["P2"], kw["P3"], kw["P_MASKED"]) == (512, 256, 0, 0, -1), kw
 
 
 @pytest.mark.parametrize("flat", [0, 1], ids=["rows", "flat"])
@@ -333,6 +508,29 @@ def test_gpu_kernel_vs_reference(cid: str, M: int, inter: int) -> None:
     assert m["scale_rel"] <= 2 ** -7, m
     assert m["scale_off_frac"] <= 2e-3, m
     assert m["q_mismatch"] <= 1e-3, m
+
+
+@pytest.mark.parametrize("M,inter", [(4096, 18432), (333, 14336), (4096, 768), (77, 11008), (65, 29568)])
+@pytest.mark.parametrize("cid", ["tok_bf16", "tok_bf16_merged", "grp128_f16", "tok_int8_bf16_gelu_merged",
+                                 "torchao_bf16_f32act", "static_int8_f32"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pieces_bitwise_vs_one_row(cid: str, M: int, inter: int) -> None:
+    """Compiled PIECES launches (num_warps 4 / 16) write the same bits as the padded one-row launch
+    (same per-element math; the amax is exact in any order), every element written (poisoned)."""
+    case = dict(next(c for c in INTERP_CASES if c["id"] == cid), M=M, inter=inter)
+    args = op_args(case, "cuda", seed=inter)
+    qr, sr = K.silu_mul_quant_reference(*args)
+
+    def run(cfg: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = (torch.full(qr.shape, 0.5, device="cuda").to(qr.dtype), torch.full(sr.shape, float("nan"), device="cuda"))
+        return K.silu_mul_quant_triton(*args, out=out, config=cfg)
+
+    q0, s0 = run(dict(ROWS=1, FLAT=0, CHUNK=0, PIECES=0))
+    assert not s0.isnan().any()
+    for nw in (4, 16):
+        q1, s1 = run(dict(ROWS=1, FLAT=0, CHUNK=0, PIECES=1, num_warps=nw))
+        assert torch.equal(_bits(q1), _bits(q0)) and torch.equal(s1.view(torch.int32), s0.view(torch.int32)), nw
 
 
 @pytest.mark.gpu

@@ -65,6 +65,7 @@ __all__ = [
     "check_args",
     "flat_chunk",
     "launch_config",
+    "row_pieces",
 ]
 
 ACT_SILU = 0
@@ -254,6 +255,119 @@ def _silu_mul_quant_row_loop(
         tl.store(q_ptr + row * stride_q + offs, qo, mask=m)
 
 
+@triton.jit
+def _piece(g_ptr, u_ptr, row, stride_g, stride_u, u_off, INTER, OFF: tl.constexpr, P: tl.constexpr,
+           MASKED: tl.constexpr, SCHEME: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr,
+           ACT_DT: tl.constexpr, OUT_DT: tl.constexpr, NATIVE: tl.constexpr):
+    """Elements [OFF, OFF + P) of a PIECES row: (act*up product, tile-row group indices, element
+    offsets, mask), as a [P // BLOCK_G, BLOCK_G] tile (a group per tile row) for the per-group
+    scheme, else one [1, P] tile row. Only the tail piece (MASKED) is masked at INTER; the others'
+    mask is a constant true, which folds away (unpredicated vector loads and stores)."""
+    if SCHEME == 2:
+        g_idx = OFF // BLOCK_G + tl.arange(0, P // BLOCK_G)
+        offs = g_idx[:, None] * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+    else:
+        g_idx = tl.arange(0, 1)
+        offs = OFF + tl.arange(0, P)[None, :]
+    if MASKED:
+        mask = offs < INTER
+    else:
+        mask = tl.full(offs.shape, 1, tl.int1)
+    y = _act_mul(g_ptr + row * stride_g + offs, u_ptr + row * stride_u + u_off + offs, mask, ACT, ACT_DT, OUT_DT,
+                 NATIVE)
+    return y, g_idx, offs, mask
+
+
+@triton.jit
+def _amax_bits(y):
+    """max of |y|'s fp32 bit patterns as an int32 scalar: for non-negative floats the integer order
+    is the float order and every NaN lies above +inf, so one integer max is both torch.amax's value
+    and its NaN flag (absmax takes two reductions). Masked lanes (0) do not raise it. A scalar, not
+    a [1] tile row: combining [1] results of differently laid out pieces made Triton convert a
+    whole piece's layout through shared memory."""
+    return tl.max(y.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _quant_store_piece(y, s, row, offs, mask, q_ptr, stride_q, qmin, qmax, QUANT_MUL: tl.constexpr,
+                       ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, NATIVE: tl.constexpr):
+    """Quantize one [1, P] per-token piece by its row's scale `s` (a scalar) and store it."""
+    qo = quantize(y, s + tl.zeros_like(y), qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+    tl.store(q_ptr + row * stride_q + offs, qo, mask=mask)
+
+
+@triton.jit
+def _silu_mul_quant_pieces(
+    g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr, stride_g, stride_u, stride_q, u_off, INTER, NG,
+    static_scale_value, c0, c1, c2, c3, qmin, qmax, ACT: tl.constexpr, ACT_DT: tl.constexpr,
+    OUT_DT: tl.constexpr, HAS_SCALE_T: tl.constexpr, SCHEME: tl.constexpr, UB_SLOT: tl.constexpr,
+    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr, QUANT_MUL: tl.constexpr,
+    ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, BLOCK_G: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+    P2: tl.constexpr, P3: tl.constexpr, P_MASKED: tl.constexpr, NATIVE: tl.constexpr,
+):
+    """One row per program as up to 4 power-of-2 pieces (P0 > P1 > ... , 0 = absent; piece
+    P_MASKED, if any, is a rounded-up tail masked at INTER), each its own register tile: the row
+    is read once with no padded lanes (I = 18432 = 16384 + 2048, 768 = 512 + 256).
+
+    Per-token: the row amax is the max of the pieces' (_amax_bits: NaN kept, as torch.amax), then
+    the scale chain and each piece's quantization: the same per-element math as the one-row path
+    (bit-identical). Static and per-group scales need no row reduction: each piece runs the
+    one-row epilogue on its own (per-group pieces are whole groups: I % group == 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    O1: tl.constexpr = P0
+    O2: tl.constexpr = P0 + P1
+    O3: tl.constexpr = P0 + P1 + P2
+    y0, g0, o0, m0 = _piece(g_ptr, u_ptr, row, stride_g, stride_u, u_off, INTER, 0, P0, P_MASKED == 0, SCHEME,
+                            BLOCK_G, ACT, ACT_DT, OUT_DT, NATIVE)
+    if P1 > 0:
+        y1, g1, o1, m1 = _piece(g_ptr, u_ptr, row, stride_g, stride_u, u_off, INTER, O1, P1, P_MASKED == 1, SCHEME,
+                                BLOCK_G, ACT, ACT_DT, OUT_DT, NATIVE)
+    if P2 > 0:
+        y2, g2, o2, m2 = _piece(g_ptr, u_ptr, row, stride_g, stride_u, u_off, INTER, O2, P2, P_MASKED == 2, SCHEME,
+                                BLOCK_G, ACT, ACT_DT, OUT_DT, NATIVE)
+    if P3 > 0:
+        y3, g3, o3, m3 = _piece(g_ptr, u_ptr, row, stride_g, stride_u, u_off, INTER, O3, P3, P_MASKED == 3, SCHEME,
+                                BLOCK_G, ACT, ACT_DT, OUT_DT, NATIVE)
+    if SCHEME == 1:
+        b = _amax_bits(y0)
+        if P1 > 0:
+            b = tl.maximum(b, _amax_bits(y1))
+        if P2 > 0:
+            b = tl.maximum(b, _amax_bits(y2))
+        if P3 > 0:
+            b = tl.maximum(b, _amax_bits(y3))
+        c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
+        s = tl.where(b > 0x7F800000, float("nan"), b.to(tl.float32, bitcast=True))  # like torch.amax
+        s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
+        tl.store(s_out_ptr + row, s)
+        _quant_store_piece(y0, s, row, o0, m0, q_ptr, stride_q, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+        if P1 > 0:
+            _quant_store_piece(y1, s, row, o1, m1, q_ptr, stride_q, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8,
+                               NATIVE)
+        if P2 > 0:
+            _quant_store_piece(y2, s, row, o2, m2, q_ptr, stride_q, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8,
+                               NATIVE)
+        if P3 > 0:
+            _quant_store_piece(y3, s, row, o3, m3, q_ptr, stride_q, qmin, qmax, QUANT_MUL, ROUND_INT, Q_INT8,
+                               NATIVE)
+    else:
+        quantize_store_row(y0, row, g0, o0, m0, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                           static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                           HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+        if P1 > 0:
+            quantize_store_row(y1, row, g1, o1, m1, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                               static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                               HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+        if P2 > 0:
+            quantize_store_row(y2, row, g2, o2, m2, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                               static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                               HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+        if P3 > 0:
+            quantize_store_row(y3, row, g3, o3, m3, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
+                               static_scale_value, c0, c1, c2, c3, qmin, qmax,
+                               HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _silu_mul_quant_kernel(
     g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr,
@@ -265,7 +379,8 @@ def _silu_mul_quant_kernel(
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     QUANT_MUL: tl.constexpr, ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr = 1, FLAT: tl.constexpr = False,
-    NATIVE: tl.constexpr = False, CHUNK: tl.constexpr = 0,
+    NATIVE: tl.constexpr = False, CHUNK: tl.constexpr = 0, P0: tl.constexpr = 0, P1: tl.constexpr = 0,
+    P2: tl.constexpr = 0, P3: tl.constexpr = 0, P_MASKED: tl.constexpr = -1,
 ):
     """ROWS token rows per program (ROWS = 1: one row per program), each held as BLOCK_R tile rows
     of BLOCK_G (a group per tile row for the per-group scheme): gate and up are read once, q and
@@ -282,11 +397,20 @@ def _silu_mul_quant_kernel(
 
     CHUNK > 0 (per-token, wide rows not a power of 2: I = 18432 padded to 32768 held 44% masked
     lanes and ran at 65% of copy bandwidth): one row per program in CHUNK-wide steps, twice --
-    the amax, then the quantization, re-reading the row (an L2 hit: it was just read)."""
+    the amax, then the quantization, re-reading the row (an L2 hit: it was just read); it reached
+    84% of copy bandwidth.
+
+    P0 > 0 (PIECES, any scheme; rows not a power of 2): one row per program held as I's
+    power-of-2 pieces (_silu_mul_quant_pieces): read once, no padded lanes, no second pass."""
     if CHUNK > 0:
         _silu_mul_quant_row_loop(g_ptr, u_ptr, ub_ptr, q_ptr, s_out_ptr, stride_g, stride_u, stride_q, u_off, INTER,
                                  c0, c1, c2, c3, qmin, qmax, ACT, ACT_DT, OUT_DT, UB_SLOT, OP0, OP1, OP2, OP3,
                                  QUANT_MUL, ROUND_INT, Q_INT8, CHUNK, NATIVE)
+    elif P0 > 0:
+        _silu_mul_quant_pieces(g_ptr, u_ptr, scale_ptr, ub_ptr, q_ptr, s_out_ptr, stride_g, stride_u, stride_q, u_off,
+                               INTER, NG, static_scale_value, c0, c1, c2, c3, qmin, qmax, ACT, ACT_DT, OUT_DT,
+                               HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8,
+                               BLOCK_G, P0, P1, P2, P3, P_MASKED, NATIVE)
     elif ROWS == 1 and not FLAT:
         row = tl.program_id(0).to(tl.int64)
         g_idx = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -348,7 +472,8 @@ def default_num_warps(block: int) -> int:
     return 32  # 32768-wide rows (I up to 32768): 32 values/thread per operand, no spills
 
 
-# Tuned launch configs by (scheme, padded row width): {"ROWS": r, "num_warps": w[, "FLAT": 1][, "CHUNK": c]},
+# Tuned launch configs by (scheme, padded row width):
+# {"ROWS": r, "num_warps": w[, "FLAT": 1][, "CHUNK": c][, "PIECES": 1]},
 # from benchmarks/tune_silu.py on an H200 (benchmarks/results/tune_silu_h200*.json: suggested_tuned,
 # entries >= 1.01x the default launch); other shapes keep ROWS=1 at default_num_warps.
 TUNED: dict[tuple[int, int], dict[str, int]] = {
@@ -360,10 +485,29 @@ TUNED: dict[tuple[int, int], dict[str, int]] = {
     (2, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # per-group I=18432: 1.40x
 }
 # Applied over every default (tests, sweeps; also read when torch.compile traces the op): e.g.
-# {"ROWS": 4, "num_warps": 2}; empty = off.
+# {"ROWS": 4, "num_warps": 2} or {"PIECES": 1, "num_warps": 16}; empty = off.
 LAUNCH_OVERRIDE: dict[str, int] = {}
 MAX_TILE = 65536  # elements of one program's tile (ROWS * padded row): register budget
 MIN_FLAT_CHUNK = 64  # narrowest static FLAT chunk (a power-of-2 divisor of I)
+MAX_PIECES = 4  # kernel constexprs P0..P3
+MIN_PIECE = 16  # narrowest exact piece: lower bits of I join a masked tail piece
+_LAYOUTS = ("FLAT", "CHUNK", "PIECES")  # one row layout per launch
+
+
+def row_pieces(inter: int) -> tuple[list[int], int]:
+    """(piece widths, index of the masked tail piece or -1) of a PIECES launch: I's binary
+    representation, largest first (18432 -> [16384, 2048], 14336 -> [8192, 4096, 2048]). Bits
+    beyond MAX_PIECES - 1 exact pieces, or narrower than MIN_PIECE, join one tail piece rounded up
+    to a power of 2 and masked at I (29568 -> [16384, 8192, 4096, 1024], tail 896 of 1024)."""
+    widths: list[int] = []
+    rest = inter
+    while rest:
+        top = 1 << (rest.bit_length() - 1)
+        if rest != top and (top < MIN_PIECE or len(widths) == MAX_PIECES - 1):
+            return widths + [triton.next_power_of_2(rest)], len(widths)
+        widths.append(top)
+        rest -= top
+    return widths, -1
 
 
 def flat_chunk(inter: int, scheme: int, group_size: int) -> Optional[int]:
@@ -380,23 +524,30 @@ def flat_chunk(inter: int, scheme: int, group_size: int) -> Optional[int]:
 
 def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
                   override: Optional[dict[str, int]] = None) -> dict[str, Any]:
-    """{"ROWS", "num_warps", "FLAT", "split"} of a launch, for the eager launcher and the triton_op.
+    """{"ROWS", "num_warps", "FLAT", "CHUNK", "PIECES", "split"} of a launch, for the eager launcher
+    and the triton_op.
 
     Pure Python on static shape facts (inter, scheme, group): M only enables the column split,
     and only when it is a static int (column_split); a symbolic M never picks a config, so no
-    guard is added. Precedence: defaults < TUNED < LAUNCH_OVERRIDE < `override`.
+    guard is added. Precedence: defaults < TUNED < LAUNCH_OVERRIDE < `override`. A layer that
+    picks a row layout (FLAT, CHUNK or PIECES nonzero) drops the layouts of the layers below it,
+    so {"PIECES": 1} overrides a TUNED row loop without also naming "CHUNK": 0.
     """
     split = column_split(M, inter, scheme, group_size)
     block = SPLIT_CHUNK if split else row_tile(inter, scheme, group_size)[0]
-    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block), FLAT=0, CHUNK=0)
+    cfg: dict[str, Any] = dict(ROWS=1, num_warps=default_num_warps(block), FLAT=0, CHUNK=0, PIECES=0)
     tuned = {} if split else TUNED.get((int(scheme), block), {})  # a split launch: one row chunk per program
-    if tuned and _applicable(tuned, inter, scheme, group_size):  # else this shape keeps the defaults
-        cfg.update(tuned)
-    cfg.update(LAUNCH_OVERRIDE)
-    cfg.update(override or {})
+    layers = [tuned] if tuned and _applicable(tuned, inter, scheme, group_size) else []  # else the defaults
+    for layer in (*layers, LAUNCH_OVERRIDE, override or {}):
+        if any(layer.get(k) for k in _LAYOUTS):
+            cfg.update(dict.fromkeys(_LAYOUTS, 0))
+        cfg.update(layer)
     rows, nw, flat, chunk = int(cfg["ROWS"]), int(cfg["num_warps"]), int(bool(cfg["FLAT"])), int(cfg["CHUNK"])
+    pieces = int(bool(cfg["PIECES"]))
     if chunk and (chunk & (chunk - 1) or scheme != SCHEME_PER_TOKEN or split or rows != 1 or flat):
         raise ValueError(f"silu_mul_quant: CHUNK={chunk} needs a power of 2, per-token, ROWS=1, no FLAT or split")
+    if pieces and (split or rows != 1 or flat or chunk):
+        raise ValueError("silu_mul_quant: PIECES needs ROWS=1, no FLAT, CHUNK or column split (small static M)")
     if rows < 1 or rows & (rows - 1) or nw < 1 or nw & (nw - 1):
         raise ValueError(f"silu_mul_quant: ROWS={rows}, num_warps={nw} must be powers of 2")
     if split and rows != 1:
@@ -406,7 +557,7 @@ def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
     if flat and (split or flat_chunk(inter, scheme, group_size) is None):
         raise ValueError(f"silu_mul_quant: FLAT needs static (I with a power-of-2 divisor >= {MIN_FLAT_CHUNK}) "
                          "or per-group, and no column split")
-    return dict(ROWS=rows, num_warps=nw, FLAT=flat, CHUNK=chunk, split=split)
+    return dict(ROWS=rows, num_warps=nw, FLAT=flat, CHUNK=chunk, PIECES=pieces, split=split)
 
 
 def _applicable(tuned: dict[str, int], inter: int, scheme: int, group_size: int) -> bool:
@@ -428,11 +579,14 @@ def _kernel_meta(inter: int, scale: Optional[torch.Tensor], act: int, act_dtype:
         block_g = flat_chunk(inter, scheme, group_size)
         block_r = block // block_g
     ops, _ = pad_scale_chain(scale_ops, ())
+    widths, tail = row_pieces(inter) if cfg["PIECES"] else ([], -1)
+    p = widths + [0] * (MAX_PIECES - len(widths))
     return dict(
         ACT=int(act), ACT_DT=_DT_CODE[act_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_SCALE_T=scale is not None,
         SCHEME=int(scheme), OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3],
         QUANT_MUL=bool(quant_mul), ROUND_INT=bool(round_to_int), Q_INT8=quant_dtype == torch.int8,
         BLOCK_G=block_g, BLOCK_R=block_r, ROWS=cfg["ROWS"], FLAT=bool(cfg["FLAT"]), CHUNK=cfg["CHUNK"],
+        P0=p[0], P1=p[1], P2=p[2], P3=p[3], P_MASKED=tail,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=cfg["num_warps"],
     )
@@ -577,7 +731,8 @@ def silu_mul_quant_triton(
     """Launch the raw kernel (no dispatcher): eager CUDA, or CPU under TRITON_INTERPRET=1.
 
     `out=(q, scales)` writes into caller buffers (tests poison them to catch unwritten elements).
-    `config` ({"ROWS", "num_warps", "FLAT"}) and `num_warps` override launch_config (sweeps, tests).
+    `config` ({"ROWS", "num_warps", "FLAT", "CHUNK", "PIECES"}) and `num_warps` override launch_config
+    (sweeps, tests).
     """
     check_args(x, up, scale, act, act_dtype, out_dtype, quant_dtype, scheme, group_size, scale_ops,
                scale_consts, for_triton=True)
