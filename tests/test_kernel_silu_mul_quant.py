@@ -324,8 +324,8 @@ def test_launch_config_pieces() -> None:
     assert [kw[f"P{i}"] for i in range(4)] == [8192, 4096, 2048, 0] and kw["P_MASKED"] == -1, kw
     rec = _Record()
     K._launch(rec, x, None, None, q, s, K.ACT_SILU, BF16, BF16, FP8, 1, 0, 1.0, [SCALE_DIV], [448.0], False, -448.0,
-              448.0, False)
-    assert rec.calls[0][1]["P0"] == 0  # PIECES off: the other launch forms
+              448.0, False, override={"ROWS": 2})
+    assert rec.calls[0][1]["P0"] == 0  # ROWS > 1 drops TUNED's PIECES: the other launch forms
 
 
 def test_pieces_ptx_sm90() -> None:

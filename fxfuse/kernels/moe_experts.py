@@ -98,7 +98,11 @@ def choose_path(M: object, K: int, E: int) -> int:
     """
     if not isinstance(M, int):
         return PATH_PREFILL
-    return PATH_DECODE if (M * K * 4 <= E or M <= 2) else PATH_PREFILL
+    # M * K * 2 <= E: Qwen3-30B-A3B (E=128, top-8) at 8 tokens ran the decode path's raw op in 128.4 us
+    # against 130.0 us for the best BM=16 tiles and 142.9 us for the old ones (H200, tune_moe_decode.py
+    # --small), and it needs neither the align nor the combine launch; Mixtral (E=8, top-2) at 8 tokens
+    # reads each expert several times per step on it (872 us vs 640 us tiled) and stays tiled
+    return PATH_DECODE if (M * K * 2 <= E or M <= 2) else PATH_PREFILL
 
 
 LARGE_PER_EXPERT = 96  # mean pairs per expert above which the tiled path uses 128-row tiles
@@ -160,7 +164,11 @@ def prefill_config(S: object, H: int, I: int, E: int) -> dict:
 # Measured tiles by BLOCK_M (benchmarks/tune_moe_decode.py --prefill); WARPS2/STAGES2 (the down GEMM's
 # warps and stages) default to WARPS/STAGES. BM=16 is the decode-sized tiled class (a few pairs per
 # expert, e.g. Qwen3-30B-A3B at 8 tokens), bound by streaming the selected experts' weights.
-TILED_TUNED: dict[int, dict[str, int]] = {}
+TILED_TUNED: dict[int, dict[str, int]] = {
+    # geomean-best over Qwen3-30B-A3B and Mixtral-8x7B at 8 tokens (H200, tune_moe_decode.py --small):
+    # Qwen 142.9 -> 130.0 us, Mixtral 695.4 -> ~663 us (best Mixtral-only tiles: 640 us)
+    16: dict(BN1=32, BK1=128, STAGES=5, BN2=64, BK2=128, WARPS2=4, STAGES2=3),
+}
 
 
 def selected_weight_bytes(ids: torch.Tensor, E: int, H: int, I: int, elem: int = 2) -> int:

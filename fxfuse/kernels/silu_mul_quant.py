@@ -479,10 +479,12 @@ def default_num_warps(block: int) -> int:
 TUNED: dict[tuple[int, int], dict[str, int]] = {
     (0, 1024): {"FLAT": 1, "ROWS": 2, "num_warps": 4},  # static I=768: 1.13x
     (0, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # static I=18432: 1.24x
-    (1, 1024): {"ROWS": 1, "num_warps": 1},  # per-token I=768: 1.12x
-    (1, 32768): {"CHUNK": 2048, "ROWS": 1, "num_warps": 16},  # per-token I=18432, row loop: 1.32x
-    (2, 1024): {"FLAT": 1, "ROWS": 1, "num_warps": 2},  # per-group I=768: 1.17x
-    (2, 32768): {"FLAT": 1, "ROWS": 1, "num_warps": 16},  # per-group I=18432: 1.40x
+    (1, 1024): {"CHUNK": 0, "FLAT": 0, "PIECES": 1, "ROWS": 1, "num_warps": 1},  # per-token I=768 (512+256): 1.33x
+    (1, 16384): {"CHUNK": 0, "FLAT": 0, "PIECES": 1, "ROWS": 1, "num_warps": 8},  # per-token I=14336: 1.15x
+    (1, 32768): {"CHUNK": 0, "FLAT": 0, "PIECES": 1, "ROWS": 1, "num_warps": 16},  # per-token I=18432: 1.51x over the row loop
+    (2, 1024): {"CHUNK": 0, "FLAT": 0, "PIECES": 1, "ROWS": 1, "num_warps": 1},  # per-group I=768: 1.16x over FLAT
+    (2, 16384): {"CHUNK": 0, "FLAT": 0, "PIECES": 1, "ROWS": 1, "num_warps": 16},  # per-group I=14336: 1.10x
+    (2, 32768): {"CHUNK": 0, "FLAT": 0, "PIECES": 1, "ROWS": 1, "num_warps": 16},  # per-group I=18432: 1.27x over FLAT
 }
 # Applied over every default (tests, sweeps; also read when torch.compile traces the op): e.g.
 # {"ROWS": 4, "num_warps": 2} or {"PIECES": 1, "num_warps": 16}; empty = off.
@@ -531,7 +533,8 @@ def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
     and only when it is a static int (column_split); a symbolic M never picks a config, so no
     guard is added. Precedence: defaults < TUNED < LAUNCH_OVERRIDE < `override`. A layer that
     picks a row layout (FLAT, CHUNK or PIECES nonzero) drops the layouts of the layers below it,
-    so {"PIECES": 1} overrides a TUNED row loop without also naming "CHUNK": 0.
+    so {"PIECES": 1} overrides a TUNED row loop without also naming "CHUNK": 0; one that asks for
+    ROWS > 1 drops the one-row layouts (CHUNK, PIECES) below it.
     """
     split = column_split(M, inter, scheme, group_size)
     block = SPLIT_CHUNK if split else row_tile(inter, scheme, group_size)[0]
@@ -541,6 +544,8 @@ def launch_config(inter: int, scheme: int, group_size: int, M: object = None,
     for layer in (*layers, LAUNCH_OVERRIDE, override or {}):
         if any(layer.get(k) for k in _LAYOUTS):
             cfg.update(dict.fromkeys(_LAYOUTS, 0))
+        elif int(layer.get("ROWS", 1)) > 1:  # several rows per program: no one-row layout from below
+            cfg.update(CHUNK=0, PIECES=0)
         cfg.update(layer)
     rows, nw, flat, chunk = int(cfg["ROWS"]), int(cfg["num_warps"]), int(bool(cfg["FLAT"])), int(cfg["CHUNK"])
     pieces = int(bool(cfg["PIECES"]))
