@@ -411,6 +411,27 @@ def moe_align() -> list[str]:
     return out
 
 
+def moe_small_tiles() -> list[str]:
+    r = load("tune_moe_small_h200.json")
+    if not r:
+        return []
+    out = ["", "### MoE at 8 tokens: BM=16 tiles and the per-pair decode path (H200)", ""]
+    out += run_lines(r, ran(r, "benchmarks/tune_moe_decode.py --small"), "tune_moe_small_h200.json")
+    out += ["", "| model | M | floor us | old tiles us | best tiles us | best tiles | decode path us |",
+            "|---|---:|---:|---:|---:|---|---:|"]
+    for s in r["shapes"]:
+        b, d = s["best"], s.get("decode_path") or {}
+        cfg = {k: v for k, v in b["cfg"].items() if k != "BM"}
+        out.append(f"| {s['model']} | {s['M']} | {s['floor_us']:.1f} | {s['default']['us']:.1f} | {b['us']:.1f} | {cfg} | "
+                   f"{x(d.get('us'), '{:.1f}')} |")
+    out += ["", "Raw op, routing precomputed, CUDA graphs. Two stages: the gate_up GEMM's tiles with the down GEMM at its "
+            "default, then the down GEMM's with the best gate_up. `TILED_TUNED[16]` took the geomean-best tiles over both "
+            "models; `choose_path` now runs the per-pair decode path while M*K*2 <= E (Qwen3-30B-A3B at 8 tokens), which "
+            "also drops the align and combine launches; Mixtral stays tiled (each expert read several times per step on "
+            "the decode path)."]
+    return out
+
+
 def e2e() -> list[str]:
     """One section per GPU (newest GPU first): runs of one GPU merge into one table set."""
     paths = sorted(RES.glob("e2e*.json"))
@@ -569,7 +590,7 @@ def gpu_tests() -> list[str]:
 def main() -> None:
     if not (RES / "rmsnorm_quant_h100.json").exists() or not (RES / "unwrap_h100.json").exists():
         print("# Benchmarks")
-        for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, moe_experts, moe_align, e2e, compile_overhead, demo, gpu_tests):
+        for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, moe_experts, moe_align, moe_small_tiles, e2e, compile_overhead, demo, gpu_tests):
             print("\n".join(section()))
         return
     r = json.loads((RES / "rmsnorm_quant_h100.json").read_text())
@@ -663,7 +684,7 @@ def main() -> None:
         "shipped ATen decompositions run op by op, so 'eager' and 'stock compile' call several small torch "
         "kernels per op.",
     ]
-    for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, moe_experts, moe_align, e2e, compile_overhead, demo, gpu_tests):
+    for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, moe_experts, moe_align, moe_small_tiles, e2e, compile_overhead, demo, gpu_tests):
         out += section()
     print("\n".join(out))
 
