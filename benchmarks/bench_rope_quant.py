@@ -6,9 +6,9 @@ and the raw op; median us via do_bench_cudagraph (CUDA graphs), GB/s from the mi
 model (fxfuse.kernels.rope_quant.bytes_moved), fraction of the measured 1 GiB copy bandwidth,
 speedup vs stock compile, and whether Inductor's output code holds the fused Triton kernel.
 
-Gating: the JSON's "gates" holds, per scheme, the geomean speedup of fused vs stock compile per
-size class, keyed by head_dim (the `hidden` that fxfuse/patterns/rope_quant.py passes to
-gating.rejects). Shapes: Llama-3-8B-like (32/8 heads x 128) and Qwen3.5-like (16/2 x 256,
+Gating: the JSON's "gates" holds, per "<scheme>/<M class>" (M<=16, M<=256, M>=4096:
+fxfuse.gating.m_classes) and per scheme (every M), the geomean speedup of fused vs stock compile
+keyed by head_dim (the `hidden` that fxfuse/patterns/rope_quant.py passes to gating.rejects). Shapes: Llama-3-8B-like (32/8 heads x 128) and Qwen3.5-like (16/2 x 256,
 partial rotary 64), M in {1, 16, 256, 4096, 16384}.
 
 --cache: RoPE + KV-cache write (vLLM-like token-major q/k/v, cos/sin table by positions, k and v
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fxfuse.gating import M_CLASSES, m_class  # noqa: E402
 from fxfuse.kernels import rope_quant as K  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -258,7 +259,8 @@ def run(Ms: list[int], shapes: list[str], schemes: list[str], rep: int, copy_gbp
 
 
 def size_class(M: int) -> str:
-    return "M<=16" if M <= 16 else ("M<=256" if M <= 256 else "M>=4096")
+    """The gate's M class of a measured token count (fxfuse.gating.m_class)."""
+    return m_class(M)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -272,7 +274,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         s["geomean_speedup_vs_compile"][scheme] = {
             f"{hd}/{cls}": geo([r["speedup_vs_compile"].get("fused") for r in rs
                                 if r["head_dim"] == hd and size_class(r["M"]) == cls])
-            for hd in sorted({r["head_dim"] for r in rs}) for cls in ("M<=16", "M<=256", "M>=4096")
+            for hd in sorted({r["head_dim"] for r in rs}) for cls, _ in M_CLASSES
         }
         big = [r["frac_copy"].get("fused") for r in rs if r["M"] >= 4096 and r["frac_copy"].get("fused")]
         s["min_frac_copy_M>=4096"][scheme] = min(big) if big else None
@@ -283,13 +285,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def gates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{scheme: {head_dim: geomean fused/stock speedup over all M}} (only where our kernel was in the code)."""
+    """{"<scheme>/<M class>": {head_dim: geomean fused/stock speedup over the M of that class}} (the
+    summary's geomean_speedup_vs_compile "<head_dim>/<M class>" figures: the classes the pattern's
+    gate decides by, fxfuse.gating.m_classes) and {scheme: {head_dim: geomean over every M}} (read
+    only without a token count). Rows where Inductor's fresh output code lacked our kernel are left
+    out; a row with no fresh code (the dynamic-M graph compiled at an earlier M ran again:
+    fused_kernel_in_code unset) counts."""
     out: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         sp = r["speedup_vs_compile"].get("fused")
-        if sp and r.get("fused_kernel_in_code", False):
-            out.setdefault(r["scheme"], {}).setdefault(str(r["head_dim"]), []).append(sp)
-    return {s: {h: round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in hs.items()} for s, hs in out.items()}
+        if sp and r.get("fused_kernel_in_code") is not False:
+            for key in (r["scheme"], f"{r['scheme']}/{size_class(r['M'])}"):
+                out.setdefault(key, {}).setdefault(str(r["head_dim"]), []).append(sp)
+    return {s: {h: round(math.exp(sum(map(math.log, v)) / len(v)), 3) for h, v in sorted(hs.items())}
+            for s, hs in sorted(out.items())}
 
 
 # ----------------------------------------------------------------------------- + KV-cache write

@@ -9,7 +9,14 @@ a bench_rmsnorm_quant result, whose cases are turned into gates here.
     python benchmarks/write_gates.py benchmarks/results/*_h100.json
 
 A result with `"gates_merge": true` (bench_rope_quant.py --cache: only the rope_*_kvcache classes)
-adds its classes to the family's existing table instead of replacing the table.
+adds its classes to the family's existing table instead of replacing the table, so the RoPE family
+is written from both results, the main one first:
+
+    python benchmarks/write_gates.py benchmarks/results/rope_quant_h200_quick.json \
+        benchmarks/results/rope_quant_cache_h200.json
+
+rope_quant classes are "<scheme>/<M class>" per head_dim (fxfuse.gating.m_classes), recomputed
+from the result's cases (rope_gates).
 """
 
 from __future__ import annotations
@@ -27,10 +34,27 @@ SCHEME_OF = {"per_token_fp8_res": "per-token", "per_group128_fp8": "per-group", 
 GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
 
 
+def rope_gates(result: dict) -> dict | None:
+    """rope_quant gates keyed "<scheme>/<M class>" (fxfuse.gating.m_classes) and "<scheme>", recomputed
+    from the result's cases by the bench's own gates()/cache_gates(): for the main bench these are
+    its summary's geomean_speedup_vs_compile "<head_dim>/<M class>" figures. Older results, whose
+    "gates" were keyed by head_dim alone (a geomean over every M, which hid a 0.82x class), convert
+    the same way. None when there are no cases (the result's own "gates" are used)."""
+    if result.get("family") != "rope_quant" or not result.get("cases"):
+        return None
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import bench_rope_quant as B
+
+    return (B.cache_gates if result.get("cache") else B.gates)(result["cases"])
+
+
 def gates_from(result: dict) -> dict:
     src = {"gpu": result.get("gpu"), "date": result.get("date"), "torch": result.get("torch")}
-    gates = result.get("gates") or result.get("summary", {}).get("gates")
+    gates = rope_gates(result) or result.get("gates") or result.get("summary", {}).get("gates")
     family = result.get("family")
+    classed = {k.split("/M")[0] for k in gates or {} if "/M" in k}
+    if family == "rope_quant" and gates and any(k not in classed for k in gates if "/M" not in k):
+        raise SystemExit(f"write_gates: rope_quant gates need '<scheme>/<M class>' keys, got {sorted(gates)}")
     if gates and family and family not in gates:  # a bare {scheme: {size: x}} table of one family
         gates = {family: gates}
     if gates:

@@ -3,7 +3,10 @@ stock Inductor on the same visible ops.
 
 `gates.json` (next to this file, written by `benchmarks/bench_rmsnorm_quant.py --write-gates`)
 holds, per family and scheme, the measured geomean speedup over stock torch.compile for each
-hidden size. A shape class is the (family, scheme, nearest measured hidden size). Unmeasured
+hidden size. A shape class is the (family, scheme, nearest measured hidden size); families whose
+margin depends on the token count put an M class in the scheme key ("<scheme>/<class>":
+moe_experts' decode/prefill/prefill-large, rope_quant's M<=16/M<=256/M>=4096), and a call whose
+token count is symbolic must pass every class it may run in. Unmeasured
 families are allowed only when `FXFUSE_UNGATED=1` or the pipeline option `gate=False` is set.
 """
 

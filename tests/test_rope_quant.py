@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -1204,9 +1205,9 @@ from fxfuse.kernels.rope_quant import launch_config, rope_quant_reference, rope_
 torch.manual_seed(0)
 CFG = json.loads(sys.argv[1])  # launch-config override ({} = the defaults)
 res = []
-def path(q, k, rot, neox):
+def path(q, k, rot, neox, norm=False):
     return launch_config(q.shape[3], rot, q.shape[2], k.shape[2] if k is not None else 0, 0, neox=neox,
-                         override=CFG)["SPLIT"]
+                         norm=norm, override=CFG)["SPLIT"]
 def poisoned(ref, poison):  # outputs in the reference's layouts (the kernel stores with the outputs' strides)
     return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(torch.full(t.shape, poison).to(t.dtype))
             for t in ref]
@@ -1262,10 +1263,11 @@ def run_norm(neox, rot, D, dt=torch.bfloat16):
             for p in (7.0, -3.0)]
     bad = sum(int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
               for a, b, c in zip(runs[0], runs[1], ref) if a.numel())
-    res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad, split=path(q, k, rot, neox)))
+    res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad, split=path(q, k, rot, neox, True)))
 run_norm(True, 32, 32)
 run_norm(False, 16, 32)
 run_norm(True, 16, 64)  # Qwen3.5-like: QK-norm + partial neox rotary
+run_norm(False, 32, 32)  # gpt-j full rotary: SPLIT 2 swaps the lanes of each pair in registers
 # fp32 math stored as bf16 (the complex form: fp32 product, one cast at the end)
 q = torch.randn(2, 3, 4, 32).to(torch.bfloat16); k = torch.randn(2, 3, 2, 32).to(torch.bfloat16)
 args = (q, k, torch.randn(6, 16), torch.randn(6, 16), None, None, None, 32, False, True, torch.bfloat16, 0, 1.0, [], [],
@@ -1280,10 +1282,11 @@ print(json.dumps(res))
 """
 
 
-# launch configs the interpreter tests run: the defaults, the SPLIT path at its default block, and
-# small head blocks / warp counts on both paths (a program per 1 or 2 heads, masked tails)
+# launch configs the interpreter tests run: the defaults, the SPLIT paths at their default block, and
+# small head blocks / warp counts on each path (a program per 1 or 2 heads, masked tails)
 _INTERP_CONFIGS = [{}, {"SPLIT": 1}, {"SPLIT": 1, "BLOCK_H": 1, "num_warps": 1},
-                   {"SPLIT": 1, "BLOCK_H": 2, "num_warps": 8}, {"SPLIT": 0, "BLOCK_H": 2, "num_warps": 2}]
+                   {"SPLIT": 1, "BLOCK_H": 2, "num_warps": 8}, {"SPLIT": 0, "BLOCK_H": 2, "num_warps": 2},
+                   {"SPLIT": 2}, {"SPLIT": 2, "BLOCK_H": 1, "num_warps": 2}]
 
 
 @pytest.mark.parametrize("cfg", _INTERP_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
@@ -1296,13 +1299,19 @@ def test_kernel_under_triton_interpreter(cfg):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     bad = [c for c in res if c["bad"]]
-    assert len(res) == 18 and not bad, bad
+    assert len(res) == 19 and not bad, bad
     split = [c["case"] for c in res if c["split"]]
-    if "SPLIT" in cfg:
-        assert len(split) == (17 if cfg["SPLIT"] else 0), split  # all but the half-12 case
-    else:  # defaults: partial rotary takes SPLIT, full rotary the gathered partner
-        dims = [tuple(int(re.search(f"{k}=(\\d+)", c).group(1)) for k in ("rot", "D")) for c in split]
-        assert split and all(rot < d for rot, d in dims), split
+    dims = {c["case"]: tuple(int(re.search(f"{k}=(\\d+)", c["case"]).group(1)) for k in ("rot", "D")) for c in res
+            if "fp32 math" not in c["case"]}
+    dims["fp32 math -> bf16"] = (32, 32)
+    if cfg.get("SPLIT") == 2:  # the partner from registers: full rotary of a power-of-2 head_dim only
+        assert set(split) == {c for c, (rot, d) in dims.items() if rot == d and d & (d - 1) == 0}, split
+        assert all(c["split"] == 2 for c in res if c["split"])
+    elif "SPLIT" in cfg:
+        assert len(split) == (18 if cfg["SPLIT"] else 0), split  # all but the half-12 case
+    else:  # defaults: partial rotary and QK-norm take SPLIT, full rotary the gathered partner
+        assert split and all(dims[c][0] < dims[c][1] or c.startswith("qk_norm") for c in split), split
+        assert all(c["case"] in split for c in res if c["case"].startswith("qk_norm")), split
 
 
 _INTERP_CACHE = r"""
@@ -1379,12 +1388,9 @@ _FLOAT_ARGS = set("one q_static qc0 qc1 qc2 qc3 k_static kc0 kc1 kc2 kc3 qmin qm
                   "v_qmax".split())
 
 
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("dt", ["bf16", "fp16"])
-def test_kernel_ptx_keeps_product_rounding(dt, split):
-    """Compiled for sm_90 (no GPU needed): eager rounds x*cos and rot(x)*sin to the out dtype before
-    the sum, so no fma may appear (LLVM narrowed the product to bf16 and contracted it into
-    fma.rn.bf16: 1-ulp differences in many elements on the H100)."""
+def _sm90_ptx(dt: str = "bf16", **over: Any) -> str:
+    """PTX of the rope kernel compiled for sm_90 (no GPU needed) with constexprs `over` replacing the
+    defaults (D = ROT = 128 neox, q static fp8, 16 heads per program); skips where it cannot build."""
     import inspect
 
     import triton
@@ -1398,8 +1404,9 @@ def test_kernel_ptx_keeps_product_rounding(dt, split):
                  Q_MUL=False, QOP0=-1, QOP1=-1, QOP2=-1, QOP3=-1, NEED_K=True, K_QUANT=0, K_SCALE_T=False,
                  K_MUL=False, KOP0=-1, KOP1=-1, KOP2=-1, KOP3=-1, HAS_K=True, BLOCK_H=16, BLOCK_D=128, NATIVE=True,
                  HAS_CACHE=False, NEG_SKIP=False, K_CACHE_FP8=False, K_CACHE_U8=False, V_CACHE_U8=False, STORE_KQ=True,
-                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False, SPLIT=split, BLOCK_P=1,
+                 V_QUANT=False, V_SCALE_T=False, V_MUL=False, SLOT_BY_S=False, SPLIT=0, BLOCK_P=1,
                  BLOCK_P2=0)
+    const.update(over)
     sig = {}
     for name in inspect.signature(rq._rope_quant_kernel.fn).parameters:
         if name in const:
@@ -1413,10 +1420,33 @@ def test_kernel_ptx_keeps_product_rounding(dt, split):
                            target=GPUTarget("cuda", 90, 32))
     except Exception as e:  # no NVIDIA backend / ptxas in this install
         pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
-    ptx = k.asm["ptx"]
+    return k.asm["ptx"]
+
+
+@pytest.mark.parametrize("split", [0, 1, 2])
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_kernel_ptx_keeps_product_rounding(dt, split):
+    """Compiled for sm_90 (no GPU needed): eager rounds x*cos and rot(x)*sin to the out dtype before
+    the sum, so no fma may appear (LLVM narrowed the product to bf16 and contracted it into
+    fma.rn.bf16: 1-ulp differences in many elements on the H100)."""
+    ptx = _sm90_ptx(dt, SPLIT=split)
     assert "fma." not in ptx, [ln for ln in ptx.splitlines() if "fma." in ln][:4]
     pt = "bf16" if dt == "bf16" else "f16"
     assert ptx.count(f"cvt.rn.{pt}.f32") + ptx.count(f"cvt.rn.{pt}x2.f32") > 0
+
+
+def test_kernel_ptx_qk_norm_normalizes_each_element_once():
+    """QK-norm on the SPLIT paths rounds each element's normalization once; the gather path also
+    normalizes the reloaded partner (twice the bf16 roundings of the norm: ~50% slower than plain
+    RoPE at Llama's shape on an H200). Counted in sm_90 PTX (8 heads, 1 warp as the default)."""
+    def cvts(**over):
+        ptx = _sm90_ptx("bf16", Q_QUANT=0, BLOCK_H=8, **over)
+        return ptx.count("cvt.rn.bf16.f32") + 2 * ptx.count("cvt.rn.bf16x2.f32")
+
+    plain = cvts(SPLIT=0)
+    gather, halves, reg = (cvts(SPLIT=s, Q_NORM=True, K_NORM=True) for s in (0, 1, 2))
+    # per element: the rope's 3 roundings; the norm's 2 (x * rstd, then * w), once or twice
+    assert gather - plain == 2 * (halves - plain) == 2 * (reg - plain) > 0, (plain, gather, halves, reg)
 
 
 def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
@@ -1431,7 +1461,14 @@ def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
     assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == rq.launch_config(128, 128, 32, 8, 0, M=16384) == llama
     assert rq.launch_config(256, 64, 16, 2, 0, M=sym) == dict(SPLIT=1, BLOCK_H=4, num_warps=2)  # partial rotary
     assert rq.launch_config(256, 64, 16, 2, 0, q_quant=rq.QUANT_DYNAMIC)["BLOCK_H"] == 8
-    assert rq.launch_config(256, 64, 16, 2, 0, norm=True) == dict(SPLIT=0, BLOCK_H=2, num_warps=1)
+    # QK-norm: the SPLIT path (each element normalized once) on the gather path's measured blocks
+    assert rq.launch_config(256, 64, 16, 2, 0, norm=True) == dict(SPLIT=1, BLOCK_H=2, num_warps=1)
+    assert rq.launch_config(128, 128, 32, 8, 0, M=sym, norm=True) == dict(SPLIT=1, BLOCK_H=8, num_warps=1)
+    assert rq.launch_config(32, 24, 4, 2, 0, norm=True)["SPLIT"] == 0  # half 12: the gather path
+    # SPLIT 2 (partner from registers): full rotary of a power-of-2 head_dim, else the gather path
+    assert rq.launch_config(128, 128, 32, 8, 0, override={"SPLIT": 2})["SPLIT"] == 2
+    assert rq.launch_config(256, 64, 16, 2, 0, override={"SPLIT": 2})["SPLIT"] == 0
+    assert rq.launch_config(96, 96, 16, 2, 0, override={"SPLIT": 2})["SPLIT"] == 0
     assert rq.launch_config(128, 128, 4, 2, 0)["BLOCK_H"] == 4  # never more heads than the tensors have
     monkeypatch.setitem(rq.CONFIG_OVERRIDE, "SPLIT", 1)
     monkeypatch.setitem(rq.CONFIG_OVERRIDE, "num_warps", 2)
@@ -1439,7 +1476,7 @@ def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
     assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == dict(SPLIT=1, BLOCK_H=4, num_warps=8)
     assert rq.launch_config(128, 128, 32, 8, 0, override={"BLOCK_H": 1}) == dict(SPLIT=1, BLOCK_H=1, num_warps=8)
     assert rq.launch_config(32, 24, 4, 2, 0)["SPLIT"] == 0  # half 12: the gather path
-    for bad in ({"BLOCK_H": 3}, {"num_warps": 3}, {"WARPS": 4}):
+    for bad in ({"BLOCK_H": 3}, {"num_warps": 3}, {"WARPS": 4}, {"SPLIT": 3}):
         with pytest.raises(ValueError):
             rq.launch_config(128, 128, 32, 8, 0, override=bad)
 
@@ -1669,15 +1706,16 @@ def test_kv_cache_write_gate_on_cuda(tmp_path, monkeypatch):
     alone still fuses and the index_put stays with Inductor."""
     from fxfuse import gating
 
-    assert not gating.rejects("rope_quant", scheme="rope_kvcache", hidden=128, dtype=BF16)
-    assert not gating.rejects("rope_quant", scheme="rope_fp8_static_kvcache", hidden=128, dtype=BF16)
+    for cls in ("M<=16", "M<=256", "M>=4096"):
+        assert not gating.rejects("rope_quant", scheme=f"rope_kvcache/{cls}", hidden=128, dtype=BF16)
+        assert not gating.rejects("rope_quant", scheme=f"rope_fp8_static_kvcache/{cls}", hidden=128, dtype=BF16)
     gm = _fake_cuda_kv_graph()
     fxfuse.counters.clear()
     fxfuse.passes(gm.graph)
     assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" in fxfuse.report().fusions[0].detail
 
     table = json.loads(gating.GATES_PATH.read_text())
-    table["rope_quant"]["rope_kvcache"] = {}
+    table["rope_quant"]["rope_kvcache/M<=16"] = {}  # the graph's 7 tokens
     path = tmp_path / "gates.json"
     path.write_text(json.dumps(table))
     monkeypatch.setattr(gating, "GATES_PATH", path)
@@ -1690,7 +1728,7 @@ def test_kv_cache_write_gate_on_cuda(tmp_path, monkeypatch):
         r = fxfuse.report()
         assert fxfuse.counters["rope_quant"] == 1 and "+kv_cache" not in r.fusions[0].detail
         why = [m.reason for m in r.near_misses if "KV-cache" in m.reason]
-        assert why and "rope_kvcache" in why[0], [m.reason for m in r.near_misses]
+        assert why and "rope_kvcache/M<=16" in why[0], [m.reason for m in r.near_misses]
         assert any(n.target is torch.ops.aten.index_put.default for n in gm.graph.nodes)
     finally:
         monkeypatch.undo()
@@ -1709,14 +1747,134 @@ def test_write_gates_merges_the_cache_classes(tmp_path, monkeypatch):
     gates.write_text((REPO / "fxfuse" / "gates.json").read_text())
     res = tmp_path / "rope_cache.json"
     res.write_text(json.dumps({"family": "rope_quant", "gpu": "H100", "date": "d", "torch": "t", "gates_merge": True,
-                               "gates": {"rope_kvcache": {"128": 1.7}, "rope_fp8_static_kvcache": {"128": 0.9}}}))
+                               "gates": {"rope_kvcache/M<=16": {"128": 1.7},
+                                         "rope_fp8_static_kvcache/M>=4096": {"128": 0.9}}}))
     monkeypatch.setattr(wg, "GATES", gates)
     monkeypatch.setattr(sys, "argv", ["write_gates.py", str(res)])
     wg.main()
     table = json.loads(gates.read_text())["rope_quant"]
     before = json.loads((REPO / "fxfuse" / "gates.json").read_text())["rope_quant"]
-    assert table["rope_kvcache"] == {"128": 1.7} and table["rope_fp8_static_kvcache"] == {"128": 0.9}
-    assert all(table[k] == v for k, v in before.items() if not k.endswith("_kvcache"))
+    assert table["rope_kvcache/M<=16"] == {"128": 1.7} and table["rope_fp8_static_kvcache/M>=4096"] == {"128": 0.9}
+    assert all(table[k] == v for k, v in before.items() if k not in ("rope_kvcache/M<=16",
+                                                                      "rope_fp8_static_kvcache/M>=4096"))
+    # a result of the old form (one figure per head_dim over every M) and no cases: refused, not
+    # written under keys the pattern no longer reads
+    res.write_text(json.dumps({"family": "rope_quant", "gates_merge": True, "gates": {"rope_kvcache": {"128": 1.7}}}))
+    with pytest.raises(SystemExit, match="M class"):
+        wg.main()
+
+
+def _write_gates_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_gates", REPO / "benchmarks" / "write_gates.py")
+    wg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wg)
+    return wg
+
+
+def test_write_gates_rope_classes_from_the_bench_summary(tmp_path, monkeypatch):
+    """The rope gates are keyed "<scheme>/<M class>" per head_dim: from the H200 quick bench they are
+    its summary's geomean_speedup_vs_compile "<head_dim>/<M class>" figures (so a class measured
+    slower than stock, hidden before in a geomean over every M, gates that class off), and the
+    --cache result (no summary) adds its kvcache classes from its cases."""
+    wg = _write_gates_module()
+    main = json.loads((REPO / "benchmarks" / "results" / "rope_quant_h200_quick.json").read_text())
+    got = wg.gates_from(main)
+    summ = main["summary"]["geomean_speedup_vs_compile"]
+    want = {f"{sch}/{key.split('/', 1)[1]}": {} for sch, per in summ.items() for key in per}
+    for sch, per in summ.items():
+        for key, x in per.items():
+            hd, cls = key.split("/", 1)
+            want[f"{sch}/{cls}"][hd] = x
+    assert set(got) == {"rope_quant", "_source", "_merge"}
+    assert {k: v for k, v in got["rope_quant"].items() if "/M" in k} == want
+    assert set(got["rope_quant"]) - set(want) == set(summ)  # + the per-scheme geomean over every M
+    # a class slower than stock (the M >= 4096 QK-norm figure of a later H200 run) is a class of its own
+    rows = [dict(r) for r in main["cases"]]
+    for r in rows:
+        if r["scheme"] == "rope_qknorm" and r["head_dim"] == 128 and r["M"] >= 4096:
+            r["speedup_vs_compile"] = dict(r["speedup_vs_compile"], fused=0.823)
+    slow = wg.gates_from(dict(main, cases=rows))
+    slow = slow["rope_quant"]
+    assert slow["rope_qknorm/M>=4096"]["128"] == 0.823 and slow["rope_qknorm/M<=16"]["128"] > 1
+    cache = wg.gates_from(json.loads((REPO / "benchmarks" / "results" / "rope_quant_cache_h200.json").read_text()))
+    assert cache["_merge"] and set(cache["rope_quant"]) == {
+        f"{s}{c}" for s in ("rope_kvcache", "rope_fp8_static_kvcache") for c in ("", "/M<=16", "/M<=256", "/M>=4096")}
+    # both results, the main one first: every class the pattern reads, and nothing else
+    gates = tmp_path / "gates.json"
+    gates.write_text((REPO / "fxfuse" / "gates.json").read_text())
+    monkeypatch.setattr(wg, "GATES", gates)
+    monkeypatch.setattr(sys, "argv", ["write_gates.py", str(REPO / "benchmarks" / "results" / "rope_quant_h200_quick.json"),
+                                      str(REPO / "benchmarks" / "results" / "rope_quant_cache_h200.json")])
+    wg.main()
+    assert set(json.loads(gates.read_text())["rope_quant"]) == set(json.loads((REPO / "fxfuse" / "gates.json").read_text())[
+        "rope_quant"])
+
+
+def _fake_cuda_rope_graph(T: int | None) -> fx.GraphModule:
+    """RoPE of q [T, 32, 128] and k [T, 8, 128] by a cos/sin table and positions, traced on fake CUDA
+    tensors; T an int (static token count) or None (a symbolic one, hint 4096)."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from fxfuse.fx_utils import trace_aten
+
+    def rot(x):  # narrow, not x[...]: Python indexing of fake CUDA tensors needs a CUDA build
+        h = x.shape[-1] // 2
+        return torch.cat((-x.narrow(-1, h, h), x.narrow(-1, 0, h)), dim=-1)
+
+    def model(q, k, cc, sc, pos):
+        cos, sin = cc.index_select(0, pos).unsqueeze(-2), sc.index_select(0, pos).unsqueeze(-2)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env):
+        if T is None:
+            T = env.create_symintnode(env.create_symbol(4096, ConstantSource("T"), dynamic_dim=DimDynamic.DYNAMIC),
+                                      hint=4096)
+        e = lambda *shape, d=BF16: torch.empty(*shape, dtype=d, device="cuda")  # noqa: E731
+        args = (e(T, 32, 128), e(T, 8, 128), e(64, 128), e(64, 128), e(T, d=torch.int64))
+    return trace_aten(model, args, functionalize=True)
+
+
+@pytest.mark.parametrize("T,large,fuses", [(7, 0.82, True), (256, 0.82, True), (1000, 0.82, False),
+                                           (4096, 0.82, False), (9000, 0.82, False), (None, 0.82, False),
+                                           (None, 1.01, True)],
+                         ids=["M7", "M256", "M1000", "M4096", "M9000", "symbolic-slow", "symbolic-all-ok"])
+def test_rope_gate_by_m_class(sm90_target, monkeypatch, T, large, fuses):
+    """CUDA gates are keyed by (scheme, head_dim, M class): a static M ships where its class measured
+    >= 1x stock, and a class measured slower is a near miss naming the class and the ratio while the
+    other classes still fuse; a symbolic M ships only if every class of that head_dim passed."""
+    from fxfuse import gating
+    table = {"rope_quant": {"rope": {"128": 1.19}, "rope/M<=16": {"128": 1.39}, "rope/M<=256": {"128": 1.22},
+                            "rope/M>=4096": {"128": large}}}  # "rope": the geomean over M, which hid the 0.82x
+    monkeypatch.setattr(gating, "_table", lambda: table)
+    gm = _fake_cuda_rope_graph(T)
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    fxfuse.passes(gm.graph)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == int(fuses), r.near_miss_lines()
+    why = [m.reason for m in r.near_misses if m.family == "rope_quant"]
+    if fuses:
+        assert not why, why
+    else:
+        assert len(why) == 1 and "rope/M>=4096" in why[0] and "0.82x" in why[0] and "hidden=128" in why[0], why
+        assert ("symbolic" in why[0]) == (T is None), why
+        assert not any(n.target is torch.ops.higher_order.triton_kernel_wrapper_functional for n in gm.graph.nodes)
+    # an unmeasured class is off too, with its name in the reason
+    del table["rope_quant"]["rope/M<=256"]
+    gm = _fake_cuda_rope_graph(T)
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    fxfuse.passes(gm.graph)
+    off = T is None or T in (256, 1000)  # 1000: between the classes, both neighbours must pass
+    assert fxfuse.counters["rope_quant"] == int(fuses and not off)
+    if off:
+        why = [m.reason for m in fxfuse.report().near_misses if m.family == "rope_quant"]
+        assert why and ("rope/M<=256" in why[0] or "rope/M>=4096" in why[0]), why
 
 
 # ------------------------------------------------------------------ GPU: user Triton kernel in the output code

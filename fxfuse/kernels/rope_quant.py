@@ -305,6 +305,18 @@ def _qk_norm(v, rstd, w, woff, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_D
 
 
 @triton.jit
+def _rstd(ss, eps, D: tl.constexpr):
+    """1 / sqrt(ss / D + eps), each step IEEE-rounded (the reference's reciprocal(sqrt(mean + eps))).
+    A power-of-2 D divides as a multiply by 1/D: the same real value, so the same rounding (one
+    div.rn per row less)."""
+    if D & (D - 1) == 0:
+        ms = ss * (1.0 / D)
+    else:
+        ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
+    return tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+
+
+@triton.jit
 def _rope_heads(
     x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr,
     cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
@@ -321,8 +333,9 @@ def _rope_heads(
     STORE_QQ: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_P2: tl.constexpr,
 ):
-    """Dispatch: SPLIT (contiguous halves, see _rope_heads_split) or the gathered-partner path."""
-    if SPLIT:
+    """Dispatch: SPLIT 1 (contiguous halves, see _rope_heads_split), else the gathered-partner path
+    (SPLIT 2: its full-rotary form taking the partner from registers, see _swap_halves)."""
+    if SPLIT == 1:
         _rope_heads_split(
             x_ptr, o_ptr, qo_ptr, s_ptr, scale_ptr, cos_ptr, sin_ptr, crow, s_cos, s_sin, w_ptr, eps, woff, one,
             b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh, static_value, c0, c1, c2, c3, qmin, qmax,
@@ -335,7 +348,21 @@ def _rope_heads(
             b, s_, h0, H, S, sxb, sxs, sxh, sob, sos, soh, ssb, sss, ssh, static_value, c0, c1, c2, c3, qmin, qmax,
             D, ROT, NEOX, COS_HALF, OUT_DT, NEED_ROPE, QUANT, HAS_SCALE_T, OP0, OP1, OP2, OP3,
             QUANT_MUL, BLOCK_H, BLOCK_D, NATIVE, NORM, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W,
-            c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ)
+            c_ptr, c_off, c_ok, c_sh, CACHE, CACHE_FP8, CACHE_U8, STORE_QQ, SPLIT == 2)
+
+
+@triton.jit
+def _swap_halves(x, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NEOX: tl.constexpr):
+    """The rotation partner of every column of a full-rotary [BLOCK_H, BLOCK_D] block, in registers:
+    neox x[(j + D/2) % D] (the two halves swapped), gpt-j x[j ^ 1] (the two lanes of each pair swapped)."""
+    HALF: tl.constexpr = BLOCK_D // 2
+    if NEOX:
+        a, b = tl.split(tl.permute(tl.reshape(x, [BLOCK_H, 2, HALF]), [0, 2, 1]))
+        r = tl.reshape(tl.permute(tl.join(b, a), [0, 2, 1]), [BLOCK_H, BLOCK_D])
+    else:
+        a, b = tl.split(tl.reshape(x, [BLOCK_H, HALF, 2]))
+        r = tl.reshape(tl.join(b, a), [BLOCK_H, BLOCK_D])
+    return r
 
 
 @triton.jit
@@ -445,13 +472,12 @@ def _rope_heads_split(
             pm2 = hmask[:, None] & (pcol2 < D)
             xp2 = tl.load(xrow + hh[:, None] * sxh + pcol2, mask=pm2, other=0.0).to(tl.float32)
     if NORM:  # per-head RMSNorm over head_dim before the rotation: sum of squares over the parts
-        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        ss = tl.sum(x1 * x1 + x2 * x2, axis=1)  # one reduction of the rotated part
         if ROT < D:
             ss = ss + tl.sum(xp * xp, axis=1)
             if BLOCK_P2 > 0:
                 ss = ss + tl.sum(xp2 * xp2, axis=1)
-        ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
-        rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+        rstd = _rstd(ss, eps, D)
         x1 = _qk_norm(x1, rstd, w1, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
         x2 = _qk_norm(x2, rstd, w2, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
         if ROT < D:
@@ -524,7 +550,7 @@ def _rope_heads_gather(
     NORM: tl.constexpr, X_DT: tl.constexpr, NORM_DT: tl.constexpr, WSUM_DT: tl.constexpr,
     ROUND_BEFORE_W: tl.constexpr,
     c_ptr, c_off, c_ok, c_sh, CACHE: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_U8: tl.constexpr,
-    STORE_QQ: tl.constexpr,
+    STORE_QQ: tl.constexpr, REG_PARTNER: tl.constexpr,
 ):
     """(QK-norm +) RoPE (+quant) of BLOCK_H heads of one token of one tensor (outputs and [B,S,H] scales strided).
 
@@ -554,15 +580,18 @@ def _rope_heads_gather(
         else:
             cidx = j
     rmask = mask & is_rot[None, :]
-    xp = tl.load(xrow + hh[:, None] * sxh + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+    if not REG_PARTNER:
+        xp = tl.load(xrow + hh[:, None] * sxh + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
     if NORM:  # per-head RMSNorm over head_dim (Qwen3/Gemma3 q_norm/k_norm) before the rotation
         ss = tl.sum(x * x, axis=1)
-        ms = tl.math.div_rn(ss, (D + 0.0) + tl.zeros_like(ss))
-        rstd = tl.math.div_rn(1.0 + tl.zeros_like(ss), tl.sqrt_rn(ms + eps))
+        rstd = _rstd(ss, eps, D)
         w = tl.load(w_ptr + j, mask=j < D, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + partner, mask=is_rot, other=0.0).to(tl.float32)
         x = _qk_norm(x, rstd, w, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
-        xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+        if not REG_PARTNER:
+            wp = tl.load(w_ptr + partner, mask=is_rot, other=0.0).to(tl.float32)
+            xp = _qk_norm(xp, rstd, wp, woff, X_DT, NORM_DT, WSUM_DT, ROUND_BEFORE_W, NATIVE)
+    if REG_PARTNER:  # full rotary, D a power of 2: the partner from x's registers (normalized once)
+        xp = _swap_halves(x, BLOCK_H, BLOCK_D, NEOX)
     cmask = is_rot
     # `* one` (a runtime 1.0, exact for every value): compiled, LLVM narrows trunc(ext(x) * ext(c))
     # of two bf16/f16 values to a bf16/f16 multiply (legal: exact) and the NVPTX backend then
@@ -676,7 +705,7 @@ def _rope_quant_kernel(
     HAS_CACHE: tl.constexpr = False, SLOT_BY_S: tl.constexpr = False, NEG_SKIP: tl.constexpr = False, K_CACHE_FP8: tl.constexpr = False,
     K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
     V_QUANT: tl.constexpr = False, V_SCALE_T: tl.constexpr = False, V_MUL: tl.constexpr = False,
-    SPLIT: tl.constexpr = False, BLOCK_P: tl.constexpr = 1, BLOCK_P2: tl.constexpr = 0,
+    SPLIT: tl.constexpr = 0, BLOCK_P: tl.constexpr = 1, BLOCK_P2: tl.constexpr = 0,
 ):
     """Grid (tokens, q head-blocks + k head-blocks): q and k of a token in ONE launch.
 
@@ -687,7 +716,8 @@ def _rope_quant_kernel(
     (NEG_SKIP, vLLM) or wraps to slot + n_slots (ATen index_put); slots >= n_slots are not written.
     SLOT_BY_S: [B, H, max_len, D] caches (transformers StaticCache): position s of every batch row b
     goes to slot slots[s] of batch row b (cache offsets slot * skc + b * skc_b + head * skc_h).
-    SPLIT: contiguous loads of the rotated halves (no partner gather); BLOCK_P/BLOCK_P2: passthrough chunks.
+    SPLIT: 1 contiguous loads of the rotated halves (no partner gather), 2 the partner from registers
+    (full rotary, pow2 D), 0 the partner gathered by a second load; BLOCK_P/BLOCK_P2: passthrough chunks.
     """
     q_static = tl.cast(q_static, tl.float32)
     k_static = tl.cast(k_static, tl.float32)
@@ -758,12 +788,21 @@ def _rope_quant_kernel(
 # from the env var FXFUSE_ROPE_CONFIG ("SPLIT=1,BLOCK_H=8,num_warps=4"); a `config=` keyword wins.
 CONFIG_OVERRIDE: dict[str, int] = {}
 _CONFIG_KEYS = ("SPLIT", "BLOCK_H", "num_warps")
+# SPLIT values: the kernel's three ways to get each element's rotation partner
+SPLIT_GATHER = 0  # reload the partner column (+ normalize it again under QK-norm): any rot
+SPLIT_HALVES = 1  # load the rotated halves as contiguous blocks (split_ok: a power-of-2 half)
+SPLIT_REG = 2  # load whole heads, take the partner from registers (reg_partner_ok: rot == D, a power of 2)
 
 
 def split_ok(D: int, rot: int) -> bool:
     """The SPLIT path needs a power-of-2 half (tl.arange sizes); the passthrough is masked."""
     half = rot // 2
     return 0 < rot <= D and rot % 2 == 0 and half & (half - 1) == 0
+
+
+def reg_partner_ok(D: int, rot: int) -> bool:
+    """SPLIT 2 reshapes a [BLOCK_H, D] block into halves/pairs: full rotary, D a power of 2."""
+    return rot == D and D >= 2 and D & (D - 1) == 0
 
 
 def _env_config() -> dict[str, int]:
@@ -787,14 +826,20 @@ def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, ne
     elements on 1 warp (head_dim <= 128) or 2 (256) beat 2K-element 4-warp ones by 1.1-1.9x
     (Llama fp8 static at 16384 tokens 127.6 -> 95.3 us, Qwen3.5 129.4 -> 68.8 us); partial rotary
     takes the SPLIT path (passthrough as its own chunks), full rotary the gathered partner (the
-    sweep's winner there); dynamic fp8 at head_dim 256 takes 8 heads; QK-norm keeps the gathered
-    path (its sum of squares then adds in the same order as every other config).
+    sweep's winner there); dynamic fp8 at head_dim 256 takes 8 heads.
+    QK-norm takes the SPLIT path wherever it can (split_ok), on the blocks the sweep found best for
+    it on the gather path (8 heads / 1 warp at head_dim <= 128, 2 / 1 at 256): the gather path
+    normalizes every rotated element twice (itself and as its neighbour's partner, after a second
+    load), which made QK-norm cost ~50% over plain RoPE at the same bytes (Llama 16384 tokens:
+    148 vs 93 us on an H200); the SPLIT path normalizes each element once (sm_90 PTX: 41% fewer
+    instructions per head at head_dim 128, 38% at 256). Its sum of squares adds in another order,
+    so rstd may differ from the gather path's by an ulp (both within the tests' tolerance of eager).
     CONFIG_OVERRIDE, FXFUSE_ROPE_CONFIG, then `override` replace any of the keys. A SPLIT that the
-    rotary dim does not allow (split_ok) falls back to the gather path."""
+    rotary dim does not allow (split_ok, reg_partner_ok) falls back to the gather path."""
     bd = triton.next_power_of_2(D)
     hmax = triton.next_power_of_2(max(HQ, HK, HV, 1))
     if norm:
-        bh, split = (8 if bd <= 128 else 2), 0
+        bh, split = (8 if bd <= 128 else 2), SPLIT_HALVES
     else:
         per = 2048 if (bd > 128 and QUANT_DYNAMIC in (q_quant, k_quant)) else 1024  # elements per program
         bh, split = max(1, per // bd), int(rot < D)
@@ -806,7 +851,11 @@ def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, ne
         cfg.update({k: int(v) for k, v in o.items()})
     if cfg["BLOCK_H"] < 1 or cfg["BLOCK_H"] & (cfg["BLOCK_H"] - 1) or cfg["num_warps"] not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"rope_quant launch config: BLOCK_H must be a power of 2, num_warps 1..32: {cfg}")
-    cfg["SPLIT"] = int(bool(cfg["SPLIT"]) and split_ok(D, rot))
+    if cfg["SPLIT"] not in (SPLIT_GATHER, SPLIT_HALVES, SPLIT_REG):
+        raise ValueError(f"rope_quant launch config: SPLIT must be 0, 1 or 2: {cfg}")
+    if (cfg["SPLIT"] == SPLIT_HALVES and not split_ok(D, rot)) or (cfg["SPLIT"] == SPLIT_REG
+                                                                   and not reg_partner_ok(D, rot)):
+        cfg["SPLIT"] = SPLIT_GATHER
     return cfg
 
 
@@ -944,7 +993,7 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
         HAS_K=k is not None, BLOCK_H=BH, BLOCK_D=bd,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         NKB=nkb, **c_rt, **c_ce,
-        SPLIT=bool(cfg["SPLIT"]), BLOCK_P=p1, BLOCK_P2=p2,
+        SPLIT=int(cfg["SPLIT"]), BLOCK_P=p1, BLOCK_P2=p2,
         num_warps=num_warps or cfg["num_warps"],
     )
 

@@ -782,6 +782,23 @@ def scheme_name(ms: list[RopeMatch]) -> str:
     return base + ("_qknorm" if any(mm.norm is not None for mm in ms) else "")
 
 
+def tokens(mm: RopeMatch) -> Any:
+    """The token count M of a match (the product of its token dims): an int, or a SymInt (dynamic)."""
+    shape = tval(mm.x).shape
+    return math.prod(shape[i] for i in mm.tok)
+
+
+def gate_rejects(scheme: str, xv: torch.Tensor, scalars: list, M: Any, gate: bool) -> str | None:
+    """The benchmark gate of a region: None if it ships, else why not. Classes (scheme, head_dim, M
+    class) as gating.rejects keys them: a static M must have measured >= 1x stock in its class; a
+    symbolic M in every class of that head_dim (conservative: any may run)."""
+    why = gating.rejects(FAMILY, scheme=gate_class(scheme, xv, scalars), hidden=int(xv.shape[-1]),  # size = head_dim
+                         dtype=xv.dtype, enabled=gate, M=M)
+    if why and not isinstance(M, int):
+        return f"token count is symbolic, so every M class must pass: {why}"
+    return why
+
+
 def _same_factor(a: fx.Node, b: fx.Node) -> bool:
     """The same cos (or sin) values, broadcast the same way (unsqueezes of one node count as one)."""
     if a is b:
@@ -1332,8 +1349,7 @@ class RopeQuant:
                 try:
                     kv = plan_kv(grp, writes, taken)
                     if kv is not None and cuda:
-                        why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp) + KV_SUFFIX, xv, scalars),
-                                             hidden=int(xv.shape[-1]), dtype=xv.dtype, enabled=gate)
+                        why = gate_rejects(scheme_name(grp) + KV_SUFFIX, xv, scalars, tokens(grp[0]), gate)
                         if why:
                             raise Reject(why)
                 except Reject as r:  # the RoPE still fuses; the cache write stays with Inductor
@@ -1346,8 +1362,7 @@ class RopeQuant:
                                          "len(slots) tokens only, fused only as the rows of a KV-cache write")
                         mm.quant, mm.need_rope = None, True
                 if cuda and kv is None:
-                    why = gating.rejects(FAMILY, scheme=gate_class(scheme_name(grp), xv, scalars), hidden=int(xv.shape[-1]),  # size class = head_dim (see bench_rope_quant.py)
-                                         dtype=xv.dtype, enabled=gate)
+                    why = gate_rejects(scheme_name(grp), xv, scalars, tokens(grp[0]), gate)
                     if why:
                         raise Reject(why)
                 replaced = rewrite(graph, grp, kv, posts)
