@@ -327,6 +327,65 @@ def test_routed_op_traces_to_user_triton_kernels(M):
     assert not mode.shape_env.guards
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_decode_kernel_a_writes_only_its_buffers(routed):
+    """Inductor's mutation analysis of a user kernel (TTIR, run here for an sm_90 target without a
+    driver) must find kernel A writing only its own buffers: a routing input (ids; router logits and
+    bias) it deems written is cloned before the launch: a copy kernel, a launch more per layer."""
+    import torch.fx as fx
+    import triton
+    from unittest import mock
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.backends.compiler import GPUTarget
+
+    from fxfuse.fx_utils import insert_traced
+
+    class _Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cuda")
+
+    with FakeTensorMode():
+        x = torch.empty(1, 256, dtype=torch.bfloat16, device="cuda")
+        logits = torch.empty(1, 32, dtype=torch.float32, device="cuda")
+        bias = torch.empty(32, dtype=torch.float32, device="cuda")
+        tw = torch.empty(1, 4, dtype=torch.float32, device="cuda")
+        ids = torch.empty(1, 4, dtype=torch.int64, device="cuda")
+        w1 = torch.empty(32, 128, 256, dtype=torch.bfloat16, device="cuda")
+        w2 = torch.empty(32, 256, 64, dtype=torch.bfloat16, device="cuda")
+    g = fx.Graph()
+    vals = (x, logits, bias, tw, ids, w1, w2)
+    ph = [g.placeholder(n) for n in ("x", "logits", "bias", "tw", "ids", "w1", "w2")]
+    for p, v in zip(ph, vals):
+        p.meta["val"] = v
+    out = g.output(None)
+    routing = _routed_args("deepseek", 4)
+
+    def repl(x, logits, bias, tw, ids, w1, w2):
+        w1, w2 = w1.permute(0, 2, 1), w2.permute(0, 2, 1)
+        if routed:
+            return torch.ops.fxfuse.moe_routed_experts(x, logits, bias, *routing, w1, w2, torch.float32,
+                                                       torch.float32, torch.bfloat16)
+        return torch.ops.fxfuse.moe_experts(x, tw, ids, w1, w2, torch.float32, torch.float32, torch.bfloat16)
+
+    try:
+        with mock.patch.object(type(triton.runtime.driver), "active", new_callable=mock.PropertyMock,
+                               return_value=_Sm90()):
+            insert_traced(g, repl, ph, before=out, functionalize=True)
+    except (AttributeError, TypeError) as e:  # another Triton driver layout: cannot fake the target
+        pytest.skip(f"cannot fake an sm_90 Triton target here: {e}")
+    written = {}
+    for n in g.nodes:
+        if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            written[getattr(k, "fn", k).__name__] = set(n.kwargs["tensors_to_clone"])
+    a = "_moe_decode_routed_gate_up_dot_kernel" if routed else "_moe_decode_gate_up_dot_kernel"
+    assert written[a] == ({"tw_ptr", "ids_ptr", "h_ptr"} if routed else {"h_ptr"}), written
+
+
 def test_routed_op_cpu_is_routing_then_experts():
     """The CPU kernel (and fake impl) of fxfuse::moe_routed_experts is the routing reference then the
     experts reference."""

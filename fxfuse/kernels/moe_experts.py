@@ -7,6 +7,10 @@ This module knows nothing about FX.  It provides:
 * ``torch.ops.fxfuse.moe_experts`` -- a ``torch.library.triton_op`` launching through
   ``wrap_triton`` (so Inductor emits user-defined Triton kernels, not a Python fallback).
 * :func:`moe_experts_triton` -- plain launcher (eager CUDA, or CPU under ``TRITON_INTERPRET=1``).
+* ``torch.ops.fxfuse.moe_routed_experts`` / :func:`moe_routed_experts_triton` -- the same from the
+  router logits: ``fxfuse::moe_routing`` then ``fxfuse::moe_experts``, except that on the decode
+  path kernel A routes its token itself (``moe_routing.route_row``, the routing kernel's code) and
+  hands the (weights, ids) to kernel B: one launch fewer.
 * :func:`selected_weight_bytes` -- the weight-streaming floor model for benchmarks.
 
 No host synchronization anywhere: expert ids are read on the GPU, every grid comes from static
@@ -214,18 +218,20 @@ def _gate_up_acc(a_ptrs, rmask, bg_ptrs, bu_ptrs, mask_n, H, stride_w1k,
 
 
 @triton.jit
-def _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP: tl.constexpr):
-    """(pair, token, expert, valid) of a decode program: pair = program_id(0); an id outside
-    [0, E) is clamped to 0 (loads stay in bounds) and marked invalid (its output is zero)."""
-    pair = tl.program_id(0)
-    tok = pair // K_TOP
-    e = tl.load(ids_ptr + tok * stride_idm + (pair % K_TOP) * stride_idk).to(tl.int64)
+def _pair_expert(ids_ptr, tok, slot, stride_idm, stride_idk, E):
+    """(expert, valid) of a decode program's (token, slot) pair: an id outside [0, E) is clamped to 0
+    (loads stay in bounds) and marked invalid (its output is zero).
+
+    The kernels take pair = program_id(0) and its token themselves: a value a helper returns is, to
+    Inductor's mutation analysis of user kernels, derived from every argument of the call, so a
+    store address built from it would mark the ids (or router logits) as written: cloned copies."""
+    e = tl.load(ids_ptr + tok * stride_idm + slot * stride_idk).to(tl.int64)
     valid = (e >= 0) & (e < E)
-    return pair, tok, tl.where(valid, e, 0), valid
+    return tl.where(valid, e, 0), valid
 
 
 @triton.jit
-def _routed_pair_expert(logits_ptr, bias_ptr, tw_ptr, ids_ptr, stride_l, fill, renorm_eps, scale,
+def _routed_pair_expert(logits_ptr, bias_ptr, tw_ptr, ids_ptr, tok, slot, stride_l, fill, renorm_eps, scale,
                         E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, SCORING: tl.constexpr,
                         SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
@@ -235,9 +241,6 @@ def _routed_pair_expert(logits_ptr, bias_ptr, tw_ptr, ids_ptr, stride_l, fill, r
     """`_pair_expert` of a routed decode program: the program routes its token itself (`route_row`,
     the routing kernel's math, redundantly per program: one row of logits) and takes its slot's
     expert. The programs of slot 0 and N-block 0 write the token's k (weights, ids) for kernel B."""
-    pair = tl.program_id(0)
-    tok = pair // K
-    slot = pair % K
     vals, ids = route_row(
         logits_ptr + tok.to(tl.int64) * stride_l, bias_ptr, logits_ptr, fill, renorm_eps, scale,
         E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
@@ -249,7 +252,7 @@ def _routed_pair_expert(logits_ptr, bias_ptr, tw_ptr, ids_ptr, stride_l, fill, r
     tl.store(ids_ptr + tok.to(tl.int64) * K + kr, ids, mask=first)
     e = tl.sum(tl.where(kr == slot, ids, 0), axis=0)
     valid = (e >= 0) & (e < E)  # always, but for NaN logits (unsupported): then no load goes astray
-    return pair, tok, tl.where(valid, e, 0), valid
+    return tl.where(valid, e, 0), valid
 
 
 @triton.jit
@@ -314,7 +317,9 @@ def _moe_decode_gate_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per (pair, N-block): gate and up rows of expert ids[pair] times x[token]."""
-    pair, tok, e, valid = _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP)
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    e, valid = _pair_expert(ids_ptr, tok, pair % K_TOP, stride_idm, stride_idk, E)
     _gate_up_vec(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
                  stride_hm, H, I, ACT, NATIVE, BLOCK_N, BLOCK_K)
 
@@ -328,7 +333,9 @@ def _moe_decode_gate_up_dot_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Kernel A as a 16-row ``tl.dot`` (`_gate_up_dot`) of expert ids[pair]."""
-    pair, tok, e, valid = _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP)
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    e, valid = _pair_expert(ids_ptr, tok, pair % K_TOP, stride_idm, stride_idk, E)
     _gate_up_dot(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
                  stride_hm, H, I, ACT, NATIVE, BLOCK_N, BLOCK_K)
 
@@ -348,8 +355,10 @@ def _moe_decode_routed_gate_up_kernel(
 ):
     """Kernel A (vector form) with the routing folded in: router logits in, the token's top-k
     (weights, ids) out for kernel B (`_routed_pair_expert`); the routing launch is gone."""
-    pair, tok, e, valid = _routed_pair_expert(
-        logits_ptr, bias_ptr, tw_ptr, ids_ptr, stride_l, fill, renorm_eps, scale,
+    pair = tl.program_id(0)
+    tok = pair // K
+    e, valid = _routed_pair_expert(
+        logits_ptr, bias_ptr, tw_ptr, ids_ptr, tok, pair % K, stride_l, fill, renorm_eps, scale,
         E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
         G_PAD, GS, GS_PAD, RENORM, HAS_EPS, HAS_SCALE, GATHER_W, FILL_NINF, NATIVE)
     _gate_up_vec(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
@@ -370,8 +379,10 @@ def _moe_decode_routed_gate_up_dot_kernel(
     ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Kernel A (dot form) with the routing folded in (see `_moe_decode_routed_gate_up_kernel`)."""
-    pair, tok, e, valid = _routed_pair_expert(
-        logits_ptr, bias_ptr, tw_ptr, ids_ptr, stride_l, fill, renorm_eps, scale,
+    pair = tl.program_id(0)
+    tok = pair // K
+    e, valid = _routed_pair_expert(
+        logits_ptr, bias_ptr, tw_ptr, ids_ptr, tok, pair % K, stride_l, fill, renorm_eps, scale,
         E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
         G_PAD, GS, GS_PAD, RENORM, HAS_EPS, HAS_SCALE, GATHER_W, FILL_NINF, NATIVE)
     _gate_up_dot(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,

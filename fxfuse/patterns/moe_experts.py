@@ -20,7 +20,11 @@ gathers by ``ids.clamp(0, E - 1)`` -- the replacement clamps the ids the same wa
 Starting at the gate_up GEMM, walk back to (x, ids) and forward through SiLU-and-mul, the down
 GEMM and the weighted combine; everything the region computes must be private to it. The
 routing producer (topk or a fused router op) is not part of the region: weights and ids are
-inputs.  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
+inputs. At decode on CUDA (static token count), when they come (through reshape views) from a
+fused router (patterns.moe_routing records what it inserted) whose outputs nothing else reads,
+the router folds in: one ``fxfuse::moe_routed_experts`` from the logits replaces both ops, and
+the experts' first kernel routes (option ``moe_fold_routing``, default on; the decode gate class
+applies).  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
 one-hot expert mask are reported as a near miss naming the fix.
 """
 

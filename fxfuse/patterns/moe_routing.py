@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -643,17 +642,22 @@ class RoutedOutputs:
     fusion: Any = None  # its report entry (a report.Fusion), for a note when folded
 
 
-_ROUTED: "weakref.WeakKeyDictionary[fx.Graph, dict[fx.Node, RoutedOutputs]]" = weakref.WeakKeyDictionary()
+_ROUTED_ATTR = "_fxfuse_moe_routed"  # the graph's records, {weights or ids output: RoutedOutputs}: they
+# live and die with the graph (a module-level table keyed by graph would keep every graph alive)
+
+
+def _routed_table(graph: fx.Graph) -> dict[fx.Node, RoutedOutputs]:
+    return graph.__dict__.setdefault(_ROUTED_ATTR, {})
 
 
 def routed_outputs(graph: fx.Graph, node: fx.Node) -> RoutedOutputs | None:
     """The routing rewrite whose weights or ids output is `node` (None if none)."""
-    return _ROUTED.get(graph, {}).get(node)
+    return graph.__dict__.get(_ROUTED_ATTR, {}).get(node)
 
 
 def forget_routed(graph: fx.Graph, rec: RoutedOutputs) -> None:
     """Drop a record once its routing is folded away."""
-    table = _ROUTED.get(graph, {})
+    table = _routed_table(graph)
     for n in (rec.weights, rec.ids):
         if table.get(n) is rec:
             del table[n]
@@ -701,7 +705,7 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
         m.ids.replace_all_uses_with(ids_new)
     m.routed = RoutedOutputs(m.logits, m.bias, params, w_new, ids_new, sc_new,
                              _inserted([w_new, ids_new, sc_new], inputs))
-    table = _ROUTED.setdefault(graph, {})
+    table = _routed_table(graph)
     table[w_new] = table[ids_new] = m.routed
     if need_scores:
         for u in list(m.scores.users):
@@ -716,7 +720,7 @@ class MoERouting:
 
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         consumed: set[fx.Node] = set()
-        _ROUTED[graph] = {}
+        graph.__dict__[_ROUTED_ATTR] = {}  # this run's rewrites only
         for node in reversed(list(graph.nodes)):
             if node in consumed or not is_op(node, aten.topk.default):
                 continue
