@@ -2,7 +2,9 @@
 
 Per (model, experts implementation, M): the transformers SparseMoeBlock (routing included) under
 stock torch.compile and under torch.compile with fxfuse (ungated), median us under CUDA graphs
-(do_bench_cudagraph); the raw op alone (routing precomputed); and the weight-streaming floor =
+(do_bench_cudagraph), at decode also with the routing kept a launch of its own (`fused_nofold`:
+option moe_fold_routing=False; `fused` folds it into the experts' first kernel); the raw op alone
+(routing precomputed); and the weight-streaming floor =
 bytes of the distinct selected experts' weights / measured copy bandwidth (1 GiB clone).
 
 Models: Qwen3-30B-A3B layer (128 experts, top-8, hidden 2048, inter 768) and Mixtral-8x7B
@@ -123,7 +125,8 @@ def _kernel_in_code(fn: Callable, args: tuple) -> tuple[Any, Optional[bool]]:
     if not codes:
         return out, None
     code = "\n".join(codes)
-    names = ("_moe_decode_gate_up_kernel", "_moe_decode_gate_up_dot_kernel", "_moe_gemm1_kernel")
+    names = ("_moe_decode_gate_up_kernel", "_moe_decode_gate_up_dot_kernel", "_moe_decode_routed_gate_up_kernel",
+             "_moe_decode_routed_gate_up_dot_kernel", "_moe_gemm1_kernel")
     return out, any(n in code for n in names) and "torch.ops.fxfuse" not in code
 
 
@@ -138,6 +141,8 @@ def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool,
     device = "cpu" if dry else "cuda"
     dtype = torch.bfloat16
     fx_pass = fxfuse.FusionPasses(options={"gate": False})
+    # decode rows also time the block with the routing kept a launch of its own (the fold's effect)
+    fx_pass_nofold = fxfuse.FusionPasses(options={"gate": False, "moe_fold_routing": False})
     torch._inductor.config.fx_graph_cache = False
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
@@ -182,16 +187,22 @@ def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool,
                     if impl == "batched_mm" and gathered > GATHER_LIMIT_BYTES:
                         row["notes"].append(f"{impl}: skipped, W[ids] alone is {gathered / 2**30:.0f} GiB")
                         continue
-                    for variant in ("compile", "fused"):
+                    variants = ("compile", "fused") + (("fused_nofold",) if row["path"] == "decode" else ())
+                    for variant in variants:
                         key = f"{impl}/{variant}"
                         try:
-                            opts = {"post_grad_custom_pre_pass": fx_pass} if variant == "fused" else {}
+                            passes = {"fused": fx_pass, "fused_nofold": fx_pass_nofold}.get(variant)
+                            opts = {"post_grad_custom_pre_pass": passes} if passes is not None else {}
                             fn = torch.compile(block, dynamic=False, options=opts)
                             fxfuse.counters.clear()
+                            fxfuse.report.clear()
                             out, inl = _kernel_in_code(fn, (x,))
                             if variant == "fused":
                                 row["kernel_in_code"][impl] = inl
                                 row.setdefault("fused_count", {})[impl] = fxfuse.counters["moe_experts"]
+                                row.setdefault("routing_folded", {})[impl] = any(
+                                    f.name == "moe_experts" and "routing folded" in f.detail
+                                    for f in fxfuse.report().fusions)
                             row["err"][key] = rel_err(out, ref)
                             row["us"][key] = None if dry else bench_us(lambda: fn(x), rep)
                         except Exception as e:  # noqa: BLE001
@@ -204,6 +215,9 @@ def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool,
                 for impl in impls:
                     c, f = row["us"].get(f"{impl}/compile"), row["us"].get(f"{impl}/fused")
                     row.setdefault("speedup", {})[impl] = (c / f) if c and f else None
+                    nf = row["us"].get(f"{impl}/fused_nofold")
+                    if nf and f:  # > 1: folding the routing into kernel A paid off
+                        row.setdefault("fold_speedup", {})[impl] = nf / f
                 if row["floor_us"]:
                     row["x_floor"] = {k: (v / row["floor_us"] if v else None) for k, v in row["us"].items()}
                     row["gbps_op"] = (floor_bytes / (row["us"]["op"] * 1e-6) / 1e9) if row["us"].get("op") else None

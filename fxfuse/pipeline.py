@@ -32,6 +32,8 @@ UnwrapMode = Literal["registered", "auto"] | None
 
 OPTIONS: dict[str, tuple[type, str]] = {
     "gate": (bool, "False ships rewrites on CUDA without a benchmark gate (same as FXFUSE_UNGATED=1)"),
+    "moe_fold_routing": (bool, "False keeps the fused MoE router a launch of its own at decode (default True: "
+                               "moe_experts folds it into its first decode kernel)"),
 }
 """Known `options` keys -> (type, meaning). A family that reads a new option adds it here."""
 
@@ -84,21 +86,22 @@ class PassContext:
     def options(self) -> dict[str, Any]:
         return self.pipeline.options
 
-    def applied(self, name: str, replaced: Iterable[fx.Node], kernel: str, detail: str = "") -> None:
-        """Record one rewrite: bump the counter and add it to the report."""
+    def applied(self, name: str, replaced: Iterable[fx.Node], kernel: str, detail: str = "") -> Fusion:
+        """Record one rewrite: bump the counter and add it to the report; returns its report entry
+        (a later rewrite that absorbs it may annotate it)."""
         replaced = list(replaced)
         counters[name] += 1
         self.applied_count += 1
-        self.graph_report.fusions.append(
-            Fusion(
-                name=name,
-                locations=source_locations(replaced),
-                replaced=[f"{n.name}={getattr(n.target, '__name__', n.target)}" for n in replaced],
-                kernel=kernel,
-                detail=detail,
-            )
+        fusion = Fusion(
+            name=name,
+            locations=source_locations(replaced),
+            replaced=[f"{n.name}={getattr(n.target, '__name__', n.target)}" for n in replaced],
+            kernel=kernel,
+            detail=detail,
         )
+        self.graph_report.fusions.append(fusion)
         log.debug("fxfuse %s: fused %d nodes into %s %s", name, len(replaced), kernel, detail)
+        return fusion
 
     def near_miss(self, family: str, anchor: fx.Node, reason: str) -> None:
         """Record a candidate that looked like `family` but failed a check."""

@@ -21,7 +21,8 @@ pytestmark = [
 transformers = pytest.importorskip("transformers")
 
 UNGATED = fxfuse.FusionPasses(options={"gate": False})
-KERNELS = ("_moe_decode_gate_up_kernel", "_moe_decode_gate_up_dot_kernel", "_moe_gemm1_kernel")
+KERNELS = ("_moe_decode_gate_up_kernel", "_moe_decode_gate_up_dot_kernel", "_moe_decode_routed_gate_up_kernel",
+           "_moe_decode_routed_gate_up_dot_kernel", "_moe_gemm1_kernel")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,6 +71,30 @@ def test_fused_kernel_in_output_code(model, impl, M):
     assert fxfuse.counters["moe_experts"] == 1, fxfuse.report()
     _check_code(codes)
     assert _rel(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_decode_routing_folded_in_output_code(impl):
+    """At M=1 the router's kernel is gone from the output code (folded into kernel A), and back with
+    options={"moe_fold_routing": False}; both match eager."""
+    m = _block("qwen", impl)
+    x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    with torch.no_grad():
+        ref = m(x)
+        for fold in (True, False):
+            passes = fxfuse.FusionPasses(options={"gate": False, "moe_fold_routing": fold})
+            torch._dynamo.reset()
+            fxfuse.counters.clear()
+            with fresh_cache():
+                outs[fold], codes = run_and_get_code(torch.compile(m, dynamic=False,
+                                                                   options={"post_grad_custom_pre_pass": passes}), x)
+            code = "\n".join(codes)
+            assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+            assert ("_moe_decode_routed_gate_up" in code) == fold and ("_moe_routing_kernel" in code) != fold
+            assert "torch.ops.fxfuse" not in code and not _weight_sized_buffers(code, 1 << 60)  # no clone/copy_
+            assert _rel(outs[fold], ref) < 2e-2
+    assert _rel(outs[True], outs[False]) < 1e-2
 
 
 def _weight_sized_buffers(code: str, min_numel: int) -> list[str]:
@@ -145,6 +170,53 @@ def test_launcher_real_shapes(path, shape, ids_kind):
         K.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=out)
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < 1e-2
+
+
+# Qwen3-30B-A3B (softmax top-8 renorm, bf16 weights), Mixtral-8x7B-sized (softmax top-2), DeepSeek-V3-like
+# (sigmoid + bias, 8 groups keep 4, renorm eps, x2.5) routers on the decode path
+_ROUTED_GPU = {
+    "qwen": ((128, 8, 2048, 768), (8, 0, torch.float32, torch.float32, 1, 1, 0, float("-inf"), True, 0.0, 1.0,
+                                   torch.float32, torch.bfloat16, True)),
+    "mixtral": ((8, 2, 512, 1792), (2, 0, torch.float32, torch.float32, 1, 1, 0, float("-inf"), True, 0.0, 1.0,
+                                    torch.float32, torch.float32, True)),
+    "deepseek": ((256, 8, 1024, 256), (8, 1, torch.float32, torch.float32, 8, 4, 0, float("-inf"), True, 1e-20, 2.5,
+                                       torch.float32, torch.float32, True)),
+}
+
+
+@pytest.mark.parametrize("router", list(_ROUTED_GPU))
+@pytest.mark.parametrize("M", [1, 2])
+def test_routed_launcher_matches_routing_then_experts(router, M):
+    """The routing folded into decode kernel A against the routing kernel then the decode kernels.
+
+    Same code (`route_row`), but the routing kernel runs 1-2 warps and kernel A 4: the fp32 sums of a
+    softmax / renormalize reduce in another order, so the last bit of a weight may differ (ids only
+    on a near-tie). With the routing kernel at kernel A's warps the layouts should match: bitwise.
+    """
+    from fxfuse.kernels import moe_routing as R
+
+    (E, k, H, I), r = _ROUTED_GPU[router]
+    g = torch.Generator(device="cuda").manual_seed(E + M)
+    x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16, generator=g)
+    logits = torch.randn(M, E, device="cuda", generator=g).bfloat16()
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if r[4] > 1 else None
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.02).bfloat16().permute(0, 2, 1)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.02).bfloat16().permute(0, 2, 1)
+    prod = torch.promote_types(torch.bfloat16, r[12])
+    fw = torch.full((M, k), float("nan"), device="cuda", dtype=r[12])
+    fids = torch.full((M, k), -7, device="cuda", dtype=torch.int64)
+    fo = torch.full((M, H), float("nan"), device="cuda", dtype=torch.bfloat16)
+    K.moe_routed_experts_triton(x, logits, bias, *r, w1, w2, prod, prod, torch.bfloat16, out=fo,
+                                routing_out=(fw, fids))
+    assert torch.isfinite(fo).all() and torch.isfinite(fw.float()).all()
+    for warps in (K.decode_config(H, I, k)["A_WARPS"], None):
+        w, ids, _ = R.moe_routing_triton(logits, bias, *r[:13], False, r[13], num_warps=warps)
+        o = K.moe_experts_triton(x, w, ids, w1, w2, prod, prod, torch.bfloat16, path=K.PATH_DECODE)
+        if warps is not None:  # the same layouts: the same bits
+            assert torch.equal(fids, ids) and torch.equal(fw, w) and torch.equal(fo, o), router
+        else:
+            assert torch.equal(fids.sort(-1).values, ids.sort(-1).values), router
+            assert _rel(fw, w) < 1e-2 and _rel(fo, o) < 1e-2, router
 
 
 def test_cuda_graph_replay_new_routing():

@@ -285,6 +285,135 @@ def test_cuda_path_traces_to_user_triton_kernels(M):
     assert not mode.shape_env.guards, "the fused path guarded on the token count"
 
 
+@pytest.mark.parametrize("M", [1, 2, 64])
+def test_routed_op_traces_to_user_triton_kernels(M):
+    """fxfuse::moe_routed_experts on CUDA: at decode (static M = 1, 2) two user-defined Triton kernels,
+    kernel A routing itself (no routing launch), every kernel parameter passed explicitly; a tiled
+    token count launches the routing kernel, then the tiled experts kernels."""
+    import torch.fx as fx
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxfuse.fx_utils import insert_traced
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    with mode:
+        x = torch.empty(M, 256, dtype=torch.bfloat16, device="cuda")
+        logits = torch.empty(M, 32, dtype=torch.float32, device="cuda")
+        bias = torch.empty(32, dtype=torch.float32, device="cuda")
+        w1 = torch.empty(32, 128, 256, dtype=torch.bfloat16, device="cuda")
+        w2 = torch.empty(32, 256, 64, dtype=torch.bfloat16, device="cuda")
+    g = fx.Graph()
+    ph = [g.placeholder(n) for n in ("x", "logits", "bias", "w1", "w2")]
+    for p, v in zip(ph, (x, logits, bias, w1, w2)):
+        p.meta["val"] = v
+    out = g.output(None)
+    routing = _routed_args("deepseek", 4)
+
+    def repl(x, logits, bias, w1, w2):
+        return torch.ops.fxfuse.moe_routed_experts(x, logits, bias, *routing, w1.permute(0, 2, 1), w2.permute(0, 2, 1),
+                                                   torch.float32, torch.float32, torch.bfloat16)
+
+    insert_traced(g, repl, ph, before=out, functionalize=True)
+    kernels = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    names = [getattr(k, "fn", k).__name__ for k in (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in kernels)]
+    if M <= 2:
+        assert names == ["_moe_decode_routed_gate_up_dot_kernel", "_moe_decode_down_dot_kernel"], names
+    else:
+        assert names[0] == "_moe_routing_kernel" and "_moe_gemm1_kernel" in names and len(names) == 5, names
+    assert_full_signatures(kernels)
+    assert not any("fxfuse" in str(n.target) for n in g.nodes)
+    assert not mode.shape_env.guards
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_decode_kernel_a_writes_only_its_buffers(routed):
+    """Inductor's mutation analysis of a user kernel (TTIR, run here for an sm_90 target without a
+    driver) must find kernel A writing only its own buffers: a routing input (ids; router logits and
+    bias) it deems written is cloned before the launch: a copy kernel, a launch more per layer."""
+    import torch.fx as fx
+    import triton
+    from unittest import mock
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.backends.compiler import GPUTarget
+
+    from fxfuse.fx_utils import insert_traced
+
+    class _Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cuda")
+
+    with FakeTensorMode():
+        x = torch.empty(1, 256, dtype=torch.bfloat16, device="cuda")
+        logits = torch.empty(1, 32, dtype=torch.float32, device="cuda")
+        bias = torch.empty(32, dtype=torch.float32, device="cuda")
+        tw = torch.empty(1, 4, dtype=torch.float32, device="cuda")
+        ids = torch.empty(1, 4, dtype=torch.int64, device="cuda")
+        w1 = torch.empty(32, 128, 256, dtype=torch.bfloat16, device="cuda")
+        w2 = torch.empty(32, 256, 64, dtype=torch.bfloat16, device="cuda")
+    g = fx.Graph()
+    vals = (x, logits, bias, tw, ids, w1, w2)
+    ph = [g.placeholder(n) for n in ("x", "logits", "bias", "tw", "ids", "w1", "w2")]
+    for p, v in zip(ph, vals):
+        p.meta["val"] = v
+    out = g.output(None)
+    routing = _routed_args("deepseek", 4)
+
+    def repl(x, logits, bias, tw, ids, w1, w2):
+        w1, w2 = w1.permute(0, 2, 1), w2.permute(0, 2, 1)
+        if routed:
+            return torch.ops.fxfuse.moe_routed_experts(x, logits, bias, *routing, w1, w2, torch.float32,
+                                                       torch.float32, torch.bfloat16)
+        return torch.ops.fxfuse.moe_experts(x, tw, ids, w1, w2, torch.float32, torch.float32, torch.bfloat16)
+
+    try:
+        with mock.patch.object(type(triton.runtime.driver), "active", new_callable=mock.PropertyMock,
+                               return_value=_Sm90()):
+            insert_traced(g, repl, ph, before=out, functionalize=True)
+    except (AttributeError, TypeError) as e:  # another Triton driver layout: cannot fake the target
+        pytest.skip(f"cannot fake an sm_90 Triton target here: {e}")
+    written = {}
+    for n in g.nodes:
+        if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            written[getattr(k, "fn", k).__name__] = set(n.kwargs["tensors_to_clone"])
+    a = "_moe_decode_routed_gate_up_dot_kernel" if routed else "_moe_decode_gate_up_dot_kernel"
+    assert written[a] == ({"tw_ptr", "ids_ptr", "h_ptr"} if routed else {"h_ptr"}), written
+
+
+def test_routed_op_cpu_is_routing_then_experts():
+    """The CPU kernel (and fake impl) of fxfuse::moe_routed_experts is the routing reference then the
+    experts reference."""
+    from fxfuse.kernels.moe_experts import moe_experts_reference
+    from fxfuse.kernels.moe_routing import moe_routing_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(3, H, dtype=torch.bfloat16)
+    logits = torch.randn(3, E * 4)
+    bias = torch.randn(E * 4) * 0.1
+    w1 = (torch.randn(E * 4, 2 * I, H) * 0.3).bfloat16().permute(0, 2, 1)
+    w2 = (torch.randn(E * 4, H, I) * 0.3).bfloat16().permute(0, 2, 1)
+    r = _routed_args("deepseek", K)
+    out = torch.ops.fxfuse.moe_routed_experts(x, logits, bias, *r, w1, w2, torch.float32, torch.float32, torch.bfloat16)
+    w, ids, _ = moe_routing_reference(logits, bias, *r[:13], False, r[13])
+    assert torch.equal(out, moe_experts_reference(x, w, ids, w1, w2, torch.float32, torch.float32, torch.bfloat16))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fm:
+        fo = torch.ops.fxfuse.moe_routed_experts(*(fm.from_tensor(t) for t in (x, logits, bias)), *r,
+                                                 fm.from_tensor(w1), fm.from_tensor(w2), torch.float32, torch.float32,
+                                                 torch.bfloat16)
+    assert (fo.shape, fo.dtype) == (out.shape, out.dtype)
+    with pytest.raises(ValueError):  # logits of another expert count than the weights
+        torch.ops.fxfuse.moe_routed_experts(x, logits[:, :E], None, *_routed_args("qwen", K), w1, w2, torch.float32,
+                                            torch.float32, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- TRITON_INTERPRET=1
 
 _INTERP_CASES = [
@@ -347,6 +476,8 @@ def _interp_main() -> None:
             outs.append(Km.moe_experts_triton(x, tw, ids, w1, w2, path=path, out=o, config=_INTERP_CONFIG.get(cid)))
         res[cid] = {"same": bool(torch.equal(outs[0], outs[1])), "err": _rel(outs[0], ref),
                     "finite": bool(torch.isfinite(outs[0]).all())}
+    for case in _ROUTED_CASES:
+        res[case[0]] = _routed_agree(*case)
     for cid, S, E_, bm, bad in _ALIGN_CASES:
         torch.manual_seed(S + E_)
         ids = torch.randint(0, E_, (S,))
@@ -359,6 +490,88 @@ def _interp_main() -> None:
         got = Km._align_triton(lambda k: k, ids, E_, bm)
         res[cid] = _align_agree(want, got, S)
     print(json.dumps(res))
+
+
+# Routing folded into decode kernel A (fxfuse::moe_routed_experts): bit-identical to the routing
+# kernel followed by the decode kernels. (id, M, E, k, H, I, router, logits kind, decode_config override)
+_ROUTED_CASES = [
+    ("routed-qwen-m1", 1, 16, 4, 32, 16, "qwen", "randn", None),
+    ("routed-qwen-m2-ties", 2, 16, 4, 32, 16, "qwen", "ties", None),
+    ("routed-qwen-k8", 2, 32, 8, 32, 16, "qwen", "randn", None),  # kernel B's 3-D vector form
+    ("routed-qwen-vector-forms", 2, 16, 4, 32, 16, "qwen", "ties",
+     {"A_DOT": 0, "B_DOT": 0, "A_BN": 8, "A_BK": 16, "B_BN": 4, "B_BK": 8}),
+    ("routed-mixtral-top2-norenorm", 1, 8, 2, 48, 24, "mixtral", "randn", None),
+    ("routed-mixtral-ties-fp16", 2, 8, 2, 32, 16, "mixtral-fp16", "ties", None),
+    ("routed-deepseek-sigmoid-bias-groups", 2, 32, 4, 32, 16, "deepseek", "randn", None),
+    ("routed-deepseek-ties-fill0", 1, 32, 4, 32, 16, "deepseek-fill0", "ties", None),
+    ("routed-topk-softmax", 2, 16, 2, 32, 16, "topk_softmax", "ties", None),
+    ("routed-prefill-fallback", 5, 8, 2, 32, 16, "qwen", "randn", None),  # tiled: routing launch + experts
+]
+
+
+def _routed_args(router: str, k: int) -> tuple:
+    """fxfuse::moe_routing's arguments from k on (need_scores left out), as the routing pass captures
+    them from transformers' routers: (k, scoring, score_dtype, biased_dtype, n_group, topk_group,
+    group_score, fill, renormalize, renorm_eps, scale, value_dtype, weights_dtype, gather_weights)."""
+    from fxfuse.kernels import moe_routing as R
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    if router == "qwen":  # softmax in fp32 -> top-k -> renormalize -> to(bf16)
+        return (k, R.SCORING_SOFTMAX, f32, f32, 1, 1, R.GROUP_TOP2_SUM, float("-inf"), True, 0.0, 1.0, f32, bf16, True)
+    if router.startswith("mixtral"):  # softmax -> top-2, no renormalize
+        wdt = torch.float16 if router.endswith("fp16") else bf16
+        return (k, R.SCORING_SOFTMAX, f32, f32, 1, 1, R.GROUP_TOP2_SUM, float("-inf"), False, 0.0, 1.0, f32, wdt, True)
+    if router.startswith("deepseek"):  # sigmoid + bias, 8 groups keep 2 (top-2 sums), renorm eps, scale
+        fill = 0.0 if router.endswith("fill0") else float("-inf")
+        return (k, R.SCORING_SIGMOID, f32, f32, 8, 2, R.GROUP_TOP2_SUM, fill, True, 1e-20, 2.5, f32, f32, True)
+    if router == "topk_softmax":  # top-k on the bf16 logits, softmax over the k
+        return (k, R.SCORING_TOPK_SOFTMAX, bf16, bf16, 1, 1, R.GROUP_TOP2_SUM, float("-inf"), False, 0.0, 1.0, f32,
+                f32, True)
+    raise ValueError(router)
+
+
+def _routed_agree(cid: str, M: int, E_: int, k: int, H_: int, I_: int, router: str, logits_kind: str,
+                  config: dict | None) -> dict:
+    """The folded launch against the routing kernel then moe_experts' kernels, every output poisoned."""
+    from fxfuse.kernels import moe_experts as Km
+    from fxfuse.kernels import moe_routing as R
+
+    torch.manual_seed(len(cid) + M)
+    dt = torch.float16 if router.endswith("fp16") else torch.bfloat16
+    x = torch.randn(M, H_, dtype=dt)
+    w1 = (torch.randn(E_, 2 * I_, H_) * 0.2).to(dt).permute(0, 2, 1)
+    w2 = (torch.randn(E_, H_, I_) * 0.2).to(dt).permute(0, 2, 1)
+    if logits_kind == "ties":  # a few distinct values: many exact ties, in the groups' scores too
+        logits = (torch.randint(-2, 3, (M, E_)).float() / 2).to(dt)
+    else:
+        logits = torch.randn(M, E_).to(dt)
+    bias = (torch.randint(-2, 3, (E_,)).float() / 8) if router.startswith("deepseek") else None
+    r = _routed_args(router, k)
+    wdt = r[12]
+    prod = torch.promote_types(dt, wdt)
+    runs = []
+    for poison, junk in ((float("nan"), 12345), (7.0, -5)):
+        w, ids, sc = R._alloc(logits, k, r[2], wdt, False)
+        w.fill_(poison)
+        ids.fill_(junk)
+        R.moe_routing_triton(logits, bias, *r[:13], False, r[13], out=(w, ids, sc))
+        o = torch.full((M, H_), poison, dtype=dt)
+        Km.moe_experts_triton(x, w, ids, w1, w2, prod, prod, dt, out=o, config=config)
+        fw, fids = torch.full((M, k), poison, dtype=wdt), torch.full((M, k), junk, dtype=torch.int64)
+        fo = torch.full((M, H_), poison, dtype=dt)
+        Km.moe_routed_experts_triton(x, logits, bias, *r, w1, w2, prod, prod, dt, out=fo, routing_out=(fw, fids),
+                                     config=config)
+        runs.append((w, ids, o, fw, fids, fo))
+    (w, ids, o, fw, fids, fo), again = runs[0], runs[1]
+    cpu = torch.ops.fxfuse.moe_routed_experts(x, logits, bias, *r, w1, w2, prod, prod, dt)
+    return {
+        "decode": Km.choose_path(M, k, E_) == Km.PATH_DECODE,
+        "out_equal": bool(torch.equal(o, fo)), "weights_equal": bool(torch.equal(w, fw)),
+        "ids_equal": bool(torch.equal(ids, fids)), "poison_independent": all(torch.equal(a, b) for a, b in zip(runs[0], again)),
+        "finite": bool(torch.isfinite(fo).all() and torch.isfinite(fw).all()),
+        "ids_in_range": bool(((fids >= 0) & (fids < E_)).all()),
+        "err_vs_cpu_op": _rel(fo, cpu),
+    }
 
 
 # (id, pairs S, experts E, BLOCK_M, with dropped ids)
@@ -399,6 +612,18 @@ def test_triton_kernels_interpreted(interp_results, cid):
     r = interp_results[cid]
     assert r["finite"] and r["same"], r
     assert r["err"] < 1e-2, r
+
+
+@pytest.mark.parametrize("cid", [c[0] for c in _ROUTED_CASES])
+def test_routed_kernels_interpreted(interp_results, cid):
+    """The routing folded into decode kernel A: the combined output, and the (weights, ids) it hands
+    to kernel B, bit for bit those of the routing kernel followed by the decode kernels (one routing
+    implementation, `route_row`); ties resolve alike; every output written (poisoned before)."""
+    r = interp_results[cid]
+    assert r["decode"] == (cid != "routed-prefill-fallback"), r
+    assert r["out_equal"] and r["weights_equal"] and r["ids_equal"], r
+    assert r["poison_independent"] and r["finite"] and r["ids_in_range"], r
+    assert r["err_vs_cpu_op"] < 1e-2, r
 
 
 if __name__ == "__main__" and "--interp-json" in sys.argv:

@@ -170,3 +170,129 @@ def test_fake_cuda_gate_classes_split_prefill(monkeypatch, M: int, fuses: bool) 
     if not fuses:
         reasons = [m.reason for m in fxfuse.report().near_misses if m.family == "moe_experts"]
         assert any("prefill-large" in r and "0.80x" in r for r in reasons), reasons
+
+
+# ----------------------------------------------------------------------------- routing folded into decode
+
+
+def _kernel_names(gm: fx.GraphModule) -> list[str]:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    hops = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    return [getattr(k, "fn", k).__name__ for k in (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in hops)]
+
+
+def _fused(gm: fx.GraphModule, **options) -> fx.GraphModule:
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    fxfuse.FusionPasses(options={"gate": False, **options})(gm.graph)
+    return gm
+
+
+@pytest.mark.parametrize(
+    "model,impl,sentinels,M",
+    [("qwen", "grouped_mm", False, 1), ("qwen", "grouped_mm", False, 2), ("mixtral", "batched_mm", False, 1),
+     ("mixtral", "batched_mm", False, 2), ("qwen", "grouped_mm", True, 1)],
+    ids=["qwen-grouped_mm-M1", "qwen-grouped_mm-M2", "mixtral-batched_mm-M1", "mixtral-batched_mm-M2",
+         "qwen-grouped_mm-sentinels-M1"],
+)
+def test_fake_cuda_decode_folds_routing(model: str, impl: str, sentinels: bool, M: int) -> None:
+    """At decode (static M) the fused router's only consumer is the fused experts: the routing runs
+    inside the experts' decode kernel A, two launches for the whole block (router GEMM aside). Both
+    families keep their counts; the report names the folded kernel for both."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    from kernel_checks import assert_full_signatures
+
+    gm = _post_grad_on_fake_cuda(_block(model, impl, sentinels), torch.randn(1, M, H, dtype=BF16))
+    unfolded = _kernel_names(_fused(copy.deepcopy(gm), moe_fold_routing=False))
+    assert unfolded[0] == "_moe_routing_kernel" and len(unfolded) == 3, unfolded
+    before = set(gm.graph.nodes)
+    _fused(gm)
+    assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+    assert not fxfuse.report().errors and not fxfuse.report().near_misses, fxfuse.report()
+    names = _kernel_names(gm)
+    assert names == ["_moe_decode_routed_gate_up_dot_kernel", unfolded[2]], names
+    hops = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert_full_signatures(hops)
+    decomposed = select_decomp_table()
+    assert not [n for n in gm.graph.nodes if n not in before and n.target in decomposed and n.target not in lowerings]
+    assert not any("fxfuse" in str(n.target) for n in gm.graph.nodes)
+    assert not any(n.target is torch.ops.aten.topk.default for n in gm.graph.nodes)
+    fusions = {f.name: f for f in fxfuse.report().fusions}
+    assert fusions["moe_experts"].kernel == fusions["moe_routing"].kernel == "triton:fxfuse_moe_routed_experts"
+    assert fusions["moe_experts"].detail.endswith("+routing folded") and "folded" in fusions["moe_routing"].detail
+
+
+def _router(block: torch.nn.Module, leak: str):
+    """Qwen3's router and experts written out, one routing tensor also returned (a second user)."""
+    gate, experts = block.gate, block.experts
+
+    def fn(h):
+        h = h.view(-1, H)
+        logits = torch.nn.functional.linear(h, gate.weight)
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        w, ids = torch.topk(probs, K, dim=-1)
+        w = (w / w.sum(dim=-1, keepdim=True)).to(logits.dtype)
+        y = experts(h, ids, w)
+        return y, {"weights": w, "ids": ids, "scores": probs, "none": None}[leak]
+
+    return fn
+
+
+@pytest.mark.parametrize("leak", ["weights", "ids", "scores", "none"])
+def test_fake_cuda_fold_near_misses(leak: str) -> None:
+    """The routing stays a launch of its own when its weights, ids or full scores are also used
+    outside the experts (the folded kernel keeps the routing in registers); fused as before."""
+    gm = _post_grad_on_fake_cuda(_router(_block("qwen", "grouped_mm"), leak), torch.randn(1, 1, H, dtype=BF16))
+    names = _kernel_names(_fused(gm))
+    assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+    assert not fxfuse.report().errors
+    folded = leak == "none"
+    assert ("_moe_routing_kernel" not in names) == folded, names
+    assert ("_moe_decode_routed_gate_up_dot_kernel" in names) == folded, names
+
+
+@pytest.mark.parametrize("M", [3, 64])
+def test_fake_cuda_tiled_path_keeps_routing_launch(M: int) -> None:
+    """Past the decode path (M=3: 6 pairs over 8 experts; M=64) nothing folds: the tiled kernels
+    read the routing from memory."""
+    gm = _fused(_post_grad_on_fake_cuda(_block("qwen", "grouped_mm"), torch.randn(1, M, H, dtype=BF16)))
+    names = _kernel_names(gm)
+    assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+    assert names[0] == "_moe_routing_kernel" and not any("routed" in n for n in names), names
+    assert not any("folded" in f.detail for f in fxfuse.report().fusions)
+
+
+def test_fake_cuda_fold_failure_keeps_both_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal error while folding keeps the two fused ops (logged as an error, not a crash), and
+    raises under strict=True."""
+    from fxfuse.patterns import moe_experts as pat
+
+    real = pat.fold_routing
+
+    def broken(graph, m, enabled=True):
+        fold, why = real(graph, m, enabled)
+        if fold is not None:
+            fold.rec.params = {**fold.rec.params, "scoring": 99}  # the routed op's argument check raises
+        return fold, why
+
+    monkeypatch.setattr(pat, "fold_routing", broken)
+    gm = _post_grad_on_fake_cuda(_block("qwen", "grouped_mm"), torch.randn(1, 1, H, dtype=BF16))
+    strict_gm = copy.deepcopy(gm)
+    names = _kernel_names(_fused(gm))
+    assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
+    assert names[0] == "_moe_routing_kernel" and len(names) == 3, names
+    errors = fxfuse.report().errors
+    assert len(errors) == 1 and "routing fold" in errors[0], errors
+    with pytest.raises(ValueError, match="scoring"):
+        fxfuse.FusionPasses(strict=True, options={"gate": False})(strict_gm.graph)
+
+
+def test_fold_option_is_validated_and_keyed() -> None:
+    """The switch is a known pipeline option; the cache key changes with it."""
+    on, off = fxfuse.FusionPasses(), fxfuse.FusionPasses(options={"moe_fold_routing": False})
+    assert on.uuid() != off.uuid()
+    with pytest.raises(TypeError):
+        fxfuse.FusionPasses(options={"moe_fold_routing": 0})

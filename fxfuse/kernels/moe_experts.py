@@ -7,6 +7,10 @@ This module knows nothing about FX.  It provides:
 * ``torch.ops.fxfuse.moe_experts`` -- a ``torch.library.triton_op`` launching through
   ``wrap_triton`` (so Inductor emits user-defined Triton kernels, not a Python fallback).
 * :func:`moe_experts_triton` -- plain launcher (eager CUDA, or CPU under ``TRITON_INTERPRET=1``).
+* ``torch.ops.fxfuse.moe_routed_experts`` / :func:`moe_routed_experts_triton` -- the same from the
+  router logits: ``fxfuse::moe_routing`` then ``fxfuse::moe_experts``, except that on the decode
+  path kernel A routes its token itself (``moe_routing.route_row``, the routing kernel's code) and
+  hands the (weights, ids) to kernel B: one launch fewer.
 * :func:`selected_weight_bytes` -- the weight-streaming floor model for benchmarks.
 
 No host synchronization anywhere: expert ids are read on the GPU, every grid comes from static
@@ -42,13 +46,15 @@ Two paths, chosen from the static token count (symbolic token counts take the ti
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import moe_routing as _routing
+from .moe_routing import route_row
 from .quant_common import DT_CODE as _DT_CODE, round_to
 
 __all__ = [
@@ -58,6 +64,8 @@ __all__ = [
     "moe_experts",
     "moe_experts_reference",
     "moe_experts_triton",
+    "moe_routed_experts",
+    "moe_routed_experts_triton",
     "choose_path",
     "decode_config",
     "gate_classes",
@@ -218,26 +226,48 @@ def _gate_up_acc(a_ptrs, rmask, bg_ptrs, bu_ptrs, mask_n, H, stride_w1k,
 
 
 @triton.jit
-def _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP: tl.constexpr):
-    """(pair, token, expert, valid) of a decode program: pair = program_id(0); an id outside
-    [0, E) is clamped to 0 (loads stay in bounds) and marked invalid (its output is zero)."""
-    pair = tl.program_id(0)
-    tok = pair // K_TOP
-    e = tl.load(ids_ptr + tok * stride_idm + (pair % K_TOP) * stride_idk).to(tl.int64)
+def _pair_expert(ids_ptr, tok, slot, stride_idm, stride_idk, E):
+    """(expert, valid) of a decode program's (token, slot) pair: an id outside [0, E) is clamped to 0
+    (loads stay in bounds) and marked invalid (its output is zero).
+
+    The kernels take pair = program_id(0) and its token themselves: a value a helper returns is, to
+    Inductor's mutation analysis of user kernels, derived from every argument of the call, so a
+    store address built from it would mark the ids (or router logits) as written: cloned copies."""
+    e = tl.load(ids_ptr + tok * stride_idm + slot * stride_idk).to(tl.int64)
     valid = (e >= 0) & (e < E)
-    return pair, tok, tl.where(valid, e, 0), valid
+    return tl.where(valid, e, 0), valid
 
 
 @triton.jit
-def _moe_decode_gate_up_kernel(
-    x_ptr, ids_ptr, w1_ptr, h_ptr,
-    stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
-    E, H, I,
-    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One program per (pair, N-block): gate and up rows of expert ids[pair] times x[token]."""
-    pair, tok, e, valid = _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP)
+def _routed_pair_expert(logits_ptr, bias_ptr, tw_ptr, ids_ptr, tok, slot, stride_l, fill, renorm_eps, scale,
+                        E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, SCORING: tl.constexpr,
+                        SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                        GROUP_SCORE: tl.constexpr, G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
+                        RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr):
+    """`_pair_expert` of a routed decode program: the program routes its token itself (`route_row`,
+    the routing kernel's math, redundantly per program: one row of logits) and takes its slot's
+    expert. The programs of slot 0 and N-block 0 write the token's k (weights, ids) for kernel B."""
+    vals, ids = route_row(
+        logits_ptr + tok.to(tl.int64) * stride_l, bias_ptr, logits_ptr, fill, renorm_eps, scale,
+        E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
+        G_PAD, GS, GS_PAD, RENORM, HAS_EPS, HAS_SCALE, GATHER_W, FILL_NINF, NATIVE, False,
+    )
+    kr = tl.arange(0, K_PAD)
+    first = kr + (slot + tl.program_id(1)) * K_PAD < K  # kr < K on slot 0 of N-block 0, else none
+    tl.store(tw_ptr + tok.to(tl.int64) * K + kr, vals.to(tw_ptr.dtype.element_ty), mask=first)
+    tl.store(ids_ptr + tok.to(tl.int64) * K + kr, ids, mask=first)
+    e = tl.sum(tl.where(kr == slot, ids, 0), axis=0)
+    valid = (e >= 0) & (e < E)  # always, but for NaN logits (unsupported): then no load goes astray
+    return tl.where(valid, e, 0), valid
+
+
+@triton.jit
+def _gate_up_vec(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid,
+                 stride_xm, stride_w1e, stride_w1k, stride_w1n, stride_hm, H, I,
+                 ACT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Kernel A's vector form for one (pair, N-block): gate and up rows of expert e times x[tok]."""
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -261,20 +291,16 @@ def _moe_decode_gate_up_kernel(
 
 
 @triton.jit
-def _moe_decode_gate_up_dot_kernel(
-    x_ptr, ids_ptr, w1_ptr, h_ptr,
-    stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
-    E, H, I,
-    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Kernel A as a 16-row ``tl.dot`` (row 0 is x[token], the rest masked to zero).
+def _gate_up_dot(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid,
+                 stride_xm, stride_w1e, stride_w1k, stride_w1n, stride_hm, H, I,
+                 ACT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Kernel A's 16-row ``tl.dot`` form for one (pair, N-block) (row 0 is x[tok], the rest masked
+    to zero).
 
     Same arithmetic as the vector form (fp32 accumulation of one row), but the weight loads feed a
     dot, so Triton's software pipeliner keeps ``num_stages`` tiles in flight per program: a decode
     step is bound by how many weight bytes are in flight, not by FLOPs (15 wasted rows are free).
     """
-    pair, tok, e, valid = _pair_expert(ids_ptr, stride_idm, stride_idk, E, K_TOP)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     r = tl.arange(0, 16)
@@ -288,6 +314,87 @@ def _moe_decode_gate_up_dot_kernel(
     h = tl.where(valid, h, 0.0)
     h_ptrs = h_ptr + pair.to(tl.int64) * stride_hm + r[:, None] * 0 + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=first[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _moe_decode_gate_up_kernel(
+    x_ptr, ids_ptr, w1_ptr, h_ptr,
+    stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    E, H, I,
+    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per (pair, N-block): gate and up rows of expert ids[pair] times x[token]."""
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    e, valid = _pair_expert(ids_ptr, tok, pair % K_TOP, stride_idm, stride_idk, E)
+    _gate_up_vec(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
+                 stride_hm, H, I, ACT, NATIVE, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _moe_decode_gate_up_dot_kernel(
+    x_ptr, ids_ptr, w1_ptr, h_ptr,
+    stride_xm, stride_idm, stride_idk, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    E, H, I,
+    K_TOP: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Kernel A as a 16-row ``tl.dot`` (`_gate_up_dot`) of expert ids[pair]."""
+    pair = tl.program_id(0)
+    tok = pair // K_TOP
+    e, valid = _pair_expert(ids_ptr, tok, pair % K_TOP, stride_idm, stride_idk, E)
+    _gate_up_dot(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
+                 stride_hm, H, I, ACT, NATIVE, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _moe_decode_routed_gate_up_kernel(
+    x_ptr, logits_ptr, bias_ptr, tw_ptr, ids_ptr, w1_ptr, h_ptr,
+    stride_xm, stride_l, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    H, I, fill, renorm_eps, scale,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, SCORING: tl.constexpr,
+    SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+    G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
+    RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Kernel A (vector form) with the routing folded in: router logits in, the token's top-k
+    (weights, ids) out for kernel B (`_routed_pair_expert`); the routing launch is gone."""
+    pair = tl.program_id(0)
+    tok = pair // K
+    e, valid = _routed_pair_expert(
+        logits_ptr, bias_ptr, tw_ptr, ids_ptr, tok, pair % K, stride_l, fill, renorm_eps, scale,
+        E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
+        G_PAD, GS, GS_PAD, RENORM, HAS_EPS, HAS_SCALE, GATHER_W, FILL_NINF, NATIVE)
+    _gate_up_vec(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
+                 stride_hm, H, I, ACT, NATIVE, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _moe_decode_routed_gate_up_dot_kernel(
+    x_ptr, logits_ptr, bias_ptr, tw_ptr, ids_ptr, w1_ptr, h_ptr,
+    stride_xm, stride_l, stride_w1e, stride_w1k, stride_w1n, stride_hm,
+    H, I, fill, renorm_eps, scale,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, SCORING: tl.constexpr,
+    SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+    G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
+    RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Kernel A (dot form) with the routing folded in (see `_moe_decode_routed_gate_up_kernel`)."""
+    pair = tl.program_id(0)
+    tok = pair // K
+    e, valid = _routed_pair_expert(
+        logits_ptr, bias_ptr, tw_ptr, ids_ptr, tok, pair % K, stride_l, fill, renorm_eps, scale,
+        E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
+        G_PAD, GS, GS_PAD, RENORM, HAS_EPS, HAS_SCALE, GATHER_W, FILL_NINF, NATIVE)
+    _gate_up_dot(x_ptr, w1_ptr, h_ptr, pair, tok, e, valid, stride_xm, stride_w1e, stride_w1k, stride_w1n,
+                 stride_hm, H, I, ACT, NATIVE, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -634,7 +741,10 @@ def _launch(
     path: int,
     out: Optional[torch.Tensor] = None,
     config: Optional[dict] = None,
+    route: Optional[dict] = None,
 ) -> torch.Tensor:
+    """`route` (decode path only): kernel A routes each token itself from route["logits"] (see
+    `_launch_routed`) and writes `topk_w` and `topk_ids`, which are then its output buffers."""
     M, H = x.shape
     K = topk_ids.shape[1]
     E = w1.shape[0]
@@ -649,21 +759,34 @@ def _launch(
         return out if out is not None else res
     if path == PATH_AUTO:
         path = choose_path(M, K, E)
+    if route is not None and path != PATH_DECODE:
+        raise ValueError("moe_experts: the routing folds into the decode path only")
     if path == PATH_DECODE:
         c = {**decode_config(H, I, K), **(config or {})}
         h = torch.empty((S, I), dtype=x.dtype, device=x.device)
         if out is None:
             out = torch.empty((M, H), dtype=out_dtype, device=x.device)
-        kern_a = _moe_decode_gate_up_dot_kernel if c.get("A_DOT") else _moe_decode_gate_up_kernel
         extra_a = {"num_stages": c["A_STAGES"]} if native and c.get("A_DOT") else {}
-        wrap(kern_a)[(S, triton.cdiv(I, c["A_BN"]))](
-            x, topk_ids, w1, h,
-            x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
-            h.stride(0),
-            E, H, I,
-            K_TOP=K, ACT=act, NATIVE=native, BLOCK_N=c["A_BN"], BLOCK_K=c["A_BK"], num_warps=c["A_WARPS"],
-            **extra_a,
-        )
+        grid_a = (S, triton.cdiv(I, c["A_BN"]))
+        if route is not None:
+            kern_a = _moe_decode_routed_gate_up_dot_kernel if c.get("A_DOT") else _moe_decode_routed_gate_up_kernel
+            logits, bias = route["logits"], route["bias"]
+            wrap(kern_a)[grid_a](
+                x, logits, bias if bias is not None else logits, topk_w, topk_ids, w1, h,
+                x.stride(0), logits.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0),
+                H, I, *route["scalars"],
+                **route["meta"], ACT=act, BLOCK_N=c["A_BN"], BLOCK_K=c["A_BK"], num_warps=c["A_WARPS"], **extra_a,
+            )
+        else:
+            kern_a = _moe_decode_gate_up_dot_kernel if c.get("A_DOT") else _moe_decode_gate_up_kernel
+            wrap(kern_a)[grid_a](
+                x, topk_ids, w1, h,
+                x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+                h.stride(0),
+                E, H, I,
+                K_TOP=K, ACT=act, NATIVE=native, BLOCK_N=c["A_BN"], BLOCK_K=c["A_BK"], num_warps=c["A_WARPS"],
+                **extra_a,
+            )
         kern_b = _moe_decode_down_dot_kernel if c.get("B_DOT") else _moe_decode_down_kernel
         extra_b = {"num_stages": c["B_STAGES"]} if native and c.get("B_DOT") else {}
         wrap(kern_b)[(M, triton.cdiv(H, c["B_BN"]))](
@@ -812,3 +935,181 @@ def moe_experts_triton(
     out_dtype = out_dtype or x.dtype
     return _launch(lambda k: k, x, topk_w, topk_ids, w1, w2, prod_dtype, sum_dtype, out_dtype, path, out=out,
                    config=config)
+
+
+# ----------------------------------------------------------------------------
+# Routing folded in: router logits -> combined output (decode: one launch fewer)
+# ----------------------------------------------------------------------------
+
+
+class _Routing(NamedTuple):
+    """The routing op's arguments from `k` on (need_scores left out; weights_dtype is its out_dtype)."""
+
+    k: int
+    scoring: int
+    score_dtype: torch.dtype
+    biased_dtype: torch.dtype
+    n_group: int
+    topk_group: int
+    group_score: int
+    fill: float
+    renormalize: bool
+    renorm_eps: float
+    scale: float
+    value_dtype: torch.dtype
+    weights_dtype: torch.dtype
+    gather_weights: bool
+
+
+def _routed_buffers(x: torch.Tensor, k: int, weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token's top-k (weights, ids) as kernel A writes them for kernel B."""
+    M = x.shape[0]
+    return (torch.empty((M, k), dtype=weights_dtype, device=x.device),
+            torch.empty((M, k), dtype=torch.int64, device=x.device))
+
+
+def _check_routed(x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor], r: _Routing,
+                  tw: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
+    _routing.check_args(logits, bias, r.k, r.scoring, r.score_dtype, r.biased_dtype, r.n_group, r.topk_group,
+                        r.group_score, r.value_dtype, r.weights_dtype, r.fill)
+    check_args(x, tw, ids, w1, w2)
+    if logits.shape[0] != x.shape[0] or logits.shape[1] != w1.shape[0]:
+        raise ValueError(f"moe_routed_experts: logits {tuple(logits.shape)} are not [tokens, experts] of "
+                         f"x{tuple(x.shape)} w1{tuple(w1.shape)}")
+
+
+def _launch_routed(wrap, x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor], r: _Routing,
+                   w1: torch.Tensor, w2: torch.Tensor, prod_dtype: torch.dtype, sum_dtype: torch.dtype,
+                   out_dtype: torch.dtype, out: Optional[torch.Tensor] = None,
+                   routing_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   config: Optional[dict] = None) -> torch.Tensor:
+    """Decode: kernel A routes (`_routed_pair_expert`), kernel B as ever: two launches for routing
+    and experts. Any other path launches the routing kernel, then the experts' kernels."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    tw, ids = routing_out if routing_out is not None else _routed_buffers(x, r.k, r.weights_dtype)
+    if choose_path(x.shape[0], r.k, w1.shape[0]) != PATH_DECODE:
+        empty = torch.empty((0,), dtype=r.score_dtype, device=x.device)
+        _routing.launch(wrap, logits, bias, *r[:13], False, r.gather_weights, out=(tw, ids, empty))
+        return _launch(wrap, x, tw, ids, w1, w2, prod_dtype, sum_dtype, out_dtype, PATH_AUTO, out=out, config=config)
+    route = dict(logits=logits, bias=bias, scalars=_routing.row_scalars(r.fill, r.renorm_eps, r.scale),
+                 meta=_routing.row_meta(logits, bias, *r))
+    return _launch(wrap, x, tw, ids, w1, w2, prod_dtype, sum_dtype, out_dtype, PATH_DECODE, out=out, config=config,
+                   route=route)
+
+
+@triton_op("fxfuse::moe_routed_experts", mutates_args=())
+def moe_routed_experts(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    weights_dtype: torch.dtype,
+    gather_weights: bool,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``fxfuse::moe_routing`` (its arguments from `k` on, `weights_dtype` its `out_dtype`, no scores)
+    then ``fxfuse::moe_experts`` -> combined output [M, H]; at decode the routing runs inside the
+    experts' first kernel. Body doubles as the fake impl."""
+    routing = _Routing(k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score, fill, renormalize,
+                       renorm_eps, scale, value_dtype, weights_dtype, gather_weights)
+    if x.device.type == "cpu":
+        return _moe_routed_experts_cpu(x, logits, bias, *routing, w1, w2, prod_dtype, sum_dtype, out_dtype)
+    tw, ids = _routed_buffers(x, k, weights_dtype)
+    _check_routed(x, logits, bias, routing, tw, ids, w1, w2)
+    return _launch_routed(wrap_triton, x, logits, bias, routing, w1, w2, prod_dtype, sum_dtype, out_dtype,
+                          routing_out=(tw, ids))
+
+
+def _moe_routed_experts_cpu(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    weights_dtype: torch.dtype,
+    gather_weights: bool,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """CPU has no Triton: the routing reference, then the experts reference (fresh output)."""
+    tw, ids, _ = _routing.moe_routing_reference(logits, bias, k, scoring, score_dtype, biased_dtype, n_group,
+                                                topk_group, group_score, fill, renormalize, renorm_eps, scale,
+                                                value_dtype, weights_dtype, False, gather_weights)
+    _check_routed(x, logits, bias, _Routing(k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+                                            fill, renormalize, renorm_eps, scale, value_dtype, weights_dtype,
+                                            gather_weights), tw, ids, w1, w2)
+    return moe_experts_reference(x, tw, ids, w1, w2, prod_dtype, sum_dtype, out_dtype).contiguous()
+
+
+moe_routed_experts.register_kernel("cpu")(_moe_routed_experts_cpu)
+
+
+def moe_routed_experts_triton(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    weights_dtype: torch.dtype,
+    gather_weights: bool,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    prod_dtype: torch.dtype,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    *,
+    out: Optional[torch.Tensor] = None,
+    routing_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Launch the raw kernels (no dispatcher): eager CUDA, or CPU tensors under TRITON_INTERPRET=1.
+
+    `out` and `routing_out` = (weights [M, k], ids [M, k] int64), the routing as kernel B reads it,
+    are caller buffers (tests poison them; both fully written); `config` overrides decode_config."""
+    routing = _Routing(k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score, fill, renormalize,
+                       renorm_eps, scale, value_dtype, weights_dtype, gather_weights)
+    tw, ids = routing_out if routing_out is not None else _routed_buffers(x, k, weights_dtype)
+    _check_routed(x, logits, bias, routing, tw, ids, w1, w2)
+    return _launch_routed(lambda kern: kern, x, logits, bias, routing, w1, w2, prod_dtype, sum_dtype, out_dtype,
+                          out=out, routing_out=(tw, ids), config=config)

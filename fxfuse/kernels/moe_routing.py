@@ -208,31 +208,34 @@ def _finite_fill(fill: float) -> float:
 
 
 @triton.jit
-def _moe_routing_kernel(
-    logits_ptr, bias_ptr, w_ptr, ids_ptr, scores_ptr,
-    stride_l,
+def route_row(
+    logits_row, bias_ptr, scores_row,
     fill, renorm_eps, scale,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
     SCORING: tl.constexpr, SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
     G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
     RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NEED_SCORES: tl.constexpr, GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr,
+    GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr, NEED_SCORES: tl.constexpr,
 ):
-    """One program per token. The row lives in registers as a [G_PAD, GS_PAD] tile (groups x
-    experts per group; one group when ungrouped), so group reductions are along axis 1 and the
-    expert top-k reduces both axes. Top-k = K passes of (max, lowest index among the max)."""
+    """The routing of one token row -> (weights [K_PAD] fp32, exact in OUT_DT; ids [K_PAD] int64),
+    lanes >= K undefined. The one implementation of the routing math: the routing kernel and the
+    routed decode kernel of moe_experts (which folds the routing into its gate_up programs) call it.
+
+    The row lives in registers as a [G_PAD, GS_PAD] tile (groups x experts per group; one group
+    when ungrouped), so group reductions are along axis 1 and the expert top-k reduces both axes.
+    Top-k = K passes of (max, lowest index among the max). NEED_SCORES stores the rounded scores
+    at `scores_row`."""
     fill = tl.cast(fill, tl.float32)
     renorm_eps = tl.cast(renorm_eps, tl.float32)
     scale = tl.cast(scale, tl.float32)
-    row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_PAD)[:, None]
     j = tl.arange(0, GS_PAD)[None, :]
     col = g * GS + j  # expert index
     valid = (g < N_GROUP) & (j < GS)
     NEG = float("-inf")
 
-    x = tl.load(logits_ptr + row * stride_l + col, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(logits_row + col, mask=valid, other=0.0).to(tl.float32)
     if SCORING == 0:
         xm = tl.where(valid, x, NEG)
         mx = tl.max(tl.max(xm, axis=1), axis=0)
@@ -248,7 +251,7 @@ def _moe_routing_kernel(
         s = x
     s = round_to(s, SCORE_DT, NATIVE)
     if NEED_SCORES:
-        tl.store(scores_ptr + row * E + col, s.to(scores_ptr.dtype.element_ty), mask=valid)
+        tl.store(scores_row + col, s.to(scores_row.dtype.element_ty), mask=valid)
     sel = s
     if HAS_BIAS:
         b = tl.load(bias_ptr + col, mask=valid, other=0.0).to(tl.float32)
@@ -306,9 +309,74 @@ def _moe_routing_kernel(
         vals = round_to(tl.math.div_rn(vals, ssum + tl.zeros_like(vals)), VALUE_DT, NATIVE)
     if HAS_SCALE:
         vals = round_to(vals * scale, VALUE_DT, NATIVE)
-    vals = round_to(vals, OUT_DT, NATIVE)  # RNE in the interpreter too; the cast is then exact
+    vals = round_to(vals, OUT_DT, NATIVE)  # RNE in the interpreter too; the caller's cast is then exact
+    return vals, ids
+
+
+@triton.jit
+def _moe_routing_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, scores_ptr,
+    stride_l,
+    fill, renorm_eps, scale,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, SCORE_DT: tl.constexpr, BIASED_DT: tl.constexpr, VALUE_DT: tl.constexpr, OUT_DT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+    G_PAD: tl.constexpr, GS: tl.constexpr, GS_PAD: tl.constexpr,
+    RENORM: tl.constexpr, HAS_EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    NEED_SCORES: tl.constexpr, GATHER_W: tl.constexpr, FILL_NINF: tl.constexpr, NATIVE: tl.constexpr,
+):
+    """One program per token: `route_row`, then the row's k weights and ids (and scores)."""
+    row = tl.program_id(0).to(tl.int64)
+    vals, ids = route_row(
+        logits_ptr + row * stride_l, bias_ptr, scores_ptr + row * E, fill, renorm_eps, scale,
+        E, K, K_PAD, SCORING, SCORE_DT, BIASED_DT, VALUE_DT, OUT_DT, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SCORE,
+        G_PAD, GS, GS_PAD, RENORM, HAS_EPS, HAS_SCALE, GATHER_W, FILL_NINF, NATIVE, NEED_SCORES,
+    )
+    kr = tl.arange(0, K_PAD)
+    kvalid = kr < K
     tl.store(w_ptr + row * K + kr, vals.to(w_ptr.dtype.element_ty), mask=kvalid)
     tl.store(ids_ptr + row * K + kr, ids, mask=kvalid)
+
+
+def row_meta(
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    gather_weights: bool = True,
+) -> dict:
+    """The constexpr kwargs of `route_row` but NEED_SCORES (pure Python on static shapes: fake-safe);
+    arguments in the op's order. Every kernel that calls `route_row` takes them under these names."""
+    E = logits.shape[1]
+    gs = E // n_group
+    return dict(
+        E=E, K=k, K_PAD=triton.next_power_of_2(k),
+        SCORING=int(scoring), SCORE_DT=_DT_CODE[score_dtype], BIASED_DT=_DT_CODE[biased_dtype],
+        VALUE_DT=_DT_CODE[value_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_BIAS=bias is not None,
+        N_GROUP=int(n_group), TOPK_GROUP=int(topk_group) if n_group > 1 else 0,
+        GROUP_SCORE=int(group_score),
+        G_PAD=triton.next_power_of_2(n_group), GS=gs, GS_PAD=triton.next_power_of_2(gs),
+        RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
+        GATHER_W=bool(gather_weights) and (bias is not None or n_group > 1),
+        FILL_NINF=float(fill) == float("-inf"),  # -inf is a constexpr: no inf literal in generated code
+        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+    )
+
+
+def row_scalars(fill: float, renorm_eps: float, scale: float) -> tuple[float, float, float]:
+    """The runtime (fill, renorm_eps, scale) arguments of `route_row`."""
+    return _finite_fill(fill), float(renorm_eps), float(scale)
 
 
 def _meta(
@@ -331,22 +399,13 @@ def _meta(
     gather_weights: bool = True,
     fill: float = 0.0,
 ) -> dict:
-    """Constexpr kwargs + num_warps (pure Python on static shapes: fake-safe)."""
+    """Constexpr kwargs + num_warps of the routing kernel (pure Python on static shapes: fake-safe)."""
     E = logits.shape[1]
-    gs = E // n_group
-    block = triton.next_power_of_2(n_group) * triton.next_power_of_2(gs)
+    block = triton.next_power_of_2(n_group) * triton.next_power_of_2(E // n_group)
     return dict(
-        E=E, K=k, K_PAD=triton.next_power_of_2(k),
-        SCORING=int(scoring), SCORE_DT=_DT_CODE[score_dtype], BIASED_DT=_DT_CODE[biased_dtype],
-        VALUE_DT=_DT_CODE[value_dtype], OUT_DT=_DT_CODE[out_dtype], HAS_BIAS=bias is not None,
-        N_GROUP=int(n_group), TOPK_GROUP=int(topk_group) if n_group > 1 else 0,
-        GROUP_SCORE=int(group_score),
-        G_PAD=triton.next_power_of_2(n_group), GS=gs, GS_PAD=triton.next_power_of_2(gs),
-        RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
+        **row_meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score, fill,
+                   renormalize, renorm_eps, scale, value_dtype, out_dtype, gather_weights),
         NEED_SCORES=bool(need_scores),
-        GATHER_W=bool(gather_weights) and (bias is not None or n_group > 1),
-        FILL_NINF=float(fill) == float("-inf"),  # -inf is a constexpr: no inf literal in generated code
-        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps if num_warps is not None else (1 if block <= 256 else 2),
     )
 
@@ -357,6 +416,42 @@ def _alloc(logits: torch.Tensor, k: int, score_dtype: torch.dtype, out_dtype: to
     w = torch.empty((M, k), dtype=out_dtype, device=logits.device)
     ids = torch.empty((M, k), dtype=torch.int64, device=logits.device)
     scores = torch.empty((M, E) if need_scores else (0,), dtype=score_dtype, device=logits.device)
+    return w, ids, scores
+
+
+def launch(
+    wrap,
+    logits: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    scoring: int,
+    score_dtype: torch.dtype,
+    biased_dtype: torch.dtype,
+    n_group: int,
+    topk_group: int,
+    group_score: int,
+    fill: float,
+    renormalize: bool,
+    renorm_eps: float,
+    scale: float,
+    value_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_scores: bool,
+    gather_weights: bool = True,
+    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the routing kernel through `wrap` (wrap_triton in the op, identity in plain launchers)
+    on row-contiguous logits; `out` = caller buffers (w, ids, scores)."""
+    w, ids, scores = out if out is not None else _alloc(logits, k, score_dtype, out_dtype, need_scores)
+    meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps, gather_weights, fill)
+    M = logits.shape[0]
+    if not (isinstance(M, int) and M == 0):  # a zero-size grid is an error
+        wrap(_moe_routing_kernel)[(M,)](
+            logits, bias if bias is not None else logits, w, ids, scores,
+            logits.stride(0), *row_scalars(fill, renorm_eps, scale), **meta,
+        )
     return w, ids, scores
 
 
@@ -391,15 +486,8 @@ def moe_routing(
         logits = logits.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    w, ids, scores = _alloc(logits, k, score_dtype, out_dtype, need_scores)
-    meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, None, gather_weights, fill)
-    M = logits.shape[0]
-    wrap_triton(_moe_routing_kernel)[(M,)](
-        logits, bias if bias is not None else logits, w, ids, scores,
-        logits.stride(0), _finite_fill(fill), float(renorm_eps), float(scale), **meta,
-    )
-    return w, ids, scores
+    return launch(wrap_triton, logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
+                  fill, renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, gather_weights)
 
 
 def _moe_routing_cpu(
@@ -462,16 +550,9 @@ def moe_routing_triton(
                value_dtype, out_dtype, fill)
     if logits.stride(1) != 1:
         raise ValueError("moe_routing: logits rows must be contiguous (stride(1) == 1)")
-    w, ids, scores = out if out is not None else _alloc(logits, k, score_dtype, out_dtype, need_scores)
-    meta = _meta(logits, bias, k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                 renormalize, renorm_eps, scale, value_dtype, out_dtype, need_scores, num_warps, gather_weights, fill)
-    M = logits.shape[0]
-    if M > 0:
-        _moe_routing_kernel[(M,)](
-            logits, bias.contiguous() if bias is not None else logits, w, ids, scores,
-            logits.stride(0), _finite_fill(fill), float(renorm_eps), float(scale), **meta,
-        )
-    return w, ids, scores
+    return launch(lambda kern: kern, logits, bias.contiguous() if bias is not None else None, k, scoring, score_dtype,
+                  biased_dtype, n_group, topk_group, group_score, fill, renormalize, renorm_eps, scale, value_dtype,
+                  out_dtype, need_scores, gather_weights, out=out, num_warps=num_warps)
 
 
 def bytes_moved(M: int, E: int, k: int, logits_dtype: torch.dtype = torch.float32,

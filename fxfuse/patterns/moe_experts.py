@@ -20,7 +20,11 @@ gathers by ``ids.clamp(0, E - 1)`` -- the replacement clamps the ids the same wa
 Starting at the gate_up GEMM, walk back to (x, ids) and forward through SiLU-and-mul, the down
 GEMM and the weighted combine; everything the region computes must be private to it. The
 routing producer (topk or a fused router op) is not part of the region: weights and ids are
-inputs.  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
+inputs. At decode on CUDA (static token count), when they come (through reshape views) from a
+fused router (patterns.moe_routing records what it inserted) whose outputs nothing else reads,
+the router folds in: one ``fxfuse::moe_routed_experts`` from the logits replaces both ops, and
+the experts' first kernel routes (option ``moe_fold_routing``, default on; the decode gate class
+applies).  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
 one-hot expert mask are reported as a near miss naming the fix.
 """
 
@@ -34,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from .. import gating
+from .._log import log
 from ..fx_utils import (
     Reject,
     aten,
@@ -674,7 +679,9 @@ def check(m: MoEMatch, gate: bool = True) -> None:
                 raise Reject(why)
 
 
-def rewrite(graph: fx.Graph, m: MoEMatch) -> list[fx.Node]:
+def rewrite(graph: fx.Graph, m: MoEMatch, routed: "Fold | None" = None) -> list[fx.Node]:
+    """Insert the fused op; with `routed`, the one that also routes (fxfuse::moe_routed_experts, from
+    the router logits) in place of the fused router too."""
     from ..kernels import moe_experts as _k  # noqa: F401  (registers torch.ops.fxfuse.moe_experts)
 
     out_dtype = tval(m.out).dtype
@@ -682,6 +689,7 @@ def rewrite(graph: fx.Graph, m: MoEMatch) -> list[fx.Node]:
     t1, t2 = m.w1_transposed, m.w2_transposed
     out_shape_is_2d = tval(m.out).dim() == 2
     clamp_to = m.E - 1 if m.clamp_ids else None
+    E = m.E
 
     def replacement(x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         if clamp_to is not None:
@@ -691,11 +699,98 @@ def rewrite(graph: fx.Graph, m: MoEMatch) -> list[fx.Node]:
         )
         return o if out_shape_is_2d else o.reshape(x.shape)
 
+    def routed_replacement(x: torch.Tensor, logits: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                           *bias: torch.Tensor) -> torch.Tensor:
+        # the router's ids are in [0, E): a clamp of them (clamp_to) changes nothing
+        o = torch.ops.fxfuse.moe_routed_experts(
+            x, logits.reshape(-1, E), bias[0] if bias else None, **params,
+            w1=w1.permute(0, 2, 1) if t1 else w1, w2=w2.permute(0, 2, 1) if t2 else w2, prod_dtype=prod,
+            sum_dtype=sm, out_dtype=out_dtype,
+        )
+        return o if out_shape_is_2d else o.reshape(x.shape)
+
     on_cuda = tval(m.x).device.type == "cuda"
-    (new,) = insert_traced(graph, replacement, [m.x, m.tw, m.ids, m.w1, m.w2], before=m.out, functionalize=on_cuda)
+    if routed is None:
+        inputs = [m.x, m.tw, m.ids, m.w1, m.w2]
+        fn = replacement
+    else:
+        r = routed.rec
+        params = {k: v for k, v in r.params.items() if k not in ("need_scores", "out_dtype")}
+        params["weights_dtype"] = r.params["out_dtype"]
+        inputs = [m.x, r.logits, m.w1, m.w2] + ([r.bias] if r.bias is not None else [])
+        fn = routed_replacement
+    (new,) = insert_traced(graph, fn, inputs, before=m.out, functionalize=on_cuda)
     m.out.replace_all_uses_with(new)
     stable_toposort(graph)
-    return sorted(m.nodes, key=lambda n: n.name)
+    if routed is None:
+        return sorted(m.nodes, key=lambda n: n.name)
+    # the experts region, the views of the router outputs and the router launch are dead now; erase
+    # them here (DCE keeps a kernel launch it deems impure, and the launch is the point)
+    dead = m.nodes | routed.views | routed.rec.nodes
+    for n in reversed(list(graph.nodes)):
+        if n in dead and not n.users:
+            graph.erase_node(n)
+    return sorted(m.nodes | routed.views, key=lambda n: n.name)
+
+
+# ----------------------------------------------------------------------------- routing fold
+
+FOLD_OPTION = "moe_fold_routing"
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default)
+
+
+@dataclass
+class Fold:
+    """A fused router whose outputs only this experts region reads: its routing folds into the
+    experts' decode kernel A (one launch fewer)."""
+
+    rec: Any  # patterns.moe_routing.RoutedOutputs
+    views: set[fx.Node]  # reshape views between the router outputs and the region's weights/ids
+
+
+def _view_source(graph: fx.Graph, n: fx.Node, views: set[fx.Node]) -> fx.Node:
+    """Walk back through reshape-type views (same row-major order) to a fused router's output, or
+    as far as they go."""
+    from .moe_routing import routed_outputs
+
+    while routed_outputs(graph, n) is None and is_op(n, *_VIEWS) and isinstance(n.args[0], fx.Node):
+        views.add(n)
+        n = n.args[0]
+    return n
+
+
+def fold_routing(graph: fx.Graph, m: MoEMatch, enabled: bool = True) -> tuple[Fold | None, str]:
+    """(the fold, "") if the region's weights and ids come straight from one fused router whose
+    outputs nothing else reads, at the decode path of a static token count on CUDA; else (None, why)."""
+    from ..kernels.moe_experts import PATH_DECODE, choose_path
+    from .moe_routing import routed_outputs
+
+    views: set[fx.Node] = set()
+    tw_src, ids_src = _view_source(graph, m.tw, views), _view_source(graph, m.ids, views)
+    rec = routed_outputs(graph, tw_src)
+    if rec is None:
+        return None, f"routing weights ({tw_src.name}) do not come from a fused router"
+    if not enabled:
+        return None, f"routing fold disabled ({FOLD_OPTION}=False)"
+    if tval(m.x).device.type != "cuda":
+        return None, "not CUDA"
+    if rec.weights is not tw_src or rec.ids is not ids_src:
+        return None, "routing weights and ids do not come from the same fused router"
+    M = tval(m.x).shape[0]
+    if not isinstance(M, int) or choose_path(M, m.K, m.E) != PATH_DECODE:
+        return None, "not the decode path (static, small token count)"
+    if rec.params["need_scores"] or rec.scores.users:
+        return None, "the router's full scores are used"
+    lv = tval(rec.logits)
+    if lv.shape[-1] != m.E or rec.params["k"] != m.K or tval(rec.weights).numel() != M * m.K:
+        return None, "router and experts disagree on experts, top-k or tokens"
+    if not same_device(lv, tval(m.x)):
+        return None, "router logits on another device"
+    for n in (rec.weights, rec.ids, *views):
+        outside = [u for u in n.users if u not in m.nodes and u not in views]
+        if outside:
+            return None, f"routing {'ids' if n is rec.ids else 'weights'} also used outside the experts ({outside[0].name})"
+    return Fold(rec, views), ""
 
 
 # ----------------------------------------------------------------------------- eager-loop near miss
@@ -745,8 +840,8 @@ class MoEExperts:
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         found = False
         for node in list(graph.nodes):
-            if node.graph is not graph or node.op != "call_function":
-                continue
+            if node.graph is not graph or node.op != "call_function" or getattr(node, "_erased", False):
+                continue  # (a routing fold erases the region it replaced)
             if _is_grouped_mm(node):
                 # only the gate_up grouped_mm anchors (the down one reads the SiLU-mul output)
                 a0 = node.args[0]
@@ -766,13 +861,23 @@ class MoEExperts:
                 m = matcher(node)
                 check(m, gate=ctx.options.get("gate", True))
                 opaque = {n.name for n in m.nodes if _is_grouped_mm(n) and n.target is not aten._grouped_mm.default}
-                replaced = rewrite(graph, m)
+                detail = f"{m.form} E={m.E} top{m.K} H={m.H} I={m.I} {tval(m.x).dtype}"
+                fold, replaced = self._fold(graph, m, node, ctx)
+                if fold is not None:
+                    detail += " +routing folded"
+                    if fold.rec.fusion is not None:  # the router's report entry: where its kernel went
+                        fold.rec.fusion.kernel = "triton:fxfuse_moe_routed_experts"
+                        fold.rec.fusion.detail += " (folded into moe_experts' decode kernel A)"
+                else:
+                    replaced = rewrite(graph, m)
                 if opaque:  # unwrap reported transformers' opaque grouped-mm op; it is fused now
                     ctx.graph_report.near_misses[:] = [
                         nm for nm in ctx.graph_report.near_misses if not (nm.family == "unwrap" and nm.anchor in opaque)
                     ]
                 kernel = "triton:fxfuse_moe_experts" if tval(m.x).device.type == "cuda" else "fxfuse::moe_experts"
-                ctx.applied(FAMILY, replaced, kernel, f"{m.form} E={m.E} top{m.K} H={m.H} I={m.I} {tval(m.x).dtype}")
+                if fold is not None:
+                    kernel = "triton:fxfuse_moe_routed_experts"
+                ctx.applied(FAMILY, replaced, kernel, detail)
         if not found:
             anchor = _eager_loop_anchor(graph)
             if anchor is not None:
@@ -781,6 +886,29 @@ class MoEExperts:
                     "graph ends in a one-hot expert mask: transformers' eager experts loop graph-breaks on nonzero, "
                     f"so no pass sees the whole layer; {EAGER_FIX}",
                 )
+
+    @staticmethod
+    def _fold(graph: fx.Graph, m: MoEMatch, node: fx.Node, ctx: Any) -> tuple[Fold | None, list[fx.Node]]:
+        """Fold the fused router into the fused experts when `fold_routing` allows: (fold, replaced
+        nodes), or (None, []) and the caller inserts the plain experts op. The fold is an extra: a
+        failure keeps both ops (logged as an internal error; raised when strict)."""
+        from .moe_routing import forget_routed
+
+        fold, why = fold_routing(graph, m, enabled=ctx.options.get(FOLD_OPTION, True))
+        if fold is None:
+            log.debug("fxfuse moe_experts at %s: routing not folded: %s", node.name, why)
+            return None, []
+        try:
+            replaced = rewrite(graph, m, fold)
+        except Exception as e:  # noqa: BLE001 - the unfolded rewrite still applies
+            if ctx.strict:
+                raise
+            msg = f"{FAMILY} routing fold at {node.name}: {type(e).__name__}: {e} (kept the router's own launch)"
+            ctx.graph_report.errors.append(msg)
+            log.warning("fxfuse internal error, routing fold skipped: %s", msg)
+            return None, []
+        forget_routed(graph, fold.rec)
+        return fold, replaced
 
 
 PASS = MoEExperts()

@@ -78,6 +78,7 @@ class RouterMatch:
     need_scores: bool = False
     gather_weights: bool = True
     nodes: set[fx.Node] = field(default_factory=set)
+    routed: "RoutedOutputs | None" = None  # what the rewrite inserted
 
     @property
     def scheme(self) -> str:
@@ -626,6 +627,55 @@ def check(m: RouterMatch, gate: bool = True) -> None:
             raise Reject(why)
 
 
+@dataclass
+class RoutedOutputs:
+    """What one routing rewrite inserted: a later pass may fold the fused router into its consumer
+    (moe_experts folds it into its decode kernel) while the outputs have no other users."""
+
+    logits: fx.Node  # the router logits the fused op reads ([..., E])
+    bias: fx.Node | None
+    params: dict[str, Any]  # the fxfuse::moe_routing arguments after (logits, bias)
+    weights: fx.Node  # the fused op's outputs as the graph uses them ([..., k])
+    ids: fx.Node
+    scores: fx.Node
+    nodes: set[fx.Node]  # every inserted node the outputs come from (launch, buffers, views)
+    fusion: Any = None  # its report entry (a report.Fusion), for a note when folded
+
+
+_ROUTED_ATTR = "_fxfuse_moe_routed"  # the graph's records, {weights or ids output: RoutedOutputs}: they
+# live and die with the graph (a module-level table keyed by graph would keep every graph alive)
+
+
+def _routed_table(graph: fx.Graph) -> dict[fx.Node, RoutedOutputs]:
+    return graph.__dict__.setdefault(_ROUTED_ATTR, {})
+
+
+def routed_outputs(graph: fx.Graph, node: fx.Node) -> RoutedOutputs | None:
+    """The routing rewrite whose weights or ids output is `node` (None if none)."""
+    return graph.__dict__.get(_ROUTED_ATTR, {}).get(node)
+
+
+def forget_routed(graph: fx.Graph, rec: RoutedOutputs) -> None:
+    """Drop a record once its routing is folded away."""
+    table = _routed_table(graph)
+    for n in (rec.weights, rec.ids):
+        if table.get(n) is rec:
+            del table[n]
+
+
+def _inserted(outputs: list[fx.Node], inputs: list[fx.Node]) -> set[fx.Node]:
+    """The traced nodes behind `outputs` (a traced replacement reads nothing but its inputs)."""
+    seen: set[fx.Node] = set()
+    stack = list(outputs)
+    while stack:
+        n = stack.pop()
+        if n in seen or n in inputs:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
 def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
     """Insert the fused op and reroute weights, ids (and the full scores if used elsewhere)."""
     from ..kernels import moe_routing as _k  # noqa: F401  (registers torch.ops.fxfuse.moe_routing)
@@ -653,6 +703,10 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
     m.sink.replace_all_uses_with(w_new)
     if m.ids is not None:
         m.ids.replace_all_uses_with(ids_new)
+    m.routed = RoutedOutputs(m.logits, m.bias, params, w_new, ids_new, sc_new,
+                             _inserted([w_new, ids_new, sc_new], inputs))
+    table = _routed_table(graph)
+    table[w_new] = table[ids_new] = m.routed
     if need_scores:
         for u in list(m.scores.users):
             if u not in m.nodes:
@@ -666,6 +720,7 @@ class MoERouting:
 
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         consumed: set[fx.Node] = set()
+        graph.__dict__[_ROUTED_ATTR] = {}  # this run's rewrites only
         for node in reversed(list(graph.nodes)):
             if node in consumed or not is_op(node, aten.topk.default):
                 continue
@@ -694,7 +749,7 @@ class MoERouting:
                     detail += f" scale={m.scale:g}"
                 if m.need_scores:
                     detail += " +scores"
-                ctx.applied(FAMILY, replaced, kernel, detail)
+                m.routed.fusion = ctx.applied(FAMILY, replaced, kernel, detail)
 
 
 PASS = MoERouting()
