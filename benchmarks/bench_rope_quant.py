@@ -465,7 +465,12 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="build and run every variant once at tiny size, no timing (CPU ok)")
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--cache", action="store_true", help="RoPE + KV-cache write cases (M in 1, 256, 4096; < 60 s)")
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="a subset re-measures those classes only (gates_merge: write_gates.py keeps the rest)")
     args = ap.parse_args()
+    schemes = [s for s in args.schemes.split(",") if s]
+    if set(schemes) - set(SCHEMES):
+        sys.exit(f"bench_rope_quant: unknown schemes {sorted(set(schemes) - set(SCHEMES))}")
     if args.cache:
         main_cache(args)
         return
@@ -487,12 +492,14 @@ def main() -> None:
     t0 = time.time()
     copy_gbps = copy_bandwidth_gbps(rep)
     print(f"[bench] {torch.cuda.get_device_name()} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
-    rows = run(Ms, list(SHAPES), list(SCHEMES), rep, copy_gbps, "cuda", dry=False)
+    rows = run(Ms, list(SHAPES), schemes, rep, copy_gbps, "cuda", dry=False)
     result = dict(
         family="rope_quant", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), copy_gbps=copy_gbps, rep_ms=rep,
         quick=args.quick, bytes_model="fxfuse.kernels.rope_quant.bytes_moved (min HBM read+write)",
         gate_hidden="head_dim", cases=rows, summary=summarize(rows), gates=gates(rows),
+        gates_merge=set(schemes) != set(SCHEMES),
+        command="benchmarks/bench_rope_quant.py " + " ".join(sys.argv[1:]),
         wall_s=round(time.time() - t0, 1),
     )
     print(json.dumps(result["summary"], indent=1))
