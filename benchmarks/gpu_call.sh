@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p $OUT/res
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $OUT/res/env.txt
 PT="python3 -m pytest -q -p no:cacheprovider -rf"
-timeout 120 $PT -m gpu -o faulthandler_timeout=110 tests/test_gpu_moe_experts.py > $OUT/res/gpu_tests_moe.log 2>&1
+timeout 140 $PT -m gpu -o faulthandler_timeout=130 tests/test_gpu_moe_experts.py > $OUT/res/gpu_tests_moe.log 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|FAILED|ERROR|Timeout" $OUT/res/gpu_tests_moe.log | tail -8
 timeout 100 python3 benchmarks/bench_moe_experts.py --quick --models qwen3_30b_a3b --impls grouped_mm \
   --out $OUT/res/moe_experts_h200_quick.json > $OUT/res/moe_experts.log 2>&1; echo "moe rc=$?"; grep -E "M=|fold" $OUT/res/moe_experts.log | tail -8
