@@ -779,7 +779,8 @@ def fold_routing(graph: fx.Graph, m: MoEMatch, enabled: bool = True) -> tuple[Fo
     M = tval(m.x).shape[0]
     if not isinstance(M, int) or choose_path(M, m.K, m.E) != PATH_DECODE:
         return None, "not the decode path (static, small token count)"
-    if rec.params["need_scores"] or rec.scores.users:
+    # traced on CUDA, the scores "output" is the router launch's own buffer (used by that launch)
+    if rec.params["need_scores"] or any(u not in rec.nodes for u in rec.scores.users):
         return None, "the router's full scores are used"
     lv = tval(rec.logits)
     if lv.shape[-1] != m.E or rec.params["k"] != m.K or tval(rec.weights).numel() != M * m.K:
