@@ -589,7 +589,8 @@ def gpu_tests() -> list[str]:
         summ, fails = _pytest_summary(p)
         key = p.stem.split("2026-12-01_")[-1]
         if summ == "no summary line":
-            summ = f"{p.read_text().count('.')} passed before the kill"
+            dots = sum(m.count(".") for m in re.findall(r"^([.sFE]+)\s*(?:\[|$)", p.read_text(), re.M))
+            summ = f"{dots} passed before the kill"
         out.append(f"- NVIDIA H200, torch 2.11, 2026-12-01, `benchmarks/results/{p.name}` ({h200.get(key, 'selected GPU tests')}): "
                    f"{summ}; failed: {', '.join(fails) or 'none'}")
     out.append("- The a/b failures were test defects (text matches on kernel docstrings/names, `mode=` with `options=`, a "
