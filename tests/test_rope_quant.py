@@ -1284,9 +1284,9 @@ print(json.dumps(res))
 
 # launch configs the interpreter tests run: the defaults, the SPLIT paths at their default block, and
 # small head blocks / warp counts on each path (a program per 1 or 2 heads, masked tails)
-_INTERP_CONFIGS = [{}, {"SPLIT": 1}, {"SPLIT": 1, "BLOCK_H": 1, "num_warps": 1},
-                   {"SPLIT": 1, "BLOCK_H": 2, "num_warps": 8}, {"SPLIT": 0, "BLOCK_H": 2, "num_warps": 2},
-                   {"SPLIT": 2}, {"SPLIT": 2, "BLOCK_H": 1, "num_warps": 2}]
+# num_warps does nothing under the interpreter (CI time): the configs differ in path and head block
+_INTERP_CONFIGS = [{}, {"SPLIT": 1}, {"SPLIT": 1, "BLOCK_H": 2}, {"SPLIT": 0, "BLOCK_H": 2},
+                   {"SPLIT": 2}, {"SPLIT": 2, "BLOCK_H": 2}]
 
 
 @pytest.mark.parametrize("cfg", _INTERP_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
