@@ -69,3 +69,36 @@ def test_silu_mul_quant_clones_only_outputs(sm90_target, quant, launch, M):
         K.LAUNCH_OVERRIDE.update(saved)
     assert fxfuse.counters["silu_mul_quant"] == 1
     assert clones and all(c <= {"q_ptr", "s_out_ptr"} for c in clones), clones
+
+
+@pytest.mark.parametrize("quant", ["token", "group128", "static_div"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rmsnorm_quant_clones_only_outputs(sm90_target, quant, residual):
+    """RMSNorm(+residual)+quant: the traced launch clones only its outputs (quantized rows, scales,
+    and the residual sum where the graph returns it), never x, the residual input or the weight."""
+    from forms import norm_hf
+
+    qf = QUANTS[quant]
+
+    def model(x, r, w, s):
+        if residual:
+            h = x + r
+            return (*qf(norm_hf(h, w, 1e-6), s), h)
+        return qf(norm_hf(x, w, 1e-6), s)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxfuse.fx_utils import trace_aten
+
+    with FakeTensorMode():
+        args = [torch.empty(8, 512, dtype=BF16, device="cuda"), torch.empty(8, 512, dtype=BF16, device="cuda"),
+                torch.empty(512, dtype=BF16, device="cuda"), torch.empty((), dtype=torch.float32, device="cuda")]
+        gm = trace_aten(model, args, functionalize=True)
+    fxfuse.counters.clear()
+    fxfuse.FusionPasses(options={"gate": False}, strict=True)(gm.graph)
+    assert fxfuse.counters["rmsnorm_quant"] == 1
+    launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert launches
+    for n in launches:
+        inputs = {k for k, v in n.kwargs["kwargs"].items() if isinstance(v, torch.fx.Node) and v.op == "placeholder"}
+        assert not inputs & set(n.kwargs["tensors_to_clone"]), (n.kwargs["tensors_to_clone"], inputs)
