@@ -98,6 +98,21 @@ def time_cfg(args: tuple, cfg: dict[str, int], ref: torch.Tensor, rep: int,
         return dict(cfg=cfg, us=None, err=None, ok=False, error=f"{type(e).__name__}: {str(e)[:160]}")
 
 
+def setup_case(model: str, M: int, copy_gbps: float, rep: int, path: int) -> tuple[tuple, torch.Tensor, float, dict]:
+    """(inputs, the default config's output as reference, weight-streaming floor us, default's timing)."""
+    s = MODELS[model]
+    args = make_case(model, M, seed=M)
+    ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
+    K.moe_experts_triton(*args, path=path, out=ref)
+    floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy_gbps * 1e9) * 1e6
+    return args, ref, floor_us, time_cfg(args, {}, ref, rep, path)
+
+
+def best_of(rows: list[dict[str, Any]], fallback: dict[str, Any]) -> dict[str, Any]:
+    """The fastest correct row, or `fallback` when it is faster or none is correct."""
+    return min([r for r in rows if r["ok"]] + [fallback], key=lambda r: r["us"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -113,16 +128,11 @@ def main() -> None:
         command="benchmarks/tune_moe_decode.py " + " ".join(sys.argv[1:]), shapes=[])
     if a.small:  # two stages: the gate_up GEMM's tiles (down GEMM at its default), then the down GEMM's
         for model, M in SMALL_SHAPES:
-            s = MODELS[model]
-            args = make_case(model, M, seed=M)
-            ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
-            K.moe_experts_triton(*args, path=K.PATH_PREFILL, out=ref)
-            floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy * 1e9) * 1e6
-            base = time_cfg(args, {}, ref, a.rep, K.PATH_PREFILL)
+            args, ref, floor_us, base = setup_case(model, M, copy, a.rep, K.PATH_PREFILL)
             rows1 = [time_cfg(args, c, ref, a.rep, K.PATH_PREFILL) for c in small_gemm1_candidates()]
-            best1 = min([r for r in rows1 if r["ok"]] + [base], key=lambda r: r["us"])
+            best1 = best_of(rows1, base)
             rows2 = [time_cfg(args, {**best1["cfg"], **c}, ref, a.rep, K.PATH_PREFILL) for c in small_gemm2_candidates()]
-            best = min([r for r in rows2 if r["ok"]] + [best1], key=lambda r: r["us"])
+            best = best_of(rows2, best1)
             # the per-pair decode path at this M (reads an expert once per pair, no align step)
             dec = time_cfg(args, {}, ref, a.rep, K.PATH_DECODE)
             print(f"tiled-small {model} M={M}: decode path {dec['us']} us (ok {dec['ok']})", flush=True)
@@ -136,14 +146,9 @@ def main() -> None:
         return
     if a.prefill:
         for model, M in PREFILL_SHAPES:
-            s = MODELS[model]
-            args = make_case(model, M, seed=M)
-            ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
-            K.moe_experts_triton(*args, path=K.PATH_PREFILL, out=ref)
-            floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy * 1e9) * 1e6
-            base = time_cfg(args, {}, ref, a.rep, K.PATH_PREFILL)
+            args, ref, floor_us, base = setup_case(model, M, copy, a.rep, K.PATH_PREFILL)
             rows = [time_cfg(args, c, ref, a.rep, K.PATH_PREFILL) for c in prefill_candidates()]
-            best = min([r for r in rows if r["ok"]] + [base], key=lambda r: r["us"])
+            best = best_of(rows, base)
             res["shapes"].append(dict(model=model, M=M, path="prefill", floor_us=floor_us, default=base, best=best,
                                       default_x_floor=base["us"] / floor_us, best_x_floor=best["us"] / floor_us,
                                       rows=rows))
@@ -152,17 +157,12 @@ def main() -> None:
             Path(a.out).write_text(json.dumps(res, indent=1))
         return
     for model, M in (SHAPES[::2] if a.quick else SHAPES):
-        s = MODELS[model]
-        args = make_case(model, M, seed=M)
-        ref = torch.empty(M, s["H"], device="cuda", dtype=torch.bfloat16)
-        K.moe_experts_triton(*args, path=K.PATH_DECODE, out=ref)
-        floor_us = K.selected_weight_bytes(args[2], s["E"], s["H"], s["I"]) / (copy * 1e9) * 1e6
-        base = time_cfg(args, {}, ref, a.rep)
+        args, ref, floor_us, base = setup_case(model, M, copy, a.rep, K.PATH_DECODE)
         rows_a = [time_cfg(args, c, ref, a.rep) for c in a_candidates(a.quick)]
         ok_a = [r for r in rows_a if r["ok"]]
-        best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base
+        best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base  # the default only when no candidate is correct
         rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep) for c in b_candidates(a.quick)]
-        best = min([r for r in rows_b if r["ok"]] + [best_a], key=lambda r: r["us"])
+        best = best_of(rows_b, best_a)
         entry = dict(model=model, M=M, floor_us=floor_us, default=base, best=best,
                      default_x_floor=(base["us"] or 0) / floor_us, best_x_floor=(best["us"] or 0) / floor_us,
                      a_rows=rows_a, b_rows=rows_b)
