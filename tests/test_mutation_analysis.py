@@ -6,7 +6,6 @@ slower than the raw op on an H200."""
 
 from __future__ import annotations
 
-from unittest import mock
 
 import pytest
 import torch
@@ -17,20 +16,6 @@ from forms import QUANTS
 from fxfuse.kernels import silu_mul_quant as K
 
 BF16 = torch.bfloat16
-
-
-@pytest.fixture
-def sm90_target():
-    """Let Triton's TTIR build for sm_90 without a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    class _Driver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
-        yield
 
 
 def _clones(model, shapes: list[tuple[int, ...]]) -> list[set[str]]:

@@ -1577,22 +1577,6 @@ def _fake_cuda_kv_graph(fp8: bool = False, read_after: bool = False) -> fx.Graph
     return gm
 
 
-@pytest.fixture
-def sm90_target():
-    """Let Triton's TTIR (Inductor's mutation analysis of user kernels) build for sm_90 without a GPU."""
-    from unittest import mock
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    class _Driver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
-        yield
-
-
 @pytest.mark.parametrize("fp8,read_after", [(False, False), (True, False), (False, True), (True, True)])
 def test_kv_cache_cuda_path_reinplaces_the_caches(sm90_target, fp8, read_after):
     """CUDA (fake): the fused op traces to triton_kernel_wrapper_functional that clones exactly the
