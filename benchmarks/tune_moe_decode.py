@@ -7,7 +7,7 @@ then kernel B (down + combine) with the best A, and reports each against the wei
 floor (selected experts' bytes / this run's measured copy bandwidth).  Every candidate's output is
 compared with the default config's (relative error) so a fast but wrong config cannot win.
 
-Usage:  python benchmarks/tune_moe_decode.py --out X.json [--quick | --prefill | --small] [--rep MS]
+Usage:  python benchmarks/tune_moe_decode.py --out X.json [--quick | --prefill | --small | --focus] [--rep MS]
 The best configs feed ``decode_config`` in fxfuse/kernels/moe_experts.py (no autotuning at compile).
 """
 
@@ -49,6 +49,23 @@ def b_candidates(quick: bool) -> list[dict[str, int]]:
     dot = [dict(B_DOT=1, B_BN=bn, B_BK=bk, B_STAGES=st, B_WARPS=4)
            for bn, bk, st in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 6))]
     return (vec[::3] + dot[::2]) if quick else (vec + dot)
+
+
+FOCUS_SHAPES = [("qwen3_30b_a3b", 1)]  # --focus: the decode step the 2.5x-over-stock target is set at
+
+
+def focus_a_candidates() -> list[dict[str, int]]:
+    """Kernel A's dot form around the quick sweep's best (BN 64, BK 128, 4 stages): at one token
+    BN=64 is 96 programs on 132 SMs, so narrower N-blocks and deeper pipelines are the questions."""
+    return [dict(A_DOT=1, A_BN=bn, A_BK=bk, A_STAGES=st, A_WARPS=w)
+            for bn, bk, (st, w) in itertools.product((16, 32, 64, 128), (64, 128, 256),
+                                                     ((3, 4), (4, 4), (5, 4), (6, 4), (4, 8)))]
+
+
+def focus_b_candidates() -> list[dict[str, int]]:
+    """Kernel B's 3-D vector form around the quick sweep's best (BN 2, BK 256, 8 warps)."""
+    return [dict(B_DOT=0, B_BN=bn, B_BK=bk, B_WARPS=w)
+            for bn, bk, w in itertools.product((1, 2, 4), (128, 256, 512), (4, 8, 16))]
 
 
 PREFILL_SHAPES = [("qwen3_30b_a3b", 2048), ("qwen3_30b_a3b", 64)]
@@ -120,6 +137,7 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--prefill", action="store_true", help="sweep the tiled (prefill) path's tiles instead")
     ap.add_argument("--small", action="store_true", help="sweep the tiled path's BM=16 (decode-sized) tiles instead")
+    ap.add_argument("--focus", action="store_true", help="Qwen3-30B-A3B at one token, a denser grid near the best")
     a = ap.parse_args()
     copy = copy_bandwidth_gbps(100)
     res: dict[str, Any] = dict(
@@ -156,12 +174,13 @@ def main() -> None:
                   f"best {best['us']:.1f} us {best['cfg']}", flush=True)
             Path(a.out).write_text(json.dumps(res, indent=1))
         return
-    for model, M in (SHAPES[::2] if a.quick else SHAPES):
+    for model, M in (FOCUS_SHAPES if a.focus else SHAPES[::2] if a.quick else SHAPES):
         args, ref, floor_us, base = setup_case(model, M, copy, a.rep, K.PATH_DECODE)
-        rows_a = [time_cfg(args, c, ref, a.rep) for c in a_candidates(a.quick)]
+        rows_a = [time_cfg(args, c, ref, a.rep) for c in (focus_a_candidates() if a.focus else a_candidates(a.quick))]
         ok_a = [r for r in rows_a if r["ok"]]
         best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base  # the default only when no candidate is correct
-        rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep) for c in b_candidates(a.quick)]
+        rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep)
+                  for c in (focus_b_candidates() if a.focus else b_candidates(a.quick))]
         best = best_of(rows_b, best_a)
         entry = dict(model=model, M=M, floor_us=floor_us, default=base, best=best,
                      default_x_floor=(base["us"] or 0) / floor_us, best_x_floor=(best["us"] or 0) / floor_us,

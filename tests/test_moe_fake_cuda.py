@@ -209,7 +209,7 @@ def test_fake_cuda_decode_folds_routing(model: str, impl: str, sentinels: bool, 
     unfolded = _kernel_names(_fused(copy.deepcopy(gm), moe_fold_routing=False))
     assert unfolded[0] == "_moe_routing_kernel" and len(unfolded) == 3, unfolded
     before = set(gm.graph.nodes)
-    _fused(gm)
+    _fused(gm, moe_fold_routing=True)
     assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
     assert not fxfuse.report().errors and not fxfuse.report().near_misses, fxfuse.report()
     names = _kernel_names(gm)
@@ -246,7 +246,7 @@ def test_fake_cuda_fold_near_misses(leak: str) -> None:
     """The routing stays a launch of its own when its weights, ids or full scores are also used
     outside the experts (the folded kernel keeps the routing in registers); fused as before."""
     gm = _post_grad_on_fake_cuda(_router(_block("qwen", "grouped_mm"), leak), torch.randn(1, 1, H, dtype=BF16))
-    names = _kernel_names(_fused(gm))
+    names = _kernel_names(_fused(gm, moe_fold_routing=True))
     assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
     assert not fxfuse.report().errors
     folded = leak == "none"
@@ -258,7 +258,8 @@ def test_fake_cuda_fold_near_misses(leak: str) -> None:
 def test_fake_cuda_tiled_path_keeps_routing_launch(M: int) -> None:
     """Past the decode path (M=3: 6 pairs over 8 experts; M=64) nothing folds: the tiled kernels
     read the routing from memory."""
-    gm = _fused(_post_grad_on_fake_cuda(_block("qwen", "grouped_mm"), torch.randn(1, M, H, dtype=BF16)))
+    gm = _fused(_post_grad_on_fake_cuda(_block("qwen", "grouped_mm"), torch.randn(1, M, H, dtype=BF16)),
+                moe_fold_routing=True)
     names = _kernel_names(gm)
     assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
     assert names[0] == "_moe_routing_kernel" and not any("routed" in n for n in names), names
@@ -281,18 +282,18 @@ def test_fake_cuda_fold_failure_keeps_both_ops(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pat, "fold_routing", broken)
     gm = _post_grad_on_fake_cuda(_block("qwen", "grouped_mm"), torch.randn(1, 1, H, dtype=BF16))
     strict_gm = copy.deepcopy(gm)
-    names = _kernel_names(_fused(gm))
+    names = _kernel_names(_fused(gm, moe_fold_routing=True))
     assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
     assert names[0] == "_moe_routing_kernel" and len(names) == 3, names
     errors = fxfuse.report().errors
     assert len(errors) == 1 and "routing fold" in errors[0], errors
     with pytest.raises(ValueError, match="scoring"):
-        fxfuse.FusionPasses(strict=True, options={"gate": False})(strict_gm.graph)
+        fxfuse.FusionPasses(strict=True, options={"gate": False, "moe_fold_routing": True})(strict_gm.graph)
 
 
 def test_fold_option_is_validated_and_keyed() -> None:
     """The switch is a known pipeline option; the cache key changes with it."""
-    on, off = fxfuse.FusionPasses(), fxfuse.FusionPasses(options={"moe_fold_routing": False})
+    on, off = fxfuse.FusionPasses(options={"moe_fold_routing": True}), fxfuse.FusionPasses()
     assert on.uuid() != off.uuid()
     with pytest.raises(TypeError):
         fxfuse.FusionPasses(options={"moe_fold_routing": 0})
@@ -305,7 +306,7 @@ def test_fake_cuda_fold_with_traced_router_launch(sm90_target) -> None:
     gm = _post_grad_on_fake_cuda(_block("qwen", "grouped_mm"), torch.randn(1, 1, H, dtype=BF16))
     fxfuse.counters.clear()
     fxfuse.report.clear()
-    fxfuse.FusionPasses(options={"gate": False})(gm.graph)
+    fxfuse.FusionPasses(options={"gate": False, "moe_fold_routing": True})(gm.graph)
     assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1
     assert any("+routing folded" in f.detail for f in fxfuse.report().fusions), fxfuse.report()
     launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]

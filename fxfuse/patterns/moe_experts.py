@@ -23,8 +23,9 @@ routing producer (topk or a fused router op) is not part of the region: weights 
 inputs. At decode on CUDA (static token count), when they come (through reshape views) from a
 fused router (patterns.moe_routing records what it inserted) whose outputs nothing else reads,
 the router folds in: one ``fxfuse::moe_routed_experts`` from the logits replaces both ops, and
-the experts' first kernel routes (option ``moe_fold_routing``, default on; the decode gate class
-applies).  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
+the experts' first kernel routes (opt-in option ``moe_fold_routing``: on an H200 every program
+routing its own token made kernel A as much slower as the saved launch, and at 8 tokens slower;
+the decode gate class applies).  transformers' "eager" experts loop graph-breaks on ``nonzero``: graphs that end in its
 one-hot expert mask are reported as a near miss naming the fix.
 """
 
@@ -895,7 +896,7 @@ class MoEExperts:
         failure keeps both ops (logged as an internal error; raised when strict)."""
         from .moe_routing import forget_routed
 
-        fold, why = fold_routing(graph, m, enabled=ctx.options.get(FOLD_OPTION, True))
+        fold, why = fold_routing(graph, m, enabled=ctx.options.get(FOLD_OPTION, False))
         if fold is None:
             log.debug("fxfuse moe_experts at %s: routing not folded: %s", node.name, why)
             return None, []
