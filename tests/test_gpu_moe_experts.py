@@ -268,3 +268,44 @@ def test_dense_loop_on_cuda(M):
     assert fxfuse.counters["moe_experts"] == 1, fxfuse.report()
     _check_code(codes)
     assert _rel(out, fn(x, ids, tw)) < 2e-2
+
+
+@pytest.mark.parametrize("E,H", [(128, 2048), (8, 4096), (256, 7168), (60, 1000)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_router_gemv_vs_float64(E, H, M, dtype):
+    """The decode router GEMV (fxfuse::router_logits) against a float64 reference, poisoned output,
+    odd E and H (masked tails), a row stride > H."""
+    from fxfuse.kernels.router_gemv import router_logits_triton
+
+    torch.manual_seed(M + E)
+    x = torch.randn(M, H + 8, device="cuda", dtype=dtype)[:, :H]
+    w = torch.randn(E, H, device="cuda", dtype=dtype) * 0.05
+    out = torch.full((M, E), float("nan"), device="cuda", dtype=dtype)
+    router_logits_triton(x, w, out=out)
+    ref = x.double() @ w.double().t()
+    assert torch.isfinite(out).all()
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-20}[dtype]
+    assert ((out.double() - ref).abs() <= ulp * ref.abs() + 1e-6 * ref.abs().max()).all()
+    mm = torch.mm(x, w.t())
+    assert _rel(out, mm) < 4 * ulp
+
+
+def test_router_gemv_in_output_code_at_decode():
+    """At M=1 the router GEMM is the GEMV kernel in Inductor's output code (no fallback), at M=64 it
+    stays a GEMM; both match eager."""
+    m = _block("qwen", "grouped_mm")
+    for M, gemv in ((1, True), (64, False)):
+        x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref = m(x)
+            torch._dynamo.reset()
+            fxfuse.report.clear()
+            with fresh_cache():
+                out, codes = run_and_get_code(
+                    torch.compile(m, dynamic=False, options={"post_grad_custom_pre_pass": UNGATED}), x)
+        code = "\n".join(codes)
+        assert ("_router_gemv_kernel" in code) == gemv, M
+        assert "torch.ops.fxfuse" not in code
+        assert any("+router GEMV" in f.detail for f in fxfuse.report().fusions) == gemv
+        assert _rel(out, ref) < 2e-2

@@ -7,7 +7,10 @@ Starting from each `aten.topk` (last first, so a grouped router's inner topks ar
 the outer one), walk back to the logits and forward along the weights, *capturing* what was
 written (scoring, rounding dtypes, bias, n_group/topk_group from the view shapes, fill value,
 renorm eps, scale, output dtype) instead of enumerating variants. The router's gate GEMM stays
-a GEMM: fusion starts at its logits. Anything that does not fit a check is a near miss; a
+a GEMM, except at decode (static M <= 16 tokens, `mm(x, W.t())`, where the benchmark gate
+"router_gemv" allows): there cuBLAS reads the ~0.5 MB of router weights on a couple of SMs (4.9 us
+on an H200 for Qwen3-30B-A3B), and ``fxfuse::router_logits`` spreads the read over E / 4 programs;
+its logits feed the fused router and any other user. Anything that does not fit a check is a near miss; a
 weight-side op that is not recognized simply stays after the fused kernel (correct by
 construction), except a renormalize by something other than the sum, which is a near miss.
 """
@@ -23,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from .. import gating
+from .._log import log
 from ..fx_utils import (
     Reject,
     aten,
@@ -715,8 +719,74 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
     return sorted(m.nodes, key=lambda n: n.name)
 
 
+def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.Node, fx.Node] | str:
+    """(mm, x, w) when the router logits are a decode-sized ``mm(x, w.t())`` the GEMV kernel may
+    replace, else why not (the mm then stays Inductor's)."""
+    from ..kernels.router_gemv import MAX_ROWS
+
+    mm = m.logits
+    if not is_op(mm, aten.mm.default):
+        return "router logits are not a plain mm"
+    x, wt = mm.args[0], mm.args[1]
+    if not (is_op(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]) or not isinstance(x, fx.Node):
+        return "router mm's weight operand is not W.t()"
+    w = wt.args[0]
+    xv, wv, lv = tval(x), tval(w), tval(mm)
+    if xv is None or wv is None or lv is None:
+        return "router mm without tensor metadata"
+    M, H = xv.shape
+    if not isinstance(M, int):
+        return "token count is symbolic (the GEMV is for static decode steps)"
+    if M > MAX_ROWS:
+        return f"{M} tokens (> {MAX_ROWS}: a GEMM reads the weights once for all rows)"
+    if not (xv.dtype == wv.dtype == lv.dtype) or xv.dtype not in FLOAT_DTYPES:
+        return f"router mm dtypes {xv.dtype}/{wv.dtype} not supported"
+    if not isinstance(H, int) or not isinstance(wv.shape[0], int):
+        return "router mm sizes are symbolic"
+    if xv.stride(1) != 1 or wv.stride(1) != 1:
+        return "router mm operands' rows are not contiguous"
+    if not same_device(xv, wv) or xv.device.type not in ("cpu", "cuda"):
+        return "router mm operands on different or unsupported devices"
+    if xv.device.type == "cuda":
+        why = gating.rejects(FAMILY, scheme="router_gemv", hidden=H, dtype=xv.dtype, enabled=gate, M=M)
+        if why:
+            return why
+    return mm, x, w
+
+
+def replace_router_gemm(graph: fx.Graph, mm: fx.Node, x: fx.Node, w: fx.Node) -> fx.Node:
+    """Put ``fxfuse::router_logits(x, w)`` in place of the router mm (every user rerouted)."""
+    from ..kernels import router_gemv as _k  # noqa: F401  (registers torch.ops.fxfuse.router_logits)
+
+    on_cuda = tval(x).device.type == "cuda"
+    (new,) = insert_traced(graph, lambda a, b: (torch.ops.fxfuse.router_logits(a, b),), [x, w], before=mm,
+                           functionalize=on_cuda)
+    mm.replace_all_uses_with(new)
+    graph.erase_node(mm)
+    return new
+
+
 class MoERouting:
     name = FAMILY
+
+    @staticmethod
+    def _router_gemv(graph: fx.Graph, m: RouterMatch, ctx: Any) -> bool:
+        """Replace the router's decode GEMM by the GEMV kernel where `match_router_gemm` allows (then
+        m.logits is its output). An extra: a failure keeps the mm (logged as an error; raised when strict)."""
+        found = match_router_gemm(m, gate=ctx.options.get("gate", True))
+        if isinstance(found, str):
+            log.debug("fxfuse moe_routing at %s: router GEMM kept: %s", m.topk.name, found)
+            return False
+        try:
+            m.logits = replace_router_gemm(graph, *found)
+        except Exception as e:  # noqa: BLE001 - the routing rewrite still applies on the mm's logits
+            if ctx.strict:
+                raise
+            msg = f"{FAMILY} router GEMV at {m.topk.name}: {type(e).__name__}: {e} (kept the mm)"
+            ctx.graph_report.errors.append(msg)
+            log.warning("fxfuse internal error, router GEMV skipped: %s", msg)
+            return False
+        return True
 
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         consumed: set[fx.Node] = set()
@@ -733,6 +803,7 @@ class MoERouting:
             with ctx.candidate(FAMILY, node):
                 m = match_router(node)
                 check(m, gate=ctx.options.get("gate", True))
+                gemv = self._router_gemv(graph, m, ctx)
                 replaced = rewrite(graph, m)
                 consumed |= m.nodes
                 on_cuda = tval(m.logits).device.type == "cuda"
@@ -749,6 +820,8 @@ class MoERouting:
                     detail += f" scale={m.scale:g}"
                 if m.need_scores:
                     detail += " +scores"
+                if gemv:
+                    detail += " +router GEMV"
                 m.routed.fusion = ctx.applied(FAMILY, replaced, kernel, detail)
 
 
