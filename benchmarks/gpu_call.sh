@@ -17,8 +17,8 @@ echo "tests rc=$?"; grep -E "passed|failed|FAILED|ERROR|Timeout" $OUT/res/gpu_te
 timeout 90 python3 benchmarks/bench_router_gemv.py --sweep --out $OUT/res/router_gemv_h200.json > $OUT/res/router_gemv.log 2>&1
 echo "gemv rc=$?"; grep -E "sweep|M=1:|M=8:|gates" $OUT/res/router_gemv.log
 python3 benchmarks/write_gates.py $OUT/res/router_gemv_h200.json > /dev/null && cp fxfuse/gates.json $OUT/res/gates_after.json
-timeout 110 python3 benchmarks/bench_moe_experts.py --quick --models qwen3_30b_a3b --impls grouped_mm \
-  --out $OUT/res/moe_experts_qwen_h200_quick.json > $OUT/res/moe_experts.log 2>&1; echo "moe rc=$?"; grep -E '"M": 1,' $OUT/res/moe_experts.log | tail -1 | cut -c1-400
+timeout 110 python3 benchmarks/bench_moe_experts.py --ms 1,8 --models qwen3_30b_a3b --impls grouped_mm \
+  --out $OUT/res/moe_experts_qwen_h200_decode.json > $OUT/res/moe_experts.log 2>&1; echo "moe rc=$?"; grep -E '"M": 1,' $OUT/res/moe_experts.log | tail -1 | cut -c1-400
 timeout 100 python3 benchmarks/e2e.py --quick --models moe --decode 1,8 --prefill "" --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
 echo "e2e moe rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_moe.log | tail -8
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
