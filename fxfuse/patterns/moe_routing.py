@@ -9,7 +9,7 @@ written (scoring, rounding dtypes, bias, n_group/topk_group from the view shapes
 renorm eps, scale, output dtype) instead of enumerating variants. The router's gate GEMM stays
 a GEMM, except at decode (static M <= 16 tokens, `mm(x, W.t())`, where the benchmark gate
 "router_gemv" allows): there cuBLAS reads the ~0.5 MB of router weights on a couple of SMs (4.9 us
-on an H200 for Qwen3-30B-A3B), and ``fxfuse::router_logits`` spreads the read over E / 4 programs;
+on an H200 for Qwen3-30B-A3B), and ``fxfuse::router_logits`` spreads the read over one program per expert row;
 its logits feed the fused router and any other user. Anything that does not fit a check is a near miss; a
 weight-side op that is not recognized simply stays after the fused kernel (correct by
 construction), except a renormalize by something other than the sum, which is a near miss.
