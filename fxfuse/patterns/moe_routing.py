@@ -7,7 +7,7 @@ Starting from each `aten.topk` (last first, so a grouped router's inner topks ar
 the outer one), walk back to the logits and forward along the weights, *capturing* what was
 written (scoring, rounding dtypes, bias, n_group/topk_group from the view shapes, fill value,
 renorm eps, scale, output dtype) instead of enumerating variants. The router's gate GEMM stays
-a GEMM, except at decode (static M <= 16 tokens, `mm(x, W.t())`, where the benchmark gate
+a GEMM, except at decode (static M <= 16 tokens and M*E*H <= 8 Mi, `mm(x, W.t())`, where the benchmark gate
 "router_gemv" allows): there cuBLAS reads the ~0.5 MB of router weights on a couple of SMs (4.9 us
 on an H200 for Qwen3-30B-A3B), and ``fxfuse::router_logits`` spreads the read over one program per expert row;
 its logits feed the fused router and any other user. Anything that does not fit a check is a near miss; a
@@ -722,7 +722,7 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
 def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.Node, fx.Node] | str:
     """(mm, x, w) when the router logits are a decode-sized ``mm(x, w.t())`` the GEMV kernel may
     replace, else why not (the mm then stays Inductor's)."""
-    from ..kernels.router_gemv import MAX_ROWS
+    from ..kernels.router_gemv import MAX_ROWS, fits
 
     mm = m.logits
     if not is_op(mm, aten.mm.default):
@@ -743,6 +743,8 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
         return f"router mm dtypes {xv.dtype}/{wv.dtype} not supported"
     if not isinstance(H, int) or not isinstance(wv.shape[0], int):
         return "router mm sizes are symbolic"
+    if not fits(M, wv.shape[0], H):
+        return f"{M} tokens x {wv.shape[0]} x {H} router weights: past the size the GEMV wins at (a GEMM reads them once)"
     if xv.stride(1) != 1 or wv.stride(1) != 1:
         return "router mm operands' rows are not contiguous"
     if not same_device(xv, wv) or xv.device.type not in ("cpu", "cuda"):
