@@ -189,6 +189,18 @@ def llama_layer() -> list[str]:
     out += ["", "Row-wise: all three families fuse at every T, 1.01-1.06x. Per-tensor: all fuse only at T=1; at T=256 only "
             "rope_quant fused (the near misses say the amax is not over the last dim with keepdim=True: torchao's "
             "per-tensor activation scale is a whole-tensor amax, which no single-pass fused kernel can produce)."]
+    r16 = load("llama_fp8_layer_16_h200.json")
+    if r16:
+        out += ["", "### torchao fp8 Llama decoder layer, H200, 16 tokens, as shipped (gated)", ""]
+        out += run_lines(r16, "`bash benchmarks/gpu_call.sh`, which ran `python3 benchmarks/bench_llama_fp8_layer.py "
+                              "--schemes row,tensor --tokens 16` (per-tensor did not finish in the 175 s step, nor did "
+                              "per-tensor at 4096 tokens in 100 s: log `llama_fp8_layer_tensor_4096_h200_timeout.log`)",
+                         "llama_fp8_layer_16_h200.json")
+        for c in r16["cases"]:
+            if c.get("speedup_vs_compile"):
+                out += ["", f"Row-wise T={c['tokens']}: stock {c['us']['compile']:.1f} us, fxfuse {c['us']['fused']:.1f} us, "
+                        f"{c['speedup_vs_compile']:.3f}x; fusions {c['counters']}; output error vs eager "
+                        f"{c['err']['compile']:.1e} (stock) / {c['err']['fused']:.1e} (fxfuse)."]
     r = load("llama_fp8_layer_4096_h200.json")
     if r:
         out += ["", "### torchao fp8 Llama decoder layer, H200, 4096 tokens, with a kernel profile", ""]
@@ -333,11 +345,59 @@ def moe_routing() -> list[str]:
     return out
 
 
+def router_gemv() -> list[str]:
+    r, sw = load("router_gemv_h200.json"), load("router_gemv_sweep_h200.json")
+    if r is None:
+        return []
+    out = ["", "## MoE router GEMV at decode (`fxfuse::router_logits`, part of moe_routing)", ""]
+    out += run_lines(r, ran(r, "benchmarks/bench_router_gemv.py"), "router_gemv_h200.json")
+    out += ["", "Stock = `torch.compile(F.linear)` (Inductor calls cuBLAS); fused = the raw Triton GEMV (one expert row per "
+            "program, 1024-wide steps, 8 warps). The pass rewrites only where `fits(M, E, H)` (M <= 16 and "
+            "M*E*H <= 8 Mi elements: each token's programs stream the weights again); the gate is over those cases.", "",
+            "| router | E x H | M | stock us | fused us | x stock | rewritten |", "|---|---|---:|---:|---:|---:|---|"]
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    from fxfuse.kernels.router_gemv import fits
+
+    for c in r["cases"]:
+        out.append(f"| {c['model']} | {c['E']} x {c['H']} | {c['M']} | {c['us']['compile']:.2f} | {c['us']['fused']:.2f} | "
+                   f"{c['speedup']:.2f}x | {'yes' if fits(c['M'], c['E'], c['H']) else 'no (gated by size)'} |")
+    out += ["", f"Gate: {json.dumps(r['gates'])}."]
+    if sw:
+        best = sorted(sw["sweep"], key=lambda t: t["us"])[:4]
+        out += ["", "Block-size sweep at Qwen3-30B-A3B M=1 (" + ran(sw, "benchmarks/bench_router_gemv.py --sweep")
+                + f", {sw['date'][:10]}; JSON `benchmarks/results/router_gemv_sweep_h200.json`): fastest "
+                + "; ".join(f"{t['cfg']} {t['us']:.2f} us" for t in best)
+                + f"; the first default (4 rows x 512, 4 warps) took "
+                + f"{next(t['us'] for t in sw['sweep'] if t['cfg'] == dict(BLOCK_E=4, BLOCK_K=512, num_warps=4)):.2f} us."]
+    return out
+
+
+def moe_decode_breakdown() -> list[str]:
+    r = load("moe_decode_profile_h200.json")
+    if r is None:
+        return []
+    out = ["", "### Where the Qwen3-30B-A3B block's time goes at decode (before the router GEMV)", "",
+           "- GPU: NVIDIA H200; date 2026-12-01; command (device call): `bash benchmarks/gpu_call.sh`, which ran "
+           "`python3 benchmarks/diag_moe_decode_profile.py $OUT/res/moe_decode_profile_h200.json`; JSON: "
+           "`benchmarks/results/moe_decode_profile_h200.json` (torch.profiler kernel times without a CUDA graph, and the "
+           "block's CUDA-graph time)", ""]
+    for key, v in r.items():
+        ks = ", ".join(f"`{k[:40]}` {t:.1f}" for k, t in v["kernels"][:5])
+        out.append(f"- {key}: CUDA graph {v['graph_us']:.1f} us; kernels (us): {ks}")
+    out += ["", "The router GEMM (cuBLAS `nvjet 64x8`, 4.9 us for 0.5 MB) cost more than the routing after it: "
+            "that is what the router GEMV above replaced (block M=1 32.1 -> 28.5 us)."]
+    return out
+
+
 def moe_experts() -> list[str]:
     out: list[str] = []
-    runs = [("moe_experts_h200_quick.json", "Qwen3-30B-A3B and Mixtral 8x7B, H200, with the Triton combine kernel and the "
+    runs = [("moe_experts_qwen_h200_decode.json", "Qwen3-30B-A3B decode steps, H200, with the router GEMV and the routing "
+             "kept a launch of its own (2026-12-01 fourth session, call 4; `fused_fold` = the opt-in fold)"),
+            ("moe_experts_h200_quick.json", "Qwen3-30B-A3B and Mixtral 8x7B, H200, with the Triton combine kernel and the "
              "one-launch align (2026-12-01, second session, grouped_mm)"),
-            ("moe_experts_qwen_h200_quick.json", "Qwen3-30B-A3B, H200, pipelined decode kernels, decode path to M*K*2 <= E, BM=16 tiles (2026-12-01 third session, grouped_mm only; the routing fold did not apply in this run: fused_nofold = fused)"),
+            ("moe_experts_qwen_h200_quick.json", "Qwen3-30B-A3B, H200, before the router GEMV (2026-12-01 fourth session, call 1; `fused` = routing folded into decode kernel A, then the default; `fused_nofold` = its own launch: the fold saved nothing, so it is now opt-in)"),
             ("moe_experts_qwen_h100_quick.json", "Qwen3-30B-A3B (run 5, grouped_mm only; before the decode-kernel change)"),
             ("moe_experts_mixtral_h100_quick.json", "Mixtral 8x7B (run 4)")]
     for name, title in runs:
@@ -366,7 +426,7 @@ def moe_experts() -> list[str]:
             by = {c["M"]: c for c in r["cases"] if c["model"].startswith("qwen")}
             rows = ["", "| target (issue 10, Qwen3-30B-A3B layer) | measured | |", "|---|---|---|"]
             for M, lim in ((1, 1.25), (64, 1.2), (2048, 1.5)):
-                if M in by and by[M]["x_floor"].get("grouped_mm/fused"):
+                if M in by and by[M].get("x_floor", {}).get("grouped_mm/fused"):
                     v = by[M]["x_floor"]["grouped_mm/fused"]
                     rows.append(f"| M={M} within {lim}x floor | {v:.2f}x ({by[M]['us']['grouped_mm/fused']:.1f} us vs {by[M]['floor_us']:.1f} us) | {yes(v <= lim)} |")
             if 1 in by:
@@ -603,7 +663,7 @@ def gpu_tests() -> list[str]:
 def main() -> None:
     if not (RES / "rmsnorm_quant_h100.json").exists() or not (RES / "unwrap_h100.json").exists():
         print("# Benchmarks")
-        for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, moe_experts, moe_align, moe_small_tiles, e2e, compile_overhead, demo, gpu_tests):
+        for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, demo, gpu_tests):
             print("\n".join(section()))
         return
     r = json.loads((RES / "rmsnorm_quant_h100.json").read_text())
@@ -697,7 +757,7 @@ def main() -> None:
         "shipped ATen decompositions run op by op, so 'eager' and 'stock compile' call several small torch "
         "kernels per op.",
     ]
-    for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, moe_experts, moe_align, moe_small_tiles, e2e, compile_overhead, demo, gpu_tests):
+    for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, demo, gpu_tests):
         out += section()
     print("\n".join(out))
 
