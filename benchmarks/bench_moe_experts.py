@@ -2,8 +2,8 @@
 
 Per (model, experts implementation, M): the transformers SparseMoeBlock (routing included) under
 stock torch.compile and under torch.compile with fxfuse (ungated), median us under CUDA graphs
-(do_bench_cudagraph), at decode also with the routing folded into the experts' first kernel
-(`fused_fold`: opt-in option moe_fold_routing=True; `fused` keeps the router's own launch); the raw op alone
+(do_bench_cudagraph), with --fold at decode also with the routing folded into the experts' first
+kernel (`fused_fold`: opt-in option moe_fold_routing=True; `fused` keeps the router's own launch); the raw op alone
 (routing precomputed); and the weight-streaming floor =
 bytes of the distinct selected experts' weights / measured copy bandwidth (1 GiB clone).
 
@@ -135,7 +135,7 @@ def path_name(M: int, shape: dict[str, int]) -> str:
 
 
 def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool,
-        partial: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+        partial: Callable[[dict[str, Any]], None] = lambda r: None, fold: bool = False) -> dict[str, Any]:
     import fxfuse
 
     device = "cpu" if dry else "cuda"
@@ -187,7 +187,7 @@ def run(models: list[str], impls: list[str], Ms: list[int], rep: int, dry: bool,
                     if impl == "batched_mm" and gathered > GATHER_LIMIT_BYTES:
                         row["notes"].append(f"{impl}: skipped, W[ids] alone is {gathered / 2**30:.0f} GiB")
                         continue
-                    variants = ("compile", "fused") + (("fused_fold",) if row["path"] == "decode" else ())
+                    variants = ("compile", "fused") + (("fused_fold",) if fold and row["path"] == "decode" else ())
                     for variant in variants:
                         key = f"{impl}/{variant}"
                         try:
@@ -295,6 +295,7 @@ def main() -> None:
     ap.add_argument("--ms", default=None)
     ap.add_argument("--rep", type=int, default=100, help="ms per do_bench_cudagraph measurement")
     ap.add_argument("--sweep", action="store_true", help="also sweep the raw kernels' block sizes")
+    ap.add_argument("--fold", action="store_true", help="decode rows also time the opt-in routing fold (fused_fold)")
     a = ap.parse_args()
     Ms = [int(m) for m in a.ms.split(",")] if a.ms else (QUICK_MS if a.quick else MS)
     if a.dry_run:
@@ -311,7 +312,7 @@ def main() -> None:
     def partial(r: dict[str, Any]) -> None:  # a timeout still leaves every finished row on disk
         Path(a.out).write_text(json.dumps({**r, **meta, "partial": True}, indent=1))
 
-    res = run(a.models.split(","), a.impls.split(","), Ms, a.rep, a.dry_run, partial)
+    res = run(a.models.split(","), a.impls.split(","), Ms, a.rep, a.dry_run, partial, fold=a.fold)
     if a.sweep:
         res["sweep"] = sweep(a.models.split(","), Ms, max(a.rep // 4, 10), a.dry_run)
     res.update(meta)

@@ -1,16 +1,28 @@
 # The device call script of the latest session (rewritten per call; BENCHMARKS.md cites the exact python command of each
 # result, which is what to rerun). benchmarks/gpu_run.sh holds the full menu of steps.
-# 2026-12-01 fourth session, call 5 (the last ~6 minutes of device time): issue 7's Llama layer at 16 tokens,
-# row-wise and per-tensor, then per-tensor at 4096 tokens (never finished in earlier calls), as shipped (gated).
+# Prepared for the next session (the 2026-12-01 fourth session used all its device time):
+#   bash benchmarks/gpu_call.sh a   issue 10's full benchmark set: Qwen3-30B-A3B and Mixtral 8x7B blocks at
+#                                   M = 1, 4, 16, 64, 256, 2048, grouped_mm and batched_mm, vs stock compile and the floor
+#   bash benchmarks/gpu_call.sh b   decode-kernel focus sweep at Qwen M=1 and M=8 (issue 11's M=8 step is 1.47x),
+#                                   dense fp8 e2e with fxfuse's own fp8 linear (the torchao prefill compile outran 250 s
+#                                   twice on the H200), and the e2e MoE model at every step.
+# Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p $OUT/res
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $OUT/res/env.txt
-timeout 175 python3 benchmarks/bench_llama_fp8_layer.py --schemes row,tensor --tokens 16 --out $OUT/res/llama_fp8_layer_16_h200.json > $OUT/res/llama16.log 2>&1
-echo "llama16 rc=$?"; grep "\[layer\]" $OUT/res/llama16.log | cut -c1-300
-timeout 100 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 4096 --out $OUT/res/llama_fp8_layer_tensor_4096_h200.json > $OUT/res/llama4096t.log 2>&1
-echo "llama4096 tensor rc=$?"; grep "\[layer\]" $OUT/res/llama4096t.log | cut -c1-300
+case "${1:-a}" in
+  a)
+    timeout 280 python3 benchmarks/bench_moe_experts.py --models qwen3_30b_a3b --out $OUT/res/moe_experts_qwen_h200_full.json > $OUT/res/moe_qwen.log 2>&1
+    echo "qwen rc=$?"; grep -E '^\{' $OUT/res/moe_qwen.log | cut -c1-260
+    timeout 250 python3 benchmarks/bench_moe_experts.py --models mixtral_8x7b --out $OUT/res/moe_experts_mixtral_h200_full.json > $OUT/res/moe_mixtral.log 2>&1
+    echo "mixtral rc=$?"; grep -E '^\{' $OUT/res/moe_mixtral.log | cut -c1-260 ;;
+  b)
+    timeout 170 python3 benchmarks/tune_moe_decode.py --focus --out $OUT/res/tune_moe_focus_h200.json > $OUT/res/tune_focus.log 2>&1
+    echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
+    timeout 200 python3 benchmarks/e2e.py --quick --fp8 own --models dense_fp8 --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_quick.json > $OUT/res/e2e_dense.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
+    timeout 140 python3 benchmarks/e2e.py --quick --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
+    echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log ;;
+esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"

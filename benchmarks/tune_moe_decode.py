@@ -51,7 +51,7 @@ def b_candidates(quick: bool) -> list[dict[str, int]]:
     return (vec[::3] + dot[::2]) if quick else (vec + dot)
 
 
-FOCUS_SHAPES = [("qwen3_30b_a3b", 1)]  # --focus: the decode step the 2.5x-over-stock target is set at
+FOCUS_SHAPES = [("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 8)]  # --focus: decode steps of issue 10 (M=1) and issue 11 (M=8)
 
 
 def focus_a_candidates() -> list[dict[str, int]]:
