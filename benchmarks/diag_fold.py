@@ -1,4 +1,4 @@
-"""Why the MoE routing fold does not apply in a real CUDA compile (diagnostic; prints the debug
+"""Why the opt-in MoE routing fold (moe_fold_routing=True) does or does not apply in a real CUDA compile (diagnostic; prints the debug
 reason and the nodes between the fused router and the experts region's weights/ids)."""
 import logging
 import sys
@@ -17,7 +17,7 @@ for name in ("fxfuse", "fxfuse.patterns", "fxfuse.patterns.moe_experts"):
 m = _block("qwen", "grouped_mm")
 x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16)
 with torch.no_grad(), fresh_cache():
-    cap = capture_graphs(m, x, passes=fxfuse.FusionPasses(options={"gate": False}), dynamic=False)
+    cap = capture_graphs(m, x, passes=fxfuse.FusionPasses(options={"gate": False, "moe_fold_routing": True}), dynamic=False)
 print(fxfuse.report())
 print("=== BEFORE")
 print(cap.before_text)
