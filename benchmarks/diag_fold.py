@@ -1,5 +1,6 @@
-"""Why the opt-in MoE routing fold (moe_fold_routing=True) does or does not apply in a real CUDA compile (diagnostic; prints the debug
-reason and the nodes between the fused router and the experts region's weights/ids)."""
+"""Why the opt-in MoE routing fold (moe_fold_routing=True) does or does not apply in a real CUDA
+compile (diagnostic; prints the debug reason and the nodes between the fused router and the
+experts region's weights/ids)."""
 import logging
 import sys
 
