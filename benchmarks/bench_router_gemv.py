@@ -33,19 +33,21 @@ from bench_moe_experts import bench_us, copy_bandwidth_gbps, rel_err  # noqa: E4
 from fxfuse.kernels.router_gemv import fits, router_config, router_logits_triton  # noqa: E402
 
 SHAPES = {"qwen3_30b_a3b": (128, 2048), "mixtral_8x7b": (8, 4096), "deepseek_v3": (256, 7168)}
+UPCAST = {"deepseek_v3_fp32": (256, 7168)}  # linear(x.float(), W.float()): gate class router_gemv_upcast
 MS = (1, 2, 4, 8, 16)
 
 
 def gates(cases: list[dict]) -> dict:
     """The routing family's "router_gemv/M<=16" class per H: over the cases the pass would rewrite
     (`fits`), the geomean speedup if every one won, else the worst (a wrong result counts as 0)."""
-    per_h: dict[int, list[float]] = {}
+    per: dict[str, dict[int, list[float]]] = {}
     for c in cases:
         if fits(c["M"], c["E"], c["H"]):
-            per_h.setdefault(c["H"], []).append(c["speedup"] if c["err"] < 1e-2 else 0.0)
-    return {"moe_routing": {"router_gemv/M<=16": {
+            scheme = "router_gemv_upcast/M<=16" if c.get("upcast") else "router_gemv/M<=16"
+            per.setdefault(scheme, {}).setdefault(c["H"], []).append(c["speedup"] if c["err"] < 1e-2 else 0.0)
+    return {"moe_routing": {scheme: {
         str(h): (math.exp(sum(math.log(max(s, 1e-9)) for s in v) / len(v)) if min(v) >= 1.0 else min(v))
-        for h, v in sorted(per_h.items())}}}
+        for h, v in sorted(per_h.items())} for scheme, per_h in per.items()}}
 
 
 def main() -> None:
@@ -74,19 +76,22 @@ def main() -> None:
             res["sweep"].append(dict(cfg=cfg, us=us, err=rel_err(out, ref)))
         best = min(res["sweep"], key=lambda r: r["us"] if r["err"] < 1e-2 else math.inf)
         print(f"sweep qwen M=1: default {router_config(E, H)}; best {best['cfg']} {best['us']:.2f} us", flush=True)
-    for name, (E, H) in SHAPES.items():
+    for name, (E, H) in {**SHAPES, **UPCAST}.items():
         w = torch.randn(E, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
-        stock = torch.compile(lambda t: torch.nn.functional.linear(t, w), dynamic=False)
+        up = name in UPCAST
+        odt = torch.float32 if up else None
+        stock = torch.compile((lambda t: torch.nn.functional.linear(t.float(), w.float())) if up
+                              else (lambda t: torch.nn.functional.linear(t, w)), dynamic=False)
         for M in MS:
             x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16, generator=g)
-            ref = torch.mm(x, w.t())
+            ref = torch.mm(x.float(), w.float().t()) if up else torch.mm(x, w.t())
             out = torch.full_like(ref, float("nan"))
-            router_logits_triton(x, w, out=out)
+            router_logits_triton(x, w, odt, out=out)
             err = rel_err(out, ref)
-            us_f = bench_us(lambda: router_logits_triton(x, w, out=out), a.rep)
+            us_f = bench_us(lambda: router_logits_triton(x, w, odt, out=out), a.rep)
             us_c = bench_us(lambda: stock(x), a.rep)
             bytes_ = (E * H + M * H + M * E) * 2
-            res["cases"].append(dict(model=name, E=E, H=H, M=M, us={"compile": us_c, "fused": us_f}, err=err,
+            res["cases"].append(dict(model=name, E=E, H=H, M=M, upcast=up, us={"compile": us_c, "fused": us_f}, err=err,
                                      speedup=us_c / us_f, frac_copy=bytes_ / (us_f * 1e-6) / (copy * 1e9)))
             print(f"{name} M={M}: compile {us_c:.2f} us fused {us_f:.2f} us ({us_c / us_f:.2f}x) err {err:.1e}",
                   flush=True)

@@ -21,11 +21,13 @@ import fxfuse
 from fxfuse.kernels.router_gemv import MAX_ROW_ELEMS, fits
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = [  # (name, M, E, H, dtype, x row stride pad)
-    ("bf16-qwenlike", 2, 16, 512, "bfloat16", 0),
-    ("bf16-tails", 3, 6, 100, "bfloat16", 4),
-    ("fp16", 1, 8, 1030, "float16", 0),
-    ("fp32-strided", 5, 12, 64, "float32", 3),
+CASES = [  # (name, M, E, H, dtype, x row stride pad, out dtype)
+    ("bf16-qwenlike", 2, 16, 512, "bfloat16", 0, "bfloat16"),
+    ("bf16-tails", 3, 6, 100, "bfloat16", 4, "bfloat16"),
+    ("fp16", 1, 8, 1030, "float16", 0, "float16"),
+    ("fp32-strided", 5, 12, 64, "float32", 3, "float32"),
+    ("bf16-to-fp32", 2, 16, 300, "bfloat16", 0, "float32"),  # DeepSeek-V3's fp32 router
+    ("fp16-to-fp32", 1, 5, 64, "float16", 2, "float32"),
 ]
 HALF_ULP = {"bfloat16": 2**-8, "float16": 2**-11, "float32": 2**-20}
 
@@ -35,16 +37,16 @@ def _interp_main() -> None:
     from fxfuse.kernels.router_gemv import router_logits_triton
 
     res = {}
-    for name, M, E, H, dt, pad in CASES:
-        dtype = getattr(torch, dt)
+    for name, M, E, H, dt, pad, odt in CASES:
+        dtype, out_dtype = getattr(torch, dt), getattr(torch, odt)
         torch.manual_seed(M * 100 + E)
         x = torch.randn(M, H + pad, dtype=dtype)[:, :H]
         w = torch.randn(E, H, dtype=dtype) * 0.05
-        out = torch.full((M, E), float("nan"), dtype=dtype)
-        router_logits_triton(x, w, out=out)
+        out = torch.full((M, E), float("nan"), dtype=out_dtype)
+        router_logits_triton(x, w, out_dtype, out=out)
         ref = x.double() @ w.double().t()
         err = (out.double() - ref).abs()
-        bound = HALF_ULP[dt] * ref.abs() + 1e-6 * (x.double().abs() @ w.double().abs().t())
+        bound = HALF_ULP[odt] * ref.abs() + 1e-6 * (x.double().abs() @ w.double().abs().t())
         res[name] = dict(finite=bool(torch.isfinite(out).all()), within=bool((err <= bound).all()),
                          max_err=float(err.max()))
     print(json.dumps(res))
@@ -82,6 +84,20 @@ class _Router(torch.nn.Module):
         return (w / w.sum(-1, keepdim=True)).to(h.dtype), ids
 
 
+class _Fp32Router(torch.nn.Module):
+    """DeepSeek-V3's router: fp32 logits of upcast bf16 operands, sigmoid scores, top-k, scaled."""
+
+    def __init__(self, H: int, E: int, k: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(E, H) * 0.1)
+        self.k = k
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(h.reshape(-1, h.shape[-1]).type(torch.float32), self.weight.type(torch.float32))
+        w, ids = torch.topk(logits.sigmoid(), self.k, dim=-1)
+        return w * 2.5, ids
+
+
 def _compile(m: torch.nn.Module, x: torch.Tensor, dynamic: bool = False):
     fxfuse.counters.clear()
     fxfuse.report.clear()
@@ -116,6 +132,29 @@ def test_router_gemm_becomes_gemv_at_decode(M: int) -> None:
     assert _gemv_applied(), fxfuse.report()
     torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
     _same_ids(m, x, ids, ref_ids)
+
+
+def test_fp32_router_of_upcast_operands_reads_them_in_bf16() -> None:
+    """linear(x.float(), W.float()) at decode: the GEMV takes the bf16 sources and writes fp32
+    logits (exact upcast), eager's result; on CUDA its own gate class (router_gemv_upcast)."""
+    from fxfuse import gating
+
+    torch.manual_seed(0)
+    m = _Fp32Router(64, 16, 4).to(torch.bfloat16).eval()
+    x = torch.randn(1, 2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref_w, ref_ids = m(x)
+    w, ids = _compile(m, x)
+    assert fxfuse.counters["moe_routing"] == 1, fxfuse.report()
+    assert any("+router GEMV (fp32 from 2-byte operands)" in f.detail for f in fxfuse.report().fusions), fxfuse.report()
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+    assert torch.equal(ids, ref_ids)
+    table = {"moe_routing": {"router_gemv/M<=16": {"2048": 2.0}}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gating, "_table", lambda: table)
+        assert gating.rejects("moe_routing", scheme="router_gemv", hidden=2048, dtype=torch.bfloat16, M=1) is None
+        assert "router_gemv_upcast" in gating.rejects("moe_routing", scheme="router_gemv_upcast", hidden=2048,
+                                                      dtype=torch.bfloat16, M=1)
 
 
 @pytest.mark.parametrize("case", ["biased", "M=17", "too-many-weights", "dynamic"])

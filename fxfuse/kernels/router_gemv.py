@@ -12,6 +12,9 @@ E / BLOCK_E programs.
 
 Numerics: fp32 accumulation, one rounding to the output dtype, as cuBLAS does; the summation
 order differs (bits can differ in the last place of a logit, as between cuBLAS algorithms).
+``out_dtype=torch.float32`` on bf16/fp16 operands is DeepSeek-V3's fp32 router
+(``linear(x.float(), W.float())``): the kernel reads the 2-byte weights and upcasts in registers
+(exact) instead of reading an fp32 copy of them.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def fits(M: int, E: int, H: int) -> bool:
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def check_args(x: torch.Tensor, w: torch.Tensor) -> None:
-    """Raise ValueError unless (x [M, H], w [E, H]) is a supported layout (rows contiguous)."""
+def check_args(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> None:
+    """Raise ValueError unless (x [M, H], w [E, H]) is a supported layout (rows contiguous) and
+    out_dtype is the operands' dtype or fp32."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"router_logits: want x [M, H] and w [E, H], got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype != w.dtype or x.dtype not in _DT_CODE:
@@ -53,6 +57,8 @@ def check_args(x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError("router_logits: rows of x and w must be contiguous (stride(1) == 1)")
     if x.device != w.device:
         raise ValueError("router_logits: x and w on different devices")
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"router_logits: out_dtype {out_dtype} not supported for {x.dtype} operands")
 
 
 def router_config(E: int, H: int) -> dict[str, int]:
@@ -88,40 +94,42 @@ def _router_gemv_kernel(x_ptr, w_ptr, out_ptr, stride_xm, stride_we, stride_om, 
 
 
 def _launch(wrap, x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None,
-            config: Optional[dict[str, int]] = None) -> torch.Tensor:
+            config: Optional[dict[str, int]] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     M, H = x.shape
     E = w.shape[0]
-    out = out if out is not None else torch.empty((M, E), dtype=x.dtype, device=x.device)
+    out = out if out is not None else torch.empty((M, E), dtype=out_dtype or x.dtype, device=x.device)
     c = {**router_config(E, H), **(config or {})}
     if not (isinstance(M, int) and M == 0):  # a zero-size grid is an error
         wrap(_router_gemv_kernel)[(M, triton.cdiv(E, c["BLOCK_E"]))](
             x, w, out, x.stride(0), w.stride(0), out.stride(0), E, H,
-            OUT_DT=_DT_CODE[x.dtype], NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+            OUT_DT=_DT_CODE[out.dtype], NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
             BLOCK_E=c["BLOCK_E"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"],
         )
     return out
 
 
-def router_logits_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the graph computed: ``mm(x, w.t())``."""
+def router_logits_reference(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """What the graph computed: ``mm(x, w.t())``, on operands cast to out_dtype if given."""
+    if out_dtype is not None and out_dtype != x.dtype:
+        x, w = x.to(out_dtype), w.to(out_dtype)
     return torch.mm(x, w.t())
 
 
 @triton_op("fxfuse::router_logits", mutates_args=())
-def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Router logits [M, E] = x [M, H] @ w [E, H]^T in x's dtype."""
+def router_logits(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Router logits [M, E] = x [M, H] @ w [E, H]^T in out_dtype (default: x's dtype)."""
     if x.device.type == "cpu":
-        return router_logits_reference(x, w)
-    check_args(x, w)
-    return _launch(wrap_triton, x, w)
+        return router_logits_reference(x, w, out_dtype)
+    check_args(x, w, out_dtype)
+    return _launch(wrap_triton, x, w, out_dtype=out_dtype)
 
 
 router_logits.register_kernel("cpu")(router_logits_reference)
 
 
-def router_logits_triton(x: torch.Tensor, w: torch.Tensor, *, out: Optional[torch.Tensor] = None,
-                         config: Optional[dict[str, int]] = None) -> torch.Tensor:
+def router_logits_triton(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None, *,
+                         out: Optional[torch.Tensor] = None, config: Optional[dict[str, int]] = None) -> torch.Tensor:
     """Launch the raw kernel (no dispatcher); `out` = caller buffer (tests poison it), `config`
     overrides block sizes (benchmark sweeps)."""
-    check_args(x, w)
-    return _launch(lambda kern: kern, x, w, out=out, config=config)
+    check_args(x, w, out.dtype if out is not None else out_dtype)
+    return _launch(lambda kern: kern, x, w, out=out, config=config, out_dtype=out_dtype)

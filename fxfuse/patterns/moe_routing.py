@@ -719,9 +719,20 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
     return sorted(m.nodes, key=lambda n: n.name)
 
 
-def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.Node, fx.Node] | str:
-    """(mm, x, w) when the router logits are a decode-sized ``mm(x, w.t())`` the GEMV kernel may
-    replace, else why not (the mm then stays Inductor's)."""
+def _upcast_source(node: Any) -> Any:
+    """The bf16/fp16 tensor an fp32 convert reads (DeepSeek-V3's ``x.float()``/``W.float()``), else None."""
+    if isinstance(node, fx.Node) and is_convert(node) and convert_dtype(node) == torch.float32:
+        src = node.args[0]
+        sv = tval(src) if isinstance(src, fx.Node) else None
+        if sv is not None and sv.dtype in (torch.bfloat16, torch.float16):
+            return src
+    return None
+
+
+def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.Node, fx.Node, Any] | str:
+    """(mm, x, w, out_dtype) when the router logits are a decode-sized ``mm(x, w.t())`` the GEMV
+    kernel may replace, else why not (the mm then stays Inductor's). An fp32 mm of two upcast
+    bf16/fp16 operands reads the 2-byte sources (out_dtype fp32: the kernel upcasts exactly)."""
     from ..kernels.router_gemv import MAX_ROWS, fits
 
     mm = m.logits
@@ -731,6 +742,10 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
     if not (is_op(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]) or not isinstance(x, fx.Node):
         return "router mm's weight operand is not W.t()"
     w = wt.args[0]
+    out_dtype = None
+    xs, ws = _upcast_source(x), _upcast_source(w)
+    if xs is not None and ws is not None and tval(xs).dtype == tval(ws).dtype:
+        x, w, out_dtype = xs, ws, torch.float32
     xv, wv, lv = tval(x), tval(w), tval(mm)
     if xv is None or wv is None or lv is None:
         return "router mm without tensor metadata"
@@ -739,7 +754,7 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
         return "token count is symbolic (the GEMV is for static decode steps)"
     if M > MAX_ROWS:
         return f"{M} tokens (> {MAX_ROWS}: a GEMM reads the weights once for all rows)"
-    if not (xv.dtype == wv.dtype == lv.dtype) or xv.dtype not in FLOAT_DTYPES:
+    if not (xv.dtype == wv.dtype == (lv.dtype if out_dtype is None else xv.dtype)) or xv.dtype not in FLOAT_DTYPES:
         return f"router mm dtypes {xv.dtype}/{wv.dtype} not supported"
     if not isinstance(H, int) or not isinstance(wv.shape[0], int):
         return "router mm sizes are symbolic"
@@ -750,18 +765,20 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
     if not same_device(xv, wv) or xv.device.type not in ("cpu", "cuda"):
         return "router mm operands on different or unsupported devices"
     if xv.device.type == "cuda":
-        why = gating.rejects(FAMILY, scheme="router_gemv", hidden=H, dtype=xv.dtype, enabled=gate, M=M)
+        # measured classes: 2-byte operands ("router_gemv"), fp32 ones and the upcast form apart
+        scheme = "router_gemv" + ("_upcast" if out_dtype is not None else "_fp32" if xv.dtype == torch.float32 else "")
+        why = gating.rejects(FAMILY, scheme=scheme, hidden=H, dtype=xv.dtype, enabled=gate, M=M)
         if why:
             return why
-    return mm, x, w
+    return mm, x, w, out_dtype
 
 
-def replace_router_gemm(graph: fx.Graph, mm: fx.Node, x: fx.Node, w: fx.Node) -> fx.Node:
-    """Put ``fxfuse::router_logits(x, w)`` in place of the router mm (every user rerouted)."""
+def replace_router_gemm(graph: fx.Graph, mm: fx.Node, x: fx.Node, w: fx.Node, out_dtype: Any = None) -> fx.Node:
+    """Put ``fxfuse::router_logits(x, w, out_dtype)`` in place of the router mm (every user rerouted)."""
     from ..kernels import router_gemv as _k  # noqa: F401  (registers torch.ops.fxfuse.router_logits)
 
     on_cuda = tval(x).device.type == "cuda"
-    (new,) = insert_traced(graph, lambda a, b: (torch.ops.fxfuse.router_logits(a, b),), [x, w], before=mm,
+    (new,) = insert_traced(graph, lambda a, b: (torch.ops.fxfuse.router_logits(a, b, out_dtype),), [x, w], before=mm,
                            functionalize=on_cuda)
     mm.replace_all_uses_with(new)
     graph.erase_node(mm)
@@ -772,13 +789,14 @@ class MoERouting:
     name = FAMILY
 
     @staticmethod
-    def _router_gemv(graph: fx.Graph, m: RouterMatch, ctx: Any) -> bool:
+    def _router_gemv(graph: fx.Graph, m: RouterMatch, ctx: Any) -> str:
         """Replace the router's decode GEMM by the GEMV kernel where `match_router_gemm` allows (then
-        m.logits is its output). An extra: a failure keeps the mm (logged as an error; raised when strict)."""
+        m.logits is its output): the report's note, "" when kept. An extra: a failure keeps the mm
+        (logged as an error; raised when strict)."""
         found = match_router_gemm(m, gate=ctx.options.get("gate", True))
         if isinstance(found, str):
             log.debug("fxfuse moe_routing at %s: router GEMM kept: %s", m.topk.name, found)
-            return False
+            return ""
         try:
             m.logits = replace_router_gemm(graph, *found)
         except Exception as e:  # noqa: BLE001 - the routing rewrite still applies on the mm's logits
@@ -787,8 +805,8 @@ class MoERouting:
             msg = f"{FAMILY} router GEMV at {m.topk.name}: {type(e).__name__}: {e} (kept the mm)"
             ctx.graph_report.errors.append(msg)
             log.warning("fxfuse internal error, router GEMV skipped: %s", msg)
-            return False
-        return True
+            return ""
+        return " +router GEMV" + (" (fp32 from 2-byte operands)" if found[3] is not None else "")
 
     def __call__(self, graph: fx.Graph, ctx: Any) -> None:
         consumed: set[fx.Node] = set()
@@ -822,8 +840,7 @@ class MoERouting:
                     detail += f" scale={m.scale:g}"
                 if m.need_scores:
                     detail += " +scores"
-                if gemv:
-                    detail += " +router GEMV"
+                detail += gemv
                 m.routed.fusion = ctx.applied(FAMILY, replaced, kernel, detail)
 
 
