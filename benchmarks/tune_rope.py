@@ -91,8 +91,13 @@ def heads(shape: str, scheme: str) -> tuple[int, int, int]:
 
 
 def default_config(shape: str, scheme: str) -> Config:
+    """The config the launcher picks for this case by itself (quant kinds, QK-norm and cache
+    included: without them the 2026-12-01 sweep labelled plain RoPE's blocks the QK-norm default)."""
     c = SHAPES[shape]
-    return K.launch_config(c["d"], c["rot"], *heads(shape, scheme))
+    qq = {"rope_fp8_static": K.QUANT_STATIC, "rope_fp8_dynamic": K.QUANT_DYNAMIC}.get(scheme, K.QUANT_NONE)
+    kq = K.QUANT_STATIC if scheme == "rope_fp8_static_kvcache" else qq  # the cache form quantizes k only
+    return K.launch_config(c["d"], c["rot"], *heads(shape, scheme), q_quant=qq, k_quant=kq,
+                           norm=scheme == "rope_qknorm", cache=scheme in CACHE_SCHEMES)
 
 
 def grid(shape: str, scheme: str) -> list[Config]:

@@ -837,16 +837,23 @@ def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, ne
     With full rotary and a power-of-2 head_dim, QK-norm takes SPLIT=2 (gather layout, the partner
     from registers): H200 sweep (tune_rope.py --schemes rope_qknorm, tune_rope_qknorm_h200.json),
     Llama shape 8 heads / 1 warp at 16384 tokens: SPLIT=2 109.6 us, SPLIT=1 134.5, old gather 138.7.
+    Partial rotary at head_dim 256 (Qwen3.5 shape, SPLIT=1) takes 4 heads on 2 warps: the same sweep
+    measured 114.0 us at 16384 tokens (97% of copy) and 30.2 us at 4096, against 153.7 / 38.0 us for
+    the 2 heads / 1 warp this default had (the sweep's own "default" column was the plain-RoPE one).
     CONFIG_OVERRIDE, FXFUSE_ROPE_CONFIG, then `override` replace any of the keys. A SPLIT that the
     rotary dim does not allow (split_ok, reg_partner_ok) falls back to the gather path."""
     bd = triton.next_power_of_2(D)
     hmax = triton.next_power_of_2(max(HQ, HK, HV, 1))
+    warps = 1 if bd <= 128 else 2
     if norm:  # full rotary: the partner from registers (Llama shape, 16384 tokens: 134.5 -> 109.6 us on an H200)
-        bh, split = (8 if bd <= 128 else 2), (SPLIT_REG if reg_partner_ok(D, rot) else SPLIT_HALVES)
+        split = SPLIT_REG if reg_partner_ok(D, rot) else SPLIT_HALVES
+        bh = 8 if bd <= 128 else 4 if split == SPLIT_HALVES else 2
+        if bd > 128 and split != SPLIT_HALVES:
+            warps = 1  # full rotary at head_dim 256: not swept yet, the earlier 2 heads / 1 warp kept
     else:
         per = 2048 if (bd > 128 and QUANT_DYNAMIC in (q_quant, k_quant)) else 1024  # elements per program
         bh, split = max(1, per // bd), int(rot < D)
-    cfg = dict(SPLIT=split, BLOCK_H=max(1, min(hmax, bh)), num_warps=1 if bd <= 128 or norm else 2)
+    cfg = dict(SPLIT=split, BLOCK_H=max(1, min(hmax, bh)), num_warps=warps)
     for o in (CONFIG_OVERRIDE, _env_config(), override or {}):
         bad = set(o) - set(_CONFIG_KEYS)
         if bad:
