@@ -3,7 +3,8 @@
 # Prepared for the next session (the 2026-12-01 fourth session used all its device time):
 #   bash benchmarks/gpu_call.sh a   issue 10's full benchmark set: Qwen3-30B-A3B and Mixtral 8x7B blocks at
 #                                   M = 1, 4, 16, 64, 256, 2048, grouped_mm and batched_mm, vs stock compile and the floor
-#   bash benchmarks/gpu_call.sh b   router GEMV bench incl. the fp32-of-bf16 (DeepSeek-V3) class, decode-kernel focus sweep at Qwen M=1 and M=8 (issue 11's M=8 step is 1.47x),
+#   bash benchmarks/gpu_call.sh b   router GEMV bench incl. the fp32-of-bf16 (DeepSeek-V3) class, the RoPE QK-norm bench
+#                                   (Qwen3.5 config changed without a device: predicted 158 -> ~114 us), decode-kernel focus sweep at Qwen M=1 and M=8 (issue 11's M=8 step is 1.47x),
 #                                   dense fp8 e2e with fxfuse's own fp8 linear (the torchao prefill compile outran 250 s
 #                                   twice on the H200), and the e2e MoE model at every step.
 # Results are packed into one archive: the device returns at most 8 files.
@@ -20,6 +21,8 @@ case "${1:-a}" in
   b)
     timeout 70 python3 benchmarks/bench_router_gemv.py --out $OUT/res/router_gemv_h200.json > $OUT/res/router_gemv.log 2>&1
     echo "gemv rc=$?"; grep -E "M=1:|gates" $OUT/res/router_gemv.log
+    timeout 90 python3 benchmarks/bench_rope_quant.py --quick --schemes rope_qknorm --out $OUT/res/rope_qknorm_h200_quick.json > $OUT/res/rope_qknorm.log 2>&1
+    echo "rope qknorm rc=$?"; tail -4 $OUT/res/rope_qknorm.log
     timeout 150 python3 benchmarks/tune_moe_decode.py --focus --out $OUT/res/tune_moe_focus_h200.json > $OUT/res/tune_focus.log 2>&1
     echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
     timeout 180 python3 benchmarks/e2e.py --quick --fp8 own --models dense_fp8 --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_quick.json > $OUT/res/e2e_dense.log 2>&1
