@@ -10,6 +10,7 @@ import collections
 import contextlib
 import contextvars
 import functools
+import math
 import re
 import types
 import weakref
@@ -210,6 +211,19 @@ def is_row_contiguous(t: torch.Tensor) -> bool:
     if t.dim() == 0:
         return False
     return bool(guard_or_false(t.stride(-1) == 1)) and bool(t.is_contiguous())
+
+
+F32_MAX = 3.4028234663852886e38
+
+
+def op_bound(x: float) -> float:
+    """A clamp bound as an inserted op's argument: +-inf becomes +-FLT_MAX.
+
+    AOTInductor writes a non-finite float argument of a custom op into its package as a JSON
+    string, which its loader rejects. The bounds clamp fp32 values before an fp8/int8 cast:
+    +-FLT_MAX keeps every finite value, and an infinite one cast to fp8 saturates to the same
+    +-448 either way (torch and Triton)."""
+    return max(-F32_MAX, min(F32_MAX, float(x))) if math.isinf(x) else x
 
 
 def fake_mode_of(values: Iterable[Any]) -> Any:

@@ -73,6 +73,16 @@ GROUP_MAX = 1  # group score = max (DeepSeek-V2)
 MAX_EXPERTS = 512
 MAX_K = 16
 
+NEG_INF_FILL = -1.7976931348623157e308  # -sys.float_info.max
+"""How a -inf fill travels as the ops' `fill` argument: AOTInductor writes a non-finite float
+argument into its package as a JSON string ("-Infinity") that its loader rejects. Any fill below
+fp32's range rounds to -inf in the fp32 routing math, so this is -inf exactly (`is_ninf_fill`)."""
+
+
+def is_ninf_fill(fill: float) -> bool:
+    """Whether `fill` means -inf (-inf itself, or a finite value that rounds to it in fp32)."""
+    return float(fill) < -3.4028234663852886e38
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -112,7 +122,7 @@ def check_args(
             raise ValueError(f"moe_routing: bias must be a float [E={E}] vector, got {tuple(bias.shape)} {bias.dtype}")
         if bias.device != logits.device:
             raise ValueError("moe_routing: bias on a different device than logits")
-    if not (math.isfinite(fill) or fill == float("-inf")):
+    if not (math.isfinite(fill) or is_ninf_fill(fill)):
         raise ValueError(f"moe_routing: fill {fill} must be finite or -inf")
     if n_group < 1 or E % n_group:
         raise ValueError(f"moe_routing: n_group={n_group} must divide E={E}")
@@ -183,7 +193,8 @@ def moe_routing_reference(
         gidx = _topk_lowest_index(gscore, topk_group)[1]
         keep = torch.zeros(M, n_group, dtype=torch.bool, device=x.device).scatter(1, gidx, True)
         keep = keep[:, :, None].expand(M, n_group, gsz).reshape(M, E)
-        sel = torch.where(keep, sel, torch.tensor(fill, dtype=f32, device=x.device))
+        sel = torch.where(keep, sel, torch.tensor(float("-inf") if is_ninf_fill(fill) else fill, dtype=f32,
+                                                  device=x.device))
     sv, ids = _topk_lowest_index(sel, k)
     w = s.gather(1, ids) if gather_weights else sv
     if scoring == SCORING_TOPK_SOFTMAX:
@@ -204,7 +215,7 @@ def moe_routing_reference(
 
 def _finite_fill(fill: float) -> float:
     """The runtime fill argument: -inf travels as the FILL_NINF constexpr instead."""
-    return 0.0 if float(fill) == float("-inf") else float(fill)
+    return 0.0 if is_ninf_fill(fill) else float(fill)
 
 
 @triton.jit
@@ -369,7 +380,7 @@ def row_meta(
         G_PAD=triton.next_power_of_2(n_group), GS=gs, GS_PAD=triton.next_power_of_2(gs),
         RENORM=bool(renormalize), HAS_EPS=float(renorm_eps) != 0.0, HAS_SCALE=float(scale) != 1.0,
         GATHER_W=bool(gather_weights) and (bias is not None or n_group > 1),
-        FILL_NINF=float(fill) == float("-inf"),  # -inf is a constexpr: no inf literal in generated code
+        FILL_NINF=is_ninf_fill(fill),  # -inf is a constexpr: no inf literal in generated code
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
     )
 

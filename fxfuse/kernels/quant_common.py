@@ -50,6 +50,8 @@ _FP8_SAT: tl.constexpr = tl.constexpr(FP8_SATURATES)
 def apply_scale_op_ref(s: torch.Tensor, op: int, c: "float | torch.Tensor") -> torch.Tensor:
     """One scale-chain step on an fp32 tensor (constants rounded to fp32, like the kernel; a
     one-element tensor `c` is the runtime value the kernel loads for that slot)."""
+    if op == SCALE_NOP:  # an empty chain travels as [SCALE_NOP] (AOTInductor: no empty list arguments)
+        return s
     if isinstance(c, torch.Tensor):
         ct = c.reshape(()).to(torch.float32)
     else:
@@ -284,6 +286,13 @@ def tile_scales(
 # ----------------------------------------------------------------------------- host-side helpers
 
 
+def op_scale_chain(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
+    """A scale chain as an op's arguments: an empty one becomes [SCALE_NOP] / [0.0]. AOTInductor's
+    package cannot type an empty list argument of a custom op (its loader expects List[int] and
+    fails), and every kernel and reference treats SCALE_NOP as no step."""
+    return ([int(o) for o in ops], [float(c) for c in consts]) if len(ops) else ([SCALE_NOP], [0.0])
+
+
 def pad_scale_chain(ops: Sequence[int], consts: Sequence[float]) -> tuple[list[int], list[float]]:
     """Scale-chain ops and constants padded to MAX_SCALE_OPS kernel slots (SCALE_NOP, 0.0)."""
     return ([int(o) for o in ops] + [SCALE_NOP] * (MAX_SCALE_OPS - len(ops)),
@@ -339,7 +348,7 @@ def check_quant_args(
     if len(scale_ops) != len(scale_consts) or len(scale_ops) > MAX_SCALE_OPS:
         raise ValueError(f"{op}: scale_ops/scale_consts differ in length or exceed {MAX_SCALE_OPS}")
     for o in scale_ops:
-        if o not in range(SCALE_MUL, SCALE_ROUND_F16 + 1):
+        if o not in range(SCALE_MUL, SCALE_ROUND_F16 + 1) and o != SCALE_NOP:
             raise ValueError(f"{op}: unknown scale op code {o}")
 
 

@@ -48,6 +48,7 @@ from ..kernels.moe_routing import (
     GROUP_TOP2_SUM,
     MAX_EXPERTS,
     MAX_K,
+    NEG_INF_FILL,
     SCORING_NAMES,
     SCORING_SIGMOID,
     SCORING_SOFTMAX,
@@ -690,7 +691,8 @@ def rewrite(graph: fx.Graph, m: RouterMatch) -> list[fx.Node]:
     inputs = [m.logits] + ([m.bias] if has_bias else [])
     params = dict(
         k=k, scoring=m.scoring, score_dtype=m.score_dtype, biased_dtype=m.biased_dtype,
-        n_group=m.n_group, topk_group=m.topk_group, group_score=m.group_score, fill=m.fill,
+        n_group=m.n_group, topk_group=m.topk_group, group_score=m.group_score,
+        fill=NEG_INF_FILL if m.fill == float("-inf") else m.fill,  # no inf in op arguments (AOTInductor)
         renormalize=m.renormalize, renorm_eps=m.renorm_eps, scale=m.scale, value_dtype=m.value_dtype,
         out_dtype=m.out_dtype, need_scores=m.need_scores, gather_weights=m.gather_weights,
     )

@@ -36,6 +36,7 @@ from ..fx_utils import (
     norm_dims,
     runtime_scalar,
     tval,
+    op_bound,
 )
 
 QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
@@ -54,6 +55,7 @@ from ..kernels.quant_common import (  # noqa: E402
     SCHEME_PER_GROUP as PER_GROUP,
     SCHEME_PER_TOKEN as PER_TOKEN,
     SCHEME_STATIC as STATIC,
+    op_scale_chain,
 )
 SCHEME_NAMES = {STATIC: "static", PER_TOKEN: "per-token", PER_GROUP: "per-group"}
 
@@ -95,16 +97,17 @@ class QuantMatch:
 
     def op_params(self) -> dict[str, Any]:
         """The quant half of a fused op's keyword arguments (same names in every family's op)."""
+        ops, consts = op_scale_chain(self.scale_ops, self.scale_consts)
         return dict(
             quant_dtype=self.qdtype,
             scheme=self.scheme,
             group_size=self.group_size,
             static_scale_value=self.static_value,
-            scale_ops=list(self.scale_ops),
-            scale_consts=list(self.scale_consts),
+            scale_ops=ops,
+            scale_consts=consts,
             quant_mul=self.quant_mul,
-            qmin=self.qmin,
-            qmax=self.qmax,
+            qmin=op_bound(self.qmin),
+            qmax=op_bound(self.qmax),
             round_to_int=self.round_to_int,
             ub_slot=self.ub_slot,
         )

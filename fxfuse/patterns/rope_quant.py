@@ -73,7 +73,9 @@ from ..fx_utils import (
     trace_aten,
     tval,
     val,
+    op_bound,
 )
+from ..kernels.quant_common import op_scale_chain
 from ..kernels.rope_quant import QUANT_DYNAMIC, QUANT_NONE, QUANT_STATIC
 from .quant import amax_source as _amax_source, scale_chain as _scale_chain, strip_f32_convert as _strip_f32_convert
 from .rmsnorm_quant import NormMatch, match_norm
@@ -1102,17 +1104,18 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
         inputs += [kv.v_src, kv.k.cache, kv.v.cache, kv.k.slots] + ([vq.scale] if has_vs else [])
         cparams = dict(k_cache_fp8=kv.k_fp8, store_k_fp8=store_kq, v_quant=vq is not None,
                        v_static=vq.static_value if vq else 1.0, v_mul=vq.quant_mul if vq else False,
-                       v_qmin=vq.qmin if vq else -448.0, v_qmax=vq.qmax if vq else 448.0, neg_skip=kv.k.neg_skip)
+                       v_qmin=op_bound(vq.qmin) if vq else -448.0, v_qmax=op_bound(vq.qmax) if vq else 448.0, neg_skip=kv.k.neg_skip)
         if kv.k.bhsd:
             cparams["cache_bhsd"] = True
 
     def qparams(mm: RopeMatch | None, p: str) -> dict[str, Any]:
         qq = mm.quant if mm is not None else None
+        ops, consts = op_scale_chain(qq.ops if qq else [], qq.consts if qq else [])
         return {
             f"{p}_quant": qq.scheme if qq else QUANT_NONE,
             f"{p}_static": qq.static_value if qq else 1.0,
-            f"{p}_ops": list(qq.ops) if qq else [],
-            f"{p}_consts": list(qq.consts) if qq else [],
+            f"{p}_ops": ops,
+            f"{p}_consts": consts,
             f"{p}_mul": qq.mul if qq else False,
         }
 
@@ -1121,7 +1124,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
     params = dict(
         rot_dim=qm.rot, neox=qm.neox, cos_half=qm.cos_half, out_dtype=out_dtype,
         math_dtype=torch.float32 if qm.f32_math else None,
-        **qparams(qm, "q"), **qparams(km, "k"), qmin=qmin, qmax=qmax,
+        **qparams(qm, "q"), **qparams(km, "k"), qmin=op_bound(qmin), qmax=op_bound(qmax),
         need_q_rope=qm.need_rope, need_k_rope=km.need_rope if km else False,
         q_order=_order_of(qm), k_order=_order_of(km) if km else [0, 1, 2],
     )
