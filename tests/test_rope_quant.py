@@ -1461,8 +1461,10 @@ def test_launch_config_symbolic_m_overrides_and_fallback(monkeypatch):
     assert rq.launch_config(128, 128, 32, 8, 0, M=sym) == rq.launch_config(128, 128, 32, 8, 0, M=16384) == llama
     assert rq.launch_config(256, 64, 16, 2, 0, M=sym) == dict(SPLIT=1, BLOCK_H=4, num_warps=2)  # partial rotary
     assert rq.launch_config(256, 64, 16, 2, 0, q_quant=rq.QUANT_DYNAMIC)["BLOCK_H"] == 8
-    # QK-norm: the SPLIT path (each element normalized once) on the gather path's measured blocks
-    assert rq.launch_config(256, 64, 16, 2, 0, norm=True) == dict(SPLIT=1, BLOCK_H=2, num_warps=1)
+    # QK-norm: the SPLIT path (each element normalized once); partial rotary at head_dim 256 on the
+    # QK-norm sweep's best blocks (4 heads / 2 warps), full rotary at 256 on the earlier 2 / 1
+    assert rq.launch_config(256, 64, 16, 2, 0, norm=True) == dict(SPLIT=1, BLOCK_H=4, num_warps=2)
+    assert rq.launch_config(256, 256, 16, 2, 0, norm=True) == dict(SPLIT=2, BLOCK_H=2, num_warps=1)
     assert rq.launch_config(128, 128, 32, 8, 0, M=sym, norm=True) == dict(SPLIT=2, BLOCK_H=8, num_warps=1)  # full rotary: registers
     assert rq.launch_config(32, 24, 4, 2, 0, norm=True)["SPLIT"] == 0  # half 12: the gather path
     # SPLIT 2 (partner from registers): full rotary of a power-of-2 head_dim, else the gather path
