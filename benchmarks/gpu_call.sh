@@ -7,6 +7,8 @@
 #                                   (Qwen3.5 config changed without a device: predicted 158 -> ~114 us), decode-kernel focus sweep at Qwen M=1 and M=8 (issue 11's M=8 step is 1.47x),
 #                                   dense fp8 e2e with fxfuse's own fp8 linear (the torchao prefill compile outran 250 s
 #                                   twice on the H200), and the e2e MoE model at every step.
+#   bash benchmarks/gpu_call.sh c   (carry [".whl"]) issue 11's DeepSeek-V3-style router model e2e, and issue 7's
+#                                   torchao per-tensor Llama layer at 16 tokens with a 300 s budget
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -29,5 +31,13 @@ case "${1:-a}" in
     echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
     timeout 120 python3 benchmarks/e2e.py --quick --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log ;;
+  c)
+    if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    timeout 260 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_deepseek_router_h200_quick.json > $OUT/res/e2e_ds.log 2>&1
+    echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log
+    timeout 300 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 16 --out $OUT/res/llama_fp8_layer_tensor_16_h200.json > $OUT/res/llama_t16.log 2>&1
+    echo "llama tensor T=16 rc=$?"; grep "\[layer\]" $OUT/res/llama_t16.log | cut -c1-300 ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
