@@ -62,3 +62,25 @@ def test_moe_block_package() -> None:
         ref = m(x)
     ref = ref[0] if isinstance(ref, tuple) else ref
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_unclamped_quant_bounds_keep_overflow_semantics() -> None:
+    """The +-FLT_MAX bounds an unclamped quant now carries change nothing, overflow included: with a
+    tiny static scale every y / s is +-inf (or NaN for a zero row), and the fused result equals
+    eager's bit for bit (the fp8 cast of +-inf and of +-FLT_MAX agree on this torch)."""
+    from torch._inductor.utils import fresh_cache
+
+    from fxfuse.fx_utils import F32_MAX, op_bound
+
+    assert op_bound(float("-inf")) == -F32_MAX and op_bound(float("inf")) == F32_MAX and op_bound(448.0) == 448.0
+    m = _UnclampedStaticQuant()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    x[1] = 0.0
+    args = (x, torch.randn(64, dtype=torch.bfloat16), torch.tensor(1e-39))
+    fxfuse.counters.clear()
+    torch._dynamo.reset()
+    with torch.no_grad(), fresh_cache():
+        ref = m(*args)
+        out = torch.compile(m, options={"post_grad_custom_pre_pass": fxfuse.FusionPasses(options={"gate": False})})(*args)
+    assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report()
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
