@@ -292,7 +292,7 @@ def test_router_gemv_vs_float64(E, H, M, dtype):
     if dtype != torch.float32:  # DeepSeek-V3's fp32 router of bf16 operands: upcast in registers
         out32 = torch.full((M, E), float("nan"), device="cuda", dtype=torch.float32)
         router_logits_triton(x, w, torch.float32, out=out32)
-        assert ((out32.double() - ref).abs() <= 2**-20 * ref.abs() + 1e-6 * ref.abs().max()).all()
+        assert torch.isfinite(out32).all() and _rel(out32, ref) < 1e-5  # fp32 sums: order only
 
 
 def test_router_gemv_in_output_code_at_decode():
