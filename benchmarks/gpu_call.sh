@@ -29,7 +29,7 @@ case "${1:-a}" in
     echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
     timeout 150 python3 benchmarks/e2e.py --quick --fp8 own --models dense_fp8 --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_quick.json > $OUT/res/e2e_dense.log 2>&1
     echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
-    timeout 120 python3 benchmarks/e2e.py --quick --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
+    timeout 120 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log ;;
   c)
     if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
