@@ -109,6 +109,15 @@ class PassContext:
         self.graph_report.near_misses.append(m)
         log.debug("fxfuse near miss: %s (node %s)", m.line(), anchor.name)
 
+    def extra_failed(self, e: Exception, what: str, kept: str) -> None:
+        """An optional extra of a rewrite (e.g. the routing fold, the router GEMV) raised: the plain
+        rewrite still applies, so record it as an internal error and go on (raise if strict)."""
+        if self.strict:
+            raise e
+        msg = f"{what}: {type(e).__name__}: {e} ({kept})"
+        self.graph_report.errors.append(msg)
+        log.warning("fxfuse internal error, extra skipped: %s", msg, exc_info=log.isEnabledFor(logging.DEBUG))
+
     @contextlib.contextmanager
     def candidate(self, family: str, anchor: fx.Node) -> Iterator[None]:
         """Guard one candidate: Reject -> near miss; any other error -> logged skip (raise if strict)."""

@@ -1063,12 +1063,11 @@ def _moe_routed_experts_cpu(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """CPU has no Triton: the routing reference, then the experts reference (fresh output)."""
-    tw, ids, _ = _routing.moe_routing_reference(logits, bias, k, scoring, score_dtype, biased_dtype, n_group,
-                                                topk_group, group_score, fill, renormalize, renorm_eps, scale,
-                                                value_dtype, weights_dtype, False, gather_weights)
-    _check_routed(x, logits, bias, _Routing(k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score,
-                                            fill, renormalize, renorm_eps, scale, value_dtype, weights_dtype,
-                                            gather_weights), tw, ids, w1, w2)
+    routing = _Routing(k, scoring, score_dtype, biased_dtype, n_group, topk_group, group_score, fill, renormalize,
+                       renorm_eps, scale, value_dtype, weights_dtype, gather_weights)
+    # the reference's arguments: routing up to weights_dtype (its out_dtype), no scores, gather_weights
+    tw, ids, _ = _routing.moe_routing_reference(logits, bias, *routing[:-1], False, gather_weights)
+    _check_routed(x, logits, bias, routing, tw, ids, w1, w2)
     return moe_experts_reference(x, tw, ids, w1, w2, prod_dtype, sum_dtype, out_dtype).contiguous()
 
 

@@ -844,15 +844,13 @@ def launch_config(D: int, rot: int, HQ: int, HK: int, HV: int, M: Any = None, ne
     rotary dim does not allow (split_ok, reg_partner_ok) falls back to the gather path."""
     bd = triton.next_power_of_2(D)
     hmax = triton.next_power_of_2(max(HQ, HK, HV, 1))
-    warps = 1 if bd <= 128 else 2
     if norm:  # full rotary: the partner from registers (Llama shape, 16384 tokens: 134.5 -> 109.6 us on an H200)
         split = SPLIT_REG if reg_partner_ok(D, rot) else SPLIT_HALVES
-        bh = 8 if bd <= 128 else 4 if split == SPLIT_HALVES else 2
-        if bd > 128 and split != SPLIT_HALVES:
-            warps = 1  # full rotary at head_dim 256: not swept yet, the earlier 2 heads / 1 warp kept
+        # head_dim 256: partial rotary as swept; full rotary not swept yet, the earlier 2 heads / 1 warp
+        bh, warps = (8, 1) if bd <= 128 else (4, 2) if split == SPLIT_HALVES else (2, 1)
     else:
         per = 2048 if (bd > 128 and QUANT_DYNAMIC in (q_quant, k_quant)) else 1024  # elements per program
-        bh, split = max(1, per // bd), int(rot < D)
+        bh, split, warps = max(1, per // bd), int(rot < D), 1 if bd <= 128 else 2
     cfg = dict(SPLIT=split, BLOCK_H=max(1, min(hmax, bh)), num_warps=warps)
     for o in (CONFIG_OVERRIDE, _env_config(), override or {}):
         bad = set(o) - set(_CONFIG_KEYS)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .quant_common import round_to
+from .quant_common import DT_CODE, round_to
 
 __all__ = ["MAX_ROWS", "MAX_ROW_ELEMS", "fits", "router_config", "router_logits", "router_logits_reference", "router_logits_triton",
            "check_args"]
@@ -43,7 +43,6 @@ elements) but not at M = 8 (0.88x at 14.7 Mi)."""
 def fits(M: int, E: int, H: int) -> bool:
     """Whether the GEMV is the decode-sized case it was measured to win (static M only)."""
     return M <= MAX_ROWS and M * E * H <= MAX_ROW_ELEMS
-_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def check_args(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> None:
@@ -51,7 +50,7 @@ def check_args(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype
     out_dtype is the operands' dtype or fp32."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"router_logits: want x [M, H] and w [E, H], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype != w.dtype or x.dtype not in _DT_CODE:
+    if x.dtype != w.dtype or x.dtype not in DT_CODE:
         raise ValueError(f"router_logits: dtypes {x.dtype}/{w.dtype} not supported")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("router_logits: rows of x and w must be contiguous (stride(1) == 1)")
@@ -102,7 +101,7 @@ def _launch(wrap, x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
     if not (isinstance(M, int) and M == 0):  # a zero-size grid is an error
         wrap(_router_gemv_kernel)[(M, triton.cdiv(E, c["BLOCK_E"]))](
             x, w, out, x.stride(0), w.stride(0), out.stride(0), E, H,
-            OUT_DT=_DT_CODE[out.dtype], NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+            OUT_DT=DT_CODE[out.dtype], NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
             BLOCK_E=c["BLOCK_E"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"],
         )
     return out

@@ -903,11 +903,7 @@ class MoEExperts:
         try:
             replaced = rewrite(graph, m, fold)
         except Exception as e:  # noqa: BLE001 - the unfolded rewrite still applies
-            if ctx.strict:
-                raise
-            msg = f"{FAMILY} routing fold at {node.name}: {type(e).__name__}: {e} (kept the router's own launch)"
-            ctx.graph_report.errors.append(msg)
-            log.warning("fxfuse internal error, routing fold skipped: %s", msg)
+            ctx.extra_failed(e, f"{FAMILY} routing fold at {node.name}", "kept the router's own launch")
             return None, []
         forget_routed(graph, fold.rec)
         return fold, replaced

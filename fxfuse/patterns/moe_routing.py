@@ -54,6 +54,7 @@ from ..kernels.moe_routing import (
     SCORING_SOFTMAX,
     SCORING_TOPK_SOFTMAX,
 )
+from ..kernels.router_gemv import MAX_ROWS, fits
 
 FAMILY = "moe_routing"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -735,8 +736,6 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
     """(mm, x, w, out_dtype) when the router logits are a decode-sized ``mm(x, w.t())`` the GEMV
     kernel may replace, else why not (the mm then stays Inductor's). An fp32 mm of two upcast
     bf16/fp16 operands reads the 2-byte sources (out_dtype fp32: the kernel upcasts exactly)."""
-    from ..kernels.router_gemv import MAX_ROWS, fits
-
     mm = m.logits
     if not is_op(mm, aten.mm.default):
         return "router logits are not a plain mm"
@@ -756,7 +755,7 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
         return "token count is symbolic (the GEMV is for static decode steps)"
     if M > MAX_ROWS:
         return f"{M} tokens (> {MAX_ROWS}: a GEMM reads the weights once for all rows)"
-    if not (xv.dtype == wv.dtype == (lv.dtype if out_dtype is None else xv.dtype)) or xv.dtype not in FLOAT_DTYPES:
+    if xv.dtype != wv.dtype or lv.dtype != (out_dtype or xv.dtype) or xv.dtype not in FLOAT_DTYPES:
         return f"router mm dtypes {xv.dtype}/{wv.dtype} not supported"
     if not isinstance(H, int) or not isinstance(wv.shape[0], int):
         return "router mm sizes are symbolic"
@@ -802,11 +801,7 @@ class MoERouting:
         try:
             m.logits = replace_router_gemm(graph, *found)
         except Exception as e:  # noqa: BLE001 - the routing rewrite still applies on the mm's logits
-            if ctx.strict:
-                raise
-            msg = f"{FAMILY} router GEMV at {m.topk.name}: {type(e).__name__}: {e} (kept the mm)"
-            ctx.graph_report.errors.append(msg)
-            log.warning("fxfuse internal error, router GEMV skipped: %s", msg)
+            ctx.extra_failed(e, f"{FAMILY} router GEMV at {m.topk.name}", "kept the mm")
             return ""
         return " +router GEMV" + (" (fp32 from 2-byte operands)" if found[3] is not None else "")
 
