@@ -49,8 +49,19 @@ def _block(model: str, impl: str, dtype=torch.bfloat16, E=16, topk=4, H=256, I=1
     return m.to("cuda", dtype).eval()
 
 
-def _check_code(codes: list[str]) -> None:
-    code = "\n".join(codes)
+def _compile_run(fn, *args, passes=UNGATED) -> tuple:
+    """fn compiled with `passes` from fresh Dynamo and Inductor caches (counters and report cleared),
+    run on args without grad: (output, Inductor's output code)."""
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(
+            torch.compile(fn, dynamic=False, options={"post_grad_custom_pre_pass": passes}), *args)
+    return out, "\n".join(codes)
+
+
+def _check_code(code: str) -> None:
     assert any(k in code for k in KERNELS), "fused Triton kernel not in Inductor output code"
     assert "torch.ops.fxfuse" not in code, "fused op left as a Python fallback call"
     assert "nonzero" not in code and ".item()" not in code
@@ -64,12 +75,9 @@ def test_fused_kernel_in_output_code(model, impl, M):
     x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = m(x)
-        torch._dynamo.reset()
-        fxfuse.counters.clear()
-        with fresh_cache():
-            out, codes = run_and_get_code(torch.compile(m, dynamic=False, options={"post_grad_custom_pre_pass": UNGATED}), x)
+    out, code = _compile_run(m, x)
     assert fxfuse.counters["moe_experts"] == 1, fxfuse.report()
-    _check_code(codes)
+    _check_code(code)
     assert _rel(out, ref) < 2e-2
 
 
@@ -84,12 +92,7 @@ def test_decode_routing_folded_in_output_code(impl):
         ref = m(x)
         for fold in (True, False):
             passes = fxfuse.FusionPasses(options={"gate": False, "moe_fold_routing": fold})
-            torch._dynamo.reset()
-            fxfuse.counters.clear()
-            with fresh_cache():
-                outs[fold], codes = run_and_get_code(torch.compile(m, dynamic=False,
-                                                                   options={"post_grad_custom_pre_pass": passes}), x)
-            code = "\n".join(codes)
+            outs[fold], code = _compile_run(m, x, passes=passes)
             assert fxfuse.counters["moe_routing"] == 1 and fxfuse.counters["moe_experts"] == 1, fxfuse.report()
             assert ("_moe_decode_routed_gate_up" in code) == fold and ("_moe_routing_kernel" in code) != fold
             assert "torch.ops.fxfuse" not in code and not _weight_sized_buffers(code, 1 << 60)  # no clone/copy_
@@ -114,10 +117,7 @@ def test_weights_not_cloned(M):
     """Triton mutation analysis must see x and the expert weights as read-only: no copies of them."""
     m = _block("qwen", "grouped_mm")
     x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
-    torch._dynamo.reset()
-    with fresh_cache(), torch.no_grad():
-        _, codes = run_and_get_code(torch.compile(m, dynamic=False, options={"post_grad_custom_pre_pass": UNGATED}), x)
-    code = "\n".join(codes)
+    _, code = _compile_run(m, x)
     assert re.search(r"_moe_\w*kernel\w*\.run\(", code), "no fused MoE kernel launch in the output code"
     smallest = min(p.numel() for p in m.experts.parameters() if p.dim() == 3)
     assert smallest > 4 * M * 4 * 256  # far above any routing/activation buffer of this test
@@ -261,12 +261,9 @@ def test_dense_loop_on_cuda(M):
     x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
     ids = torch.rand(M, E, device="cuda").topk(k, dim=-1).indices
     tw = torch.rand(M, k, device="cuda").bfloat16()
-    torch._dynamo.reset()
-    fxfuse.counters.clear()
-    with fresh_cache(), torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(fn, dynamic=False, options={"post_grad_custom_pre_pass": UNGATED}), x, ids, tw)
+    out, code = _compile_run(fn, x, ids, tw)
     assert fxfuse.counters["moe_experts"] == 1, fxfuse.report()
-    _check_code(codes)
+    _check_code(code)
     assert _rel(out, fn(x, ids, tw)) < 2e-2
 
 
@@ -303,12 +300,7 @@ def test_router_gemv_in_output_code_at_decode():
         x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             ref = m(x)
-            torch._dynamo.reset()
-            fxfuse.report.clear()
-            with fresh_cache():
-                out, codes = run_and_get_code(
-                    torch.compile(m, dynamic=False, options={"post_grad_custom_pre_pass": UNGATED}), x)
-        code = "\n".join(codes)
+        out, code = _compile_run(m, x)
         assert ("_router_gemv_kernel" in code) == gemv, M
         assert "torch.ops.fxfuse" not in code
         assert any("+router GEMV" in f.detail for f in fxfuse.report().fusions) == gemv
