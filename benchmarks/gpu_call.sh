@@ -31,6 +31,17 @@ case "${1:-a}" in
     echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
     timeout 120 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log ;;
+  d)  # session 5 call 1: GPU tests of the MoE/router files, router GEMV (upcast class), RoPE QK-norm (P22), kernel B focus at M=8, DeepSeek e2e
+    timeout 120 python3 -m pytest -m gpu -q -x tests/test_gpu_moe_experts.py > $OUT/res/gpu_tests_moe.log 2>&1
+    echo "gpu tests rc=$?"; tail -3 $OUT/res/gpu_tests_moe.log
+    timeout 70 python3 benchmarks/bench_router_gemv.py --out $OUT/res/router_gemv_h200.json > $OUT/res/router_gemv.log 2>&1
+    echo "gemv rc=$?"; grep -E "M=1:|gates" $OUT/res/router_gemv.log
+    timeout 60 python3 benchmarks/bench_rope_quant.py --quick --schemes rope_qknorm --out $OUT/res/rope_qknorm_h200_quick.json > $OUT/res/rope_qknorm.log 2>&1
+    echo "rope qknorm rc=$?"; tail -4 $OUT/res/rope_qknorm.log
+    timeout 130 python3 benchmarks/tune_moe_decode.py --focus --focus-ms 8 --b-first --out $OUT/res/tune_moe_focus8_h200.json > $OUT/res/tune_focus.log 2>&1
+    echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
+    timeout 175 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_deepseek_router_h200_quick.json > $OUT/res/e2e_ds.log 2>&1
+    echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log ;;
   c)
     if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site

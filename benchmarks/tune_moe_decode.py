@@ -64,8 +64,11 @@ def focus_a_candidates() -> list[dict[str, int]]:
 
 def focus_b_candidates() -> list[dict[str, int]]:
     """Kernel B's 3-D vector form around the quick sweep's best (BN 2, BK 256, 8 warps)."""
-    return [dict(B_DOT=0, B_BN=bn, B_BK=bk, B_WARPS=w)
-            for bn, bk, w in itertools.product((1, 2, 4), (128, 256, 512), (4, 8, 16))]
+    vec = [dict(B_DOT=0, B_BN=bn, B_BK=bk, B_WARPS=w)
+           for bn, bk, w in itertools.product((1, 2, 4), (128, 256, 512), (4, 8, 16))]
+    dot = [dict(B_DOT=1, B_BN=bn, B_BK=bk, B_WARPS=4, B_STAGES=st)
+           for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))]
+    return vec + dot
 
 
 PREFILL_SHAPES = [("qwen3_30b_a3b", 2048), ("qwen3_30b_a3b", 64)]
@@ -138,6 +141,9 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true", help="sweep the tiled (prefill) path's tiles instead")
     ap.add_argument("--small", action="store_true", help="sweep the tiled path's BM=16 (decode-sized) tiles instead")
     ap.add_argument("--focus", action="store_true", help="Qwen3-30B-A3B at one token, a denser grid near the best")
+    ap.add_argument("--focus-ms", default=None, help="--focus only at these M (comma list), e.g. 8")
+    ap.add_argument("--b-first", action="store_true",
+                    help="sweep kernel B at the default A first, then A at the best B (B is the gap at M=8)")
     a = ap.parse_args()
     copy = copy_bandwidth_gbps(100)
     res: dict[str, Any] = dict(
@@ -174,14 +180,25 @@ def main() -> None:
                   f"best {best['us']:.1f} us {best['cfg']}", flush=True)
             Path(a.out).write_text(json.dumps(res, indent=1))
         return
-    for model, M in (FOCUS_SHAPES if a.focus else SHAPES[::2] if a.quick else SHAPES):
+    shapes = FOCUS_SHAPES if a.focus else SHAPES[::2] if a.quick else SHAPES
+    if a.focus_ms:
+        shapes = [(m, M) for m, M in shapes if M in {int(v) for v in a.focus_ms.split(",")}]
+    for model, M in shapes:
         args, ref, floor_us, base = setup_case(model, M, copy, a.rep, K.PATH_DECODE)
-        rows_a = [time_cfg(args, c, ref, a.rep) for c in (focus_a_candidates() if a.focus else a_candidates(a.quick))]
-        ok_a = [r for r in rows_a if r["ok"]]
-        best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base  # the default only when no candidate is correct
-        rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep)
-                  for c in (focus_b_candidates() if a.focus else b_candidates(a.quick))]
-        best = best_of(rows_b, best_a)
+        cands_a = focus_a_candidates() if a.focus else a_candidates(a.quick)
+        cands_b = focus_b_candidates() if a.focus else b_candidates(a.quick)
+        if a.b_first:  # B at the default A, then A at the best B
+            rows_b = [time_cfg(args, c, ref, a.rep) for c in cands_b]
+            best_b = best_of(rows_b, base)
+            print(f"{model} M={M}: B best {best_b['us']:.1f} us {best_b['cfg']} (default {base['us']:.1f})", flush=True)
+            rows_a = [time_cfg(args, {**best_b["cfg"], **c}, ref, a.rep) for c in cands_a]
+            best = best_of(rows_a, best_b)
+        else:
+            rows_a = [time_cfg(args, c, ref, a.rep) for c in cands_a]
+            ok_a = [r for r in rows_a if r["ok"]]
+            best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base  # the default only when none is correct
+            rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep) for c in cands_b]
+            best = best_of(rows_b, best_a)
         entry = dict(model=model, M=M, floor_us=floor_us, default=base, best=best,
                      default_x_floor=(base["us"] or 0) / floor_us, best_x_floor=(best["us"] or 0) / floor_us,
                      a_rows=rows_a, b_rows=rows_b)
