@@ -147,7 +147,15 @@ def run(args: argparse.Namespace, on_progress: Any = None) -> dict[str, Any]:
         quantizers[gran] = used
         for T in tokens:
             t0 = time.time()
-            doc["running"] = dict(granularity=gran, tokens=T)
+            doc["running"] = dict(granularity=gran, tokens=T, phases=[])
+
+            def phase(name: str, t0: float = t0) -> None:
+                """Mark where the case is, with seconds since it began: a timeout shows the stalled step."""
+                doc["running"]["phases"].append([name, round(time.time() - t0, 1)])
+                print(f"[layer] {gran} T={T}: {name} at {time.time() - t0:.1f} s", flush=True)
+                if on_progress:
+                    on_progress(doc)
+
             if on_progress:
                 on_progress(doc)
             H = layer.hidden_size if hasattr(layer, "hidden_size") else layer.input_layernorm.weight.shape[0]
@@ -160,11 +168,14 @@ def run(args: argparse.Namespace, on_progress: Any = None) -> dict[str, Any]:
             row: dict[str, Any] = dict(granularity=gran, tokens=T, quantizer=used, us={}, err={}, notes=[])
             try:
                 with torch.no_grad():
+                    phase("eager")
                     ref = fn(x, cos, sin)
                     torch._dynamo.reset()
+                    phase("stock compile")
                     stock = torch.compile(fn, dynamic=False)
                     out_s = stock(x, cos, sin)
                     torch._dynamo.reset()
+                    phase("fxfuse compile")
                     fxfuse.counters.clear()
                     fxfuse.report.clear()
                     fused = torch.compile(fn, dynamic=False, options={"post_grad_custom_pre_pass": passes})
@@ -174,6 +185,7 @@ def run(args: argparse.Namespace, on_progress: Any = None) -> dict[str, Any]:
                     row["near_misses"] = sorted({f"{m.family}: {m.reason}" for m in fxfuse.report().near_misses})
                     row["err"] = {"compile": _rel(out_s, ref), "fused": _rel(out_f, ref)}
                     if not dry:
+                        phase("timing")
                         row["us"]["compile"] = bench_us(lambda: stock(x, cos, sin), rep)
                         row["us"]["fused"] = bench_us(lambda: fused(x, cos, sin), rep)
                         row["speedup_vs_compile"] = row["us"]["compile"] / row["us"]["fused"]
@@ -238,7 +250,13 @@ def main() -> None:
     ap.add_argument("--ungated", action="store_true", help="ignore fxfuse/gates.json (measure every fusion)")
     ap.add_argument("--profile", type=_int_list, default=[],
                     help="token counts whose stock and fused layers are also profiled (top kernels, us per call)")
+    ap.add_argument("--stall-dump", type=float, default=0,
+                    help="print every thread's Python stack every this many seconds (finds where a compile stalls)")
     args = ap.parse_args()
+    if args.stall_dump > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stall_dump, repeat=True, file=sys.stderr)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench_llama_fp8_layer: needs a CUDA device (or --dry-run)")
     t0 = time.time()

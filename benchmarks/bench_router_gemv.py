@@ -42,7 +42,7 @@ def gates(cases: list[dict]) -> dict:
     (`fits`), the geomean speedup if every one won, else the worst (a wrong result counts as 0)."""
     per: dict[str, dict[int, list[float]]] = {}
     for c in cases:
-        if fits(c["M"], c["E"], c["H"]):
+        if fits(c["M"], c["E"], c["H"], upcast=bool(c.get("upcast"))):
             scheme = "router_gemv_upcast/M<=16" if c.get("upcast") else "router_gemv/M<=16"
             per.setdefault(scheme, {}).setdefault(c["H"], []).append(c["speedup"] if c["err"] < 1e-2 else 0.0)
     return {"moe_routing": {scheme: {

@@ -137,20 +137,24 @@ def _tile_rows(S: object, E: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= LARGE_PER_EXPERT else 128
 
 
-def decode_config(H: int, I: int, K: int = 8) -> dict:
+def decode_config(H: int, I: int, K: int = 8, M: int = 1) -> dict:
     """Block sizes, forms and warps for decode kernels A and B by shape class (no autotuning).
 
-    From benchmarks/tune_moe_decode.py on an H200 (benchmarks/results/tune_moe_decode_h200.json):
-    kernel A as a pipelined 16-row ``tl.dot`` (64 x 128 weight tiles, 4 stages) beat the best
-    vector form at both Qwen3-30B-A3B and Mixtral shapes (the pipeliner keeps 3 tiles in flight per
-    program); kernel B keeps the 3-D vector tile when K >= 8 (all K experts' streams in flight in
-    one program) and takes the pipelined dot form for small K (few, long expert streams).
+    From benchmarks/tune_moe_decode.py on an H200 (benchmarks/results/tune_moe_decode_h200.json,
+    tune_moe_focus_h200.json, tune_moe_focus8_h200.json): kernel A as a pipelined 16-row ``tl.dot``
+    (32 x 128 weight tiles, 4 stages; 32-wide N-blocks beat 64 at Qwen3-30B-A3B M=1 and M=8 by
+    0.5-1 us) beat the best vector form at both Qwen3-30B-A3B and Mixtral shapes; kernel B keeps the
+    3-D vector tile when K >= 8 (all K experts' streams in flight in one program) and takes the
+    pipelined dot form for small K (few, long expert streams). With several tokens (M >= 4; measured
+    at 8) B's programs are 8x as many, and 4 warps over 128-wide steps beat 8 over 256 (125.8 vs
+    128.6 us for the op at Qwen M=8; at M=1 the wider step wins, 23.6 vs 25.1 us).
     """
     del H, I  # one class per K today: both measured shapes agree on A; B splits on K
     k_pad = triton.next_power_of_2(K)
-    a = dict(A_DOT=1, A_BN=64, A_BK=128, A_STAGES=4, A_WARPS=4)
+    a = dict(A_DOT=1, A_BN=32, A_BK=128, A_STAGES=4, A_WARPS=4)
     if k_pad >= 8:
-        b = dict(B_DOT=0, B_BN=2, B_BK=256, B_WARPS=8, B_STAGES=4)
+        b = dict(B_DOT=0, B_BN=2, B_BK=128, B_WARPS=4, B_STAGES=4) if M >= 4 else \
+            dict(B_DOT=0, B_BN=2, B_BK=256, B_WARPS=8, B_STAGES=4)
     else:
         b = dict(B_DOT=1, B_BN=32, B_BK=256, B_WARPS=4, B_STAGES=4)
     return {**a, **b}
@@ -762,7 +766,7 @@ def _launch(
     if route is not None and path != PATH_DECODE:
         raise ValueError("moe_experts: the routing folds into the decode path only")
     if path == PATH_DECODE:
-        c = {**decode_config(H, I, K), **(config or {})}
+        c = {**decode_config(H, I, K, M if isinstance(M, int) else 1), **(config or {})}
         h = torch.empty((S, I), dtype=x.dtype, device=x.device)
         if out is None:
             out = torch.empty((M, H), dtype=out_dtype, device=x.device)

@@ -759,7 +759,7 @@ def match_router_gemm(m: RouterMatch, gate: bool = True) -> tuple[fx.Node, fx.No
         return f"router mm dtypes {xv.dtype}/{wv.dtype} not supported"
     if not isinstance(H, int) or not isinstance(wv.shape[0], int):
         return "router mm sizes are symbolic"
-    if not fits(M, wv.shape[0], H):
+    if not fits(M, wv.shape[0], H, upcast=out_dtype is not None):
         return f"{M} tokens x {wv.shape[0]} x {H} router weights: past the size the GEMV wins at (a GEMM reads them once)"
     if xv.stride(1) != 1 or wv.stride(1) != 1:
         return "router mm operands' rows are not contiguous"

@@ -426,7 +426,12 @@ def amax_source(base: Any, nodes: set[fx.Node], keepdim: bool = True) -> Any:
     ab = red.args[0]
     if not is_op(ab, aten.abs.default):
         raise Reject("scale reduces max without abs()")
-    if keepdim and not is_last_dim_reduction(red, tval(ab).dim()):
+    ndim = tval(ab).dim()
+    red_dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
+    if ndim > 1 and is_op(red, aten.amax.default) and (not red_dims or norm_dims(red_dims, ndim) == list(range(ndim))):
+        raise Reject("amax over the whole tensor (per-tensor dynamic scale): every row waits for a grid-wide "
+                     "reduction, so there is no one-pass kernel to fuse into")
+    if keepdim and not is_last_dim_reduction(red, ndim):
         raise Reject("amax is not over the last dim with keepdim=True")
     if not keepdim:
         dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
