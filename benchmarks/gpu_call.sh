@@ -42,6 +42,18 @@ case "${1:-a}" in
     echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
     timeout 175 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_deepseek_router_h200_quick.json > $OUT/res/e2e_ds.log 2>&1
     echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log ;;
+  e)  # session 5 call 3: e2e after the decode-config and upcast-GEMV changes (P25), dense own-fp8 e2e, torchao per-tensor stall diagnosis (carry .whl)
+    timeout 125 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
+    echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log
+    timeout 120 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill "" --top 12 --out $OUT/res/e2e_deepseek_router_h200_decode.json > $OUT/res/e2e_ds.log 2>&1
+    echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log
+    timeout 150 python3 benchmarks/e2e.py --quick --fp8 own --models dense_fp8 --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_quick.json > $OUT/res/e2e_dense.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    timeout 140 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 16 --stall-dump 45 --out $OUT/res/llama_fp8_layer_tensor_16_h200.json > $OUT/res/llama_t16.log 2>&1
+    echo "llama tensor T=16 rc=$?"; grep "\[layer\]" $OUT/res/llama_t16.log | cut -c1-300 ;;
   c)
     if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
