@@ -54,6 +54,18 @@ case "${1:-a}" in
     fi
     timeout 140 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 16 --stall-dump 45 --out $OUT/res/llama_fp8_layer_tensor_16_h200.json > $OUT/res/llama_t16.log 2>&1
     echo "llama tensor T=16 rc=$?"; grep "\[layer\]" $OUT/res/llama_t16.log | cut -c1-300 ;;
+  f)  # session 5 call 4: MoE GPU tests after the decode-config change, dense decode at --rep 300 (decode "no slower"), RoPE QK-norm full M set (gate), torchao per-tensor rows (carry .whl)
+    timeout 100 python3 -m pytest -m gpu -q -x tests/test_gpu_moe_experts.py > $OUT/res/gpu_tests_moe.log 2>&1
+    echo "gpu tests rc=$?"; tail -2 $OUT/res/gpu_tests_moe.log
+    timeout 90 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_decode.json > $OUT/res/e2e_dense.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
+    timeout 100 python3 benchmarks/bench_rope_quant.py --schemes rope_qknorm --out $OUT/res/rope_qknorm_h200.json > $OUT/res/rope_qknorm.log 2>&1
+    echo "rope qknorm rc=$?"; grep -E "M=|gates" $OUT/res/rope_qknorm.log | cut -c1-200
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    timeout 230 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 1,256,4096 --stall-dump 100 --out $OUT/res/llama_fp8_layer_tensor_h200.json > $OUT/res/llama_tensor.log 2>&1
+    echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
   c)
     if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
