@@ -119,12 +119,14 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5, top: int =
     total = ours = 0.0
     per: dict[str, float] = {}
     every: dict[str, float] = {}
+    count: dict[str, int] = {}  # launches per kernel name: a step with more launches pays more gaps in a graph
     for ev in prof.events():
         if str(getattr(ev, "device_type", "")).split(".")[-1] != "CUDA":
             continue
         t = float(ev.time_range.elapsed_us())  # a device event: its own kernel time
         total += t
         every[ev.name] = every.get(ev.name, 0.0) + t
+        count[ev.name] = count.get(ev.name, 0) + 1
         if any(n in ev.name for n in names):
             ours += t
             per[ev.name] = per.get(ev.name, 0.0) + t
@@ -133,7 +135,10 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5, top: int =
         "fxfuse_us_per_step": ours / iters if total else None,
         "fxfuse_share": ours / total if total else None,
         "fxfuse_kernels": {k: v / iters for k, v in sorted(per.items())},
+        "launches_per_step": sum(count.values()) / iters,
         **({"top_kernels": [[k[:120], round(v / iters, 2)] for k, v in sorted(every.items(), key=lambda kv: -kv[1])[:top]]}
+           if top else {}),
+        **({"top_launches": [[k[:120], count[k] / iters] for k, _ in sorted(every.items(), key=lambda kv: -kv[1])[:top]]}
            if top else {}),
     }
 
@@ -271,7 +276,8 @@ def _fmt_row(r: dict[str, Any]) -> str:
     cols = " ".join(f"{k} {_f(v)}" for k, v in us.items())
     return (f"{r['model']:9s} {r['kind']:7s} M={r['M']:5d} | us {cols} | fxfuse x stock {_f(sp.get('fxfuse'), 5, 3)}"
             f" | compile s stock {_f(r['compile_s'].get('compile'), 5, 1)} fxfuse {_f(r['compile_s'].get('fxfuse'), 5, 1)}"
-            f" | fxfuse kernels {'n/a' if share is None else f'{100 * share:.1f}%'}")
+            f" | fxfuse kernels {'n/a' if share is None else f'{100 * share:.1f}%'}"
+            f" | launches stock {(r.get('profile_compile') or {}).get('launches_per_step', 'n/a')} fxfuse {prof.get('launches_per_step', 'n/a')}")
 
 
 def summarize(models: list[dict[str, Any]]) -> dict[str, Any]:

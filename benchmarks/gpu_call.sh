@@ -66,6 +66,14 @@ case "${1:-a}" in
     fi
     timeout 230 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 1,256,4096 --stall-dump 100 --out $OUT/res/llama_fp8_layer_tensor_h200.json > $OUT/res/llama_tensor.log 2>&1
     echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
+  g)  # session 5 call 5: dense decode launch counts (why fxfuse's step is 1-2% slower at equal kernel time), torchao per-tensor T=4096 (carry .whl)
+    timeout 85 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1 --prefill "" --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_launches.json > $OUT/res/e2e_dense.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    timeout 200 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 4096 --stall-dump 90 --out $OUT/res/llama_fp8_layer_tensor_4096_h200.json > $OUT/res/llama_tensor.log 2>&1
+    echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
   c)
     if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
