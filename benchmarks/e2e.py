@@ -157,15 +157,20 @@ def _pass_seconds(graphs: list[Any]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def variants(quick: bool, ungated: bool, dry_run: bool, max_autotune: bool = False) -> dict[str, dict[str, Any]]:
+def variants(quick: bool, ungated: bool, dry_run: bool, max_autotune: bool = False,
+             without: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """name -> torch.compile kwargs (None: eager). max-autotune runs without --quick or with
-    --max-autotune: its GEMM autotuning per step shape costs more than the whole quick sweep."""
+    --max-autotune: its GEMM autotuning per step shape costs more than the whole quick sweep.
+    `without` adds one "fxfuse_no_<family>" variant per family (in-model leave-one-out)."""
     passes = fxfuse.FusionPasses(options={"gate": False}) if ungated else fxfuse.passes
     v: dict[str, dict[str, Any]] = {
         "eager": {},
         "compile": {"dynamic": False},
         "fxfuse": {"dynamic": False, "options": {"post_grad_custom_pre_pass": passes}},
     }
+    for fam in without:
+        p = fxfuse.FusionPasses(disable=[fam], options={"gate": not ungated})
+        v[f"fxfuse_no_{fam}"] = {"dynamic": False, "options": {"post_grad_custom_pre_pass": p}}
     if not quick or max_autotune:
         v["compile_max_autotune"] = {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
     if dry_run:
@@ -315,6 +320,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--fp8", choices=["auto", "torchao", "own"], default="auto")
     ap.add_argument("--ungated", action="store_true", help="fxfuse with gate=False (every rewrite ships)")
+    ap.add_argument("--without", default="", help="comma list of families: also time fxfuse without each (leave-one-out)")
     ap.add_argument("--max-autotune", action="store_true",
                     help="also stock torch.compile mode max-autotune-no-cudagraphs with --quick (slow: GEMM autotuning)")
     ap.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep (ms)")
@@ -333,7 +339,8 @@ def main() -> None:
     if args.dry_run:
         decode, prefill = decode[:1], [16]
     rep = args.rep or (20 if args.quick else 50)
-    var = variants(args.quick, args.ungated, args.dry_run, args.max_autotune)
+    var = variants(args.quick, args.ungated, args.dry_run, args.max_autotune,
+                   tuple(f for f in args.without.split(",") if f))
     fp8_backend = {"own": "fxfuse-demo"}.get(args.fp8, args.fp8)
     result: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -74,6 +74,9 @@ case "${1:-a}" in
     fi
     timeout 200 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 4096 --stall-dump 90 --out $OUT/res/llama_fp8_layer_tensor_4096_h200.json > $OUT/res/llama_tensor.log 2>&1
     echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
+  h)  # session 5 call 6: dense decode leave-one-out (is the plain RoPE kernel the 1% decode loss?)
+    timeout 100 python3 benchmarks/e2e.py --quick --rep 200 --fp8 own --models dense_fp8 --decode 1 --prefill "" --without rope_quant --out $OUT/res/e2e_dense_fp8_own_h200_norope.json > $OUT/res/e2e_dense.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;r=json.load(open('$OUT/res/e2e_dense_fp8_own_h200_norope.json'))['models'][0]['rows'][0];print(r['us'])" ;;
   c)
     if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
