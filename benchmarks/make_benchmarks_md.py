@@ -201,6 +201,25 @@ def llama_layer() -> list[str]:
                 out += ["", f"Row-wise T={c['tokens']}: stock {c['us']['compile']:.1f} us, fxfuse {c['us']['fused']:.1f} us, "
                         f"{c['speedup_vs_compile']:.3f}x; fusions {c['counters']}; output error vs eager "
                         f"{c['err']['compile']:.1e} (stock) / {c['err']['fused']:.1e} (fxfuse)."]
+    pt = [(n, load(n)) for n in ("llama_fp8_layer_tensor_1_256_h200.json", "llama_fp8_layer_tensor_16_h200.json",
+                                  "llama_fp8_layer_tensor_4096_h200.json")]
+    pt = [(n, d) for n, d in pt if d]
+    if pt:
+        out += ["", "### torchao fp8 Llama decoder layer, per-tensor scales, H200, as shipped (gated)", "",
+                "Three device calls of the 2026-12-01 fifth session (per-tensor compiles take ~45 s each for stock and "
+                "fxfuse; earlier sessions ran out of step time, not into a stall: `--stall-dump` and the phase marks "
+                "show every phase finishing).", "",
+                "| T | fusions | stock us | fxfuse us | x stock | error vs eager stock / fxfuse | command | JSON |",
+                "|---:|---|---:|---:|---:|---|---|---|"]
+        for n, d in pt:
+            for c in d["cases"]:
+                if c.get("speedup_vs_compile"):
+                    out.append(f"| {c['tokens']} | {c.get('counters')} | {c['us']['compile']:.1f} | {c['us']['fused']:.1f} | "
+                               f"{c['speedup_vs_compile']:.3f}x | {c['err']['compile']:.1e} / {c['err']['fused']:.1e} | "
+                               f"`{d.get('command', '?')}` | `benchmarks/results/{n}` |")
+        out += ["", f"GPU {pt[0][1].get('gpu')}, torch {pt[0][1].get('torch')}, {pt[0][1].get('date', '')[:10]}. Per-tensor "
+                "dynamic activation scales are a whole-tensor amax: a near miss for the norm and SiLU families at T > 1 "
+                "(\"amax over the whole tensor\"); at T = 1 the whole tensor is one row and they fuse. RoPE fuses at every T."]
     r = load("llama_fp8_layer_4096_h200.json")
     if r:
         out += ["", "### torchao fp8 Llama decoder layer, H200, 4096 tokens, with a kernel profile", ""]
