@@ -9,7 +9,7 @@ stock's one prologue.
 
 This script sums those kernels per step on both sides of every decode row (M <= 16) of the given
 e2e results, and writes a merge-only gate result for `rope/M<=16` at the model's head_dim: the
-smaller of the isolated bench's figure (already in fxfuse/gates.json) and the in-model ratio.
+smaller of the isolated bench's figure (`--isolated`, the RoPE bench's result) and the in-model ratio.
 
     python benchmarks/in_model_gates.py benchmarks/results/e2e_dense_fp8_own_h200_launches.json \
         --out benchmarks/results/rope_in_model_decode_h200.json
@@ -25,7 +25,7 @@ import pathlib
 from typing import Any
 
 HEAD_DIM = {"dense_fp8": 128}  # the e2e models' head_dim (hidden 4096 / 32 heads)
-GATES = pathlib.Path(__file__).resolve().parents[1] / "fxfuse" / "gates.json"
+ISOLATED = pathlib.Path(__file__).resolve().parent / "results" / "rope_quant_h200_quick.json"  # the RoPE bench
 
 
 def rope_related(name: str) -> bool:
@@ -63,11 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("results", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--isolated", default=str(ISOLATED), help="bench_rope_quant.py result with the isolated figures")
     a = ap.parse_args()
     rows = in_model_ratios(a.results)
     if not rows:
         raise SystemExit("in_model_gates: no decode row with RoPE-related kernels on both sides")
-    isolated = json.loads(GATES.read_text()).get("rope_quant", {}).get("rope/M<=16", {})
+    iso = json.loads(pathlib.Path(a.isolated).read_text())["summary"]["geomean_speedup_vs_compile"].get("rope", {})
+    isolated = {k.split("/")[0]: v for k, v in iso.items() if k.endswith("/M<=16")}
     gates: dict[str, float] = {}
     for hd in sorted({r["head_dim"] for r in rows}):
         rs = [r["ratio"] for r in rows if r["head_dim"] == hd]

@@ -136,3 +136,34 @@ def test_llama_layer_bench_subset_args_and_incremental_json(tmp_path: pathlib.Pa
     B.write_json(out, dict(cases=[dict(tokens=1), dict(tokens=16)], complete=False))
     assert [c["tokens"] for c in json.loads(out.read_text())["cases"]] == [1, 16]
     assert [p.name for p in out.parent.iterdir()] == ["layer.json"]
+
+
+def test_in_model_gates(tmp_path: pathlib.Path) -> None:
+    """The in-model RoPE gate sums RoPE-related kernels on both sides, refuses a cut-short kernel
+    list, and never raises the isolated bench's figure."""
+    import in_model_gates as g
+
+    assert g.rope_related("_rope_quant_kernel") and g.rope_related("triton_poi_fused__scaled_dot_product_x")
+    assert g.rope_related("triton_poi_fused_bmm_cat_cos_mul_sin_3") and not g.rope_related("nvjet_sm90_gemm")
+    full = {"kernel_us_per_step": 10.0, "top_kernels": [["nvjet_gemm", 6.0], ["triton_poi_fused__scaled_dot_product_a", 4.0]]}
+    fx = {"kernel_us_per_step": 11.0, "top_kernels": [["nvjet_gemm", 6.0], ["_rope_quant_kernel", 3.0],
+                                                      ["triton_poi_fused__scaled_dot_product_b", 2.0]]}
+    assert g.side_us(full) == 4.0 and g.side_us(fx) == 5.0
+    assert g.side_us({"kernel_us_per_step": 20.0, "top_kernels": full["top_kernels"]}) is None  # cut short
+    doc = {"gpu": "G", "date": "D", "torch": "T", "models": [{"model": "dense_fp8", "rows": [
+        {"kind": "decode", "M": 1, "profile_compile": full, "profile": fx},
+        {"kind": "prefill", "M": 2048, "profile_compile": full, "profile": full}]}]}
+    src = tmp_path / "e2e.json"
+    src.write_text(json.dumps(doc))
+    rows = g.in_model_ratios([str(src)])
+    assert [(r["M"], r["ratio"]) for r in rows] == [(1, 0.8)]
+    out = tmp_path / "gate.json"
+    for iso_fig, want in ((1.42, 0.8), (0.5, 0.5)):  # the smaller of the isolated and in-model figures
+        iso = tmp_path / "rope.json"
+        iso.write_text(json.dumps({"summary": {"geomean_speedup_vs_compile": {"rope": {"128/M<=16": iso_fig}}}}))
+        sys.argv = ["in_model_gates.py", str(src), "--out", str(out), "--isolated", str(iso)]
+        g.main()
+        res = json.loads(out.read_text())
+        assert res["gates_merge"] and res["family"] == "rope_quant"
+        assert res["gates"]["rope/M<=16"]["128"] == want
+

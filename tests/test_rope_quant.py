@@ -1702,6 +1702,9 @@ def test_kv_cache_write_gate_on_cuda(tmp_path, monkeypatch):
 
     table = json.loads(gating.GATES_PATH.read_text())
     table["rope_quant"]["rope_kvcache/M<=16"] = {}  # the graph's 7 tokens
+    # RoPE alone at decode sizes is gated off in the shipped table (in-model profile); measured on here
+    # so the fallback to RoPE alone shows
+    table["rope_quant"]["rope/M<=16"] = {"128": 1.42}
     path = tmp_path / "gates.json"
     path.write_text(json.dumps(table))
     monkeypatch.setattr(gating, "GATES_PATH", path)
@@ -1861,6 +1864,23 @@ def test_rope_gate_by_m_class(sm90_target, monkeypatch, T, large, fuses):
     if off:
         why = [m.reason for m in fxfuse.report().near_misses if m.family == "rope_quant"]
         assert why and ("rope/M<=256" in why[0] or "rope/M>=4096" in why[0]), why
+
+
+@pytest.mark.parametrize("T,fuses", [(7, False), (256, True)])
+def test_shipped_gate_plain_rope_off_at_decode(sm90_target, T, fuses):
+    """The shipped table gates plain RoPE off at M <= 16 (the in-model H200 profile: stock folds the
+    rotation into the attention prologue, benchmarks/in_model_gates.py) and on at M <= 256."""
+    from fxfuse import gating
+
+    gating.reload()
+    gm = _fake_cuda_rope_graph(T)
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    fxfuse.passes(gm.graph)
+    assert fxfuse.counters["rope_quant"] == int(fuses), fxfuse.report().near_miss_lines()
+    if not fuses:
+        why = [m.reason for m in fxfuse.report().near_misses if m.family == "rope_quant"]
+        assert why and "rope/M<=16" in why[0], why
 
 
 # ------------------------------------------------------------------ GPU: user Triton kernel in the output code

@@ -166,6 +166,8 @@ def test_router_gemm_near_misses(case: str) -> None:
     if case == "too-many-weights":
         H, E, M = 4096, 256, 16  # 16 M elements > MAX_ROW_ELEMS
         assert not fits(M, E, H) and M * E * H > MAX_ROW_ELEMS
+        assert fits(M, E, H, upcast=True)  # the fp32-of-bf16 form wins further (vs fp32 cuBLAS)
+        assert not fits(M, 2 * E, 2 * H, upcast=True)  # 64 Mi: past its measured size too
     if case == "M=17":
         M = 17
     m = _Router(H, E, 4, bias=case == "biased").to(torch.bfloat16).eval()
