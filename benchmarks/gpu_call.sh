@@ -1,14 +1,10 @@
 # The device call script of the latest session (rewritten per call; BENCHMARKS.md cites the exact python command of each
 # result, which is what to rerun). benchmarks/gpu_run.sh holds the full menu of steps.
-# Prepared for the next session (the 2026-12-01 fourth session used all its device time):
-#   bash benchmarks/gpu_call.sh a   issue 10's full benchmark set: Qwen3-30B-A3B and Mixtral 8x7B blocks at
-#                                   M = 1, 4, 16, 64, 256, 2048, grouped_mm and batched_mm, vs stock compile and the floor
-#   bash benchmarks/gpu_call.sh b   router GEMV bench incl. the fp32-of-bf16 (DeepSeek-V3) class, the RoPE QK-norm bench
-#                                   (Qwen3.5 config changed without a device: predicted 158 -> ~114 us), decode-kernel focus sweep at Qwen M=1 and M=8 (issue 11's M=8 step is 1.47x),
-#                                   dense fp8 e2e with fxfuse's own fp8 linear (the torchao prefill compile outran 250 s
-#                                   twice on the H200), and the e2e MoE model at every step.
-#   bash benchmarks/gpu_call.sh c   (carry [".whl"]) issue 11's DeepSeek-V3-style router model e2e, and issue 7's
-#                                   torchao per-tensor Llama layer at 16 tokens with a 300 s budget
+# Prepared for the next session (the 2026-12-01 fifth session used all its device time):
+#   bash benchmarks/gpu_call.sh v   verify what was merged without a device: dense fp8 decode with plain RoPE gated off at
+#                                   M<=16 (predicted 0.98-0.99x -> ~1.00-1.01x; --without rope_quant shows the
+#                                   leave-one-out in the same run), the MoE model's prefill with the RoPE QK-norm
+#                                   gate back on at 2048 tokens (1.16x -> ~1.20x), then the whole GPU test suite
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -74,6 +70,13 @@ case "${1:-a}" in
     fi
     timeout 200 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 4096 --stall-dump 90 --out $OUT/res/llama_fp8_layer_tensor_4096_h200.json > $OUT/res/llama_tensor.log 2>&1
     echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
+  v)  # next session: verification of the fifth session's gates (no carry needed)
+    timeout 100 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --without rope_quant --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_decode_v.json > $OUT/res/e2e_dense.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;[print(r['M'], r['us']) for r in json.load(open('$OUT/res/e2e_dense_fp8_own_h200_decode_v.json'))['models'][0]['rows']]"
+    timeout 100 python3 benchmarks/e2e.py --quick --models moe --decode "" --prefill 2048 --top 20 --out $OUT/res/e2e_moe_h200_prefill_v.json > $OUT/res/e2e_moe.log 2>&1
+    echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log
+    timeout 330 python3 -m pytest -m gpu -q tests/ > $OUT/res/gpu_tests_all.log 2>&1
+    echo "gpu tests rc=$?"; tail -5 $OUT/res/gpu_tests_all.log ;;
   h)  # session 5 call 6: dense decode leave-one-out (is the plain RoPE kernel the 1% decode loss?)
     timeout 100 python3 benchmarks/e2e.py --quick --rep 200 --fp8 own --models dense_fp8 --decode 1 --prefill "" --without rope_quant --out $OUT/res/e2e_dense_fp8_own_h200_norope.json > $OUT/res/e2e_dense.log 2>&1
     echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;r=json.load(open('$OUT/res/e2e_dense_fp8_own_h200_norope.json'))['models'][0]['rows'][0];print(r['us'])" ;;
