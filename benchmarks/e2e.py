@@ -130,16 +130,15 @@ def profile_share(fn: Callable[[], Any], device: str, iters: int = 5, top: int =
         if any(n in ev.name for n in names):
             ours += t
             per[ev.name] = per.get(ev.name, 0.0) + t
+    ranked = [k for k, _ in sorted(every.items(), key=lambda kv: -kv[1])[:top]]
     return {
         "kernel_us_per_step": total / iters if total else None,
         "fxfuse_us_per_step": ours / iters if total else None,
         "fxfuse_share": ours / total if total else None,
         "fxfuse_kernels": {k: v / iters for k, v in sorted(per.items())},
         "launches_per_step": sum(count.values()) / iters,
-        **({"top_kernels": [[k[:120], round(v / iters, 2)] for k, v in sorted(every.items(), key=lambda kv: -kv[1])[:top]]}
-           if top else {}),
-        **({"top_launches": [[k[:120], count[k] / iters] for k, _ in sorted(every.items(), key=lambda kv: -kv[1])[:top]]}
-           if top else {}),
+        **({"top_kernels": [[k[:120], round(every[k] / iters, 2)] for k in ranked],
+            "top_launches": [[k[:120], count[k] / iters] for k in ranked]} if top else {}),
     }
 
 

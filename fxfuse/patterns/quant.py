@@ -434,9 +434,8 @@ def amax_source(base: Any, nodes: set[fx.Node], keepdim: bool = True) -> Any:
     if keepdim and not is_last_dim_reduction(red, ndim):
         raise Reject("amax is not over the last dim with keepdim=True")
     if not keepdim:
-        dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
         kd = red.args[2] if len(red.args) > 2 else red.kwargs.get("keepdim", False)
-        if kd or norm_dims(dims, tval(ab).dim()) != [tval(ab).dim() - 1]:
+        if kd or norm_dims(red_dims, ndim) != [ndim - 1]:
             raise Reject("amax is not over the last dim (its scale is unsqueezed after it)")
     nodes.update({red, ab})
     return ab.args[0]
