@@ -213,7 +213,7 @@ def is_row_contiguous(t: torch.Tensor) -> bool:
     return bool(guard_or_false(t.stride(-1) == 1)) and bool(t.is_contiguous())
 
 
-F32_MAX = 3.4028234663852886e38
+F32_MAX = torch.finfo(torch.float32).max
 
 
 def op_bound(x: float) -> float:

@@ -81,7 +81,7 @@ fp32's range rounds to -inf in the fp32 routing math, so this is -inf exactly (`
 
 def is_ninf_fill(fill: float) -> bool:
     """Whether `fill` means -inf (-inf itself, or a finite value that rounds to it in fp32)."""
-    return float(fill) < -3.4028234663852886e38
+    return float(fill) < -torch.finfo(torch.float32).max
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
