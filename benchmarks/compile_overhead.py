@@ -2,6 +2,7 @@
 
     python benchmarks/compile_overhead.py --out benchmarks/results/compile_overhead_cpu.json [--device cuda]
         [--models dense_fp8,moe] [--layers 2] [--compile]
+    python benchmarks/compile_overhead.py --device fake-cuda --layers 2,8 --out benchmarks/results/compile_overhead_fake_cuda.json
 
 For each model: the post-grad graph Inductor hands to fxfuse is captured once (no codegen), then the
 pipeline runs on copies of it: the first run in the process (cold: nothing cached yet), then the
@@ -11,6 +12,11 @@ them). The rewritten graphs of both must be identical (checked). With `--compile
 `torch.compile` (fresh Inductor cache) with and without fxfuse, for the stages' share of a compile,
 the number the issue's "at most 10% of compile time" target is about (e2e.py's
 fxfuse_pass_share_of_compile). On CPU the models are the demo's tiny ones; on CUDA real layer sizes.
+
+`--device fake-cuda` (no GPU needed): the tiny models' graphs on fake CUDA tensors with an sm_90 Triton
+target, so the passes take their CUDA path (traced Triton launches). Adds what Inductor's lowering
+then spends analysing each launch's reads and writes (TTIR built per kernel node), with fxfuse's
+analysis cache (`fxfuse/_ttir_cache.py`) and with torch's function alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,22 +36,29 @@ import torch
 import torch.fx as fx
 
 import fxfuse
-from fxfuse import demo, fx_utils, pipeline
+from fxfuse import _ttir_cache, demo, fx_utils, pipeline
 from fxfuse.kernels import fake_cache
-from fxfuse.testing import graph_text, post_grad_graph
+from fxfuse.testing import graph_text, on_fake_device, post_grad_graph, triton_target
 
 
 @contextlib.contextmanager
 def caches_off() -> Iterator[None]:
     """The pipeline as it was before its compile-time caches."""
-    saved = (pipeline.trace_cache, fake_cache.ENABLED, fx_utils._local_stable_toposort)
+    saved = (pipeline.trace_cache, fake_cache.ENABLED, fx_utils._local_stable_toposort, os.environ.get("FXFUSE_TTIR_CACHE"))
     pipeline.trace_cache = lambda graph=None: contextlib.nullcontext()  # type: ignore[assignment]
     fake_cache.ENABLED = False
     fx_utils._local_stable_toposort = lambda graph, inserted: False  # type: ignore[assignment]
+    _ttir_cache.uninstall()
+    os.environ["FXFUSE_TTIR_CACHE"] = "0"
     try:
         yield
     finally:
-        pipeline.trace_cache, fake_cache.ENABLED, fx_utils._local_stable_toposort = saved
+        pipeline.trace_cache, fake_cache.ENABLED, fx_utils._local_stable_toposort, env = saved
+        if env is None:
+            os.environ.pop("FXFUSE_TTIR_CACHE", None)
+        else:
+            os.environ["FXFUSE_TTIR_CACHE"] = env
+        _ttir_cache.install()
 
 
 def run_once(gm: fx.GraphModule, passes: fxfuse.FusionPasses) -> tuple[float, str, dict[str, int]]:
@@ -70,13 +84,43 @@ def cold_compile_s(module: torch.nn.Module, ids: torch.Tensor, passes: Any | Non
         return time.perf_counter() - t0
 
 
+def lowering_analysis_s(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """Seconds of the per-launch read/write analysis Inductor runs while lowering `gm`'s Triton
+    launches (as `ir.UserDefinedTritonKernel` calls it), through the installed analysis (fxfuse's
+    cache, warm from the pass) and through torch's own function; the answers must agree."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    name = next(n for n in _ttir_cache._NAMES if hasattr(tkw, n))
+    cached_fn = getattr(tkw, name)
+    torch_fn = getattr(cached_fn, "__wrapped__", cached_fn)
+    calls = []
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kw = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in n.kwargs["kwargs"].items()}
+            kw.update(tkw.kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
+            calls.append((tkw.kernel_side_table.get_kernel(n.kwargs["kernel_idx"]), kw))
+    out: dict[str, Any] = {"launches": len(calls)}
+    answers = {}
+    for label, fn in (("cached", cached_fn), ("torch", torch_fn)):
+        t0 = time.perf_counter()
+        answers[label] = [str(fn(k, kw, {})) for k, kw in calls]
+        out[f"lowering_analysis_s_{label}"] = round(time.perf_counter() - t0, 4)
+    out["same_answers"] = answers["cached"] == answers["torch"]
+    return out
+
+
 def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_compile: bool) -> dict[str, Any]:
-    dm = demo.BUILDERS[name](device, False, layers=layers)
-    ids = demo.random_ids(dm.vocab, tokens, device, seed=1).reshape(1, -1)
+    fake_cuda = device == "fake-cuda"
+    dm = demo.BUILDERS[name]("cpu" if fake_cuda else device, False, layers=layers)
+    ids = demo.random_ids(dm.vocab, tokens, "cpu" if fake_cuda else device, seed=1).reshape(1, -1)
     t0 = time.perf_counter()
     gm = post_grad_graph(dm.module, ids, dynamic=False)
+    if fake_cuda:
+        gm = on_fake_device(gm)
     capture_s = time.perf_counter() - t0
-    passes = fxfuse.FusionPasses()
+    # fake-cuda: the tiny shapes' benchmark gates would turn most CUDA rewrites off; ungated, the
+    # graph gets the launches a real-size model gets
+    passes = fxfuse.FusionPasses(options={"gate": False} if fake_cuda else None)
     fx_utils.trace_stats.clear()
     first_s, text, counters = run_once(gm, passes)
     stats = dict(fx_utils.trace_stats)
@@ -91,6 +135,11 @@ def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_co
         "pass_s_uncached": round(statistics.median(off_runs[i][0] for i in range(reps)), 4),
         "traces": stats, "same_graph_cached_vs_uncached": same,
     }
+    if fake_cuda:
+        g = copy.deepcopy(gm)
+        passes(g.graph)
+        g.recompile()
+        res.update(lowering_analysis_s(g))
     if with_compile:
         for variant, p in (("stock", None), ("fxfuse", fxfuse.passes)):
             n0 = len(fxfuse.report)
@@ -105,9 +154,9 @@ def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_co
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda", "fake-cuda"], default="cpu")
     ap.add_argument("--models", default="dense_fp8,moe")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", default="2", help="comma-separated layer counts")
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also cold torch.compile with and without fxfuse")
@@ -116,11 +165,17 @@ def main() -> None:
         sys.exit("compile_overhead: no CUDA device")
     demo.quiet_warnings()
     demo.allow_recompiles()
-    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "models": []}
+    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "models": [],
+                           "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     if args.device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
-    for name in [m for m in args.models.split(",") if m]:
-        out["models"].append(measure(name, args.device, args.layers, args.reps, args.tokens, args.compile))
+    if args.device == "fake-cuda" and args.compile:
+        sys.exit("compile_overhead: --compile needs a real device")
+    target = triton_target(90) if args.device == "fake-cuda" else contextlib.nullcontext()
+    with target:
+        for name in [m for m in args.models.split(",") if m]:
+            for layers in [int(n) for n in args.layers.split(",") if n]:
+                out["models"].append(measure(name, args.device, layers, args.reps, args.tokens, args.compile))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -586,12 +586,13 @@ def compile_overhead() -> list[str]:
     for p in sorted(RES.glob("compile_overhead_*.json")):
         r = json.loads(p.read_text())
         dev = r.get("gpu") or r["device"]
+        cmd = r.get("command") or (f"python benchmarks/compile_overhead.py --device {r['device']} --compile --out "
+                                   f"benchmarks/results/{p.name}")
         out += ["", f"### Compile time of the fxfuse stages ({dev})", "",
-                f"- Command: `python benchmarks/compile_overhead.py --device {r['device']} --compile --out "
-                f"benchmarks/results/{p.name}`; torch {r['torch']}",
+                f"- Command: `{cmd}`; torch {r['torch']}" + (f"; date {r['date']}" if r.get("date") else ""),
                 "- pass s: the pipeline on a copy of the captured post-grad graph: first run in the process, then "
                 "median with the compile-time caches (per-graph trace cache, CPU fake-impl cache, windowed "
-                "topological sort) and without them (what every compile paid before; a lower bound, since "
+                "topological sort; on CUDA paths also the TTIR analysis cache) and without them (what every compile paid before; a lower bound, since "
                 "the fake mode's own dispatch cache is warm by then); share = stage time inside a cold compile / "
                 "cold stock compile", "",
                 "| model | nodes | fusions | traced / reused | pass s first | cached | uncached | same graph | "
@@ -605,6 +606,15 @@ def compile_overhead() -> list[str]:
                        f"{m['pass_s_uncached']:.3f} | {m['same_graph_cached_vs_uncached']} | "
                        f"{x(m.get('compile_s_stock'), '{:.1f}')} / {x(m.get('compile_s_fxfuse'), '{:.1f}')} | "
                        f"{x(share and 100 * share, '{:.1f}%')} |")
+        lowered = [m for m in r["models"] if "lowering_analysis_s_torch" in m]
+        if lowered:
+            out += ["", "Inductor's read/write analysis of each traced Triton launch while lowering the rewritten graph "
+                    "(TTIR built per kernel node; `fxfuse/_ttir_cache.py` answers repeats from the pass's own analyses; "
+                    "sm_90 target on the CPU, no GPU; benchmark gates off, so every family fuses as at real sizes):", "",
+                    "| model | launches | analysis s, torch alone | with fxfuse's cache | same answers |",
+                    "|---|---:|---:|---:|---|"]
+            out += [f"| {m['title']} | {m['launches']} | {m['lowering_analysis_s_torch']:.3f} | "
+                    f"{m['lowering_analysis_s_cached']:.4f} | {m['same_answers']} |" for m in lowered]
     return out
 
 

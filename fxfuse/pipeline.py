@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from . import _ttir_cache
 from ._log import log, trace_artifact
 from .fx_utils import Reject, source_location, source_locations, trace_cache
 from .kernels import launch_overrides_digest
@@ -256,6 +257,7 @@ class FusionPasses(CustomGraphPass):
         return out
 
     def __call__(self, graph: fx.Graph) -> None:
+        _ttir_cache.install()  # Inductor analyses every fxfuse kernel node it lowers after this pass
         if self.before is not None:
             self.before(graph)
         greport = report.new_graph()

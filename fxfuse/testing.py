@@ -785,6 +785,29 @@ def _to_device(fake: torch.Tensor, device: str, fake_mode: Any) -> torch.Tensor:
         return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=device)
 
 
+@contextlib.contextmanager
+def triton_target(arch: int = 90, warp_size: int = 32) -> Iterator[None]:
+    """Let Triton build TTIR for a CUDA target on a machine without a GPU (no kernel runs).
+
+    Inductor's analysis of user-defined Triton kernels (which buffers a traced launch clones) builds
+    TTIR for the active target; with this, a fake-CUDA graph (`on_fake_device`) goes through the
+    passes' CUDA path on a CPU-only CI machine."""
+    from unittest import mock
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class _Driver:
+        def get_current_target(self) -> Any:
+            return GPUTarget("cuda", arch, warp_size)
+
+        def get_active_torch_device(self) -> torch.device:
+            return torch.device("cuda")
+
+    with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
+        yield
+
+
 def on_fake_device(gm: fx.GraphModule, device: str = "cuda") -> fx.GraphModule:
     """`gm` (a captured CPU graph) re-propagated with fake tensors on `device`, in place: a CUDA
     graph for the passes' CUDA path on a machine without a GPU. Factory ops' device kwargs move too."""

@@ -52,17 +52,7 @@ def golden(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
 def sm90_target() -> Iterator[None]:
     """Let Triton build TTIR for sm_90 without a GPU: Inductor's mutation analysis of user kernels
     (which buffers a traced launch clones) runs on it."""
-    from unittest import mock
+    from fxfuse.testing import triton_target
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    class _Driver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cuda")
-
-    with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
+    with triton_target(90):
         yield

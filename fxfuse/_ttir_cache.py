@@ -1,0 +1,136 @@
+"""Remember Inductor's read/write analysis of fxfuse's own Triton kernels.
+
+Inductor works out which arguments a user-defined Triton kernel writes by building the kernel's TTIR
+and walking it (`triton_kernel_wrap.identify_accessed_tensors`; older torch:
+`identify_mutated_tensors`). It does so for every kernel node it lowers, and again when
+functionalization traces a launch. One analysis takes 40-90 ms on the CPU; a 32-layer model with four
+fused regions per layer would pay 5-10 s of compile for answers it already had.
+
+The analysis reads less than its arguments: `generate_ttir` replaces SymInts by 2 and fake tensors by
+an empty tensor of the same dtype, so the kernel, the tensor dtypes and the exact non-tensor values
+decide the result (and the names it reports are the kernel's formal parameters, the same at every
+call site). The key here is finer than that: the kernel object, the argument names in order, each
+tensor's dtype, each plain value type-tagged (floats by their bits), and the Triton target. Anything
+else (a real tensor, a TMA descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
+
+Only kernels defined under `fxfuse.kernels` are cached; every other kernel goes straight to torch's
+function. Each hit returns a deep copy, so no caller can change what a later call sees. Set
+FXFUSE_TTIR_CACHE=0 to leave torch untouched. (An open torch PR, pytorch/pytorch#193227, caches the
+same analysis for every kernel; this module becomes a no-op once torch does.)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+from ._keys import NoKey, freeze
+from ._log import log
+
+_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
+"""torch's analysis entry point, newest name first; the first one the module has is wrapped."""
+
+MAX_ENTRIES = 4096
+"""Distinct kernel signatures kept; the cache starts over past this (a compile has tens)."""
+
+stats: dict[str, int] = {"hits": 0, "misses": 0, "uncached": 0}
+"""Calls served from the cache, analysed and stored, analysed without a key (tests read these)."""
+
+_cache: dict[Any, Any] = {}
+_installed: dict[str, tuple[Any, Callable[..., Any]]] = {}  # "module:name" -> (module, original)
+
+
+def _owned(kernel: Any) -> bool:
+    """A JITFunction (or an Autotuner around one) defined in fxfuse's kernel modules."""
+    fn = getattr(kernel, "fn", None)
+    fn = getattr(fn, "fn", fn)  # Autotuner -> JITFunction -> Python function
+    return getattr(fn, "__module__", "").startswith("fxfuse.kernels.")
+
+
+def _leaf(x: Any, depth: int) -> Any:
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+        return ("sym",)  # generate_ttir builds the TTIR with 2 in its place, whatever the symbol
+    if isinstance(x, FakeTensor) or type(x).__name__ == "TensorBox":
+        return ("T", str(x.dtype))  # an empty tensor of this dtype, 16-byte aligned
+    return NotImplemented  # real tensors (alignment is specialised on), descriptors: no key
+
+
+def _key(kernel: Any, kwargs: dict[str, Any], tma: Any) -> Any:
+    if tma:
+        raise NoKey
+    import triton
+
+    target = triton.runtime.driver.active.get_current_target()
+    return (id(kernel), kernel, repr(target), freeze(list(kwargs.items()), _leaf))
+
+
+def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(kernel: Any, kwargs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+        if not _owned(kernel):
+            return original(kernel, kwargs, *rest, **kw)
+        try:
+            tma = rest[0] if rest else kw.get("tma_descriptor_metadata")
+            key = _key(kernel, kwargs, tma)
+            hash(key)
+        except Exception as e:  # noqa: BLE001 - NoKey, an unhashable value, no Triton target: analyse
+            if not isinstance(e, NoKey):
+                log.debug("fxfuse: TTIR analysis key failed (%s: %s); analysing", type(e).__name__, e)
+            stats["uncached"] += 1
+            return original(kernel, kwargs, *rest, **kw)
+        hit = _cache.get(key)
+        if hit is not None:
+            stats["hits"] += 1
+            return copy.deepcopy(hit)
+        out = original(kernel, kwargs, *rest, **kw)
+        if len(_cache) >= MAX_ENTRIES:
+            _cache.clear()
+        _cache[key] = copy.deepcopy(out)
+        stats["misses"] += 1
+        return out
+
+    wrapper.__wrapped_by_fxfuse__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def install() -> bool:
+    """Wrap torch's analysis (idempotent); False when this torch has none of the known names or
+    FXFUSE_TTIR_CACHE=0. Modules that imported the function by name are rebound too."""
+    if _installed:
+        return True
+    if os.environ.get("FXFUSE_TTIR_CACHE", "1") == "0":
+        return False
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as tkw
+        from torch._inductor import ir
+    except Exception:  # noqa: BLE001 - no Triton support in this torch build
+        return False
+    name = next((n for n in _NAMES if callable(getattr(tkw, n, None))), None)
+    if name is None:
+        log.debug("fxfuse: no TTIR analysis function in this torch (%s); kernel analysis not cached", torch.__version__)
+        return False
+    original = getattr(tkw, name)
+    if getattr(original, "__wrapped_by_fxfuse__", False):
+        return True
+    wrapper = _cached(original)
+    for mod in (tkw, ir):
+        if getattr(mod, name, None) is original:
+            _installed[f"{mod.__name__}:{name}"] = (mod, original)
+            setattr(mod, name, wrapper)
+    log.debug("fxfuse: caching %s for fxfuse kernels", name)
+    return True
+
+
+def uninstall() -> None:
+    """Put torch's functions back and forget every entry (tests)."""
+    for key, (mod, original) in _installed.items():
+        setattr(mod, key.split(":")[1], original)
+    _installed.clear()
+    _cache.clear()
