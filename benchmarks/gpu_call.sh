@@ -1,10 +1,12 @@
 # The device call script of the latest session (rewritten per call; BENCHMARKS.md cites the exact python command of each
 # result, which is what to rerun). benchmarks/gpu_run.sh holds the full menu of steps.
-# Prepared for the next session (the 2026-12-01 fifth session used all its device time):
+# Prepared for the next session (the 2026-12-01 sixth session had no device lent: both calls below are unrun):
 #   bash benchmarks/gpu_call.sh v   verify what was merged without a device: dense fp8 decode with plain RoPE gated off at
 #                                   M<=16 (predicted 0.98-0.99x -> ~1.00-1.01x; --without rope_quant shows the
 #                                   leave-one-out in the same run), the MoE model's prefill with the RoPE QK-norm
 #                                   gate back on at 2048 tokens (1.16x -> ~1.20x), then the whole GPU test suite
+#   bash benchmarks/gpu_call.sh w   cold compiles with the TTIR analysis cache (P32) and the dynamic-fp8 RoPE sweep
+#                                   including SPLIT=2 (P33)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -77,6 +79,12 @@ case "${1:-a}" in
     echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log
     timeout 330 python3 -m pytest -m gpu -q tests/ > $OUT/res/gpu_tests_all.log 2>&1
     echo "gpu tests rc=$?"; tail -5 $OUT/res/gpu_tests_all.log ;;
+  w)  # next session, call 2: the TTIR analysis cache in real cold compiles (stock / fxfuse / fxfuse without
+      # the cache, 2 and 4 layers), then the dynamic-fp8 RoPE sweep with SPLIT=2 (partner from registers)
+    timeout 330 python3 benchmarks/compile_overhead.py --device cuda --compile --layers 2,4 --reps 2 --out $OUT/res/compile_overhead_h200.json > $OUT/res/compile_overhead.log 2>&1
+    echo "compile overhead rc=$?"; grep -E '^\{' $OUT/res/compile_overhead.log | python3 -c "import sys,json;[print({k:v for k,v in json.loads(l).items() if 'compile' in k or k in ('model','layers','pass_s_first')}) for l in sys.stdin]"
+    timeout 200 python3 benchmarks/tune_rope.py --schemes rope_fp8_dynamic --out $OUT/res/tune_rope_dynamic_h200.json > $OUT/res/tune_rope.log 2>&1
+    echo "tune rope rc=$?"; tail -8 $OUT/res/tune_rope.log ;;
   h)  # session 5 call 6: dense decode leave-one-out (is the plain RoPE kernel the 1% decode loss?)
     timeout 100 python3 benchmarks/e2e.py --quick --rep 200 --fp8 own --models dense_fp8 --decode 1 --prefill "" --without rope_quant --out $OUT/res/e2e_dense_fp8_own_h200_norope.json > $OUT/res/e2e_dense.log 2>&1
     echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;r=json.load(open('$OUT/res/e2e_dense_fp8_own_h200_norope.json'))['models'][0]['rows'][0];print(r['us'])" ;;
