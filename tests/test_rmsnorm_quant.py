@@ -219,3 +219,45 @@ def test_export_metadata_asserts_do_not_block_fusion():
     normalize(g, None)
     assert not any(n.target is aten._assert_tensor_metadata.default for n in g.nodes)
     match_quant(match_norm(rsqrt))  # no longer blocked
+
+
+def _q_tensor(keepdim: bool):
+    """Per-tensor dynamic fp8 (torchao per-tensor form): one amax over the whole tensor."""
+
+    def fn(x, res, w, scale):
+        y = NORMS["hf"](x + res, w, 1e-6)
+        amax = y.abs().amax(dim=tuple(range(y.dim())), keepdim=True) if keepdim else y.abs().amax()
+        s = (amax / 448.0).to(torch.float32).clamp(min=1e-12)
+        return (y.to(torch.float32) / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
+    return fn
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (1, 1)])
+def test_per_tensor_scale_of_one_row_fuses(keepdim, lead):
+    """One row (decode of one sequence): the whole-tensor amax is that row's amax, so per-tensor
+    dynamic quant fuses like per-token; the scale keeps the graph's shape (0-d, or all ones)."""
+    fn = _q_tensor(keepdim)
+    args = make_inputs(lead, 256, torch.bfloat16, seed=11)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, leftovers = compile_and_run(fn, args)
+    assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report()
+    assert not leftovers, leftovers
+    assert out[1].shape == ref[1].shape
+    assert not dequant_close(tuple(out), tuple(ref))
+
+
+@pytest.mark.parametrize("lead,dynamic", [((3,), None), ((1, 2), None), ((2,), 0)])
+def test_per_tensor_scale_of_several_rows_is_a_near_miss(lead, dynamic):
+    """More than one row, or a token dim that may grow past one at run time: every row needs the
+    grid-wide amax, no one-pass kernel; unfused, same bits as stock."""
+    fn = _q_tensor(False)
+    args = make_inputs(lead, 256, torch.bfloat16, seed=12)
+    ref = stock_compile(fn, args)
+    fxfuse.report.clear()
+    out, _ = compile_and_run(fn, args, dynamic_dim=dynamic)
+    assert fxfuse.counters["rmsnorm_quant"] == 0
+    assert any("amax over the whole tensor" in m.reason for m in fxfuse.report().near_misses), fxfuse.report()
+    assert_identical(tuple(out), ref)

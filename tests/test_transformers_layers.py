@@ -98,3 +98,18 @@ def test_per_tensor_layer_stays_correct():
     assert fxfuse.counters["rmsnorm_quant"] == 0 and fxfuse.counters["silu_mul_quant"] == 0
     assert any("amax over the whole tensor" in m.reason for m in fxfuse.report().near_misses), fxfuse.report()
     assert _rel(out, ref) < 2e-2
+
+
+def test_per_tensor_layer_of_one_token_fuses():
+    """Decode of one sequence: each per-tensor amax covers one row, so both norms and SwiGLU fuse
+    with their quants (the T = 1 rows of the torchao per-tensor benchmark), as close to eager as stock."""
+    layer, rope = _layer("llama", "tensor")
+    args = _inputs(rope, 1, seed=3)
+    with torch.no_grad():
+        ref = layer(args[0], position_embeddings=(args[1], args[2]))
+    stock = _run(layer, args, None)
+    out = _run(layer, args, fxfuse.FusionPasses(strict=True))
+    c = dict(fxfuse.counters)
+    assert c.get("rmsnorm_quant") == 2 and c.get("silu_mul_quant") == 1, (c, fxfuse.report())
+    assert not any("amax over the whole tensor" in m.reason for m in fxfuse.report().near_misses)
+    assert _rel(out, ref) <= max(1.5 * _rel(stock, ref), 2e-2)

@@ -429,6 +429,11 @@ def amax_source(base: Any, nodes: set[fx.Node], keepdim: bool = True) -> Any:
     ndim = tval(ab).dim()
     red_dims = red.args[1] if len(red.args) > 1 else red.kwargs.get("dim")
     if ndim > 1 and is_op(red, aten.amax.default) and (not red_dims or norm_dims(red_dims, ndim) == list(range(ndim))):
+        if all(type(d) is int and d == 1 for d in tval(ab).shape[:-1]):
+            # one row (decode of one sequence, static shape): the whole-tensor amax IS its row's amax,
+            # and the one scale is rebuilt in the graph's shape (0-d or all-ones) by the rewrite
+            nodes.update({red, ab})
+            return ab.args[0]
         raise Reject("amax over the whole tensor (per-tensor dynamic scale): every row waits for a grid-wide "
                      "reduction, so there is no one-pass kernel to fuse into")
     if keepdim and not is_last_dim_reduction(red, ndim):
