@@ -187,7 +187,9 @@ def run_model(
         kwargs["fp8_backend"] = fp8_backend
     t0 = time.perf_counter()
     dm = demo.BUILDERS[name](device, False, **kwargs)
-    info: dict[str, Any] = {"model": name, "title": dm.title, "notes": dm.notes, "layers": layers,
+    cfg = getattr(getattr(dm.module, "model", dm.module), "config", None)  # LogitsOnly wraps the transformers model
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads if cfg else None)
+    info: dict[str, Any] = {"model": name, "title": dm.title, "notes": dm.notes, "layers": layers, "head_dim": head_dim,
                             "build_s": round(time.perf_counter() - t0, 2), "rows": [], "compile_s": {},
                             "fxfuse_pass_s": 0.0}
     # warm dynamo's tracing of this model (first-time source/bytecode work) so the first timed

@@ -24,7 +24,7 @@ import math
 import pathlib
 from typing import Any
 
-HEAD_DIM = {"dense_fp8": 128}  # the e2e models' head_dim (hidden 4096 / 32 heads)
+HEAD_DIM = {"dense_fp8": 128}  # head_dim of e2e results recorded before e2e.py wrote it (hidden 4096 / 32 heads)
 ISOLATED = pathlib.Path(__file__).resolve().parent / "results" / "rope_quant_h200_quick.json"  # the RoPE bench
 
 
@@ -50,12 +50,13 @@ def in_model_ratios(paths: list[str]) -> list[dict[str, Any]]:
         doc = json.loads(pathlib.Path(p).read_text())
         for m in doc["models"]:
             for r in m["rows"]:
-                if r["kind"] != "decode" or r["M"] > 16 or m["model"] not in HEAD_DIM:
+                head_dim = m.get("head_dim") or HEAD_DIM.get(m["model"])
+                if r["kind"] != "decode" or r["M"] > 16 or head_dim is None:
                     continue
                 st, fx = side_us(r.get("profile_compile") or {}), side_us(r.get("profile") or {})
                 if st and fx:
                     rows.append(dict(source=pathlib.Path(p).name, model=m["model"], M=r["M"], stock_us=round(st, 2),
-                                     fxfuse_us=round(fx, 2), ratio=round(st / fx, 3), head_dim=HEAD_DIM[m["model"]]))
+                                     fxfuse_us=round(fx, 2), ratio=round(st / fx, 3), head_dim=head_dim))
     return rows
 
 

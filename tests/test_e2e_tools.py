@@ -156,7 +156,11 @@ def test_in_model_gates(tmp_path: pathlib.Path) -> None:
     src = tmp_path / "e2e.json"
     src.write_text(json.dumps(doc))
     rows = g.in_model_ratios([str(src)])
-    assert [(r["M"], r["ratio"]) for r in rows] == [(1, 0.8)]
+    assert [(r["M"], r["ratio"], r["head_dim"]) for r in rows] == [(1, 0.8, 128)]  # older result: HEAD_DIM
+    doc2 = {**doc, "models": [{**doc["models"][0], "model": "moe", "head_dim": 64}]}  # e2e.py records it now
+    src2 = tmp_path / "e2e2.json"
+    src2.write_text(json.dumps(doc2))
+    assert [(r["model"], r["head_dim"]) for r in g.in_model_ratios([str(src2)])] == [("moe", 64)]
     out = tmp_path / "gate.json"
     for iso_fig, want in ((1.42, 0.8), (0.5, 0.5)):  # the smaller of the isolated and in-model figures
         iso = tmp_path / "rope.json"
