@@ -133,6 +133,16 @@ def best_of(rows: list[dict[str, Any]], fallback: dict[str, Any]) -> dict[str, A
     return min([r for r in rows if r["ok"]] + [fallback], key=lambda r: r["us"])
 
 
+def two_stage(args: tuple, ref: torch.Tensor, rep: int, first: list[dict[str, int]], second: list[dict[str, int]],
+              base: dict[str, Any], path: int = K.PATH_DECODE) -> tuple[list, list, dict[str, Any], dict[str, Any]]:
+    """Sweep `first` (the other keys at their defaults), then `second` on top of the first stage's
+    best: (rows1, rows2, best1, best). A stage keeps what it started from when nothing correct beats it."""
+    rows1 = [time_cfg(args, c, ref, rep, path) for c in first]
+    best1 = best_of(rows1, base)
+    rows2 = [time_cfg(args, {**best1["cfg"], **c}, ref, rep, path) for c in second]
+    return rows1, rows2, best1, best_of(rows2, best1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -153,10 +163,8 @@ def main() -> None:
     if a.small:  # two stages: the gate_up GEMM's tiles (down GEMM at its default), then the down GEMM's
         for model, M in SMALL_SHAPES:
             args, ref, floor_us, base = setup_case(model, M, copy, a.rep, K.PATH_PREFILL)
-            rows1 = [time_cfg(args, c, ref, a.rep, K.PATH_PREFILL) for c in small_gemm1_candidates()]
-            best1 = best_of(rows1, base)
-            rows2 = [time_cfg(args, {**best1["cfg"], **c}, ref, a.rep, K.PATH_PREFILL) for c in small_gemm2_candidates()]
-            best = best_of(rows2, best1)
+            rows1, rows2, _, best = two_stage(args, ref, a.rep, small_gemm1_candidates(), small_gemm2_candidates(),
+                                              base, K.PATH_PREFILL)
             # the per-pair decode path at this M (reads an expert once per pair, no align step)
             dec = time_cfg(args, {}, ref, a.rep, K.PATH_DECODE)
             print(f"tiled-small {model} M={M}: decode path {dec['us']} us (ok {dec['ok']})", flush=True)
@@ -188,17 +196,10 @@ def main() -> None:
         cands_a = focus_a_candidates() if a.focus else a_candidates(a.quick)
         cands_b = focus_b_candidates() if a.focus else b_candidates(a.quick)
         if a.b_first:  # B at the default A, then A at the best B
-            rows_b = [time_cfg(args, c, ref, a.rep) for c in cands_b]
-            best_b = best_of(rows_b, base)
+            rows_b, rows_a, best_b, best = two_stage(args, ref, a.rep, cands_b, cands_a, base)
             print(f"{model} M={M}: B best {best_b['us']:.1f} us {best_b['cfg']} (default {base['us']:.1f})", flush=True)
-            rows_a = [time_cfg(args, {**best_b["cfg"], **c}, ref, a.rep) for c in cands_a]
-            best = best_of(rows_a, best_b)
         else:
-            rows_a = [time_cfg(args, c, ref, a.rep) for c in cands_a]
-            ok_a = [r for r in rows_a if r["ok"]]
-            best_a = min(ok_a, key=lambda r: r["us"]) if ok_a else base  # the default only when none is correct
-            rows_b = [time_cfg(args, {**best_a["cfg"], **c}, ref, a.rep) for c in cands_b]
-            best = best_of(rows_b, best_a)
+            rows_a, rows_b, _, best = two_stage(args, ref, a.rep, cands_a, cands_b, base)
         entry = dict(model=model, M=M, floor_us=floor_us, default=base, best=best,
                      default_x_floor=(base["us"] or 0) / floor_us, best_x_floor=(best["us"] or 0) / floor_us,
                      a_rows=rows_a, b_rows=rows_b)

@@ -171,3 +171,21 @@ def test_in_model_gates(tmp_path: pathlib.Path) -> None:
         assert res["gates_merge"] and res["family"] == "rope_quant"
         assert res["gates"]["rope/M<=16"]["128"] == want
 
+
+
+def test_tune_moe_decode_two_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode sweep's two stages: the second runs on top of the first's best, a wrong (not ok)
+    config never wins however fast, and a stage keeps its start when nothing beats it."""
+    import tune_moe_decode as T
+
+    def fake(args, cfg, ref, rep, path=None):
+        us = 10.0 - cfg.get("A", 0) - 2 * cfg.get("B", 0)
+        return dict(cfg=cfg, us=us, ok=cfg.get("A") != 9)
+
+    monkeypatch.setattr(T, "time_cfg", fake)
+    base = dict(cfg={}, us=10.0, ok=True)
+    rows1, rows2, best1, best = T.two_stage((), None, 1, [{"A": 1}, {"A": 2}, {"A": 9}], [{"B": 1}, {"B": 3}], base)
+    assert best1["cfg"] == {"A": 2} and [r["cfg"] for r in rows2] == [{"A": 2, "B": 1}, {"A": 2, "B": 3}]
+    assert best["cfg"] == {"A": 2, "B": 3} and best["us"] == 2.0
+    _, _, best1, best = T.two_stage((), None, 1, [{"A": -1}], [{"B": -1}], base)
+    assert best1 is base and best is base
