@@ -168,3 +168,36 @@ def test_lowering_analysis_time_drops(sm90_target, fresh_cache) -> None:
         _original()(kernel, kw, {})
     uncached = time.perf_counter() - t0
     assert cached < uncached / 4, (cached, uncached)
+
+
+def test_older_torch_name_is_wrapped_too(sm90_target, monkeypatch) -> None:
+    """torch before identify_accessed_tensors (2.11 and older) names the analysis
+    identify_mutated_tensors and returns a list of names; the same wrapper caches it, and a module
+    that imported it by name is rebound."""
+    from torch._inductor import ir
+
+    tkw = _tkw()
+    _ttir_cache.uninstall()
+    calls = []
+
+    def identify_mutated_tensors(kernel, kwargs, tma_descriptor_metadata):
+        calls.append(kernel)
+        return [k for k, v in kwargs.items() if k.startswith("out")]
+
+    monkeypatch.delattr(tkw, "identify_accessed_tensors", raising=False)
+    monkeypatch.setattr(tkw, "identify_mutated_tensors", identify_mutated_tensors, raising=False)
+    monkeypatch.setattr(ir, "identify_mutated_tensors", identify_mutated_tensors, raising=False)
+    try:
+        assert _ttir_cache.install()
+        assert getattr(tkw.identify_mutated_tensors, "__wrapped_by_fxfuse__", False)
+        assert ir.identify_mutated_tensors is tkw.identify_mutated_tensors
+        from fxfuse.kernels.router_gemv import _router_gemv_kernel as kernel
+
+        kw = {"x": 1, "out_ptr": 2}
+        first = tkw.identify_mutated_tensors(kernel, kw, {})
+        first.append("junk")  # a caller changing its copy
+        assert tkw.identify_mutated_tensors(kernel, kw, {}) == ["out_ptr"]
+        assert len(calls) == 1
+    finally:
+        _ttir_cache.uninstall()
+    assert tkw.identify_mutated_tensors is identify_mutated_tensors
