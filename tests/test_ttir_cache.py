@@ -201,3 +201,23 @@ def test_older_torch_name_is_wrapped_too(sm90_target, monkeypatch) -> None:
     finally:
         _ttir_cache.uninstall()
     assert tkw.identify_mutated_tensors is identify_mutated_tensors
+
+
+def test_symbolic_values_share_one_entry(sm90_target, fresh_cache) -> None:
+    """A dynamic-shape launch passes SymInts; torch analyses them as 2 whatever the symbol, so two
+    different symbols hit one entry, and a concrete value (specialised on) gets its own."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    gm = _fused("dense_fp8", 1)
+    kernel, kw = next((k, kw) for k, kw in _calls(gm) if "stride_x" in kw)
+    env = ShapeEnv()
+    s1 = env.create_unbacked_symint()
+    s2 = env.create_unbacked_symint()
+    analyse = getattr(_tkw(), _name())
+    want = str(_original()(kernel, {**kw, "stride_x": s1}, {}))
+    misses = _ttir_cache.stats["misses"]
+    assert str(analyse(kernel, {**kw, "stride_x": s1}, {})) == want
+    assert str(analyse(kernel, {**kw, "stride_x": s2}, {})) == want
+    assert _ttir_cache.stats["misses"] == misses + 1
+    analyse(kernel, {**kw, "stride_x": 2}, {})
+    assert _ttir_cache.stats["misses"] == misses + 2
