@@ -2,8 +2,8 @@
 # result, which is what to rerun). benchmarks/gpu_run.sh holds the full menu of steps.
 # Prepared for the next session (the 2026-12-01 sixth session had no device lent: both calls below are unrun):
 #   bash benchmarks/gpu_call.sh v   verify what was merged without a device: dense fp8 decode with plain RoPE gated off at
-#                                   M<=16 (predicted 0.98-0.99x -> ~1.00-1.01x; --without rope_quant shows the
-#                                   leave-one-out in the same run), the MoE model's prefill with the RoPE QK-norm
+#                                   M<=16 (predicted 0.98-0.99x -> ~1.00-1.01x; leave-one-out variants without
+#                                   the norm and SiLU fusions show what each costs or saves in the model), the MoE model's prefill with the RoPE QK-norm
 #                                   gate back on at 2048 tokens (1.16x -> ~1.20x), then the whole GPU test suite
 #   bash benchmarks/gpu_call.sh w   cold compiles with the TTIR analysis cache (P32) and the dynamic-fp8 RoPE sweep
 #                                   including SPLIT=2 (P33)
@@ -73,7 +73,7 @@ case "${1:-a}" in
     timeout 200 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 4096 --stall-dump 90 --out $OUT/res/llama_fp8_layer_tensor_4096_h200.json > $OUT/res/llama_tensor.log 2>&1
     echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
   v)  # next session: verification of the fifth session's gates (no carry needed)
-    timeout 100 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --without rope_quant --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_decode_v.json > $OUT/res/e2e_dense.log 2>&1
+    timeout 140 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --without rmsnorm_quant,silu_mul_quant --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_decode_v.json > $OUT/res/e2e_dense.log 2>&1
     echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;[print(r['M'], r['us']) for r in json.load(open('$OUT/res/e2e_dense_fp8_own_h200_decode_v.json'))['models'][0]['rows']]"
     timeout 100 python3 benchmarks/e2e.py --quick --models moe --decode "" --prefill 2048 --top 20 --out $OUT/res/e2e_moe_h200_prefill_v.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log
