@@ -68,6 +68,7 @@ def _fused(name: str, layers: int) -> torch.fx.GraphModule:
 def test_same_answer_as_torch_and_lowering_reuses_the_pass(sm90_target, fresh_cache, name) -> None:
     """Every launch of a 3-layer model: the cached answer is torch's; the pass analysed each distinct
     launch once, so the lowering's per-node analyses are all hits."""
+    misses0 = _ttir_cache.stats["misses"]  # the counters run over the whole session
     gm = _fused(name, 3)
     calls = _calls(gm)
     assert len(calls) >= 9, len(calls)
@@ -79,7 +80,7 @@ def test_same_answer_as_torch_and_lowering_reuses_the_pass(sm90_target, fresh_ca
         assert analyse(kernel, kw, {}) == _original()(kernel, kw, {})
     assert _ttir_cache.stats["misses"] == misses, "lowering analysed a launch the pass had analysed"
     assert _ttir_cache.stats["hits"] == hits + len(calls)
-    assert misses < len(calls)
+    assert 0 < misses - misses0 < len(calls)
 
 
 def test_key_separates_constexprs_dtypes_and_values(sm90_target, fresh_cache) -> None:
