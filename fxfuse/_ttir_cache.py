@@ -90,9 +90,15 @@ def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
             stats["hits"] += 1
             return copy.deepcopy(hit)
         out = original(kernel, kwargs, *rest, **kw)
+        try:
+            stored = copy.deepcopy(out)
+        except Exception as e:  # noqa: BLE001 - a result this torch cannot copy: answer, keep nothing
+            log.debug("fxfuse: TTIR analysis result not copyable (%s); not cached", e)
+            stats["uncached"] += 1
+            return out
         if len(_cache) >= MAX_ENTRIES:
             _cache.clear()
-        _cache[key] = copy.deepcopy(out)
+        _cache[key] = stored
         stats["misses"] += 1
         return out
 
@@ -102,7 +108,16 @@ def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def install() -> bool:
     """Wrap torch's analysis (idempotent); False when this torch has none of the known names or
-    FXFUSE_TTIR_CACHE=0. Modules that imported the function by name are rebound too."""
+    FXFUSE_TTIR_CACHE=0. Modules that imported the function by name are rebound too. Never raises:
+    a compile must not fail over a cache."""
+    try:
+        return _install()
+    except Exception as e:  # noqa: BLE001
+        log.debug("fxfuse: TTIR analysis cache not installed (%s: %s)", type(e).__name__, e)
+        return False
+
+
+def _install() -> bool:
     if _installed:
         return True
     if os.environ.get("FXFUSE_TTIR_CACHE", "1") == "0":

@@ -222,3 +222,33 @@ def test_symbolic_values_share_one_entry(sm90_target, fresh_cache) -> None:
     assert _ttir_cache.stats["misses"] == misses + 1
     analyse(kernel, {**kw, "stride_x": 2}, {})
     assert _ttir_cache.stats["misses"] == misses + 2
+
+
+def test_install_failure_never_breaks_a_compile(monkeypatch) -> None:
+    """Whatever goes wrong while wrapping torch, install() says False and the pipeline runs on."""
+    _ttir_cache.uninstall()
+
+    def boom() -> bool:
+        raise RuntimeError("torch moved things")
+
+    monkeypatch.setattr(_ttir_cache, "_install", boom)
+    assert _ttir_cache.install() is False
+    fn = lambda x: x * 2  # noqa: E731
+    with torch.no_grad():
+        out = torch.compile(fn, options={"post_grad_custom_pre_pass": fxfuse.FusionPasses()})(torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 2.0))
+
+
+def test_uncopyable_result_is_answered_not_kept(sm90_target, fresh_cache, monkeypatch) -> None:
+    gm = _fused("dense_fp8", 1)
+    kernel, kw = _calls(gm)[0]
+    _ttir_cache._cache.clear()
+
+    def no_copy(x, memo=None):
+        raise TypeError("cannot copy")
+
+    monkeypatch.setattr(_ttir_cache.copy, "deepcopy", no_copy)
+    n0 = _ttir_cache.stats["uncached"]
+    analyse = getattr(_tkw(), _name())
+    assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {}))
+    assert _ttir_cache.stats["uncached"] == n0 + 1 and not _ttir_cache._cache
