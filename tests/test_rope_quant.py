@@ -1278,6 +1278,25 @@ runs = [rope_quant_triton(*args, math_dtype=torch.float32, config=CFG,
 res.append(dict(case="fp32 math -> bf16", bad=sum(int(not torch.equal(a, b)) + int(not torch.equal(a, c))
                                               for a, b, c in zip(runs[0], runs[1], ref) if a.numel()),
                 split=path(q, k, 32, False)))
+# dynamic scales of heads holding NaN, +-inf or only zeros: the amax propagates NaN and inf like torch.amax
+def same_nan(a, b):
+    a, b = a.float(), b.float()
+    n = torch.isnan(a)
+    return torch.equal(n, torch.isnan(b)) and torch.equal(a[~n], b[~n])
+for neox in (True, False):
+    q = torch.randn(2, 3, 4, 32).to(torch.bfloat16); k = torch.randn(2, 3, 2, 32).to(torch.bfloat16)
+    q[0, 0, 1, 3] = float("nan"); q[1, 2, 0, 5] = float("inf"); q[0, 2, 3, 0] = -0.0
+    k[0, 1, 1, :] = 0.0; k[1, 0, 0, 7] = float("-inf")
+    cos, sin = torch.randn(6, 32).to(torch.bfloat16), torch.randn(6, 32).to(torch.bfloat16)
+    args = (q, k, cos, sin, None, None, None, 32, neox, False, torch.bfloat16, 2, 1.0, [1], [448.0], False,
+            2, 1.0, [1, 3], [448.0, 1e-6], False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2])
+    ref = rope_quant_reference(*args)
+    runs = [rope_quant_triton(*args, config=CFG, out=[torch.full(t.shape, p).to(t.dtype) for t in ref])
+            for p in (7.0, -3.0)]
+    nans = int(torch.isnan(ref[2]).sum())
+    res.append(dict(case=f"special values neox={neox} rot=32 D=32 (NaN scales {nans})",
+                    bad=sum(int(not same_nan(a, b)) + int(not same_nan(a, c)) for a, b, c in zip(runs[0], runs[1], ref)
+                            if a.numel()) + int(nans == 0), split=path(q, k, 32, neox)))
 print(json.dumps(res))
 """
 
@@ -1299,7 +1318,7 @@ def test_kernel_under_triton_interpreter(cfg):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     bad = [c for c in res if c["bad"]]
-    assert len(res) == 19 and not bad, bad
+    assert len(res) == 21 and not bad, bad
     split = [c["case"] for c in res if c["split"]]
     dims = {c["case"]: tuple(int(re.search(f"{k}=(\\d+)", c["case"]).group(1)) for k in ("rot", "D")) for c in res
             if "fp32 math" not in c["case"]}
@@ -1308,7 +1327,7 @@ def test_kernel_under_triton_interpreter(cfg):
         assert set(split) == {c for c, (rot, d) in dims.items() if rot == d and d & (d - 1) == 0}, split
         assert all(c["split"] == 2 for c in res if c["split"])
     elif "SPLIT" in cfg:
-        assert len(split) == (18 if cfg["SPLIT"] else 0), split  # all but the half-12 case
+        assert len(split) == (20 if cfg["SPLIT"] else 0), split  # all but the half-12 case
     else:  # defaults: partial rotary and QK-norm take SPLIT, full rotary the gathered partner
         assert split and all(dims[c][0] < dims[c][1] or c.startswith("qk_norm") for c in split), split
         assert all(c["case"] in split for c in res if c["case"].startswith("qk_norm")), split

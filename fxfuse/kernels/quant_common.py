@@ -147,11 +147,14 @@ def scale_op(s, OP: tl.constexpr, c):
 
 @triton.jit
 def absmax(y, axis: tl.constexpr):
-    """max(|y|) along axis, NaN if any element is NaN (like torch.amax; tl.max drops NaNs)."""
-    a = tl.abs(y)
-    m = tl.max(a, axis=axis)
-    has_nan = tl.max((a != a).to(tl.int32), axis=axis) > 0
-    return tl.where(has_nan, float("nan"), m)
+    """max(|y|) along axis, NaN if any element is NaN (like torch.amax; tl.max drops NaNs).
+
+    One integer max of the fp32 bit patterns with the sign cleared: for non-negative floats the
+    integer order is the float order and every NaN lies above +inf, so a single reduction gives
+    both the value and the NaN (the float max plus a NaN-flag max took two reductions and ~2.5x
+    the instructions per element in sm_90 PTX)."""
+    bits = y.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max(bits, axis=axis).to(tl.float32, bitcast=True)
 
 
 @triton.jit
