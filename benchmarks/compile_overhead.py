@@ -38,7 +38,7 @@ import torch.fx as fx
 import fxfuse
 from fxfuse import _ttir_cache, demo, fx_utils, pipeline
 from fxfuse.kernels import fake_cache
-from fxfuse.testing import graph_text, on_fake_device, post_grad_graph, triton_target
+from fxfuse.testing import graph_text, on_fake_device, post_grad_graph, triton_launches, triton_target
 
 
 @contextlib.contextmanager
@@ -106,12 +106,7 @@ def lowering_analysis_s(gm: torch.fx.GraphModule) -> dict[str, Any]:
     name = next(n for n in _ttir_cache._NAMES if hasattr(tkw, n))
     cached_fn = getattr(tkw, name)
     torch_fn = getattr(cached_fn, "__wrapped__", cached_fn)
-    calls = []
-    for n in gm.graph.nodes:
-        if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
-            kw = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in n.kwargs["kwargs"].items()}
-            kw.update(tkw.kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
-            calls.append((tkw.kernel_side_table.get_kernel(n.kwargs["kernel_idx"]), kw))
+    calls = triton_launches(gm)
     out: dict[str, Any] = {"launches": len(calls)}
     answers = {}
     for label, fn in (("cached", cached_fn), ("torch", torch_fn)):

@@ -10,6 +10,9 @@
 * `save_graph(path, graph)` / `load_graph(path)` / `reapply(gm)` turn a captured post-grad graph into a
   self-contained JSON file that re-runs through the passes without the model, so a graph that did
   not fuse can be sent as a reproducible test case.
+* `on_fake_device(gm)` + `triton_target()` put a captured graph on fake CUDA tensors with an sm_90
+  Triton target, so the passes' CUDA path (traced Triton launches, Inductor's mutation analysis)
+  runs on a CPU-only machine; `triton_launches(gm)` lists the launches a rewritten graph holds.
 
 See docs/inspecting.md for the workflow.
 """
@@ -806,6 +809,21 @@ def triton_target(arch: int = 90, warp_size: int = 32) -> Iterator[None]:
 
     with mock.patch.object(type(triton.runtime.driver), "active", new=_Driver()):
         yield
+
+
+def triton_launches(gm: fx.GraphModule | fx.Graph) -> list[tuple[Any, dict[str, Any]]]:
+    """(kernel, kwargs) of every traced Triton launch in a graph, as Inductor's lowering passes them
+    to its read/write analysis: node arguments as their fake values, constant arguments merged."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+    out = []
+    for n in graph.nodes:
+        if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kw = {k: v.meta["val"] if isinstance(v, fx.Node) else v for k, v in n.kwargs["kwargs"].items()}
+            kw.update(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
+            out.append((kernel_side_table.get_kernel(n.kwargs["kernel_idx"]), kw))
+    return out
 
 
 def on_fake_device(gm: fx.GraphModule, device: str = "cuda") -> fx.GraphModule:

@@ -15,11 +15,9 @@ import triton.language as tl
 
 import fxfuse
 from fxfuse import _ttir_cache, demo
-from fxfuse.testing import on_fake_device, post_grad_graph, reapply
+from fxfuse.testing import on_fake_device, post_grad_graph, reapply, triton_launches
 
 pytest.importorskip("transformers")
-
-HOP = torch.ops.higher_order.triton_kernel_wrapper_functional
 
 
 def _tkw() -> Any:
@@ -39,14 +37,7 @@ def _original() -> Any:
 
 def _calls(gm: torch.fx.GraphModule) -> list[tuple[Any, dict[str, Any]]]:
     """(kernel, kwargs) of every fxfuse launch, as Inductor's lowering passes them."""
-    tkw = _tkw()
-    out = []
-    for n in gm.graph.nodes:
-        if n.target is HOP:
-            kw = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in n.kwargs["kwargs"].items()}
-            kw.update(tkw.kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
-            out.append((tkw.kernel_side_table.get_kernel(n.kwargs["kernel_idx"]), kw))
-    return out
+    return triton_launches(gm)
 
 
 @pytest.fixture
