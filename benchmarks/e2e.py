@@ -12,7 +12,9 @@ Steps: decode M = 1, 8, 64 (M sequences x 1 token) and prefill M = 2048 (1 seque
 no KV cache (attention sees only the step's own tokens; the layers' GEMMs, norms, quant and MoE are
 those of a real step).
 
-Variants (every one timed as CUDA-graph replay, triton.testing.do_bench_cudagraph, median):
+Variants (every one timed as CUDA-graph replay, triton.testing.do_bench_cudagraph, median; after all of a
+step's variants compiled, they are timed round-robin `--rounds` times and each gets its median of rounds,
+so a drift in clocks or temperature shifts them alike; `us_rounds` keeps every round):
   eager; compile (stock torch.compile, default mode, captured in a CUDA graph);
   compile_max_autotune (mode "max-autotune-no-cudagraphs", captured the same way; off with --quick
     unless --max-autotune: it autotunes GEMMs for every step shape, not cheap next to a quick sweep);
@@ -33,8 +35,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
+import statistics
 import sys
 import time
 import traceback
@@ -86,6 +90,24 @@ def cold_graph_cache() -> Iterator[None]:
 
 def bench_us(fn: Callable[[], Any], rep: int) -> float:
     return demo.bench_cudagraph_us(fn, rep)
+
+
+def interleaved_us(fns: dict[str, Callable[[], Any]], rounds: int, time_one: Callable[[Callable[[], Any]], float]
+                   ) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+    """Each variant timed `rounds` times round-robin (A B C, A B C, ...), so a clock or thermal drift
+    during the run shifts every variant alike instead of whichever was timed last; a 1% difference
+    can then be read against the rounds' spread. A variant that raises leaves the later rounds."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    errors: dict[str, Exception] = {}
+    for _ in range(max(1, rounds)):
+        for k, fn in fns.items():
+            if k in errors:
+                continue
+            try:
+                samples[k].append(time_one(fn))
+            except Exception as e:  # noqa: BLE001 - recorded by the caller
+                errors[k] = e
+    return {k: v for k, v in samples.items() if k not in errors}, errors
 
 
 def copy_bandwidth_gbps(rep: int) -> float:
@@ -180,6 +202,7 @@ def variants(quick: bool, ungated: bool, dry_run: bool, max_autotune: bool = Fal
 def run_model(
     name: str, device: str, step_list: list[Step], variant_kw: dict[str, dict[str, Any]], rep: int,
     dry_run: bool, layers: int, fp8_backend: str, profile_iters: int, emit: Callable[[dict[str, Any]], None],
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """All steps x variants for one model; `emit(row)` is called after each step (partial results)."""
     kwargs: dict[str, Any] = {"layers": layers}
@@ -208,7 +231,9 @@ def run_model(
         cold = i == 0
         ids = demo.random_ids(dm.vocab, st.tokens, device, seed=7 + st.tokens).reshape(st.batch, st.seq)
         row: dict[str, Any] = {"model": name, "kind": st.kind, "batch": st.batch, "seq": st.seq, "M": st.tokens,
-                               "us": {}, "tokens_per_s": {}, "compile_s": {}, "err": {}, "notes": []}
+                               "us": {}, "tokens_per_s": {}, "compile_s": {}, "err": {}, "notes": [],
+                               "us_rounds": {}}
+        timed: dict[str, Callable[[], Any]] = {}
         with torch.no_grad():
             ref = dm.module(ids)
             for vname, fn in compiled.items():
@@ -229,15 +254,22 @@ def run_model(
                     if vname != "eager":
                         row["err"][vname] = demo.logits_error(out, ref)
                     if not dry_run:
-                        us = bench_us(lambda: fn(ids), rep)
-                        row["us"][vname] = us
-                        row["tokens_per_s"][vname] = st.tokens / (us * 1e-6)
+                        timed[vname] = functools.partial(fn, ids)
                 except Exception as e:  # noqa: BLE001 - record and go on
                     msg = f"{vname}: {type(e).__name__}: {str(e)[:300]}"
                     row["notes"].append(msg)
                     row["us"].setdefault(vname, None)
                     print(f"[e2e] {name} {st.kind} M={st.tokens} {msg}", flush=True)
                     traceback.print_exc(limit=3)
+            samples, errors = interleaved_us(timed, rounds, lambda f: bench_us(f, rep))
+            for vname, xs in samples.items():
+                us = statistics.median(xs)
+                row["us"][vname] = us
+                row["us_rounds"][vname] = [round(x, 2) for x in xs]
+                row["tokens_per_s"][vname] = st.tokens / (us * 1e-6)
+            for vname, e in errors.items():
+                row["notes"].append(f"{vname}: timing: {type(e).__name__}: {str(e)[:300]}")
+                row["us"][vname] = None
             if "fxfuse" in compiled and profile_iters > 0:
                 try:
                     row["profile"] = profile_share(lambda: compiled["fxfuse"](ids), device, profile_iters, TOP_KERNELS)
@@ -324,7 +356,9 @@ def main() -> None:
     ap.add_argument("--without", default="", help="comma list of families: also time fxfuse without each (leave-one-out)")
     ap.add_argument("--max-autotune", action="store_true",
                     help="also stock torch.compile mode max-autotune-no-cudagraphs with --quick (slow: GEMM autotuning)")
-    ap.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep (ms)")
+    ap.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep (ms), per round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="time the variants round-robin this many times; each variant's median of rounds")
     ap.add_argument("--profile-iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of the fxfuse and stock steps")
     args = ap.parse_args()
@@ -348,10 +382,10 @@ def main() -> None:
         "torch": torch.__version__, "device": device, "dry_run": args.dry_run, "quick": args.quick,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "variants": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in var.items()},
-        "ungated": args.ungated, "rep_ms": rep, "models": [],
+        "ungated": args.ungated, "rep_ms": rep, "rounds": args.rounds, "models": [],
         "command": "benchmarks/e2e.py " + " ".join(sys.argv[1:]),
         "method": "no KV cache; decode = M sequences x 1 token, prefill = 1 x M; CUDA-graph replay median "
-                  "(triton.testing.do_bench_cudagraph); compile_s = first call with the FX graph cache off; "
+                  "(triton.testing.do_bench_cudagraph), variants timed round-robin, median of rounds; compile_s = first call with the FX graph cache off; "
                   "rows with compile_cold compiled each variant in a fresh cache dir (compile_overhead only there)",
     }
     try:
@@ -387,7 +421,7 @@ def main() -> None:
 
             try:
                 run_model(name, device, steps(decode, prefill), var, rep, args.dry_run, args.layers, fp8_backend,
-                          args.profile_iters, emit)
+                          args.profile_iters, emit, rounds=args.rounds)
             except Exception as e:  # noqa: BLE001 - one model failing must not lose the other
                 result["models"][slot]["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()

@@ -189,3 +189,25 @@ def test_tune_moe_decode_two_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     assert best["cfg"] == {"A": 2, "B": 3} and best["us"] == 2.0
     _, _, best1, best = T.two_stage((), None, 1, [{"A": -1}], [{"B": -1}], base)
     assert best1 is base and best is base
+
+
+def test_interleaved_timing_round_robin() -> None:
+    """Variants are timed A B C, A B C, ... (a drift shifts them alike); a variant that raises
+    leaves the later rounds and comes back as an error, the others keep every round."""
+    order: list[str] = []
+    clock = iter(range(100))
+
+    def fake_time(fn) -> float:
+        name = fn()
+        order.append(name)
+        if name == "bad" and len(order) > 3:
+            raise RuntimeError("graph capture failed")
+        return 10.0 + next(clock)  # a steady drift upwards
+
+    fns = {k: (lambda k=k: k) for k in ("a", "b", "bad")}
+    samples, errors = e2e.interleaved_us(fns, 3, fake_time)
+    assert order == ["a", "b", "bad", "a", "b", "bad", "a", "b"]
+    assert set(samples) == {"a", "b"} and list(errors) == ["bad"]
+    assert samples["a"] == [10.0, 13.0, 15.0] and samples["b"] == [11.0, 14.0, 16.0]
+    one, _ = e2e.interleaved_us({"a": lambda: "a"}, 0, lambda fn: 1.0)
+    assert one == {"a": [1.0]}  # at least one round
