@@ -72,6 +72,17 @@ def _us(v: Any) -> str:
     return f"{v:.1f}" if v else "n/a"
 
 
+def round_range(row: dict[str, Any]) -> str:
+    """" (a-b over N rounds)": the lowest and highest per-round fxfuse-vs-stock ratio, round i of one
+    against round i of the other (timed back to back), when the row kept its rounds; else ""."""
+    rounds = row.get("us_rounds") or {}
+    st, fx = rounds.get("compile") or [], rounds.get("fxfuse") or []
+    ratios = [a / b for a, b in zip(st, fx) if a and b]
+    if len(ratios) < 2:
+        return ""
+    return f" ({min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} rounds)"
+
+
 def markdown(result: dict[str, Any], png: str | None = None, command: str | None = None) -> list[str]:
     """BENCHMARKS.md section for an e2e result: one table per model, targets, compile overhead."""
     out = ["## End to end (whole transformers models)", ""]
@@ -97,8 +108,9 @@ def markdown(result: dict[str, Any], png: str | None = None, command: str | None
             sp = (r.get("speedup_vs_compile") or {}).get("fxfuse")
             tps = (r.get("tokens_per_s") or {}).get("fxfuse")
             share = (r.get("profile") or {}).get("fxfuse_share")
+            spread = round_range(r)
             out.append(f"| {r['kind']} | {r['M']} | " + " | ".join(_us(r["us"].get(v)) for v in variants)
-                       + f" | {f'{sp:.3f}x' if sp else 'n/a'} | {f'{tps:,.0f}' if tps else 'n/a'}"
+                       + f" | {f'{sp:.3f}x' if sp else 'n/a'}{spread} | {f'{tps:,.0f}' if tps else 'n/a'}"
                        + f" | {f'{100 * share:.1f}%' if share is not None else 'n/a'} |")
         cold = [r for r in m["rows"] if r.get("compile_overhead") is not None]
         for r in cold:

@@ -211,3 +211,10 @@ def test_interleaved_timing_round_robin() -> None:
     assert samples["a"] == [10.0, 13.0, 15.0] and samples["b"] == [11.0, 14.0, 16.0]
     one, _ = e2e.interleaved_us({"a": lambda: "a"}, 0, lambda fn: 1.0)
     assert one == {"a": [1.0]}  # at least one round
+
+
+def test_round_range_in_the_table() -> None:
+    row = {"us_rounds": {"compile": [100.0, 102.0, 99.0], "fxfuse": [100.0, 100.0, 100.0]}}
+    assert plot_e2e.round_range(row) == " (0.990-1.020 over 3 rounds)"
+    assert plot_e2e.round_range({"us_rounds": {"compile": [1.0], "fxfuse": [1.0]}}) == ""
+    assert plot_e2e.round_range({}) == ""
