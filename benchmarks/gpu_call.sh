@@ -76,7 +76,7 @@ case "${1:-a}" in
     echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
   v)  # next session: verification of the fifth session's gates (no carry needed)
     timeout 140 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --without rmsnorm_quant,silu_mul_quant --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_decode_v.json > $OUT/res/e2e_dense.log 2>&1
-    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;[print(r['M'], r['us']) for r in json.load(open('$OUT/res/e2e_dense_fp8_own_h200_decode_v.json'))['models'][0]['rows']]"
+    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;[print(r['M'], r['us'], r.get('us_rounds')) for r in json.load(open('$OUT/res/e2e_dense_fp8_own_h200_decode_v.json'))['models'][0]['rows']]"
     timeout 100 python3 benchmarks/e2e.py --quick --models moe --decode "" --prefill 2048 --top 20 --out $OUT/res/e2e_moe_h200_prefill_v.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log
     timeout 330 python3 -m pytest -m gpu -q tests/ > $OUT/res/gpu_tests_all.log 2>&1
