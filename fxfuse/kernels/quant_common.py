@@ -146,15 +146,20 @@ def scale_op(s, OP: tl.constexpr, c):
 
 
 @triton.jit
-def absmax(y, axis: tl.constexpr):
-    """max(|y|) along axis, NaN if any element is NaN (like torch.amax; tl.max drops NaNs).
+def absmax_bits(y, axis: tl.constexpr = None):
+    """max of |y|'s fp32 bit patterns (sign cleared) along axis (None: all of y) as int32.
 
-    One integer max of the fp32 bit patterns with the sign cleared: for non-negative floats the
-    integer order is the float order and every NaN lies above +inf, so a single reduction gives
-    both the value and the NaN (the float max plus a NaN-flag max took two reductions and ~2.5x
-    the instructions per element in sm_90 PTX)."""
-    bits = y.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return tl.max(bits, axis=axis).to(tl.float32, bitcast=True)
+    For non-negative floats the integer order is the float order and every NaN lies above +inf,
+    so one integer max is both torch.amax's value and its NaN (a float max plus a NaN-flag max
+    took two reductions and ~2.5x the instructions per element in sm_90 PTX). Masked lanes (0) do
+    not raise it; int results of several pieces combine with tl.maximum, NaN kept."""
+    return tl.max(y.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=axis)
+
+
+@triton.jit
+def absmax(y, axis: tl.constexpr):
+    """max(|y|) along axis, NaN if any element is NaN (like torch.amax; tl.max drops NaNs)."""
+    return absmax_bits(y, axis).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -40,6 +40,7 @@ from .quant_common import (
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
+    absmax_bits,
     check_quant_args,
     f32_chain_consts,
     pad_scale_chain,
@@ -280,16 +281,6 @@ def _piece_index(INTER, OFF: tl.constexpr, P: tl.constexpr, MASKED: tl.constexpr
 
 
 @triton.jit
-def _amax_bits(y):
-    """max of |y|'s fp32 bit patterns as an int32 scalar: for non-negative floats the integer order
-    is the float order and every NaN lies above +inf, so one integer max is both torch.amax's value
-    and its NaN flag (absmax takes two reductions). Masked lanes (0) do not raise it. A scalar, not
-    a [1] tile row: combining [1] results of differently laid out pieces made Triton convert a
-    whole piece's layout through shared memory."""
-    return tl.max(y.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-
-
-@triton.jit
 def _quant_store_piece(y, s, row, offs, mask, q_ptr, stride_q, qmin, qmax, QUANT_MUL: tl.constexpr,
                        ROUND_INT: tl.constexpr, Q_INT8: tl.constexpr, NATIVE: tl.constexpr):
     """Quantize one [1, P] per-token piece by its row's scale `s` (a scalar) and store it."""
@@ -310,7 +301,9 @@ def _silu_mul_quant_pieces(
     P_MASKED, if any, is a rounded-up tail masked at INTER), each its own register tile: the row
     is read once with no padded lanes (I = 18432 = 16384 + 2048, 768 = 512 + 256).
 
-    Per-token: the row amax is the max of the pieces' (_amax_bits: NaN kept, as torch.amax), then
+    Per-token: the row amax is the max of the pieces' (absmax_bits over the whole piece: NaN kept, as
+    torch.amax; a scalar, not a [1] tile row: combining [1] results of differently laid out pieces
+    made Triton convert a whole piece's layout through shared memory), then
     the scale chain and each piece's quantization: the same per-element math as the one-row path
     (bit-identical). Static and per-group scales need no row reduction: each piece runs the
     one-row epilogue on its own (per-group pieces are whole groups: I % group == 0)."""
@@ -334,13 +327,13 @@ def _silu_mul_quant_pieces(
         y3 = _act_mul(g_ptr + row * stride_g + o3, u_ptr + row * stride_u + u_off + o3, m3, ACT, ACT_DT, OUT_DT,
                      NATIVE)
     if SCHEME == 1:
-        b = _amax_bits(y0)
+        b = absmax_bits(y0)
         if P1 > 0:
-            b = tl.maximum(b, _amax_bits(y1))
+            b = tl.maximum(b, absmax_bits(y1))
         if P2 > 0:
-            b = tl.maximum(b, _amax_bits(y2))
+            b = tl.maximum(b, absmax_bits(y2))
         if P3 > 0:
-            b = tl.maximum(b, _amax_bits(y3))
+            b = tl.maximum(b, absmax_bits(y3))
         c0, c1, c2, c3, qmin, qmax = f32_chain_consts(c0, c1, c2, c3, qmin, qmax, ub_ptr, UB_SLOT)
         s = tl.where(b > 0x7F800000, float("nan"), b.to(tl.float32, bitcast=True))  # like torch.amax
         s = scale_chain(s, c0, c1, c2, c3, OP0, OP1, OP2, OP3)
