@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
 import torch
 import torch.fx as fx
@@ -46,16 +47,10 @@ def ttir_cache(on: bool) -> Iterator[None]:
     """fxfuse's TTIR analysis cache emptied (a cold compile analyses as a fresh process would), and
     with on=False not installed at all (torch's analysis alone, as before the cache)."""
     _ttir_cache.uninstall()
-    env = os.environ.get("FXFUSE_TTIR_CACHE")
-    if not on:
-        os.environ["FXFUSE_TTIR_CACHE"] = "0"
     try:
-        yield
+        with mock.patch.dict(os.environ, {} if on else {"FXFUSE_TTIR_CACHE": "0"}):
+            yield
     finally:
-        if env is None:
-            os.environ.pop("FXFUSE_TTIR_CACHE", None)
-        else:
-            os.environ["FXFUSE_TTIR_CACHE"] = env
         _ttir_cache.uninstall()
         _ttir_cache.install()
 
@@ -101,11 +96,9 @@ def lowering_analysis_s(gm: torch.fx.GraphModule) -> dict[str, Any]:
     """Seconds of the per-launch read/write analysis Inductor runs while lowering `gm`'s Triton
     launches (as `ir.UserDefinedTritonKernel` calls it), through the installed analysis (fxfuse's
     cache, warm from the pass) and through torch's own function; the answers must agree."""
-    from torch._higher_order_ops import triton_kernel_wrap as tkw
-
-    name = next(n for n in _ttir_cache._NAMES if hasattr(tkw, n))
-    cached_fn = getattr(tkw, name)
-    torch_fn = getattr(cached_fn, "__wrapped__", cached_fn)
+    fns = _ttir_cache.analysis_functions()
+    assert fns is not None, "this torch has no Triton kernel analysis"
+    cached_fn, torch_fn = fns
     calls = triton_launches(gm)
     out: dict[str, Any] = {"launches": len(calls)}
     answers = {}

@@ -41,7 +41,26 @@ stats: dict[str, int] = {"hits": 0, "misses": 0, "uncached": 0}
 """Calls served from the cache, analysed and stored, analysed without a key (tests read these)."""
 
 _cache: dict[Any, Any] = {}
-_installed: dict[str, tuple[Any, Callable[..., Any]]] = {}  # "module:name" -> (module, original)
+_installed: list[tuple[Any, str, Callable[..., Any]]] = []  # (module, attribute, torch's function) rebound
+
+
+def _entry() -> tuple[str, Callable[..., Any], Callable[..., Any]] | None:
+    """(attribute name, what Inductor calls now, torch's own function) of this torch's analysis."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    name = next((n for n in _NAMES if callable(getattr(tkw, n, None))), None)
+    if name is None:
+        return None
+    current = getattr(tkw, name)
+    original = current.__wrapped__ if getattr(current, "__wrapped_by_fxfuse__", False) else current
+    return name, current, original
+
+
+def analysis_functions() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """(the analysis Inductor calls now, torch's own function): one function while the cache is not
+    installed; None when this torch has none of the known entry points."""
+    entry = _entry()
+    return None if entry is None else entry[1:]
 
 
 def _owned(kernel: Any) -> bool:
@@ -53,11 +72,12 @@ def _owned(kernel: Any) -> bool:
 
 def _leaf(x: Any, depth: int) -> Any:
     import sympy
+    from torch._inductor.ir import TensorBox
     from torch._subclasses.fake_tensor import FakeTensor
 
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
         return ("sym",)  # generate_ttir builds the TTIR with 2 in its place, whatever the symbol
-    if isinstance(x, FakeTensor) or type(x).__name__ == "TensorBox":
+    if isinstance(x, (FakeTensor, TensorBox)):
         return ("T", str(x.dtype))  # an empty tensor of this dtype, 16-byte aligned
     return NotImplemented  # real tensors (alignment is specialised on), descriptors: no key
 
@@ -122,22 +142,20 @@ def _install() -> bool:
         return True
     if os.environ.get("FXFUSE_TTIR_CACHE", "1") == "0":
         return False
-    try:
-        from torch._higher_order_ops import triton_kernel_wrap as tkw
-        from torch._inductor import ir
-    except Exception:  # noqa: BLE001 - no Triton support in this torch build
-        return False
-    name = next((n for n in _NAMES if callable(getattr(tkw, n, None))), None)
-    if name is None:
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    from torch._inductor import ir
+
+    entry = _entry()
+    if entry is None:
         log.debug("fxfuse: no TTIR analysis function in this torch (%s); kernel analysis not cached", torch.__version__)
         return False
-    original = getattr(tkw, name)
-    if getattr(original, "__wrapped_by_fxfuse__", False):
+    name, current, original = entry
+    if current is not original:
         return True
     wrapper = _cached(original)
     for mod in (tkw, ir):
         if getattr(mod, name, None) is original:
-            _installed[f"{mod.__name__}:{name}"] = (mod, original)
+            _installed.append((mod, name, original))
             setattr(mod, name, wrapper)
     log.debug("fxfuse: caching %s for fxfuse kernels", name)
     return True
@@ -145,7 +163,7 @@ def _install() -> bool:
 
 def uninstall() -> None:
     """Put torch's functions back and forget every entry (tests)."""
-    for key, (mod, original) in _installed.items():
-        setattr(mod, key.split(":")[1], original)
+    for mod, name, original in _installed:
+        setattr(mod, name, original)
     _installed.clear()
     _cache.clear()
