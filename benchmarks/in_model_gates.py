@@ -49,9 +49,11 @@ def in_model_ratios(paths: list[str]) -> list[dict[str, Any]]:
     for p in paths:
         doc = json.loads(pathlib.Path(p).read_text())
         for m in doc["models"]:
+            head_dim = m.get("head_dim") or HEAD_DIM.get(m["model"])
+            if head_dim is None:
+                continue
             for r in m["rows"]:
-                head_dim = m.get("head_dim") or HEAD_DIM.get(m["model"])
-                if r["kind"] != "decode" or r["M"] > 16 or head_dim is None:
+                if r["kind"] != "decode" or r["M"] > 16:
                     continue
                 st, fx = side_us(r.get("profile_compile") or {}), side_us(r.get("profile") or {})
                 if st and fx:
