@@ -1,6 +1,7 @@
 # The device call script of the latest session (rewritten per call; BENCHMARKS.md cites the exact python command of each
-# result, which is what to rerun). benchmarks/gpu_run.sh holds the full menu of steps.
-# Prepared for the next session (the 2026-12-01 sixth session had no device lent: both calls below are unrun):
+# result, which is what to rerun; earlier sessions' calls are in git history). benchmarks/gpu_run.sh holds the
+# full menu of steps.
+# Prepared for the next session (the 2026-12-01 sixth session had no device lent: the calls below are unrun):
 #   bash benchmarks/gpu_call.sh v   verify what was merged without a device: dense fp8 decode with plain RoPE gated off at
 #                                   M<=16 (predicted 0.98-0.99x -> ~1.00-1.01x; leave-one-out variants without
 #                                   the norm and SiLU fusions show what each costs or saves in the model), the MoE model's prefill with the RoPE QK-norm
@@ -14,66 +15,7 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p $OUT/res
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $OUT/res/env.txt
-case "${1:-a}" in
-  a)
-    timeout 280 python3 benchmarks/bench_moe_experts.py --models qwen3_30b_a3b --out $OUT/res/moe_experts_qwen_h200_full.json > $OUT/res/moe_qwen.log 2>&1
-    echo "qwen rc=$?"; grep -E '^\{' $OUT/res/moe_qwen.log | cut -c1-260
-    timeout 250 python3 benchmarks/bench_moe_experts.py --models mixtral_8x7b --out $OUT/res/moe_experts_mixtral_h200_full.json > $OUT/res/moe_mixtral.log 2>&1
-    echo "mixtral rc=$?"; grep -E '^\{' $OUT/res/moe_mixtral.log | cut -c1-260 ;;
-  b)
-    timeout 70 python3 benchmarks/bench_router_gemv.py --out $OUT/res/router_gemv_h200.json > $OUT/res/router_gemv.log 2>&1
-    echo "gemv rc=$?"; grep -E "M=1:|gates" $OUT/res/router_gemv.log
-    timeout 90 python3 benchmarks/bench_rope_quant.py --quick --schemes rope_qknorm --out $OUT/res/rope_qknorm_h200_quick.json > $OUT/res/rope_qknorm.log 2>&1
-    echo "rope qknorm rc=$?"; tail -4 $OUT/res/rope_qknorm.log
-    timeout 140 python3 benchmarks/tune_moe_decode.py --focus --out $OUT/res/tune_moe_focus_h200.json > $OUT/res/tune_focus.log 2>&1
-    echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
-    timeout 150 python3 benchmarks/e2e.py --quick --fp8 own --models dense_fp8 --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_quick.json > $OUT/res/e2e_dense.log 2>&1
-    echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
-    timeout 120 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
-    echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log ;;
-  d)  # session 5 call 1: GPU tests of the MoE/router files, router GEMV (upcast class), RoPE QK-norm (P22), kernel B focus at M=8, DeepSeek e2e
-    timeout 120 python3 -m pytest -m gpu -q -x tests/test_gpu_moe_experts.py > $OUT/res/gpu_tests_moe.log 2>&1
-    echo "gpu tests rc=$?"; tail -3 $OUT/res/gpu_tests_moe.log
-    timeout 70 python3 benchmarks/bench_router_gemv.py --out $OUT/res/router_gemv_h200.json > $OUT/res/router_gemv.log 2>&1
-    echo "gemv rc=$?"; grep -E "M=1:|gates" $OUT/res/router_gemv.log
-    timeout 60 python3 benchmarks/bench_rope_quant.py --quick --schemes rope_qknorm --out $OUT/res/rope_qknorm_h200_quick.json > $OUT/res/rope_qknorm.log 2>&1
-    echo "rope qknorm rc=$?"; tail -4 $OUT/res/rope_qknorm.log
-    timeout 130 python3 benchmarks/tune_moe_decode.py --focus --focus-ms 8 --b-first --out $OUT/res/tune_moe_focus8_h200.json > $OUT/res/tune_focus.log 2>&1
-    echo "tune rc=$?"; grep -E "M=" $OUT/res/tune_focus.log
-    timeout 175 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_deepseek_router_h200_quick.json > $OUT/res/e2e_ds.log 2>&1
-    echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log ;;
-  e)  # session 5 call 3: e2e after the decode-config and upcast-GEMV changes (P25), dense own-fp8 e2e, torchao per-tensor stall diagnosis (carry .whl)
-    timeout 125 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill 2048 --top 12 --out $OUT/res/e2e_moe_h200_quick.json > $OUT/res/e2e_moe.log 2>&1
-    echo "e2e moe rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_moe.log
-    timeout 120 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill "" --top 12 --out $OUT/res/e2e_deepseek_router_h200_decode.json > $OUT/res/e2e_ds.log 2>&1
-    echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log
-    timeout 150 python3 benchmarks/e2e.py --quick --fp8 own --models dense_fp8 --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_quick.json > $OUT/res/e2e_dense.log 2>&1
-    echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    fi
-    timeout 140 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 16 --stall-dump 45 --out $OUT/res/llama_fp8_layer_tensor_16_h200.json > $OUT/res/llama_t16.log 2>&1
-    echo "llama tensor T=16 rc=$?"; grep "\[layer\]" $OUT/res/llama_t16.log | cut -c1-300 ;;
-  f)  # session 5 call 4: MoE GPU tests after the decode-config change, dense decode at --rep 300 (decode "no slower"), RoPE QK-norm full M set (gate), torchao per-tensor rows (carry .whl)
-    timeout 100 python3 -m pytest -m gpu -q -x tests/test_gpu_moe_experts.py > $OUT/res/gpu_tests_moe.log 2>&1
-    echo "gpu tests rc=$?"; tail -2 $OUT/res/gpu_tests_moe.log
-    timeout 90 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_decode.json > $OUT/res/e2e_dense.log 2>&1
-    echo "e2e dense rc=$?"; grep -E "M=|pass_share" $OUT/res/e2e_dense.log
-    timeout 100 python3 benchmarks/bench_rope_quant.py --schemes rope_qknorm --out $OUT/res/rope_qknorm_h200.json > $OUT/res/rope_qknorm.log 2>&1
-    echo "rope qknorm rc=$?"; grep -E "M=|gates" $OUT/res/rope_qknorm.log | cut -c1-200
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    fi
-    timeout 230 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 1,256,4096 --stall-dump 100 --out $OUT/res/llama_fp8_layer_tensor_h200.json > $OUT/res/llama_tensor.log 2>&1
-    echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
-  g)  # session 5 call 5: dense decode launch counts (why fxfuse's step is 1-2% slower at equal kernel time), torchao per-tensor T=4096 (carry .whl)
-    timeout 85 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1 --prefill "" --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_launches.json > $OUT/res/e2e_dense.log 2>&1
-    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    fi
-    timeout 200 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 4096 --stall-dump 90 --out $OUT/res/llama_fp8_layer_tensor_4096_h200.json > $OUT/res/llama_tensor.log 2>&1
-    echo "llama tensor rc=$?"; grep "\[layer\]" $OUT/res/llama_tensor.log | cut -c1-300 ;;
+case "${1:-v}" in
   v)  # next session: verification of the fifth session's gates (no carry needed)
     timeout 140 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1,8 --prefill "" --without rmsnorm_quant,silu_mul_quant --top 60 --out $OUT/res/e2e_dense_fp8_own_h200_decode_v.json > $OUT/res/e2e_dense.log 2>&1
     echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;[print(r['M'], r['us'], r.get('us_rounds')) for r in json.load(open('$OUT/res/e2e_dense_fp8_own_h200_decode_v.json'))['models'][0]['rows']]"
@@ -95,16 +37,5 @@ case "${1:-a}" in
     echo "rope dynamic rc=$?"; grep -E "M=|gates" $OUT/res/rope_dyn.log | cut -c1-220
     timeout 200 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill "" --top 20 --out $OUT/res/e2e_moe_h200_decode_x.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log ;;
-  h)  # session 5 call 6: dense decode leave-one-out (is the plain RoPE kernel the 1% decode loss?)
-    timeout 100 python3 benchmarks/e2e.py --quick --rep 200 --fp8 own --models dense_fp8 --decode 1 --prefill "" --without rope_quant --out $OUT/res/e2e_dense_fp8_own_h200_norope.json > $OUT/res/e2e_dense.log 2>&1
-    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense.log; python3 -c "import json;r=json.load(open('$OUT/res/e2e_dense_fp8_own_h200_norope.json'))['models'][0]['rows'][0];print(r['us'])" ;;
-  c)
-    if ls .whl/*.whl >/dev/null 2>&1; then  # torchao for the Llama layer (carry [".whl"])
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    fi
-    timeout 260 python3 benchmarks/e2e.py --quick --models deepseek_router --decode 1,8 --prefill 2048 --top 12 --out $OUT/res/e2e_deepseek_router_h200_quick.json > $OUT/res/e2e_ds.log 2>&1
-    echo "e2e deepseek rc=$?"; grep -E "M=|counters|pass_share" $OUT/res/e2e_ds.log
-    timeout 300 python3 benchmarks/bench_llama_fp8_layer.py --schemes tensor --tokens 16 --out $OUT/res/llama_fp8_layer_tensor_16_h200.json > $OUT/res/llama_t16.log 2>&1
-    echo "llama tensor T=16 rc=$?"; grep "\[layer\]" $OUT/res/llama_t16.log | cut -c1-300 ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
