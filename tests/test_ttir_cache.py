@@ -35,11 +35,6 @@ def _original() -> Any:
     return fn.__wrapped__ if getattr(fn, "__wrapped_by_fxfuse__", False) else fn
 
 
-def _calls(gm: torch.fx.GraphModule) -> list[tuple[Any, dict[str, Any]]]:
-    """(kernel, kwargs) of every fxfuse launch, as Inductor's lowering passes them."""
-    return triton_launches(gm)
-
-
 @pytest.fixture
 def fresh_cache() -> Any:
     _ttir_cache.uninstall()
@@ -61,7 +56,7 @@ def test_same_answer_as_torch_and_lowering_reuses_the_pass(sm90_target, fresh_ca
     launch once, so the lowering's per-node analyses are all hits."""
     misses0 = _ttir_cache.stats["misses"]  # the counters run over the whole session
     gm = _fused(name, 3)
-    calls = _calls(gm)
+    calls = triton_launches(gm)
     assert len(calls) >= 9, len(calls)
     misses = _ttir_cache.stats["misses"]
     hits = _ttir_cache.stats["hits"]
@@ -80,7 +75,7 @@ def test_key_separates_constexprs_dtypes_and_values(sm90_target, fresh_cache) ->
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     gm = _fused("dense_fp8", 1)
-    kernel, kw = next((k, kw) for k, kw in _calls(gm) if kw.get("NEED_H") is True)
+    kernel, kw = next((k, kw) for k, kw in triton_launches(gm) if kw.get("NEED_H") is True)
     with FakeTensorMode():
         half = torch.empty(8, 64, dtype=torch.float16, device="cuda")
     variants = [kw, {**kw, "NEED_H": False}, {**kw, "x_ptr": half}, {**kw, "eps": 1e-3}, {**kw, "H": 17}]
@@ -95,7 +90,7 @@ def test_key_separates_constexprs_dtypes_and_values(sm90_target, fresh_cache) ->
 
 def test_hits_are_copies(sm90_target, fresh_cache) -> None:
     gm = _fused("dense_fp8", 1)
-    kernel, kw = _calls(gm)[0]
+    kernel, kw = triton_launches(gm)[0]
     analyse = getattr(_tkw(), _name())
     first = analyse(kernel, kw, {})
     expected = str(first)
@@ -127,7 +122,7 @@ def test_other_kernels_and_unkeyable_args_go_to_torch(sm90_target, fresh_cache) 
         assert "y_ptr" in str(analyse(_user_kernel, {"x_ptr": x, "y_ptr": y, "n": 16, "BLOCK": 16}, {}))
     assert _ttir_cache.stats == before
     gm = _fused("dense_fp8", 1)
-    kernel, kw = _calls(gm)[0]
+    kernel, kw = triton_launches(gm)[0]
     real = {k: (torch.empty(2, dtype=v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     n0 = _ttir_cache.stats["uncached"]
     analyse(kernel, real, {})
@@ -149,7 +144,7 @@ def test_lowering_analysis_time_drops(sm90_target, fresh_cache) -> None:
     """The saving itself, with a wide margin: the per-node analyses after the pass cost under a
     quarter of torch's (measured here: 0.36 s -> 0.004 s for 8 launches)."""
     gm = _fused("dense_fp8", 2)
-    calls = _calls(gm)
+    calls = triton_launches(gm)
     analyse = getattr(_tkw(), _name())
     t0 = time.perf_counter()
     for kernel, kw in calls:
@@ -201,7 +196,7 @@ def test_symbolic_values_share_one_entry(sm90_target, fresh_cache) -> None:
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     gm = _fused("dense_fp8", 1)
-    kernel, kw = next((k, kw) for k, kw in _calls(gm) if "stride_x" in kw)
+    kernel, kw = next((k, kw) for k, kw in triton_launches(gm) if "stride_x" in kw)
     env = ShapeEnv()
     s1 = env.create_unbacked_symint()
     s2 = env.create_unbacked_symint()
@@ -232,7 +227,7 @@ def test_install_failure_never_breaks_a_compile(monkeypatch) -> None:
 
 def test_uncopyable_result_is_answered_not_kept(sm90_target, fresh_cache, monkeypatch) -> None:
     gm = _fused("dense_fp8", 1)
-    kernel, kw = _calls(gm)[0]
+    kernel, kw = triton_launches(gm)[0]
     _ttir_cache._cache.clear()
 
     def no_copy(x, memo=None):
