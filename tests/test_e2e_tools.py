@@ -172,7 +172,6 @@ def test_in_model_gates(tmp_path: pathlib.Path) -> None:
         assert res["gates"]["rope/M<=16"]["128"] == want
 
 
-
 def test_tune_moe_decode_two_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode sweep's two stages: the second runs on top of the first's best, a wrong (not ok)
     config never wins however fast, and a stage keeps its start when nothing beats it."""
