@@ -5,12 +5,15 @@ A separate step (matplotlib is not needed on the GPU machine): run it wherever t
     pip install -e ".[bench]"
     python benchmarks/plot_e2e.py benchmarks/results/e2e.json benchmarks/results/e2e.png
     python benchmarks/plot_e2e.py e2e_dense_fp8.json e2e_moe.json e2e.png   # runs split per model
+
+Several runs of one model merge into one curve, the newest run's row for each (kind, M).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ def series(model: dict[str, Any]) -> dict[str, list[tuple[int, float, str]]]:
     out: dict[str, list[tuple[int, float, str]]] = {}
     for r in model.get("rows", []):
         for v, sp in (r.get("speedup_vs_compile") or {}).items():
-            if v == "compile" or not sp:
+            if v not in LABELS or not sp:  # leave-one-out variants (fxfuse_no_<family>) stay in the tables
                 continue
             out.setdefault(v, []).append((int(r["M"]), float(sp), r["kind"]))
     return {v: sorted(pts) for v, pts in out.items()}
@@ -57,7 +60,7 @@ def plot(result: dict[str, Any], png: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per step (decode: M x 1; last point: prefill)")
         ax.set_ylabel("speedup vs stock torch.compile (CUDA graphs)")
-        ax.set_title(m.get("title", m["model"]), fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(m.get("title", m["model"]), 60)), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     gpu = result.get("gpu") or result.get("device")
@@ -135,11 +138,26 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def latest(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result with one panel per model (and title): for each (kind, M) the row of the newest run
+    (by its date), so several partial runs (decode in one call, prefill in another) plot as one curve."""
+    out = dict(max(results, key=lambda r: str(r.get("date", ""))))
+    models: dict[str, dict[str, Any]] = {}
+    for r in sorted(results, key=lambda r: str(r.get("date", ""))):
+        for m in r.get("models", []):
+            cur = models.setdefault(f"{m['model']}/{m.get('title')}", {**m, "rows": []})  # torchao vs own fp8
+            keep = {(x["kind"], x["M"]): x for x in cur["rows"]}
+            keep.update({(x["kind"], x["M"]): x for x in m.get("rows", [])})
+            cur["rows"] = sorted(keep.values(), key=lambda x: (x["kind"] == "prefill", x["M"]))
+    out["models"] = list(models.values())
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2:
         raise SystemExit("usage: plot_e2e.py RESULTS.json [MORE.json ...] OUT.png")
-    plot(merge([json.loads(Path(a).read_text()) for a in argv[:-1]]), Path(argv[-1]))
+    plot(latest([json.loads(Path(a).read_text()) for a in argv[:-1]]), Path(argv[-1]))
 
 
 if __name__ == "__main__":

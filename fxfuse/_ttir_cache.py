@@ -9,9 +9,10 @@ fused regions per layer would pay 5-10 s of compile for answers it already had.
 The analysis reads less than its arguments: `generate_ttir` replaces SymInts by 2 and fake tensors by
 an empty tensor of the same dtype, so the kernel, the tensor dtypes and the exact non-tensor values
 decide the result (and the names it reports are the kernel's formal parameters, the same at every
-call site). The key here is finer than that: the kernel object, the argument names in order, each
-tensor's dtype, each plain value type-tagged (floats by their bits), and the Triton target. Anything
-else (a real tensor, a TMA descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
+call site). The key here is finer than that: the kernel (an `Autotuner`, which torch builds afresh
+around every launch that sets num_warps, by its JITFunction and its configs' values, so the next
+compile hits too), the argument names in order, each tensor's dtype, each plain value type-tagged
+(floats by their bits), and the Triton target. Anything else (a real tensor, a TMA descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
 
 Only kernels defined under `fxfuse.kernels` are cached; every other kernel goes straight to torch's
 function. Each hit returns a deep copy, so no caller can change what a later call sees. Set
@@ -82,13 +83,35 @@ def _leaf(x: Any, depth: int) -> Any:
     return NotImplemented  # real tensors (alignment is specialised on), descriptors: no key
 
 
+def _config_key(cfg: Any) -> Any:
+    """A Triton Config by value: its constexpr kwargs and launch options (a pre-hook: no key)."""
+    if getattr(cfg, "pre_hook", None) is not None:
+        raise NoKey
+    opts = cfg.all_kwargs() if hasattr(cfg, "all_kwargs") else {
+        **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "num_ctas": getattr(cfg, "num_ctas", 1)}
+    return freeze(sorted(opts.items()))
+
+
+def _kernel_key(kernel: Any) -> Any:
+    """The kernel by what the analysis reads of it. A launch with num_warps (every fxfuse launch) is
+    wrapped by torch in a fresh `Autotuner` holding one Config; keyed by identity, no later trace
+    (the next compile, a recompile, another graph) would ever hit. So an Autotuner is keyed by its
+    JITFunction and its configs' values (generate_ttir reads the function and the first config's
+    kwargs)."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        return ("autotuner", id(kernel.fn), kernel.fn, tuple(_config_key(c) for c in kernel.configs))
+    return (id(kernel), kernel)
+
+
 def _key(kernel: Any, kwargs: dict[str, Any], tma: Any) -> Any:
     if tma:
         raise NoKey
     import triton
 
     target = triton.runtime.driver.active.get_current_target()
-    return (id(kernel), kernel, repr(target), freeze(list(kwargs.items()), _leaf))
+    return (_kernel_key(kernel), repr(target), freeze(list(kwargs.items()), _leaf))
 
 
 def _cached(original: Callable[..., Any]) -> Callable[..., Any]:

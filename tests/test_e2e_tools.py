@@ -91,6 +91,21 @@ def test_plot(tmp_path: pathlib.Path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_latest_row_per_kind_and_m() -> None:
+    """Runs of one model merge into one panel: the newer run's row wins where both measured the same
+    (kind, M); rows only the older run has stay; leave-one-out variants are not plotted."""
+    old, new = _fake_result(), _fake_result()
+    old["date"], new["date"] = "2026-12-01T10:00", "2026-12-01T20:00"
+    new["models"][0]["rows"] = [dict(new["models"][0]["rows"][0], speedup_vs_compile={
+        "compile": 1.0, "fxfuse": 1.5, "fxfuse_no_rope_quant": 1.4})]
+    for order in ([old, new], [new, old]):
+        got = plot_e2e.latest(order)
+        assert len(got["models"]) == 1
+        pts = plot_e2e.series(got["models"][0])
+        assert pts["fxfuse"] == [(1, 1.5, "decode"), (8, 1.1, "decode"), (2048, 0.98, "prefill")]
+        assert "fxfuse_no_rope_quant" not in pts and got["date"] == new["date"]
+
+
 def test_demo_format_result_latency_table() -> None:
     r = demo.ModelResult("m", "Title", ["note"], counters={"rmsnorm_quant": 2}, report_text="REPORT",
                          numerics={"fxfuse": {"max_rel_err": 1e-3, "argmax_agree": 1.0, "finite": False}},

@@ -238,3 +238,40 @@ def test_uncopyable_result_is_answered_not_kept(sm90_target, fresh_cache, monkey
     analyse = getattr(_tkw(), _name())
     assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {}))
     assert _ttir_cache.stats["uncached"] == n0 + 1 and not _ttir_cache._cache
+
+
+def test_next_compile_reuses_every_analysis(sm90_target, fresh_cache) -> None:
+    """torch wraps every launch that sets num_warps (all of fxfuse's) in a fresh Autotuner, so a key by
+    kernel identity never hit across traces: each compile's pass analysed its launches again (~50 ms
+    each). Keyed by value, the second pass over the same model (the next compile, a recompile at
+    another size) analyses nothing."""
+    _fused("moe", 2)
+    misses, hits = _ttir_cache.stats["misses"], _ttir_cache.stats["hits"]
+    _fused("moe", 2)
+    assert _ttir_cache.stats["misses"] == misses
+    assert _ttir_cache.stats["hits"] > hits
+
+
+def test_autotuner_key_is_by_value(sm90_target, fresh_cache) -> None:
+    """Two Autotuners with equal configs share an entry; a config with another constexpr value or
+    another num_warps gets its own, and every answer is torch's. The analysis reads the first
+    config's kwargs: NEED_H=True writes h, NEED_H=False does not."""
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner, autotune
+
+    gm = _fused("dense_fp8", 1)
+    kernel, kw = next((k, kw) for k, kw in triton_launches(gm) if kw.get("NEED_H") is True)
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    base = {k: v for k, v in kw.items() if k != "NEED_H"}
+
+    def tuner(need_h: bool, warps: int) -> Any:
+        return autotune(configs=[Config({"NEED_H": need_h}, num_warps=warps)], key=[])(fn)
+
+    kernels = [tuner(True, 4), tuner(True, 4), tuner(False, 4), tuner(True, 8)]
+    analyse = getattr(_tkw(), _name())
+    _ttir_cache._cache.clear()
+    misses = _ttir_cache.stats["misses"]
+    answers = [str(analyse(k, dict(base), {})) for k in kernels]
+    assert answers == [str(_original()(k, dict(base), {})) for k in kernels]
+    assert _ttir_cache.stats["misses"] == misses + 3  # the second equal tuner hit the first's entry
+    assert "h_ptr" in answers[0] and "h_ptr" not in answers[2]
