@@ -1,7 +1,8 @@
 # The device call script of the latest session (rewritten per call; BENCHMARKS.md cites the exact python command of each
 # result, which is what to rerun; earlier sessions' calls are in git history). benchmarks/gpu_run.sh holds the
 # full menu of steps.
-#   bash benchmarks/gpu_call.sh y   issue 8's RoPE table (plain, static fp8, QK-norm) at every M, and the KV-cache cases
+#   bash benchmarks/gpu_call.sh y   issue 8's RoPE table (plain, static fp8, QK-norm) at every M, and the KV-cache cases (ran)
+#   bash benchmarks/gpu_call.sh z   next session: compile-stage share with the TTIR analysis keyed by value (P36)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -13,5 +14,12 @@ case "${1:-y}" in
     echo "rope rc=$?"; grep -E "M=|gates" $OUT/res/rope_all.log | cut -c1-220
     timeout 70 python3 benchmarks/bench_rope_quant.py --cache --out $OUT/res/rope_quant_cache_h200.json > $OUT/res/rope_cache.log 2>&1
     echo "rope cache rc=$?"; grep -E "M=" $OUT/res/rope_cache.log | cut -c1-220 ;;
+  z)  # next session: the TTIR key by value (later compiles reuse the analyses) in real compiles: the stage share
+      # of the MoE decode rows (15.7% at the warm M=8 recompile before; predicted <= ~7%), then cold compiles
+    timeout 220 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill "" --top 20 --out $OUT/res/e2e_moe_h200_decode_z.json > $OUT/res/e2e_moe.log 2>&1
+    echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log
+    python3 -c "import json;[print(r['M'], r['fxfuse_pass_s'], r['compile_s'], r['fxfuse_pass_share_of_compile']) for r in json.load(open('$OUT/res/e2e_moe_h200_decode_z.json'))['models'][0]['rows']]"
+    timeout 300 python3 benchmarks/compile_overhead.py --device cuda --compile --layers 2,4 --reps 2 --out $OUT/res/compile_overhead_h200_z.json > $OUT/res/compile_overhead.log 2>&1
+    echo "compile overhead rc=$?"; grep -E '^\{' $OUT/res/compile_overhead.log | python3 -c "import sys,json;[print({k:v for k,v in json.loads(l).items() if 'compile' in k or 'pass_s' in k or k in ('model','layers')}) for l in sys.stdin]" ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
