@@ -9,10 +9,11 @@ fused regions per layer would pay 5-10 s of compile for answers it already had.
 The analysis reads less than its arguments: `generate_ttir` replaces SymInts by 2 and fake tensors by
 an empty tensor of the same dtype, so the kernel, the tensor dtypes and the exact non-tensor values
 decide the result (and the names it reports are the kernel's formal parameters, the same at every
-call site). The key here is finer than that: the kernel (an `Autotuner`, which torch builds afresh
-around every launch that sets num_warps, by its JITFunction and its configs' values, so the next
-compile hits too), the argument names in order, each tensor's dtype, each plain value type-tagged
-(floats by their bits), and the Triton target. Anything else (a real tensor, a TMA descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
+call site). The key: the kernel (an `Autotuner`, which torch builds afresh around every launch that
+sets num_warps, by its JITFunction and its configs' values, so the next compile hits too), the
+argument names in order, each tensor's dtype, each constexpr and plain value type-tagged (floats by
+their bits), each runtime int by what Triton specializes that can change an access (its integer type,
+and whether it is 1; see `_int_class`), and the Triton target. Anything else (a real tensor, a TMA descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
 
 Only kernels defined under `fxfuse.kernels` are cached; every other kernel goes straight to torch's
 function. Each hit returns a deep copy, so no caller can change what a later call sees. Set
@@ -105,13 +106,35 @@ def _kernel_key(kernel: Any) -> Any:
     return (id(kernel), kernel)
 
 
+def _int_class(v: int) -> tuple[str, str, bool]:
+    """A runtime (non-constexpr) int argument by what can change the kernel's loads and stores: Triton
+    types it i32/i64/u64 by range and folds a 1 into a constant. Its other specialization, divisibility
+    by 16, only tags the TTIR argument (`tt.divisibility`, for vectorizing later) and changes no access,
+    so 16 and 32 tokens share an entry, as every symbolic size does already (torch analyses those as 2)."""
+    ty = "i32" if -(2**31) <= v < 2**31 else "u64" if 2**63 <= v < 2**64 else "i64"
+    return ("int-arg", ty, v == 1)
+
+
+def _args_key(kernel: Any, kwargs: dict[str, Any]) -> Any:
+    """The arguments in order: constexprs and every non-int value exact (`freeze`), runtime ints by
+    `_int_class` (sizes and strides that follow the token count then hit across token counts)."""
+    from triton.runtime.autotuner import Autotuner
+
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    runtime = {p.name for p in getattr(fn, "params", ()) if not p.is_constexpr}
+    if isinstance(kernel, Autotuner) and kernel.configs:
+        runtime -= set(kernel.configs[0].kwargs)  # generate_ttir lays the first config over the arguments
+    return tuple((name, _int_class(v) if type(v) is int and name in runtime else freeze(v, _leaf))
+                 for name, v in kwargs.items())
+
+
 def _key(kernel: Any, kwargs: dict[str, Any], tma: Any) -> Any:
     if tma:
         raise NoKey
     import triton
 
     target = triton.runtime.driver.active.get_current_target()
-    return (_kernel_key(kernel), repr(target), freeze(list(kwargs.items()), _leaf))
+    return (_kernel_key(kernel), repr(target), _args_key(kernel, kwargs))
 
 
 def _cached(original: Callable[..., Any]) -> Callable[..., Any]:

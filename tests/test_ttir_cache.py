@@ -43,9 +43,9 @@ def fresh_cache() -> Any:
     _ttir_cache.uninstall()
 
 
-def _fused(name: str, layers: int) -> torch.fx.GraphModule:
+def _fused(name: str, layers: int, tokens: int = 8) -> torch.fx.GraphModule:
     dm = demo.BUILDERS[name]("cpu", True, layers=layers)
-    ids = demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1)
+    ids = demo.random_ids(dm.vocab, tokens, "cpu", seed=1).reshape(1, -1)
     gm = on_fake_device(post_grad_graph(dm.module, ids, dynamic=False))
     return reapply(gm, passes=fxfuse.FusionPasses(strict=True, options={"gate": False})).graph_module
 
@@ -192,7 +192,7 @@ def test_older_torch_name_is_wrapped_too(sm90_target, monkeypatch) -> None:
 
 def test_symbolic_values_share_one_entry(sm90_target, fresh_cache) -> None:
     """A dynamic-shape launch passes SymInts; torch analyses them as 2 whatever the symbol, so two
-    different symbols hit one entry, and a concrete value (specialised on) gets its own."""
+    different symbols hit one entry, and a concrete 1 (specialised to a constant) gets its own."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     gm = _fused("dense_fp8", 1)
@@ -206,7 +206,7 @@ def test_symbolic_values_share_one_entry(sm90_target, fresh_cache) -> None:
     assert str(analyse(kernel, {**kw, "stride_x": s1}, {})) == want
     assert str(analyse(kernel, {**kw, "stride_x": s2}, {})) == want
     assert _ttir_cache.stats["misses"] == misses + 1
-    analyse(kernel, {**kw, "stride_x": 2}, {})
+    analyse(kernel, {**kw, "stride_x": 1}, {})  # a concrete 1 is folded to a constant: its own entry
     assert _ttir_cache.stats["misses"] == misses + 2
 
 
@@ -275,3 +275,50 @@ def test_autotuner_key_is_by_value(sm90_target, fresh_cache) -> None:
     assert answers == [str(_original()(k, dict(base), {})) for k in kernels]
     assert _ttir_cache.stats["misses"] == misses + 3  # the second equal tuner hit the first's entry
     assert "h_ptr" in answers[0] and "h_ptr" not in answers[2]
+
+
+def test_runtime_ints_keyed_by_what_triton_specializes(sm90_target, fresh_cache) -> None:
+    """A runtime int (a size or stride that follows the token count) changes only its integer type and
+    whether it is 1 (folded to a constant): 16 and 48 share an entry, 17 too (divisibility only tags
+    the TTIR argument); 1 and a 64-bit value get their own. Constexprs stay exact. Every answer is
+    torch's."""
+    gm = _fused("dense_fp8", 1)
+    kernel, kw = next((k, kw) for k, kw in triton_launches(gm) if "stride_x" in kw)
+    analyse = getattr(_tkw(), _name())
+    _ttir_cache._cache.clear()
+    misses = _ttir_cache.stats["misses"]
+    for v, new in ((16, True), (48, False), (17, False), (1, True), (2**40, True), (2**40 + 16, False)):
+        args = {**kw, "stride_x": v}
+        assert str(analyse(kernel, args, {})) == str(_original()(kernel, args, {})), v
+        misses += new
+        assert _ttir_cache.stats["misses"] == misses, v
+    fn = getattr(kernel, "fn", kernel)
+    const = next(p.name for p in fn.params if p.is_constexpr and type(kw.get(p.name)) is int)
+    keys = {_ttir_cache._args_key(kernel, {**kw, const: v}) for v in (kw[const], 2 * kw[const])}
+    assert len(keys) == 2, const
+
+
+def _constexprs(kernel: Any, kw: dict[str, Any]) -> tuple:
+    """A launch's kernel and constexpr values (what a size class may legitimately change: tiles)."""
+    fn = getattr(kernel, "fn", kernel)
+    cfg = [sorted(c.all_kwargs().items()) for c in getattr(kernel, "configs", [])]
+    return (fn, str(cfg), tuple((p.name, kw.get(p.name)) for p in fn.params if p.is_constexpr))
+
+
+@pytest.mark.parametrize("name", ["dense_fp8", "moe"])
+def test_another_token_count_reuses_the_analyses(sm90_target, fresh_cache, name) -> None:
+    """A static-shape compile per token count (serving stacks compile each CUDA-graph size): after the
+    first, a launch at another count is analysed again only when its constexprs differ (a tile chosen
+    by size, e.g. the MoE align kernel's BLOCK_S); sizes and strides differ only in value and hit. The
+    answers at every count are torch's, 1 token included (a size of 1 is its own entry)."""
+    seen = {_constexprs(k, kw) for k, kw in triton_launches(_fused(name, 2, tokens=8))}
+    analyse = getattr(_tkw(), _name())
+    for tokens in (16, 48, 1):
+        misses = _ttir_cache.stats["misses"]
+        gm = _fused(name, 2, tokens=tokens)
+        sigs = {_constexprs(k, kw) for k, kw in triton_launches(gm)}
+        if tokens != 1:
+            assert _ttir_cache.stats["misses"] - misses == len(sigs - seen), tokens
+        seen |= sigs
+        for kernel, kw in triton_launches(gm):
+            assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {})), (tokens, kernel)
