@@ -74,6 +74,15 @@ def convert_dtype(node: fx.Node) -> torch.dtype:
     return node.args[1] if node.target is prims.convert_element_type.default else node.kwargs["dtype"]
 
 
+def value_key(node: Any) -> Any:
+    """`node`, or for a dtype convert the convert's dtype and its source's key: two converts of one
+    graph input (each fp8 linear converting the same lifted float, as Inductor leaves them under
+    dynamic shapes) compute the same value and compare equal."""
+    if isinstance(node, fx.Node) and is_convert(node):
+        return ("convert", convert_dtype(node), value_key(node.args[0]))
+    return node
+
+
 def literal(x: Any) -> float | None:
     """A Python number literal (bool excluded), else None."""
     if isinstance(x, bool):

@@ -828,8 +828,11 @@ def triton_launches(gm: fx.GraphModule | fx.Graph) -> list[tuple[Any, dict[str, 
 
 def on_fake_device(gm: fx.GraphModule, device: str = "cuda") -> fx.GraphModule:
     """`gm` (a captured CPU graph) re-propagated with fake tensors on `device`, in place: a CUDA
-    graph for the passes' CUDA path on a machine without a GPU. Factory ops' device kwargs move too."""
+    graph for the passes' CUDA path on a machine without a GPU. Factory ops' device kwargs move too.
+    A graph captured with dynamic shapes stays symbolic: its ShapeEnv is reused, so SymInt
+    placeholders pass through and tensor sizes keep their symbols (and guards)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, is_symbolic
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     dev = torch.device(device) if torch.device(device).type != "cuda" else torch.device("cuda", 0)
@@ -837,8 +840,13 @@ def on_fake_device(gm: fx.GraphModule, device: str = "cuda") -> fx.GraphModule:
         d = n.kwargs.get("device")
         if d is not None and torch.device(d).type == "cpu":
             n.kwargs = {**n.kwargs, "device": dev}
-    mode = FakeTensorMode()
-    ins = [_to_device(p.meta["val"], str(dev), mode) for p in gm.graph.nodes if p.op == "placeholder"]
+    vals = [p.meta["val"] for p in gm.graph.nodes if p.op == "placeholder"]
+    syms = [x for v in vals for x in ([v] if isinstance(v, torch.SymInt) else
+                                      [*v.shape, *v.stride()] if isinstance(v, torch.Tensor) else []) if is_symbolic(x)]
+    if any(free_unbacked_symbols(x) for x in syms):
+        raise ValueError("on_fake_device: unbacked symbolic placeholders are not supported")
+    mode = FakeTensorMode(shape_env=syms[0].node.shape_env if syms else None)
+    ins = [_to_device(v, str(dev), mode) if isinstance(v, torch.Tensor) else v for v in vals]
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
     return gm
 

@@ -172,3 +172,26 @@ def test_checked_in_graph_reapplies() -> None:
     assert r.counters == {"rmsnorm_quant": 1}
     args = random_inputs(gm)
     _same(_run(gm, args), _run(r.graph_module, args))
+
+
+@pytest.mark.parametrize("name", ["dense_fp8", "moe"])
+def test_on_fake_device_keeps_symbolic_shapes(sm90_target, name: str) -> None:
+    """A graph captured with dynamic shapes moves to fake CUDA with its symbols (SymInt inputs pass
+    through, sizes stay symbolic), so the passes' CUDA path is testable on a CPU machine at a
+    symbolic token count: the demo models fuse there as they do at a static one."""
+    from fxfuse import demo
+    from fxfuse.testing import on_fake_device, post_grad_graph, triton_launches
+
+    dm = demo.BUILDERS[name]("cpu", True, layers=1)
+    ids = demo.random_ids(dm.vocab, 8, "cpu", seed=1).reshape(1, -1)
+    gm = on_fake_device(post_grad_graph(dm.module, ids, dynamic=True))
+    ph = [p.meta["val"] for p in gm.graph.nodes if p.op == "placeholder"]
+    assert any(isinstance(v, torch.SymInt) for v in ph)
+    toks = next(v for v in ph if isinstance(v, torch.Tensor) and v.dtype == torch.int64)
+    assert toks.is_cuda and isinstance(toks.shape[-1], torch.SymInt)
+    out = reapply(gm, passes=fxfuse.FusionPasses(strict=True, options={"gate": False}))
+    want = {"dense_fp8": {"rmsnorm_quant": 2, "silu_mul_quant": 1, "rope_quant": 1},
+            "moe": {"rope_quant": 1, "moe_routing": 1, "moe_experts": 1}}[name]
+    assert {k: out.counters[k] for k in want} == want, fxfuse.report().near_miss_lines()
+    launches = triton_launches(out.graph_module)
+    assert launches and any(isinstance(v, torch.SymInt) for _, kw in launches for v in kw.values())

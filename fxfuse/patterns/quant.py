@@ -36,6 +36,7 @@ from ..fx_utils import (
     norm_dims,
     runtime_scalar,
     tval,
+    value_key,
     op_bound,
 )
 
@@ -131,11 +132,11 @@ class QuantMatch:
     def signature(self) -> tuple:
         """What decides the quantized bits: equal signatures compute the same (q, scale)."""
         return (
-            self.scheme, self.group_size, self.scale, self.static_value, tuple(self.scale_ops),
+            self.scheme, self.group_size, value_key(self.scale), self.static_value, tuple(self.scale_ops),
             tuple(self.scale_consts), self.quant_mul, self.qmin, self.qmax, self.round_to_int, self.qdtype,
             tuple(tval(self.sink).shape),
             None if self.scale_out is None else tuple(tval(self.scale_out).shape),
-            self.scale_ub, self.ub_slot,
+            value_key(self.scale_ub), self.ub_slot,
         )
 
 
