@@ -298,7 +298,7 @@ def rope_quant() -> list[str]:
                     for c in big if c["frac_copy"]["fused"] < 0.85})
     l1 = s.get("fused_launches_M=1", [])
     out += ["", "| target (issue 8) | measured | |", "|---|---|---|",
-            f"| >= 85% of copy bandwidth at M >= 4096 | min per scheme: {', '.join(f'{k} {100 * v:.1f}%' for k, v in fr.items())} | "
+            f"| >= 85% of copy bandwidth at M >= 4096 | min per scheme: {', '.join(f'{k} {100 * v:.1f}%' for k, v in sorted(fr.items()))} | "
             f"{yes(not short)}{' (short: ' + ', '.join(short) + ')' if short else ''} |",
             f"| >= 1.5x stock compile at M >= 4096 | {min(spb):.2f}-{max(spb):.2f}x | {yes(not slow)} "
             f"({sum(v >= 1.5 for v in spb)} of {len(spb)} cases{'; below: ' + ', '.join(slow) if slow else ''}) |",
