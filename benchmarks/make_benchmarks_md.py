@@ -566,22 +566,23 @@ def e2e() -> list[str]:
     paths = sorted(RES.glob("e2e*.json"))
     if not paths:
         return []
-    by_gpu: dict[str, list[pathlib.Path]] = {}
+    by_gpu: dict[str, list[tuple[pathlib.Path, dict]]] = {}
     for p in paths:
-        by_gpu.setdefault(json.loads(p.read_text()).get("gpu", "?"), []).append(p)
+        r = json.loads(p.read_text())
+        by_gpu.setdefault(r.get("gpu", "?"), []).append((p, r))
     out: list[str] = []
     for gpu in sorted(by_gpu, key=lambda g: "H200" not in g):  # runs oldest first: the newest figure of a target wins
-        out += _e2e_section(sorted(by_gpu[gpu], key=lambda p: str(json.loads(p.read_text()).get("date", ""))))
+        out += _e2e_section(sorted(by_gpu[gpu], key=lambda pr: str(pr[1].get("date", ""))))
     return out
 
 
-def _e2e_section(runs: list[pathlib.Path]) -> list[str]:
+def _e2e_section(loaded: list[tuple[pathlib.Path, dict]]) -> list[str]:
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import plot_e2e
 
-    rs = [json.loads(p.read_text()) for p in runs]
+    runs, rs = [p for p, _ in loaded], [r for _, r in loaded]
     tag = "h200" if "H200" in str(rs[0].get("gpu")) else "h100"
     pngs = sorted(RES.glob(f"e2e*{tag}*.png"))
     png = f"benchmarks/results/{pngs[0].name}" if pngs else None

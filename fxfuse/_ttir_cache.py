@@ -13,7 +13,8 @@ call site). The key: the kernel (an `Autotuner`, which torch builds afresh aroun
 sets num_warps, by its JITFunction and its configs' values, so the next compile hits too), the
 argument names in order, each tensor's dtype, each constexpr and plain value type-tagged (floats by
 their bits), each runtime int by what Triton specializes that can change an access (its integer type,
-and whether it is 1; see `_int_class`), and the Triton target. Anything else (a real tensor, a TMA descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
+and whether it is 1; see `_int_class`), and the Triton target. Anything else (a real tensor, a TMA
+descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
 
 Only kernels defined under `fxfuse.kernels` are cached; every other kernel goes straight to torch's
 function. Each hit returns a deep copy, so no caller can change what a later call sees. Set
@@ -93,16 +94,14 @@ def _config_key(cfg: Any) -> Any:
     return freeze(sorted(opts.items()))
 
 
-def _kernel_key(kernel: Any) -> Any:
+def _kernel_key(kernel: Any, configs: list[Any] | None) -> Any:
     """The kernel by what the analysis reads of it. A launch with num_warps (every fxfuse launch) is
     wrapped by torch in a fresh `Autotuner` holding one Config; keyed by identity, no later trace
     (the next compile, a recompile, another graph) would ever hit. So an Autotuner is keyed by its
     JITFunction and its configs' values (generate_ttir reads the function and the first config's
     kwargs)."""
-    from triton.runtime.autotuner import Autotuner
-
-    if isinstance(kernel, Autotuner):
-        return ("autotuner", id(kernel.fn), kernel.fn, tuple(_config_key(c) for c in kernel.configs))
+    if configs is not None:
+        return ("autotuner", id(kernel), kernel, tuple(_config_key(c) for c in configs))
     return (id(kernel), kernel)
 
 
@@ -115,15 +114,12 @@ def _int_class(v: int) -> tuple[str, str, bool]:
     return ("int-arg", ty, v == 1)
 
 
-def _args_key(kernel: Any, kwargs: dict[str, Any]) -> Any:
+def _args_key(fn: Any, configs: list[Any] | None, kwargs: dict[str, Any]) -> Any:
     """The arguments in order: constexprs and every non-int value exact (`freeze`), runtime ints by
     `_int_class` (sizes and strides that follow the token count then hit across token counts)."""
-    from triton.runtime.autotuner import Autotuner
-
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     runtime = {p.name for p in getattr(fn, "params", ()) if not p.is_constexpr}
-    if isinstance(kernel, Autotuner) and kernel.configs:
-        runtime -= set(kernel.configs[0].kwargs)  # generate_ttir lays the first config over the arguments
+    if configs:
+        runtime -= set(configs[0].kwargs)  # generate_ttir lays the first config over the arguments
     return tuple((name, _int_class(v) if type(v) is int and name in runtime else freeze(v, _leaf))
                  for name, v in kwargs.items())
 
@@ -132,9 +128,12 @@ def _key(kernel: Any, kwargs: dict[str, Any], tma: Any) -> Any:
     if tma:
         raise NoKey
     import triton
+    from triton.runtime.autotuner import Autotuner
 
+    # an Autotuner: its JITFunction and configs; a JITFunction: itself, no configs
+    fn, configs = (kernel.fn, kernel.configs) if isinstance(kernel, Autotuner) else (kernel, None)
     target = triton.runtime.driver.active.get_current_target()
-    return (_kernel_key(kernel), repr(target), _args_key(kernel, kwargs))
+    return (_kernel_key(fn, configs), repr(target), _args_key(fn, configs, kwargs))
 
 
 def _cached(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,6 +11,7 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 import fxfuse
+from forms import assert_identical
 from fxfuse import demo
 from fxfuse.fx_utils import value_key
 
@@ -50,20 +51,13 @@ def _run(m: torch.nn.Module, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor,
         return [f(x) for x in xs]
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype == torch.float8_e4m3fn:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
-
-
 def test_same_lifted_float_fuses_once_and_matches_eager() -> None:
     m = _TwoLinears(shared=True)
     xs = [torch.randn(n, H, dtype=torch.bfloat16) for n in (5, 11)]
     outs = _run(m, xs)
     assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report().near_miss_lines()
     for x, out in zip(xs, outs):
-        ref = m(x)
-        assert all(_bits_equal(a, b) for a, b in zip(out, ref))
+        assert_identical(out, m(x))
 
 
 def test_two_different_lifted_floats_stay_unfused() -> None:

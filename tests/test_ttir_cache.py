@@ -294,7 +294,7 @@ def test_runtime_ints_keyed_by_what_triton_specializes(sm90_target, fresh_cache)
         assert _ttir_cache.stats["misses"] == misses, v
     fn = getattr(kernel, "fn", kernel)
     const = next(p.name for p in fn.params if p.is_constexpr and type(kw.get(p.name)) is int)
-    keys = {_ttir_cache._args_key(kernel, {**kw, const: v}) for v in (kw[const], 2 * kw[const])}
+    keys = {_ttir_cache._key(kernel, {**kw, const: v}, {}) for v in (kw[const], 2 * kw[const])}
     assert len(keys) == 2, const
 
 
