@@ -16,6 +16,10 @@ case "${1:-y}" in
     echo "rope cache rc=$?"; grep -E "M=" $OUT/res/rope_cache.log | cut -c1-220 ;;
   z)  # next session: the TTIR key by value (later compiles reuse the analyses) in real compiles: the stage share
       # of the MoE decode rows (15.7% at the warm M=8 recompile before; predicted <= ~7%), then cold compiles
+    T=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__))")
+    grep -rn "identify_accessed_tensors\|identify_mutated_tensors" $T --include=*.py | cut -c1-200 > $OUT/res/ttir_entry_2_11.txt
+    python3 -c "import torch, fxfuse._ttir_cache as c; print(torch.__version__, c.install(), [(m.__name__, n) for m, n, _ in c._installed])" >> $OUT/res/ttir_entry_2_11.txt 2>&1
+    cat $OUT/res/ttir_entry_2_11.txt
     timeout 220 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill "" --top 20 --out $OUT/res/e2e_moe_h200_decode_z.json > $OUT/res/e2e_moe.log 2>&1
     echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe.log
     python3 -c "import json;[print(r['M'], r['fxfuse_pass_s'], r['compile_s'], r['fxfuse_pass_share_of_compile']) for r in json.load(open('$OUT/res/e2e_moe_h200_decode_z.json'))['models'][0]['rows']]"
