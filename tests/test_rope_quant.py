@@ -352,6 +352,23 @@ def test_complex_form_near_miss_other_pairing():
     check_close(out, ref)
 
 
+def test_deepseek_interleave_form_is_a_named_near_miss():
+    """transformers' DeepSeek-V3 `apply_rotary_pos_emb_interleave`: even/odd lanes in, two halves out
+    (a gpt-j rotation stored de-interleaved). Not a form the kernel does: untouched, and the report
+    names the form rather than a generic miss."""
+    ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    if not hasattr(ds, "apply_rotary_pos_emb_interleave"):
+        pytest.skip("this transformers has no apply_rotary_pos_emb_interleave")
+    q, k, cos, sin, _ = hf_inputs(seed=21)
+    args = (q, k, cos, sin)
+    fn = lambda q, k, c, s: ds.apply_rotary_pos_emb_interleave(q, k, c, s)  # noqa: E731
+    out, _ = compile_and_run(fn, args)
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 0, r.format(verbose=True)
+    assert any("even/odd elements" in m.reason and "DeepSeek" in m.reason for m in r.near_misses), r.near_misses
+    assert_identical(tuple(out), stock_compile(fn, args))  # untouched: what stock Inductor gives
+
+
 def qk_norm_model(qp, kp, cos, sin, wq, wk, scale):
     """Qwen3: per-head RMSNorm (q_norm/k_norm) on [B, S, H, D], transpose, RoPE, then fp8 of q."""
     def rms(x, w, eps):

@@ -301,6 +301,10 @@ def match_explicit(cat: fx.Node) -> RopeMatch:
             if s1 is not None and s2 is not None and s1[0] is s2[0]:
                 found = (x1, c, x2, sn, s1, s2)
     if found is None:
+        if not gptj and any(_slice_of(x1, 2) is not None and _slice_of(x2, 2) is not None
+                            for x1, _ in _mul_split(A) for x2, _ in _mul_split(B)):
+            raise Reject("rotation reads even/odd elements (x[..., 0::2], x[..., 1::2]) but writes them as "
+                         "two halves (DeepSeek's interleaved-weights form): not supported")
         raise Reject("rotation does not read two halves of one tensor")
     x1, c, x2, sn, s1, s2 = found
     if {frozenset(P.args[:2]), frozenset(Q.args[:2])} != {frozenset((x2, c)), frozenset((x1, sn))}:
