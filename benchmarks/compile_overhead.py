@@ -78,13 +78,15 @@ def run_once(gm: fx.GraphModule, passes: fxfuse.FusionPasses) -> tuple[float, st
     return dt, graph_text(g), dict(fxfuse.counters)
 
 
-def cold_compile_s(module: torch.nn.Module, ids: torch.Tensor, passes: Any | None) -> float:
+def cold_compile_s(module: torch.nn.Module, ids: torch.Tensor, passes: Any | None, fresh: bool = True) -> float:
+    """A compile with the FX graph cache off, in a fresh Inductor cache dir (fresh=False: the
+    caller's dir, e.g. one where a previous compile left fxfuse's TTIR analyses on disk)."""
     from torch._inductor.utils import fresh_cache
 
     torch._dynamo.reset()
     opts = {"post_grad_custom_pre_pass": passes} if passes is not None else None
     fn = torch.compile(module, dynamic=False, options=opts)
-    with demo.no_graph_cache(), fresh_cache(), torch.no_grad():
+    with demo.no_graph_cache(), (fresh_cache() if fresh else contextlib.nullcontext()), torch.no_grad():
         t0 = time.perf_counter()
         fn(ids)
         if ids.is_cuda:
@@ -151,6 +153,21 @@ def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_co
             if variant == "fxfuse":
                 res["pass_s_in_compile"] = round(sum(t.seconds for g in fxfuse.report.since(n0) for t in g.timings), 4)
         res["pass_share_of_compile"] = round(res["pass_s_in_compile"] / res["compile_s_stock"], 4)
+        # a new process after one compile (a changed model, another shape: the FX graph cache misses):
+        # fxfuse's in-memory caches empty, its TTIR analyses on disk in Inductor's cache dir
+        from torch._inductor.utils import fresh_cache
+
+        with fresh_cache():
+            with ttir_cache(True):
+                cold_compile_s(dm.module, ids, fxfuse.passes, fresh=False)
+            with ttir_cache(True):
+                n0 = len(fxfuse.report)
+                disk0 = _ttir_cache.stats["disk_hits"]
+                cold_compile_s(dm.module, ids, fxfuse.passes, fresh=False)
+                res["pass_s_in_compile_disk_warm"] = round(
+                    sum(t.seconds for g in fxfuse.report.since(n0) for t in g.timings), 4)
+                res["ttir_disk_hits"] = _ttir_cache.stats["disk_hits"] - disk0
+        res["pass_share_of_compile_disk_warm"] = round(res["pass_s_in_compile_disk_warm"] / res["compile_s_stock"], 4)
     print(json.dumps(res), flush=True)
     return res
 
@@ -175,8 +192,10 @@ def main() -> None:
         out["gpu"] = torch.cuda.get_device_name()
     if args.device == "fake-cuda" and args.compile:
         sys.exit("compile_overhead: --compile needs a real device")
+    from torch._inductor.utils import fresh_cache
+
     target = triton_target(90) if args.device == "fake-cuda" else contextlib.nullcontext()
-    with target:
+    with target, fresh_cache():  # no TTIR analyses left on disk by an earlier run: "first" is cold
         for name in [m for m in args.models.split(",") if m]:
             for layers in [int(n) for n in args.layers.split(",") if n]:
                 out["models"].append(measure(name, args.device, layers, args.reps, args.tokens, args.compile))

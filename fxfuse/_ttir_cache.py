@@ -16,6 +16,14 @@ their bits), each runtime int by what Triton specializes that can change an acce
 and whether it is 1; see `_int_class`), and the Triton target. Anything else (a real tensor, a TMA
 descriptor, a value `_keys.freeze` cannot key exactly) is analysed as before.
 
+Answers also go to disk, under Inductor's cache directory (`fxfuse_ttir/`), so that a new process
+compiling the same kernels (a changed model, another shape, an FX graph cache miss) does not build
+their TTIR again. The file name hashes the key above with the kernel's source (Triton's `cache_key`,
+which covers the functions it calls), torch's and Triton's versions: a changed kernel or toolchain
+never reads an old answer. A file that cannot be read is ignored and the analysis runs. Off with
+FXFUSE_TTIR_CACHE_DIR=0 (or elsewhere with a path), and wherever Inductor's caches are disabled
+(`force_disable_caches`).
+
 Only kernels defined under `fxfuse.kernels` are cached; every other kernel goes straight to torch's
 function. Each hit returns a deep copy, so no caller can change what a later call sees. Set
 FXFUSE_TTIR_CACHE=0 to leave torch untouched. (An open torch PR, pytorch/pytorch#193227, caches the
@@ -26,7 +34,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import os
+import pickle
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -40,8 +51,12 @@ _NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
 MAX_ENTRIES = 4096
 """Distinct kernel signatures kept; the cache starts over past this (a compile has tens)."""
 
-stats: dict[str, int] = {"hits": 0, "misses": 0, "uncached": 0}
-"""Calls served from the cache, analysed and stored, analysed without a key (tests read these)."""
+stats: dict[str, int] = {"hits": 0, "misses": 0, "uncached": 0, "disk_hits": 0}
+"""Calls served from the cache, analysed and stored, analysed without a key, and (of the hits) read
+from disk (tests read these)."""
+
+DISK_FORMAT = 1
+"""Bump when the stored answers or the key change meaning."""
 
 _cache: dict[Any, Any] = {}
 _installed: list[tuple[Any, str, Callable[..., Any]]] = []  # (module, attribute, torch's function) rebound
@@ -136,6 +151,73 @@ def _key(kernel: Any, kwargs: dict[str, Any], tma: Any) -> Any:
     return (_kernel_key(fn, configs), repr(target), _args_key(fn, configs, kwargs))
 
 
+def _stable(kernel_key: Any) -> Any:
+    """`_kernel_key` with the JITFunction (keyed by identity in memory) replaced by what names it
+    across processes: module, name and Triton's hash of its source and of the functions it calls."""
+    def fn_id(fn: Any) -> tuple[str, str, str]:
+        return (fn.__module__, getattr(fn.fn, "__qualname__", fn.__name__), str(fn.cache_key))
+
+    if kernel_key[0] == "autotuner":
+        return ("autotuner", fn_id(kernel_key[2]), kernel_key[3])
+    return fn_id(kernel_key[1])
+
+
+def disk_dir() -> str | None:
+    """Where answers are kept across processes (None: not on disk). FXFUSE_TTIR_CACHE_DIR: a
+    directory of its own, or 0 for none."""
+    env = os.environ.get("FXFUSE_TTIR_CACHE_DIR", "")
+    if env == "0":
+        return None
+    try:
+        from torch._inductor import config as inductor_config
+
+        if getattr(inductor_config, "force_disable_caches", False):
+            return None
+        if env:
+            return env
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return os.path.join(cache_dir(), "fxfuse_ttir")
+    except Exception:  # noqa: BLE001 - no cache dir in this torch: memory only
+        return None
+
+
+def _disk_path(key: Any) -> str | None:
+    d = disk_dir()
+    if d is None:
+        return None
+    import triton
+
+    blob = repr((DISK_FORMAT, torch.__version__, triton.__version__, _stable(key[0]), key[1:]))
+    return os.path.join(d, hashlib.sha256(blob.encode()).hexdigest() + ".pkl")
+
+
+def _disk_load(path: str | None) -> tuple[Any, Any] | None:
+    """Two independent copies of the stored answer (one to keep, one to hand out), or None."""
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+        return pickle.loads(blob), pickle.loads(blob)
+    except Exception as e:  # noqa: BLE001 - unreadable or from an incompatible torch: analyse again
+        log.debug("fxfuse: TTIR analysis file %s not read (%s); analysing", path, e)
+        return None
+
+
+def _disk_store(path: str | None, value: Any) -> None:
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(value, f)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except Exception as e:  # noqa: BLE001 - a read-only or full disk: memory only
+        log.debug("fxfuse: TTIR analysis not written to disk (%s)", e)
+
+
 def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def wrapper(kernel: Any, kwargs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
@@ -154,6 +236,17 @@ def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
         if hit is not None:
             stats["hits"] += 1
             return copy.deepcopy(hit)
+        try:
+            path = _disk_path(key)
+        except Exception as e:  # noqa: BLE001 - no source hash: memory only
+            log.debug("fxfuse: TTIR analysis disk key failed (%s)", e)
+            path = None
+        loaded = _disk_load(path)
+        if loaded is not None:
+            stats["hits"] += 1
+            stats["disk_hits"] += 1
+            _remember(key, loaded[0])
+            return loaded[1]
         out = original(kernel, kwargs, *rest, **kw)
         try:
             stored = copy.deepcopy(out)
@@ -161,14 +254,19 @@ def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
             log.debug("fxfuse: TTIR analysis result not copyable (%s); not cached", e)
             stats["uncached"] += 1
             return out
-        if len(_cache) >= MAX_ENTRIES:
-            _cache.clear()
-        _cache[key] = stored
+        _remember(key, stored)
+        _disk_store(path, stored)
         stats["misses"] += 1
         return out
 
     wrapper.__wrapped_by_fxfuse__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _remember(key: Any, value: Any) -> None:
+    if len(_cache) >= MAX_ENTRIES:
+        _cache.clear()
+    _cache[key] = value
 
 
 def install() -> bool:

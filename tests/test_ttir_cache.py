@@ -35,8 +35,16 @@ def _original() -> Any:
     return fn.__wrapped__ if getattr(fn, "__wrapped_by_fxfuse__", False) else fn
 
 
+@pytest.fixture(autouse=True)
+def own_disk_dir(tmp_path, monkeypatch) -> Any:
+    """Each test stores analyses in a directory of its own (none left by an earlier run)."""
+    monkeypatch.setenv("FXFUSE_TTIR_CACHE_DIR", str(tmp_path / "ttir"))
+    return tmp_path / "ttir"
+
+
 @pytest.fixture
 def fresh_cache() -> Any:
+    """An empty cache, in memory and on disk."""
     _ttir_cache.uninstall()
     assert _ttir_cache.install()
     yield
@@ -225,10 +233,12 @@ def test_install_failure_never_breaks_a_compile(monkeypatch) -> None:
     assert torch.equal(out, torch.full((3,), 2.0))
 
 
-def test_uncopyable_result_is_answered_not_kept(sm90_target, fresh_cache, monkeypatch) -> None:
+def test_uncopyable_result_is_answered_not_kept(sm90_target, fresh_cache, monkeypatch, own_disk_dir) -> None:
     gm = _fused("dense_fp8", 1)
     kernel, kw = triton_launches(gm)[0]
     _ttir_cache._cache.clear()
+    for f in own_disk_dir.glob("*.pkl"):
+        f.unlink()
 
     def no_copy(x, memo=None):
         raise TypeError("cannot copy")
@@ -238,6 +248,7 @@ def test_uncopyable_result_is_answered_not_kept(sm90_target, fresh_cache, monkey
     analyse = getattr(_tkw(), _name())
     assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {}))
     assert _ttir_cache.stats["uncached"] == n0 + 1 and not _ttir_cache._cache
+    assert not list(own_disk_dir.glob("*.pkl"))
 
 
 def test_next_compile_reuses_every_analysis(sm90_target, fresh_cache) -> None:
@@ -286,12 +297,13 @@ def test_runtime_ints_keyed_by_what_triton_specializes(sm90_target, fresh_cache)
     kernel, kw = next((k, kw) for k, kw in triton_launches(gm) if "stride_x" in kw)
     analyse = getattr(_tkw(), _name())
     _ttir_cache._cache.clear()
-    misses = _ttir_cache.stats["misses"]
+    fresh = lambda: _ttir_cache.stats["misses"] + _ttir_cache.stats["disk_hits"]  # noqa: E731 - not from memory
+    misses = fresh()
     for v, new in ((16, True), (48, False), (17, False), (1, True), (2**40, True), (2**40 + 16, False)):
         args = {**kw, "stride_x": v}
         assert str(analyse(kernel, args, {})) == str(_original()(kernel, args, {})), v
         misses += new
-        assert _ttir_cache.stats["misses"] == misses, v
+        assert fresh() == misses, v
     fn = getattr(kernel, "fn", kernel)
     const = next(p.name for p in fn.params if p.is_constexpr and type(kw.get(p.name)) is int)
     keys = {_ttir_cache._key(kernel, {**kw, const: v}, {}) for v in (kw[const], 2 * kw[const])}
@@ -322,3 +334,74 @@ def test_another_token_count_reuses_the_analyses(sm90_target, fresh_cache, name)
         seen |= sigs
         for kernel, kw in triton_launches(gm):
             assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {})), (tokens, kernel)
+
+
+# ----------------------------------------------------------------------------- on disk
+
+
+def test_a_new_process_reads_the_answers_from_disk(sm90_target, fresh_cache, own_disk_dir) -> None:
+    """What a new process pays: the memory cache is empty, the files of the last one are there. Every
+    launch of the model is then answered from disk, each answer torch's, and nothing is analysed."""
+    gm = _fused("moe", 1)
+    calls = triton_launches(gm)
+    files = sorted(own_disk_dir.glob("*.pkl"))
+    assert len(files) >= 2, files
+    _ttir_cache._cache.clear()  # a new process
+    misses, disk = _ttir_cache.stats["misses"], _ttir_cache.stats["disk_hits"]
+    analyse = getattr(_tkw(), _name())
+    for kernel, kw in calls:
+        assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {}))
+    assert _ttir_cache.stats["misses"] == misses
+    assert _ttir_cache.stats["disk_hits"] - disk == len(files)  # each file read once, then memory
+
+
+def test_disk_entries_follow_the_kernel_source(sm90_target, fresh_cache, monkeypatch) -> None:
+    """Two kernels of one name and module whose sources differ (an fxfuse upgrade) never share a file:
+    the second one's answer is its own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    @triton.jit
+    def k(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i))
+
+    first = k
+
+    @triton.jit
+    def k(x_ptr, y_ptr, BLOCK: tl.constexpr):  # noqa: F811 - same name, writes x instead
+        i = tl.arange(0, BLOCK)
+        tl.store(x_ptr + i, tl.load(y_ptr + i))
+
+    monkeypatch.setattr(_ttir_cache, "_owned", lambda kernel: True)
+    with FakeTensorMode():
+        kw = {"x_ptr": torch.empty(16, device="cuda"), "y_ptr": torch.empty(16, device="cuda"), "BLOCK": 16}
+    analyse = getattr(_tkw(), _name())
+    a = str(analyse(first, kw, {}))
+    _ttir_cache._cache.clear()
+    b = str(analyse(k, kw, {}))
+    assert a == str(_original()(first, kw, {})) and b == str(_original()(k, kw, {}))
+    assert a != b
+
+
+def test_unreadable_file_is_analysed_again(sm90_target, fresh_cache, own_disk_dir) -> None:
+    gm = _fused("dense_fp8", 1)
+    kernel, kw = triton_launches(gm)[0]
+    for f in own_disk_dir.glob("*.pkl"):
+        f.write_bytes(b"not a pickle")
+    _ttir_cache._cache.clear()
+    misses = _ttir_cache.stats["misses"]
+    analyse = getattr(_tkw(), _name())
+    assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {}))
+    assert _ttir_cache.stats["misses"] == misses + 1
+
+
+def test_disk_off(sm90_target, fresh_cache, own_disk_dir, monkeypatch) -> None:
+    """FXFUSE_TTIR_CACHE_DIR=0, or Inductor's caches disabled: memory only, nothing written."""
+    from torch._inductor import config as inductor_config
+
+    for env, force in (("0", False), (str(own_disk_dir), True)):
+        monkeypatch.setenv("FXFUSE_TTIR_CACHE_DIR", env)
+        monkeypatch.setattr(inductor_config, "force_disable_caches", force)
+        assert _ttir_cache.disk_dir() is None
+        _fused("dense_fp8", 1)
+        assert not list(own_disk_dir.glob("*.pkl"))
