@@ -2,7 +2,9 @@
 # result, which is what to rerun; earlier sessions' calls are in git history). benchmarks/gpu_run.sh holds the
 # full menu of steps.
 #   bash benchmarks/gpu_call.sh y   issue 8's RoPE table (plain, static fp8, QK-norm) at every M, and the KV-cache cases (ran)
-#   bash benchmarks/gpu_call.sh z   next session: compile-stage share with the TTIR analysis keyed by value (P36)
+#   bash benchmarks/gpu_call.sh z   compile-stage share with the TTIR analysis keyed by value (P36) (ran 2026-12-02)
+#   bash benchmarks/gpu_call.sh t   2026-12-02: the whole GPU suite (TTIR key by value, value_key, disk cache since the last one)
+#   bash benchmarks/gpu_call.sh c   2026-12-02: cold vs disk-warm compile share (TTIR answers on disk; P37)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -25,5 +27,11 @@ case "${1:-y}" in
     python3 -c "import json;[print(r['M'], r['fxfuse_pass_s'], r['compile_s'], r['fxfuse_pass_share_of_compile']) for r in json.load(open('$OUT/res/e2e_moe_h200_decode_z.json'))['models'][0]['rows']]"
     timeout 300 python3 benchmarks/compile_overhead.py --device cuda --compile --layers 2,4 --reps 2 --out $OUT/res/compile_overhead_h200_z.json > $OUT/res/compile_overhead.log 2>&1
     echo "compile overhead rc=$?"; grep -E '^\{' $OUT/res/compile_overhead.log | python3 -c "import sys,json;[print({k:v for k,v in json.loads(l).items() if 'compile' in k or 'pass_s' in k or k in ('model','layers')}) for l in sys.stdin]" ;;
+  t)  # 2026-12-02: the whole GPU suite after the TTIR cache / value_key / disk changes
+    timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests > $OUT/res/gpu_tests_h200_2026-12-02_t.log 2>&1
+    echo "gpu tests rc=$?"; tail -5 $OUT/res/gpu_tests_h200_2026-12-02_t.log ;;
+  c)  # 2026-12-02: cold compile vs a new process with the TTIR answers on disk (P37)
+    timeout 500 python3 benchmarks/compile_overhead.py --device cuda --compile --layers 2 --reps 2 --out $OUT/res/compile_overhead_h200_c.json > $OUT/res/compile_overhead_c.log 2>&1
+    echo "compile overhead rc=$?"; grep -E '^\{' $OUT/res/compile_overhead_c.log | python3 -c "import sys,json;[print({k:v for k,v in json.loads(l).items() if 'compile' in k or 'pass_s' in k or 'disk' in k or k in ('model','layers')}) for l in sys.stdin]" ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
