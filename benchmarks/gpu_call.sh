@@ -28,6 +28,10 @@ case "${1:-y}" in
     timeout 300 python3 benchmarks/compile_overhead.py --device cuda --compile --layers 2,4 --reps 2 --out $OUT/res/compile_overhead_h200_z.json > $OUT/res/compile_overhead.log 2>&1
     echo "compile overhead rc=$?"; grep -E '^\{' $OUT/res/compile_overhead.log | python3 -c "import sys,json;[print({k:v for k,v in json.loads(l).items() if 'compile' in k or 'pass_s' in k or k in ('model','layers')}) for l in sys.stdin]" ;;
   t)  # 2026-12-02: the whole GPU suite after the TTIR cache / value_key / disk changes
+    if ls .whl/*.whl >/dev/null 2>&1; then  # torchao (carried: no network there)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
     timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests > $OUT/res/gpu_tests_h200_2026-12-02_t.log 2>&1
     echo "gpu tests rc=$?"; tail -5 $OUT/res/gpu_tests_h200_2026-12-02_t.log ;;
   c)  # 2026-12-02: cold compile vs a new process with the TTIR answers on disk (P37)
