@@ -352,6 +352,46 @@ def test_complex_form_near_miss_other_pairing():
     check_close(out, ref)
 
 
+@pytest.mark.parametrize("qq", ["none", "dynamic"])
+def test_gpt_oss_chunk_form_fuses(qq):
+    """transformers' GPT-OSS `_apply_rotary_emb`: `torch.chunk(x, 2, dim=-1)` (aten.split + getitem
+    after tracing), then the explicit halves with cos/sin of half the head dim: q and k in one op,
+    with the fp8 quant that follows; bf16 rounding after every op as in eager."""
+    go = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    q, k, cos, sin, scale = hf_inputs(seed=23)
+    h = cos.shape[-1] // 2
+
+    def fn(q, k, cos, sin, scale):
+        qe, ke = go.apply_rotary_pos_emb(q, k, cos, sin)
+        return (*QUANTS[qq](qe, scale), ke)
+
+    args = (q, k, cos[..., :h].contiguous(), sin[..., :h].contiguous(), scale)
+    with torch.no_grad():
+        ref = fn(*args)
+    out, left = compile_and_run(fn, args, dynamic_dims={0: 2, 1: 2, 2: 1, 3: 1})
+    r = fxfuse.report()
+    assert fxfuse.counters["rope_quant"] == 1 and not r.near_misses, r.format(verbose=True)
+    assert not left, left
+    check_close(out, ref)
+
+
+def test_split_into_unequal_parts_is_not_two_halves():
+    """torch.split(x, [12, 20]) read as if it were halves would rotate the wrong pairs: a near miss,
+    the same as stock."""
+    q, k, cos, sin, _ = hf_inputs(seed=24)
+
+    def rot(x, c, s):
+        a, b = torch.split(x, [12, 20], dim=-1)
+        return torch.cat((a * c[..., :12] - b[..., :12] * s[..., :12],
+                          b[..., :12] * c[..., :12] + a * s[..., :12], b[..., 12:]), dim=-1)
+
+    fn = lambda q, k, c, s: (rot(q, c.unsqueeze(1), s.unsqueeze(1)), rot(k, c.unsqueeze(1), s.unsqueeze(1)))  # noqa: E731
+    args = (q, k, cos, sin)
+    out, _ = compile_and_run(fn, args)
+    assert fxfuse.counters["rope_quant"] == 0, fxfuse.report().format(verbose=True)
+    assert_identical(tuple(out), stock_compile(fn, args))
+
+
 def test_deepseek_interleave_form_is_a_named_near_miss():
     """transformers' DeepSeek-V3 `apply_rotary_pos_emb_interleave`: even/odd lanes in, two halves out
     (a gpt-j rotation stored de-interleaved). Not a form the kernel does: untouched, and the report

@@ -140,8 +140,41 @@ def _last_dim(d: Any, ndim: int) -> bool:
     return isinstance(d, int) and d % ndim == ndim - 1
 
 
+def _split_part(node: Any) -> tuple[fx.Node, int, int] | None:
+    """(src, start, end) for part i of a last-dim aten.split / split_with_sizes (what `torch.chunk`
+    and `torch.split` become, e.g. GPT-OSS's `first_half, second_half = torch.chunk(x, 2, dim=-1)`)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    sp, i = node.args
+    if not is_op(sp, aten.split.Tensor, aten.split_with_sizes.default) or not isinstance(i, int) or sp.kwargs:
+        return None
+    src, size = sp.args[0], sp.args[1]
+    dim = sp.args[2] if len(sp.args) > 2 else 0
+    src_v = val(src)
+    if not isinstance(src_v, torch.Tensor) or not _last_dim(dim, src_v.dim()):
+        return None
+    n = src_v.shape[-1]
+    if not isinstance(n, int):
+        return None
+    if is_op(sp, aten.split.Tensor):
+        if not isinstance(size, int) or size <= 0:
+            return None
+        sizes = [min(size, n - j) for j in range(0, n, size)]
+    else:
+        sizes = list(size)
+        if not all(isinstance(v, int) for v in sizes) or sum(sizes) != n:
+            return None
+    if not 0 <= i < len(sizes):
+        return None
+    start = sum(sizes[:i])
+    return src, start, start + sizes[i]
+
+
 def _slice_of(node: Any, step_ok: int = 1) -> tuple[fx.Node, int, int] | None:
-    """(src, start, end) for a last-dim aten.slice with step `step_ok`, else None."""
+    """(src, start, end) for a last-dim aten.slice with step `step_ok` (or, for step 1, a part of a
+    last-dim split), else None."""
+    if step_ok == 1 and (part := _split_part(node)) is not None:
+        return part
     if not is_op(node, aten.slice.Tensor):
         return None
     a = list(node.args) + [None] * (5 - len(node.args))
