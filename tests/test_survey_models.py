@@ -1,0 +1,28 @@
+"""benchmarks/survey_models.py: one transformers family through the survey (counters, details,
+numerics), and a config that cannot be built is a row with its error, not a crash."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import survey_models  # noqa: E402
+
+
+def test_qwen3_layer_fuses_rope_with_its_qk_norm() -> None:
+    row = survey_models.survey("qwen3")
+    assert "error" not in row, row
+    assert row["counters"].get("rope_quant") == 1, row
+    assert any("+qk_norm" in f for f in row["fusions"]), row
+    assert row["rel_err"] < 2e-2 and row["argmax_agree"] > 0.9, row
+
+
+def test_unbuildable_config_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(survey_models.MODELS, "bogus", ("NoSuchConfig", {}))
+    row = survey_models.survey("bogus")
+    assert row["error"].startswith("AttributeError"), row
