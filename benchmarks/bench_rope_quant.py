@@ -9,7 +9,8 @@ speedup vs stock compile, and whether Inductor's output code holds the fused Tri
 Gating: the JSON's "gates" holds, per "<scheme>/<M class>" (M<=16, M<=256, M>=4096:
 fxfuse.gating.m_classes) and per scheme (every M), the geomean speedup of fused vs stock compile
 keyed by head_dim (the `hidden` that fxfuse/patterns/rope_quant.py passes to gating.rejects). Shapes: Llama-3-8B-like (32/8 heads x 128) and Qwen3.5-like (16/2 x 256,
-partial rotary 64), M in {1, 16, 256, 4096, 16384}.
+partial rotary 64), M in {1, 16, 256, 4096, 16384}; `--shapes gpt_oss` (64/8 heads x 64) measures the
+head_dim-64 classes (GPT-OSS; its chunk form reads half-width cos/sin, the same kernel path otherwise).
 
 --cache: RoPE + KV-cache write (vLLM-like token-major q/k/v, cos/sin table by positions, k and v
 scattered into paged caches by slot; bf16 caches, or fp8 e4m3 caches with static k/v scales),
@@ -44,7 +45,9 @@ from fxfuse.kernels import rope_quant as K  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-SHAPES = {"llama3_8b": dict(hq=32, hk=8, d=128, rot=128), "qwen3.5": dict(hq=16, hk=2, d=256, rot=64)}
+SHAPES = {"llama3_8b": dict(hq=32, hk=8, d=128, rot=128), "qwen3.5": dict(hq=16, hk=2, d=256, rot=64),
+          "gpt_oss": dict(hq=64, hk=8, d=64, rot=64)}
+DEFAULT_SHAPES = ("llama3_8b", "qwen3.5")  # the table; gpt_oss (head_dim 64) on request
 SCHEMES = ("rope", "rope_fp8_static", "rope_fp8_dynamic", "rope_qknorm")
 
 
@@ -465,18 +468,23 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="build and run every variant once at tiny size, no timing (CPU ok)")
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--cache", action="store_true", help="RoPE + KV-cache write cases (M in 1, 256, 4096; < 60 s)")
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                    help=f"model shapes ({', '.join(SHAPES)}); a subset merges its head_dim classes into the gates")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="a subset re-measures those classes only (gates_merge: write_gates.py keeps the rest)")
     args = ap.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
     if set(schemes) - set(SCHEMES):
         sys.exit(f"bench_rope_quant: unknown schemes {sorted(set(schemes) - set(SCHEMES))}")
+    shapes = [s for s in args.shapes.split(",") if s]
+    if set(shapes) - set(SHAPES):
+        sys.exit(f"bench_rope_quant: unknown shapes {sorted(set(shapes) - set(SHAPES))}")
     if args.cache:
         main_cache(args)
         return
     if args.dry_run:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        rows = run([1, 5], list(SHAPES), list(SCHEMES), 1, 0.0, dev, dry=True)
+        rows = run([1, 5], shapes, list(SCHEMES), 1, 0.0, dev, dry=True)
         bad = [r for r in rows if r["notes"] or r.get("fused_regions") != 1 or (r["err"].get("fused") or 0) > 0.05
                or (r["scheme"] == "rope_qknorm" and not any("+qk_norm" in d for d in r.get("fused_detail", [])))]
         for r in bad:
@@ -492,13 +500,13 @@ def main() -> None:
     t0 = time.time()
     copy_gbps = copy_bandwidth_gbps(rep)
     print(f"[bench] {torch.cuda.get_device_name()} copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
-    rows = run(Ms, list(SHAPES), schemes, rep, copy_gbps, "cuda", dry=False)
+    rows = run(Ms, shapes, schemes, rep, copy_gbps, "cuda", dry=False)
     result = dict(
         family="rope_quant", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), copy_gbps=copy_gbps, rep_ms=rep,
         quick=args.quick, bytes_model="fxfuse.kernels.rope_quant.bytes_moved (min HBM read+write)",
         gate_hidden="head_dim", cases=rows, summary=summarize(rows), gates=gates(rows),
-        gates_merge=set(schemes) != set(SCHEMES),
+        gates_merge=set(schemes) != set(SCHEMES) or set(shapes) != set(DEFAULT_SHAPES),
         command="benchmarks/bench_rope_quant.py " + " ".join(sys.argv[1:]),
         wall_s=round(time.time() - t0, 1),
     )

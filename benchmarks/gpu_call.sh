@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_call.sh z   compile-stage share with the TTIR analysis keyed by value (P36) (ran 2026-12-02)
 #   bash benchmarks/gpu_call.sh t   2026-12-02: the whole GPU suite (TTIR key by value, value_key, disk cache since the last one)
 #   bash benchmarks/gpu_call.sh c   2026-12-02: cold vs disk-warm compile share (TTIR answers on disk; P37)
+#   bash benchmarks/gpu_call.sh g   2026-12-02: RoPE at head_dim 64 (GPT-OSS shape: 64/8 heads), every M (P39)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -37,5 +38,9 @@ case "${1:-y}" in
   c)  # 2026-12-02: cold compile vs a new process with the TTIR answers on disk (P37)
     timeout 500 python3 benchmarks/compile_overhead.py --device cuda --compile --layers 2 --reps 2 --out $OUT/res/compile_overhead_h200_c.json > $OUT/res/compile_overhead_c.log 2>&1
     echo "compile overhead rc=$?"; grep -E '^\{' $OUT/res/compile_overhead_c.log | python3 -c "import sys,json;[print({k:v for k,v in json.loads(l).items() if 'compile' in k or 'pass_s' in k or 'disk' in k or k in ('model','layers')}) for l in sys.stdin]" ;;
+  g)  # 2026-12-02: the head_dim-64 RoPE classes (GPT-OSS's RoPE fuses since the chunk form is read; its gate
+      # took head_dim 128's figures as the nearest class until measured)
+    timeout 400 python3 benchmarks/bench_rope_quant.py --shapes gpt_oss --schemes rope,rope_fp8_static,rope_fp8_dynamic --out $OUT/res/rope_quant_h200_gptoss.json > $OUT/res/rope_gptoss.log 2>&1
+    echo "rope gpt_oss rc=$?"; grep -E "M=|gates|copy bandwidth" $OUT/res/rope_gptoss.log | cut -c1-220 ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
