@@ -12,6 +12,8 @@ e2e results, and writes a merge-only gate result for `rope/M<=16` at the model's
 smaller of the isolated bench's figure (`--isolated`, the RoPE bench's result) and the in-model ratio.
 
     python benchmarks/in_model_gates.py benchmarks/results/e2e_dense_fp8_own_h200_launches.json \
+        --isolated benchmarks/results/rope_quant_h200_quick.json \
+        --isolated benchmarks/results/rope_quant_h200_gptoss.json --proxy-head-dims 64 \
         --out benchmarks/results/rope_in_model_decode_h200.json
     python benchmarks/write_gates.py benchmarks/results/rope_in_model_decode_h200.json
 """
@@ -22,6 +24,7 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 from typing import Any
 
 HEAD_DIM = {"dense_fp8": 128}  # head_dim of e2e results recorded before e2e.py wrote it (hidden 4096 / 32 heads)
@@ -66,23 +69,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("results", nargs="+")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--isolated", default=str(ISOLATED), help="bench_rope_quant.py result with the isolated figures")
+    ap.add_argument("--isolated", action="append", default=None,
+                    help="bench_rope_quant.py result(s) with the isolated figures (repeatable)")
+    ap.add_argument("--proxy-head-dims", default="",
+                    help="head_dims with no in-model profile that take the measured models' in-model ratio "
+                         "(the mechanism, stock folding plain RoPE into the attention prologue at decode, does "
+                         "not depend on head_dim); each still takes the smaller of that and its isolated figure")
     a = ap.parse_args()
     rows = in_model_ratios(a.results)
     if not rows:
         raise SystemExit("in_model_gates: no decode row with RoPE-related kernels on both sides")
-    iso = json.loads(pathlib.Path(a.isolated).read_text())["summary"]["geomean_speedup_vs_compile"].get("rope", {})
-    isolated = {k.split("/")[0]: v for k, v in iso.items() if k.endswith("/M<=16")}
+    isolated: dict[str, float] = {}
+    for path in a.isolated or [str(ISOLATED)]:
+        summ = json.loads(pathlib.Path(path).read_text())["summary"]["geomean_speedup_vs_compile"]
+        isolated.update({k.split("/")[0]: v for k, v in summ.get("rope", {}).items() if k.endswith("/M<=16")})
     gates: dict[str, float] = {}
     for hd in sorted({r["head_dim"] for r in rows}):
         rs = [r["ratio"] for r in rows if r["head_dim"] == hd]
         geo = math.exp(sum(map(math.log, rs)) / len(rs))
         gates[str(hd)] = round(min(geo, isolated.get(str(hd), math.inf)), 3)
+    proxies = [h for h in a.proxy_head_dims.split(",") if h]
+    every = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
+    for hd in proxies:
+        gates.setdefault(hd, round(min(every, isolated.get(hd, math.inf)), 3))
     first = json.loads(pathlib.Path(a.results[0]).read_text())
     out = dict(family="rope_quant", gates_merge=True, gpu=first.get("gpu"), date=first.get("date"),
-               torch=first.get("torch"), command="python benchmarks/in_model_gates.py " + " ".join(a.results),
+               torch=first.get("torch"), command="python benchmarks/in_model_gates.py " + " ".join(sys.argv[1:]),
                method="RoPE-related kernel us per decode step (profiler) stock / fxfuse; gate = min(isolated, in-model)",
-               rows=rows, gates={"rope/M<=16": gates})
+               rows=rows, gates={"rope/M<=16": gates},
+               proxy_head_dims={h: "in-model ratio of the measured head_dims (no model of this head_dim profiled)"
+                                for h in proxies})
     pathlib.Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["rows"], indent=1), "\n", out["gates"])
 

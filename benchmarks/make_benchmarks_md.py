@@ -257,6 +257,38 @@ def _rope_summary(cases: list[dict]) -> dict:
     return bench_rope_quant.summarize(cases)
 
 
+def _rope_table(cases: list[dict]) -> list[str]:
+    out = ["", "| shape | scheme | head_dim | M | eager us | stock us | fused us | fused GB/s | % copy | x stock | x eager | launches stock/fused |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        us, sp = c["us"], c["speedup_vs_compile"]
+        xe = us["eager"] / us["fused"] if us.get("fused") and us.get("eager") else None
+        out.append(f"| {c['shape']} | {c['scheme']} | {c['head_dim']} | {c['M']} | {x(us.get('eager'), '{:.1f}')} | "
+                   f"{x(us.get('compile'), '{:.1f}')} | {x(us.get('fused'), '{:.1f}')} | {x(c['gbps'].get('fused'), '{:.0f}')} | "
+                   f"{x(100 * c['frac_copy']['fused'] if c['frac_copy'].get('fused') is not None else None, '{:.0f}%')} | "
+                   f"{x(sp.get('fused'))} | {x(xe, '{:.1f}')} | {_launches(c)} |")
+    return out
+
+
+def rope_head_dim_64() -> list[str]:
+    """The GPT-OSS shape (64/8 heads x 64): measured for its gate classes, outside issue 8's table."""
+    name = "rope_quant_h200_gptoss.json"
+    r = load(name)
+    if r is None:
+        return []
+    out = ["", "### RoPE at head_dim 64 (GPT-OSS shape: 64 q / 8 kv heads)", ""]
+    out += run_lines(r, ran(r, "benchmarks/bench_rope_quant.py"), name)
+    out += _rope_table(r["cases"])
+    out += ["", "Measured for the head_dim-64 gate classes (GPT-OSS's RoPE, `torch.chunk` halves, fuses since "
+            "2026-12-02; until then its gate took head_dim 128's figures as the nearest class). Merged into "
+            "`fxfuse/gates.json`; plain RoPE at decode stays off for head_dim 64 too (`benchmarks/in_model_gates.py "
+            "--proxy-head-dims 64`: the in-model mechanism, stock folding the rotation into its attention prologue, "
+            "does not depend on head_dim, and no head_dim-64 model was profiled). No class changed sides: the "
+            "nearest-class figures agreed. The fp8 cases reach 75-89% of copy at M >= 4096 here: the launch "
+            "configs come from the head_dim 128/256 sweep (`benchmarks/tune_rope.py`), not tuned for 64."]
+    return out
+
+
 def rope_quant() -> list[str]:
     runs = [(n, r) for n in ROPE_RUNS if (r := load(n)) is not None]
     if not runs:
@@ -268,15 +300,7 @@ def rope_quant() -> list[str]:
     out = ["", "## RoPE (+q/k norm) + fp8 quant", ""]
     for n, r in runs:
         out += run_lines(r, ran(r, "benchmarks/bench_rope_quant.py"), n)
-    out += ["", "| shape | scheme | head_dim | M | eager us | stock us | fused us | fused GB/s | % copy | x stock | x eager | launches stock/fused |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in cases:
-        us, sp = c["us"], c["speedup_vs_compile"]
-        xe = us["eager"] / us["fused"] if us.get("fused") and us.get("eager") else None
-        out.append(f"| {c['shape']} | {c['scheme']} | {c['head_dim']} | {c['M']} | {x(us.get('eager'), '{:.1f}')} | "
-                   f"{x(us.get('compile'), '{:.1f}')} | {x(us.get('fused'), '{:.1f}')} | {x(c['gbps'].get('fused'), '{:.0f}')} | "
-                   f"{x(100 * c['frac_copy']['fused'] if c['frac_copy'].get('fused') is not None else None, '{:.0f}%')} | "
-                   f"{x(sp.get('fused'))} | {x(xe, '{:.1f}')} | {_launches(c)} |")
+    out += _rope_table(cases)
     out += ["", "Launches n/a: one graph with a dynamic token dim serves every M > 1, so only its first M records a "
             "fresh compile and a launch count."]
     g = {k: v for k, v in _gates()["rope_quant"].items() if "kvcache" not in k}
@@ -802,7 +826,7 @@ def rmsnorm_h200() -> list[str]:
 def main() -> None:
     if not (RES / "rmsnorm_quant_h100.json").exists() or not (RES / "unwrap_h100.json").exists():
         print("# Benchmarks")
-        for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey, demo, gpu_tests):
+        for section in (silu_mul_quant, llama_layer, rope_quant, rope_head_dim_64, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey, demo, gpu_tests):
             print("\n".join(section()))
         return
     r = json.loads((RES / "rmsnorm_quant_h100.json").read_text())
@@ -899,7 +923,7 @@ def main() -> None:
         "shipped ATen decompositions run op by op, so 'eager' and 'stock compile' call several small torch "
         "kernels per op.",
     ]
-    for section in (silu_mul_quant, llama_layer, rope_quant, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey, demo, gpu_tests):
+    for section in (silu_mul_quant, llama_layer, rope_quant, rope_head_dim_64, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey, demo, gpu_tests):
         out += section()
     print("\n".join(out))
 

@@ -94,3 +94,15 @@ def test_silu_mul_quant_gated_per_m_class(table):
         if not fused:
             why = [m.reason for m in fxfuse.report().near_misses]
             assert any("per-token/M<=16" in w and "0.70x" in w for w in why), why
+
+
+def test_shipped_plain_rope_gates_by_head_dim_and_tokens() -> None:
+    """The shipped table: plain RoPE (no quant) is left to Inductor at decode, where stock folds it
+    into the attention prologue (in-model profile; head_dim 64 takes that ratio as a proxy), and
+    ships from 256 tokens on, for the measured head_dims 64 (GPT-OSS), 128 and 256 alike."""
+    for hd in (64, 128):
+        assert gating.rejects("rope_quant", scheme="rope", hidden=hd, dtype=torch.bfloat16, M=1) is not None, hd
+    for hd in (64, 128, 256):
+        for M in (256, 4096):
+            assert gating.rejects("rope_quant", scheme="rope", hidden=hd, dtype=torch.bfloat16, M=M) is None, (hd, M)
+        assert gating.rejects("rope_quant", scheme="rope_fp8_dynamic", hidden=hd, dtype=torch.bfloat16, M=1) is None
