@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_call.sh t   2026-12-02: the whole GPU suite (TTIR key by value, value_key, disk cache since the last one)
 #   bash benchmarks/gpu_call.sh c   2026-12-02: cold vs disk-warm compile share (TTIR answers on disk; P37)
 #   bash benchmarks/gpu_call.sh g   2026-12-02: RoPE at head_dim 64 (GPT-OSS shape: 64/8 heads), every M (P39)
+#   bash benchmarks/gpu_call.sh r   2026-12-02: the RoPE GPU tests (GPT-OSS chunk form on CUDA)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -42,5 +43,8 @@ case "${1:-y}" in
       # took head_dim 128's figures as the nearest class until measured)
     timeout 400 python3 benchmarks/bench_rope_quant.py --shapes gpt_oss --schemes rope,rope_fp8_static,rope_fp8_dynamic --out $OUT/res/rope_quant_h200_gptoss.json > $OUT/res/rope_gptoss.log 2>&1
     echo "rope gpt_oss rc=$?"; grep -E "M=|gates|copy bandwidth" $OUT/res/rope_gptoss.log | cut -c1-220 ;;
+  r)  # 2026-12-02: every RoPE GPU test, with the GPT-OSS chunk form's
+    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
+    echo "gpu rope tests rc=$?"; tail -4 $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"

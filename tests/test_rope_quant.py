@@ -2041,6 +2041,34 @@ def test_gpu_kernel_matches_reference_bitwise():
             assert not bad.any(), (i, bad.float().mean().item())
 
 
+@pytest.mark.parametrize("qq", ["none", "dynamic"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gpt_oss_chunk_form_in_output_code(qq):
+    """GPT-OSS's RoPE (torch.chunk halves, half-width cos/sin) at its shape (64/8 heads x 64): one
+    user Triton kernel in Inductor's output code, outputs as eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    go = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+
+    def fn(q, k, cos, sin, scale):
+        qe, ke = go.apply_rotary_pos_emb(q, k, cos, sin)
+        return (*QUANTS[qq](qe, scale), ke)
+
+    q, k, cos, sin, scale = _cuda(hf_inputs(B=2, S=33, HQ=64, HK=8, D=64, seed=14))
+    args = (q, k, cos[..., :32].contiguous(), sin[..., :32].contiguous(), scale)
+    with torch.no_grad():
+        ref = fn(*args)
+    torch._dynamo.reset()
+    fxfuse.counters.clear()
+    with fresh_cache(), torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
+    code = "\n".join(codes)
+    assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
+    check_close(out, ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_complex_form_in_output_code():
