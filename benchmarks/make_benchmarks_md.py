@@ -777,6 +777,7 @@ def gpu_tests() -> list[str]:
              "before its summary line)",
         "j_silu": "SiLU kernel GPU tests incl. the PIECES launch (bitwise vs the padded one-row launch)",
         "k_rope": "RoPE GPU tests with QK-norm on the SPLIT path",
+        "r_rope": "eighth session: every RoPE GPU test, with the GPT-OSS chunk form's (`bash benchmarks/gpu_call.sh r`)",
         "t": "eighth session: the whole GPU suite after the TTIR cache's by-value keys and disk store and the "
              "dynamic-shape value_key (`bash benchmarks/gpu_call.sh t`)",
         "q_all": "seventh session: the whole GPU suite in one call (its first try, inside a benchmark call, hit "
