@@ -405,3 +405,37 @@ def test_disk_off(sm90_target, fresh_cache, own_disk_dir, monkeypatch) -> None:
         assert _ttir_cache.disk_dir() is None
         _fused("dense_fp8", 1)
         assert not list(own_disk_dir.glob("*.pkl"))
+
+
+def test_answers_written_by_another_process_are_read(sm90_target, fresh_cache, own_disk_dir) -> None:
+    """The disk key is stable across processes (no identities or addresses in it): a subprocess runs
+    the pass over the model, and every launch of the same model here is answered from its files."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import fxfuse\n"
+        "from fxfuse import demo, _ttir_cache\n"
+        "from fxfuse.testing import on_fake_device, post_grad_graph, triton_target, reapply\n"
+        "dm = demo.BUILDERS['moe']('cpu', True, layers=1)\n"
+        "ids = demo.random_ids(dm.vocab, 8, 'cpu', seed=1).reshape(1, -1)\n"
+        "with triton_target(90):\n"
+        "    gm = on_fake_device(post_grad_graph(dm.module, ids, dynamic=False))\n"
+        "    _ttir_cache.install()\n"
+        "    reapply(gm, passes=fxfuse.FusionPasses(strict=True, options={'gate': False}))\n"
+        "print(dict(_ttir_cache.stats))\n"
+    )
+    env = dict(os.environ, FXFUSE_TTIR_CACHE_DIR=str(own_disk_dir))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = json.loads(r.stdout.strip().splitlines()[-1].replace("'", '"'))["misses"]
+    assert written >= 2 and len(list(own_disk_dir.glob("*.pkl"))) == written
+    misses, disk = _ttir_cache.stats["misses"], _ttir_cache.stats["disk_hits"]
+    gm = _fused("moe", 1)
+    assert _ttir_cache.stats["misses"] == misses, "an answer the other process stored was analysed again"
+    assert _ttir_cache.stats["disk_hits"] - disk == written
+    analyse = getattr(_tkw(), _name())
+    for kernel, kw in triton_launches(gm):
+        assert str(analyse(kernel, kw, {})) == str(_original()(kernel, kw, {}))
