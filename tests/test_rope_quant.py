@@ -1309,21 +1309,23 @@ run(True, False, 32, 64, False, 2, 2, torch.bfloat16, torch.bfloat16, B=1, S=1, 
 run(True, True, 24, 32, False, 2, 1, torch.bfloat16, torch.bfloat16, so=[2, 1, 0])  # half 12: not a power of 2 (gather)
 run(False, True, 16, 72, True, 1, 2, torch.bfloat16, torch.bfloat16, HQ=5, HK=3)  # passthrough 32 + 24 (masked 32), odd heads
 # QK-norm before the rotation
-def run_norm(neox, rot, D, dt=torch.bfloat16):
+def run_norm(neox, rot, D, dt=torch.bfloat16, eps_t=False):
     q = torch.randn(2, 3, 4, D).to(dt); k = torch.randn(2, 3, 2, D).to(dt)
     cos, sin = torch.randn(6, rot).to(dt), torch.randn(6, rot).to(dt)
     wq, wk = (1 + 0.2 * torch.randn(D)).to(dt), (1 + 0.2 * torch.randn(D)).to(dt)
     args = (q, k, cos, sin, None, None, None, rot, neox, False, dt, 2, 1.0, [1], [448.0], False, 0, 1.0, [], [], False,
             -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2], wq, wk, 1e-6, 1e-5, 0.0, True, None, dt)
-    ref = rope_quant_reference(*args)
-    runs = [rope_quant_triton(*args, config=CFG, out=[torch.full(t.shape, p).to(t.dtype) for t in ref])
+    # eps_t: lifted eps read from tensors (values far from the constants, so a baked eps shows)
+    kw = dict(q_eps_tensor=torch.tensor([0.37]), k_eps_tensor=torch.tensor(0.05)) if eps_t else {}
+    ref = rope_quant_reference(*args, **kw)
+    runs = [rope_quant_triton(*args, **kw, config=CFG, out=[torch.full(t.shape, p).to(t.dtype) for t in ref])
             for p in (7.0, -3.0)]
     bad = sum(int(not torch.equal(a.float(), b.float())) + int(not torch.equal(a.float(), c.float()))
               for a, b, c in zip(runs[0], runs[1], ref) if a.numel())
     res.append(dict(case=f"qk_norm neox={neox} rot={rot} D={D}", bad=bad, split=path(q, k, rot, neox, True)))
 run_norm(True, 32, 32)
 run_norm(False, 16, 32)
-run_norm(True, 16, 64)  # Qwen3.5-like: QK-norm + partial neox rotary
+run_norm(True, 16, 64, eps_t=True)  # Qwen3.5-like: QK-norm + partial neox rotary; eps from tensors
 run_norm(False, 32, 32)  # gpt-j full rotary: SPLIT 2 swaps the lanes of each pair in registers
 # fp32 math stored as bf16 (the complex form: fp32 product, one cast at the end)
 q = torch.randn(2, 3, 4, 32).to(torch.bfloat16); k = torch.randn(2, 3, 2, 32).to(torch.bfloat16)

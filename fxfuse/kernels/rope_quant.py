@@ -83,6 +83,17 @@ SCALE_CODES = (SCALE_MUL, SCALE_DIV, SCALE_RDIV, SCALE_CLAMP_MIN, SCALE_CLAMP_MA
 # ----------------------------------------------------------------------------- validation
 
 
+def check_eps_tensors(q: torch.Tensor, *eps: Optional[torch.Tensor]) -> None:
+    """A runtime eps is one fp32 element on q's device (the FX side moves a 0-d CPU scalar there)."""
+    for t in eps:
+        if t is None:
+            continue
+        if t.numel() != 1 or t.dtype != torch.float32:
+            raise ValueError("rope_quant: an eps tensor must be one float32 element")
+        if t.device != q.device:
+            raise ValueError("rope_quant: an eps tensor on a different device than q")
+
+
 def check_args(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -187,7 +198,8 @@ def _qk_norm_ref(x, w, eps, woff, round_before, wsum_dtype, norm_dtype):
     """Per-head RMSNorm over head_dim, the rmsnorm_quant kernel's math (fp32, rounding points)."""
     f32 = torch.float32
     v = x.to(f32)
-    r = torch.reciprocal(torch.sqrt((v * v).mean(-1, keepdim=True) + torch.tensor(eps, dtype=f32)))
+    e = eps.reshape(()).to(f32) if isinstance(eps, torch.Tensor) else torch.tensor(eps, dtype=f32)
+    r = torch.reciprocal(torch.sqrt((v * v).mean(-1, keepdim=True) + e))
     n = v * r
     if round_before:
         n = n.to(x.dtype).to(f32)
@@ -242,21 +254,29 @@ def rope_quant_reference(
     math_dtype: Optional[torch.dtype] = None,
     q_scale_order: Optional[Sequence[int]] = None,
     k_scale_order: Optional[Sequence[int]] = None,
+    q_eps_tensor: Optional[torch.Tensor] = None,
+    k_eps_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Pure-torch oracle: (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales), unused ones empty.
+
+    q/k_eps_tensor (one fp32 element, q's device) replace q/k_eps: a float attribute that
+    dynamic=True lifted into a graph input, read on every call rather than baked.
 
     math_dtype (fp32): the rotation rounds like a float32 computation, the result is cast to
     out_dtype once at the end (the complex form: fp32 product, then `.type_as(x)`).
     q/k_scale_order: memory order of a dynamic scale's [B, S, H] dims (None: contiguous), so the
     scale lands in the layout its consumer expects (no copy after the op)."""
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
+    check_eps_tensors(q, q_eps_tensor, k_eps_tensor)
     if math_dtype is not None and (q_quant or k_quant):
         raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     nd = norm_dtype or q.dtype
     if q_norm_w is not None:
-        q = _qk_norm_ref(q, q_norm_w, q_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
+        qe = q_eps if q_eps_tensor is None else q_eps_tensor
+        q = _qk_norm_ref(q, q_norm_w, qe, norm_woff, norm_round_before, norm_wsum_dtype, nd)
     if k is not None and k_norm_w is not None:
-        k = _qk_norm_ref(k, k_norm_w, k_eps, norm_woff, norm_round_before, norm_wsum_dtype, nd)
+        ke = k_eps if k_eps_tensor is None else k_eps_tensor
+        k = _qk_norm_ref(k, k_norm_w, ke, norm_woff, norm_round_before, norm_wsum_dtype, nd)
     B, S = q.shape[0], q.shape[1]
     f32 = torch.float32
     cs, sn = cos, sin
@@ -706,6 +726,7 @@ def _rope_quant_kernel(
     K_CACHE_U8: tl.constexpr = False, V_CACHE_U8: tl.constexpr = False, STORE_KQ: tl.constexpr = True,
     V_QUANT: tl.constexpr = False, V_SCALE_T: tl.constexpr = False, V_MUL: tl.constexpr = False,
     SPLIT: tl.constexpr = 0, BLOCK_P: tl.constexpr = 1, BLOCK_P2: tl.constexpr = 0,
+    qeps_ptr=None, keps_ptr=None, Q_EPS_T: tl.constexpr = False, K_EPS_T: tl.constexpr = False,
 ):
     """Grid (tokens, q head-blocks + k head-blocks): q and k of a token in ONE launch.
 
@@ -733,6 +754,10 @@ def _rope_quant_kernel(
     qmax = tl.cast(qmax, tl.float32)
     q_eps = tl.cast(q_eps, tl.float32)
     k_eps = tl.cast(k_eps, tl.float32)
+    if Q_EPS_T:  # a float attribute dynamic=True lifted into a graph input: read on every call
+        q_eps = tl.load(qeps_ptr).to(tl.float32)
+    if K_EPS_T:
+        k_eps = tl.load(keps_ptr).to(tl.float32)
     woff = tl.cast(woff, tl.float32)
     one = tl.cast(one, tl.float32)
     tok = tl.program_id(0).to(tl.int64)
@@ -1002,6 +1027,9 @@ def _launch(kernel, a: dict, outs, num_warps=None, cache: Optional[dict] = None,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         NKB=nkb, **c_rt, **c_ce,
         SPLIT=int(cfg["SPLIT"]), BLOCK_P=p1, BLOCK_P2=p2,
+        qeps_ptr=a["q_eps_tensor"] if a["q_eps_tensor"] is not None else cos,
+        keps_ptr=a["k_eps_tensor"] if a["k_eps_tensor"] is not None else cos,
+        Q_EPS_T=a["q_eps_tensor"] is not None, K_EPS_T=a["k_eps_tensor"] is not None,
         num_warps=num_warps or cfg["num_warps"],
     )
 
@@ -1049,12 +1077,15 @@ def rope_quant(
     math_dtype: Optional[torch.dtype] = None,
     q_scale_order: Optional[list[int]] = None,
     k_scale_order: Optional[list[int]] = None,
+    q_eps_tensor: Optional[torch.Tensor] = None,
+    k_eps_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused (QK-norm +) RoPE (+fp8 quant) of q and k -> (q_rope, q_fp8, q_scales, k_rope, k_fp8, k_scales)."""
     args = (q, k, cos, sin, positions, q_scale, k_scale, rot_dim, neox, cos_half, out_dtype,
             q_quant, q_static, q_ops, q_consts, q_mul, k_quant, k_static, k_ops, k_consts, k_mul,
             qmin, qmax, need_q_rope, need_k_rope, q_order, k_order, q_norm_w, k_norm_w, q_eps, k_eps,
-            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype, math_dtype, q_scale_order, k_scale_order)
+            norm_woff, norm_round_before, norm_wsum_dtype, norm_dtype, math_dtype, q_scale_order, k_scale_order,
+            q_eps_tensor, k_eps_tensor)
     if q.device.type == "cpu":
         return _rope_quant_cpu(*args)
     a = _bind(args, {})
@@ -1171,7 +1202,7 @@ def rope_quant_cache_reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor,
 
 _NORM_DEFAULTS = dict(q_norm_w=None, k_norm_w=None, q_eps=1e-6, k_eps=1e-6, norm_woff=0.0, norm_round_before=True,
                       norm_wsum_dtype=None, norm_dtype=None, math_dtype=None, cache_bhsd=False,
-                      q_scale_order=None, k_scale_order=None)
+                      q_scale_order=None, k_scale_order=None, q_eps_tensor=None, k_eps_tensor=None)
 
 
 def _bind_cache(args: tuple, kwargs: dict) -> dict:
@@ -1202,6 +1233,7 @@ def rope_quant_cache(
     norm_wsum_dtype: Optional[torch.dtype] = None, norm_dtype: Optional[torch.dtype] = None,
     math_dtype: Optional[torch.dtype] = None, cache_bhsd: bool = False,
     q_scale_order: Optional[list[int]] = None, k_scale_order: Optional[list[int]] = None,
+    q_eps_tensor: Optional[torch.Tensor] = None, k_eps_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """rope_quant + the KV-cache write in the same launch: k (rope, or its fp8 quant) and v (fp8 when
     v_quant) stored into k_cache / v_cache (mutated in place) at `slots`.
@@ -1268,6 +1300,7 @@ def _bind(args: tuple, kwargs: dict) -> dict:
 
 
 def _check(a: dict) -> None:
+    check_eps_tensors(a["q"], a.get("q_eps_tensor"), a.get("k_eps_tensor"))
     if a.get("math_dtype") is not None and (a["q_quant"] or a["k_quant"]):
         raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     check_args(a["q"], a["k"], a["cos"], a["sin"], a["positions"], a["rot_dim"], a["cos_half"], a["out_dtype"],

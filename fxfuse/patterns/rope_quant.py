@@ -560,8 +560,6 @@ def absorb_norm(m: RopeMatch) -> str | None:
         return f"norm before RoPE not fused: {r}"
     if nm.y is not x:
         return None
-    if nm.eps is None:
-        return "norm before RoPE not fused: its eps is a runtime value (a float attribute lifted by dynamic=True)"
     if nm.residual is not None or nm.weight is None:
         return "norm before RoPE not fused: it has a residual add or no weight"
     inside = m.nodes | ({pnode} if pnode is not None else set())
@@ -779,6 +777,13 @@ def match_quant(m: RopeMatch) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
+def region_scalars(ms: list[RopeMatch]) -> list[torch.Tensor]:
+    """The one-element runtime values a region reads: static scales and lifted norm eps (0-d CPU
+    tensors under dynamic=True, moved to the device inside the replacement: their own gate class)."""
+    out = [tval(mm.quant.scale) for mm in ms if mm.quant is not None and mm.quant.scale is not None]
+    return out + [tval(mm.norm.eps_node) for mm in ms if mm.norm is not None and mm.norm.eps_node is not None]
+
+
 def check(m: RopeMatch) -> None:
     xv, ov = tval(m.x), tval(m.out)
     if xv.dtype not in X_DTYPES:
@@ -795,7 +800,7 @@ def check(m: RopeMatch) -> None:
             raise Reject(f"{n.name} dtype {tval(n).dtype} not supported")
     if not statically_known_true(tval(m.src).stride(-1) == 1):
         raise Reject("head_dim of the rotated tensor is not contiguous")
-    scalars = [tval(m.quant.scale)] if m.quant is not None and m.quant.scale is not None else []
+    scalars = region_scalars([m])
     if not kernel_devices_ok(xv, tval(m.cos), tval(m.sin), scalars=scalars):
         raise Reject("inputs are on different devices")
     if xv.device.type not in ("cpu", "cuda"):
@@ -806,7 +811,8 @@ def check(m: RopeMatch) -> None:
             raise Reject("norm weight is not contiguous on the same device")
         if not statically_known_true(tval(m.src).stride(-1) == 1):
             raise Reject("head_dim of the norm input is not contiguous")
-    for inp in (m.src, m.cos, m.sin, m.quant.scale if m.quant else None, m.norm.weight if m.norm else None):
+    for inp in (m.src, m.cos, m.sin, m.quant.scale if m.quant else None, m.norm.weight if m.norm else None,
+                m.norm.eps_node if m.norm else None):
         if inp is not None and depends_on_any(inp, region):
             raise Reject(f"input {inp.name} depends on the region itself")
 
@@ -1126,6 +1132,9 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
     inputs += scales
     norms = [mm.norm.weight for mm in ms if mm.norm is not None]
     inputs += norms
+    # lifted eps (dynamic=True): read at run time, never baked; one input per side that has one
+    eps_nodes = [mm.norm.eps_node if mm is not None and mm.norm is not None else None for mm in (qm, km)]
+    inputs += [n for n in eps_nodes if n is not None]
     stale = [n for n in inputs if n in posts]
     if stale:
         raise Reject(f"{stale[0].name}, the new contents of a cache write as written, is an input of the fused op")
@@ -1171,7 +1180,8 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
             params[f"{p}_scale_order"] = so
     if qm.norm is not None:
         nm = qm.norm
-        params.update(q_eps=nm.eps, k_eps=km.norm.eps if km is not None and km.norm is not None else 1e-6,
+        k_eps = km.norm.eps if km is not None and km.norm is not None else 1e-6
+        params.update(q_eps=1e-6 if nm.eps is None else nm.eps, k_eps=1e-6 if k_eps is None else k_eps,
                       norm_woff=nm.weight_offset, norm_round_before=nm.round_before_weight,
                       norm_wsum_dtype=nm.weight_sum_dtype, norm_dtype=tval(nm.y).dtype)
     shapes = [list(tval(mm.x).shape) for mm in ms]
@@ -1184,6 +1194,7 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
     q_view = (qm.x_perm, qm.head, qm.tok)
     k_view = (km.x_perm, km.head, km.tok) if km is not None else None
     has_qw, has_kw = qm.norm is not None, km is not None and km.norm is not None
+    has_qe, has_ke = eps_nodes[0] is not None, eps_nodes[1] is not None
     # per output side: (need_rope, has_quant, quant reshaped to its sink's shape or None, dynamic scale, head, tok, shape)
     has_kv, complex_freqs = kv is not None, qm.complex_freqs
     bhsd = kv is not None and kv.k.bhsd
@@ -1210,6 +1221,8 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
         ks = next(it) if has_ks else None
         qw = next(it) if has_qw else None
         kw = next(it) if has_kw else None
+        qe = next(it) if has_qe else None
+        ke = next(it) if has_ke else None
         if has_kv:
             v, kc, vc, slots = next(it), next(it), next(it), next(it)
             vs = next(it) if has_vs else None
@@ -1226,12 +1239,17 @@ def rewrite(graph: fx.Graph, ms: list[RopeMatch], kv: KVPlan | None = None,
         q4 = _to4(xq, q_view[1], q_view[2])
         k4 = _to4(xk, k_view[1], k_view[2]) if k_view is not None else None
         sc = (None if qs is None else scalar_on(qs, q4), None if ks is None else scalar_on(ks, q4))
+        eps_t = {}
+        if qe is not None:
+            eps_t["q_eps_tensor"] = scalar_on(qe, q4)
+        if ke is not None:
+            eps_t["k_eps_tensor"] = scalar_on(ke, q4)
         if not has_kv:
-            outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw)
+            outs = torch.ops.fxfuse.rope_quant(q4, k4, c, s, p, *sc, **params, q_norm_w=qw, k_norm_w=kw, **eps_t)
         else:
             outs = torch.ops.fxfuse.rope_quant_cache(
                 q4, k4, c, s, p, *sc, **params, v=v.permute(0, 2, 1, 3) if bhsd else v.unsqueeze(0), k_cache=kc, v_cache=vc, slots=slots,
-                v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw)
+                v_scale=None if vs is None else vs.reshape(1), **cparams, q_norm_w=qw, k_norm_w=kw, **eps_t)
         res = []
         for (need_rope, has_quant, sink_shape, dynamic, head, tok, shp), (o, qo, so) in zip(
             out_plan, (outs[0:3], outs[3:6])
@@ -1384,7 +1402,7 @@ class RopeQuant:
             with ctx.candidate(FAMILY, anchors[id(grp[0])]):
                 xv = tval(grp[0].x)
                 cuda = xv.device.type == "cuda"
-                scalars = [tval(mm.quant.scale) for mm in grp if mm.quant is not None and mm.quant.scale is not None]
+                scalars = region_scalars(grp)
                 kv = None
                 try:
                     kv = plan_kv(grp, writes, taken)
