@@ -2073,6 +2073,31 @@ def test_gpu_gpt_oss_chunk_form_in_output_code(qq):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_qk_norm_eps_from_tensors():
+    """QK-norm eps read from one-element tensors (dynamic=True's lifted attribute): the kernel's
+    outputs equal the reference's with the same tensors, and differ from the baked constants'."""
+    from fxfuse.kernels.rope_quant import rope_quant_reference, rope_quant_triton
+
+    g = torch.Generator(device="cuda").manual_seed(15)
+    q = torch.randn(2, 9, 16, 128, device="cuda", generator=g).to(BF16)
+    k = torch.randn(2, 9, 4, 128, device="cuda", generator=g).to(BF16)
+    cos, sin = (torch.randn(18, 128, device="cuda", generator=g).to(BF16) for _ in range(2))
+    wq, wk = ((1 + 0.2 * torch.randn(128, device="cuda", generator=g)).to(BF16) for _ in range(2))
+    args = (q, k, cos, sin, None, None, None, 128, True, False, BF16, 2, 1.0, [1], [448.0], False, 0, 1.0, [], [],
+            False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2], wq, wk, 1e-6, 1e-6, 0.0, True, None, BF16)
+    kw = dict(q_eps_tensor=torch.tensor([0.37], device="cuda"), k_eps_tensor=torch.tensor(0.05, device="cuda"))
+    ref = rope_quant_reference(*args, **kw)
+    got = rope_quant_triton(*args, **kw, out=[torch.full_like(t, 7.0) if t.dtype != FP8 else
+                                              torch.full(t.shape, 7.0, device="cuda").to(FP8) for t in ref])
+    baked = rope_quant_triton(*args)
+    for a, b in zip(got, ref):
+        if a.numel() and a.dtype != FP8:
+            assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2
+    assert ((baked[3].double() - got[3].double()).norm() / got[3].double().norm()).item() > 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_complex_form_in_output_code():
     from torch._inductor.utils import run_and_get_code
 
