@@ -2085,7 +2085,7 @@ def test_gpu_qk_norm_eps_from_tensors():
     wq, wk = ((1 + 0.2 * torch.randn(128, device="cuda", generator=g)).to(BF16) for _ in range(2))
     args = (q, k, cos, sin, None, None, None, 128, True, False, BF16, 2, 1.0, [1], [448.0], False, 0, 1.0, [], [],
             False, -448.0, 448.0, True, True, [0, 1, 2], [0, 1, 2], wq, wk, 1e-6, 1e-6, 0.0, True, None, BF16)
-    kw = dict(q_eps_tensor=torch.tensor([0.37], device="cuda"), k_eps_tensor=torch.tensor(0.05, device="cuda"))
+    kw = dict(q_eps_tensor=torch.tensor([0.37], device="cuda"), k_eps_tensor=torch.tensor(0.5, device="cuda"))
     ref = rope_quant_reference(*args, **kw)
     got = rope_quant_triton(*args, **kw, out=[torch.full_like(t, 7.0) if t.dtype != FP8 else
                                               torch.full(t.shape, 7.0, device="cuda").to(FP8) for t in ref])
@@ -2093,7 +2093,8 @@ def test_gpu_qk_norm_eps_from_tensors():
     for a, b in zip(got, ref):
         if a.numel() and a.dtype != FP8:
             assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2
-    assert ((baked[3].double() - got[3].double()).norm() / got[3].double().norm()).item() > 0.05
+    for i in (0, 3):  # q (eps 0.37) and k (0.5) against eps 1e-6: rstd 15-18% apart on unit-variance heads
+        assert ((baked[i].double() - got[i].double()).norm() / got[i].double().norm()).item() > 0.05, i
 
 
 @pytest.mark.gpu
