@@ -44,7 +44,7 @@ case "${1:-y}" in
     timeout 400 python3 benchmarks/bench_rope_quant.py --shapes gpt_oss --schemes rope,rope_fp8_static,rope_fp8_dynamic --out $OUT/res/rope_quant_h200_gptoss.json > $OUT/res/rope_gptoss.log 2>&1
     echo "rope gpt_oss rc=$?"; grep -E "M=|gates|copy bandwidth" $OUT/res/rope_gptoss.log | cut -c1-220 ;;
   r)  # 2026-12-02: every RoPE GPU test, with the GPT-OSS chunk form's
-    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
+    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py tests/test_regressions.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
     echo "gpu rope tests rc=$?"; tail -4 $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"
