@@ -778,6 +778,8 @@ def gpu_tests() -> list[str]:
         "j_silu": "SiLU kernel GPU tests incl. the PIECES launch (bitwise vs the padded one-row launch)",
         "k_rope": "RoPE GPU tests with QK-norm on the SPLIT path",
         "r_rope": "eighth session: every RoPE GPU test, with the GPT-OSS chunk form's (`bash benchmarks/gpu_call.sh r`)",
+        "r2_rope": "eighth session, after the lifted-eps QK-norm change: the RoPE, gating and regression GPU tests, "
+                   "with the eps-from-tensors kernel test (`bash benchmarks/gpu_call.sh r`)",
         "t": "eighth session: the whole GPU suite after the TTIR cache's by-value keys and disk store and the "
              "dynamic-shape value_key (`bash benchmarks/gpu_call.sh t`)",
         "q_all": "seventh session: the whole GPU suite in one call (its first try, inside a benchmark call, hit "
