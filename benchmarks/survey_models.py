@@ -46,6 +46,18 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=16)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "minimax": ("MiniMaxConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16)),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                       moe_intermediate_size=32, first_k_dense_replace=0, head_dim=16)),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                             moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
+                                             qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+                                             first_k_dense_replace=0, num_key_value_heads=4)),
 }
 EAGER_ATTENTION = {"gpt_oss"}
 
