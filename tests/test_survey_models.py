@@ -26,3 +26,13 @@ def test_unbuildable_config_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(survey_models.MODELS, "bogus", ("NoSuchConfig", {}))
     row = survey_models.survey("bogus")
     assert row["error"].startswith("AttributeError"), row
+
+
+def test_gpt_oss_layer_rope_fuses_and_biased_experts_say_why() -> None:
+    """GPT-OSS as transformers builds it: its chunk-form RoPE fuses; its experts (bias added to
+    gate_up, clamped SwiGLU) are a different function, and the near miss says which part."""
+    row = survey_models.survey("gpt_oss")
+    assert "error" not in row, row
+    assert row["counters"].get("rope_quant") == 1 and "moe_experts" not in row["counters"], row
+    assert any(m.startswith("moe_experts:") and "bias" in m for m in row["near_misses"]), row["near_misses"]
+    assert row["rel_err"] < 2e-2, row

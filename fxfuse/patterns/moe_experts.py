@@ -181,6 +181,9 @@ def _parse_act(gu: fx.Node, I: int, act: torch.dtype, nodes: set[fx.Node]) -> fx
         sp.args[2] if len(sp.args) > 2 else 0, gdim + 1
     ) == gdim:
         pass
+    elif is_op(sp, aten.add.Tensor):
+        raise Reject("gate_up output gets a bias added before the activation (biased experts, e.g. GPT-OSS): "
+                     "not supported")
     else:
         raise Reject("gate_up output is not split into gate and up halves along the last dim")
     nodes.add(sp)
