@@ -515,6 +515,44 @@ def test_dynamic_true_two_runtime_scale_values_are_a_near_miss():
     assert any("more than one runtime value" in r and "specialize_float" in r for r in _reasons()), _reasons()
 
 
+def _dynamic_graph_on_fake_cuda(module: torch.nn.Module, args: tuple) -> tuple[fx.GraphModule, int]:
+    """The post-grad graph of `module` compiled with dynamic=True on CPU, re-propagated as Dynamo
+    hands a CUDA graph over: tensors on fake CUDA at the captured sizes, the lifted 0-d scalars left
+    on CPU. Returns the graph and how many such scalars it has."""
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    graphs: list[fx.GraphModule] = []
+
+    class Capture(fxfuse.FusionPasses):
+        def __call__(self, graph: fx.Graph) -> None:
+            graphs.append(fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph)))
+
+    torch._dynamo.reset()
+    with fresh_cache(), torch.no_grad():
+        torch.compile(module, dynamic=True, options={"post_grad_custom_pre_pass": Capture()})(*args)
+    (gm,) = graphs
+    hint = lambda v: int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)  # noqa: E731
+    mode, ins = FakeTensorMode(), []
+    with mode:
+        for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
+            v = p.meta["val"]
+            if isinstance(v, torch.SymInt):
+                ins.append(hint(v))
+            else:
+                ins.append(torch.empty([hint(d) for d in v.shape], dtype=v.dtype, device="cpu" if v.dim() == 0 else "cuda"))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    return gm, sum(isinstance(t, torch.Tensor) and t.dim() == 0 for t in ins)
+
+
+def _copies_or_syncs(gm: fx.GraphModule) -> list[str]:
+    """Nodes that copy a value across devices or read it on the host."""
+    return [n.format_node() for n in gm.graph.nodes
+            if n.op == "call_function" and any(k in str(n.target) for k in ("_to_copy", "device_put", "_local_scalar_dense"))]
+
+
 def test_dynamic_true_rope_qk_norm_cuda_path_reads_the_eps_on_device():
     """The CUDA rewrite of the lifted-eps QK-norm RoPE (graph captured on CPU under dynamic=True,
     tensors re-propagated on fake CUDA, the 0-d eps left on CPU as Dynamo hands it over): gated as
@@ -522,17 +560,9 @@ def test_dynamic_true_rope_qk_norm_cuda_path_reads_the_eps_on_device():
     `ones * eps` on the device, with no copy and no .item()."""
     import copy
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     from test_rope_quant import apply_rope, hf_inputs, q_dynamic
 
     D = 32
-    graphs: list[fx.GraphModule] = []
-
-    class Capture(fxfuse.FusionPasses):
-        def __call__(self, graph: fx.Graph) -> None:
-            graphs.append(fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph)))
 
     class QKNorm(torch.nn.Module):
         def __init__(self) -> None:
@@ -548,21 +578,8 @@ def test_dynamic_true_rope_qk_norm_cuda_path_reads_the_eps_on_device():
 
     _, _, cos, sin, _ = hf_inputs(B=2, S=5, D=D, seed=12)
     args = (torch.randn(2, 5, 4, D).to(torch.bfloat16), torch.randn(2, 5, 2, D).to(torch.bfloat16), cos, sin)
-    torch._dynamo.reset()
-    with fresh_cache(), torch.no_grad():
-        torch.compile(QKNorm(), dynamic=True, options={"post_grad_custom_pre_pass": Capture()})(*args)
-    (gm,) = graphs
-    hint = lambda v: int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)  # noqa: E731
-    mode, ins = FakeTensorMode(), []
-    with mode:
-        for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
-            v = p.meta["val"]
-            if isinstance(v, torch.SymInt):
-                ins.append(hint(v))
-            else:
-                ins.append(torch.empty([hint(d) for d in v.shape], dtype=v.dtype, device="cpu" if v.dim() == 0 else "cuda"))
-    assert sum(isinstance(t, torch.Tensor) and t.dim() == 0 for t in ins) == 1  # the lifted eps
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    gm, n_scalars = _dynamic_graph_on_fake_cuda(QKNorm(), args)
+    assert n_scalars == 1  # the lifted eps
     fxfuse.report.clear()
     fxfuse.FusionPasses()(copy.deepcopy(gm).graph)
     assert any("cpu-scalars" in r for r in _reasons()), _reasons()
@@ -577,8 +594,7 @@ def test_dynamic_true_rope_qk_norm_cuda_path_reads_the_eps_on_device():
     for name in ("qeps_ptr", "keps_ptr"):
         ptr = kw[name]
         assert ptr.target is torch.ops.aten.mul.Tensor and ptr.meta["val"].device.type == "cuda", ptr.format_node()
-    bad = [n.format_node() for n in gm.graph.nodes
-           if n.op == "call_function" and any(k in str(n.target) for k in ("_to_copy", "device_put", "_local_scalar_dense"))]
+    bad = _copies_or_syncs(gm)
     assert not bad, bad
 
 
@@ -633,31 +649,8 @@ def test_dynamic_true_cuda_path_reads_lifted_scalars_without_copy_or_sync():
     whose eps / scale-slot pointers come from `ones * scalar` on the device, no copy, no .item()."""
     import copy
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    graphs: list[fx.GraphModule] = []
-
-    class Capture(fxfuse.FusionPasses):
-        def __call__(self, graph: fx.Graph) -> None:
-            graphs.append(fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph)))
-
-    torch._dynamo.reset()
-    with fresh_cache(), torch.no_grad():
-        torch.compile(_DynModel("rmsnorm", "token"), dynamic=True, options={"post_grad_custom_pre_pass": Capture()})(
-            _inputs()[0])
-    (gm,) = graphs
-    hint = lambda v: int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)  # noqa: E731
-    mode, ins = FakeTensorMode(), []
-    with mode:
-        for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
-            v = p.meta["val"]
-            if isinstance(v, torch.SymInt):
-                ins.append(hint(v))
-            else:
-                ins.append(torch.empty([hint(d) for d in v.shape], dtype=v.dtype, device="cpu" if v.dim() == 0 else "cuda"))
-    assert sum(isinstance(t, torch.Tensor) and t.dim() == 0 for t in ins) == 2  # eps, fp8_max
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*ins)
+    gm, n_scalars = _dynamic_graph_on_fake_cuda(_DynModel("rmsnorm", "token"), (_inputs()[0],))
+    assert n_scalars == 2  # eps, fp8_max
     # gates on: each moved scalar adds a tiny launch, a benchmark class of its own (unmeasured: off)
     from fxfuse import gating
 
@@ -677,8 +670,7 @@ def test_dynamic_true_cuda_path_reads_lifted_scalars_without_copy_or_sync():
         assert ptr.target is torch.ops.aten.mul.Tensor and ptr.meta["val"].device.type == "cuda", ptr.format_node()
         assert any(isinstance(a, fx.Node) and a.meta["val"].device.type == "cpu" and a.meta["val"].dim() == 0
                    for a in ptr.args)
-    bad = [n.format_node() for n in gm.graph.nodes
-           if n.op == "call_function" and any(k in str(n.target) for k in ("_to_copy", "device_put", "_local_scalar_dense"))]
+    bad = _copies_or_syncs(gm)
     assert not bad, bad
 
 
