@@ -1981,22 +1981,28 @@ def _cuda(args):
     return tuple(a.cuda() for a in args)
 
 
-@pytest.mark.parametrize("qq,kq", [("none", "none"), ("static", "static"), ("dynamic", "dynamic"), ("static", "none")])
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_kernel_in_output_code(qq, kq):
+def _compiled_with_code(fn, args):
+    """fn compiled with the ungated passes in a fresh cache (counters cleared first): its outputs
+    on `args` and Inductor's output code, joined."""
     from torch._inductor.utils import run_and_get_code
 
-    fn = make_hf(qq, kq)
-    args = _cuda(hf_inputs(B=2, S=33, HQ=32, HK=8, D=128, seed=11))
-    with torch.no_grad():
-        ref = fn(*args)
     torch._dynamo.reset()
     fxfuse.counters.clear()
     with fresh_cache(), torch.no_grad():
         out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    return out, "\n".join(codes)
+
+
+@pytest.mark.parametrize("qq,kq", [("none", "none"), ("static", "static"), ("dynamic", "dynamic"), ("static", "none")])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernel_in_output_code(qq, kq):
+    fn = make_hf(qq, kq)
+    args = _cuda(hf_inputs(B=2, S=33, HQ=32, HK=8, D=128, seed=11))
+    with torch.no_grad():
+        ref = fn(*args)
+    out, code = _compiled_with_code(fn, args)
     assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
-    code = "\n".join(codes)
     assert "_rope_quant_kernel" in code and "@triton.jit" in code
     assert "torch.ops.fxfuse" not in code
     check_close(out, ref)
@@ -2049,8 +2055,6 @@ def test_gpu_kernel_matches_reference_bitwise():
 def test_gpu_gpt_oss_chunk_form_in_output_code(qq):
     """GPT-OSS's RoPE (torch.chunk halves, half-width cos/sin) at its shape (64/8 heads x 64): one
     user Triton kernel in Inductor's output code, outputs as eager's."""
-    from torch._inductor.utils import run_and_get_code
-
     go = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
 
     def fn(q, k, cos, sin, scale):
@@ -2061,12 +2065,8 @@ def test_gpu_gpt_oss_chunk_form_in_output_code(qq):
     args = (q, k, cos[..., :32].contiguous(), sin[..., :32].contiguous(), scale)
     with torch.no_grad():
         ref = fn(*args)
-    torch._dynamo.reset()
-    fxfuse.counters.clear()
-    with fresh_cache(), torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(fn, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    out, code = _compiled_with_code(fn, args)
     assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
-    code = "\n".join(codes)
     assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
     check_close(out, ref)
 
@@ -2100,17 +2100,11 @@ def test_gpu_qk_norm_eps_from_tensors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_complex_form_in_output_code():
-    from torch._inductor.utils import run_and_get_code
-
     args = _cuda(complex_inputs(B=2, S=33, D=128, seed=4))
     with torch.no_grad():
         ref = complex_model(*args)
-    torch._dynamo.reset()
-    fxfuse.counters.clear()
-    with fresh_cache(), torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(complex_model, options={"post_grad_custom_pre_pass": UNGATED}), *args)
+    out, code = _compiled_with_code(complex_model, args)
     assert fxfuse.counters["rope_quant"] == 1, fxfuse.report()
-    code = "\n".join(codes)
     assert "_rope_quant_kernel" in code and "torch.ops.fxfuse" not in code
     for o, r in zip(out, ref):  # fp32 complex product: CUDA may contract into FMAs (1-ulp fp32 differences)
         assert ((o.double() - r.double()).norm() / r.double().norm()).item() < 1e-3
