@@ -37,7 +37,6 @@ import functools
 import hashlib
 import os
 import pickle
-import tempfile
 from typing import Any, Callable
 
 import torch
@@ -209,12 +208,11 @@ def _disk_store(path: str | None, value: Any) -> None:
     if path is None:
         return
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(value, f)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-    except Exception as e:  # noqa: BLE001 - a read-only or full disk: memory only
+        from torch._inductor.codecache import write_atomic
+
+        # Inductor's own cache writer: a concurrent reader sees the old file or the whole new one
+        write_atomic(path, pickle.dumps(value), make_dirs=True)
+    except Exception as e:  # noqa: BLE001 - a read-only or full disk, or an unpicklable answer: memory only
         log.debug("fxfuse: TTIR analysis not written to disk (%s)", e)
 
 
