@@ -7,7 +7,7 @@ bits the same way, and the pattern modules take the op codes from here. Knows no
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -322,6 +322,17 @@ def row_tile(H: int, scheme: int, group_size: int) -> tuple[int, int, int]:
     if scheme == SCHEME_PER_GROUP:
         return block, group_size, max(block // group_size, 1)
     return block, block, 1
+
+
+def check_eps_tensor(op: str, name: str, t: Optional[torch.Tensor], device: torch.device) -> None:
+    """ValueError unless `t` (a norm eps read at run time: a float attribute dynamic=True lifted into a
+    graph input, moved to the device by the FX side) is None or one float32 element on `device`."""
+    if t is None:
+        return
+    if t.numel() != 1 or t.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} must be one float32 element")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} on a different device than the input")
 
 
 def check_quant_args(

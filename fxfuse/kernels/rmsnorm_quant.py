@@ -53,6 +53,7 @@ from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: p
     SCHEME_PER_GROUP,
     SCHEME_PER_TOKEN,
     SCHEME_STATIC,
+    check_eps_tensor,
     check_quant_args,
     pad_scale_chain,
     quantize_reference,
@@ -142,11 +143,7 @@ def check_args(
         raise ValueError(f"rms_norm_quant: norm_dtype {norm_dtype} unsupported")
     check_quant_args("rms_norm_quant", H, x.device, scale, quant_dtype, scheme, group_size, scale_ops,
                      scale_consts, for_triton)
-    if eps_tensor is not None:
-        if eps_tensor.numel() != 1 or eps_tensor.dtype != torch.float32:
-            raise ValueError("rms_norm_quant: eps_tensor must be one float32 element")
-        if eps_tensor.device != x.device:
-            raise ValueError("rms_norm_quant: eps_tensor on a different device than x")
+    check_eps_tensor("rms_norm_quant", "eps_tensor", eps_tensor, x.device)
 
 
 # ----------------------------------------------------------------------------

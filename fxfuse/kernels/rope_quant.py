@@ -46,6 +46,7 @@ from .quant_common import (
     SCALE_ROUND_F16,
     absmax,
     apply_scale_op_ref,
+    check_eps_tensor,
     pad_scale_chain,
     quantize,
     round_to,
@@ -81,17 +82,6 @@ SCALE_CODES = (SCALE_MUL, SCALE_DIV, SCALE_RDIV, SCALE_CLAMP_MIN, SCALE_CLAMP_MA
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def check_eps_tensors(q: torch.Tensor, *eps: Optional[torch.Tensor]) -> None:
-    """A runtime eps is one fp32 element on q's device (the FX side moves a 0-d CPU scalar there)."""
-    for t in eps:
-        if t is None:
-            continue
-        if t.numel() != 1 or t.dtype != torch.float32:
-            raise ValueError("rope_quant: an eps tensor must be one float32 element")
-        if t.device != q.device:
-            raise ValueError("rope_quant: an eps tensor on a different device than q")
 
 
 def check_args(
@@ -267,7 +257,8 @@ def rope_quant_reference(
     q/k_scale_order: memory order of a dynamic scale's [B, S, H] dims (None: contiguous), so the
     scale lands in the layout its consumer expects (no copy after the op)."""
     check_args(q, k, cos, sin, positions, rot_dim, cos_half, out_dtype, q_quant, k_quant, q_ops, k_ops, norm_dtype)
-    check_eps_tensors(q, q_eps_tensor, k_eps_tensor)
+    check_eps_tensor("rope_quant", "q_eps_tensor", q_eps_tensor, q.device)
+    check_eps_tensor("rope_quant", "k_eps_tensor", k_eps_tensor, q.device)
     if math_dtype is not None and (q_quant or k_quant):
         raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     nd = norm_dtype or q.dtype
@@ -1300,7 +1291,8 @@ def _bind(args: tuple, kwargs: dict) -> dict:
 
 
 def _check(a: dict) -> None:
-    check_eps_tensors(a["q"], a.get("q_eps_tensor"), a.get("k_eps_tensor"))
+    for name in ("q_eps_tensor", "k_eps_tensor"):
+        check_eps_tensor("rope_quant", name, a.get(name), a["q"].device)
     if a.get("math_dtype") is not None and (a["q_quant"] or a["k_quant"]):
         raise ValueError("rope_quant: math_dtype with a quantized output is not supported")
     check_args(a["q"], a["k"], a["cos"], a["sin"], a["positions"], a["rot_dim"], a["cos_half"], a["out_dtype"],
