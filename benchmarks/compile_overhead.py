@@ -35,6 +35,7 @@ from unittest import mock
 
 import torch
 import torch.fx as fx
+from torch._inductor.utils import fresh_cache
 
 import fxfuse
 from fxfuse import _ttir_cache, demo, fx_utils, pipeline
@@ -81,8 +82,6 @@ def run_once(gm: fx.GraphModule, passes: fxfuse.FusionPasses) -> tuple[float, st
 def cold_compile_s(module: torch.nn.Module, ids: torch.Tensor, passes: Any | None, fresh: bool = True) -> float:
     """A compile with the FX graph cache off, in a fresh Inductor cache dir (fresh=False: the
     caller's dir, e.g. one where a previous compile left fxfuse's TTIR analyses on disk)."""
-    from torch._inductor.utils import fresh_cache
-
     torch._dynamo.reset()
     opts = {"post_grad_custom_pre_pass": passes} if passes is not None else None
     fn = torch.compile(module, dynamic=False, options=opts)
@@ -92,6 +91,11 @@ def cold_compile_s(module: torch.nn.Module, ids: torch.Tensor, passes: Any | Non
         if ids.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+def stages_s_since(n0: int) -> float:
+    """Seconds the fxfuse stages took over the graphs reported after the report's n0-th."""
+    return round(sum(t.seconds for g in fxfuse.report.since(n0) for t in g.timings), 4)
 
 
 def lowering_analysis_s(gm: torch.fx.GraphModule) -> dict[str, Any]:
@@ -151,12 +155,10 @@ def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_co
             with ttir_cache(ttir):
                 res[f"compile_s_{variant}"] = round(cold_compile_s(dm.module, ids, p), 2)
             if variant == "fxfuse":
-                res["pass_s_in_compile"] = round(sum(t.seconds for g in fxfuse.report.since(n0) for t in g.timings), 4)
+                res["pass_s_in_compile"] = stages_s_since(n0)
         res["pass_share_of_compile"] = round(res["pass_s_in_compile"] / res["compile_s_stock"], 4)
         # a new process after one compile (a changed model, another shape: the FX graph cache misses):
         # fxfuse's in-memory caches empty, its TTIR analyses on disk in Inductor's cache dir
-        from torch._inductor.utils import fresh_cache
-
         with fresh_cache():
             with ttir_cache(True):
                 cold_compile_s(dm.module, ids, fxfuse.passes, fresh=False)
@@ -164,8 +166,7 @@ def measure(name: str, device: str, layers: int, reps: int, tokens: int, with_co
                 n0 = len(fxfuse.report)
                 disk0 = _ttir_cache.stats["disk_hits"]
                 cold_compile_s(dm.module, ids, fxfuse.passes, fresh=False)
-                res["pass_s_in_compile_disk_warm"] = round(
-                    sum(t.seconds for g in fxfuse.report.since(n0) for t in g.timings), 4)
+                res["pass_s_in_compile_disk_warm"] = stages_s_since(n0)
                 res["ttir_disk_hits"] = _ttir_cache.stats["disk_hits"] - disk0
         res["pass_share_of_compile_disk_warm"] = round(res["pass_s_in_compile_disk_warm"] / res["compile_s_stock"], 4)
     print(json.dumps(res), flush=True)
@@ -192,8 +193,6 @@ def main() -> None:
         out["gpu"] = torch.cuda.get_device_name()
     if args.device == "fake-cuda" and args.compile:
         sys.exit("compile_overhead: --compile needs a real device")
-    from torch._inductor.utils import fresh_cache
-
     target = triton_target(90) if args.device == "fake-cuda" else contextlib.nullcontext()
     with target, fresh_cache():  # no TTIR analyses left on disk by an earlier run: "first" is cold
         for name in [m for m in args.models.split(",") if m]:
