@@ -794,8 +794,7 @@ def gpu_tests() -> list[str]:
     }
     for p in sorted(RES.glob("gpu_tests_h200_*.log")):
         summ, fails = _pytest_summary(p)
-        key = re.sub(r"^gpu_tests_h200_2026-12-0\d_", "", p.stem)
-        day = re.search(r"2026-12-0\d", p.stem)[0]
+        day, key = re.match(r"gpu_tests_h200_(\d{4}-\d\d-\d\d)_(.*)", p.stem).groups()
         if summ == "no summary line":
             dots = sum(m.count(".") for m in re.findall(r"^([.sFE]+)\s*(?:\[|$)", p.read_text(), re.M))
             summ = f"{dots} passed before the kill"
@@ -829,10 +828,16 @@ def rmsnorm_h200() -> list[str]:
     return out
 
 
+# the sections after the H100 RMSNorm/unwrap header, in page order
+SECTIONS = (silu_mul_quant, llama_layer, rope_quant, rope_head_dim_64, rope_cache, moe_routing, router_gemv,
+            moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey,
+            demo, gpu_tests)
+
+
 def main() -> None:
     if not (RES / "rmsnorm_quant_h100.json").exists() or not (RES / "unwrap_h100.json").exists():
         print("# Benchmarks")
-        for section in (silu_mul_quant, llama_layer, rope_quant, rope_head_dim_64, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey, demo, gpu_tests):
+        for section in SECTIONS:
             print("\n".join(section()))
         return
     r = json.loads((RES / "rmsnorm_quant_h100.json").read_text())
@@ -929,7 +934,7 @@ def main() -> None:
         "shipped ATen decompositions run op by op, so 'eager' and 'stock compile' call several small torch "
         "kernels per op.",
     ]
-    for section in (silu_mul_quant, llama_layer, rope_quant, rope_head_dim_64, rope_cache, moe_routing, router_gemv, moe_experts, moe_decode_breakdown, moe_align, moe_small_tiles, e2e, compile_overhead, model_survey, demo, gpu_tests):
+    for section in SECTIONS:
         out += section()
     print("\n".join(out))
 
