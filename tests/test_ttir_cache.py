@@ -6,6 +6,7 @@ kernel node it lowers (sm_90 TTIR built on the CPU)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -415,22 +416,21 @@ def test_answers_written_by_another_process_are_read(sm90_target, fresh_cache, o
     import subprocess
     import sys
 
-    script = (
-        "import fxfuse\n"
-        "from fxfuse import demo, _ttir_cache\n"
-        "from fxfuse.testing import on_fake_device, post_grad_graph, triton_target, reapply\n"
-        "dm = demo.BUILDERS['moe']('cpu', True, layers=1)\n"
-        "ids = demo.random_ids(dm.vocab, 8, 'cpu', seed=1).reshape(1, -1)\n"
+    script = (  # the same _fused model as below, in another process
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from test_ttir_cache import _fused\n"
+        "from fxfuse import _ttir_cache\n"
+        "from fxfuse.testing import triton_target\n"
         "with triton_target(90):\n"
-        "    gm = on_fake_device(post_grad_graph(dm.module, ids, dynamic=False))\n"
         "    _ttir_cache.install()\n"
-        "    reapply(gm, passes=fxfuse.FusionPasses(strict=True, options={'gate': False}))\n"
-        "print(dict(_ttir_cache.stats))\n"
+        "    _fused('moe', 1)\n"
+        "print(json.dumps(_ttir_cache.stats))\n"
     )
     env = dict(os.environ, FXFUSE_TTIR_CACHE_DIR=str(own_disk_dir))
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    written = json.loads(r.stdout.strip().splitlines()[-1].replace("'", '"'))["misses"]
+    written = json.loads(r.stdout.strip().splitlines()[-1])["misses"]
     assert written >= 2 and len(list(own_disk_dir.glob("*.pkl"))) == written
     misses, disk = _ttir_cache.stats["misses"], _ttir_cache.stats["disk_hits"]
     gm = _fused("moe", 1)
