@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_call.sh c   2026-12-02: cold vs disk-warm compile share (TTIR answers on disk; P37)
 #   bash benchmarks/gpu_call.sh g   2026-12-02: RoPE at head_dim 64 (GPT-OSS shape: 64/8 heads), every M (P39)
 #   bash benchmarks/gpu_call.sh r   2026-12-02: the RoPE GPU tests (GPT-OSS chunk form on CUDA)
+#   bash benchmarks/gpu_call.sh d   2026-12-02 (ninth session): declared kernel accesses: checked against torch 2.11,
+#                                   then the e2e stage share of the MoE and dense decode rows and cold compiles (P40)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -46,5 +48,13 @@ case "${1:-y}" in
   r)  # 2026-12-02: every RoPE GPU test, with the GPT-OSS chunk form's
     timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py tests/test_regressions.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
     echo "gpu rope tests rc=$?"; tail -4 $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log ;;
+  d)  # declared read/write sets of fxfuse's kernels instead of building their TTIR (P40)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_declared_accesses.py > $OUT/res/declared_accesses_h200.log 2>&1
+    echo "declared accesses rc=$?"; tail -3 $OUT/res/declared_accesses_h200.log
+    timeout 230 python3 benchmarks/e2e.py --quick --rep 300 --models moe --decode 1,8,64 --prefill "" --top 20 --out $OUT/res/e2e_moe_h200_decode_d.json > $OUT/res/e2e_moe_d.log 2>&1
+    echo "e2e moe rc=$?"; grep -E "M=" $OUT/res/e2e_moe_d.log
+    timeout 150 python3 benchmarks/e2e.py --quick --rep 300 --fp8 own --models dense_fp8 --decode 1 --prefill "" --top 12 --out $OUT/res/e2e_dense_fp8_own_h200_decode_d.json > $OUT/res/e2e_dense_d.log 2>&1
+    echo "e2e dense rc=$?"; grep -E "M=" $OUT/res/e2e_dense_d.log
+    for f in $OUT/res/e2e_*_d.json; do python3 -c "import json;[print(r['model'], r['M'], r['fxfuse_pass_s'], r['compile_s'], r['fxfuse_pass_share_of_compile']) for r in json.load(open('$f'))['models'][0]['rows']]"; done ;;
 esac
 tar -C $OUT -czf $OUT/results.tgz res && rm -rf $OUT/res && echo "packed $OUT/results.tgz"

@@ -50,9 +50,11 @@ _NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
 MAX_ENTRIES = 4096
 """Distinct kernel signatures kept; the cache starts over past this (a compile has tens)."""
 
-stats: dict[str, int] = {"hits": 0, "misses": 0, "uncached": 0, "disk_hits": 0}
-"""Calls served from the cache, analysed and stored, analysed without a key, and (of the hits) read
-from disk (tests read these)."""
+stats: dict[str, int] = {"hits": 0, "misses": 0, "uncached": 0, "disk_hits": 0, "declared": 0, "verified": 0,
+                         "unverifiable": 0}
+"""Calls served from the cache, analysed and stored, analysed without a key, (of the hits) read from
+disk, answered from a kernel's declared accesses, and (of those) checked against torch's analysis
+(tests read these)."""
 
 DISK_FORMAT = 1
 """Bump when the stored answers or the key change meaning."""
@@ -221,6 +223,36 @@ def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(kernel: Any, kwargs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
         if not _owned(kernel):
             return original(kernel, kwargs, *rest, **kw)
+        tma = rest[0] if rest else kw.get("tma_descriptor_metadata")
+        answer = None if tma else _declared_answer(original.__name__, kernel, kwargs)
+        if answer is None:
+            return analysed(kernel, kwargs, *rest, **kw)
+        verify = os.environ.get("FXFUSE_VERIFY_ACCESSES", "0") == "1"
+        if verify or not _canary:
+            # torch's own answer (cached like any other): every launch when verifying, else the
+            # first declared launch of the process, which checks this torch reads answers as we build them
+            truth = analysed(kernel, kwargs, *rest, **kw)
+            if _is_fallback(truth, kwargs):
+                # torch could not build the TTIR (no Triton target for the device: CPU-only tests
+                # without `triton_target`) and assumed every tensor written: nothing to check against
+                stats["unverifiable"] += 1
+                return answer
+            if _summary(truth) != _summary(answer):
+                msg = (f"fxfuse: declared accesses of {_kernel_name(kernel)} differ from torch's analysis: "
+                       f"declared {_summary(answer)}, torch {_summary(truth)}")
+                if verify:
+                    mismatches.append(msg)  # tests/conftest.py fails the test even if a pass swallowed the raise
+                    raise AssertionError(msg)
+                log.warning("%s; declarations off for this process", msg)
+                _declarations_off.append(True)
+                return truth
+            _canary.append(True)
+            stats["verified"] += 1
+            verified.add(_kernel_name(kernel))
+        stats["declared"] += 1
+        return answer
+
+    def analysed(kernel: Any, kwargs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
         try:
             tma = rest[0] if rest else kw.get("tma_descriptor_metadata")
             key = _key(kernel, kwargs, tma)
@@ -259,6 +291,90 @@ def _cached(original: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.__wrapped_by_fxfuse__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+# ----------------------------------------------------------------------------- declared accesses
+
+_canary: list[bool] = []  # a declared answer matched torch's in this process
+_declarations_off: list[bool] = []  # one did not: analyse everything
+mismatches: list[str] = []
+"""Declared answers that differed from torch's while verifying (FXFUSE_VERIFY_ACCESSES=1)."""
+verified: set[str] = set()
+"""Kernels (module.qualname) whose declared accesses matched torch's analysis in this process."""
+
+
+def _kernel_name(kernel: Any) -> str:
+    fn = getattr(kernel, "fn", kernel)  # Autotuner -> JITFunction
+    py = getattr(fn, "fn", fn)
+    return f"{getattr(py, '__module__', '?')}.{getattr(py, '__qualname__', getattr(py, '__name__', '?'))}"
+
+
+def _declared_answer(entry: str, kernel: Any, kwargs: dict[str, Any]) -> Any:
+    """torch's analysis result for this launch, built from the kernel's declaration
+    (`fxfuse.kernels.accesses`) in this torch's format; None without one (or when they are off)."""
+    if _declarations_off or os.environ.get("FXFUSE_DECLARED_ACCESSES", "1") == "0":
+        return None
+    try:
+        return _build_answer(entry, kernel, kwargs)
+    except Exception as e:  # noqa: BLE001 - a declaration or format this torch does not take: analyse
+        log.debug("fxfuse: declared accesses of %s not used (%s: %s)", _kernel_name(kernel), type(e).__name__, e)
+        return None
+
+
+def _build_answer(entry: str, kernel: Any, kwargs: dict[str, Any]) -> Any:
+    from torch._inductor.ir import TensorBox
+    from triton.runtime.autotuner import Autotuner
+
+    from .kernels.accesses import declared
+
+    fn = kernel
+    if isinstance(kernel, Autotuner):  # generate_ttir lays the first config over the arguments
+        fn = kernel.fn
+        if kernel.configs:
+            kwargs = {**kwargs, **kernel.configs[0].kwargs}
+    decl = declared(fn)
+    if decl is None:
+        return None
+    acc = decl(kwargs)
+    names = list(fn.arg_names)
+    unknown = (acc.reads | acc.writes) - set(names)
+    if unknown:
+        raise ValueError(f"declared names {sorted(unknown)} are not parameters")
+    tensors = [n for n in names if isinstance(kwargs.get(n), (torch.Tensor, TensorBox))]
+    reads = [n for n in tensors if n in acc.reads]
+    writes = [n for n in tensors if n in acc.writes]
+    if entry == "identify_mutated_tensors":  # torch <= 2.12: the written tensors, in parameter order
+        return writes
+    if entry != "identify_accessed_tensors":
+        return None
+    from torch._higher_order_ops.triton_kernel_wrap import TensorAccesses
+    from torch._inductor.dependencies import ReadWrites, StarDep
+    from torch.utils._ordered_set import OrderedSet
+
+    fuse = acc.one_store and len(writes) == 1 and writes[0] not in reads  # torch's _decide_can_fuse_epilogue
+    return TensorAccesses(ReadWrites(reads=OrderedSet(StarDep(n) for n in reads),
+                                     writes=OrderedSet(StarDep(n) for n in writes), index_exprs=OrderedSet()),
+                          can_fuse_epilogue=fuse)
+
+
+def _is_fallback(answer: Any, kwargs: dict[str, Any]) -> bool:
+    """torch's answer when its analysis failed: every tensor argument read and written."""
+    from torch._inductor.ir import TensorBox
+
+    tensors = [n for n, v in kwargs.items() if isinstance(v, (torch.Tensor, TensorBox))]
+    s = _summary(answer)
+    if s[0] == "writes":
+        return False  # torch <= 2.12 reports writes only: a failure cannot be told from a real answer
+    return [d[1] for d in s[1]] == tensors and [d[1] for d in s[2]] == tensors and not s[4]
+
+
+def _summary(answer: Any) -> Any:
+    """An analysis result as plain data, to compare a declared answer with torch's."""
+    if isinstance(answer, (list, tuple)):
+        return ("writes", list(answer))
+    rw = answer.read_writes
+    deps = lambda ds: [(type(d).__name__, d.name, getattr(d, "mode", None)) for d in ds]  # noqa: E731
+    return ("accesses", deps(rw.reads), deps(rw.writes), list(rw.index_exprs), bool(answer.can_fuse_epilogue))
 
 
 def _remember(key: Any, value: Any) -> None:
@@ -308,3 +424,5 @@ def uninstall() -> None:
         setattr(mod, name, original)
     _installed.clear()
     _cache.clear()
+    _canary.clear()
+    _declarations_off.clear()

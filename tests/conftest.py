@@ -6,6 +6,7 @@ captured graphs instead of comparing against them.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Callable, Iterator
 
@@ -16,6 +17,10 @@ import fxfuse
 from fxfuse.testing import UPDATE_ENV, assert_golden
 
 GRAPHS_DIR = pathlib.Path(__file__).parent / "graphs"
+
+# every traced or lowered launch of an fxfuse kernel checks its declared accesses against torch's
+# analysis (fxfuse.kernels.accesses); a test that disagrees fails in `_fxfuse_isolation`
+os.environ.setdefault("FXFUSE_VERIFY_ACCESSES", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,11 +35,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(autouse=True)
 def _fxfuse_isolation() -> Iterator[None]:
     """Every test starts with empty fxfuse counters/report and no compiled frames from earlier tests."""
+    from fxfuse import _ttir_cache
+
     fxfuse.counters.clear()
     fxfuse.report.clear()
     torch._dynamo.reset()
+    _ttir_cache.mismatches.clear()
     yield
     torch._dynamo.reset()
+    assert not _ttir_cache.mismatches, _ttir_cache.mismatches
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .accesses import accesses, declare
 from . import moe_routing as _routing
 from .moe_routing import route_row
 from .quant_common import DT_CODE as _DT_CODE, round_to
@@ -722,6 +723,25 @@ def _moe_combine_kernel(pair_ptr, ids_ptr, out_ptr, stride_p, stride_im, stride_
     acc = round_to(round_to(acc, SUM, NATIVE), OUT, NATIVE)  # RNE under the interpreter too
     tl.store(out_ptr + m * stride_o + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
+
+
+# Declared accesses (fxfuse.kernels.accesses). Inductor's analysis maps a value a @jit helper returns
+# to every argument of that call: the routed kernels' expert id comes from `_routed_pair_expert`, which
+# takes the router logits, bias and the top-k outputs, so the w1 loads it addresses count as reads of all four.
+for _k in (_moe_decode_gate_up_kernel, _moe_decode_gate_up_dot_kernel):
+    declare(_k)(lambda a: accesses(("x_ptr", "ids_ptr", "w1_ptr"), ("h_ptr",), one_store=True))
+for _k in (_moe_decode_routed_gate_up_kernel, _moe_decode_routed_gate_up_dot_kernel):
+    declare(_k)(lambda a: accesses(("x_ptr", "logits_ptr", "bias_ptr", "tw_ptr", "ids_ptr", "w1_ptr"),
+                                   ("tw_ptr", "ids_ptr", "h_ptr")))
+for _k in (_moe_decode_down_kernel, _moe_decode_down_dot_kernel):
+    declare(_k)(lambda a: accesses(("h_ptr", "ids_ptr", "tw_ptr", "w2_ptr"), ("out_ptr",), one_store=True))
+declare(_moe_gemm1_kernel)(lambda a: accesses(("x_ptr", "w1_ptr", "sorted_ptr", "block_e_ptr", "npad_ptr"),
+                                              ("h_ptr",), one_store=True))
+declare(_moe_gemm2_kernel)(lambda a: accesses(("h_ptr", "w2_ptr", "tw_ptr", "sorted_ptr", "block_e_ptr", "npad_ptr"),
+                                              ("p_ptr",), one_store=True))
+declare(_moe_align_kernel)(lambda a: accesses(("ids_ptr",), ("sorted_ptr", "block_e_ptr", "npad_ptr", "cursor_ptr")))
+declare(_moe_scatter_kernel)(lambda a: accesses(("ids_ptr",), ("sorted_ptr", "cursor_ptr")))
+declare(_moe_combine_kernel)(lambda a: accesses(("pair_ptr", "ids_ptr"), ("out_ptr",), one_store=True))
 
 # ----------------------------------------------------------------------------
 # Launch (shared by the triton_op body and the plain launcher)

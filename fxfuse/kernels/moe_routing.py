@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .accesses import accesses, declare
 from .quant_common import round_to
 
 __all__ = [
@@ -347,6 +348,12 @@ def _moe_routing_kernel(
     kvalid = kr < K
     tl.store(w_ptr + row * K + kr, vals.to(w_ptr.dtype.element_ty), mask=kvalid)
     tl.store(ids_ptr + row * K + kr, ids, mask=kvalid)
+
+
+@declare(_moe_routing_kernel)
+def _moe_routing_accesses(a):
+    return accesses(["logits_ptr"] + ["bias_ptr"] * bool(a["HAS_BIAS"]),
+                    ["w_ptr", "ids_ptr"] + ["scores_ptr"] * bool(a["NEED_SCORES"]))
 
 
 def row_meta(

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .accesses import accesses, declare
 from .quant_common import (  # noqa: F401  (scheme/scale-op codes re-exported: part of this op's interface)
     MAX_SCALE_OPS,
     SCALE_CLAMP_MAX,
@@ -278,6 +279,14 @@ def _rms_norm_quant_kernel(
     quantize_store_row(y, row, g_idx, offs, mask, q_ptr, s_out_ptr, scale_ptr, ub_ptr, stride_q, NG,
                        static_scale_value, c0, c1, c2, c3, qmin, qmax,
                        HAS_SCALE_T, SCHEME, UB_SLOT, OP0, OP1, OP2, OP3, QUANT_MUL, ROUND_INT, Q_INT8, NATIVE)
+
+
+@declare(_rms_norm_quant_kernel)
+def _rms_norm_quant_accesses(a):
+    reads = ["x_ptr"] + ["res_ptr"] * bool(a["HAS_RES"]) + ["w_ptr"] * bool(a["HAS_W"])
+    reads += ["scale_ptr"] * (a["SCHEME"] == 0 and bool(a["HAS_SCALE_T"])) + ["ub_ptr"] * (a.get("UB_SLOT", -1) >= 0)
+    reads += ["eps_ptr"] * bool(a.get("EPS_T", False))
+    return accesses(reads, ["q_ptr", "s_out_ptr"] + ["h_ptr"] * bool(a["NEED_H"]))
 
 
 def default_num_warps(block: int) -> int:

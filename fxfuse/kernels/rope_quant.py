@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .accesses import accesses, declare
 from .quant_common import (
     MAX_SCALE_OPS,
     SCALE_CLAMP_MAX,
@@ -798,6 +799,29 @@ def _rope_quant_kernel(
         _cache_v(v_ptr, vc_ptr, vscale_ptr, b, s_, (hb - NQB - NKB) * BLOCK_H, HV, svb, svs, svh,
                  vslot * svc + b * svc_b, v_ok, svc_h, v_static, v_qmin, v_qmax,
                  D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
+
+
+
+@declare(_rope_quant_kernel)
+def _rope_quant_accesses(a):
+    """q programs always; k programs under HAS_K; v-copy programs and the cache stores under HAS_CACHE."""
+    reads = ["q_ptr", "cos_ptr", "sin_ptr"] + ["pos_ptr"] * bool(a["HAS_POS"])
+    reads += ["qeps_ptr"] * bool(a.get("Q_EPS_T")) + ["keps_ptr"] * bool(a.get("K_EPS_T"))
+    writes = ["qo_ptr"] * bool(a["NEED_Q"])
+    sides = [("q", "Q", True)] + [("k", "K", False)] * bool(a["HAS_K"])
+    for x, X, is_q in sides:
+        reads += [f"{x}_ptr"] + [f"{x}w_ptr"] * bool(a[f"{X}_NORM"])
+        reads += [f"{x}scale_ptr"] * (a[f"{X}_QUANT"] == 1 and bool(a[f"{X}_SCALE_T"]))
+        if a[f"{X}_QUANT"]:
+            writes += [f"{x}s_ptr"] + [f"{x}q_ptr"] * (is_q or bool(a.get("STORE_KQ", True)))
+    writes += ["ko_ptr"] * (bool(a["HAS_K"]) and bool(a["NEED_K"]))
+    if a.get("HAS_CACHE"):
+        reads += ["slot_ptr", "v_ptr"] + ["vscale_ptr"] * (bool(a.get("V_QUANT")) and bool(a.get("V_SCALE_T")))
+        writes += ["kc_ptr", "vc_ptr"]
+    # stores of each output: one on the gather paths, one per emitted part on SPLIT 1 (two halves
+    # under NEOX, the passthrough chunks)
+    parts = 1 if a["SPLIT"] != SPLIT_HALVES else (1 + bool(a["NEOX"]) + (a["ROT"] < a["D"]) * (1 + (a["BLOCK_P2"] > 0)))
+    return accesses(reads, writes, one_store=parts == 1)
 
 
 # Launch-config override for tuning sweeps: keys SPLIT / BLOCK_H / num_warps (any subset). Also read

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .accesses import accesses, declare
 from .quant_common import DT_CODE, round_to
 
 __all__ = ["MAX_ROWS", "MAX_ROW_ELEMS", "MAX_UPCAST_ROW_ELEMS", "fits", "router_config", "router_logits", "router_logits_reference", "router_logits_triton",
@@ -97,6 +98,11 @@ def _router_gemv_kernel(x_ptr, w_ptr, out_ptr, stride_xm, stride_we, stride_om, 
         acc += wk * xk[None, :]
     out = round_to(tl.sum(acc, axis=1), OUT_DT, NATIVE)
     tl.store(out_ptr + row * stride_om + offs_e, out.to(out_ptr.dtype.element_ty), mask=mask_e)
+
+
+@declare(_router_gemv_kernel)
+def _router_gemv_accesses(a):
+    return accesses(("x_ptr", "w_ptr"), ("out_ptr",), one_store=True)
 
 
 def _launch(wrap, x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None,

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .accesses import accesses, declare
 from .quant_common import (
     DT_CODE as _DT_CODE,
     SCHEME_PER_GROUP,
@@ -446,6 +447,13 @@ def _silu_mul_quant_kernel(
 
 SPLIT_CHUNK = 1024  # row elements per program in a column-split launch
 SPLIT_MAX_M = 64  # static token counts up to this split rows (decode); symbolic M never does (no guard)
+
+
+@declare(_silu_mul_quant_kernel)
+def _silu_mul_quant_accesses(a):
+    reads = ["g_ptr", "u_ptr"] + ["scale_ptr"] * (a["SCHEME"] == 0 and bool(a["HAS_SCALE_T"]))
+    reads += ["ub_ptr"] * (a["UB_SLOT"] >= 0)
+    return accesses(reads, ["q_ptr", "s_out_ptr"])
 
 
 def column_split(M: object, inter: int, scheme: int, group_size: int) -> bool:
