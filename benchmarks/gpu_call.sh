@@ -8,7 +8,9 @@
 #   bash benchmarks/gpu_call.sh g   2026-12-02: RoPE at head_dim 64 (GPT-OSS shape: 64/8 heads), every M (P39)
 #   bash benchmarks/gpu_call.sh r   2026-12-02: the RoPE GPU tests (GPT-OSS chunk form on CUDA)
 #   bash benchmarks/gpu_call.sh d   2026-12-02 (ninth session): declared kernel accesses: checked against torch 2.11,
-#                                   then the e2e stage share of the MoE and dense decode rows and cold compiles (P40)
+#                                   then the e2e stage share of the MoE and dense decode rows and cold compiles (P40) (ran)
+#   bash benchmarks/gpu_call.sh v   2026-12-02 (ninth session): the whole GPU suite, every launch's declared accesses
+#                                   checked against torch 2.11's analysis (tests/conftest.py sets FXFUSE_VERIFY_ACCESSES=1)
 # Results are packed into one archive: the device returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -48,6 +50,13 @@ case "${1:-y}" in
   r)  # 2026-12-02: every RoPE GPU test, with the GPT-OSS chunk form's
     timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py tests/test_regressions.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
     echo "gpu rope tests rc=$?"; tail -4 $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log ;;
+  v)  # the whole GPU suite with declared accesses verified launch by launch
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    timeout 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests > $OUT/res/gpu_tests_h200_2026-12-02_v.log 2>&1
+    echo "gpu tests rc=$?"; tail -5 $OUT/res/gpu_tests_h200_2026-12-02_v.log ;;
   d)  # declared read/write sets of fxfuse's kernels instead of building their TTIR (P40)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_declared_accesses.py > $OUT/res/declared_accesses_h200.log 2>&1
     echo "declared accesses rc=$?"; tail -3 $OUT/res/declared_accesses_h200.log

@@ -36,3 +36,21 @@ def test_gpt_oss_layer_rope_fuses_and_biased_experts_say_why() -> None:
     assert row["counters"].get("rope_quant") == 1 and "moe_experts" not in row["counters"], row
     assert any(m.startswith("moe_experts:") and "bias" in m for m in row["near_misses"]), row["near_misses"]
     assert row["rel_err"] < 2e-2, row
+
+
+def test_phimoe_sparsemixer_router_says_why() -> None:
+    """PhiMoE's sparsemixer router (a masked max per slot, no topk) cannot fuse: the experts still
+    fuse and the report names the router as a routing near miss instead of saying nothing."""
+    row = survey_models.survey("phimoe")
+    assert "error" not in row, row
+    assert row["counters"].get("moe_experts") == 1 and "moe_routing" not in row["counters"], row
+    assert any(m.startswith("moe_routing:") and "not a top-k" in m and "max" in m
+               for m in row["near_misses"]), row["near_misses"]
+
+
+def test_topk_router_has_no_router_near_miss() -> None:
+    """A top-k router that fuses (Qwen3-MoE) gets no such line."""
+    row = survey_models.survey("qwen3_moe")
+    assert "error" not in row, row
+    assert row["counters"].get("moe_routing") == 1, row
+    assert not any(m.startswith("moe_routing:") for m in row["near_misses"]), row["near_misses"]

@@ -839,6 +839,41 @@ def _reaches_output(n: fx.Node, out: fx.Node, limit: int = 50) -> bool:
     return False
 
 
+def _report_unfusable_router(graph: fx.Graph, m: MoEMatch, ctx: Any) -> None:
+    """A router computed in this graph that the routing pass could not even anchor on (it anchors on
+    topk; PhiMoE's sparsemixer picks each slot by a masked max) would otherwise miss silently: say
+    so, under the routing family, at the ids' producer. Routing from graph inputs, from a fused
+    router, or from a topk (whose own near miss the routing pass reported) says nothing."""
+    from .moe_routing import routed_outputs
+
+    src = _view_source(graph, m.ids, set())
+    if src.op != "call_function" or routed_outputs(graph, _view_source(graph, m.tw, set())) is not None:
+        return
+    ops: list[str] = []
+    frontier, seen = [src], {src}
+    for _ in range(40):  # the router's ops back to the logits' GEMM (or the graph inputs)
+        nxt = []
+        for n in frontier:
+            if is_op(n, aten.topk.default):
+                return
+            if n.op == "call_function" and not is_op(n, aten.mm.default, aten.addmm.default, aten.linear.default):
+                name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+                if name != "getitem" and name not in ops:
+                    ops.append(name)
+                for a in n.all_input_nodes:
+                    if a not in seen:
+                        seen.add(a)
+                        nxt.append(a)
+        frontier = nxt
+        if not frontier:
+            break
+    ctx.near_miss(
+        "moe_routing", src,
+        f"the experts' ids ({src.name}) are not a top-k of router scores (computed by {', '.join(ops[:6])}; "
+        "e.g. PhiMoE's sparsemixer picks each slot by a masked max): only top-k routers fuse",
+    )
+
+
 class MoEExperts:
     name = FAMILY
 
@@ -864,6 +899,7 @@ class MoEExperts:
             found = True
             with ctx.candidate(FAMILY, node):
                 m = matcher(node)
+                _report_unfusable_router(graph, m, ctx)
                 check(m, gate=ctx.options.get("gate", True))
                 opaque = {n.name for n in m.nodes if _is_grouped_mm(n) and n.target is not aten._grouped_mm.default}
                 detail = f"{m.form} E={m.E} top{m.K} H={m.H} I={m.I} {tval(m.x).dtype}"
