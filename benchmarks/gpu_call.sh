@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_call.sh r   2026-12-02: the RoPE GPU tests (GPT-OSS chunk form on CUDA)
 #   bash benchmarks/gpu_call.sh d   2026-12-02 (ninth session): declared kernel accesses: checked against torch 2.11,
 #                                   then the e2e stage share of the MoE and dense decode rows and cold compiles (P40) (ran)
+#   bash benchmarks/gpu_call.sh m   2026-12-02 (ninth session): the demo as the README runs it (timed), the MoE decode
+#                                   rows against mode "max-autotune-no-cudagraphs" too, the 2 GPU tests call v did not reach
 #   bash benchmarks/gpu_call.sh v   2026-12-02 (ninth session): the whole GPU suite, every launch's declared accesses
 #                                   checked against torch 2.11's analysis (tests/conftest.py sets FXFUSE_VERIFY_ACCESSES=1)
 # Results are packed into one archive: the device returns at most 8 files.
@@ -50,6 +52,14 @@ case "${1:-y}" in
   r)  # 2026-12-02: every RoPE GPU test, with the GPT-OSS chunk form's
     timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py tests/test_regressions.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
     echo "gpu rope tests rc=$?"; tail -4 $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log ;;
+  m)  # the demo on the H200 (last run: H100, 2026-11-23, before the experts fused), max-autotune, the tests v missed
+    start=$(date +%s)
+    timeout 200 python3 -m fxfuse demo --quick --json $OUT/res/demo_h200_quick.json > $OUT/res/demo_h200_quick.log 2>&1
+    echo "demo rc=$? wall $(( $(date +%s) - start )) s" | tee -a $OUT/res/demo_h200_quick.log; grep -E "x stock|decode|prefill" $OUT/res/demo_h200_quick.log | tail -8
+    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py -k "kv_cache_write_in_output_code or transformers_static_cache_in_output_code" > $OUT/res/gpu_tests_h200_2026-12-02_m.log 2>&1
+    echo "gpu tests rc=$?"; tail -2 $OUT/res/gpu_tests_h200_2026-12-02_m.log
+    timeout 240 python3 benchmarks/e2e.py --quick --max-autotune --rep 300 --models moe --decode 1,8,64 --prefill "" --top 12 --out $OUT/res/e2e_moe_h200_max_autotune.json > $OUT/res/e2e_moe_ma.log 2>&1
+    echo "e2e max-autotune rc=$?"; grep -E "M=" $OUT/res/e2e_moe_ma.log ;;
   v)  # the whole GPU suite with declared accesses verified launch by launch
     if ls .whl/*.whl >/dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \

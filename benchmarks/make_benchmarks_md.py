@@ -718,21 +718,32 @@ def model_survey() -> list[str]:
 
 
 def demo() -> list[str]:
-    r = load("demo_h100_quick.json")
-    if r is None:
-        return []
-    meta = r.get("meta", {})
-    out = ["", "## Demo (`python -m fxfuse demo --quick`)", "",
-           f"- GPU: {meta.get('gpu')}; torch {meta.get('torch')}; date 2026-11-23 (run 5)",
-           "- Command (device call): `bash benchmarks/gpu_run.sh demo`, which runs `python3 -m fxfuse demo --quick --json "
-           "$OUT/res/demo.json`; JSON and printed log: `benchmarks/results/demo_h100_quick.json`, `benchmarks/results/demo_h100_quick.log`",
-           "- CUDA-graph replay median, no KV cache, 1 sequence; random weights", "",
-           "| model | step | eager us | stock us | fxfuse us | fxfuse vs stock | fusions (first graph) |", "|---|---|---:|---:|---:|---:|---|"]
-    for m in r["models"]:
-        for t, d in (m.get("latency_us") or {}).items():
-            step = "decode 1" if t == "1" else f"prefill {t}"
-            out.append(f"| {m.get('title', m['name'])} | {step} | {d['eager']:.1f} | {d['stock']:.1f} | {d['fxfuse']:.1f} | "
-                       f"{d['stock'] / d['fxfuse']:.3f}x | {', '.join(f'{k} {v}' for k, v in (m.get('counters') or {}).items())} |")
+    """The README's first command on each GPU it ran on, newest first."""
+    runs = [("demo_h200_quick", "2026-12-02 (ninth session, call m)", "bash benchmarks/gpu_call.sh m", "demo_h200_quick.json"),
+            ("demo_h100_quick", "2026-11-23 (run 5)", "bash benchmarks/gpu_run.sh demo", "demo.json")]
+    out: list[str] = []
+    for stem, date, call, json_out in runs:
+        r = load(f"{stem}.json")
+        if r is None:
+            continue
+        meta = r.get("meta", {})
+        log = RES / f"{stem}.log"
+        wall = next((ln.split("wall ")[1] for ln in log.read_text().splitlines() if "demo rc=" in ln and "wall " in ln),
+                    None) if log.exists() else None
+        if not out:
+            out = ["", "## Demo (`python -m fxfuse demo --quick`)"]
+        out += ["", f"- GPU: {meta.get('gpu')}; torch {meta.get('torch')}; date {date}"
+                + (f"; whole demo {wall} wall (target: under 3 minutes)" if wall else ""),
+                f"- Command (device call): `{call}`, which runs `python3 -m fxfuse demo --quick --json "
+                f"$OUT/res/{json_out}`; JSON and printed log: `benchmarks/results/{stem}.json`, `benchmarks/results/{stem}.log`",
+                "- CUDA-graph replay median, no KV cache, 1 sequence; random weights", "",
+                "| model | step | eager us | stock us | fxfuse us | fxfuse vs stock | fusions (first graph) |",
+                "|---|---|---:|---:|---:|---:|---|"]
+        for m in r["models"]:
+            for t, d in (m.get("latency_us") or {}).items():
+                step = "decode 1" if t == "1" else f"prefill {t}"
+                out.append(f"| {m.get('title', m['name'])} | {step} | {d['eager']:.1f} | {d['stock']:.1f} | {d['fxfuse']:.1f} | "
+                           f"{d['stock'] / d['fxfuse']:.3f}x | {', '.join(f'{k} {v}' for k, v in (m.get('counters') or {}).items())} |")
     return out
 
 
