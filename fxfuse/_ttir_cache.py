@@ -24,6 +24,13 @@ never reads an old answer. A file that cannot be read is ignored and the analysi
 FXFUSE_TTIR_CACHE_DIR=0 (or elsewhere with a path), and wherever Inductor's caches are disabled
 (`force_disable_caches`).
 
+A kernel that declares its accesses (`fxfuse.kernels.accesses`: which parameters it loads and stores,
+as a function of its constexprs) is answered from the declaration, built in this torch's format, and
+its TTIR is not built at all: the first compile on a machine then pays for one analysis (the first
+declared launch of the process is also analysed, as a canary: if torch's answer differs, declarations
+are off for the rest of the process). FXFUSE_VERIFY_ACCESSES=1 analyses every declared launch too and
+raises on any difference (the test suites run so); FXFUSE_DECLARED_ACCESSES=0 turns declarations off.
+
 Only kernels defined under `fxfuse.kernels` are cached; every other kernel goes straight to torch's
 function. Each hit returns a deep copy, so no caller can change what a later call sees. Set
 FXFUSE_TTIR_CACHE=0 to leave torch untouched. (An open torch PR, pytorch/pytorch#193227, caches the
