@@ -279,3 +279,79 @@ def test_declarations_off_switch(sm90_target, monkeypatch) -> None:
     monkeypatch.setenv("FXFUSE_DECLARED_ACCESSES", "1")
     assert _ttir_cache._declared_answer(_entry()[0], router_gemv._router_gemv_kernel, kw) is not None
 
+
+
+# ----------------------------------------------------------------------------- fuzz the access flags
+
+ROPE_FLAGS = {  # the constexprs that choose what the RoPE kernel loads and stores, and their values
+    "HAS_POS": (False, True), "NEED_Q": (False, True), "NEED_K": (False, True), "HAS_K": (False, True),
+    "Q_NORM": (False, True), "K_NORM": (False, True), "Q_QUANT": (0, 1, 2), "K_QUANT": (0, 1, 2),
+    "Q_SCALE_T": (False, True), "K_SCALE_T": (False, True), "STORE_KQ": (False, True), "V_QUANT": (False, True),
+    "V_SCALE_T": (False, True), "Q_EPS_T": (False, True), "K_EPS_T": (False, True), "SPLIT": (0, 1, 2),
+    "NEOX": (False, True), "K_CACHE_FP8": (False, True),
+}
+NORM_FLAGS = {"HAS_RES": (False, True), "HAS_W": (False, True), "HAS_SCALE_T": (False, True), "NEED_H": (False, True),
+              "SCHEME": (0, 1, 2), "UB_SLOT": (-1, 0, 2), "EPS_T": (False, True)}
+SILU_FLAGS = {"SCHEME": (0, 1, 2), "HAS_SCALE_T": (False, True), "UB_SLOT": (-1, 0, 2), "CHUNK": (0, 512)}
+ROUTING_FLAGS = {"HAS_BIAS": (False, True), "NEED_SCORES": (False, True), "GATHER_W": (False, True)}
+
+
+def _record_rope_cache() -> None:
+    """One cache launch, partial rotary (every SPLIT path exists), every optional input passed."""
+    pos, kw = _rope_args(dict(k=True, pos=True, rot=64, neox=True, qq=1, kq=1, st=True, need=True, norm=True, epst=True))
+    rope_quant.rope_quant_cache(*pos, _cuda(1, 5, 2, 128), _cuda(16, 2, 128, dtype=torch.float8_e4m3fn),
+                                _cuda(16, 2, 128, dtype=torch.float8_e4m3fn), _cuda(5, dtype=torch.int64),
+                                _cuda(1, dtype=torch.float32), True, True, True, 1.0, False, -448.0, 448.0, False, **kw)
+
+
+def _record_norm() -> None:
+    # static scheme with a scale tensor; the unused pointers (ub, eps) get a dummy tensor, which the flags may turn on
+    rmsnorm_quant.rms_norm_quant(_cuda(3, 512), _cuda(3, 512), _cuda(512), _cuda(1, dtype=torch.float32), 1e-6, 0.0,
+                                 None, True, BF16, torch.float8_e4m3fn, 0, 128, 1.0, [], [], False, -448.0, 448.0,
+                                 False, True)
+
+
+def _record_silu() -> None:
+    silu_mul_quant.silu_mul_quant(_cuda(3, 1536), None, _cuda(1, dtype=torch.float32), 0, BF16, BF16,
+                                  torch.float8_e4m3fn, 0, 128, 1.0, [], [], False, -448.0, 448.0, False)
+
+
+def _record_routing() -> None:
+    moe_routing.launch(wrap_for_test, _cuda(3, 16, dtype=torch.float32), _cuda(16, dtype=torch.float32), 4, 1,
+                       torch.float32, torch.float32, 1, 0, 0, 0.0, True, 0.0, 1.0, torch.float32, BF16, True)
+
+
+def wrap_for_test(kernel: Any) -> Any:  # moe_routing.launch takes its wrap as an argument
+    return moe_routing.wrap_triton(kernel)
+
+
+@pytest.mark.parametrize("what", ["rope", "norm", "silu", "routing"])
+def test_declarations_over_flag_combinations(sm90_target, record, what) -> None:
+    """Any combination of a kernel's access flags, laid over one recorded launch that passes every
+    optional input: the declaration equals torch's analysis (hypothesis, derandomized). Combinations
+    the kernel does not compile are skipped (torch's failed-analysis answer)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launch, flags_of, n = {"rope": (_record_rope_cache, ROPE_FLAGS, 120), "norm": (_record_norm, NORM_FLAGS, 40),
+                           "silu": (_record_silu, SILU_FLAGS, 30), "routing": (_record_routing, ROUTING_FLAGS, 8)}[what]
+    with FakeTensorMode():
+        launch()
+    ((kernel, base),) = record.calls
+    name, torch_fn = _entry()
+    checked = []
+
+    @settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.fixed_dictionaries({k: st.sampled_from(v) for k, v in flags_of.items()}))
+    def one(flags: dict[str, Any]) -> None:
+        kw = {**base, **flags}
+        truth = torch_fn(kernel, kw, {})
+        if _ttir_cache._is_fallback(truth, kw):
+            return  # a combination the kernel does not compile (e.g. SPLIT 2 on partial rotary)
+        answer = _ttir_cache._build_answer(name, kernel, kw)
+        assert _ttir_cache._summary(answer) == _ttir_cache._summary(truth), flags
+        checked.append(flags)
+
+    one()
+    assert len(checked) >= n // 3, len(checked)

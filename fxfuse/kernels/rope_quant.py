@@ -817,11 +817,12 @@ def _rope_quant_accesses(a):
     writes += ["ko_ptr"] * (bool(a["HAS_K"]) and bool(a["NEED_K"]))
     if a.get("HAS_CACHE"):
         reads += ["slot_ptr", "v_ptr"] + ["vscale_ptr"] * (bool(a.get("V_QUANT")) and bool(a.get("V_SCALE_T")))
-        writes += ["kc_ptr", "vc_ptr"]
-    # stores of each output: one on the gather paths, one per emitted part on SPLIT 1 (two halves
-    # under NEOX, the passthrough chunks)
+        # k programs put k in the cache: its rope, or its fp8 under K_CACHE_FP8 (only if k is quantized)
+        writes += ["kc_ptr"] * (bool(a["HAS_K"]) and (not a.get("K_CACHE_FP8") or a["K_QUANT"] != 0)) + ["vc_ptr"]
+    # stores of each q/k output: one on the gather paths, one per emitted part on SPLIT 1 (two halves
+    # under NEOX, the passthrough chunks); the v copy stores once
     parts = 1 if a["SPLIT"] != SPLIT_HALVES else (1 + bool(a["NEOX"]) + (a["ROT"] < a["D"]) * (1 + (a["BLOCK_P2"] > 0)))
-    return accesses(reads, writes, one_store=parts == 1)
+    return accesses(reads, writes, one_store=parts == 1 or writes == ["vc_ptr"])
 
 
 # Launch-config override for tuning sweeps: keys SPLIT / BLOCK_H / num_warps (any subset). Also read

@@ -451,7 +451,8 @@ SPLIT_MAX_M = 64  # static token counts up to this split rows (decode); symbolic
 
 @declare(_silu_mul_quant_kernel)
 def _silu_mul_quant_accesses(a):
-    reads = ["g_ptr", "u_ptr"] + ["scale_ptr"] * (a["SCHEME"] == 0 and bool(a["HAS_SCALE_T"]))
+    # the CHUNK row loop (per-token only) never reads a static scale
+    reads = ["g_ptr", "u_ptr"] + ["scale_ptr"] * (a["SCHEME"] == 0 and bool(a["HAS_SCALE_T"]) and not a.get("CHUNK"))
     reads += ["ub_ptr"] * (a["UB_SLOT"] >= 0)
     return accesses(reads, ["q_ptr", "s_out_ptr"])
 
