@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_call.sh r   2026-12-02: the RoPE GPU tests (GPT-OSS chunk form on CUDA)
 #   bash benchmarks/gpu_call.sh d   2026-12-02 (ninth session): declared kernel accesses: checked against torch 2.11,
 #                                   then the e2e stage share of the MoE and dense decode rows and cold compiles (P40) (ran)
+#   bash benchmarks/gpu_call.sh a   2026-12-02 (ninth session): the declaration tests (fuzzed flags too) on torch 2.11
 #   bash benchmarks/gpu_call.sh m   2026-12-02 (ninth session): the demo as the README runs it (timed), the MoE decode
 #                                   rows against mode "max-autotune-no-cudagraphs" too, the 2 GPU tests call v did not reach
 #   bash benchmarks/gpu_call.sh v   2026-12-02 (ninth session): the whole GPU suite, every launch's declared accesses
@@ -52,6 +53,9 @@ case "${1:-y}" in
   r)  # 2026-12-02: every RoPE GPU test, with the GPT-OSS chunk form's
     timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_rope_quant.py tests/test_gating.py tests/test_regressions.py > $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log 2>&1
     echo "gpu rope tests rc=$?"; tail -4 $OUT/res/gpu_tests_h200_2026-12-02_r_rope.log ;;
+  a)  # declared accesses, every launch form and the fuzzed flag combinations, against torch 2.11's analysis
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_declared_accesses.py > $OUT/res/declared_accesses_h200_a.log 2>&1
+    echo "declared accesses rc=$?"; tail -3 $OUT/res/declared_accesses_h200_a.log ;;
   m)  # the demo on the H200 (last run: H100, 2026-11-23, before the experts fused), max-autotune, the tests v missed
     start=$(date +%s)
     timeout 200 python3 -m fxfuse demo --quick --json $OUT/res/demo_h200_quick.json > $OUT/res/demo_h200_quick.log 2>&1
