@@ -65,3 +65,15 @@ def sm90_target() -> Iterator[None]:
 
     with triton_target(90):
         yield
+
+
+@pytest.fixture
+def fresh_cache() -> Iterator[None]:
+    """fxfuse's TTIR analysis cache emptied (memory) and reinstalled; uninstalled after (the next
+    pipeline run installs it again)."""
+    from fxfuse import _ttir_cache
+
+    _ttir_cache.uninstall()
+    assert _ttir_cache.install()
+    yield
+    _ttir_cache.uninstall()

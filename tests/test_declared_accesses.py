@@ -205,18 +205,15 @@ def test_every_declared_kernel_is_checked() -> None:
 
 # ----------------------------------------------------------------------------- the compile path
 
-def test_compile_path_builds_no_ttir(sm90_target, monkeypatch) -> None:
+def test_compile_path_builds_no_ttir(sm90_target, monkeypatch, fresh_cache) -> None:
     """With declarations on (not verifying), tracing fused regions needs no TTIR after the first
-    declared launch of the process (the canary, answered by torch); a wrong declaration is caught by
-    that canary and turns declarations off."""
+    declared launch of the process (the canary, answered by torch)."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
     from fxfuse.testing import post_grad_graph, on_fake_device
 
     monkeypatch.setenv("FXFUSE_VERIFY_ACCESSES", "0")
     monkeypatch.setenv("FXFUSE_TTIR_CACHE_DIR", "0")
-    _ttir_cache.uninstall()
-    _ttir_cache.install()
     built: list[str] = []
     real = tkw.generate_ttir
     monkeypatch.setattr(tkw, "generate_ttir", lambda kernel, *a, **k: (built.append(kernel.fn.__name__),
@@ -231,11 +228,9 @@ def test_compile_path_builds_no_ttir(sm90_target, monkeypatch) -> None:
     assert fxfuse.counters["moe_experts"] >= 1 and fxfuse.counters["rope_quant"] >= 1, dict(fxfuse.counters)
     launches = _ttir_cache.stats["declared"] - d0
     assert launches >= 3 and len(built) <= 1, (launches, built)  # the canary at most
-    _ttir_cache.uninstall()
-    _ttir_cache.install()
 
 
-def test_wrong_declaration_is_caught(sm90_target, monkeypatch) -> None:
+def test_wrong_declaration_is_caught(sm90_target, monkeypatch, fresh_cache) -> None:
     """A declaration that misses a write: verifying raises; at run time the canary hands back torch's
     answer and turns declarations off for the process."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -253,32 +248,27 @@ def test_wrong_declaration_is_caught(sm90_target, monkeypatch) -> None:
                 if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
 
     monkeypatch.setenv("FXFUSE_TTIR_CACHE_DIR", "0")
-    _ttir_cache.uninstall()
+    with pytest.raises(Exception, match="declared accesses"):
+        run()
+    assert _ttir_cache.mismatches
+    _ttir_cache.mismatches.clear()
+    monkeypatch.setenv("FXFUSE_VERIFY_ACCESSES", "0")
+    _ttir_cache.uninstall()  # a process that has not met a declared launch yet (no canary)
     _ttir_cache.install()
-    try:
-        with pytest.raises(Exception, match="declared accesses"):
-            run()
-        assert _ttir_cache.mismatches
-        _ttir_cache.mismatches.clear()
-        monkeypatch.setenv("FXFUSE_VERIFY_ACCESSES", "0")
-        _ttir_cache.uninstall()
-        _ttir_cache.install()
-        assert run() == [["out_ptr"]]  # torch's answer: the output is written
-        assert _ttir_cache._declarations_off
-    finally:
-        _ttir_cache.uninstall()
-        _ttir_cache.install()
+    assert run() == [["out_ptr"]]  # torch's answer: the output is written
+    assert _ttir_cache._declarations_off
 
 
 def test_declarations_off_switch(sm90_target, monkeypatch) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     monkeypatch.setenv("FXFUSE_DECLARED_ACCESSES", "0")
-    with __import__("torch._subclasses.fake_tensor", fromlist=["FakeTensorMode"]).FakeTensorMode():
+    with FakeTensorMode():
         kw = dict(zip(router_gemv._router_gemv_kernel.arg_names,
                       (_cuda(2, 256), _cuda(16, 256), _cuda(2, 16), 256, 256, 16, 16, 256)))
     assert _ttir_cache._declared_answer(_entry()[0], router_gemv._router_gemv_kernel, kw) is None
     monkeypatch.setenv("FXFUSE_DECLARED_ACCESSES", "1")
     assert _ttir_cache._declared_answer(_entry()[0], router_gemv._router_gemv_kernel, kw) is not None
-
 
 
 # ----------------------------------------------------------------------------- fuzz the access flags
@@ -296,7 +286,7 @@ SILU_FLAGS = {"SCHEME": (0, 1, 2), "HAS_SCALE_T": (False, True), "UB_SLOT": (-1,
 ROUTING_FLAGS = {"HAS_BIAS": (False, True), "NEED_SCORES": (False, True), "GATHER_W": (False, True)}
 
 
-def _record_rope_cache() -> None:
+def _record_rope_cache(rec: Recorder) -> None:  # the ops reach `rec` through the patched wrap_triton
     """One cache launch, partial rotary (every SPLIT path exists), every optional input passed."""
     pos, kw = _rope_args(dict(k=True, pos=True, rot=64, neox=True, qq=1, kq=1, st=True, need=True, norm=True, epst=True))
     rope_quant.rope_quant_cache(*pos, _cuda(1, 5, 2, 128), _cuda(16, 2, 128, dtype=torch.float8_e4m3fn),
@@ -304,25 +294,21 @@ def _record_rope_cache() -> None:
                                 _cuda(1, dtype=torch.float32), True, True, True, 1.0, False, -448.0, 448.0, False, **kw)
 
 
-def _record_norm() -> None:
+def _record_norm(rec: Recorder) -> None:  # the ops reach `rec` through the patched wrap_triton
     # static scheme with a scale tensor; the unused pointers (ub, eps) get a dummy tensor, which the flags may turn on
     rmsnorm_quant.rms_norm_quant(_cuda(3, 512), _cuda(3, 512), _cuda(512), _cuda(1, dtype=torch.float32), 1e-6, 0.0,
                                  None, True, BF16, torch.float8_e4m3fn, 0, 128, 1.0, [], [], False, -448.0, 448.0,
                                  False, True)
 
 
-def _record_silu() -> None:
+def _record_silu(rec: Recorder) -> None:  # the ops reach `rec` through the patched wrap_triton
     silu_mul_quant.silu_mul_quant(_cuda(3, 1536), None, _cuda(1, dtype=torch.float32), 0, BF16, BF16,
                                   torch.float8_e4m3fn, 0, 128, 1.0, [], [], False, -448.0, 448.0, False)
 
 
-def _record_routing() -> None:
-    moe_routing.launch(wrap_for_test, _cuda(3, 16, dtype=torch.float32), _cuda(16, dtype=torch.float32), 4, 1,
+def _record_routing(rec: Recorder) -> None:
+    moe_routing.launch(rec, _cuda(3, 16, dtype=torch.float32), _cuda(16, dtype=torch.float32), 4, 1,
                        torch.float32, torch.float32, 1, 0, 0, 0.0, True, 0.0, 1.0, torch.float32, BF16, True)
-
-
-def wrap_for_test(kernel: Any) -> Any:  # moe_routing.launch takes its wrap as an argument
-    return moe_routing.wrap_triton(kernel)
 
 
 @pytest.mark.parametrize("what", ["rope", "norm", "silu", "routing"])
@@ -337,7 +323,7 @@ def test_declarations_over_flag_combinations(sm90_target, record, what) -> None:
     launch, flags_of, n = {"rope": (_record_rope_cache, ROPE_FLAGS, 120), "norm": (_record_norm, NORM_FLAGS, 40),
                            "silu": (_record_silu, SILU_FLAGS, 30), "routing": (_record_routing, ROUTING_FLAGS, 8)}[what]
     with FakeTensorMode():
-        launch()
+        launch(record)
     ((kernel, base),) = record.calls
     name, torch_fn = _entry()
     checked = []

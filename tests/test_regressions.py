@@ -547,6 +547,17 @@ def _dynamic_graph_on_fake_cuda(module: torch.nn.Module, args: tuple) -> tuple[f
     return gm, sum(isinstance(t, torch.Tensor) and t.dim() == 0 for t in ins)
 
 
+def _ungated_launch_kwargs(gm: fx.GraphModule, family: str) -> dict:
+    """Run the pipeline ungated on `gm`: exactly one `family` rewrite, traced to one user Triton
+    launch; its kernel arguments (FX nodes for tensors)."""
+    fxfuse.counters.clear()
+    fxfuse.report.clear()
+    fxfuse.FusionPasses(options={"gate": False})(gm.graph)
+    assert fxfuse.counters[family] == 1, fxfuse.report().near_miss_lines()
+    (hop,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    return hop.kwargs["kwargs"]
+
+
 def _copies_or_syncs(gm: fx.GraphModule) -> list[str]:
     """Nodes that copy a value across devices or read it on the host."""
     return [n.format_node() for n in gm.graph.nodes
@@ -583,13 +594,8 @@ def test_dynamic_true_rope_qk_norm_cuda_path_reads_the_eps_on_device():
     fxfuse.report.clear()
     fxfuse.FusionPasses()(copy.deepcopy(gm).graph)
     assert any("cpu-scalars" in r for r in _reasons()), _reasons()
-    fxfuse.counters.clear()
-    fxfuse.report.clear()
-    fxfuse.FusionPasses(options={"gate": False})(gm.graph)
-    assert fxfuse.counters["rope_quant"] == 1, fxfuse.report().near_miss_lines()
+    kw = _ungated_launch_kwargs(gm, "rope_quant")
     assert "+qk_norm" in fxfuse.report().fusions[0].detail
-    (hop,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    kw = hop.kwargs["kwargs"]
     assert kw["Q_EPS_T"] is True and kw["K_EPS_T"] is True
     for name in ("qeps_ptr", "keps_ptr"):
         ptr = kw[name]
@@ -658,12 +664,7 @@ def test_dynamic_true_cuda_path_reads_lifted_scalars_without_copy_or_sync():
         fxfuse.report.clear()
         fxfuse.FusionPasses()(copy.deepcopy(gm).graph)
         assert any("per-token/cpu-scalars" in r for r in _reasons()), _reasons()
-    fxfuse.counters.clear()
-    fxfuse.report.clear()
-    fxfuse.FusionPasses(options={"gate": False})(gm.graph)
-    assert fxfuse.counters["rmsnorm_quant"] == 1, fxfuse.report().near_miss_lines()
-    (hop,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    kw = hop.kwargs["kwargs"]
+    kw = _ungated_launch_kwargs(gm, "rmsnorm_quant")
     assert kw["EPS_T"] is True and kw["UB_SLOT"] == 0
     for name in ("eps_ptr", "ub_ptr"):
         ptr = kw[name]

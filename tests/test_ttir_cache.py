@@ -43,15 +43,6 @@ def own_disk_dir(tmp_path, monkeypatch) -> Any:
     return tmp_path / "ttir"
 
 
-@pytest.fixture
-def fresh_cache() -> Any:
-    """An empty cache, in memory and on disk."""
-    _ttir_cache.uninstall()
-    assert _ttir_cache.install()
-    yield
-    _ttir_cache.uninstall()
-
-
 def _fused(name: str, layers: int, tokens: int = 8) -> torch.fx.GraphModule:
     dm = demo.BUILDERS[name]("cpu", True, layers=layers)
     ids = demo.random_ids(dm.vocab, tokens, "cpu", seed=1).reshape(1, -1)

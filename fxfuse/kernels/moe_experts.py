@@ -724,7 +724,6 @@ def _moe_combine_kernel(pair_ptr, ids_ptr, out_ptr, stride_p, stride_im, stride_
     tl.store(out_ptr + m * stride_o + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
 
-
 # Declared accesses (fxfuse.kernels.accesses). Inductor's analysis maps a value a @jit helper returns
 # to every argument of that call: the routed kernels' expert id comes from `_routed_pair_expert`, which
 # takes the router logits, bias and the top-k outputs, so the w1 loads it addresses count as reads of all four.

@@ -801,7 +801,6 @@ def _rope_quant_kernel(
                  D, V_QUANT, V_SCALE_T, V_MUL, V_CACHE_U8, BLOCK_H, BLOCK_D, NATIVE)
 
 
-
 @declare(_rope_quant_kernel)
 def _rope_quant_accesses(a):
     """q programs always; k programs under HAS_K; v-copy programs and the cache stores under HAS_CACHE."""
